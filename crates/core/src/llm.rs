@@ -1,0 +1,120 @@
+//! The one interface to "something that answers chat requests".
+
+use std::fmt;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::Stream;
+
+use crate::wire::{ChatChunk, ChatRequest, ChatResponse};
+
+/// A stream of chat completion chunks. An `Err` item ends the stream: the upstream broke off.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChatChunk, LlmError>> + Send>>;
+
+/// Anything that answers OpenAI-style chat requests: a provider target, a route with retries and
+/// fallbacks, or a scripted mock in tests.
+#[async_trait]
+pub trait Llm: Send + Sync {
+    /// A complete (non-streaming) chat completion.
+    async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError>;
+
+    /// A streaming chat completion. Returns once the upstream has accepted the request; the
+    /// chunks follow on the stream.
+    async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError>;
+}
+
+/// Why an LLM call failed, classified by who is at fault and whether a retry may help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LlmErrorKind {
+    /// No connection could be made (refused, DNS, TLS). Retryable.
+    Connect,
+    /// The deadline passed before the upstream answered.
+    Timeout,
+    /// The upstream answered with a non-success HTTP status.
+    Status {
+        status: u16,
+        /// The upstream's `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
+    },
+    /// The upstream answered 2xx with a body we could not understand.
+    InvalidResponse,
+    /// A stream broke off after it had started.
+    StreamInterrupted,
+    /// The request itself is not acceptable to this target (e.g. a mock asked to fail).
+    BadRequest,
+}
+
+/// A failed LLM call. `message` never contains credentials.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct LlmError {
+    pub kind: LlmErrorKind,
+    pub message: String,
+}
+
+impl LlmError {
+    pub fn new(kind: LlmErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(LlmErrorKind::Timeout, message)
+    }
+
+    /// Whether trying the same target again may succeed: connect errors, timeouts of a single
+    /// attempt, 408, 409, 429 and 5xx.
+    pub fn is_retryable(&self) -> bool {
+        match &self.kind {
+            LlmErrorKind::Connect | LlmErrorKind::Timeout => true,
+            LlmErrorKind::Status { status, .. } => {
+                matches!(status, 408 | 409 | 429) || (500..=599).contains(status)
+            }
+            LlmErrorKind::InvalidResponse
+            | LlmErrorKind::StreamInterrupted
+            | LlmErrorKind::BadRequest => false,
+        }
+    }
+
+    /// The upstream's requested wait before a retry, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self.kind {
+            LlmErrorKind::Status { retry_after, .. } => retry_after,
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for LlmErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LlmErrorKind::Connect => f.write_str("connect error"),
+            LlmErrorKind::Timeout => f.write_str("timeout"),
+            LlmErrorKind::Status { status, .. } => write!(f, "upstream status {status}"),
+            LlmErrorKind::InvalidResponse => f.write_str("invalid upstream response"),
+            LlmErrorKind::StreamInterrupted => f.write_str("stream interrupted"),
+            LlmErrorKind::BadRequest => f.write_str("bad request"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_statuses() {
+        let status = |s| LlmError::new(LlmErrorKind::Status { status: s, retry_after: None }, "x");
+        assert!(status(429).is_retryable());
+        assert!(status(500).is_retryable());
+        assert!(status(503).is_retryable());
+        assert!(!status(400).is_retryable());
+        assert!(!status(401).is_retryable());
+        assert!(!status(404).is_retryable());
+        assert!(LlmError::new(LlmErrorKind::Connect, "x").is_retryable());
+        assert!(!LlmError::new(LlmErrorKind::InvalidResponse, "x").is_retryable());
+    }
+}

@@ -1,0 +1,362 @@
+//! OpenAI chat-completions wire types.
+//!
+//! The gateway reads the fields it acts on (`model`, `messages`, `stream`, `stream_options`,
+//! token limits) and keeps every other field in `extra`, so that `tools`, `response_format`,
+//! `seed`, `logprobs` and whatever OpenAI adds next pass through to the upstream untouched.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// `POST /v1/chat/completions` request body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<u64>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ChatRequest {
+    /// A request with just a model and messages; handy for chains and tests.
+    pub fn new(model: impl Into<String>, messages: Vec<Message>) -> Self {
+        Self {
+            model: model.into(),
+            messages,
+            stream: None,
+            stream_options: None,
+            max_tokens: None,
+            max_completion_tokens: None,
+            extra: Map::new(),
+        }
+    }
+
+    pub fn is_stream(&self) -> bool {
+        self.stream == Some(true)
+    }
+
+    /// Whether the client asked for a final usage chunk on a stream.
+    pub fn wants_stream_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+}
+
+/// `stream_options` of a chat request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_usage: Option<bool>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// One chat message. `content` is a string or an array of content parts (text, image, audio…);
+/// parts are kept as JSON so that every part type passes through.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Content>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Message {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: Some(Content::Text(content.into())),
+            extra: Map::new(),
+        }
+    }
+
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new("system", content)
+    }
+
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
+    }
+
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new("assistant", content)
+    }
+
+    /// The message's text: the string content, or its text parts joined together.
+    pub fn text(&self) -> String {
+        self.content.as_ref().map(Content::text).unwrap_or_default()
+    }
+}
+
+/// Message content: a plain string or a list of typed parts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Value>),
+}
+
+impl Content {
+    /// The text of the content; for parts, the `text` of every `{"type":"text"}` part joined.
+    pub fn text(&self) -> String {
+        match self {
+            Content::Text(text) => text.clone(),
+            Content::Parts(parts) => parts
+                .iter()
+                .filter(|part| part.get("type").and_then(Value::as_str) == Some("text"))
+                .filter_map(|part| part.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(""),
+        }
+    }
+}
+
+/// Token usage of a completion.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            extra: Map::new(),
+        }
+    }
+}
+
+/// A `chat.completion` object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatResponse {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default = "chat_completion_object")]
+    pub object: String,
+    #[serde(default)]
+    pub created: u64,
+    #[serde(default)]
+    pub model: String,
+    pub choices: Vec<Choice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ChatResponse {
+    /// A one-choice assistant reply.
+    pub fn assistant(
+        id: impl Into<String>,
+        model: impl Into<String>,
+        created: u64,
+        text: impl Into<String>,
+        usage: Usage,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            object: chat_completion_object(),
+            created,
+            model: model.into(),
+            choices: vec![Choice {
+                index: 0,
+                message: Message::assistant(text),
+                finish_reason: Some("stop".to_owned()),
+                extra: Map::new(),
+            }],
+            usage: Some(usage),
+            extra: Map::new(),
+        }
+    }
+
+    /// The text of the first choice's message (empty when there is none).
+    pub fn text(&self) -> String {
+        self.choices
+            .first()
+            .map(|c| c.message.text())
+            .unwrap_or_default()
+    }
+}
+
+fn chat_completion_object() -> String {
+    "chat.completion".to_owned()
+}
+
+fn chat_completion_chunk_object() -> String {
+    "chat.completion.chunk".to_owned()
+}
+
+/// One choice of a `chat.completion`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Choice {
+    #[serde(default)]
+    pub index: u32,
+    pub message: Message,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// A `chat.completion.chunk` object, one SSE frame of a stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatChunk {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default = "chat_completion_chunk_object")]
+    pub object: String,
+    #[serde(default)]
+    pub created: u64,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub choices: Vec<ChunkChoice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ChatChunk {
+    /// A chunk carrying one choice's delta.
+    pub fn delta(
+        id: impl Into<String>,
+        model: impl Into<String>,
+        created: u64,
+        delta: Delta,
+        finish_reason: Option<&str>,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            object: chat_completion_chunk_object(),
+            created,
+            model: model.into(),
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason: finish_reason.map(str::to_owned),
+                extra: Map::new(),
+            }],
+            usage: None,
+            extra: Map::new(),
+        }
+    }
+
+    /// The final usage chunk of a stream: no choices, just usage.
+    pub fn usage(id: impl Into<String>, model: impl Into<String>, created: u64, usage: Usage) -> Self {
+        Self {
+            id: id.into(),
+            object: chat_completion_chunk_object(),
+            created,
+            model: model.into(),
+            choices: Vec::new(),
+            usage: Some(usage),
+            extra: Map::new(),
+        }
+    }
+
+    /// The content text this chunk adds to the first choice.
+    pub fn text(&self) -> &str {
+        self.choices
+            .first()
+            .and_then(|c| c.delta.content.as_deref())
+            .unwrap_or("")
+    }
+}
+
+/// One choice of a stream chunk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkChoice {
+    #[serde(default)]
+    pub index: u32,
+    #[serde(default)]
+    pub delta: Delta,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// The incremental part of a stream chunk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Delta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Delta {
+    pub fn role(role: impl Into<String>) -> Self {
+        Self {
+            role: Some(role.into()),
+            ..Self::default()
+        }
+    }
+
+    pub fn content(content: impl Into<String>) -> Self {
+        Self {
+            content: Some(content.into()),
+            ..Self::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unknown_request_fields_round_trip() {
+        let body = json!({
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "text", "text": "hi "},
+                    {"type": "image_url", "image_url": {"url": "data:x"}},
+                    {"type": "text", "text": "there"}
+                ], "name": "ann"}
+            ],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "tool_choice": "auto",
+            "response_format": {"type": "json_object"},
+            "seed": 7,
+            "logprobs": true,
+            "max_tokens": 5,
+        });
+        let request: ChatRequest = serde_json::from_value(body.clone()).unwrap();
+        assert_eq!(request.messages[0].text(), "hi there");
+        assert_eq!(request.max_tokens, Some(5));
+        assert_eq!(serde_json::to_value(&request).unwrap(), body);
+    }
+
+    #[test]
+    fn chunk_serializes_null_finish_reason_like_openai() {
+        let chunk = ChatChunk::delta("c1", "m", 1, Delta::content("hi"), None);
+        let value = serde_json::to_value(&chunk).unwrap();
+        assert_eq!(
+            value,
+            json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                   "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": null}]})
+        );
+    }
+}

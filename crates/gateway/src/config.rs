@@ -1,0 +1,656 @@
+//! Gateway config: TOML in, validated runtime config out.
+//!
+//! Loading has two stages. First every section (and every provider, route and endpoint on its
+//! own) is deserialized from the TOML tree with `deny_unknown_fields`; then the parts are checked
+//! against each other (routes name existing providers, endpoints existing routes, secrets'
+//! environment variables are set). Every problem found in either stage is reported at once, each
+//! with its path, so an operator fixes a config in one pass.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use switchyard_core::Secret;
+use switchyard_providers::{MockConfig, RouteSettings};
+
+/// A validated gateway config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub providers: BTreeMap<String, ProviderConfig>,
+    pub routes: BTreeMap<String, RouteConfig>,
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Request bodies above this size get 413.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum ProviderConfig {
+    OpenAi {
+        base_url: String,
+        api_key: Option<Secret>,
+    },
+    Mock(MockConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub targets: Vec<TargetConfig>,
+    pub settings: RouteSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub provider: String,
+    pub model: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    pub name: String,
+    pub kind: EndpointKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum EndpointKind {
+    /// Pass-through to a route.
+    Route(String),
+}
+
+/// Every problem found in a config, each with where it is.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<ConfigProblem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted path into the config, e.g. `routes.default.targets[0].provider`.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.problems.len();
+        let noun = if count == 1 { "problem" } else { "problems" };
+        write!(f, "invalid config {}: {count} {noun}", self.source_name)?;
+        for problem in &self.problems {
+            if problem.path.is_empty() {
+                write!(f, "\n  - {}", problem.message)?;
+            } else {
+                write!(f, "\n  - {}: {}", problem.path, problem.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file; `${VAR}` secrets come from the process environment.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let source_name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: source_name.clone(),
+            problems: vec![ConfigProblem {
+                path: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        Self::parse(&source_name, &text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates config text. `env` looks up the variables that secrets refer to.
+    pub fn parse(
+        source_name: &str,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut problems = Problems::default();
+        let config = match text.parse::<toml::Table>() {
+            Ok(table) => compile(table, env, &mut problems),
+            Err(e) => {
+                problems.add("", e.to_string().trim_end());
+                None
+            }
+        };
+        match config {
+            Some(config) if problems.0.is_empty() => Ok(config),
+            _ => Err(ConfigError {
+                source_name: source_name.to_owned(),
+                problems: problems.0,
+            }),
+        }
+    }
+}
+
+// ---- stage 1: the raw, deserialized shape of the file ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default = "default_max_body_bytes")]
+    max_body_bytes: usize,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            max_body_bytes: default_max_body_bytes(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_owned()
+}
+
+fn default_max_body_bytes() -> usize {
+    4 * 1024 * 1024
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+enum RawProvider {
+    #[serde(rename = "openai")]
+    OpenAi {
+        #[serde(default = "default_openai_base_url")]
+        base_url: String,
+        #[serde(default)]
+        api_key: Option<String>,
+    },
+    Mock(MockConfig),
+}
+
+fn default_openai_base_url() -> String {
+    "https://api.openai.com/v1".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    targets: Vec<TargetConfig>,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default)]
+    first_token_timeout_ms: Option<u64>,
+    #[serde(default = "default_retries")]
+    retries: u32,
+    #[serde(default = "default_backoff_ms")]
+    backoff_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_retries() -> u32 {
+    2
+}
+
+fn default_backoff_ms() -> u64 {
+    100
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    name: String,
+    #[serde(default)]
+    route: Option<String>,
+}
+
+// ---- stage 2: check the parts against each other ----
+
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigProblem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one part of the tree, recording a problem (with the path inside the part)
+    /// instead of failing.
+    fn take<T: DeserializeOwned>(&mut self, path: &str, value: toml::Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let full = match (path, inner.as_str()) {
+                    (p, ".") => p.to_owned(),
+                    ("", i) => i.to_owned(),
+                    (p, i) if i.starts_with('[') => format!("{p}{i}"),
+                    (p, i) => format!("{p}.{i}"),
+                };
+                // toml appends "\nin `<key>`" lines that repeat the path we already give.
+                let message = e.into_inner().to_string();
+                self.add(full, message.lines().next().unwrap_or_default());
+                None
+            }
+        }
+    }
+}
+
+const SECTIONS: &[&str] = &["server", "providers", "routes", "endpoints"];
+
+fn compile(
+    mut table: toml::Table,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<Config> {
+    for key in table.keys() {
+        if !SECTIONS.contains(&key.as_str()) {
+            problems.add(
+                key.clone(),
+                format!("unknown section, expected one of: {}", SECTIONS.join(", ")),
+            );
+        }
+    }
+    let server = match table.remove("server") {
+        Some(value) => problems.take::<RawServer>("server", value),
+        None => Some(RawServer::default()),
+    };
+    let server = server.and_then(|raw| compile_server(raw, problems));
+
+    let providers: BTreeMap<String, ProviderConfig> = named_items(&mut table, "providers", problems)
+        .into_iter()
+        .filter_map(|(name, raw)| Some((name.clone(), compile_provider(&name, raw, env, problems)?)))
+        .collect();
+
+    let routes: BTreeMap<String, RouteConfig> = named_items::<RawRoute>(&mut table, "routes", problems)
+        .into_iter()
+        .filter_map(|(name, raw)| Some((name.clone(), compile_route(&name, raw, problems)?)))
+        .collect();
+    // A route that names an unknown provider is a problem only if the provider is not merely
+    // broken itself (already reported); so check against the names the file declares.
+    let declared_providers: HashSet<&str> = table_keys(&table, "providers");
+    for (name, route) in &routes {
+        for (i, target) in route.targets.iter().enumerate() {
+            if !providers.contains_key(&target.provider) && !declared_providers.contains(target.provider.as_str()) {
+                problems.add(
+                    format!("routes.{name}.targets[{i}].provider"),
+                    format!("unknown provider '{}'", target.provider),
+                );
+            }
+        }
+    }
+
+    let endpoints = compile_endpoints(&mut table, &routes, problems);
+    Some(Config {
+        server: server?,
+        providers,
+        routes,
+        endpoints,
+    })
+}
+
+fn table_keys<'a>(table: &'a toml::Table, section: &str) -> HashSet<&'a str> {
+    table
+        .get(section)
+        .and_then(toml::Value::as_table)
+        .map(|t| t.keys().map(String::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// Deserializes each entry of a `[section.<name>]` table on its own.
+fn named_items<T: DeserializeOwned>(
+    table: &mut toml::Table,
+    section: &str,
+    problems: &mut Problems,
+) -> Vec<(String, T)> {
+    let Some(value) = table.get(section).cloned() else {
+        return Vec::new();
+    };
+    let toml::Value::Table(items) = value else {
+        problems.add(section, format!("expected a table of named {section}"));
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let path = format!("{section}.{name}");
+            if let Err(message) = check_name(&name) {
+                problems.add(&path, message);
+            }
+            let item = problems.take::<T>(&path, value)?;
+            Some((name, item))
+        })
+        .collect()
+}
+
+fn compile_server(raw: RawServer, problems: &mut Problems) -> Option<ServerConfig> {
+    let listen = match raw.listen.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            problems.add(
+                "server.listen",
+                format!("'{}' is not an IP:port address", raw.listen),
+            );
+            None
+        }
+    };
+    if raw.max_body_bytes == 0 {
+        problems.add("server.max_body_bytes", "must be greater than 0");
+    }
+    Some(ServerConfig {
+        listen: listen?,
+        max_body_bytes: raw.max_body_bytes,
+    })
+}
+
+fn compile_provider(
+    name: &str,
+    raw: RawProvider,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<ProviderConfig> {
+    match raw {
+        RawProvider::OpenAi { base_url, api_key } => {
+            let mut ok = true;
+            if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+                problems.add(
+                    format!("providers.{name}.base_url"),
+                    format!("'{base_url}' is not an http:// or https:// URL"),
+                );
+                ok = false;
+            }
+            let api_key = match api_key {
+                None => None,
+                Some(reference) => {
+                    match resolve_secret(&reference, env) {
+                        Ok(secret) => Some(secret),
+                        Err(message) => {
+                            problems.add(format!("providers.{name}.api_key"), message);
+                            ok = false;
+                            None
+                        }
+                    }
+                }
+            };
+            ok.then_some(ProviderConfig::OpenAi { base_url, api_key })
+        }
+        RawProvider::Mock(mock) => {
+            if mock.chunks == 0 {
+                problems.add(format!("providers.{name}.chunks"), "must be at least 1");
+                return None;
+            }
+            Some(ProviderConfig::Mock(mock))
+        }
+    }
+}
+
+/// Secrets are written as `${ENV_VAR}` and read from the environment; a literal value is refused
+/// so that keys never sit in config files (or in the logs that quote them).
+fn resolve_secret(reference: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Secret, String> {
+    let var = reference
+        .strip_prefix("${")
+        .and_then(|r| r.strip_suffix('}'))
+        .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+    let Some(var) = var else {
+        return Err(
+            "must be a reference to an environment variable, like \"${OPENAI_API_KEY}\"; \
+             secrets are never written into config files"
+                .to_owned(),
+        );
+    };
+    match env(var) {
+        Some(value) if !value.is_empty() => Ok(Secret::new(value)),
+        _ => Err(format!("environment variable {var} is not set")),
+    }
+}
+
+fn compile_route(name: &str, raw: RawRoute, problems: &mut Problems) -> Option<RouteConfig> {
+    let path = format!("routes.{name}");
+    let before = problems.0.len();
+    if raw.targets.is_empty() {
+        problems.add(format!("{path}.targets"), "a route needs at least one target");
+    }
+    if raw.timeout_ms == 0 {
+        problems.add(format!("{path}.timeout_ms"), "must be greater than 0");
+    }
+    let first_token_timeout_ms = raw.first_token_timeout_ms.unwrap_or(raw.timeout_ms);
+    if first_token_timeout_ms == 0 || first_token_timeout_ms > raw.timeout_ms {
+        problems.add(
+            format!("{path}.first_token_timeout_ms"),
+            format!("must be between 1 and timeout_ms ({})", raw.timeout_ms),
+        );
+    }
+    if problems.0.len() > before {
+        return None;
+    }
+    let backoff = Duration::from_millis(raw.backoff_ms);
+    Some(RouteConfig {
+        targets: raw.targets,
+        settings: RouteSettings {
+            timeout: Duration::from_millis(raw.timeout_ms),
+            first_token_timeout: Duration::from_millis(first_token_timeout_ms),
+            retries: raw.retries,
+            backoff,
+            max_backoff: RouteSettings::default().max_backoff.max(backoff),
+        },
+    })
+}
+
+fn compile_endpoints(
+    table: &mut toml::Table,
+    routes: &BTreeMap<String, RouteConfig>,
+    problems: &mut Problems,
+) -> Vec<EndpointConfig> {
+    let Some(value) = table.remove("endpoints") else {
+        return Vec::new();
+    };
+    let toml::Value::Array(items) = value else {
+        problems.add("endpoints", "expected an array of tables ([[endpoints]])");
+        return Vec::new();
+    };
+    let declared_routes = table_keys(table, "routes");
+    let mut seen = HashSet::new();
+    let mut endpoints = Vec::new();
+    for (i, value) in items.into_iter().enumerate() {
+        let path = format!("endpoints[{i}]");
+        let Some(raw) = problems.take::<RawEndpoint>(&path, value) else {
+            continue;
+        };
+        if let Err(message) = check_name(&raw.name) {
+            problems.add(format!("{path}.name"), message);
+        }
+        if !seen.insert(raw.name.clone()) {
+            problems.add(
+                format!("{path}.name"),
+                format!("endpoint '{}' is defined twice", raw.name),
+            );
+        }
+        let Some(route) = raw.route else {
+            problems.add(&path, "an endpoint needs `route = \"<route name>\"`");
+            continue;
+        };
+        if !routes.contains_key(&route) && !declared_routes.contains(route.as_str()) {
+            problems.add(format!("{path}.route"), format!("unknown route '{route}'"));
+            continue;
+        }
+        endpoints.push(EndpointConfig {
+            name: raw.name,
+            kind: EndpointKind::Route(route),
+        });
+    }
+    endpoints
+}
+
+/// Names of providers, routes and endpoints appear in URLs, logs and metric labels.
+fn check_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/'));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid name '{name}': use 1-128 characters from A-Z a-z 0-9 - _ . : /"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "TEST_KEY").then(|| "sk-test-secret".to_owned())
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse("test.toml", text, &env)
+    }
+
+    fn problems(text: &str) -> Vec<(String, String)> {
+        parse(text)
+            .unwrap_err()
+            .problems
+            .into_iter()
+            .map(|p| (p.path, p.message))
+            .collect()
+    }
+
+    const VALID: &str = r#"
+        [server]
+        listen = "127.0.0.1:9000"
+        [providers.openai]
+        kind = "openai"
+        base_url = "http://127.0.0.1:1/v1"
+        api_key = "${TEST_KEY}"
+        [providers.mock]
+        kind = "mock"
+        reply = "hello"
+        [routes.default]
+        targets = [{ provider = "openai", model = "gpt-4o-mini" }, { provider = "mock", model = "m" }]
+        timeout_ms = 5000
+        first_token_timeout_ms = 1000
+        [[endpoints]]
+        name = "chat"
+        route = "default"
+    "#;
+
+    #[test]
+    fn parses_a_valid_config() {
+        let config = parse(VALID).unwrap();
+        assert_eq!(config.server.listen.port(), 9000);
+        assert_eq!(config.routes["default"].targets.len(), 2);
+        assert_eq!(
+            config.routes["default"].settings.first_token_timeout,
+            Duration::from_secs(1)
+        );
+        let ProviderConfig::OpenAi { api_key, .. } = &config.providers["openai"] else {
+            panic!("not openai");
+        };
+        assert_eq!(api_key.as_ref().unwrap().expose(), "sk-test-secret");
+        // The secret never shows in Debug output.
+        assert!(!format!("{config:?}").contains("sk-test-secret"));
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_path() {
+        let found = problems(
+            r#"
+            [server]
+            listen = "nowhere"
+            [providers.openai]
+            kind = "openai"
+            api_key = "sk-literal-key"
+            [providers.other]
+            kind = "openai"
+            api_key = "${MISSING_VAR}"
+            [providers.typo]
+            kind = "mock"
+            replay = "x"
+            [routes.default]
+            targets = [{ provider = "nope", model = "m" }]
+            [routes.broken]
+            targets = [{ provider = "openai", modle = "m" }]
+            [[endpoints]]
+            name = "a"
+            route = "missing"
+            [[endpoints]]
+            name = "a"
+            route = "default"
+            [extra]
+            x = 1
+        "#,
+        );
+        let paths: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "extra",
+                "server.listen",
+                "providers.typo",
+                "providers.openai.api_key",
+                "providers.other.api_key",
+                "routes.broken.targets[0].modle",
+                "routes.default.targets[0].provider",
+                "endpoints[0].route",
+                "endpoints[1].name",
+            ],
+            "{found:#?}"
+        );
+        assert!(found[2].1.starts_with("unknown field `replay`"), "{}", found[2].1);
+        assert!(found[3].1.contains("${OPENAI_API_KEY}"));
+        assert!(found[4].1.contains("MISSING_VAR is not set"));
+        assert_eq!(found[5].1, "unknown field `modle`, expected `provider` or `model`");
+        // The literal key is not echoed back.
+        assert!(!found.iter().any(|(_, m)| m.contains("sk-literal-key")));
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let error = parse("[server\nlisten = 1").unwrap_err();
+        assert_eq!(error.problems.len(), 1);
+        assert!(error.to_string().contains("line 1"), "{error}");
+    }
+
+    #[test]
+    fn rejects_bad_timeouts_and_names() {
+        let found = problems(
+            r#"
+            [providers."bad name"]
+            kind = "mock"
+            [providers.m]
+            kind = "mock"
+            chunks = 0
+            [routes.r]
+            targets = []
+            timeout_ms = 100
+            first_token_timeout_ms = 200
+        "#,
+        );
+        let paths: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "providers.bad name",
+                "providers.m.chunks",
+                "routes.r.targets",
+                "routes.r.first_token_timeout_ms"
+            ]
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! The one place where failures become HTTP responses.
+//!
+//! `/v1/*` answers in OpenAI's error shape `{"error":{"message","type","param","code"}}`, so any
+//! OpenAI SDK raises the matching exception. Upstream failures are classified by who is at fault:
+//! a client error the upstream reported (400, 404, 422…) is passed on with its status; an outage,
+//! a bad answer or a broken stream is 502; a deadline is 504.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use switchyard_core::{LlmError, LlmErrorKind};
+
+/// An error answer of the gateway.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// OpenAI's `type`: `invalid_request_error`, `rate_limit_error`, `api_error`, …
+    pub error_type: &'static str,
+    pub code: Option<&'static str>,
+    /// The request field at fault, e.g. `messages[0].role`.
+    pub param: Option<String>,
+    pub retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error_type: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            error_type,
+            code: None,
+            param: None,
+            retry_after: None,
+        }
+    }
+
+    fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn bad_request(message: impl Into<String>, param: Option<String>) -> Self {
+        Self {
+            param,
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
+    }
+
+    pub fn unknown_model(name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("The model `{name}` does not exist: no endpoint has that name (GET /v1/models lists them)"),
+        )
+        .with_code("model_not_found")
+    }
+
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("request body is larger than the gateway's limit of {limit} bytes"),
+        )
+        .with_code("request_too_large")
+    }
+
+    pub fn not_found_path(path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("no such path: {path}"),
+        )
+        .with_code("unknown_url")
+    }
+
+    /// The JSON body of this error in OpenAI's shape.
+    pub fn openai_body(&self) -> Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+impl From<LlmError> for ApiError {
+    fn from(error: LlmError) -> Self {
+        let message = error.message;
+        match error.kind {
+            LlmErrorKind::Timeout => {
+                Self::new(StatusCode::GATEWAY_TIMEOUT, "api_error", message).with_code("upstream_timeout")
+            }
+            LlmErrorKind::Status { status: 429, retry_after } => Self {
+                retry_after,
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+                    .with_code("upstream_rate_limited")
+            },
+            // The client's request was at fault: pass the upstream's verdict on.
+            LlmErrorKind::Status { status: status @ (400 | 404 | 413 | 422), .. } => Self::new(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                "invalid_request_error",
+                message,
+            ),
+            LlmErrorKind::BadRequest => Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message),
+            // 401/403 from an upstream mean the gateway's provider credentials are wrong, which is
+            // not the client's fault; everything else is an upstream failure.
+            LlmErrorKind::Status { .. }
+            | LlmErrorKind::Connect
+            | LlmErrorKind::InvalidResponse
+            | LlmErrorKind::StreamInterrupted => {
+                Self::new(StatusCode::BAD_GATEWAY, "api_error", message).with_code("upstream_error")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.openai_body())).into_response();
+        if let Some(after) = self.retry_after {
+            // Whole seconds, rounded up, so a client that waits this long is not refused again.
+            let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(kind: LlmErrorKind) -> StatusCode {
+        ApiError::from(LlmError::new(kind, "x")).status
+    }
+
+    #[test]
+    fn upstream_failures_map_by_fault() {
+        let status = |s| LlmErrorKind::Status { status: s, retry_after: None };
+        assert_eq!(status_of(LlmErrorKind::Timeout), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(status_of(LlmErrorKind::Connect), StatusCode::BAD_GATEWAY);
+        assert_eq!(status_of(status(500)), StatusCode::BAD_GATEWAY);
+        assert_eq!(status_of(status(401)), StatusCode::BAD_GATEWAY);
+        assert_eq!(status_of(status(400)), StatusCode::BAD_REQUEST);
+        assert_eq!(status_of(status(422)), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(status_of(status(429)), StatusCode::TOO_MANY_REQUESTS);
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        let error = ApiError::from(LlmError::new(
+            LlmErrorKind::Status { status: 429, retry_after: Some(Duration::from_millis(1200)) },
+            "slow down",
+        ));
+        let response = error.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+    }
+}

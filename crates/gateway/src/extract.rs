@@ -1,0 +1,92 @@
+//! A JSON body extractor whose rejections speak OpenAI's error shape.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Like `axum::Json`, but a bad body is a 400 naming the field at fault (`param`) and an oversize
+/// body a 413, both in OpenAI's error shape. The `Content-Type` is not checked: curl users forget
+/// it, and the body must parse as JSON either way.
+pub struct OpenAiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::payload_too_large(state.max_body_bytes())
+            } else {
+                ApiError::bad_request(format!("could not read the request body: {}", rejection.body_text()), None)
+            }
+        })?;
+        parse_json(&bytes).map(OpenAiJson)
+    }
+}
+
+/// Deserializes a body, reporting the path of the first field that does not fit.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            return ApiError::bad_request(
+                format!("We could not parse the JSON body of your request: {inner}"),
+                None,
+            );
+        }
+        let message = inner.to_string();
+        let param = missing_field(&message)
+            .map(|field| if path == "." { field.to_owned() } else { format!("{path}.{field}") })
+            .unwrap_or(path);
+        ApiError::bad_request(format!("Invalid value for '{param}': {message}"), Some(param))
+    })?;
+    deserializer
+        .end()
+        .map_err(|e| ApiError::bad_request(format!("We could not parse the JSON body of your request: {e}"), None))?;
+    Ok(value)
+}
+
+/// serde reports a missing field at its parent's path, naming it in the message.
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_core::ChatRequest;
+
+    fn error_of(body: &str) -> ApiError {
+        parse_json::<ChatRequest>(body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn names_the_field_at_fault() {
+        let missing = error_of(r#"{"model":"m"}"#);
+        assert_eq!(missing.param.as_deref(), Some("messages"));
+        assert!(missing.message.contains("missing field `messages`"));
+
+        let not_a_list = error_of(r#"{"model":"m","messages":"hi"}"#);
+        assert_eq!(not_a_list.param.as_deref(), Some("messages"));
+        assert!(not_a_list.message.contains("expected a sequence"), "{}", not_a_list.message);
+
+        let no_role = error_of(r#"{"model":"m","messages":[{"content":"hi"}]}"#);
+        assert_eq!(no_role.param.as_deref(), Some("messages[0].role"));
+    }
+
+    #[test]
+    fn syntax_errors_have_no_param() {
+        for body in ["{", "", "not json", r#"{"model":"m","messages":[]} trailing"#] {
+            let error = error_of(body);
+            assert_eq!(error.status, StatusCode::BAD_REQUEST);
+            assert_eq!(error.param, None, "{body}");
+            assert!(error.message.starts_with("We could not parse"), "{}", error.message);
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! LLM provider clients and routes.
+//!
+//! A provider ([`OpenAiProvider`], [`MockProvider`]) sends one request to one upstream. A
+//! [`Route`] is what endpoints and chains call: an ordered list of provider targets with a total
+//! deadline, a time-to-first-token deadline for streams, retries with backoff and jitter, and
+//! fallback to the next target. All of them implement [`switchyard_core::Llm`].
+
+mod mock;
+mod openai;
+mod route;
+
+pub use mock::{MockConfig, MockProvider, count_tokens};
+pub use openai::OpenAiProvider;
+pub use route::{Route, RouteSettings, Target};
+
+/// Seconds since the Unix epoch, for `created` fields.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

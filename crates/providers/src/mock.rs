@@ -1,0 +1,227 @@
+//! The built-in mock provider: deterministic, offline, honest about tokens.
+//!
+//! It answers with a fixed reply or echoes the last user message, streams the reply in a chosen
+//! number of chunks, and can wait before answering. Token counts come from [`count_tokens`]
+//! over the real prompt and reply text, so usage figures add up the way a real provider's do.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream;
+use serde::Deserialize;
+use switchyard_core::{
+    ChatChunk, ChatRequest, ChatResponse, ChunkStream, Delta, Llm, LlmError, Usage,
+};
+
+use crate::unix_now;
+
+/// `[providers.<name>]` settings of a `kind = "mock"` provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MockConfig {
+    /// Fixed reply text. Without it the mock echoes the last user message.
+    #[serde(default)]
+    pub reply: Option<String>,
+    /// How many content chunks a streamed reply is cut into (at least 1).
+    #[serde(default = "default_chunks")]
+    pub chunks: usize,
+    /// Wait this long before answering (before the first chunk of a stream).
+    #[serde(default)]
+    pub latency_ms: u64,
+}
+
+fn default_chunks() -> usize {
+    4
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        Self {
+            reply: None,
+            chunks: default_chunks(),
+            latency_ms: 0,
+        }
+    }
+}
+
+/// A provider that needs no network.
+#[derive(Debug)]
+pub struct MockProvider {
+    config: MockConfig,
+    next_id: AtomicU64,
+}
+
+impl MockProvider {
+    pub fn new(config: MockConfig) -> Self {
+        Self {
+            config,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn reply_for(&self, request: &ChatRequest) -> String {
+        match &self.config.reply {
+            Some(reply) => reply.clone(),
+            None => request
+                .messages
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .map(|m| m.text())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn usage_for(request: &ChatRequest, reply: &str) -> Usage {
+        let prompt = request.messages.iter().map(|m| count_tokens(&m.text())).sum();
+        Usage::new(prompt, count_tokens(reply))
+    }
+
+    fn next_id(&self) -> String {
+        format!("chatcmpl-mock-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    async fn wait(&self) {
+        if self.config.latency_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.config.latency_ms)).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Llm for MockProvider {
+    async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
+        self.wait().await;
+        let reply = self.reply_for(&request);
+        let usage = Self::usage_for(&request, &reply);
+        Ok(ChatResponse::assistant(
+            self.next_id(),
+            request.model,
+            unix_now(),
+            reply,
+            usage,
+        ))
+    }
+
+    async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
+        self.wait().await;
+        let reply = self.reply_for(&request);
+        let usage = Self::usage_for(&request, &reply);
+        let (id, model, created) = (self.next_id(), request.model.clone(), unix_now());
+        let chunk = |delta, finish| ChatChunk::delta(id.clone(), model.clone(), created, delta, finish);
+
+        let mut chunks = vec![chunk(Delta::role("assistant"), None)];
+        chunks.extend(
+            split_into_chunks(&reply, self.config.chunks)
+                .into_iter()
+                .map(|piece| chunk(Delta::content(piece), None)),
+        );
+        chunks.push(chunk(Delta::default(), Some("stop")));
+        if request.wants_stream_usage() {
+            chunks.push(ChatChunk::usage(id.clone(), model.clone(), created, usage));
+        }
+        Ok(Box::pin(stream::iter(chunks.into_iter().map(Ok))))
+    }
+}
+
+/// The mock's tokenizer: a token is a run of letters/digits or one other non-space character.
+/// Not any real model's tokenizer, but stable and proportional to the text.
+pub fn count_tokens(text: &str) -> u64 {
+    token_pieces(text).count() as u64
+}
+
+/// Splits text into pieces of one token each (with the whitespace before it), so that the
+/// pieces concatenate back to the text exactly.
+fn token_pieces(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        let start = rest.len() - rest.trim_start().len();
+        let mut chars = rest[start..].char_indices();
+        let (_, first) = chars.next()?;
+        let end = if first.is_alphanumeric() {
+            chars
+                .find(|(_, c)| !c.is_alphanumeric())
+                .map_or(rest.len(), |(i, _)| start + i)
+        } else {
+            start + first.len_utf8()
+        };
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
+}
+
+/// Cuts `text` into at most `n` chunks along token boundaries (trailing whitespace stays with the
+/// last chunk).
+fn split_into_chunks(text: &str, n: usize) -> Vec<String> {
+    let pieces: Vec<&str> = token_pieces(text).collect();
+    let consumed: usize = pieces.iter().map(|p| p.len()).sum();
+    let n = n.max(1).min(pieces.len().max(1));
+    let per_chunk = pieces.len().div_ceil(n).max(1);
+    let mut chunks: Vec<String> = pieces.chunks(per_chunk).map(|c| c.concat()).collect();
+    let tail = &text[consumed..];
+    match chunks.last_mut() {
+        Some(last) => last.push_str(tail),
+        None if !tail.is_empty() => chunks.push(tail.to_owned()),
+        None => {}
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use switchyard_core::{Message, StreamOptions};
+
+    #[test]
+    fn counts_words_and_punctuation() {
+        assert_eq!(count_tokens(""), 0);
+        assert_eq!(count_tokens("Hello, world!"), 4);
+        assert_eq!(count_tokens("  two   words  "), 2);
+        assert_eq!(count_tokens("héllo wörld 42"), 3);
+    }
+
+    #[test]
+    fn chunks_concatenate_back_to_the_text() {
+        for text in ["", "one", "Hello, world! How are you today?  ", "  lead"] {
+            for n in 1..6 {
+                let chunks = split_into_chunks(text, n);
+                assert_eq!(chunks.concat(), text, "text {text:?} n {n}");
+                assert!(chunks.len() <= n.max(1));
+            }
+        }
+        assert_eq!(split_into_chunks("a b c d", 2), vec!["a b", " c d"]);
+    }
+
+    #[tokio::test]
+    async fn echoes_and_streams_with_usage() {
+        let mock = MockProvider::new(MockConfig { chunks: 3, ..MockConfig::default() });
+        let mut request = ChatRequest::new(
+            "m",
+            vec![Message::system("Be brief."), Message::user("Tell me a joke, please")],
+        );
+        let full = mock.chat(request.clone()).await.unwrap();
+        assert_eq!(full.text(), "Tell me a joke, please");
+        assert_eq!(full.usage, Some(Usage::new(9, 6)));
+
+        request.stream = Some(true);
+        request.stream_options = Some(StreamOptions { include_usage: Some(true), ..Default::default() });
+        let chunks: Vec<ChatChunk> = mock
+            .chat_stream(request)
+            .await
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        // role chunk, 3 content chunks, finish chunk, usage chunk
+        assert_eq!(chunks.len(), 6);
+        assert_eq!(chunks[0].choices[0].delta.role.as_deref(), Some("assistant"));
+        let text: String = chunks.iter().map(ChatChunk::text).collect();
+        assert_eq!(text, "Tell me a joke, please");
+        assert_eq!(chunks[4].choices[0].finish_reason.as_deref(), Some("stop"));
+        assert!(chunks[5].choices.is_empty());
+        assert_eq!(chunks[5].usage, Some(Usage::new(9, 6)));
+    }
+}

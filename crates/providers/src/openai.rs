@@ -1,0 +1,210 @@
+//! Client for OpenAI and any OpenAI-compatible server (vLLM, Ollama, Groq, Together, …).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use switchyard_core::{
+    ChatChunk, ChatRequest, ChatResponse, ChunkStream, Llm, LlmError, LlmErrorKind, Secret,
+};
+
+/// Upstream error bodies are quoted in our errors, cut to this many bytes.
+const MAX_QUOTED_ERROR: usize = 512;
+
+/// One OpenAI-compatible upstream. Cheap to clone: the HTTP client is shared.
+#[derive(Debug, Clone)]
+pub struct OpenAiProvider {
+    name: String,
+    client: reqwest::Client,
+    completions_url: String,
+    api_key: Option<Secret>,
+}
+
+impl OpenAiProvider {
+    /// `base_url` is the API root, e.g. `https://api.openai.com/v1`.
+    pub fn new(
+        name: impl Into<String>,
+        client: reqwest::Client,
+        base_url: &str,
+        api_key: Option<Secret>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            client,
+            completions_url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            api_key,
+        }
+    }
+
+    async fn send(&self, request: &ChatRequest) -> Result<reqwest::Response, LlmError> {
+        let mut builder = self.client.post(&self.completions_url).json(request);
+        if let Some(key) = &self.api_key {
+            builder = builder.bearer_auth(key.expose());
+        }
+        let response = builder.send().await.map_err(|e| self.transport_error(&e))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status().as_u16();
+        let retry_after = retry_after(response.headers());
+        let body = response.bytes().await.unwrap_or_default();
+        Err(LlmError::new(
+            LlmErrorKind::Status {
+                status,
+                retry_after,
+            },
+            format!(
+                "provider '{}' returned HTTP {status}: {}",
+                self.name,
+                upstream_error_message(&body)
+            ),
+        ))
+    }
+
+    fn transport_error(&self, error: &reqwest::Error) -> LlmError {
+        // reqwest's Display names the URL but never headers, so the key cannot leak here.
+        let kind = if error.is_timeout() {
+            LlmErrorKind::Timeout
+        } else if error.is_connect() {
+            LlmErrorKind::Connect
+        } else {
+            LlmErrorKind::StreamInterrupted
+        };
+        LlmError::new(kind, format!("provider '{}': {}", self.name, error_chain(error)))
+    }
+}
+
+#[async_trait]
+impl Llm for OpenAiProvider {
+    async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
+        let response = self.send(&request).await?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(&e))?;
+        serde_json::from_slice(&body).map_err(|e| {
+            LlmError::new(
+                LlmErrorKind::InvalidResponse,
+                format!("provider '{}' sent a body that is not a chat completion: {e}", self.name),
+            )
+        })
+    }
+
+    async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
+        let response = self.send(&request).await?;
+        let name = self.name.clone();
+        let mut events = response.bytes_stream().eventsource();
+        let mut done = false;
+        let chunks = futures::stream::poll_fn(move |cx| {
+            if done {
+                return std::task::Poll::Ready(None);
+            }
+            let item = match futures::ready!(events.poll_next_unpin(cx)) {
+                None => Err(LlmError::new(
+                    LlmErrorKind::StreamInterrupted,
+                    format!("provider '{name}' closed the stream before [DONE]"),
+                )),
+                Some(Err(e)) => Err(LlmError::new(
+                    LlmErrorKind::StreamInterrupted,
+                    format!("provider '{name}' stream broke off: {e}"),
+                )),
+                Some(Ok(event)) if event.data.trim() == "[DONE]" => {
+                    done = true;
+                    return std::task::Poll::Ready(None);
+                }
+                Some(Ok(event)) => parse_chunk(&name, &event.data),
+            };
+            done = item.is_err();
+            std::task::Poll::Ready(Some(item))
+        });
+        Ok(Box::pin(chunks))
+    }
+}
+
+/// One SSE `data:` payload: a chunk, or an `{"error": ...}` object some servers send mid-stream.
+fn parse_chunk(provider: &str, data: &str) -> Result<ChatChunk, LlmError> {
+    match serde_json::from_str::<ChatChunk>(data) {
+        Ok(chunk) if !chunk.extra.contains_key("error") => Ok(chunk),
+        _ => Err(LlmError::new(
+            LlmErrorKind::StreamInterrupted,
+            format!(
+                "provider '{provider}' sent an error in the stream: {}",
+                upstream_error_message(data.as_bytes())
+            ),
+        )),
+    }
+}
+
+/// `retry-after-ms` (OpenAI) or `Retry-After` in seconds.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let header = |name| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
+    if let Some(ms) = header("retry-after-ms").filter(|ms| *ms >= 0.0) {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    header(RETRY_AFTER.as_str())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+/// The `error.message` of an OpenAI error body, or the start of the raw body.
+fn upstream_error_message(body: &[u8]) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    if let Some(message) = parsed
+        .as_ref()
+        .and_then(|v| v.pointer("/error/message"))
+        .and_then(|m| m.as_str())
+    {
+        return message.to_owned();
+    }
+    let text = String::from_utf8_lossy(body);
+    let mut end = text.len().min(MAX_QUOTED_ERROR);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].trim().to_owned()
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn reads_retry_after_in_either_header() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+        headers.insert("retry-after-ms", HeaderValue::from_static("150"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_millis(150)));
+    }
+
+    #[test]
+    fn quotes_openai_error_messages() {
+        let body = br#"{"error":{"message":"Rate limit reached","type":"requests"}}"#;
+        assert_eq!(upstream_error_message(body), "Rate limit reached");
+        assert_eq!(upstream_error_message(b"Bad Gateway\n"), "Bad Gateway");
+    }
+
+    #[test]
+    fn an_error_object_in_a_stream_is_an_interruption() {
+        let error = parse_chunk("p", r#"{"error":{"message":"overloaded"}}"#).unwrap_err();
+        assert_eq!(error.kind, LlmErrorKind::StreamInterrupted);
+        assert!(error.message.contains("overloaded"));
+        let chunk = parse_chunk("p", r#"{"id":"1","choices":[{"index":0,"delta":{"content":"x"}}]}"#);
+        assert_eq!(chunk.unwrap().text(), "x");
+    }
+}

@@ -1,0 +1,333 @@
+//! Routes: ordered provider targets with deadlines, retries and fallbacks.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{StreamExt, stream};
+use switchyard_core::{ChatRequest, ChatResponse, ChunkStream, Llm, LlmError, LlmErrorKind};
+use tokio::time::{Instant, timeout_at};
+use tracing::warn;
+
+/// One provider target of a route: which upstream, and which model name to send it.
+#[derive(Clone)]
+pub struct Target {
+    pub provider_name: String,
+    pub provider: Arc<dyn Llm>,
+    pub model: String,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("provider", &self.provider_name)
+            .field("model", &self.model)
+            .finish()
+    }
+}
+
+/// Timing and retry policy of a route.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouteSettings {
+    /// Deadline for the whole call, all attempts included; for a stream, until its last chunk.
+    pub timeout: Duration,
+    /// For streams: how long one attempt may take to deliver its first chunk.
+    pub first_token_timeout: Duration,
+    /// Retries per target after the first attempt (on connect errors, timeouts, 429, 5xx).
+    pub retries: u32,
+    /// First backoff; doubles per retry, capped at `max_backoff`, with jitter.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RouteSettings {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            first_token_timeout: Duration::from_secs(30),
+            retries: 2,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A named route. Implements [`Llm`], so endpoints and chains call it like a provider.
+#[derive(Debug, Clone)]
+pub struct Route {
+    name: String,
+    targets: Vec<Target>,
+    settings: RouteSettings,
+}
+
+impl Route {
+    pub fn new(name: impl Into<String>, targets: Vec<Target>, settings: RouteSettings) -> Self {
+        Self {
+            name: name.into(),
+            targets,
+            settings,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// Tries each target in order, retrying retryable failures with backoff, until one answers
+    /// or the deadline passes. Returns the last error when every target failed.
+    async fn call<T, F, Fut>(&self, request: ChatRequest, deadline: Instant, attempt: F) -> Result<T, LlmError>
+    where
+        F: Fn(Arc<dyn Llm>, ChatRequest) -> Fut,
+        Fut: Future<Output = Result<T, LlmError>>,
+    {
+        let mut last_error = LlmError::new(
+            LlmErrorKind::Connect,
+            format!("route '{}' has no targets", self.name),
+        );
+        for target in &self.targets {
+            let mut target_request = request.clone();
+            target_request.model.clone_from(&target.model);
+            for attempt_number in 0..=self.settings.retries {
+                let outcome = timeout_at(deadline, attempt(target.provider.clone(), target_request.clone())).await;
+                let error = match outcome {
+                    Ok(Ok(value)) => return Ok(value),
+                    Ok(Err(error)) => error,
+                    Err(_elapsed) => {
+                        return Err(LlmError::timeout(format!(
+                            "route '{}' timed out after {} ms (provider '{}')",
+                            self.name,
+                            self.settings.timeout.as_millis(),
+                            target.provider_name
+                        )));
+                    }
+                };
+                let retryable = error.is_retryable();
+                warn!(
+                    route = %self.name,
+                    provider = %target.provider_name,
+                    attempt = attempt_number + 1,
+                    retryable,
+                    error = %error,
+                    "upstream attempt failed"
+                );
+                last_error = error;
+                if !retryable || attempt_number == self.settings.retries {
+                    break;
+                }
+                let wait = self.backoff(attempt_number, last_error.retry_after());
+                if Instant::now() + wait >= deadline {
+                    // The upstream asks for a longer wait than we have left: try the next target.
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+            }
+            if !is_worth_falling_back(&last_error) {
+                return Err(last_error);
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Exponential backoff with full jitter over its upper half; an upstream `Retry-After` wins
+    /// when it asks for longer.
+    fn backoff(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
+        let exponential = self
+            .settings
+            .backoff
+            .saturating_mul(2u32.saturating_pow(retry))
+            .min(self.settings.max_backoff);
+        let jittered = exponential.mul_f64(0.5 + fastrand::f64() / 2.0);
+        retry_after.map_or(jittered, |after| after.max(jittered))
+    }
+}
+
+/// A client error (400, 404, 422…) would fail the same way on every target, so it is returned at
+/// once; anything else (outages, rate limits, auth problems of one provider) may be fixed by the
+/// next target.
+fn is_worth_falling_back(error: &LlmError) -> bool {
+    match error.kind {
+        LlmErrorKind::Status { status, .. } => !matches!(status, 400 | 404 | 413 | 422),
+        LlmErrorKind::BadRequest => false,
+        _ => true,
+    }
+}
+
+#[async_trait]
+impl Llm for Route {
+    async fn chat(&self, mut request: ChatRequest) -> Result<ChatResponse, LlmError> {
+        let deadline = Instant::now() + self.settings.timeout;
+        request.stream = None;
+        self.call(request, deadline, |provider, request| async move {
+            provider.chat(request).await
+        })
+        .await
+    }
+
+    async fn chat_stream(&self, mut request: ChatRequest) -> Result<ChunkStream, LlmError> {
+        let deadline = Instant::now() + self.settings.timeout;
+        let first_token_timeout = self.settings.first_token_timeout;
+        request.stream = Some(true);
+        let route = self.name.clone();
+        let stream = self
+            .call(request, deadline, |provider, request| async move {
+                let first_token_deadline = deadline.min(Instant::now() + first_token_timeout);
+                let mut stream = provider.chat_stream(request).await?;
+                // Wait for the first chunk here, so that an upstream that accepts the request but
+                // never starts streaming is retried before anything reaches the client.
+                match timeout_at(first_token_deadline, stream.next()).await {
+                    Ok(Some(Ok(first))) => Ok(stream::iter([Ok(first)]).chain(stream)),
+                    Ok(Some(Err(error))) => Err(error),
+                    Ok(None) => Err(LlmError::new(
+                        LlmErrorKind::StreamInterrupted,
+                        "upstream stream ended before its first chunk",
+                    )),
+                    Err(_) => Err(LlmError::timeout(format!(
+                        "no first token within {} ms",
+                        first_token_timeout.as_millis()
+                    ))),
+                }
+            })
+            .await?;
+        Ok(Box::pin(with_deadline(stream, deadline, route)))
+    }
+}
+
+/// Ends a stream with a timeout error once the route's deadline passes, so no stream hangs.
+fn with_deadline(
+    inner: impl futures::Stream<Item = Result<switchyard_core::ChatChunk, LlmError>> + Send + Unpin + 'static,
+    deadline: Instant,
+    route: String,
+) -> impl futures::Stream<Item = Result<switchyard_core::ChatChunk, LlmError>> + Send {
+    stream::unfold(Some(inner), move |state| {
+        let route = route.clone();
+        async move {
+            let mut inner = state?;
+            match timeout_at(deadline, inner.next()).await {
+                Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(inner))),
+                Ok(Some(Err(error))) => Some((Err(error), None)),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(LlmError::timeout(format!(
+                        "route '{route}' stream passed its deadline"
+                    ))),
+                    None,
+                )),
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use switchyard_core::{ChatChunk, Message};
+
+    /// Fails with the queued errors, then answers.
+    struct Flaky {
+        failures: Mutex<Vec<LlmError>>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl Flaky {
+        fn new(failures: Vec<LlmError>) -> Arc<Self> {
+            Arc::new(Self { failures: Mutex::new(failures), calls: Mutex::new(Vec::new()) })
+        }
+        fn next(&self, request: &ChatRequest) -> Result<(), LlmError> {
+            self.calls.lock().unwrap().push(request.model.clone());
+            match self.failures.lock().unwrap().pop() {
+                Some(error) => Err(error),
+                None => Ok(()),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Llm for Flaky {
+        async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
+            self.next(&request)?;
+            Ok(ChatResponse::assistant("id", request.model, 0, "ok", Default::default()))
+        }
+        async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
+            self.next(&request)?;
+            let chunk = ChatChunk::delta("id", request.model, 0, switchyard_core::Delta::content("ok"), None);
+            Ok(Box::pin(stream::iter([Ok(chunk)])))
+        }
+    }
+
+    fn status(code: u16) -> LlmError {
+        LlmError::new(LlmErrorKind::Status { status: code, retry_after: None }, format!("HTTP {code}"))
+    }
+
+    fn route(targets: Vec<(&str, Arc<Flaky>)>, retries: u32) -> Route {
+        let targets = targets
+            .into_iter()
+            .map(|(model, provider)| Target { provider_name: model.to_owned(), provider, model: model.to_owned() })
+            .collect();
+        let settings = RouteSettings { retries, backoff: Duration::from_millis(1), ..RouteSettings::default() };
+        Route::new("r", targets, settings)
+    }
+
+    fn request() -> ChatRequest {
+        ChatRequest::new("endpoint", vec![Message::user("hi")])
+    }
+
+    #[tokio::test]
+    async fn retries_5xx_then_succeeds_on_the_same_target() {
+        let first = Flaky::new(vec![status(503), status(500)]);
+        let answer = route(vec![("a", first.clone())], 2).chat(request()).await.unwrap();
+        assert_eq!(answer.model, "a");
+        assert_eq!(*first.calls.lock().unwrap(), vec!["a", "a", "a"]);
+    }
+
+    #[tokio::test]
+    async fn falls_back_after_retries_run_out() {
+        let first = Flaky::new(vec![status(502), status(502)]);
+        let second = Flaky::new(vec![]);
+        let answer = route(vec![("a", first.clone()), ("b", second.clone())], 1)
+            .chat_stream(request())
+            .await
+            .unwrap()
+            .next()
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer.model, "b");
+        assert_eq!(first.calls.lock().unwrap().len(), 2);
+        assert_eq!(second.calls.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn client_errors_are_neither_retried_nor_fallen_back() {
+        let first = Flaky::new(vec![status(400)]);
+        let second = Flaky::new(vec![]);
+        let error = route(vec![("a", first.clone()), ("b", second.clone())], 3)
+            .chat(request())
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind, LlmErrorKind::Status { status: 400, retry_after: None });
+        assert_eq!(first.calls.lock().unwrap().len(), 1);
+        assert!(second.calls.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn backoff_grows_caps_and_honours_retry_after() {
+        let r = route(vec![], 0);
+        let r = Route {
+            settings: RouteSettings { backoff: Duration::from_millis(100), max_backoff: Duration::from_millis(300), ..r.settings },
+            ..r
+        };
+        for _ in 0..50 {
+            let first = r.backoff(0, None);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            let capped = r.backoff(5, None);
+            assert!(capped >= Duration::from_millis(150) && capped <= Duration::from_millis(300));
+            assert_eq!(r.backoff(0, Some(Duration::from_secs(2))), Duration::from_secs(2));
+        }
+    }
+}
