@@ -1,6 +1,7 @@
 //! `switchyard`: the command-line entry point. Parses arguments, sets up logging and hands over
 //! to the gateway library.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -8,7 +9,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "A GenAI gateway: serves LLM chains, artifact models and provider routes")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "A GenAI gateway: serves LLM chains, artifact models and provider routes"
+)]
 struct Cli {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -50,7 +55,8 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {}", config.server.listen))?;
             let gateway = switchyard_gateway::Gateway::new(config)?;
-            switchyard_gateway::serve(listener, gateway, switchyard_gateway::shutdown_signal()).await?;
+            switchyard_gateway::serve(listener, gateway, switchyard_gateway::shutdown_signal())
+                .await?;
         }
     }
     Ok(())
@@ -59,7 +65,12 @@ async fn main() -> anyhow::Result<()> {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    // Logs go to stderr, coloured only on a terminal.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

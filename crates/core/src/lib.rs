@@ -9,5 +9,6 @@ pub mod wire;
 pub use llm::{ChunkStream, Llm, LlmError, LlmErrorKind};
 pub use secret::Secret;
 pub use wire::{
-    ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, Content, Delta, Message, StreamOptions, Usage,
+    ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, Content, Delta, Message,
+    StreamOptions, Usage,
 };

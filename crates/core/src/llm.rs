@@ -107,7 +107,15 @@ mod tests {
 
     #[test]
     fn retryable_statuses() {
-        let status = |s| LlmError::new(LlmErrorKind::Status { status: s, retry_after: None }, "x");
+        let status = |s| {
+            LlmError::new(
+                LlmErrorKind::Status {
+                    status: s,
+                    retry_after: None,
+                },
+                "x",
+            )
+        };
         assert!(status(429).is_retryable());
         assert!(status(500).is_retryable());
         assert!(status(503).is_retryable());

@@ -259,7 +259,12 @@ impl ChatChunk {
     }
 
     /// The final usage chunk of a stream: no choices, just usage.
-    pub fn usage(id: impl Into<String>, model: impl Into<String>, created: u64, usage: Usage) -> Self {
+    pub fn usage(
+        id: impl Into<String>,
+        model: impl Into<String>,
+        created: u64,
+        usage: Usage,
+    ) -> Self {
         Self {
             id: id.into(),
             object: chat_completion_chunk_object(),

@@ -270,21 +270,27 @@ fn compile(
     };
     let server = server.and_then(|raw| compile_server(raw, problems));
 
-    let providers: BTreeMap<String, ProviderConfig> = named_items(&mut table, "providers", problems)
-        .into_iter()
-        .filter_map(|(name, raw)| Some((name.clone(), compile_provider(&name, raw, env, problems)?)))
-        .collect();
+    let providers: BTreeMap<String, ProviderConfig> =
+        named_items(&mut table, "providers", problems)
+            .into_iter()
+            .filter_map(|(name, raw)| {
+                Some((name.clone(), compile_provider(&name, raw, env, problems)?))
+            })
+            .collect();
 
-    let routes: BTreeMap<String, RouteConfig> = named_items::<RawRoute>(&mut table, "routes", problems)
-        .into_iter()
-        .filter_map(|(name, raw)| Some((name.clone(), compile_route(&name, raw, problems)?)))
-        .collect();
+    let routes: BTreeMap<String, RouteConfig> =
+        named_items::<RawRoute>(&mut table, "routes", problems)
+            .into_iter()
+            .filter_map(|(name, raw)| Some((name.clone(), compile_route(&name, raw, problems)?)))
+            .collect();
     // A route that names an unknown provider is a problem only if the provider is not merely
     // broken itself (already reported); so check against the names the file declares.
     let declared_providers: HashSet<&str> = table_keys(&table, "providers");
     for (name, route) in &routes {
         for (i, target) in route.targets.iter().enumerate() {
-            if !providers.contains_key(&target.provider) && !declared_providers.contains(target.provider.as_str()) {
+            if !providers.contains_key(&target.provider)
+                && !declared_providers.contains(target.provider.as_str())
+            {
                 problems.add(
                     format!("routes.{name}.targets[{i}].provider"),
                     format!("unknown provider '{}'", target.provider),
@@ -374,16 +380,14 @@ fn compile_provider(
             }
             let api_key = match api_key {
                 None => None,
-                Some(reference) => {
-                    match resolve_secret(&reference, env) {
-                        Ok(secret) => Some(secret),
-                        Err(message) => {
-                            problems.add(format!("providers.{name}.api_key"), message);
-                            ok = false;
-                            None
-                        }
+                Some(reference) => match resolve_secret(&reference, env) {
+                    Ok(secret) => Some(secret),
+                    Err(message) => {
+                        problems.add(format!("providers.{name}.api_key"), message);
+                        ok = false;
+                        None
                     }
-                }
+                },
             };
             ok.then_some(ProviderConfig::OpenAi { base_url, api_key })
         }
@@ -421,7 +425,10 @@ fn compile_route(name: &str, raw: RawRoute, problems: &mut Problems) -> Option<R
     let path = format!("routes.{name}");
     let before = problems.0.len();
     if raw.targets.is_empty() {
-        problems.add(format!("{path}.targets"), "a route needs at least one target");
+        problems.add(
+            format!("{path}.targets"),
+            "a route needs at least one target",
+        );
     }
     if raw.timeout_ms == 0 {
         problems.add(format!("{path}.timeout_ms"), "must be greater than 0");
@@ -612,10 +619,17 @@ mod tests {
             ],
             "{found:#?}"
         );
-        assert!(found[2].1.starts_with("unknown field `replay`"), "{}", found[2].1);
+        assert!(
+            found[2].1.starts_with("unknown field `replay`"),
+            "{}",
+            found[2].1
+        );
         assert!(found[3].1.contains("${OPENAI_API_KEY}"));
         assert!(found[4].1.contains("MISSING_VAR is not set"));
-        assert_eq!(found[5].1, "unknown field `modle`, expected `provider` or `model`");
+        assert_eq!(
+            found[5].1,
+            "unknown field `modle`, expected `provider` or `model`"
+        );
         // The literal key is not echoed back.
         assert!(!found.iter().any(|(_, m)| m.contains("sk-literal-key")));
     }

@@ -95,21 +95,28 @@ impl From<LlmError> for ApiError {
     fn from(error: LlmError) -> Self {
         let message = error.message;
         match error.kind {
-            LlmErrorKind::Timeout => {
-                Self::new(StatusCode::GATEWAY_TIMEOUT, "api_error", message).with_code("upstream_timeout")
-            }
-            LlmErrorKind::Status { status: 429, retry_after } => Self {
+            LlmErrorKind::Timeout => Self::new(StatusCode::GATEWAY_TIMEOUT, "api_error", message)
+                .with_code("upstream_timeout"),
+            LlmErrorKind::Status {
+                status: 429,
+                retry_after,
+            } => Self {
                 retry_after,
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
                     .with_code("upstream_rate_limited")
             },
             // The client's request was at fault: pass the upstream's verdict on.
-            LlmErrorKind::Status { status: status @ (400 | 404 | 413 | 422), .. } => Self::new(
+            LlmErrorKind::Status {
+                status: status @ (400 | 404 | 413 | 422),
+                ..
+            } => Self::new(
                 StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
                 "invalid_request_error",
                 message,
             ),
-            LlmErrorKind::BadRequest => Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message),
+            LlmErrorKind::BadRequest => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+            }
             // 401/403 from an upstream mean the gateway's provider credentials are wrong, which is
             // not the client's fault; everything else is an upstream failure.
             LlmErrorKind::Status { .. }
@@ -146,8 +153,14 @@ mod tests {
 
     #[test]
     fn upstream_failures_map_by_fault() {
-        let status = |s| LlmErrorKind::Status { status: s, retry_after: None };
-        assert_eq!(status_of(LlmErrorKind::Timeout), StatusCode::GATEWAY_TIMEOUT);
+        let status = |s| LlmErrorKind::Status {
+            status: s,
+            retry_after: None,
+        };
+        assert_eq!(
+            status_of(LlmErrorKind::Timeout),
+            StatusCode::GATEWAY_TIMEOUT
+        );
         assert_eq!(status_of(LlmErrorKind::Connect), StatusCode::BAD_GATEWAY);
         assert_eq!(status_of(status(500)), StatusCode::BAD_GATEWAY);
         assert_eq!(status_of(status(401)), StatusCode::BAD_GATEWAY);
@@ -159,7 +172,10 @@ mod tests {
     #[test]
     fn retry_after_rounds_up_to_whole_seconds() {
         let error = ApiError::from(LlmError::new(
-            LlmErrorKind::Status { status: 429, retry_after: Some(Duration::from_millis(1200)) },
+            LlmErrorKind::Status {
+                status: 429,
+                retry_after: Some(Duration::from_millis(1200)),
+            },
             "slow down",
         ));
         let response = error.into_response();

@@ -17,13 +17,18 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::payload_too_large(state.max_body_bytes())
-            } else {
-                ApiError::bad_request(format!("could not read the request body: {}", rejection.body_text()), None)
-            }
-        })?;
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::payload_too_large(state.max_body_bytes())
+                } else {
+                    ApiError::bad_request(
+                        format!("could not read the request body: {}", rejection.body_text()),
+                        None,
+                    )
+                }
+            })?;
         parse_json(&bytes).map(OpenAiJson)
     }
 }
@@ -42,13 +47,25 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         }
         let message = inner.to_string();
         let param = missing_field(&message)
-            .map(|field| if path == "." { field.to_owned() } else { format!("{path}.{field}") })
+            .map(|field| {
+                if path == "." {
+                    field.to_owned()
+                } else {
+                    format!("{path}.{field}")
+                }
+            })
             .unwrap_or(path);
-        ApiError::bad_request(format!("Invalid value for '{param}': {message}"), Some(param))
+        ApiError::bad_request(
+            format!("Invalid value for '{param}': {message}"),
+            Some(param),
+        )
     })?;
-    deserializer
-        .end()
-        .map_err(|e| ApiError::bad_request(format!("We could not parse the JSON body of your request: {e}"), None))?;
+    deserializer.end().map_err(|e| {
+        ApiError::bad_request(
+            format!("We could not parse the JSON body of your request: {e}"),
+            None,
+        )
+    })?;
     Ok(value)
 }
 
@@ -74,7 +91,11 @@ mod tests {
 
         let not_a_list = error_of(r#"{"model":"m","messages":"hi"}"#);
         assert_eq!(not_a_list.param.as_deref(), Some("messages"));
-        assert!(not_a_list.message.contains("expected a sequence"), "{}", not_a_list.message);
+        assert!(
+            not_a_list.message.contains("expected a sequence"),
+            "{}",
+            not_a_list.message
+        );
 
         let no_role = error_of(r#"{"model":"m","messages":[{"content":"hi"}]}"#);
         assert_eq!(no_role.param.as_deref(), Some("messages[0].role"));
@@ -82,11 +103,20 @@ mod tests {
 
     #[test]
     fn syntax_errors_have_no_param() {
-        for body in ["{", "", "not json", r#"{"model":"m","messages":[]} trailing"#] {
+        for body in [
+            "{",
+            "",
+            "not json",
+            r#"{"model":"m","messages":[]} trailing"#,
+        ] {
             let error = error_of(body);
             assert_eq!(error.status, StatusCode::BAD_REQUEST);
             assert_eq!(error.param, None, "{body}");
-            assert!(error.message.starts_with("We could not parse"), "{}", error.message);
+            assert!(
+                error.message.starts_with("We could not parse"),
+                "{}",
+                error.message
+            );
         }
     }
 }

@@ -3,11 +3,11 @@
 use std::convert::Infallible;
 use std::time::Instant;
 
+use axum::Json;
 use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, Uri};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use futures::{Stream, StreamExt, stream};
 use serde_json::json;
 use switchyard_core::{ChatRequest, ChunkStream, Llm};
@@ -118,38 +118,44 @@ enum Phase {
 
 /// Chunks become SSE `data:` frames; the stream always ends with `data: [DONE]`, after an error
 /// frame in OpenAI's shape if the upstream broke off.
-fn sse_events(chunks: ChunkStream, log: StreamLog) -> impl Stream<Item = Result<Event, Infallible>> {
-    stream::unfold((Phase::Streaming(chunks), log), |(phase, mut log)| async move {
-        let (event, next) = match phase {
-            Phase::Done => return None,
-            Phase::Closing => (done_event(), Phase::Done),
-            Phase::Streaming(mut chunks) => match chunks.next().await {
-                Some(Ok(chunk)) => {
-                    log.chunks += 1;
-                    match Event::default().json_data(&chunk) {
-                        Ok(event) => (event, Phase::Streaming(chunks)),
-                        Err(error) => {
-                            // Cannot happen for our own types; end the stream rather than hang.
-                            warn!(%error, "cannot serialize a chunk");
-                            log.finish("serialize_error");
-                            (done_event(), Phase::Done)
+fn sse_events(
+    chunks: ChunkStream,
+    log: StreamLog,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    stream::unfold(
+        (Phase::Streaming(chunks), log),
+        |(phase, mut log)| async move {
+            let (event, next) = match phase {
+                Phase::Done => return None,
+                Phase::Closing => (done_event(), Phase::Done),
+                Phase::Streaming(mut chunks) => match chunks.next().await {
+                    Some(Ok(chunk)) => {
+                        log.chunks += 1;
+                        match Event::default().json_data(&chunk) {
+                            Ok(event) => (event, Phase::Streaming(chunks)),
+                            Err(error) => {
+                                // Cannot happen for our own types; end the stream rather than hang.
+                                warn!(%error, "cannot serialize a chunk");
+                                log.finish("serialize_error");
+                                (done_event(), Phase::Done)
+                            }
                         }
                     }
-                }
-                Some(Err(error)) => {
-                    warn!(request_id = %log.request_id, endpoint = %log.endpoint, %error, "stream ended by an upstream error");
-                    log.finish("upstream_error");
-                    let body = ApiError::from(error).openai_body();
-                    (Event::default().data(body.to_string()), Phase::Closing)
-                }
-                None => {
-                    log.finish("ok");
-                    (done_event(), Phase::Done)
-                }
-            },
-        };
-        Some((Ok(event), (next, log)))
-    })
+                    Some(Err(error)) => {
+                        warn!(request_id = %log.request_id, endpoint = %log.endpoint, %error, "stream ended by an upstream error");
+                        log.finish("upstream_error");
+                        let body = ApiError::from(error).openai_body();
+                        (Event::default().data(body.to_string()), Phase::Closing)
+                    }
+                    None => {
+                        log.finish("ok");
+                        (done_event(), Phase::Done)
+                    }
+                },
+            };
+            Some((Ok(event), (next, log)))
+        },
+    )
 }
 
 fn done_event() -> Event {

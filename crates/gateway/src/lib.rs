@@ -111,7 +111,10 @@ impl Gateway {
                         })
                     })
                     .collect();
-                (name.as_str(), Arc::new(Route::new(name.clone(), targets, route.settings)))
+                (
+                    name.as_str(),
+                    Arc::new(Route::new(name.clone(), targets, route.settings)),
+                )
             })
             .collect();
         let endpoints: HashMap<String, Endpoint> = config
@@ -119,7 +122,10 @@ impl Gateway {
             .iter()
             .filter_map(|endpoint| {
                 let EndpointKind::Route(route) = &endpoint.kind;
-                Some((endpoint.name.clone(), Endpoint::Route(routes.get(route.as_str())?.clone())))
+                Some((
+                    endpoint.name.clone(),
+                    Endpoint::Route(routes.get(route.as_str())?.clone()),
+                ))
             })
             .collect();
         Ok(Self {

@@ -74,12 +74,19 @@ impl MockProvider {
     }
 
     fn usage_for(request: &ChatRequest, reply: &str) -> Usage {
-        let prompt = request.messages.iter().map(|m| count_tokens(&m.text())).sum();
+        let prompt = request
+            .messages
+            .iter()
+            .map(|m| count_tokens(&m.text()))
+            .sum();
         Usage::new(prompt, count_tokens(reply))
     }
 
     fn next_id(&self) -> String {
-        format!("chatcmpl-mock-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "chatcmpl-mock-{}",
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     async fn wait(&self) {
@@ -109,7 +116,8 @@ impl Llm for MockProvider {
         let reply = self.reply_for(&request);
         let usage = Self::usage_for(&request, &reply);
         let (id, model, created) = (self.next_id(), request.model.clone(), unix_now());
-        let chunk = |delta, finish| ChatChunk::delta(id.clone(), model.clone(), created, delta, finish);
+        let chunk =
+            |delta, finish| ChatChunk::delta(id.clone(), model.clone(), created, delta, finish);
 
         let mut chunks = vec![chunk(Delta::role("assistant"), None)];
         chunks.extend(
@@ -152,14 +160,21 @@ fn token_pieces(text: &str) -> impl Iterator<Item = &str> {
     })
 }
 
-/// Cuts `text` into at most `n` chunks along token boundaries (trailing whitespace stays with the
+/// Cuts `text` into `n` chunks (fewer if it has fewer tokens) along token boundaries (trailing whitespace stays with the
 /// last chunk).
 fn split_into_chunks(text: &str, n: usize) -> Vec<String> {
     let pieces: Vec<&str> = token_pieces(text).collect();
     let consumed: usize = pieces.iter().map(|p| p.len()).sum();
-    let n = n.max(1).min(pieces.len().max(1));
-    let per_chunk = pieces.len().div_ceil(n).max(1);
-    let mut chunks: Vec<String> = pieces.chunks(per_chunk).map(|c| c.concat()).collect();
+    let n = n.max(1).min(pieces.len());
+    // Exactly `n` chunks of `len / n` pieces, the first `len % n` of them one piece longer.
+    let mut chunks = Vec::with_capacity(n);
+    let mut rest = &pieces[..];
+    for i in 0..n {
+        let size = pieces.len() / n + usize::from(i < pieces.len() % n);
+        let (chunk, tail) = rest.split_at(size);
+        chunks.push(chunk.concat());
+        rest = tail;
+    }
     let tail = &text[consumed..];
     match chunks.last_mut() {
         Some(last) => last.push_str(tail),
@@ -189,25 +204,39 @@ mod tests {
             for n in 1..6 {
                 let chunks = split_into_chunks(text, n);
                 assert_eq!(chunks.concat(), text, "text {text:?} n {n}");
-                assert!(chunks.len() <= n.max(1));
+                assert_eq!(
+                    chunks.len(),
+                    n.min(count_tokens(text) as usize),
+                    "{text:?} {n}"
+                );
             }
         }
         assert_eq!(split_into_chunks("a b c d", 2), vec!["a b", " c d"]);
+        assert_eq!(split_into_chunks("a b c d e", 3), vec!["a b", " c d", " e"]);
     }
 
     #[tokio::test]
     async fn echoes_and_streams_with_usage() {
-        let mock = MockProvider::new(MockConfig { chunks: 3, ..MockConfig::default() });
+        let mock = MockProvider::new(MockConfig {
+            chunks: 3,
+            ..MockConfig::default()
+        });
         let mut request = ChatRequest::new(
             "m",
-            vec![Message::system("Be brief."), Message::user("Tell me a joke, please")],
+            vec![
+                Message::system("Be brief."),
+                Message::user("Tell me a joke, please"),
+            ],
         );
         let full = mock.chat(request.clone()).await.unwrap();
         assert_eq!(full.text(), "Tell me a joke, please");
         assert_eq!(full.usage, Some(Usage::new(9, 6)));
 
         request.stream = Some(true);
-        request.stream_options = Some(StreamOptions { include_usage: Some(true), ..Default::default() });
+        request.stream_options = Some(StreamOptions {
+            include_usage: Some(true),
+            ..Default::default()
+        });
         let chunks: Vec<ChatChunk> = mock
             .chat_stream(request)
             .await
@@ -217,7 +246,10 @@ mod tests {
             .await;
         // role chunk, 3 content chunks, finish chunk, usage chunk
         assert_eq!(chunks.len(), 6);
-        assert_eq!(chunks[0].choices[0].delta.role.as_deref(), Some("assistant"));
+        assert_eq!(
+            chunks[0].choices[0].delta.role.as_deref(),
+            Some("assistant")
+        );
         let text: String = chunks.iter().map(ChatChunk::text).collect();
         assert_eq!(text, "Tell me a joke, please");
         assert_eq!(chunks[4].choices[0].finish_reason.as_deref(), Some("stop"));

@@ -72,7 +72,10 @@ impl OpenAiProvider {
         } else {
             LlmErrorKind::StreamInterrupted
         };
-        LlmError::new(kind, format!("provider '{}': {}", self.name, error_chain(error)))
+        LlmError::new(
+            kind,
+            format!("provider '{}': {}", self.name, error_chain(error)),
+        )
     }
 }
 
@@ -87,7 +90,10 @@ impl Llm for OpenAiProvider {
         serde_json::from_slice(&body).map_err(|e| {
             LlmError::new(
                 LlmErrorKind::InvalidResponse,
-                format!("provider '{}' sent a body that is not a chat completion: {e}", self.name),
+                format!(
+                    "provider '{}' sent a body that is not a chat completion: {e}",
+                    self.name
+                ),
             )
         })
     }
@@ -204,7 +210,10 @@ mod tests {
         let error = parse_chunk("p", r#"{"error":{"message":"overloaded"}}"#).unwrap_err();
         assert_eq!(error.kind, LlmErrorKind::StreamInterrupted);
         assert!(error.message.contains("overloaded"));
-        let chunk = parse_chunk("p", r#"{"id":"1","choices":[{"index":0,"delta":{"content":"x"}}]}"#);
+        let chunk = parse_chunk(
+            "p",
+            r#"{"id":"1","choices":[{"index":0,"delta":{"content":"x"}}]}"#,
+        );
         assert_eq!(chunk.unwrap().text(), "x");
     }
 }

@@ -80,7 +80,12 @@ impl Route {
 
     /// Tries each target in order, retrying retryable failures with backoff, until one answers
     /// or the deadline passes. Returns the last error when every target failed.
-    async fn call<T, F, Fut>(&self, request: ChatRequest, deadline: Instant, attempt: F) -> Result<T, LlmError>
+    async fn call<T, F, Fut>(
+        &self,
+        request: ChatRequest,
+        deadline: Instant,
+        attempt: F,
+    ) -> Result<T, LlmError>
     where
         F: Fn(Arc<dyn Llm>, ChatRequest) -> Fut,
         Fut: Future<Output = Result<T, LlmError>>,
@@ -93,7 +98,11 @@ impl Route {
             let mut target_request = request.clone();
             target_request.model.clone_from(&target.model);
             for attempt_number in 0..=self.settings.retries {
-                let outcome = timeout_at(deadline, attempt(target.provider.clone(), target_request.clone())).await;
+                let outcome = timeout_at(
+                    deadline,
+                    attempt(target.provider.clone(), target_request.clone()),
+                )
+                .await;
                 let error = match outcome {
                     Ok(Ok(value)) => return Ok(value),
                     Ok(Err(error)) => error,
@@ -176,21 +185,26 @@ impl Llm for Route {
         let stream = self
             .call(request, deadline, |provider, request| async move {
                 let first_token_deadline = deadline.min(Instant::now() + first_token_timeout);
-                let mut stream = provider.chat_stream(request).await?;
-                // Wait for the first chunk here, so that an upstream that accepts the request but
+                // Wait for the first chunk here, so that an upstream that is slow to answer or
                 // never starts streaming is retried before anything reaches the client.
-                match timeout_at(first_token_deadline, stream.next()).await {
-                    Ok(Some(Ok(first))) => Ok(stream::iter([Ok(first)]).chain(stream)),
-                    Ok(Some(Err(error))) => Err(error),
-                    Ok(None) => Err(LlmError::new(
-                        LlmErrorKind::StreamInterrupted,
-                        "upstream stream ended before its first chunk",
-                    )),
-                    Err(_) => Err(LlmError::timeout(format!(
+                let first = timeout_at(first_token_deadline, async {
+                    let mut stream = provider.chat_stream(request).await?;
+                    match stream.next().await {
+                        Some(Ok(first)) => Ok(stream::iter([Ok(first)]).chain(stream)),
+                        Some(Err(error)) => Err(error),
+                        None => Err(LlmError::new(
+                            LlmErrorKind::StreamInterrupted,
+                            "upstream stream ended before its first chunk",
+                        )),
+                    }
+                })
+                .await;
+                first.unwrap_or_else(|_| {
+                    Err(LlmError::timeout(format!(
                         "no first token within {} ms",
                         first_token_timeout.as_millis()
-                    ))),
-                }
+                    )))
+                })
             })
             .await?;
         Ok(Box::pin(with_deadline(stream, deadline, route)))
@@ -199,7 +213,10 @@ impl Llm for Route {
 
 /// Ends a stream with a timeout error once the route's deadline passes, so no stream hangs.
 fn with_deadline(
-    inner: impl futures::Stream<Item = Result<switchyard_core::ChatChunk, LlmError>> + Send + Unpin + 'static,
+    inner: impl futures::Stream<Item = Result<switchyard_core::ChatChunk, LlmError>>
+    + Send
+    + Unpin
+    + 'static,
     deadline: Instant,
     route: String,
 ) -> impl futures::Stream<Item = Result<switchyard_core::ChatChunk, LlmError>> + Send {
@@ -236,7 +253,10 @@ mod tests {
 
     impl Flaky {
         fn new(failures: Vec<LlmError>) -> Arc<Self> {
-            Arc::new(Self { failures: Mutex::new(failures), calls: Mutex::new(Vec::new()) })
+            Arc::new(Self {
+                failures: Mutex::new(failures),
+                calls: Mutex::new(Vec::new()),
+            })
         }
         fn next(&self, request: &ChatRequest) -> Result<(), LlmError> {
             self.calls.lock().unwrap().push(request.model.clone());
@@ -251,25 +271,51 @@ mod tests {
     impl Llm for Flaky {
         async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
             self.next(&request)?;
-            Ok(ChatResponse::assistant("id", request.model, 0, "ok", Default::default()))
+            Ok(ChatResponse::assistant(
+                "id",
+                request.model,
+                0,
+                "ok",
+                Default::default(),
+            ))
         }
         async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
             self.next(&request)?;
-            let chunk = ChatChunk::delta("id", request.model, 0, switchyard_core::Delta::content("ok"), None);
+            let chunk = ChatChunk::delta(
+                "id",
+                request.model,
+                0,
+                switchyard_core::Delta::content("ok"),
+                None,
+            );
             Ok(Box::pin(stream::iter([Ok(chunk)])))
         }
     }
 
     fn status(code: u16) -> LlmError {
-        LlmError::new(LlmErrorKind::Status { status: code, retry_after: None }, format!("HTTP {code}"))
+        LlmError::new(
+            LlmErrorKind::Status {
+                status: code,
+                retry_after: None,
+            },
+            format!("HTTP {code}"),
+        )
     }
 
     fn route(targets: Vec<(&str, Arc<Flaky>)>, retries: u32) -> Route {
         let targets = targets
             .into_iter()
-            .map(|(model, provider)| Target { provider_name: model.to_owned(), provider, model: model.to_owned() })
+            .map(|(model, provider)| Target {
+                provider_name: model.to_owned(),
+                provider,
+                model: model.to_owned(),
+            })
             .collect();
-        let settings = RouteSettings { retries, backoff: Duration::from_millis(1), ..RouteSettings::default() };
+        let settings = RouteSettings {
+            retries,
+            backoff: Duration::from_millis(1),
+            ..RouteSettings::default()
+        };
         Route::new("r", targets, settings)
     }
 
@@ -280,7 +326,10 @@ mod tests {
     #[tokio::test]
     async fn retries_5xx_then_succeeds_on_the_same_target() {
         let first = Flaky::new(vec![status(503), status(500)]);
-        let answer = route(vec![("a", first.clone())], 2).chat(request()).await.unwrap();
+        let answer = route(vec![("a", first.clone())], 2)
+            .chat(request())
+            .await
+            .unwrap();
         assert_eq!(answer.model, "a");
         assert_eq!(*first.calls.lock().unwrap(), vec!["a", "a", "a"]);
     }
@@ -310,7 +359,13 @@ mod tests {
             .chat(request())
             .await
             .unwrap_err();
-        assert_eq!(error.kind, LlmErrorKind::Status { status: 400, retry_after: None });
+        assert_eq!(
+            error.kind,
+            LlmErrorKind::Status {
+                status: 400,
+                retry_after: None
+            }
+        );
         assert_eq!(first.calls.lock().unwrap().len(), 1);
         assert!(second.calls.lock().unwrap().is_empty());
     }
@@ -319,7 +374,11 @@ mod tests {
     fn backoff_grows_caps_and_honours_retry_after() {
         let r = route(vec![], 0);
         let r = Route {
-            settings: RouteSettings { backoff: Duration::from_millis(100), max_backoff: Duration::from_millis(300), ..r.settings },
+            settings: RouteSettings {
+                backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_millis(300),
+                ..r.settings
+            },
             ..r
         };
         for _ in 0..50 {
@@ -327,7 +386,10 @@ mod tests {
             assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
             let capped = r.backoff(5, None);
             assert!(capped >= Duration::from_millis(150) && capped <= Duration::from_millis(300));
-            assert_eq!(r.backoff(0, Some(Duration::from_secs(2))), Duration::from_secs(2));
+            assert_eq!(
+                r.backoff(0, Some(Duration::from_secs(2))),
+                Duration::from_secs(2)
+            );
         }
     }
 }

@@ -1,0 +1,355 @@
+//! Test harness: a scriptable fake OpenAI upstream and a gateway started on an ephemeral port.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use switchyard_gateway::{Config, Gateway};
+use tokio::sync::{Notify, oneshot};
+
+/// What the fake upstream does with one request.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// A normal completion (or stream, if the request asked for one) echoing the last user message.
+    Echo,
+    /// A completion (or stream) with this text.
+    Text(&'static str),
+    /// An error status with an OpenAI error body and optional extra headers.
+    Status(u16, Vec<(&'static str, &'static str)>),
+    /// Waits, then does the inner reply.
+    Delay(Duration, Box<Reply>),
+    /// Streams these content pieces, then drops the connection without `[DONE]`.
+    StreamThenDrop(Vec<&'static str>),
+    /// Streams these content pieces, then sends nothing more and never ends.
+    StreamThenStall(Vec<&'static str>),
+}
+
+/// A fake OpenAI-compatible server that replays a script and records what it received.
+#[derive(Clone)]
+pub struct FakeUpstream {
+    pub base_url: String,
+    state: Arc<FakeState>,
+}
+
+struct FakeState {
+    script: Mutex<VecDeque<Reply>>,
+    requests: Mutex<Vec<Recorded>>,
+    received: Notify,
+}
+
+/// One request the fake received.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub body: Value,
+    pub authorization: Option<String>,
+}
+
+impl FakeUpstream {
+    /// Starts a fake that answers with `script` in order, then with [`Reply::Echo`].
+    pub async fn start(script: Vec<Reply>) -> Self {
+        let state = Arc::new(FakeState {
+            script: Mutex::new(script.into()),
+            requests: Mutex::new(Vec::new()),
+            received: Notify::new(),
+        });
+        let app = Router::new()
+            .route("/v1/chat/completions", post(fake_completions))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self {
+            base_url: format!("http://{address}/v1"),
+            state,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    /// Waits until the fake has received `count` requests in all.
+    pub async fn wait_for_requests(&self, count: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let notified = self.state.received.notified();
+            if self.state.requests.lock().unwrap().len() >= count {
+                return;
+            }
+            tokio::time::timeout_at(deadline, notified)
+                .await
+                .expect("fake upstream did not receive the expected requests in time");
+        }
+    }
+}
+
+async fn fake_completions(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    let authorization = headers
+        .get("authorization")
+        .map(|v| v.to_str().unwrap().to_owned());
+    state.requests.lock().unwrap().push(Recorded {
+        body: body.clone(),
+        authorization,
+    });
+    state.received.notify_waiters();
+    let reply = state
+        .script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or(Reply::Echo);
+    answer(reply, &body).await
+}
+
+async fn answer(reply: Reply, request: &Value) -> Response {
+    let text = match reply {
+        Reply::Echo => last_user_text(request),
+        Reply::Text(text) => text.to_owned(),
+        Reply::Delay(wait, inner) => {
+            tokio::time::sleep(wait).await;
+            return Box::pin(answer(*inner, request)).await;
+        }
+        Reply::Status(status, headers) => {
+            let mut response = (
+                StatusCode::from_u16(status).unwrap(),
+                axum::Json(json!({"error": {"message": format!("fake upstream says {status}"), "type": "server_error"}})),
+            )
+                .into_response();
+            for (name, value) in headers {
+                response.headers_mut().insert(name, value.parse().unwrap());
+            }
+            return response;
+        }
+        Reply::StreamThenDrop(pieces) => {
+            // The pieces go out first (the pause lets the server flush them), then the
+            // connection is cut without `[DONE]`.
+            let cut = futures::stream::once(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(std::io::Error::other("connection dropped"))
+            });
+            let frames = futures::stream::iter(content_frames(request, pieces)).chain(cut);
+            return sse_response(Body::from_stream(frames));
+        }
+        Reply::StreamThenStall(pieces) => {
+            let frames = futures::stream::iter(content_frames(request, pieces))
+                .chain(futures::stream::pending());
+            return sse_response(Body::from_stream(frames));
+        }
+    };
+    let model = request["model"].as_str().unwrap_or_default().to_owned();
+    let prompt_tokens = request["messages"]
+        .as_array()
+        .map_or(0, |m| m.len() as u64 * 10);
+    let completion_tokens = text.split_whitespace().count() as u64;
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                       "total_tokens": prompt_tokens + completion_tokens});
+    if request["stream"] != json!(true) {
+        return axum::Json(json!({
+            "id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": usage,
+            "system_fingerprint": "fp_fake",
+        }))
+        .into_response();
+    }
+    // A stream as OpenAI sends it: role, one chunk per word, finish, optional usage, [DONE].
+    let mut frames = vec![sse(&chunk(
+        &model,
+        json!({"role": "assistant", "content": ""}),
+        None,
+    ))];
+    let words: Vec<String> = text.split_inclusive(' ').map(str::to_owned).collect();
+    frames.extend(
+        words
+            .iter()
+            .map(|w| sse(&chunk(&model, json!({"content": w}), None))),
+    );
+    frames.push(sse(&chunk(&model, json!({}), Some("stop"))));
+    if request["stream_options"]["include_usage"] == json!(true) {
+        frames.push(sse(
+            &json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
+                                "model": model, "choices": [], "usage": usage}),
+        ));
+    }
+    frames.push("data: [DONE]\n\n".to_owned());
+    let body = futures::stream::iter(
+        frames
+            .into_iter()
+            .map(|f| Ok::<_, Infallible>(Bytes::from(f))),
+    );
+    sse_response(Body::from_stream(body))
+}
+
+fn content_frames(
+    request: &Value,
+    pieces: Vec<&'static str>,
+) -> impl Iterator<Item = Result<Bytes, std::io::Error>> + Send + use<> {
+    let model = request["model"].as_str().unwrap_or_default().to_owned();
+    pieces.into_iter().map(move |piece| {
+        Ok(Bytes::from(sse(&chunk(
+            &model,
+            json!({"content": piece}),
+            None,
+        ))))
+    })
+}
+
+fn chunk(model: &str, delta: Value, finish_reason: Option<&str>) -> Value {
+    json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+}
+
+fn sse(value: &Value) -> String {
+    format!("data: {value}\n\n")
+}
+
+fn sse_response(body: Body) -> Response {
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(body)
+        .unwrap()
+}
+
+fn last_user_text(request: &Value) -> String {
+    request["messages"]
+        .as_array()
+        .and_then(|messages| messages.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A running gateway; shuts down when dropped.
+pub struct TestGateway {
+    pub address: SocketAddr,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl TestGateway {
+    /// Starts a gateway from config text; `${TEST_OPENAI_KEY}` resolves to `sk-test-key`.
+    pub async fn start(config: &str) -> Self {
+        let env = |name: &str| (name == "TEST_OPENAI_KEY").then(|| "sk-test-key".to_owned());
+        let config = Config::parse("test.toml", config, &env).unwrap_or_else(|e| panic!("{e}"));
+        let gateway = Gateway::new(config).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (shutdown, signal) = oneshot::channel::<()>();
+        tokio::spawn(switchyard_gateway::serve(listener, gateway, async {
+            let _ = signal.await;
+        }));
+        Self {
+            address,
+            client: reqwest::Client::new(),
+            shutdown: Some(shutdown),
+        }
+    }
+
+    /// A gateway with one endpoint `chat` on a route over the given upstreams, in order.
+    pub async fn over(upstreams: &[&str], route_settings: &str) -> Self {
+        Self::start(&config_over(upstreams, route_settings)).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Begins graceful shutdown.
+    pub fn shut_down(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+/// Config text for [`TestGateway::over`]: providers `p0`, `p1`… with models `model-0`, `model-1`….
+pub fn config_over(upstreams: &[&str], route_settings: &str) -> String {
+    let mut config = String::new();
+    let mut targets = Vec::new();
+    for (i, base_url) in upstreams.iter().enumerate() {
+        config.push_str(&format!(
+            "[providers.p{i}]\nkind = \"openai\"\nbase_url = \"{base_url}\"\napi_key = \"${{TEST_OPENAI_KEY}}\"\n"
+        ));
+        targets.push(format!("{{ provider = \"p{i}\", model = \"model-{i}\" }}"));
+    }
+    config.push_str(&format!(
+        "[routes.main]\ntargets = [{}]\nbackoff_ms = 1\n{route_settings}\n[[endpoints]]\nname = \"chat\"\nroute = \"main\"\n",
+        targets.join(", ")
+    ));
+    config
+}
+
+/// A base URL where nothing listens.
+pub async fn closed_port_url() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{address}/v1")
+}
+
+pub fn chat_body(content: &str) -> Value {
+    json!({"model": "chat", "messages": [{"role": "user", "content": content}]})
+}
+
+/// The `data:` payloads of an SSE body, in order.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|frame| frame.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The concatenated `delta.content` of a stream's chunks.
+pub fn stream_text(frames: &[String]) -> String {
+    frames
+        .iter()
+        .filter(|f| *f != "[DONE]")
+        .filter_map(|f| serde_json::from_str::<Value>(f).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// Reads a streamed response body to the end.
+pub async fn read_stream(response: reqwest::Response) -> String {
+    let mut body = String::new();
+    let mut stream = response.bytes_stream();
+    while let Some(piece) = stream.next().await {
+        body.push_str(std::str::from_utf8(&piece.unwrap()).unwrap());
+    }
+    body
+}
