@@ -1,12 +1,24 @@
 //! Switchyard's shared vocabulary: the OpenAI chat wire types every crate speaks, the [`Llm`]
-//! trait that providers, routes (and, later, chains' LLM handles) implement, and [`LlmError`],
-//! which says who is at fault when a call fails and whether trying again may help.
+//! trait that providers and routes implement, [`LlmError`] (who is at fault, retryable or not),
+//! and the chain API: [`Chain`], [`ChainContext`], prompt templates, chain folders and the
+//! registry of compiled chains.
 
+mod chain;
+pub mod chain_dir;
+pub mod code_hash;
+mod context;
 mod llm;
+mod prompts;
 mod secret;
 pub mod wire;
 
+pub use chain::{
+    Chain, ChainDefinition, ChainEntry, ChainError, ChainErrorKind, ChainOutput, Registry,
+};
+pub use chain_dir::{ChainFolder, LoadedChain};
+pub use context::{ChainContext, ChainResources, LlmHandle, RequestMeta};
 pub use llm::{ChunkStream, Llm, LlmError, LlmErrorKind};
+pub use prompts::Prompts;
 pub use secret::Secret;
 pub use wire::{
     ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, Content, Delta, Message,

@@ -8,6 +8,7 @@
 mod mock;
 mod openai;
 mod route;
+pub mod testkit;
 
 pub use mock::{MockConfig, MockProvider, count_tokens};
 pub use openai::OpenAiProvider;

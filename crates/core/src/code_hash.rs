@@ -1,0 +1,68 @@
+//! The `code_sha256` of a chain folder: what ties a logged chain to the code compiled into a
+//! binary. This file has no dependencies but `std` and `sha2`, because the `chains` crate's build
+//! script includes it (`#[path]`) to hash the same way at compile time.
+//!
+//! The hash is SHA-256 over the folder's `.rs` files (any depth), sorted by their relative path
+//! with `/` separators; for each file it takes the path, a NUL byte, the length of the contents as
+//! 8 little-endian bytes, then the contents. Only code counts: prompts and `chain.toml` may change
+//! per logged version without a rebuild.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Hex SHA-256 over the `.rs` files below `dir`.
+pub fn code_sha256(dir: &Path) -> io::Result<String> {
+    let mut files = Vec::new();
+    collect_rs_files(dir, dir, &mut files)?;
+    files.sort();
+    let mut hasher = Sha256::new();
+    for relative in &files {
+        let contents = std::fs::read(dir.join(relative))?;
+        hasher.update(relative.as_bytes());
+        hasher.update([0u8]);
+        hasher.update((contents.len() as u64).to_le_bytes());
+        hasher.update(&contents);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// The `.rs` files below `dir` (relative paths with `/` separators), for `rerun-if-changed` and
+/// for snapshots.
+pub fn rs_files(dir: &Path) -> io::Result<Vec<String>> {
+    let mut files = Vec::new();
+    collect_rs_files(dir, dir, &mut files)?;
+    files.sort();
+    Ok(files)
+}
+
+fn collect_rs_files(root: &Path, dir: &Path, files: &mut Vec<String>) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path: PathBuf = entry.path();
+        let file_type = entry.file_type()?;
+        if file_type.is_dir() {
+            collect_rs_files(root, &path, files)?;
+        } else if file_type.is_file() && path.extension().is_some_and(|e| e == "rs") {
+            let relative = path.strip_prefix(root).map_err(io::Error::other)?;
+            let parts: Vec<String> = relative
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            files.push(parts.join("/"));
+        }
+    }
+    Ok(())
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    out
+}

@@ -1,0 +1,158 @@
+//! [`ChainContext`]: everything a chain may touch while it serves one request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use serde::Serialize;
+use tracing::{Instrument, info, info_span};
+
+use crate::chain::{ChainError, ChainErrorKind};
+use crate::llm::{ChunkStream, Llm};
+use crate::prompts::Prompts;
+use crate::wire::{ChatRequest, ChatResponse};
+
+/// Who is asking: request metadata a chain may read (e.g. to personalise a prompt).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RequestMeta {
+    /// The endpoint the client called.
+    pub endpoint: String,
+    pub request_id: String,
+    /// The id (never the secret) of the API key that authenticated the request.
+    pub api_key_id: Option<String>,
+    /// The end user (`x-switchyard-user` header, or the request's `user` field).
+    pub user: Option<String>,
+}
+
+/// What a loaded chain shares across requests: its templates and its logical LLMs.
+pub struct ChainResources {
+    pub chain: String,
+    pub prompts: Prompts,
+    pub llms: HashMap<String, Arc<dyn Llm>>,
+}
+
+/// The only thing a chain touches: logical LLMs, templates, request metadata. Cheap to create
+/// per request (one `Arc` and the metadata).
+#[derive(Clone)]
+pub struct ChainContext {
+    resources: Arc<ChainResources>,
+    meta: RequestMeta,
+}
+
+impl ChainContext {
+    pub fn new(resources: Arc<ChainResources>, meta: RequestMeta) -> Self {
+        Self { resources, meta }
+    }
+
+    pub fn meta(&self) -> &RequestMeta {
+        &self.meta
+    }
+
+    /// A handle to the logical LLM `name` (mapped to a gateway route by `chain.toml`'s `[llms]`).
+    /// Calls through the handle are traced as a step named after the LLM.
+    pub fn llm(&self, name: &str) -> Result<LlmHandle<'_>, ChainError> {
+        let llm = self.resources.llms.get(name).ok_or_else(|| {
+            let mut known: Vec<&str> = self.resources.llms.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            ChainError::internal(
+                name,
+                format!(
+                    "no LLM named '{name}' in this chain's [llms] (known: {})",
+                    known.join(", ")
+                ),
+            )
+        })?;
+        Ok(LlmHandle {
+            ctx: self,
+            name: name.to_owned(),
+            llm: llm.as_ref(),
+        })
+    }
+
+    /// Renders template `name` (`prompts/<name>.tera` of the loaded chain) with `vars`. Strict:
+    /// an undefined variable is an error; nothing is HTML-escaped.
+    pub fn render(&self, name: &str, vars: &impl Serialize) -> Result<String, ChainError> {
+        let _span =
+            info_span!("chain.render", chain = %self.resources.chain, template = name).entered();
+        self.resources
+            .prompts
+            .render(name, vars)
+            .map_err(|message| {
+                ChainError::new(format!("render:{name}"), ChainErrorKind::Template(message))
+            })
+    }
+}
+
+/// A logical LLM of a chain; each call is one traced step.
+pub struct LlmHandle<'a> {
+    ctx: &'a ChainContext,
+    name: String,
+    llm: &'a dyn Llm,
+}
+
+impl LlmHandle<'_> {
+    fn span(&self, stream: bool) -> tracing::Span {
+        info_span!(
+            "chain.llm",
+            chain = %self.ctx.resources.chain,
+            step = %self.name,
+            endpoint = %self.ctx.meta.endpoint,
+            request_id = %self.ctx.meta.request_id,
+            stream,
+        )
+    }
+
+    fn error(&self, error: crate::LlmError) -> ChainError {
+        ChainError::new(self.name.clone(), ChainErrorKind::Llm(error))
+    }
+
+    /// A complete chat completion.
+    pub async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, ChainError> {
+        let start = Instant::now();
+        async {
+            let result = self.llm.chat(request).await;
+            let usage = result
+                .as_ref()
+                .ok()
+                .and_then(|r| r.usage.clone())
+                .unwrap_or_default();
+            info!(
+                latency_ms = start.elapsed().as_secs_f64() * 1000.0,
+                prompt_tokens = usage.prompt_tokens,
+                completion_tokens = usage.completion_tokens,
+                ok = result.is_ok(),
+                "chain step done"
+            );
+            result.map_err(|e| self.error(e))
+        }
+        .instrument(self.span(false))
+        .await
+    }
+
+    /// A streaming chat completion; returns once the first chunk is there.
+    pub async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, ChainError> {
+        let start = Instant::now();
+        let span = self.span(true);
+        let stream = self
+            .llm
+            .chat_stream(request)
+            .instrument(span.clone())
+            .await
+            .map_err(|e| self.error(e))?;
+        span.in_scope(|| {
+            info!(
+                time_to_first_chunk_ms = start.elapsed().as_secs_f64() * 1000.0,
+                "chain step streaming"
+            )
+        });
+        let step = self.name.clone();
+        // Stream errors are LLM errors of this step; the message says which step broke off.
+        Ok(Box::pin(stream.map(move |item| {
+            item.map_err(|mut e| {
+                e.message = format!("chain step '{step}': {}", e.message);
+                e
+            })
+        })))
+    }
+}
