@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(config.server.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-            let gateway = switchyard_gateway::Gateway::new(config)?;
+            let gateway = switchyard_gateway::Gateway::new(config, &switchyard_chains::registry())?;
             switchyard_gateway::serve(listener, gateway, switchyard_gateway::shutdown_signal())
                 .await?;
         }

@@ -259,4 +259,29 @@ async fn quickstart_config_serves_offline_on_the_mock() {
     assert_eq!(frames.len(), 10);
     let usage: Value = serde_json::from_str(&frames[8]).unwrap();
     assert_eq!(usage["usage"]["completion_tokens"], 15);
+
+    // The example chains, on the mock routes.
+    let assistant = "Thanks for your message! This answer comes from the offline mock provider: \
+                     point the `chat` route at a real provider to get real answers.";
+    for endpoint in ["support", "summarize", "router"] {
+        let ask = json!({"model": endpoint, "messages": [{"role": "user", "content": "I was charged twice"}]});
+        let response = gateway.post("/v1/chat/completions", &ask).await;
+        assert_eq!(response.status(), 200, "{endpoint}");
+        let reply: Value = response.json().await.unwrap();
+        assert_eq!(
+            reply["choices"][0]["message"]["content"], assistant,
+            "{endpoint}"
+        );
+    }
+    let mut ask = json!({"model": "router", "stream": true, "messages": [{"role": "user", "content": "Refund?"}]});
+    let frames = sse_data(&read_stream(gateway.post("/v1/chat/completions", &ask).await).await);
+    assert_eq!(stream_text(&frames), assistant);
+    assert_eq!(
+        frames.len(),
+        1 + 8 + 1 + 1,
+        "role, 8 content chunks, finish, [DONE]"
+    );
+    ask["stream"] = json!(false);
+    let invoked = gateway.post("/endpoints/support/invocations", &ask).await;
+    assert_eq!(invoked.status(), 200);
 }

@@ -15,6 +15,7 @@ use axum::routing::post;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
+use switchyard_core::Registry;
 use switchyard_gateway::{Config, Gateway};
 use tokio::sync::{Notify, oneshot};
 
@@ -245,9 +246,14 @@ pub struct TestGateway {
 impl TestGateway {
     /// Starts a gateway from config text; `${TEST_OPENAI_KEY}` resolves to `sk-test-key`.
     pub async fn start(config: &str) -> Self {
+        Self::start_with_registry(config, &switchyard_chains::registry()).await
+    }
+
+    /// Like [`TestGateway::start`], with the given compiled chains.
+    pub async fn start_with_registry(config: &str, registry: &Registry) -> Self {
         let env = |name: &str| (name == "TEST_OPENAI_KEY").then(|| "sk-test-key".to_owned());
         let config = Config::parse("test.toml", config, &env).unwrap_or_else(|e| panic!("{e}"));
-        let gateway = Gateway::new(config).unwrap();
+        let gateway = Gateway::new(config, registry).unwrap_or_else(|e| panic!("{e}"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let (shutdown, signal) = oneshot::channel::<()>();
@@ -352,4 +358,15 @@ pub async fn read_stream(response: reqwest::Response) -> String {
         body.push_str(std::str::from_utf8(&piece.unwrap()).unwrap());
     }
     body
+}
+
+/// A fresh, empty directory under the system temp dir.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir =
+        std::env::temp_dir().join(format!("switchyard-test-{}-{n}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

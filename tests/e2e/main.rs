@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test harness code may fail loudly
 
 mod binary;
+mod chains;
 mod chat;
 mod common;
 mod errors;

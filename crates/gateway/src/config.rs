@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -65,6 +65,14 @@ pub struct EndpointConfig {
 pub enum EndpointKind {
     /// Pass-through to a route.
     Route(String),
+    /// A chain served from a chain folder (development; logged versions come with the store).
+    Chain {
+        dir: PathBuf,
+        /// Merged into the folder's `[config]`, then type-checked by the chain.
+        config: Option<serde_json::Value>,
+        /// Replaces entries of the folder's `[llms]` (logical LLM -> route).
+        llms: BTreeMap<String, String>,
+    },
 }
 
 /// Every problem found in a config, each with where it is.
@@ -212,6 +220,12 @@ struct RawEndpoint {
     name: String,
     #[serde(default)]
     route: Option<String>,
+    #[serde(default)]
+    chain_dir: Option<PathBuf>,
+    #[serde(default)]
+    config: Option<toml::Table>,
+    #[serde(default)]
+    llms: Option<BTreeMap<String, String>>,
 }
 
 // ---- stage 2: check the parts against each other ----
@@ -485,17 +499,63 @@ fn compile_endpoints(
                 format!("endpoint '{}' is defined twice", raw.name),
             );
         }
-        let Some(route) = raw.route else {
-            problems.add(&path, "an endpoint needs `route = \"<route name>\"`");
-            continue;
+        let route_exists =
+            |route: &str| routes.contains_key(route) || declared_routes.contains(route);
+        let kind = match (raw.route, raw.chain_dir) {
+            (Some(route), None) => {
+                if raw.config.is_some() || raw.llms.is_some() {
+                    problems.add(&path, "`config` and `llms` apply to chain endpoints only");
+                }
+                if !route_exists(&route) {
+                    problems.add(format!("{path}.route"), format!("unknown route '{route}'"));
+                    continue;
+                }
+                EndpointKind::Route(route)
+            }
+            (None, Some(dir)) => {
+                let llms = raw.llms.unwrap_or_default();
+                let mut ok = true;
+                for (logical, route) in &llms {
+                    if !route_exists(route) {
+                        problems.add(
+                            format!("{path}.llms.{logical}"),
+                            format!("unknown route '{route}'"),
+                        );
+                        ok = false;
+                    }
+                }
+                let config = match raw
+                    .config
+                    .map(|table| serde_json::to_value(&table))
+                    .transpose()
+                {
+                    Ok(config) => config,
+                    Err(e) => {
+                        problems.add(format!("{path}.config"), e.to_string());
+                        ok = false;
+                        None
+                    }
+                };
+                if !ok {
+                    continue;
+                }
+                EndpointKind::Chain { dir, config, llms }
+            }
+            (Some(_), Some(_)) => {
+                problems.add(&path, "give either `route` or `chain_dir`, not both");
+                continue;
+            }
+            (None, None) => {
+                problems.add(
+                    &path,
+                    "an endpoint needs `route = \"<route>\"` or `chain_dir = \"<chain folder>\"`",
+                );
+                continue;
+            }
         };
-        if !routes.contains_key(&route) && !declared_routes.contains(route.as_str()) {
-            problems.add(format!("{path}.route"), format!("unknown route '{route}'"));
-            continue;
-        }
         endpoints.push(EndpointConfig {
             name: raw.name,
-            kind: EndpointKind::Route(route),
+            kind,
         });
     }
     endpoints
@@ -639,6 +699,44 @@ mod tests {
         let error = parse("[server\nlisten = 1").unwrap_err();
         assert_eq!(error.problems.len(), 1);
         assert!(error.to_string().contains("line 1"), "{error}");
+    }
+
+    #[test]
+    fn chain_endpoints_take_a_folder_config_and_llm_overrides() {
+        let config = parse(&format!(
+            "{VALID}\n[[endpoints]]\nname = \"bot\"\nchain_dir = \"chains/support_bot\"\n\
+             config = {{ tone = \"formal\", rules = [\"a\"] }}\nllms = {{ default = \"default\" }}\n"
+        ))
+        .unwrap();
+        let EndpointKind::Chain { dir, config, llms } = &config.endpoints[1].kind else {
+            panic!("not a chain endpoint");
+        };
+        assert_eq!(dir, Path::new("chains/support_bot"));
+        assert_eq!(
+            config.as_ref().unwrap(),
+            &serde_json::json!({"tone": "formal", "rules": ["a"]})
+        );
+        assert_eq!(llms["default"], "default");
+
+        let found = problems(
+            r#"
+            [[endpoints]]
+            name = "a"
+            [[endpoints]]
+            name = "b"
+            route = "x"
+            chain_dir = "y"
+            [[endpoints]]
+            name = "c"
+            chain_dir = "y"
+            llms = { default = "nowhere" }
+        "#,
+        );
+        let paths: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["endpoints[0]", "endpoints[1]", "endpoints[2].llms.default"]
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use switchyard_core::{LlmError, LlmErrorKind};
+use switchyard_core::{ChainError, ChainErrorKind, LlmError, LlmErrorKind};
 
 /// An error answer of the gateway.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -69,6 +69,35 @@ impl ApiError {
         .with_code("request_too_large")
     }
 
+    /// A bug on our side (a chain that failed or panicked). The message carries the request id
+    /// so the operator can find the log line.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+            .with_code("internal_error")
+    }
+
+    /// A chain's failure: upstream step failures keep the upstream classification (502/504/…),
+    /// bad client input is 400, anything else is a 500 naming the request id.
+    pub fn from_chain(error: ChainError, chain: &str, request_id: &str) -> Self {
+        let step = error.step;
+        match error.kind {
+            ChainErrorKind::Llm(llm) => {
+                let mut api = Self::from(llm);
+                api.message = format!("chain '{chain}' step '{step}': {}", api.message);
+                api
+            }
+            ChainErrorKind::InvalidRequest(message) => Self::bad_request(
+                format!("chain '{chain}' cannot serve this request: {message}"),
+                None,
+            ),
+            ChainErrorKind::Template(message) | ChainErrorKind::Internal(message) => {
+                Self::internal(format!(
+                    "chain '{chain}' failed in step '{step}': {message} (request id {request_id})"
+                ))
+            }
+        }
+    }
+
     pub fn not_found_path(path: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -89,6 +118,49 @@ impl ApiError {
             }
         })
     }
+}
+
+/// MLflow's `error_code` for a status, as the MLflow scoring server and gateway use them.
+fn mlflow_error_code(error: &ApiError) -> &'static str {
+    match error.status.as_u16() {
+        400 if error.param.is_some() => "INVALID_PARAMETER_VALUE",
+        400 | 413 => "BAD_REQUEST",
+        404 => "RESOURCE_DOES_NOT_EXIST",
+        429 => "REQUEST_LIMIT_EXCEEDED",
+        502 | 503 => "TEMPORARILY_UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
+        _ => "INTERNAL_ERROR",
+    }
+}
+
+/// An [`ApiError`] answered in MLflow's shape `{"error_code": ..., "message": ...}`, for
+/// `/endpoints/{name}/invocations`.
+#[derive(Debug)]
+pub struct MlflowError(pub ApiError);
+
+impl From<ApiError> for MlflowError {
+    fn from(error: ApiError) -> Self {
+        Self(error)
+    }
+}
+
+impl IntoResponse for MlflowError {
+    fn into_response(self) -> Response {
+        let body = json!({"error_code": mlflow_error_code(&self.0), "message": self.0.message});
+        let mut response = (self.0.status, Json(body)).into_response();
+        if let Some(value) = retry_after_header(self.0.retry_after) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+/// `Retry-After` in whole seconds, rounded up, so a client that waits this long is not refused
+/// again.
+fn retry_after_header(after: Option<Duration>) -> Option<HeaderValue> {
+    let after = after?;
+    let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+    HeaderValue::from_str(&seconds.to_string()).ok()
 }
 
 impl From<LlmError> for ApiError {
@@ -132,12 +204,8 @@ impl From<LlmError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.openai_body())).into_response();
-        if let Some(after) = self.retry_after {
-            // Whole seconds, rounded up, so a client that waits this long is not refused again.
-            let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
-                response.headers_mut().insert(header::RETRY_AFTER, value);
-            }
+        if let Some(value) = retry_after_header(self.retry_after) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
         }
         response
     }
@@ -167,6 +235,56 @@ mod tests {
         assert_eq!(status_of(status(400)), StatusCode::BAD_REQUEST);
         assert_eq!(status_of(status(422)), StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(status_of(status(429)), StatusCode::TOO_MANY_REQUESTS);
+    }
+
+    #[test]
+    fn mlflow_shape_uses_mlflow_error_codes() {
+        let response = MlflowError(ApiError::unknown_model("x")).into_response();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            mlflow_error_code(&ApiError::bad_request("x", Some("m".to_owned()))),
+            "INVALID_PARAMETER_VALUE"
+        );
+        assert_eq!(
+            mlflow_error_code(&ApiError::bad_request("x", None)),
+            "BAD_REQUEST"
+        );
+        assert_eq!(
+            mlflow_error_code(&ApiError::unknown_model("x")),
+            "RESOURCE_DOES_NOT_EXIST"
+        );
+        assert_eq!(
+            mlflow_error_code(&ApiError::internal("x")),
+            "INTERNAL_ERROR"
+        );
+        assert_eq!(
+            mlflow_error_code(&ApiError::from(LlmError::timeout("slow"))),
+            "DEADLINE_EXCEEDED"
+        );
+    }
+
+    #[test]
+    fn chain_step_failures_keep_the_upstream_classification() {
+        let upstream = ChainError::new(
+            "answerer",
+            ChainErrorKind::Llm(LlmError::timeout("too slow")),
+        );
+        let error = ApiError::from_chain(upstream, "bot", "req-1");
+        assert_eq!(error.status, StatusCode::GATEWAY_TIMEOUT);
+        assert!(
+            error
+                .message
+                .starts_with("chain 'bot' step 'answerer': too slow")
+        );
+
+        let bug = ChainError::internal("parse", "index out of range");
+        let error = ApiError::from_chain(bug, "bot", "req-2");
+        assert_eq!(error.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(
+            error.message.contains("(request id req-2)"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]

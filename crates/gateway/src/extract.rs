@@ -1,6 +1,7 @@
 //! A JSON body extractor whose rejections speak OpenAI's error shape.
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
@@ -19,17 +20,20 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
     async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(request, state)
             .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::payload_too_large(state.max_body_bytes())
-                } else {
-                    ApiError::bad_request(
-                        format!("could not read the request body: {}", rejection.body_text()),
-                        None,
-                    )
-                }
-            })?;
+            .map_err(|rejection| body_rejection(&rejection, state))?;
         parse_json(&bytes).map(OpenAiJson)
+    }
+}
+
+/// Why a body could not be read: too large (413) or broken off (400).
+pub fn body_rejection(rejection: &BytesRejection, state: &AppState) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::payload_too_large(state.max_body_bytes())
+    } else {
+        ApiError::bad_request(
+            format!("could not read the request body: {}", rejection.body_text()),
+            None,
+        )
     }
 }
 
@@ -40,33 +44,46 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let path = error.path().to_string();
         let inner = error.into_inner();
         if inner.is_syntax() || inner.is_eof() {
-            return ApiError::bad_request(
-                format!("We could not parse the JSON body of your request: {inner}"),
-                None,
-            );
+            return unparsable(&inner);
         }
-        let message = inner.to_string();
-        let param = missing_field(&message)
-            .map(|field| {
-                if path == "." {
-                    field.to_owned()
-                } else {
-                    format!("{path}.{field}")
-                }
-            })
-            .unwrap_or(path);
-        ApiError::bad_request(
-            format!("Invalid value for '{param}': {message}"),
-            Some(param),
-        )
+        field_error(path, &inner)
     })?;
-    deserializer.end().map_err(|e| {
-        ApiError::bad_request(
-            format!("We could not parse the JSON body of your request: {e}"),
-            None,
-        )
-    })?;
+    deserializer.end().map_err(|e| unparsable(&e))?;
     Ok(value)
+}
+
+/// Deserializes an already parsed JSON value, reporting the path of the first field that does
+/// not fit.
+pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|error| {
+        let path = error.path().to_string();
+        field_error(path, &error.into_inner())
+    })
+}
+
+fn unparsable(error: &serde_json::Error) -> ApiError {
+    ApiError::bad_request(
+        format!("We could not parse the JSON body of your request: {error}"),
+        None,
+    )
+}
+
+/// A body that is JSON but does not fit the request type: 400 naming the field.
+fn field_error(path: String, error: &serde_json::Error) -> ApiError {
+    let message = error.to_string();
+    let param = missing_field(&message)
+        .map(|field| {
+            if path == "." {
+                field.to_owned()
+            } else {
+                format!("{path}.{field}")
+            }
+        })
+        .unwrap_or(path);
+    ApiError::bad_request(
+        format!("Invalid value for '{param}': {message}"),
+        Some(param),
+    )
 }
 
 /// serde reports a missing field at its parent's path, naming it in the message.

@@ -1,22 +1,28 @@
-//! HTTP handlers: OpenAI chat completions and model list, health and readiness.
+//! HTTP handlers: OpenAI chat completions and model list, MLflow invocations, health and
+//! readiness.
 
 use std::convert::Infallible;
+use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use axum::Json;
-use axum::extract::{Extension, State};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, Uri};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::{Stream, StreamExt, stream};
-use serde_json::json;
-use switchyard_core::{ChatRequest, ChunkStream, Llm};
-use tracing::{info, warn};
+use futures::{FutureExt, Stream, StreamExt, stream};
+use serde_json::{Value, json};
+use switchyard_core::{
+    ChainContext, ChainOutput, ChatRequest, ChunkStream, Llm, LlmError, LlmErrorKind, RequestMeta,
+};
+use tracing::{error, info, warn};
 
-use crate::error::ApiError;
-use crate::extract::OpenAiJson;
+use crate::error::{ApiError, MlflowError};
+use crate::extract::{OpenAiJson, body_rejection, from_value, parse_json};
 use crate::request_log::{RequestInfo, RequestStart, millis, request_id};
-use crate::{AppState, Endpoint};
+use crate::{AppState, ChainEndpoint, Endpoint};
 
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -32,6 +38,38 @@ pub async fn chat_completions(
     headers: HeaderMap,
     OpenAiJson(request): OpenAiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    serve_chat(&state, request, &headers, start).await
+}
+
+/// `POST /endpoints/{name}/invocations` (MLflow): for chat endpoints the body is a chat request
+/// (`model` may be left out: the path names the endpoint); errors come in MLflow's shape.
+pub async fn invocations(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Extension(RequestStart(start)): Extension<RequestStart>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, MlflowError> {
+    let body = body.map_err(|rejection| body_rejection(&rejection, &state))?;
+    if state.endpoint(&name).is_none() {
+        return Err(ApiError::unknown_model(&name).into());
+    }
+    let mut value: Value = parse_json(&body)?;
+    let Some(object) = value.as_object_mut() else {
+        return Err(ApiError::bad_request("the request body must be a JSON object", None).into());
+    };
+    object.insert("model".to_owned(), Value::String(name));
+    let request: ChatRequest = from_value(value)?;
+    Ok(serve_chat(&state, request, &headers, start).await?)
+}
+
+/// Serves a chat request on the endpoint its `model` names, as JSON or as an SSE stream.
+async fn serve_chat(
+    state: &AppState,
+    request: ChatRequest,
+    headers: &HeaderMap,
+    start: Instant,
+) -> Result<Response, ApiError> {
     let endpoint_name = request.model.clone();
     let Some(endpoint) = state.endpoint(&endpoint_name) else {
         return Err(ApiError::unknown_model(&endpoint_name));
@@ -42,33 +80,117 @@ pub async fn chat_completions(
             Some("messages".to_owned()),
         ));
     }
-    let Endpoint::Route(route) = endpoint;
+    let request_id = request_id(headers);
+    let stream = request.is_stream();
+    let include_usage = request.wants_stream_usage();
     let upstream_start = Instant::now();
-    let info = |streamed| RequestInfo {
-        endpoint: endpoint_name.clone(),
-        upstream: upstream_start.elapsed(),
-        streamed,
+    let output = match endpoint {
+        Endpoint::Route(route) if stream => ChainOutput::Stream(route.chat_stream(request).await?),
+        Endpoint::Route(route) => ChainOutput::Response(route.chat(request).await?),
+        Endpoint::Chain(chain) => {
+            let meta = RequestMeta {
+                endpoint: endpoint_name.clone(),
+                request_id: request_id.clone(),
+                api_key_id: None,
+                user: end_user(headers, &request),
+            };
+            run_chain(chain, request, meta).await?
+        }
     };
-    if request.is_stream() {
-        let chunks = route.chat_stream(request).await.map_err(ApiError::from)?;
-        let time_to_first_chunk = upstream_start.elapsed();
+    if stream {
         let log = StreamLog {
-            request_id: request_id(&headers),
+            request_id,
             endpoint: endpoint_name.clone(),
             start,
-            time_to_first_chunk,
+            time_to_first_chunk: upstream_start.elapsed(),
             chunks: 0,
             logged: false,
         };
-        let mut response = Sse::new(sse_events(chunks, log)).into_response();
-        response.extensions_mut().insert(info(true));
+        let mut response =
+            Sse::new(sse_events(output.into_stream(include_usage), log)).into_response();
+        response.extensions_mut().insert(RequestInfo {
+            endpoint: endpoint_name,
+            upstream: upstream_start.elapsed(),
+            streamed: true,
+        });
         Ok(response)
     } else {
-        let completion = route.chat(request).await.map_err(ApiError::from)?;
+        let completion = output.collect().await?;
         let mut response = Json(completion).into_response();
-        response.extensions_mut().insert(info(false));
+        response.extensions_mut().insert(RequestInfo {
+            endpoint: endpoint_name,
+            upstream: upstream_start.elapsed(),
+            streamed: false,
+        });
         Ok(response)
     }
+}
+
+/// The end user: the `x-switchyard-user` header, else the OpenAI `user` field.
+fn end_user(headers: &HeaderMap, request: &ChatRequest) -> Option<String> {
+    headers
+        .get("x-switchyard-user")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| {
+            request
+                .extra
+                .get("user")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+}
+
+/// Runs a chain. A chain that fails or panics (while answering or while streaming) becomes an
+/// error for this request only; the gateway keeps serving.
+async fn run_chain(
+    endpoint: &ChainEndpoint,
+    request: ChatRequest,
+    meta: RequestMeta,
+) -> Result<ChainOutput, ApiError> {
+    let chain_name = endpoint.resources.chain.clone();
+    let request_id = meta.request_id.clone();
+    let ctx = ChainContext::new(endpoint.resources.clone(), meta);
+    let outcome = AssertUnwindSafe(endpoint.chain.invoke(&ctx, request))
+        .catch_unwind()
+        .await;
+    match outcome {
+        Ok(Ok(ChainOutput::Stream(stream))) => {
+            let (chain, id) = (chain_name.clone(), request_id.clone());
+            let guarded = AssertUnwindSafe(stream).catch_unwind().map(move |item| {
+                item.unwrap_or_else(|panic| {
+                    Err(LlmError::new(
+                        LlmErrorKind::StreamInterrupted,
+                        format!(
+                            "chain '{chain}' panicked while streaming: {} (request id {id})",
+                            panic_message(&*panic)
+                        ),
+                    ))
+                })
+            });
+            Ok(ChainOutput::Stream(Box::pin(guarded)))
+        }
+        Ok(Ok(output)) => Ok(output),
+        Ok(Err(error)) => {
+            warn!(request_id = %request_id, chain = %chain_name, step = %error.step, error = %error.kind, "chain failed");
+            Err(ApiError::from_chain(error, &chain_name, &request_id))
+        }
+        Err(panic) => {
+            let message = panic_message(&*panic);
+            error!(request_id = %request_id, chain = %chain_name, panic = %message, "chain panicked");
+            Err(ApiError::internal(format!(
+                "chain '{chain_name}' panicked: {message} (request id {request_id})"
+            )))
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
 }
 
 /// What the stream needs to write its request log line when it ends. A stream the client

@@ -19,7 +19,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use http::HeaderName;
-use switchyard_core::Llm;
+use switchyard_core::{Chain, ChainFolder, ChainResources, Llm, Registry};
 use switchyard_providers::{MockProvider, OpenAiProvider, Route, Target};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::{info, warn};
@@ -28,13 +28,16 @@ pub use config::{
     Config, ConfigError, ConfigProblem, EndpointConfig, EndpointKind, ProviderConfig, RouteConfig,
     ServerConfig,
 };
-pub use error::ApiError;
+pub use error::{ApiError, MlflowError};
 
 /// Errors that stop a gateway from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("cannot build the HTTP client for upstream providers: {0}")]
     HttpClient(#[from] reqwest::Error),
+    /// Endpoints that could not be loaded, each with why.
+    #[error("{} endpoint(s) could not be loaded:{}", .0.len(), .0.iter().map(|p| format!("\n  - {p}")).collect::<String>())]
+    Endpoints(Vec<String>),
 }
 
 /// A gateway built from a config: every endpoint resolved and ready to serve.
@@ -59,6 +62,13 @@ struct Inner {
 #[derive(Clone)]
 pub(crate) enum Endpoint {
     Route(Arc<Route>),
+    Chain(Arc<ChainEndpoint>),
+}
+
+/// A loaded chain with its templates and logical LLMs bound to routes.
+pub(crate) struct ChainEndpoint {
+    pub chain: Arc<dyn Chain>,
+    pub resources: Arc<ChainResources>,
 }
 
 impl AppState {
@@ -73,8 +83,9 @@ impl AppState {
 
 impl Gateway {
     /// Builds providers, routes and endpoints. The config has been validated, so every name
-    /// it refers to exists.
-    pub fn new(config: Config) -> Result<Self, GatewayError> {
+    /// it refers to exists; chain endpoints are loaded from their folders and checked against
+    /// the compiled chains in `registry`, and every endpoint that fails is reported at once.
+    pub fn new(config: Config, registry: &Registry) -> Result<Self, GatewayError> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(90))
@@ -117,17 +128,32 @@ impl Gateway {
                 )
             })
             .collect();
-        let endpoints: HashMap<String, Endpoint> = config
-            .endpoints
-            .iter()
-            .filter_map(|endpoint| {
-                let EndpointKind::Route(route) = &endpoint.kind;
-                Some((
-                    endpoint.name.clone(),
-                    Endpoint::Route(routes.get(route.as_str())?.clone()),
-                ))
-            })
-            .collect();
+        let mut endpoints = HashMap::new();
+        let mut problems = Vec::new();
+        for endpoint in &config.endpoints {
+            let built = match &endpoint.kind {
+                EndpointKind::Route(route) => routes
+                    .get(route.as_str())
+                    .map(|route| Endpoint::Route(route.clone()))
+                    .ok_or_else(|| vec![format!("unknown route '{route}'")]),
+                EndpointKind::Chain { dir, config, llms } => {
+                    load_chain(dir, config.as_ref(), llms, registry, &routes).map(Endpoint::Chain)
+                }
+            };
+            match built {
+                Ok(built) => {
+                    endpoints.insert(endpoint.name.clone(), built);
+                }
+                Err(reasons) => problems.extend(
+                    reasons
+                        .into_iter()
+                        .map(|reason| format!("endpoint '{}': {reason}", endpoint.name)),
+                ),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(GatewayError::Endpoints(problems));
+        }
         Ok(Self {
             state: AppState(Arc::new(Inner {
                 endpoint_order: config.endpoints.iter().map(|e| e.name.clone()).collect(),
@@ -144,6 +170,7 @@ impl Gateway {
         Router::new()
             .route("/v1/chat/completions", post(handlers::chat_completions))
             .route("/v1/models", get(handlers::list_models))
+            .route("/endpoints/{name}/invocations", post(handlers::invocations))
             .route("/health", get(handlers::health))
             .route("/ready", get(handlers::ready))
             .fallback(handlers::not_found)
@@ -154,6 +181,54 @@ impl Gateway {
             .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
             .with_state(self.state.clone())
     }
+}
+
+/// Loads a chain folder and binds its logical LLMs to routes.
+fn load_chain(
+    dir: &std::path::Path,
+    config_override: Option<&serde_json::Value>,
+    llm_override: &std::collections::BTreeMap<String, String>,
+    registry: &Registry,
+    routes: &HashMap<&str, Arc<Route>>,
+) -> Result<Arc<ChainEndpoint>, Vec<String>> {
+    let at = |problem: String| format!("{}: {problem}", dir.display());
+    let folder = ChainFolder::load(dir).map_err(|e| vec![e])?;
+    let loaded = folder
+        .instantiate(registry, config_override, llm_override)
+        .map_err(|problems| problems.into_iter().map(at).collect::<Vec<_>>())?;
+    if !loaded.code_matches {
+        // A development folder whose code differs from the build: say so, but serve.
+        warn!(
+            chain = loaded.entry.name,
+            folder = %dir.display(),
+            folder_code_sha256 = %loaded.folder_code_sha256,
+            compiled_code_sha256 = loaded.entry.code_sha256,
+            "the chain folder's code differs from the code compiled into this binary; rebuild to serve it"
+        );
+    }
+    let mut llms: HashMap<String, Arc<dyn Llm>> = HashMap::new();
+    let mut problems = Vec::new();
+    for (logical, route) in &loaded.llms {
+        match routes.get(route.as_str()) {
+            Some(route) => {
+                llms.insert(logical.clone(), route.clone());
+            }
+            None => problems.push(at(format!(
+                "[llms] {logical} = '{route}': no such route in the gateway config"
+            ))),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Arc::new(ChainEndpoint {
+        chain: loaded.chain,
+        resources: Arc::new(ChainResources {
+            chain: loaded.entry.name.to_owned(),
+            prompts: loaded.prompts,
+            llms,
+        }),
+    }))
 }
 
 /// Serves the gateway on `listener` until `shutdown` completes; then stops accepting and waits
