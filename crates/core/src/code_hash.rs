@@ -14,11 +14,16 @@ use sha2::{Digest, Sha256};
 
 /// Hex SHA-256 over the `.rs` files below `dir`.
 pub fn code_sha256(dir: &Path) -> io::Result<String> {
-    let mut files = Vec::new();
-    collect_rs_files(dir, dir, &mut files)?;
-    files.sort();
+    files_sha256(dir, &rs_files(dir)?)
+}
+
+/// Hex SHA-256 over the given files (relative to `dir`), hashed as described above. With every
+/// file of a logged version it is the version's `content_sha256`.
+pub fn files_sha256(dir: &Path, files: &[String]) -> io::Result<String> {
+    let mut sorted: Vec<&String> = files.iter().collect();
+    sorted.sort();
     let mut hasher = Sha256::new();
-    for relative in &files {
+    for relative in sorted {
         let contents = std::fs::read(dir.join(relative))?;
         hasher.update(relative.as_bytes());
         hasher.update([0u8]);
@@ -28,23 +33,40 @@ pub fn code_sha256(dir: &Path) -> io::Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
-/// The `.rs` files below `dir` (relative paths with `/` separators), for `rerun-if-changed` and
-/// for snapshots.
+/// The `.rs` files below `dir`, as sorted relative paths with `/` separators.
 pub fn rs_files(dir: &Path) -> io::Result<Vec<String>> {
     let mut files = Vec::new();
-    collect_rs_files(dir, dir, &mut files)?;
+    collect_files(
+        dir,
+        dir,
+        &|path| path.extension().is_some_and(|e| e == "rs"),
+        &mut files,
+    )?;
     files.sort();
     Ok(files)
 }
 
-fn collect_rs_files(root: &Path, dir: &Path, files: &mut Vec<String>) -> io::Result<()> {
+/// Every file below `dir`, as sorted relative paths with `/` separators.
+pub fn all_files(dir: &Path) -> io::Result<Vec<String>> {
+    let mut files = Vec::new();
+    collect_files(dir, dir, &|_| true, &mut files)?;
+    files.sort();
+    Ok(files)
+}
+
+fn collect_files(
+    root: &Path,
+    dir: &Path,
+    keep: &dyn Fn(&Path) -> bool,
+    files: &mut Vec<String>,
+) -> io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let path: PathBuf = entry.path();
         let file_type = entry.file_type()?;
         if file_type.is_dir() {
-            collect_rs_files(root, &path, files)?;
-        } else if file_type.is_file() && path.extension().is_some_and(|e| e == "rs") {
+            collect_files(root, &path, keep, files)?;
+        } else if file_type.is_file() && keep(&path) {
             let relative = path.strip_prefix(root).map_err(io::Error::other)?;
             let parts: Vec<String> = relative
                 .components()

@@ -1,0 +1,506 @@
+//! The model store: logged versions of models, with aliases and MLflow `MLmodel` manifests.
+//!
+//! ```text
+//! <store>/models/<name>/aliases.toml            alias -> version
+//! <store>/models/<name>/<version>/MLmodel       YAML, MLflow's MLmodel format
+//! <store>/models/<name>/<version>/code/...      chain snapshot (*.rs, prompts/, chain.toml)
+//! ```
+//!
+//! A version is written into a hidden temp directory next to the versions and then renamed to
+//! the next free number. `rename` onto an existing (non-empty) version fails, so concurrent
+//! loggers never share a number, and a crash mid-log leaves only a hidden temp directory that
+//! listing and resolving ignore.
+
+mod mlmodel;
+mod secrets;
+mod uri;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use switchyard_core::code_hash::{all_files, code_sha256, files_sha256, rs_files};
+use switchyard_core::{ChainFolder, Registry};
+
+pub use mlmodel::{CHAIN_FLAVOR, ChainFlavor, MlModel};
+pub use secrets::find_secrets;
+pub use uri::{ModelUri, Selector, check_name};
+
+/// Where a store lives when nothing says otherwise (relative to the working directory).
+pub const DEFAULT_STORE: &str = ".switchyard/store";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid model URI '{uri}': {why}")]
+    BadUri { uri: String, why: String },
+    #[error("{0}")]
+    InvalidName(String),
+    #[error("no model named '{name}' in the store at {store}")]
+    NoSuchModel { name: String, store: PathBuf },
+    #[error("model '{name}' has no version {version}")]
+    NoSuchVersion { name: String, version: u64 },
+    #[error("model '{name}' has no alias '{alias}'")]
+    NoSuchAlias { name: String, alias: String },
+    #[error("model '{name}' has no versions yet")]
+    NoVersions { name: String },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{}: {why}", path.display())]
+    Corrupt { path: PathBuf, why: String },
+    /// The files of a stored version changed after it was logged.
+    #[error(
+        "{uri} was modified after it was logged: its content_sha256 is {actual}, the MLmodel says {expected}; the store must not be edited by hand — log a new version instead"
+    )]
+    Tampered {
+        uri: String,
+        expected: String,
+        actual: String,
+    },
+    /// The chain folder cannot be logged; every reason is listed.
+    #[error("cannot log {}:{}", dir.display(), problems.iter().map(|p| format!("\n  - {p}")).collect::<String>())]
+    Invalid { dir: PathBuf, problems: Vec<String> },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StoreError {
+    fn io(path: &Path, source: io::Error) -> Self {
+        Self::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// One stored version of a model.
+#[derive(Debug, Clone)]
+pub struct ModelVersion {
+    pub name: String,
+    pub version: u64,
+    pub dir: PathBuf,
+    pub mlmodel: MlModel,
+}
+
+impl ModelVersion {
+    /// `models:/<name>/<version>`.
+    pub fn uri(&self) -> String {
+        format!("models:/{}/{}", self.name, self.version)
+    }
+}
+
+/// The result of logging: the version, and whether it was created or already existed.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub version: ModelVersion,
+    pub created: bool,
+    /// Things worth telling the user that do not stop the log.
+    pub warnings: Vec<String>,
+}
+
+/// A model's versions and aliases, for `models list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSummary {
+    pub name: String,
+    pub versions: Vec<u64>,
+    pub aliases: BTreeMap<String, u64>,
+}
+
+/// A directory-backed model store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// The folder name of a chain snapshot inside a version.
+const CODE_DIR: &str = "code";
+
+impl Store {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn model_dir(&self, name: &str) -> PathBuf {
+        self.root.join("models").join(name)
+    }
+
+    /// Logs the chain folder `dir` as a new version of model `name`, after checking it against
+    /// the compiled chains: the chain exists, its templates compile, its config type-checks and
+    /// holds no secret. Identical content returns the existing version.
+    pub fn log_chain(
+        &self,
+        dir: &Path,
+        name: &str,
+        registry: &Registry,
+    ) -> Result<Logged, StoreError> {
+        check_name("model name", name).map_err(StoreError::InvalidName)?;
+        let folder = ChainFolder::load(dir).map_err(|e| StoreError::Invalid {
+            dir: dir.to_owned(),
+            problems: vec![e],
+        })?;
+        let mut problems = Vec::new();
+        let mut warnings = Vec::new();
+        match folder.instantiate(registry, None, &BTreeMap::new()) {
+            Ok(loaded) if !loaded.code_matches => warnings.push(format!(
+                "the code in {} differs from the '{}' chain compiled into this binary \
+                 (code_sha256 {} vs {}): the gateway will refuse to serve this version until it is rebuilt from it",
+                dir.display(),
+                folder.chain,
+                folder.code_sha256,
+                loaded.entry.code_sha256
+            )),
+            Ok(_) => {}
+            Err(found) => problems.extend(found.into_iter().map(|p| format!("chain.toml: {p}"))),
+        }
+        let llms = serde_json::to_value(&folder.llms).unwrap_or_default();
+        for (path, why) in find_secrets("[config]", &folder.config)
+            .into_iter()
+            .chain(find_secrets("[llms]", &llms))
+        {
+            problems.push(format!(
+                "chain.toml: {path} {why}; secrets must not be logged — keep them in the gateway config as ${{ENV}} references"
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(StoreError::Invalid {
+                dir: dir.to_owned(),
+                problems,
+            });
+        }
+
+        let model_dir = self.model_dir(name);
+        std::fs::create_dir_all(&model_dir).map_err(|e| StoreError::io(&model_dir, e))?;
+        let temp = model_dir.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+        let result = self.write_chain_version(&folder, &model_dir, &temp, name, warnings);
+        if temp.exists() {
+            // Best effort: a leftover temp directory is invisible anyway.
+            let _ = std::fs::remove_dir_all(&temp);
+        }
+        result
+    }
+
+    fn write_chain_version(
+        &self,
+        folder: &ChainFolder,
+        model_dir: &Path,
+        temp: &Path,
+        name: &str,
+        warnings: Vec<String>,
+    ) -> Result<Logged, StoreError> {
+        let code = temp.join(CODE_DIR);
+        snapshot_chain(&folder.dir, &code)?;
+        let content_sha256 = files_sha256(
+            &code,
+            &all_files(&code).map_err(|e| StoreError::io(&code, e))?,
+        )
+        .map_err(|e| StoreError::io(&code, e))?;
+        if let Some(existing) = self.find_by_content(name, &content_sha256)? {
+            return Ok(Logged {
+                version: existing,
+                created: false,
+                warnings,
+            });
+        }
+        let flavor = ChainFlavor {
+            chain: folder.chain.clone(),
+            code: CODE_DIR.to_owned(),
+            code_sha256: code_sha256(&code).map_err(|e| StoreError::io(&code, e))?,
+            content_sha256,
+            config: folder.config.clone(),
+            llms: folder.llms.clone(),
+            switchyard_version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        let flavor_value =
+            yaml_serde::to_value(&flavor).map_err(|e| StoreError::Other(e.to_string()))?;
+        let mut mlmodel = MlModel::new(CHAIN_FLAVOR, flavor_value);
+        mlmodel.metadata.insert(
+            "source".to_owned(),
+            yaml_serde::Value::from(folder.dir.display().to_string()),
+        );
+        let mlmodel_path = temp.join("MLmodel");
+        std::fs::write(&mlmodel_path, mlmodel.to_yaml()?)
+            .map_err(|e| StoreError::io(&mlmodel_path, e))?;
+
+        let version = claim_next_version(model_dir, temp)?;
+        let dir = model_dir.join(version.to_string());
+        Ok(Logged {
+            version: ModelVersion {
+                name: name.to_owned(),
+                version,
+                dir,
+                mlmodel,
+            },
+            created: true,
+            warnings,
+        })
+    }
+
+    fn find_by_content(
+        &self,
+        name: &str,
+        content_sha256: &str,
+    ) -> Result<Option<ModelVersion>, StoreError> {
+        for version in self.versions(name)? {
+            let found = self.version(name, version)?;
+            if let Ok(Some(flavor)) = found.mlmodel.chain_flavor()
+                && flavor.content_sha256 == content_sha256
+            {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The version numbers of `name`, ascending (empty if the model does not exist).
+    pub fn versions(&self, name: &str) -> Result<Vec<u64>, StoreError> {
+        check_name("model name", name).map_err(StoreError::InvalidName)?;
+        version_numbers(&self.model_dir(name))
+    }
+
+    fn version(&self, name: &str, version: u64) -> Result<ModelVersion, StoreError> {
+        let dir = self.model_dir(name).join(version.to_string());
+        if !dir.is_dir() {
+            return Err(StoreError::NoSuchVersion {
+                name: name.to_owned(),
+                version,
+            });
+        }
+        let mlmodel = MlModel::read(&dir.join("MLmodel"))?;
+        Ok(ModelVersion {
+            name: name.to_owned(),
+            version,
+            dir,
+            mlmodel,
+        })
+    }
+
+    /// Resolves a URI to a stored version (reading its MLmodel).
+    pub fn resolve(&self, uri: &ModelUri) -> Result<ModelVersion, StoreError> {
+        let model_dir = self.model_dir(&uri.name);
+        if !model_dir.is_dir() {
+            return Err(StoreError::NoSuchModel {
+                name: uri.name.clone(),
+                store: self.root.clone(),
+            });
+        }
+        let version = match &uri.selector {
+            Selector::Version(v) => *v,
+            Selector::Latest => {
+                *self
+                    .versions(&uri.name)?
+                    .last()
+                    .ok_or_else(|| StoreError::NoVersions {
+                        name: uri.name.clone(),
+                    })?
+            }
+            Selector::Alias(alias) => {
+                *self
+                    .aliases(&uri.name)?
+                    .get(alias)
+                    .ok_or_else(|| StoreError::NoSuchAlias {
+                        name: uri.name.clone(),
+                        alias: alias.clone(),
+                    })?
+            }
+        };
+        self.version(&uri.name, version)
+    }
+
+    /// Checks that a stored chain version's files are what was logged, and returns its flavor
+    /// and the snapshot folder.
+    pub fn verify_chain(
+        &self,
+        version: &ModelVersion,
+    ) -> Result<(ChainFlavor, PathBuf), StoreError> {
+        let flavor = version
+            .mlmodel
+            .chain_flavor()
+            .map_err(|why| StoreError::Corrupt {
+                path: version.dir.join("MLmodel"),
+                why,
+            })?
+            .ok_or_else(|| {
+                StoreError::Other(format!(
+                    "{} is not a logged chain (its MLmodel has no {CHAIN_FLAVOR} flavor)",
+                    version.uri()
+                ))
+            })?;
+        check_relative(&flavor.code).map_err(|why| StoreError::Corrupt {
+            path: version.dir.join("MLmodel"),
+            why,
+        })?;
+        let code = version.dir.join(&flavor.code);
+        let files = all_files(&code).map_err(|e| StoreError::io(&code, e))?;
+        let actual = files_sha256(&code, &files).map_err(|e| StoreError::io(&code, e))?;
+        if actual != flavor.content_sha256 {
+            return Err(StoreError::Tampered {
+                uri: version.uri(),
+                expected: flavor.content_sha256,
+                actual,
+            });
+        }
+        Ok((flavor, code))
+    }
+
+    /// The aliases of `name` (alias -> version).
+    pub fn aliases(&self, name: &str) -> Result<BTreeMap<String, u64>, StoreError> {
+        check_name("model name", name).map_err(StoreError::InvalidName)?;
+        let path = self.model_dir(name).join("aliases.toml");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| StoreError::Corrupt {
+                path,
+                why: e.to_string(),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(StoreError::io(&path, e)),
+        }
+    }
+
+    /// Points `alias` of model `name` at `version` (which must exist). The aliases file is
+    /// replaced atomically.
+    pub fn set_alias(&self, name: &str, alias: &str, version: u64) -> Result<(), StoreError> {
+        check_name("alias", alias).map_err(StoreError::InvalidName)?;
+        if alias == "latest" {
+            return Err(StoreError::InvalidName(
+                "`latest` is not an alias: models:/<name>/latest always means the newest version"
+                    .to_owned(),
+            ));
+        }
+        self.version(name, version)?;
+        let mut aliases = self.aliases(name)?;
+        aliases.insert(alias.to_owned(), version);
+        let model_dir = self.model_dir(name);
+        let text = toml::to_string(&aliases).map_err(|e| StoreError::Other(e.to_string()))?;
+        let temp = model_dir.join(format!(".aliases-{}.tmp", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&temp, text).map_err(|e| StoreError::io(&temp, e))?;
+        let path = model_dir.join("aliases.toml");
+        std::fs::rename(&temp, &path).map_err(|e| StoreError::io(&path, e))
+    }
+
+    /// Every model with its versions and aliases.
+    pub fn list(&self) -> Result<Vec<ModelSummary>, StoreError> {
+        let models = self.root.join("models");
+        let entries = match std::fs::read_dir(&models) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io(&models, e)),
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .filter(|name| check_name("model name", name).is_ok())
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|name| {
+                Ok(ModelSummary {
+                    versions: self.versions(&name)?,
+                    aliases: self.aliases(&name)?,
+                    name,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes the logged chain folder of `uri` to `dest` (which must not exist yet), e.g. to
+    /// rebuild the binary from the logged code.
+    pub fn restore(&self, uri: &ModelUri, dest: &Path) -> Result<ModelVersion, StoreError> {
+        let version = self.resolve(uri)?;
+        let (_, code) = self.verify_chain(&version)?;
+        if dest.exists() {
+            return Err(StoreError::Other(format!(
+                "{} already exists; restore into a new folder",
+                dest.display()
+            )));
+        }
+        for relative in all_files(&code).map_err(|e| StoreError::io(&code, e))? {
+            copy_file(&code.join(&relative), &dest.join(&relative))?;
+        }
+        Ok(version)
+    }
+}
+
+/// Copies what a chain snapshot holds: every `.rs` file, `prompts/` and `chain.toml`.
+fn snapshot_chain(source: &Path, code: &Path) -> Result<(), StoreError> {
+    let mut files = rs_files(source).map_err(|e| StoreError::io(source, e))?;
+    files.push("chain.toml".to_owned());
+    let prompts = source.join("prompts");
+    if prompts.is_dir() {
+        files.extend(
+            all_files(&prompts)
+                .map_err(|e| StoreError::io(&prompts, e))?
+                .into_iter()
+                .map(|f| format!("prompts/{f}")),
+        );
+    }
+    for relative in files {
+        copy_file(&source.join(&relative), &code.join(&relative))?;
+    }
+    Ok(())
+}
+
+fn copy_file(from: &Path, to: &Path) -> Result<(), StoreError> {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
+    }
+    std::fs::copy(from, to).map_err(|e| StoreError::io(from, e))?;
+    Ok(())
+}
+
+/// Version directories are named by their number; anything else (temp dirs, aliases) is not a
+/// version.
+fn version_numbers(model_dir: &Path) -> Result<Vec<u64>, StoreError> {
+    let entries = match std::fs::read_dir(model_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::io(model_dir, e)),
+    };
+    let mut versions: Vec<u64> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
+        .filter(|v| *v > 0)
+        .collect();
+    versions.sort_unstable();
+    Ok(versions)
+}
+
+/// Renames the finished temp directory to the next free version number, retrying when another
+/// logger took that number first.
+fn claim_next_version(model_dir: &Path, temp: &Path) -> Result<u64, StoreError> {
+    loop {
+        let next = version_numbers(model_dir)?.last().map_or(1, |v| v + 1);
+        let target = model_dir.join(next.to_string());
+        match std::fs::rename(temp, &target) {
+            Ok(()) => return Ok(next),
+            Err(e)
+                if e.kind() == io::ErrorKind::DirectoryNotEmpty
+                    || e.kind() == io::ErrorKind::AlreadyExists =>
+            {
+                continue;
+            }
+            Err(e) => return Err(StoreError::io(&target, e)),
+        }
+    }
+}
+
+/// A path inside a version must stay inside it.
+fn check_relative(path: &str) -> Result<(), String> {
+    let p = Path::new(path);
+    if path.is_empty()
+        || p.is_absolute()
+        || p.components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(format!("'{path}' is not a plain relative path"));
+    }
+    Ok(())
+}

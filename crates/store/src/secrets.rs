@@ -1,0 +1,112 @@
+//! Refusing secrets in logged config: a logged version is shared, copied and shown, so a key in
+//! it would leak. Keys belong in the gateway config as `${ENV}` references.
+
+use serde_json::Value;
+
+/// Well-known API key shapes: (prefix, minimum total length, what it is).
+const KEY_PREFIXES: &[(&str, usize, &str)] = &[
+    ("sk-", 20, "an OpenAI/Anthropic-style API key"),
+    ("AKIA", 20, "an AWS access key id"),
+    ("ASIA", 20, "an AWS temporary access key id"),
+    ("ghp_", 30, "a GitHub token"),
+    ("github_pat_", 30, "a GitHub token"),
+    ("xoxb-", 20, "a Slack token"),
+    ("xoxp-", 20, "a Slack token"),
+    ("AIza", 30, "a Google API key"),
+    ("hf_", 30, "a Hugging Face token"),
+    ("gsk_", 30, "a Groq API key"),
+];
+
+/// Key names whose literal value is a credential whatever it looks like.
+const SECRET_KEY_NAMES: &[&str] = &[
+    "api_key",
+    "apikey",
+    "secret",
+    "password",
+    "token",
+    "access_key",
+    "private_key",
+];
+
+/// Every place in `value` that looks like a secret, as `(path, why)`. The value itself is never
+/// part of the answer.
+pub fn find_secrets(path: &str, value: &Value) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    walk(path, None, value, &mut found);
+    found
+}
+
+fn walk(path: &str, key: Option<&str>, value: &Value, found: &mut Vec<(String, String)>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                walk(&format!("{path}.{k}"), Some(k), v, found);
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                walk(&format!("{path}[{i}]"), key, v, found);
+            }
+        }
+        Value::String(text) => {
+            if let Some(why) = looks_like_key(text) {
+                found.push((path.to_owned(), format!("looks like {why}")));
+            } else if let Some(key) = key.filter(|k| is_secret_name(k))
+                && !text.is_empty()
+                && !(text.starts_with("${") && text.ends_with('}'))
+            {
+                found.push((path.to_owned(), format!("`{key}` holds a literal value")));
+            }
+        }
+        _ => {}
+    }
+}
+
+fn is_secret_name(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    SECRET_KEY_NAMES
+        .iter()
+        .any(|name| key == *name || key.ends_with(&format!("_{name}")))
+}
+
+fn looks_like_key(text: &str) -> Option<&'static str> {
+    let text = text.trim();
+    if text.contains(char::is_whitespace) {
+        return None;
+    }
+    KEY_PREFIXES
+        .iter()
+        .find(|(prefix, min_len, _)| text.starts_with(prefix) && text.len() >= *min_len)
+        .map(|(_, _, what)| *what)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn finds_key_shapes_and_secret_names_but_not_prose() {
+        let config = json!({
+            "product": "Switchyard",
+            "rules": ["Never share sk- prefixed keys.", "sk-proj-abcdefghijklmnopqrstu"],
+            "nested": {"openai_api_key": "hunter2", "token": "${TOKEN}", "aws": "AKIAABCDEFGHIJKLMNOP"},
+            "password": "",
+        });
+        let found = find_secrets("config", &config);
+        let paths: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "config.nested.aws",
+                "config.nested.openai_api_key",
+                "config.rules[1]"
+            ]
+        );
+        assert!(
+            found
+                .iter()
+                .all(|(_, why)| !why.contains("hunter2") && !why.contains("abcdefgh"))
+        );
+    }
+}

@@ -1,0 +1,363 @@
+//! Store behaviour: logging, dedup, aliases, URIs, tamper detection, concurrency, validation.
+
+use std::path::{Path, PathBuf};
+
+use switchyard_chains::{chain_dir, registry};
+
+use super::*;
+
+/// A copy of an example chain folder that a test may edit.
+fn copy_chain(name: &str, into: &Path) -> PathBuf {
+    let source = chain_dir(name);
+    let dest = into.join(name);
+    for relative in all_files(&source).unwrap() {
+        copy_file(&source.join(&relative), &dest.join(&relative)).unwrap();
+    }
+    dest
+}
+
+fn uri(text: &str) -> ModelUri {
+    text.parse().unwrap()
+}
+
+#[test]
+fn logs_a_chain_with_an_mlmodel_and_returns_the_same_version_for_the_same_content() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = Store::new(store_dir.path());
+    let logged = store
+        .log_chain(&chain_dir("support_bot"), "support-bot", &registry())
+        .unwrap();
+    assert!(logged.created);
+    assert!(logged.warnings.is_empty(), "{:?}", logged.warnings);
+    assert_eq!(logged.version.uri(), "models:/support-bot/1");
+
+    let version_dir = store_dir.path().join("models/support-bot/1");
+    let mut files = all_files(&version_dir).unwrap();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "MLmodel",
+            "code/chain.toml",
+            "code/mod.rs",
+            "code/prompts/system.tera"
+        ]
+    );
+
+    let mlmodel_text = std::fs::read_to_string(version_dir.join("MLmodel")).unwrap();
+    let mlmodel: yaml_serde::Value = yaml_serde::from_str(&mlmodel_text).unwrap();
+    let flavor = &mlmodel["flavors"]["switchyard_chain"];
+    assert_eq!(flavor["chain"], yaml_serde::Value::from("support_bot"));
+    assert_eq!(flavor["code"], yaml_serde::Value::from("code"));
+    let compiled = registry().get("support_bot").unwrap().code_sha256;
+    assert_eq!(flavor["code_sha256"], yaml_serde::Value::from(compiled));
+    assert_eq!(
+        flavor["config"]["product"],
+        yaml_serde::Value::from("Switchyard")
+    );
+    assert_eq!(flavor["llms"]["default"], yaml_serde::Value::from("chat"));
+    assert_eq!(mlmodel["model_uuid"].as_str().unwrap().len(), 32);
+    let created = mlmodel["utc_time_created"].as_str().unwrap();
+    assert_eq!(
+        created.len(),
+        "2026-11-27 04:50:21.874444".len(),
+        "{created}"
+    );
+
+    let again = store
+        .log_chain(&chain_dir("support_bot"), "support-bot", &registry())
+        .unwrap();
+    assert!(!again.created);
+    assert_eq!(again.version.version, 1);
+    assert_eq!(store.versions("support-bot").unwrap(), [1]);
+}
+
+#[test]
+fn a_changed_prompt_is_a_new_version_and_latest_and_aliases_resolve() {
+    let work = tempfile::tempdir().unwrap();
+    let store = Store::new(work.path().join("store"));
+    let folder = copy_chain("support_bot", work.path());
+    store.log_chain(&folder, "bot", &registry()).unwrap();
+    std::fs::write(
+        folder.join("prompts/system.tera"),
+        "You support {{ product }} ({{ tone }}).",
+    )
+    .unwrap();
+    let second = store.log_chain(&folder, "bot", &registry()).unwrap();
+    assert_eq!((second.version.version, second.created), (2, true));
+
+    assert_eq!(
+        store.resolve(&uri("models:/bot/latest")).unwrap().version,
+        2
+    );
+    assert_eq!(store.resolve(&uri("models:/bot/1")).unwrap().version, 1);
+    store.set_alias("bot", "production", 1).unwrap();
+    assert_eq!(
+        store
+            .resolve(&uri("models:/bot@production"))
+            .unwrap()
+            .version,
+        1
+    );
+    store.set_alias("bot", "production", 2).unwrap();
+    assert_eq!(
+        store
+            .resolve(&uri("models:/bot@production"))
+            .unwrap()
+            .version,
+        2
+    );
+
+    assert!(matches!(
+        store.set_alias("bot", "staging", 9),
+        Err(StoreError::NoSuchVersion { .. })
+    ));
+    assert!(matches!(
+        store.set_alias("bot", "../x", 1),
+        Err(StoreError::InvalidName(_))
+    ));
+    assert!(matches!(
+        store.set_alias("bot", "latest", 1),
+        Err(StoreError::InvalidName(_))
+    ));
+    assert!(matches!(
+        store.resolve(&uri("models:/bot@staging")),
+        Err(StoreError::NoSuchAlias { .. })
+    ));
+    assert!(matches!(
+        store.resolve(&uri("models:/bot/7")),
+        Err(StoreError::NoSuchVersion { .. })
+    ));
+    let missing = store.resolve(&uri("models:/nobody/1")).unwrap_err();
+    assert!(
+        missing.to_string().contains("no model named 'nobody'"),
+        "{missing}"
+    );
+
+    let list = store.list().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].versions, [1, 2]);
+    assert_eq!(
+        list[0].aliases,
+        BTreeMap::from([("production".to_owned(), 2)])
+    );
+}
+
+#[test]
+fn an_edited_file_inside_a_version_is_detected() {
+    let work = tempfile::tempdir().unwrap();
+    let store = Store::new(work.path());
+    let logged = store
+        .log_chain(&chain_dir("router"), "router", &registry())
+        .unwrap();
+    let version = store.resolve(&uri("models:/router/1")).unwrap();
+    let (flavor, code) = store.verify_chain(&version).unwrap();
+    assert_eq!(flavor.chain, "router");
+    assert_eq!(code, logged.version.dir.join("code"));
+
+    std::fs::write(
+        code.join("prompts/billing.tera"),
+        "You are a pushover. Refund everything.",
+    )
+    .unwrap();
+    let error = store.verify_chain(&version).unwrap_err();
+    assert!(matches!(error, StoreError::Tampered { .. }), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("models:/router/1 was modified after it was logged")
+    );
+
+    // An added file counts too.
+    std::fs::write(
+        code.join("prompts/billing.tera"),
+        std::fs::read(chain_dir("router").join("prompts/billing.tera")).unwrap(),
+    )
+    .unwrap();
+    store.verify_chain(&version).unwrap();
+    std::fs::write(code.join("extra.rs"), "// sneaked in").unwrap();
+    assert!(matches!(
+        store.verify_chain(&version),
+        Err(StoreError::Tampered { .. })
+    ));
+}
+
+#[test]
+fn a_half_written_version_is_invisible() {
+    let work = tempfile::tempdir().unwrap();
+    let store = Store::new(work.path());
+    // What a `log` killed before its rename leaves behind.
+    let leftover = work.path().join("models/bot/.tmp-0123456789abcdef");
+    std::fs::create_dir_all(leftover.join("code")).unwrap();
+    std::fs::write(leftover.join("code/mod.rs"), "// half").unwrap();
+
+    assert_eq!(store.versions("bot").unwrap(), Vec::<u64>::new());
+    assert!(matches!(
+        store.resolve(&uri("models:/bot/latest")),
+        Err(StoreError::NoVersions { .. })
+    ));
+    let logged = store
+        .log_chain(&chain_dir("support_bot"), "bot", &registry())
+        .unwrap();
+    assert_eq!(logged.version.version, 1);
+    assert_eq!(store.list().unwrap()[0].versions, [1]);
+}
+
+#[test]
+fn concurrent_logs_get_distinct_versions_with_intact_contents() {
+    let work = tempfile::tempdir().unwrap();
+    let store = Store::new(work.path().join("store"));
+    let folders: Vec<PathBuf> = (0..10)
+        .map(|i| {
+            let folder = copy_chain("support_bot", &work.path().join(format!("copy-{i}")));
+            let manifest = std::fs::read_to_string(folder.join("chain.toml")).unwrap();
+            std::fs::write(
+                folder.join("chain.toml"),
+                manifest.replace("friendly and concise", &format!("variant {i}")),
+            )
+            .unwrap();
+            folder
+        })
+        .collect();
+    let versions: Vec<u64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = folders
+            .iter()
+            .map(|folder| {
+                scope.spawn(|| {
+                    store
+                        .log_chain(folder, "bot", &registry())
+                        .unwrap()
+                        .version
+                        .version
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut sorted = versions.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=10).collect::<Vec<u64>>());
+    for (i, version) in versions.iter().enumerate() {
+        let stored = store
+            .resolve(&uri(&format!("models:/bot/{version}")))
+            .unwrap();
+        let (flavor, _) = store.verify_chain(&stored).unwrap();
+        assert_eq!(flavor.config["tone"], format!("variant {i}"));
+    }
+}
+
+#[test]
+fn refuses_secrets_unknown_chains_broken_templates_and_bad_config_before_writing() {
+    let work = tempfile::tempdir().unwrap();
+    let store = Store::new(work.path().join("store"));
+
+    let leaky = copy_chain("support_bot", &work.path().join("leaky"));
+    let manifest = std::fs::read_to_string(leaky.join("chain.toml")).unwrap();
+    std::fs::write(
+        leaky.join("chain.toml"),
+        manifest.replace(
+            "[config]",
+            "[config]\nopenai_api_key = \"sk-proj-0123456789abcdefghij\"",
+        ),
+    )
+    .unwrap();
+    let error = store
+        .log_chain(&leaky, "bot", &registry())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("[config].openai_api_key looks like an OpenAI"),
+        "{error}"
+    );
+    assert!(
+        error.contains("unknown field `openai_api_key`"),
+        "every problem is listed: {error}"
+    );
+    assert!(
+        !error.contains("0123456789abcdefghij"),
+        "the secret is not echoed: {error}"
+    );
+
+    let unknown = copy_chain("router", &work.path().join("unknown"));
+    let manifest = std::fs::read_to_string(unknown.join("chain.toml")).unwrap();
+    std::fs::write(
+        unknown.join("chain.toml"),
+        manifest.replace("chain = \"router\"", "chain = \"ruoter\""),
+    )
+    .unwrap();
+    let error = store
+        .log_chain(&unknown, "r", &registry())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("chain 'ruoter' is not compiled into this binary"),
+        "{error}"
+    );
+
+    let broken = copy_chain("router", &work.path().join("broken"));
+    std::fs::write(
+        broken.join("prompts/classify.tera"),
+        "{% for t in topics %}",
+    )
+    .unwrap();
+    let error = store
+        .log_chain(&broken, "r", &registry())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("template 'classify'"), "{error}");
+    assert!(error.contains("prompts"), "names the folder: {error}");
+
+    let bad_toml = copy_chain("router", &work.path().join("bad-toml"));
+    std::fs::write(bad_toml.join("chain.toml"), "chain = \"router\"\n[config\n").unwrap();
+    let error = store
+        .log_chain(&bad_toml, "r", &registry())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("chain.toml") && error.contains("line 2"),
+        "{error}"
+    );
+
+    assert!(matches!(
+        store.log_chain(&chain_dir("router"), "../evil", &registry()),
+        Err(StoreError::InvalidName(_))
+    ));
+    assert!(store.list().unwrap().is_empty(), "nothing was written");
+}
+
+#[test]
+fn restore_writes_the_logged_folder_back() {
+    let work = tempfile::tempdir().unwrap();
+    let store = Store::new(work.path().join("store"));
+    store
+        .log_chain(&chain_dir("summarize_then_answer"), "sta", &registry())
+        .unwrap();
+    let dest = work.path().join("restored");
+    store.restore(&uri("models:/sta/latest"), &dest).unwrap();
+    let source = chain_dir("summarize_then_answer");
+    let files = all_files(&dest).unwrap();
+    assert_eq!(
+        files,
+        [
+            "chain.toml",
+            "mod.rs",
+            "prompts/answer.tera",
+            "prompts/condense.tera"
+        ]
+    );
+    for file in &files {
+        assert_eq!(
+            std::fs::read(dest.join(file)).unwrap(),
+            std::fs::read(source.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    assert_eq!(
+        code_sha256(&dest).unwrap(),
+        registry().get("summarize_then_answer").unwrap().code_sha256
+    );
+    assert!(
+        store.restore(&uri("models:/sta/1"), &dest).is_err(),
+        "never overwrites"
+    );
+}
