@@ -1,5 +1,5 @@
 //! `switchyard`: the command-line entry point. Parses arguments, sets up logging and hands over
-//! to the gateway library.
+//! to the gateway and store libraries.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use switchyard_gateway::{ConfigSource, Gateway};
+use switchyard_store::{DEFAULT_STORE, ModelUri, Store};
 
 #[derive(Parser)]
 #[command(
@@ -15,6 +17,9 @@ use clap::{Parser, Subcommand, ValueEnum};
     about = "A GenAI gateway: serves LLM chains, artifact models and provider routes"
 )]
 struct Cli {
+    /// Model store directory [default for serve: the config's [store] path, else .switchyard/store]
+    #[arg(long, global = true, env = "SWITCHYARD_STORE")]
+    store: Option<PathBuf>,
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -24,7 +29,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the endpoints of a gateway config over HTTP.
+    /// Serve the endpoints of a gateway config over HTTP (SIGHUP reloads the config).
     Serve {
         /// Gateway config file (TOML).
         #[arg(long, default_value = "config/quickstart.toml")]
@@ -33,6 +38,43 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Log a model into the store as a new version.
+    #[command(subcommand)]
+    Log(LogCommand),
+    /// Inspect and manage logged models.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Log a chain folder (its .rs files, prompts/ and chain.toml) as a code model.
+    Chain {
+        /// The chain folder, e.g. chains/support_bot.
+        dir: PathBuf,
+        /// Model name in the store.
+        #[arg(long)]
+        name: String,
+        /// Point this alias (e.g. production) at the logged version.
+        #[arg(long)]
+        alias: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// List models with their versions and aliases.
+    List,
+    /// Show a version's MLmodel and check its files.
+    Show { uri: String },
+    /// Point an alias of a model at a version.
+    Alias {
+        model: String,
+        alias: String,
+        version: u64,
+    },
+    /// Write a logged chain folder back out (e.g. to rebuild from the logged code).
+    Restore { uri: String, dir: PathBuf },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -45,18 +87,95 @@ enum LogFormat {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    let store = || {
+        Store::new(
+            cli.store
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE)),
+        )
+    };
     match cli.command {
         Command::Serve { config, listen } => {
-            let mut config = switchyard_gateway::Config::load(&config)?;
-            if let Some(listen) = listen {
-                config.server.listen = listen;
-            }
-            let listener = tokio::net::TcpListener::bind(config.server.listen)
+            let source = ConfigSource {
+                path: config,
+                store_override: cli.store.clone(),
+            };
+            let gateway = Gateway::from_file(source, &switchyard_chains::registry())?;
+            let listen = listen.unwrap_or_else(|| gateway.listen_address());
+            let listener = tokio::net::TcpListener::bind(listen)
                 .await
-                .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-            let gateway = switchyard_gateway::Gateway::new(config, &switchyard_chains::registry())?;
+                .with_context(|| format!("cannot listen on {listen}"))?;
             switchyard_gateway::serve(listener, gateway, switchyard_gateway::shutdown_signal())
                 .await?;
+        }
+        Command::Log(LogCommand::Chain { dir, name, alias }) => {
+            let store = store();
+            let logged = store.log_chain(&dir, &name, &switchyard_chains::registry())?;
+            for warning in &logged.warnings {
+                eprintln!("warning: {warning}");
+            }
+            if !logged.created {
+                eprintln!(
+                    "content unchanged since {}: nothing new logged",
+                    logged.version.uri()
+                );
+            }
+            if let Some(alias) = alias {
+                store.set_alias(&name, &alias, logged.version.version)?;
+                eprintln!(
+                    "models:/{name}@{alias} -> version {}",
+                    logged.version.version
+                );
+            }
+            println!("{}", logged.version.uri());
+        }
+        Command::Models(command) => models(&store(), command)?,
+    }
+    Ok(())
+}
+
+fn models(store: &Store, command: ModelsCommand) -> anyhow::Result<()> {
+    match command {
+        ModelsCommand::List => {
+            let models = store.list()?;
+            if models.is_empty() {
+                eprintln!("no models in {}", store.root().display());
+            }
+            for model in models {
+                let versions: Vec<String> = model.versions.iter().map(u64::to_string).collect();
+                let aliases: Vec<String> = model
+                    .aliases
+                    .iter()
+                    .map(|(a, v)| format!("{a}={v}"))
+                    .collect();
+                println!(
+                    "{}\tversions: {}\taliases: {}",
+                    model.name,
+                    versions.join(","),
+                    aliases.join(",")
+                );
+            }
+        }
+        ModelsCommand::Show { uri } => {
+            let version = store.resolve(&uri.parse::<ModelUri>()?)?;
+            println!("# {} ({})", version.uri(), version.dir.display());
+            print!("{}", version.mlmodel.to_yaml()?);
+            match store.verify_chain(&version) {
+                Ok(_) => println!("# files: intact (content_sha256 matches)"),
+                Err(error) => println!("# files: {error}"),
+            }
+        }
+        ModelsCommand::Alias {
+            model,
+            alias,
+            version,
+        } => {
+            store.set_alias(&model, &alias, version)?;
+            println!("models:/{model}@{alias} -> models:/{model}/{version}");
+        }
+        ModelsCommand::Restore { uri, dir } => {
+            let version = store.restore(&uri.parse::<ModelUri>()?, &dir)?;
+            println!("restored {} into {}", version.uri(), dir.display());
         }
     }
     Ok(())

@@ -112,3 +112,136 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
         "a secret reached the log"
     );
 }
+
+fn switchyard(store: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env("SWITCHYARD_STORE", store)
+        .output()
+        .unwrap()
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+#[test]
+fn the_cli_logs_lists_aliases_shows_and_restores() {
+    let work = crate::common::temp_dir("cli");
+    let store = work.join("store");
+    let chain = switchyard_chains::chain_dir("router");
+    let chain = chain.to_str().unwrap();
+
+    let logged = switchyard(
+        &store,
+        &[
+            "log", "chain", chain, "--name", "router", "--alias", "staging",
+        ],
+    );
+    assert_eq!(stdout(&logged), "models:/router/1\n");
+    assert!(
+        String::from_utf8_lossy(&logged.stderr).contains("models:/router@staging -> version 1")
+    );
+    let again = switchyard(&store, &["log", "chain", chain, "--name", "router"]);
+    assert_eq!(stdout(&again), "models:/router/1\n");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("content unchanged"));
+
+    assert_eq!(
+        stdout(&switchyard(
+            &store,
+            &["models", "alias", "router", "production", "1"]
+        )),
+        "models:/router@production -> models:/router/1\n"
+    );
+    assert_eq!(
+        stdout(&switchyard(&store, &["models", "list"])),
+        "router\tversions: 1\taliases: production=1,staging=1\n"
+    );
+
+    let shown = stdout(&switchyard(
+        &store,
+        &["models", "show", "models:/router@production"],
+    ));
+    assert!(shown.starts_with("# models:/router/1 ("), "{shown}");
+    assert!(
+        shown.contains("switchyard_chain:") && shown.contains("chain: router"),
+        "{shown}"
+    );
+    assert!(
+        shown.ends_with("# files: intact (content_sha256 matches)\n"),
+        "{shown}"
+    );
+
+    let restored = work.join("restored");
+    stdout(&switchyard(
+        &store,
+        &[
+            "models",
+            "restore",
+            "models:/router/latest",
+            restored.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(
+        std::fs::read_to_string(restored.join("mod.rs")).unwrap(),
+        std::fs::read_to_string(switchyard_chains::chain_dir("router").join("mod.rs")).unwrap()
+    );
+
+    let bad = switchyard(&store, &["models", "show", "models:/router/9"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("model 'router' has no version 9"));
+    let traversal = switchyard(&store, &["log", "chain", chain, "--name", "../../etc"]);
+    assert!(!traversal.status.success());
+    assert!(String::from_utf8_lossy(&traversal.stderr).contains("invalid model name"));
+}
+
+#[test]
+fn ten_concurrent_log_processes_get_ten_distinct_intact_versions() {
+    let work = crate::common::temp_dir("cli-concurrent");
+    let store = work.join("store");
+    let source = switchyard_chains::chain_dir("support_bot");
+    let children: Vec<_> = (0..10)
+        .map(|i| {
+            let folder = work.join(format!("bot-{i}"));
+            for relative in switchyard_core::code_hash::all_files(&source).unwrap() {
+                std::fs::create_dir_all(folder.join(&relative).parent().unwrap()).unwrap();
+                std::fs::copy(source.join(&relative), folder.join(&relative)).unwrap();
+            }
+            let manifest = std::fs::read_to_string(folder.join("chain.toml")).unwrap();
+            std::fs::write(
+                folder.join("chain.toml"),
+                manifest.replace("Switchyard", &format!("Product {i}")),
+            )
+            .unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+                .args(["log", "chain", folder.to_str().unwrap(), "--name", "bot"])
+                .env("SWITCHYARD_STORE", &store)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            (i, child)
+        })
+        .collect();
+    let store = switchyard_store::Store::new(&store);
+    let mut versions = Vec::new();
+    for (i, child) in children {
+        let printed = stdout(&child.wait_with_output().unwrap());
+        let uri: switchyard_store::ModelUri = printed.trim().parse().unwrap();
+        let version = store.resolve(&uri).unwrap();
+        let (flavor, _) = store.verify_chain(&version).unwrap();
+        assert_eq!(
+            flavor.config["product"],
+            format!("Product {i}"),
+            "{uri} holds another log's content"
+        );
+        versions.push(version.version);
+    }
+    versions.sort_unstable();
+    assert_eq!(versions, (1..=10).collect::<Vec<u64>>());
+}

@@ -244,16 +244,35 @@ pub struct TestGateway {
 }
 
 impl TestGateway {
-    /// Starts a gateway from config text; `${TEST_OPENAI_KEY}` resolves to `sk-test-key`.
+    /// Starts a gateway from config text; `${TEST_OPENAI_KEY}` resolves to `sk-test-key` and
+    /// `${TEST_ADMIN_KEY}` to `admin-secret`.
     pub async fn start(config: &str) -> Self {
         Self::start_with_registry(config, &switchyard_chains::registry()).await
     }
 
     /// Like [`TestGateway::start`], with the given compiled chains.
     pub async fn start_with_registry(config: &str, registry: &Registry) -> Self {
-        let env = |name: &str| (name == "TEST_OPENAI_KEY").then(|| "sk-test-key".to_owned());
+        let env = |name: &str| match name {
+            "TEST_OPENAI_KEY" => Some("sk-test-key".to_owned()),
+            "TEST_ADMIN_KEY" => Some("admin-secret".to_owned()),
+            _ => None,
+        };
         let config = Config::parse("test.toml", config, &env).unwrap_or_else(|e| panic!("{e}"));
-        let gateway = Gateway::new(config, registry).unwrap_or_else(|e| panic!("{e}"));
+        Self::serve(Gateway::new(config, registry).unwrap_or_else(|e| panic!("{e}"))).await
+    }
+
+    /// Serves a gateway started from a config file (so it can reload).
+    pub async fn start_from_file(path: &std::path::Path) -> Self {
+        let source = switchyard_gateway::ConfigSource {
+            path: path.to_owned(),
+            store_override: None,
+        };
+        let gateway = Gateway::from_file(source, &switchyard_chains::registry())
+            .unwrap_or_else(|e| panic!("{e}"));
+        Self::serve(gateway).await
+    }
+
+    async fn serve(gateway: Gateway) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let (shutdown, signal) = oneshot::channel::<()>();

@@ -16,14 +16,25 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use switchyard_core::Secret;
 use switchyard_providers::{MockConfig, RouteSettings};
+use switchyard_store::ModelUri;
 
 /// A validated gateway config.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
+    /// The model store `models:/` endpoints load from.
+    pub store: PathBuf,
+    pub auth: AuthConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
     pub endpoints: Vec<EndpointConfig>,
+}
+
+/// `[auth]`: who may call what.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// Guards `/admin/*`. Without it the admin API is open (a warning says so at start-up).
+    pub admin_key: Option<Secret>,
 }
 
 #[derive(Debug, Clone)]
@@ -65,14 +76,27 @@ pub struct EndpointConfig {
 pub enum EndpointKind {
     /// Pass-through to a route.
     Route(String),
-    /// A chain served from a chain folder (development; logged versions come with the store).
-    Chain {
-        dir: PathBuf,
-        /// Merged into the folder's `[config]`, then type-checked by the chain.
-        config: Option<serde_json::Value>,
-        /// Replaces entries of the folder's `[llms]` (logical LLM -> route).
-        llms: BTreeMap<String, String>,
-    },
+    /// A chain: a logged version or a chain folder.
+    Chain(ChainEndpointConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct ChainEndpointConfig {
+    pub source: ChainSource,
+    /// Merged into the chain's `[config]`, then type-checked by the chain.
+    pub config: Option<serde_json::Value>,
+    /// Replaces entries of the chain's `[llms]` (logical LLM -> route).
+    pub llms: BTreeMap<String, String>,
+    /// Serve a logged chain even if its code differs from the compiled code (development only).
+    pub allow_code_mismatch: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChainSource {
+    /// `model = "models:/<name>/<version>"` (or `@alias`, `/latest`): a logged version.
+    Logged(ModelUri),
+    /// `chain_dir = "chains/<name>"`: a folder, for development.
+    Dir(PathBuf),
 }
 
 /// Every problem found in a config, each with where it is.
@@ -221,7 +245,11 @@ struct RawEndpoint {
     #[serde(default)]
     route: Option<String>,
     #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
     chain_dir: Option<PathBuf>,
+    #[serde(default)]
+    allow_code_mismatch: bool,
     #[serde(default)]
     config: Option<toml::Table>,
     #[serde(default)]
@@ -263,7 +291,28 @@ impl Problems {
     }
 }
 
-const SECTIONS: &[&str] = &["server", "providers", "routes", "endpoints"];
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(default)]
+    path: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    admin_key: Option<String>,
+}
+
+const SECTIONS: &[&str] = &[
+    "server",
+    "store",
+    "auth",
+    "providers",
+    "routes",
+    "endpoints",
+];
 
 fn compile(
     mut table: toml::Table,
@@ -283,6 +332,31 @@ fn compile(
         None => Some(RawServer::default()),
     };
     let server = server.and_then(|raw| compile_server(raw, problems));
+    let store = match table.remove("store") {
+        Some(value) => problems.take::<RawStore>("store", value),
+        None => Some(RawStore::default()),
+    }
+    .map(|raw| {
+        raw.path
+            .unwrap_or_else(|| PathBuf::from(switchyard_store::DEFAULT_STORE))
+    });
+    let auth = match table.remove("auth") {
+        Some(value) => problems.take::<RawAuth>("auth", value),
+        None => Some(RawAuth::default()),
+    }
+    .and_then(|raw| {
+        let admin_key = match raw.admin_key {
+            None => None,
+            Some(reference) => match resolve_secret(&reference, env) {
+                Ok(secret) => Some(secret),
+                Err(message) => {
+                    problems.add("auth.admin_key", message);
+                    return None;
+                }
+            },
+        };
+        Some(AuthConfig { admin_key })
+    });
 
     let providers: BTreeMap<String, ProviderConfig> =
         named_items(&mut table, "providers", problems)
@@ -316,6 +390,8 @@ fn compile(
     let endpoints = compile_endpoints(&mut table, &routes, problems);
     Some(Config {
         server: server?,
+        store: store?,
+        auth: auth?,
         providers,
         routes,
         endpoints,
@@ -501,58 +577,78 @@ fn compile_endpoints(
         }
         let route_exists =
             |route: &str| routes.contains_key(route) || declared_routes.contains(route);
-        let kind = match (raw.route, raw.chain_dir) {
-            (Some(route), None) => {
-                if raw.config.is_some() || raw.llms.is_some() {
-                    problems.add(&path, "`config` and `llms` apply to chain endpoints only");
+        let chain_keys_given =
+            raw.config.is_some() || raw.llms.is_some() || raw.allow_code_mismatch;
+        let source = match (raw.route, raw.model, raw.chain_dir) {
+            (Some(route), None, None) => {
+                if chain_keys_given {
+                    problems.add(
+                        &path,
+                        "`config`, `llms` and `allow_code_mismatch` apply to chain endpoints only",
+                    );
                 }
                 if !route_exists(&route) {
                     problems.add(format!("{path}.route"), format!("unknown route '{route}'"));
                     continue;
                 }
-                EndpointKind::Route(route)
-            }
-            (None, Some(dir)) => {
-                let llms = raw.llms.unwrap_or_default();
-                let mut ok = true;
-                for (logical, route) in &llms {
-                    if !route_exists(route) {
-                        problems.add(
-                            format!("{path}.llms.{logical}"),
-                            format!("unknown route '{route}'"),
-                        );
-                        ok = false;
-                    }
-                }
-                let config = match raw
-                    .config
-                    .map(|table| serde_json::to_value(&table))
-                    .transpose()
-                {
-                    Ok(config) => config,
-                    Err(e) => {
-                        problems.add(format!("{path}.config"), e.to_string());
-                        ok = false;
-                        None
-                    }
-                };
-                if !ok {
-                    continue;
-                }
-                EndpointKind::Chain { dir, config, llms }
-            }
-            (Some(_), Some(_)) => {
-                problems.add(&path, "give either `route` or `chain_dir`, not both");
+                endpoints.push(EndpointConfig {
+                    name: raw.name,
+                    kind: EndpointKind::Route(route),
+                });
                 continue;
             }
-            (None, None) => {
+            (None, Some(uri), None) => match uri.parse::<ModelUri>() {
+                Ok(uri) => ChainSource::Logged(uri),
+                Err(e) => {
+                    problems.add(format!("{path}.model"), e.to_string());
+                    continue;
+                }
+            },
+            (None, None, Some(dir)) => ChainSource::Dir(dir),
+            (None, None, None) => {
                 problems.add(
                     &path,
-                    "an endpoint needs `route = \"<route>\"` or `chain_dir = \"<chain folder>\"`",
+                    "an endpoint needs one of `route = \"<route>\"`, `model = \"models:/<name>@<alias>\"` or `chain_dir = \"<chain folder>\"`",
                 );
                 continue;
             }
+            _ => {
+                problems.add(&path, "give only one of `route`, `model` and `chain_dir`");
+                continue;
+            }
         };
+        let llms = raw.llms.unwrap_or_default();
+        let mut ok = true;
+        for (logical, route) in &llms {
+            if !route_exists(route) {
+                problems.add(
+                    format!("{path}.llms.{logical}"),
+                    format!("unknown route '{route}'"),
+                );
+                ok = false;
+            }
+        }
+        let config = match raw
+            .config
+            .map(|table| serde_json::to_value(&table))
+            .transpose()
+        {
+            Ok(config) => config,
+            Err(e) => {
+                problems.add(format!("{path}.config"), e.to_string());
+                ok = false;
+                None
+            }
+        };
+        if !ok {
+            continue;
+        }
+        let kind = EndpointKind::Chain(ChainEndpointConfig {
+            source,
+            config,
+            llms,
+            allow_code_mismatch: raw.allow_code_mismatch,
+        });
         endpoints.push(EndpointConfig {
             name: raw.name,
             kind,
@@ -708,10 +804,20 @@ mod tests {
              config = {{ tone = \"formal\", rules = [\"a\"] }}\nllms = {{ default = \"default\" }}\n"
         ))
         .unwrap();
-        let EndpointKind::Chain { dir, config, llms } = &config.endpoints[1].kind else {
+        let EndpointKind::Chain(chain) = &config.endpoints[1].kind else {
             panic!("not a chain endpoint");
         };
-        assert_eq!(dir, Path::new("chains/support_bot"));
+        let ChainEndpointConfig {
+            source,
+            config,
+            llms,
+            allow_code_mismatch,
+        } = chain;
+        assert_eq!(
+            source,
+            &ChainSource::Dir(PathBuf::from("chains/support_bot"))
+        );
+        assert!(!allow_code_mismatch);
         assert_eq!(
             config.as_ref().unwrap(),
             &serde_json::json!({"tone": "formal", "rules": ["a"]})

@@ -51,7 +51,7 @@ pub async fn invocations(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, MlflowError> {
     let body = body.map_err(|rejection| body_rejection(&rejection, &state))?;
-    if state.endpoint(&name).is_none() {
+    if !state.snapshot().endpoints.contains_key(&name) {
         return Err(ApiError::unknown_model(&name).into());
     }
     let mut value: Value = parse_json(&body)?;
@@ -71,7 +71,9 @@ async fn serve_chat(
     start: Instant,
 ) -> Result<Response, ApiError> {
     let endpoint_name = request.model.clone();
-    let Some(endpoint) = state.endpoint(&endpoint_name) else {
+    // The endpoint is taken from the current state once; a reload during this request does
+    // not change what it runs on.
+    let Some(endpoint) = state.snapshot().endpoints.get(&endpoint_name).cloned() else {
         return Err(ApiError::unknown_model(&endpoint_name));
     };
     if request.messages.is_empty() {
@@ -94,7 +96,7 @@ async fn serve_chat(
                 api_key_id: None,
                 user: end_user(headers, &request),
             };
-            run_chain(chain, request, meta).await?
+            run_chain(&chain, request, meta).await?
         }
     };
     if stream {
@@ -286,11 +288,11 @@ fn done_event() -> Event {
 
 /// `GET /v1/models`: every endpoint, in OpenAI's list format.
 pub async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let data: Vec<_> = state
-        .0
+    let snapshot = state.snapshot();
+    let data: Vec<_> = snapshot
         .endpoint_order
         .iter()
-        .map(|name| json!({"id": name, "object": "model", "created": state.0.started_at, "owned_by": "switchyard"}))
+        .map(|name| json!({"id": name, "object": "model", "created": snapshot.loaded_at, "owned_by": "switchyard"}))
         .collect();
     Json(json!({"object": "list", "data": data}))
 }
@@ -302,7 +304,7 @@ pub async fn health() -> Json<serde_json::Value> {
 /// Ready once the config is loaded and every endpoint built, which [`crate::Gateway::new`]
 /// guarantees before the server starts.
 pub async fn ready(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({"status": "ready", "endpoints": state.0.endpoints.len()}))
+    Json(json!({"status": "ready", "endpoints": state.snapshot().endpoints.len()}))
 }
 
 pub async fn not_found(uri: Uri) -> ApiError {

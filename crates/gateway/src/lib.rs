@@ -1,46 +1,77 @@
 //! The Switchyard HTTP gateway.
 //!
 //! [`Config`] is loaded from TOML, [`Gateway::new`] turns it into live providers, routes and
-//! endpoints, [`Gateway::router`] is the axum app, and [`serve`] runs it until a shutdown signal,
-//! letting in-flight requests finish.
+//! endpoints (chains loaded from folders or the model store), [`Gateway::router`] is the axum
+//! app, and [`serve`] runs it until a shutdown signal, letting in-flight requests finish. A
+//! gateway made with [`Gateway::from_file`] can [`Gateway::reload`] its config (also on SIGHUP
+//! and `POST /admin/reload`): the new state is swapped in atomically, and requests already
+//! running finish on the state they started with.
 
+mod admin;
 mod config;
 mod error;
 mod extract;
 mod handlers;
 mod request_log;
+mod state;
 
-use std::collections::HashMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use http::HeaderName;
-use switchyard_core::{Chain, ChainFolder, ChainResources, Llm, Registry};
-use switchyard_providers::{MockProvider, OpenAiProvider, Route, Target};
+use switchyard_core::Registry;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use config::{
-    Config, ConfigError, ConfigProblem, EndpointConfig, EndpointKind, ProviderConfig, RouteConfig,
-    ServerConfig,
+    AuthConfig, ChainEndpointConfig, ChainSource, Config, ConfigError, ConfigProblem,
+    EndpointConfig, EndpointKind, ProviderConfig, RouteConfig, ServerConfig,
 };
 pub use error::{ApiError, MlflowError};
+pub(crate) use state::{ChainEndpoint, Endpoint, Snapshot};
 
-/// Errors that stop a gateway from starting.
+/// Errors that stop a gateway from starting or reloading.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("cannot build the HTTP client for upstream providers: {0}")]
     HttpClient(#[from] reqwest::Error),
     /// Endpoints that could not be loaded, each with why.
     #[error("{} endpoint(s) could not be loaded:{}", .0.len(), .0.iter().map(|p| format!("\n  - {p}")).collect::<String>())]
     Endpoints(Vec<String>),
+    #[error("this gateway was not started from a config file, so it cannot reload")]
+    NoConfigFile,
+    #[error("the reload task failed: {0}")]
+    ReloadTask(String),
 }
 
-/// A gateway built from a config: every endpoint resolved and ready to serve.
+/// Where a gateway's config comes from, for reloads.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// Overrides `[store] path` (the `--store` flag / `SWITCHYARD_STORE`).
+    pub store_override: Option<PathBuf>,
+}
+
+impl ConfigSource {
+    /// Reads the config file and applies the overrides.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = Config::load(&self.path)?;
+        if let Some(store) = &self.store_override {
+            config.store.clone_from(store);
+        }
+        Ok(config)
+    }
+}
+
+/// A gateway: its current state, and what it needs to rebuild it.
 #[derive(Clone)]
 pub struct Gateway {
     state: AppState,
@@ -48,120 +79,99 @@ pub struct Gateway {
 
 /// What handlers share. Cheap to clone.
 #[derive(Clone)]
-pub struct AppState(Arc<Inner>);
+pub struct AppState(Arc<Shared>);
 
-struct Inner {
-    endpoints: HashMap<String, Endpoint>,
-    /// Endpoint names in config order, for `GET /v1/models`.
-    endpoint_order: Vec<String>,
+struct Shared {
+    current: ArcSwap<Snapshot>,
+    registry: Registry,
+    client: reqwest::Client,
+    source: Option<ConfigSource>,
+    /// Fixed at start-up: the body limit is a layer of the router.
     max_body_bytes: usize,
-    started_at: u64,
-}
-
-/// A servable endpoint.
-#[derive(Clone)]
-pub(crate) enum Endpoint {
-    Route(Arc<Route>),
-    Chain(Arc<ChainEndpoint>),
-}
-
-/// A loaded chain with its templates and logical LLMs bound to routes.
-pub(crate) struct ChainEndpoint {
-    pub chain: Arc<dyn Chain>,
-    pub resources: Arc<ChainResources>,
+    listen: std::net::SocketAddr,
+    /// One reload at a time.
+    reload_lock: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
-    pub(crate) fn endpoint(&self, name: &str) -> Option<&Endpoint> {
-        self.0.endpoints.get(name)
+    /// The current state. Hold the `Arc` for the whole request.
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.0.current.load_full()
     }
 
     pub(crate) fn max_body_bytes(&self) -> usize {
         self.0.max_body_bytes
     }
+
+    pub(crate) fn gateway(&self) -> Gateway {
+        Gateway {
+            state: self.clone(),
+        }
+    }
 }
 
 impl Gateway {
-    /// Builds providers, routes and endpoints. The config has been validated, so every name
-    /// it refers to exists; chain endpoints are loaded from their folders and checked against
-    /// the compiled chains in `registry`, and every endpoint that fails is reported at once.
+    /// Builds providers, routes and endpoints from a validated config; chain endpoints are
+    /// loaded and checked against the compiled chains in `registry`, and every endpoint that
+    /// fails is reported at once.
     pub fn new(config: Config, registry: &Registry) -> Result<Self, GatewayError> {
+        Self::build(config, registry, None)
+    }
+
+    /// Like [`Gateway::new`], from a config file that [`Gateway::reload`] reads again.
+    pub fn from_file(source: ConfigSource, registry: &Registry) -> Result<Self, GatewayError> {
+        let config = source.load()?;
+        Self::build(config, registry, Some(source))
+    }
+
+    fn build(
+        config: Config,
+        registry: &Registry,
+        source: Option<ConfigSource>,
+    ) -> Result<Self, GatewayError> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()?;
-        let providers: HashMap<&str, Arc<dyn Llm>> = config
-            .providers
-            .iter()
-            .map(|(name, provider)| {
-                let llm: Arc<dyn Llm> = match provider {
-                    ProviderConfig::OpenAi { base_url, api_key } => Arc::new(OpenAiProvider::new(
-                        name.clone(),
-                        client.clone(),
-                        base_url,
-                        api_key.clone(),
-                    )),
-                    ProviderConfig::Mock(mock) => Arc::new(MockProvider::new(mock.clone())),
-                };
-                (name.as_str(), llm)
-            })
-            .collect();
-        let routes: HashMap<&str, Arc<Route>> = config
-            .routes
-            .iter()
-            .map(|(name, route)| {
-                let targets = route
-                    .targets
-                    .iter()
-                    .filter_map(|target| {
-                        Some(Target {
-                            provider_name: target.provider.clone(),
-                            provider: providers.get(target.provider.as_str())?.clone(),
-                            model: target.model.clone(),
-                        })
-                    })
-                    .collect();
-                (
-                    name.as_str(),
-                    Arc::new(Route::new(name.clone(), targets, route.settings)),
-                )
-            })
-            .collect();
-        let mut endpoints = HashMap::new();
-        let mut problems = Vec::new();
-        for endpoint in &config.endpoints {
-            let built = match &endpoint.kind {
-                EndpointKind::Route(route) => routes
-                    .get(route.as_str())
-                    .map(|route| Endpoint::Route(route.clone()))
-                    .ok_or_else(|| vec![format!("unknown route '{route}'")]),
-                EndpointKind::Chain { dir, config, llms } => {
-                    load_chain(dir, config.as_ref(), llms, registry, &routes).map(Endpoint::Chain)
-                }
-            };
-            match built {
-                Ok(built) => {
-                    endpoints.insert(endpoint.name.clone(), built);
-                }
-                Err(reasons) => problems.extend(
-                    reasons
-                        .into_iter()
-                        .map(|reason| format!("endpoint '{}': {reason}", endpoint.name)),
-                ),
-            }
-        }
-        if !problems.is_empty() {
-            return Err(GatewayError::Endpoints(problems));
+        let snapshot = state::build(&config, registry, &client).map_err(GatewayError::Endpoints)?;
+        if snapshot.admin_key.is_none() {
+            warn!(
+                "no [auth] admin_key: the admin API (/admin/*) is open to anyone who can reach the gateway"
+            );
         }
         Ok(Self {
-            state: AppState(Arc::new(Inner {
-                endpoint_order: config.endpoints.iter().map(|e| e.name.clone()).collect(),
-                endpoints,
+            state: AppState(Arc::new(Shared {
+                current: ArcSwap::from_pointee(snapshot),
+                registry: registry.clone(),
+                client,
+                source,
                 max_body_bytes: config.server.max_body_bytes,
-                started_at: handlers::unix_now(),
+                listen: config.server.listen,
+                reload_lock: tokio::sync::Mutex::new(()),
             })),
         })
+    }
+
+    /// Re-reads the config file, re-resolves `models:/` aliases and swaps the new state in.
+    /// On any error the running state stays as it was. Returns the number of endpoints.
+    /// (`[server]` settings need a restart.)
+    pub async fn reload(&self) -> Result<usize, GatewayError> {
+        let shared = &self.state.0;
+        let source = shared.source.clone().ok_or(GatewayError::NoConfigFile)?;
+        let _one_at_a_time = shared.reload_lock.lock().await;
+        let (registry, client) = (shared.registry.clone(), shared.client.clone());
+        // Reading config, chain folders and the store is file IO: keep it off the async workers.
+        let snapshot = tokio::task::spawn_blocking(move || -> Result<Snapshot, GatewayError> {
+            let config = source.load()?;
+            state::build(&config, &registry, &client).map_err(GatewayError::Endpoints)
+        })
+        .await
+        .map_err(|e| GatewayError::ReloadTask(e.to_string()))??;
+        let endpoints = snapshot.endpoints.len();
+        shared.current.store(Arc::new(snapshot));
+        info!(endpoints, "config reloaded");
+        Ok(endpoints)
     }
 
     /// The axum app: all routes and middleware.
@@ -173,6 +183,8 @@ impl Gateway {
             .route("/endpoints/{name}/invocations", post(handlers::invocations))
             .route("/health", get(handlers::health))
             .route("/ready", get(handlers::ready))
+            .route("/admin/endpoints", get(admin::endpoints))
+            .route("/admin/reload", post(admin::reload))
             .fallback(handlers::not_found)
             .layer(DefaultBodyLimit::max(self.state.max_body_bytes()))
             .layer(axum::middleware::from_fn(request_log::log_request))
@@ -181,58 +193,20 @@ impl Gateway {
             .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
             .with_state(self.state.clone())
     }
-}
 
-/// Loads a chain folder and binds its logical LLMs to routes.
-fn load_chain(
-    dir: &std::path::Path,
-    config_override: Option<&serde_json::Value>,
-    llm_override: &std::collections::BTreeMap<String, String>,
-    registry: &Registry,
-    routes: &HashMap<&str, Arc<Route>>,
-) -> Result<Arc<ChainEndpoint>, Vec<String>> {
-    let at = |problem: String| format!("{}: {problem}", dir.display());
-    let folder = ChainFolder::load(dir).map_err(|e| vec![e])?;
-    let loaded = folder
-        .instantiate(registry, config_override, llm_override)
-        .map_err(|problems| problems.into_iter().map(at).collect::<Vec<_>>())?;
-    if !loaded.code_matches {
-        // A development folder whose code differs from the build: say so, but serve.
-        warn!(
-            chain = loaded.entry.name,
-            folder = %dir.display(),
-            folder_code_sha256 = %loaded.folder_code_sha256,
-            compiled_code_sha256 = loaded.entry.code_sha256,
-            "the chain folder's code differs from the code compiled into this binary; rebuild to serve it"
-        );
+    /// `[server] listen` of the config the gateway started with.
+    pub fn listen_address(&self) -> std::net::SocketAddr {
+        self.state.0.listen
     }
-    let mut llms: HashMap<String, Arc<dyn Llm>> = HashMap::new();
-    let mut problems = Vec::new();
-    for (logical, route) in &loaded.llms {
-        match routes.get(route.as_str()) {
-            Some(route) => {
-                llms.insert(logical.clone(), route.clone());
-            }
-            None => problems.push(at(format!(
-                "[llms] {logical} = '{route}': no such route in the gateway config"
-            ))),
-        }
+
+    /// Where this gateway's config comes from, if it was started from a file.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.state.0.source.as_ref().map(|s| s.path.as_path())
     }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    Ok(Arc::new(ChainEndpoint {
-        chain: loaded.chain,
-        resources: Arc::new(ChainResources {
-            chain: loaded.entry.name.to_owned(),
-            prompts: loaded.prompts,
-            llms,
-        }),
-    }))
 }
 
 /// Serves the gateway on `listener` until `shutdown` completes; then stops accepting and waits
-/// for in-flight requests (streams included) to finish.
+/// for in-flight requests (streams included) to finish. On Unix, SIGHUP reloads the config.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     gateway: Gateway,
@@ -240,18 +214,44 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
     let address = listener.local_addr()?;
-    info!(%address, endpoints = gateway.state.0.endpoints.len(), "switchyard listening");
+    info!(%address, endpoints = gateway.state.snapshot().endpoints.len(), "switchyard listening");
     let listener = listener.tap_io(|tcp| {
         if let Err(error) = tcp.set_nodelay(true) {
             warn!(%error, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, gateway.router())
+    let reloader = tokio::spawn(reload_on_sighup(gateway.clone()));
+    let served = axum::serve(listener, gateway.router())
         .with_graceful_shutdown(shutdown)
-        .await?;
+        .await;
+    reloader.abort();
+    served?;
     info!("switchyard stopped");
     Ok(())
 }
+
+#[cfg(unix)]
+async fn reload_on_sighup(gateway: Gateway) {
+    if gateway.config_path().is_none() {
+        return;
+    }
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            warn!(%error, "cannot listen for SIGHUP; reload with POST /admin/reload");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        info!("SIGHUP: reloading the config");
+        if let Err(error) = gateway.reload().await {
+            error!(%error, "reload failed; still serving the previous config");
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn reload_on_sighup(_gateway: Gateway) {}
 
 /// Completes on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {

@@ -1,0 +1,63 @@
+//! The admin API: what is loaded, and reloading. Guarded by `[auth] admin_key` when set.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// `GET /admin/endpoints`: each endpoint's kind, URI, resolved version and hashes.
+pub async fn endpoints(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let snapshot = state.snapshot();
+    authorize(snapshot.admin_key.as_ref(), &headers)?;
+    Ok(Json(
+        json!({"loaded_at": snapshot.loaded_at, "endpoints": snapshot.endpoint_infos}),
+    ))
+}
+
+/// `POST /admin/reload`: re-read the config and re-resolve aliases. A broken config keeps the
+/// running state and answers 400 with every reason.
+pub async fn reload(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(state.snapshot().admin_key.as_ref(), &headers)?;
+    match state.gateway().reload().await {
+        Ok(endpoints) => Ok(Json(json!({"status": "reloaded", "endpoints": endpoints}))),
+        Err(error) => {
+            tracing::error!(%error, "reload failed; still serving the previous config");
+            Err(ApiError::bad_request(
+                format!("reload failed, still serving the previous config: {error}"),
+                None,
+            ))
+        }
+    }
+}
+
+/// Checks `Authorization: Bearer <admin key>` in constant time.
+fn authorize(
+    admin_key: Option<&switchyard_core::Secret>,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    let Some(expected) = admin_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized(
+            "the admin API needs `Authorization: Bearer <admin key>`",
+        ))
+    }
+}

@@ -1,0 +1,239 @@
+//! Building the live state of a gateway from a config: providers, routes and endpoints, with
+//! chains loaded from their folders or from the model store.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use switchyard_core::{Chain, ChainFolder, ChainResources, Llm, LoadedChain, Registry, Secret};
+use switchyard_providers::{MockProvider, OpenAiProvider, Route, Target};
+use switchyard_store::{ModelUri, Store};
+use tracing::warn;
+
+use crate::config::{ChainEndpointConfig, ChainSource, Config, EndpointKind, ProviderConfig};
+
+/// One generation of the gateway's state. Requests hold an `Arc` to the generation they
+/// started on, so a reload never changes what an in-flight request sees.
+pub(crate) struct Snapshot {
+    pub endpoints: HashMap<String, Endpoint>,
+    /// Endpoint names in config order, for `GET /v1/models`.
+    pub endpoint_order: Vec<String>,
+    /// What `GET /admin/endpoints` shows, in config order.
+    pub endpoint_infos: Vec<Value>,
+    pub admin_key: Option<Secret>,
+    pub loaded_at: u64,
+}
+
+/// A servable endpoint.
+#[derive(Clone)]
+pub(crate) enum Endpoint {
+    Route(Arc<Route>),
+    Chain(Arc<ChainEndpoint>),
+}
+
+/// A loaded chain with its templates and logical LLMs bound to routes.
+pub(crate) struct ChainEndpoint {
+    pub chain: Arc<dyn Chain>,
+    pub resources: Arc<ChainResources>,
+}
+
+/// Builds a snapshot. The config has been validated, so the names it uses exist; chain
+/// endpoints are loaded and checked, and every endpoint that fails is reported.
+pub(crate) fn build(
+    config: &Config,
+    registry: &Registry,
+    client: &reqwest::Client,
+) -> Result<Snapshot, Vec<String>> {
+    let providers: HashMap<&str, Arc<dyn Llm>> = config
+        .providers
+        .iter()
+        .map(|(name, provider)| {
+            let llm: Arc<dyn Llm> = match provider {
+                ProviderConfig::OpenAi { base_url, api_key } => Arc::new(OpenAiProvider::new(
+                    name.clone(),
+                    client.clone(),
+                    base_url,
+                    api_key.clone(),
+                )),
+                ProviderConfig::Mock(mock) => Arc::new(MockProvider::new(mock.clone())),
+            };
+            (name.as_str(), llm)
+        })
+        .collect();
+    let routes: HashMap<&str, Arc<Route>> = config
+        .routes
+        .iter()
+        .map(|(name, route)| {
+            let targets = route
+                .targets
+                .iter()
+                .filter_map(|target| {
+                    Some(Target {
+                        provider_name: target.provider.clone(),
+                        provider: providers.get(target.provider.as_str())?.clone(),
+                        model: target.model.clone(),
+                    })
+                })
+                .collect();
+            (
+                name.as_str(),
+                Arc::new(Route::new(name.clone(), targets, route.settings)),
+            )
+        })
+        .collect();
+
+    let store = Store::new(&config.store);
+    let mut endpoints = HashMap::new();
+    let mut infos = Vec::new();
+    let mut problems = Vec::new();
+    for endpoint in &config.endpoints {
+        let built = match &endpoint.kind {
+            EndpointKind::Route(route) => routes
+                .get(route.as_str())
+                .map(|r| {
+                    (
+                        Endpoint::Route(r.clone()),
+                        json!({"kind": "route", "route": route}),
+                    )
+                })
+                .ok_or_else(|| vec![format!("unknown route '{route}'")]),
+            EndpointKind::Chain(chain) => load_chain(chain, registry, &store, &routes)
+                .map(|(built, info)| (Endpoint::Chain(built), info)),
+        };
+        match built {
+            Ok((built, mut info)) => {
+                if let Some(object) = info.as_object_mut() {
+                    object.insert("name".to_owned(), json!(endpoint.name));
+                }
+                infos.push(info);
+                endpoints.insert(endpoint.name.clone(), built);
+            }
+            Err(reasons) => problems.extend(
+                reasons
+                    .into_iter()
+                    .map(|reason| format!("endpoint '{}': {reason}", endpoint.name)),
+            ),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Snapshot {
+        endpoint_order: config.endpoints.iter().map(|e| e.name.clone()).collect(),
+        endpoints,
+        endpoint_infos: infos,
+        admin_key: config.auth.admin_key.clone(),
+        loaded_at: crate::handlers::unix_now(),
+    })
+}
+
+/// Loads a chain endpoint (from the store or a folder) and binds its logical LLMs to routes.
+fn load_chain(
+    endpoint: &ChainEndpointConfig,
+    registry: &Registry,
+    store: &Store,
+    routes: &HashMap<&str, Arc<Route>>,
+) -> Result<(Arc<ChainEndpoint>, Value), Vec<String>> {
+    let (folder, mut info) = match &endpoint.source {
+        ChainSource::Dir(dir) => (
+            ChainFolder::load(dir).map_err(|e| vec![e])?,
+            json!({"chain_dir": dir}),
+        ),
+        ChainSource::Logged(uri) => load_logged(uri, store)?,
+    };
+    let at = |problem: String| format!("{}: {problem}", folder.dir.display());
+    let loaded = folder
+        .instantiate(registry, endpoint.config.as_ref(), &endpoint.llms)
+        .map_err(|problems| problems.into_iter().map(at).collect::<Vec<_>>())?;
+    check_code(&endpoint.source, &loaded, endpoint.allow_code_mismatch)?;
+
+    let mut llms: HashMap<String, Arc<dyn Llm>> = HashMap::new();
+    let mut problems = Vec::new();
+    for (logical, route) in &loaded.llms {
+        match routes.get(route.as_str()) {
+            Some(route) => {
+                llms.insert(logical.clone(), route.clone());
+            }
+            None => problems.push(at(format!(
+                "[llms] {logical} = '{route}': no such route in the gateway config"
+            ))),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    if let Some(object) = info.as_object_mut() {
+        object.insert("kind".to_owned(), json!("chain"));
+        object.insert("chain".to_owned(), json!(loaded.entry.name));
+        object.insert("code_sha256".to_owned(), json!(loaded.folder_code_sha256));
+        object.insert(
+            "compiled_code_sha256".to_owned(),
+            json!(loaded.entry.code_sha256),
+        );
+        object.insert("code_matches".to_owned(), json!(loaded.code_matches));
+        object.insert("llms".to_owned(), json!(loaded.llms));
+        object.insert("config".to_owned(), loaded.config.clone());
+    }
+    let endpoint = ChainEndpoint {
+        chain: loaded.chain,
+        resources: Arc::new(ChainResources {
+            chain: loaded.entry.name.to_owned(),
+            prompts: loaded.prompts,
+            llms,
+        }),
+    };
+    Ok((Arc::new(endpoint), info))
+}
+
+/// Resolves a logged chain and checks that its files are what was logged.
+fn load_logged(uri: &ModelUri, store: &Store) -> Result<(ChainFolder, Value), Vec<String>> {
+    let version = store.resolve(uri).map_err(|e| vec![e.to_string()])?;
+    let (flavor, code) = store
+        .verify_chain(&version)
+        .map_err(|e| vec![e.to_string()])?;
+    let folder = ChainFolder::load(&code).map_err(|e| vec![e])?;
+    let info = json!({
+        "uri": uri.to_string(),
+        "resolved": version.uri(),
+        "version": version.version,
+        "model_uuid": version.mlmodel.model_uuid,
+        "content_sha256": flavor.content_sha256,
+        "logged_code_sha256": flavor.code_sha256,
+    });
+    Ok((folder, info))
+}
+
+/// The gateway never silently serves code other than what was logged: a logged chain whose
+/// code differs from the compiled chain is refused unless the endpoint allows it. A chain folder
+/// is development, so a difference there is a warning.
+fn check_code(
+    source: &ChainSource,
+    loaded: &LoadedChain,
+    allow_mismatch: bool,
+) -> Result<(), Vec<String>> {
+    if loaded.code_matches {
+        return Ok(());
+    }
+    let chain = loaded.entry.name;
+    match source {
+        ChainSource::Logged(uri) if !allow_mismatch => Err(vec![format!(
+            "{uri} was logged with code_sha256 {logged}, but the '{chain}' chain compiled into this binary has \
+             code_sha256 {compiled}. Serve the logged code by rebuilding from it \
+             (`switchyard models restore {uri} chains/{chain}`, then rebuild), log the current code \
+             (`switchyard log chain chains/{chain} --name {name}`), or set `allow_code_mismatch = true` \
+             on the endpoint (development only)",
+            logged = loaded.folder_code_sha256,
+            compiled = loaded.entry.code_sha256,
+            name = uri.name,
+        )]),
+        _ => {
+            warn!(
+                chain,
+                folder_code_sha256 = %loaded.folder_code_sha256,
+                compiled_code_sha256 = loaded.entry.code_sha256,
+                "serving a chain whose code differs from the code compiled into this binary"
+            );
+            Ok(())
+        }
+    }
+}
