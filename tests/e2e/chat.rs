@@ -216,7 +216,10 @@ async fn models_lists_endpoints_in_config_order_and_health_answers() {
         .json()
         .await
         .unwrap();
-    assert_eq!(ready, json!({"status": "ready", "endpoints": 2}));
+    assert_eq!(
+        ready,
+        json!({"status": "ready", "endpoints": 2, "rate_limiter": "ok"})
+    );
 }
 
 /// The quickstart config (what the README runs) serves offline on the mock provider.

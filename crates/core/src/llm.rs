@@ -43,6 +43,8 @@ pub enum LlmErrorKind {
     StreamInterrupted,
     /// The request itself is not acceptable to this target (e.g. a mock asked to fail).
     BadRequest,
+    /// The gateway's own cap on calls to this provider is reached and no slot freed in time.
+    Overloaded,
 }
 
 /// A failed LLM call. `message` never contains credentials.
@@ -75,7 +77,8 @@ impl LlmError {
             }
             LlmErrorKind::InvalidResponse
             | LlmErrorKind::StreamInterrupted
-            | LlmErrorKind::BadRequest => false,
+            | LlmErrorKind::BadRequest
+            | LlmErrorKind::Overloaded => false,
         }
     }
 
@@ -97,6 +100,7 @@ impl fmt::Display for LlmErrorKind {
             LlmErrorKind::InvalidResponse => f.write_str("invalid upstream response"),
             LlmErrorKind::StreamInterrupted => f.write_str("stream interrupted"),
             LlmErrorKind::BadRequest => f.write_str("bad request"),
+            LlmErrorKind::Overloaded => f.write_str("provider at its concurrency cap"),
         }
     }
 }

@@ -22,6 +22,8 @@ use switchyard_store::ModelUri;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
+    pub limits: Vec<LimitRule>,
+    pub limits_store: LimitsStoreConfig,
     /// The model store `models:/` endpoints load from.
     pub store: PathBuf,
     pub auth: AuthConfig,
@@ -35,6 +37,75 @@ pub struct Config {
 pub struct AuthConfig {
     /// Guards `/admin/*`. Without it the admin API is open (a warning says so at start-up).
     pub admin_key: Option<Secret>,
+    /// Client API keys. Without any the gateway is open (a warning says so at start-up).
+    pub keys: Vec<ApiKeyConfig>,
+}
+
+/// One client API key: an id for logs, metrics and limits, and the SHA-256 of the secret.
+#[derive(Debug, Clone)]
+pub struct ApiKeyConfig {
+    pub id: String,
+    pub sha256: [u8; 32],
+    /// The endpoints this key may call; `None` = all.
+    pub endpoints: Option<Vec<String>>,
+}
+
+/// What a rate-limit rule counts by. Rules key their counters by the values of their scopes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitScope {
+    Global,
+    Endpoint,
+    ApiKey,
+    User,
+}
+
+/// One `[[limits]]` rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitRule {
+    pub scope: Vec<LimitScope>,
+    /// Only these endpoints; `None` = all.
+    pub endpoints: Option<Vec<String>>,
+    /// Requests per `period`, plus `burst` more at once.
+    pub requests: Option<RateConfig>,
+    pub tokens_per_minute: Option<u64>,
+    /// Completion tokens reserved for a request without `max_tokens`.
+    pub default_max_tokens: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateConfig {
+    pub count: u64,
+    pub period: Duration,
+    pub burst: u64,
+}
+
+/// `[limits_store]`: where counters live.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum LimitsStoreConfig {
+    #[default]
+    Memory,
+    Redis {
+        url: String,
+        /// Deny or allow requests while Redis cannot be reached.
+        on_error: OnError,
+        timeout: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    Deny,
+    Allow,
+}
+
+/// `max_concurrency` of a provider: at most `max` calls in flight; more wait up to
+/// `queue_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConcurrencyCap {
+    pub max: usize,
+    pub queue_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -45,7 +116,13 @@ pub struct ServerConfig {
 }
 
 #[derive(Debug, Clone)]
-pub enum ProviderConfig {
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    pub concurrency: Option<ConcurrencyCap>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ProviderKind {
     OpenAi {
         base_url: String,
         api_key: Option<Secret>,
@@ -204,8 +281,23 @@ enum RawProvider {
         base_url: String,
         #[serde(default)]
         api_key: Option<String>,
+        #[serde(default)]
+        max_concurrency: Option<usize>,
+        #[serde(default)]
+        queue_timeout_ms: Option<u64>,
     },
-    Mock(MockConfig),
+    Mock {
+        #[serde(default)]
+        reply: Option<String>,
+        #[serde(default)]
+        chunks: Option<usize>,
+        #[serde(default)]
+        latency_ms: u64,
+        #[serde(default)]
+        max_concurrency: Option<usize>,
+        #[serde(default)]
+        queue_timeout_ms: Option<u64>,
+    },
 }
 
 fn default_openai_base_url() -> String {
@@ -303,12 +395,68 @@ struct RawStore {
 struct RawAuth {
     #[serde(default)]
     admin_key: Option<String>,
+    #[serde(default)]
+    keys: Vec<RawApiKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApiKey {
+    id: String,
+    /// The environment variable holding the key.
+    #[serde(default)]
+    key_env: Option<String>,
+    /// Or the hex SHA-256 of the key, so the key itself is stored nowhere.
+    #[serde(default)]
+    key_sha256: Option<String>,
+    #[serde(default)]
+    endpoints: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    scope: Vec<LimitScope>,
+    #[serde(default)]
+    endpoints: Option<Vec<String>>,
+    #[serde(default)]
+    requests_per_second: Option<u64>,
+    #[serde(default)]
+    requests_per_minute: Option<u64>,
+    #[serde(default)]
+    burst: u64,
+    #[serde(default)]
+    tokens_per_minute: Option<u64>,
+    #[serde(default = "default_max_tokens_estimate")]
+    default_max_tokens: u64,
+}
+
+fn default_max_tokens_estimate() -> u64 {
+    1024
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+enum RawLimitsStore {
+    Memory,
+    Redis {
+        url: String,
+        on_error: OnError,
+        #[serde(default = "default_redis_timeout_ms")]
+        timeout_ms: u64,
+    },
+}
+
+fn default_redis_timeout_ms() -> u64 {
+    200
 }
 
 const SECTIONS: &[&str] = &[
     "server",
     "store",
     "auth",
+    "limits",
+    "limits_store",
     "providers",
     "routes",
     "endpoints",
@@ -344,19 +492,13 @@ fn compile(
         Some(value) => problems.take::<RawAuth>("auth", value),
         None => Some(RawAuth::default()),
     }
-    .and_then(|raw| {
-        let admin_key = match raw.admin_key {
-            None => None,
-            Some(reference) => match resolve_secret(&reference, env) {
-                Ok(secret) => Some(secret),
-                Err(message) => {
-                    problems.add("auth.admin_key", message);
-                    return None;
-                }
-            },
-        };
-        Some(AuthConfig { admin_key })
-    });
+    .and_then(|raw| compile_auth(raw, env, problems));
+    let limits_store = match table.remove("limits_store") {
+        Some(value) => problems
+            .take::<RawLimitsStore>("limits_store", value)
+            .and_then(|raw| compile_limits_store(raw, problems)),
+        None => Some(LimitsStoreConfig::Memory),
+    };
 
     let providers: BTreeMap<String, ProviderConfig> =
         named_items(&mut table, "providers", problems)
@@ -388,8 +530,23 @@ fn compile(
     }
 
     let endpoints = compile_endpoints(&mut table, &routes, problems);
+    let limits = compile_limits(&mut table, &endpoints, problems);
+    if let Some(auth) = &auth {
+        for (i, key) in auth.keys.iter().enumerate() {
+            for endpoint in key.endpoints.iter().flatten() {
+                if !endpoints.iter().any(|e| &e.name == endpoint) {
+                    problems.add(
+                        format!("auth.keys[{i}].endpoints"),
+                        format!("unknown endpoint '{endpoint}'"),
+                    );
+                }
+            }
+        }
+    }
     Some(Config {
         server: server?,
+        limits,
+        limits_store: limits_store?,
         store: store?,
         auth: auth?,
         providers,
@@ -458,37 +615,251 @@ fn compile_provider(
     env: &dyn Fn(&str) -> Option<String>,
     problems: &mut Problems,
 ) -> Option<ProviderConfig> {
-    match raw {
-        RawProvider::OpenAi { base_url, api_key } => {
-            let mut ok = true;
+    let before = problems.0.len();
+    let (kind, max_concurrency, queue_timeout_ms) = match raw {
+        RawProvider::OpenAi {
+            base_url,
+            api_key,
+            max_concurrency,
+            queue_timeout_ms,
+        } => {
             if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
                 problems.add(
                     format!("providers.{name}.base_url"),
                     format!("'{base_url}' is not an http:// or https:// URL"),
                 );
-                ok = false;
             }
-            let api_key = match api_key {
-                None => None,
-                Some(reference) => match resolve_secret(&reference, env) {
-                    Ok(secret) => Some(secret),
-                    Err(message) => {
-                        problems.add(format!("providers.{name}.api_key"), message);
-                        ok = false;
-                        None
-                    }
-                },
-            };
-            ok.then_some(ProviderConfig::OpenAi { base_url, api_key })
+            let api_key = api_key.and_then(|reference| match resolve_secret(&reference, env) {
+                Ok(secret) => Some(secret),
+                Err(message) => {
+                    problems.add(format!("providers.{name}.api_key"), message);
+                    None
+                }
+            });
+            (
+                ProviderKind::OpenAi { base_url, api_key },
+                max_concurrency,
+                queue_timeout_ms,
+            )
         }
-        RawProvider::Mock(mock) => {
-            if mock.chunks == 0 {
+        RawProvider::Mock {
+            reply,
+            chunks,
+            latency_ms,
+            max_concurrency,
+            queue_timeout_ms,
+        } => {
+            let chunks = chunks.unwrap_or(MockConfig::default().chunks);
+            if chunks == 0 {
                 problems.add(format!("providers.{name}.chunks"), "must be at least 1");
-                return None;
             }
-            Some(ProviderConfig::Mock(mock))
+            let mock = MockConfig {
+                reply,
+                chunks,
+                latency_ms,
+            };
+            (ProviderKind::Mock(mock), max_concurrency, queue_timeout_ms)
+        }
+    };
+    let concurrency = match max_concurrency {
+        Some(0) => {
+            problems.add(
+                format!("providers.{name}.max_concurrency"),
+                "must be at least 1",
+            );
+            None
+        }
+        Some(max) => Some(ConcurrencyCap {
+            max,
+            queue_timeout: Duration::from_millis(queue_timeout_ms.unwrap_or(5_000)),
+        }),
+        None => {
+            if queue_timeout_ms.is_some() {
+                problems.add(
+                    format!("providers.{name}.queue_timeout_ms"),
+                    "applies only with max_concurrency",
+                );
+            }
+            None
+        }
+    };
+    (problems.0.len() == before).then_some(ProviderConfig { kind, concurrency })
+}
+
+fn compile_auth(
+    raw: RawAuth,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<AuthConfig> {
+    let before = problems.0.len();
+    let admin_key = raw
+        .admin_key
+        .and_then(|reference| match resolve_secret(&reference, env) {
+            Ok(secret) => Some(secret),
+            Err(message) => {
+                problems.add("auth.admin_key", message);
+                None
+            }
+        });
+    let mut ids = HashSet::new();
+    let mut keys = Vec::new();
+    for (i, key) in raw.keys.into_iter().enumerate() {
+        let path = format!("auth.keys[{i}]");
+        if let Err(message) = check_name(&key.id) {
+            problems.add(format!("{path}.id"), message);
+        }
+        if !ids.insert(key.id.clone()) {
+            problems.add(
+                format!("{path}.id"),
+                format!("key id '{}' is used twice", key.id),
+            );
+        }
+        let sha256 = match (key.key_env, key.key_sha256) {
+            (Some(var), None) => match env(&var) {
+                Some(value) if !value.is_empty() => Some(crate::auth::sha256(value.as_bytes())),
+                _ => {
+                    problems.add(
+                        format!("{path}.key_env"),
+                        format!("environment variable {var} is not set"),
+                    );
+                    None
+                }
+            },
+            (None, Some(hex)) => match crate::auth::parse_sha256_hex(&hex) {
+                Some(digest) => Some(digest),
+                None => {
+                    problems.add(
+                        format!("{path}.key_sha256"),
+                        "must be 64 hex characters (the SHA-256 of the key)",
+                    );
+                    None
+                }
+            },
+            _ => {
+                problems.add(
+                    &path,
+                    "give exactly one of `key_env` (an environment variable) or `key_sha256`",
+                );
+                None
+            }
+        };
+        if let Some(sha256) = sha256 {
+            keys.push(ApiKeyConfig {
+                id: key.id,
+                sha256,
+                endpoints: key.endpoints,
+            });
         }
     }
+    (problems.0.len() == before).then_some(AuthConfig { admin_key, keys })
+}
+
+fn compile_limits_store(raw: RawLimitsStore, problems: &mut Problems) -> Option<LimitsStoreConfig> {
+    match raw {
+        RawLimitsStore::Memory => Some(LimitsStoreConfig::Memory),
+        RawLimitsStore::Redis {
+            url,
+            on_error,
+            timeout_ms,
+        } => {
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("unix://"))
+            {
+                problems.add("limits_store.url", format!("'{url}' is not a redis:// URL"));
+                return None;
+            }
+            if timeout_ms == 0 {
+                problems.add("limits_store.timeout_ms", "must be greater than 0");
+                return None;
+            }
+            Some(LimitsStoreConfig::Redis {
+                url,
+                on_error,
+                timeout: Duration::from_millis(timeout_ms),
+            })
+        }
+    }
+}
+
+fn compile_limits(
+    table: &mut toml::Table,
+    endpoints: &[EndpointConfig],
+    problems: &mut Problems,
+) -> Vec<LimitRule> {
+    let Some(value) = table.remove("limits") else {
+        return Vec::new();
+    };
+    let toml::Value::Array(items) = value else {
+        problems.add("limits", "expected an array of tables ([[limits]])");
+        return Vec::new();
+    };
+    let mut rules = Vec::new();
+    for (i, value) in items.into_iter().enumerate() {
+        let path = format!("limits[{i}]");
+        let Some(raw) = problems.take::<RawLimit>(&path, value) else {
+            continue;
+        };
+        let before = problems.0.len();
+        if raw.scope.is_empty() {
+            problems.add(
+                format!("{path}.scope"),
+                "name at least one of global, endpoint, api_key, user",
+            );
+        }
+        for endpoint in raw.endpoints.iter().flatten() {
+            if !endpoints.iter().any(|e| &e.name == endpoint) {
+                problems.add(
+                    format!("{path}.endpoints"),
+                    format!("unknown endpoint '{endpoint}'"),
+                );
+            }
+        }
+        let requests = match (raw.requests_per_second, raw.requests_per_minute) {
+            (Some(count), None) => Some((count, Duration::from_secs(1))),
+            (None, Some(count)) => Some((count, Duration::from_secs(60))),
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                problems.add(
+                    &path,
+                    "give requests_per_second or requests_per_minute, not both",
+                );
+                None
+            }
+        };
+        if requests.is_some_and(|(count, _)| count == 0) || raw.tokens_per_minute == Some(0) {
+            problems.add(
+                &path,
+                "a limit of 0 would refuse everything; remove the endpoint instead",
+            );
+        }
+        if requests.is_none() && raw.tokens_per_minute.is_none() {
+            problems.add(
+                &path,
+                "a rule needs requests_per_second, requests_per_minute or tokens_per_minute",
+            );
+        }
+        if requests.is_none() && raw.burst > 0 {
+            problems.add(format!("{path}.burst"), "applies to request limits only");
+        }
+        if problems.0.len() > before {
+            continue;
+        }
+        let mut scope = raw.scope;
+        scope.dedup();
+        rules.push(LimitRule {
+            scope,
+            endpoints: raw.endpoints,
+            requests: requests.map(|(count, period)| RateConfig {
+                count,
+                period,
+                burst: raw.burst,
+            }),
+            tokens_per_minute: raw.tokens_per_minute,
+            default_max_tokens: raw.default_max_tokens,
+        });
+    }
+    rules
 }
 
 /// Secrets are written as `${ENV_VAR}` and read from the environment; a literal value is refused
@@ -722,7 +1093,7 @@ mod tests {
             config.routes["default"].settings.first_token_timeout,
             Duration::from_secs(1)
         );
-        let ProviderConfig::OpenAi { api_key, .. } = &config.providers["openai"] else {
+        let ProviderKind::OpenAi { api_key, .. } = &config.providers["openai"].kind else {
             panic!("not openai");
         };
         assert_eq!(api_key.as_ref().unwrap().expose(), "sk-test-secret");

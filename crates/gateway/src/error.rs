@@ -25,6 +25,8 @@ pub struct ApiError {
     /// The request field at fault, e.g. `messages[0].role`.
     pub param: Option<String>,
     pub retry_after: Option<Duration>,
+    /// Extra response headers (rate-limit state on a 429); boxed, as most errors have none.
+    pub headers: Option<Box<Vec<(http::HeaderName, HeaderValue)>>>,
 }
 
 impl ApiError {
@@ -36,6 +38,7 @@ impl ApiError {
             code: None,
             param: None,
             retry_after: None,
+            headers: None,
         }
     }
 
@@ -63,6 +66,29 @@ impl ApiError {
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
             .with_code("invalid_api_key")
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "invalid_request_error", message)
+            .with_code("endpoint_not_allowed")
+    }
+
+    /// A request a rate limit refused.
+    pub fn rate_limited(message: impl Into<String>, retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+                .with_code("rate_limit_exceeded")
+        }
+    }
+
+    /// The rate limiter's store is down and the policy is to deny.
+    pub fn limiter_unavailable(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(Duration::from_secs(1)),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", message)
+                .with_code("rate_limiter_unavailable")
+        }
     }
 
     pub fn payload_too_large(limit: usize) -> Self {
@@ -131,6 +157,8 @@ fn mlflow_error_code(error: &ApiError) -> &'static str {
         400 if error.param.is_some() => "INVALID_PARAMETER_VALUE",
         400 | 413 => "BAD_REQUEST",
         404 => "RESOURCE_DOES_NOT_EXIST",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
         429 => "REQUEST_LIMIT_EXCEEDED",
         502 | 503 => "TEMPORARILY_UNAVAILABLE",
         504 => "DEADLINE_EXCEEDED",
@@ -155,6 +183,9 @@ impl IntoResponse for MlflowError {
         let mut response = (self.0.status, Json(body)).into_response();
         if let Some(value) = retry_after_header(self.0.retry_after) {
             response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        for (name, value) in self.0.headers.into_iter().flat_map(|h| *h) {
+            response.headers_mut().insert(name, value);
         }
         response
     }
@@ -194,6 +225,11 @@ impl From<LlmError> for ApiError {
             LlmErrorKind::BadRequest => {
                 Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
             }
+            LlmErrorKind::Overloaded => Self {
+                retry_after: Some(Duration::from_secs(1)),
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", message)
+                    .with_code("provider_overloaded")
+            },
             // 401/403 from an upstream mean the gateway's provider credentials are wrong, which is
             // not the client's fault; everything else is an upstream failure.
             LlmErrorKind::Status { .. }
@@ -211,6 +247,9 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, Json(self.openai_body())).into_response();
         if let Some(value) = retry_after_header(self.retry_after) {
             response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        for (name, value) in self.headers.into_iter().flat_map(|h| *h) {
+            response.headers_mut().insert(name, value);
         }
         response
     }

@@ -21,8 +21,9 @@ use tracing::{error, info, warn};
 
 use crate::error::{ApiError, MlflowError};
 use crate::extract::{OpenAiJson, body_rejection, from_value, parse_json};
+use crate::limits::{Admission, Caller};
 use crate::request_log::{RequestInfo, RequestStart, millis, request_id};
-use crate::{AppState, ChainEndpoint, Endpoint};
+use crate::{AppState, ChainEndpoint, Endpoint, auth};
 
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -51,9 +52,6 @@ pub async fn invocations(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, MlflowError> {
     let body = body.map_err(|rejection| body_rejection(&rejection, &state))?;
-    if !state.snapshot().endpoints.contains_key(&name) {
-        return Err(ApiError::unknown_model(&name).into());
-    }
     let mut value: Value = parse_json(&body)?;
     let Some(object) = value.as_object_mut() else {
         return Err(ApiError::bad_request("the request body must be a JSON object", None).into());
@@ -63,19 +61,23 @@ pub async fn invocations(
     Ok(serve_chat(&state, request, &headers, start).await?)
 }
 
-/// Serves a chat request on the endpoint its `model` names, as JSON or as an SSE stream.
+/// Serves a chat request on the endpoint its `model` names, as JSON or as an SSE stream:
+/// authenticate, find the endpoint, check the key may call it, admit it through the rate limits,
+/// run the route or chain, settle token usage.
 async fn serve_chat(
     state: &AppState,
-    request: ChatRequest,
+    mut request: ChatRequest,
     headers: &HeaderMap,
     start: Instant,
 ) -> Result<Response, ApiError> {
+    // One state for the whole request: a reload while it runs does not change what it runs on.
+    let snapshot = state.snapshot();
+    let key = auth::authenticate(&snapshot.keys, headers)?;
     let endpoint_name = request.model.clone();
-    // The endpoint is taken from the current state once; a reload during this request does
-    // not change what it runs on.
-    let Some(endpoint) = state.snapshot().endpoints.get(&endpoint_name).cloned() else {
+    let Some(endpoint) = snapshot.endpoints.get(&endpoint_name).cloned() else {
         return Err(ApiError::unknown_model(&endpoint_name));
     };
+    auth::check_endpoint(key, &endpoint_name)?;
     if request.messages.is_empty() {
         return Err(ApiError::bad_request(
             "'messages' must contain at least one message",
@@ -83,23 +85,57 @@ async fn serve_chat(
         ));
     }
     let request_id = request_id(headers);
+    let user = end_user(headers, &request);
+    let key_id = key.map(|k| k.id.clone());
+    let caller = Caller {
+        endpoint: &endpoint_name,
+        api_key: key_id.as_deref(),
+        user: user.as_deref(),
+    };
+    let admission = snapshot.limits.admit(&caller, &request).await?;
+    drop(snapshot);
+
     let stream = request.is_stream();
-    let include_usage = request.wants_stream_usage();
+    let client_wants_usage = request.wants_stream_usage();
+    // Token limits settle with the real usage, so a stream must report it; the client gets the
+    // usage chunk only if it asked for it.
+    let strip_usage = stream && admission.has_reservations() && !client_wants_usage;
+    if strip_usage {
+        request.stream_options.get_or_insert_default().include_usage = Some(true);
+    }
     let upstream_start = Instant::now();
-    let output = match endpoint {
-        Endpoint::Route(route) if stream => ChainOutput::Stream(route.chat_stream(request).await?),
-        Endpoint::Route(route) => ChainOutput::Response(route.chat(request).await?),
+    let output = match &endpoint {
+        Endpoint::Route(route) if stream => route
+            .chat_stream(request)
+            .await
+            .map(ChainOutput::Stream)
+            .map_err(ApiError::from),
+        Endpoint::Route(route) => route
+            .chat(request)
+            .await
+            .map(ChainOutput::Response)
+            .map_err(ApiError::from),
         Endpoint::Chain(chain) => {
             let meta = RequestMeta {
                 endpoint: endpoint_name.clone(),
                 request_id: request_id.clone(),
-                api_key_id: None,
-                user: end_user(headers, &request),
+                api_key_id: key_id,
+                user,
             };
-            run_chain(&chain, request, meta).await?
+            run_chain(chain, request, meta).await
+        }
+    };
+    let output = match output {
+        Ok(output) => output,
+        Err(error) => {
+            // Nothing was generated: give the reserved tokens back.
+            admission.settle(Some(0));
+            return Err(error);
         }
     };
     if stream {
+        let mut rate_limit_headers = HeaderMap::new();
+        admission.apply(&mut rate_limit_headers);
         let log = StreamLog {
             request_id,
             endpoint: endpoint_name.clone(),
@@ -107,9 +143,16 @@ async fn serve_chat(
             time_to_first_chunk: upstream_start.elapsed(),
             chunks: 0,
             logged: false,
+            used_tokens: None,
+            admission: Some(admission),
         };
-        let mut response =
-            Sse::new(sse_events(output.into_stream(include_usage), log)).into_response();
+        let events = sse_events(
+            output.into_stream(client_wants_usage || strip_usage),
+            log,
+            strip_usage,
+        );
+        let mut response = Sse::new(events).into_response();
+        response.headers_mut().extend(rate_limit_headers);
         response.extensions_mut().insert(RequestInfo {
             endpoint: endpoint_name,
             upstream: upstream_start.elapsed(),
@@ -117,8 +160,16 @@ async fn serve_chat(
         });
         Ok(response)
     } else {
-        let completion = output.collect().await?;
-        let mut response = Json(completion).into_response();
+        let completion = match output.collect().await {
+            Ok(completion) => completion,
+            Err(error) => {
+                admission.settle(Some(0));
+                return Err(error.into());
+            }
+        };
+        let mut response = Json(&completion).into_response();
+        admission.apply(response.headers_mut());
+        admission.settle(completion.usage.as_ref().map(|u| u.total_tokens));
         response.extensions_mut().insert(RequestInfo {
             endpoint: endpoint_name,
             upstream: upstream_start.elapsed(),
@@ -195,8 +246,8 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".to_owned())
 }
 
-/// What the stream needs to write its request log line when it ends. A stream the client
-/// abandons is dropped unfinished, and logs itself as such.
+/// What the stream needs to write its request log line and settle its tokens when it ends. A
+/// stream the client abandons is dropped unfinished, and logs and settles itself as such.
 struct StreamLog {
     request_id: String,
     endpoint: String,
@@ -204,15 +255,19 @@ struct StreamLog {
     time_to_first_chunk: std::time::Duration,
     chunks: usize,
     logged: bool,
+    used_tokens: Option<u64>,
+    admission: Option<Admission>,
 }
 
 impl StreamLog {
     fn finish(&mut self, outcome: &str) {
         self.logged = true;
+        if let Some(admission) = self.admission.take() {
+            admission.settle(self.used_tokens);
+        }
         info!(
             request_id = %self.request_id,
             method = "POST",
-            path = "/v1/chat/completions",
             endpoint = %self.endpoint,
             status = 200,
             stream = true,
@@ -241,39 +296,49 @@ enum Phase {
 }
 
 /// Chunks become SSE `data:` frames; the stream always ends with `data: [DONE]`, after an error
-/// frame in OpenAI's shape if the upstream broke off.
+/// frame in OpenAI's shape if the upstream broke off. With `strip_usage`, the usage chunk the
+/// gateway asked for (to settle token limits) is noted and not sent on.
 fn sse_events(
     chunks: ChunkStream,
     log: StreamLog,
+    strip_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     stream::unfold(
         (Phase::Streaming(chunks), log),
-        |(phase, mut log)| async move {
+        move |(phase, mut log)| async move {
             let (event, next) = match phase {
                 Phase::Done => return None,
                 Phase::Closing => (done_event(), Phase::Done),
-                Phase::Streaming(mut chunks) => match chunks.next().await {
-                    Some(Ok(chunk)) => {
-                        log.chunks += 1;
-                        match Event::default().json_data(&chunk) {
-                            Ok(event) => (event, Phase::Streaming(chunks)),
-                            Err(error) => {
-                                // Cannot happen for our own types; end the stream rather than hang.
-                                warn!(%error, "cannot serialize a chunk");
-                                log.finish("serialize_error");
-                                (done_event(), Phase::Done)
+                Phase::Streaming(mut chunks) => loop {
+                    match chunks.next().await {
+                        Some(Ok(chunk)) => {
+                            if let Some(usage) = &chunk.usage {
+                                log.used_tokens = Some(usage.total_tokens);
+                                if strip_usage && chunk.choices.is_empty() {
+                                    continue;
+                                }
+                            }
+                            log.chunks += 1;
+                            match Event::default().json_data(&chunk) {
+                                Ok(event) => break (event, Phase::Streaming(chunks)),
+                                Err(error) => {
+                                    // Cannot happen for our own types; end the stream rather than hang.
+                                    warn!(%error, "cannot serialize a chunk");
+                                    log.finish("serialize_error");
+                                    break (done_event(), Phase::Done);
+                                }
                             }
                         }
-                    }
-                    Some(Err(error)) => {
-                        warn!(request_id = %log.request_id, endpoint = %log.endpoint, %error, "stream ended by an upstream error");
-                        log.finish("upstream_error");
-                        let body = ApiError::from(error).openai_body();
-                        (Event::default().data(body.to_string()), Phase::Closing)
-                    }
-                    None => {
-                        log.finish("ok");
-                        (done_event(), Phase::Done)
+                        Some(Err(error)) => {
+                            warn!(request_id = %log.request_id, endpoint = %log.endpoint, %error, "stream ended by an upstream error");
+                            log.finish("upstream_error");
+                            let body = ApiError::from(error).openai_body();
+                            break (Event::default().data(body.to_string()), Phase::Closing);
+                        }
+                        None => {
+                            log.finish("ok");
+                            break (done_event(), Phase::Done);
+                        }
                     }
                 },
             };
@@ -286,15 +351,20 @@ fn done_event() -> Event {
     Event::default().data("[DONE]")
 }
 
-/// `GET /v1/models`: every endpoint, in OpenAI's list format.
-pub async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
+/// `GET /v1/models`: the endpoints the caller may use, in OpenAI's list format.
+pub async fn list_models(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
     let snapshot = state.snapshot();
+    let key = auth::authenticate(&snapshot.keys, &headers)?;
     let data: Vec<_> = snapshot
         .endpoint_order
         .iter()
+        .filter(|name| auth::check_endpoint(key, name).is_ok())
         .map(|name| json!({"id": name, "object": "model", "created": snapshot.loaded_at, "owned_by": "switchyard"}))
         .collect();
-    Json(json!({"object": "list", "data": data}))
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 pub async fn health() -> Json<serde_json::Value> {
@@ -304,7 +374,13 @@ pub async fn health() -> Json<serde_json::Value> {
 /// Ready once the config is loaded and every endpoint built, which [`crate::Gateway::new`]
 /// guarantees before the server starts.
 pub async fn ready(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({"status": "ready", "endpoints": state.snapshot().endpoints.len()}))
+    let snapshot = state.snapshot();
+    let limiter = if snapshot.limits.is_degraded() {
+        "degraded"
+    } else {
+        "ok"
+    };
+    Json(json!({"status": "ready", "endpoints": snapshot.endpoints.len(), "rate_limiter": limiter}))
 }
 
 pub async fn not_found(uri: Uri) -> ApiError {

@@ -8,10 +8,12 @@
 //! running finish on the state they started with.
 
 mod admin;
+mod auth;
 mod config;
 mod error;
 mod extract;
 mod handlers;
+mod limits;
 mod request_log;
 mod state;
 
@@ -29,11 +31,14 @@ use switchyard_core::Registry;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::{error, info, warn};
 
+use config::LimitsStoreConfig;
 pub use config::{
-    AuthConfig, ChainEndpointConfig, ChainSource, Config, ConfigError, ConfigProblem,
-    EndpointConfig, EndpointKind, ProviderConfig, RouteConfig, ServerConfig,
+    ApiKeyConfig, AuthConfig, ChainEndpointConfig, ChainSource, Config, ConfigError, ConfigProblem,
+    EndpointConfig, EndpointKind, LimitRule, LimitScope, OnError, ProviderConfig, RateConfig,
+    RouteConfig, ServerConfig,
 };
 pub use error::{ApiError, MlflowError};
+use limits::Backend;
 pub(crate) use state::{ChainEndpoint, Endpoint, Snapshot};
 
 /// Errors that stop a gateway from starting or reloading.
@@ -85,6 +90,9 @@ struct Shared {
     current: ArcSwap<Snapshot>,
     registry: Registry,
     client: reqwest::Client,
+    /// The rate limiter's store and the settings it was made from: kept across reloads that do
+    /// not change `[limits_store]`, so counters survive.
+    limiter: std::sync::Mutex<(LimitsStoreConfig, Arc<Backend>)>,
     source: Option<ConfigSource>,
     /// Fixed at start-up: the body limit is a layer of the router.
     max_body_bytes: usize,
@@ -134,7 +142,15 @@ impl Gateway {
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()?;
-        let snapshot = state::build(&config, registry, &client).map_err(GatewayError::Endpoints)?;
+        let backend = Arc::new(
+            Backend::new(&config.limits_store)
+                .map_err(|e| GatewayError::Endpoints(vec![format!("limits_store: {e}")]))?,
+        );
+        let snapshot = state::build(&config, registry, &client, backend.clone())
+            .map_err(GatewayError::Endpoints)?;
+        if snapshot.keys.is_empty() {
+            warn!("no [auth] keys: the gateway is open to anyone who can reach it");
+        }
         if snapshot.admin_key.is_none() {
             warn!(
                 "no [auth] admin_key: the admin API (/admin/*) is open to anyone who can reach the gateway"
@@ -145,6 +161,7 @@ impl Gateway {
                 current: ArcSwap::from_pointee(snapshot),
                 registry: registry.clone(),
                 client,
+                limiter: std::sync::Mutex::new((config.limits_store.clone(), backend)),
                 source,
                 max_body_bytes: config.server.max_body_bytes,
                 listen: config.server.listen,
@@ -161,13 +178,32 @@ impl Gateway {
         let source = shared.source.clone().ok_or(GatewayError::NoConfigFile)?;
         let _one_at_a_time = shared.reload_lock.lock().await;
         let (registry, client) = (shared.registry.clone(), shared.client.clone());
+        let current_limiter = shared
+            .limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         // Reading config, chain folders and the store is file IO: keep it off the async workers.
-        let snapshot = tokio::task::spawn_blocking(move || -> Result<Snapshot, GatewayError> {
-            let config = source.load()?;
-            state::build(&config, &registry, &client).map_err(GatewayError::Endpoints)
-        })
-        .await
-        .map_err(|e| GatewayError::ReloadTask(e.to_string()))??;
+        let (snapshot, limiter) =
+            tokio::task::spawn_blocking(move || -> Result<_, GatewayError> {
+                let config = source.load()?;
+                let limiter = if config.limits_store == current_limiter.0 {
+                    current_limiter
+                } else {
+                    let backend = Backend::new(&config.limits_store)
+                        .map_err(|e| GatewayError::Endpoints(vec![format!("limits_store: {e}")]))?;
+                    (config.limits_store.clone(), Arc::new(backend))
+                };
+                let snapshot = state::build(&config, &registry, &client, limiter.1.clone())
+                    .map_err(GatewayError::Endpoints)?;
+                Ok((snapshot, limiter))
+            })
+            .await
+            .map_err(|e| GatewayError::ReloadTask(e.to_string()))??;
+        *shared
+            .limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = limiter;
         let endpoints = snapshot.endpoints.len();
         shared.current.store(Arc::new(snapshot));
         info!(endpoints, "config reloaded");

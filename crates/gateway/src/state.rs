@@ -6,11 +6,14 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use switchyard_core::{Chain, ChainFolder, ChainResources, Llm, LoadedChain, Registry, Secret};
-use switchyard_providers::{MockProvider, OpenAiProvider, Route, Target};
+use switchyard_providers::{Capped, MockProvider, OpenAiProvider, Route, Target};
 use switchyard_store::{ModelUri, Store};
 use tracing::warn;
 
-use crate::config::{ChainEndpointConfig, ChainSource, Config, EndpointKind, ProviderConfig};
+use crate::config::{
+    ApiKeyConfig, ChainEndpointConfig, ChainSource, Config, EndpointKind, ProviderKind,
+};
+use crate::limits::{Backend, Limits};
 
 /// One generation of the gateway's state. Requests hold an `Arc` to the generation they
 /// started on, so a reload never changes what an in-flight request sees.
@@ -21,6 +24,9 @@ pub(crate) struct Snapshot {
     /// What `GET /admin/endpoints` shows, in config order.
     pub endpoint_infos: Vec<Value>,
     pub admin_key: Option<Secret>,
+    /// Client API keys; empty = open gateway.
+    pub keys: Vec<ApiKeyConfig>,
+    pub limits: Limits,
     pub loaded_at: u64,
 }
 
@@ -43,20 +49,24 @@ pub(crate) fn build(
     config: &Config,
     registry: &Registry,
     client: &reqwest::Client,
+    limiter: Arc<Backend>,
 ) -> Result<Snapshot, Vec<String>> {
     let providers: HashMap<&str, Arc<dyn Llm>> = config
         .providers
         .iter()
         .map(|(name, provider)| {
-            let llm: Arc<dyn Llm> = match provider {
-                ProviderConfig::OpenAi { base_url, api_key } => Arc::new(OpenAiProvider::new(
+            let mut llm: Arc<dyn Llm> = match &provider.kind {
+                ProviderKind::OpenAi { base_url, api_key } => Arc::new(OpenAiProvider::new(
                     name.clone(),
                     client.clone(),
                     base_url,
                     api_key.clone(),
                 )),
-                ProviderConfig::Mock(mock) => Arc::new(MockProvider::new(mock.clone())),
+                ProviderKind::Mock(mock) => Arc::new(MockProvider::new(mock.clone())),
             };
+            if let Some(cap) = provider.concurrency {
+                llm = Arc::new(Capped::new(name.clone(), llm, cap.max, cap.queue_timeout));
+            }
             (name.as_str(), llm)
         })
         .collect();
@@ -123,6 +133,8 @@ pub(crate) fn build(
         endpoints,
         endpoint_infos: infos,
         admin_key: config.auth.admin_key.clone(),
+        keys: config.auth.keys.clone(),
+        limits: Limits::new(&config.limits, limiter),
         loaded_at: crate::handlers::unix_now(),
     })
 }

@@ -5,11 +5,13 @@
 //! deadline, a time-to-first-token deadline for streams, retries with backoff and jitter, and
 //! fallback to the next target. All of them implement [`switchyard_core::Llm`].
 
+mod capped;
 mod mock;
 mod openai;
 mod route;
 pub mod testkit;
 
+pub use capped::Capped;
 pub use mock::{MockConfig, MockProvider, count_tokens};
 pub use openai::OpenAiProvider;
 pub use route::{Route, RouteSettings, Target};

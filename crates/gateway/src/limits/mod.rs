@@ -1,0 +1,483 @@
+//! Rate limits: `[[limits]]` rules in requests and tokens, per global / endpoint / API key /
+//! user, counted in memory or in Redis (shared by replicas).
+//!
+//! Every rule that matches a request must admit it; the counters of all matching rules are
+//! checked and taken in one step, so a request refused by one rule costs nothing in the others.
+//! Token rules reserve an estimate (prompt size + `max_tokens`, or the rule's default) before
+//! the upstream call and settle with the real usage after it.
+
+mod gcra;
+mod memory;
+mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use sha2::{Digest, Sha256};
+use switchyard_core::ChatRequest;
+use tracing::warn;
+
+use crate::config::{LimitRule, LimitScope, LimitsStoreConfig, OnError};
+use crate::error::ApiError;
+pub use gcra::{CellState, Gcra};
+
+/// Where counters live. Kept across reloads (counters of unchanged rules survive).
+pub enum Backend {
+    Memory(memory::MemoryStore),
+    Redis {
+        store: Box<redis::RedisStore>,
+        on_error: OnError,
+    },
+}
+
+impl Backend {
+    pub fn new(config: &LimitsStoreConfig) -> Result<Self, String> {
+        Ok(match config {
+            LimitsStoreConfig::Memory => Self::Memory(memory::MemoryStore::new()),
+            LimitsStoreConfig::Redis {
+                url,
+                on_error,
+                timeout,
+            } => Self::Redis {
+                store: Box::new(redis::RedisStore::new(url, *timeout)?),
+                on_error: *on_error,
+            },
+        })
+    }
+
+    async fn acquire(&self, cells: &[Cell]) -> Result<Decision, ApiError> {
+        match self {
+            Backend::Memory(store) => Ok(store.acquire(cells)),
+            Backend::Redis { store, on_error } => match store.acquire(cells).await {
+                Ok(decision) => Ok(decision),
+                Err(why) => match on_error {
+                    OnError::Allow => Ok(Decision::Degraded),
+                    OnError::Deny => Err(ApiError::limiter_unavailable(format!(
+                        "the rate limiter cannot reach Redis ({why}) and limits_store.on_error = \"deny\""
+                    ))),
+                },
+            },
+        }
+    }
+
+    async fn adjust(&self, key: &str, gcra: Gcra, delta: i64) {
+        match self {
+            Backend::Memory(store) => store.adjust(key, gcra, delta),
+            Backend::Redis { store, .. } => {
+                if let Err(why) = store.adjust(key, gcra, delta).await {
+                    warn!(error = %why, "could not settle token usage in Redis");
+                }
+            }
+        }
+    }
+
+    /// Whether the limiter cannot reach its store right now.
+    pub fn is_degraded(&self) -> bool {
+        match self {
+            Backend::Memory(_) => false,
+            Backend::Redis { store, .. } => store.is_degraded(),
+        }
+    }
+}
+
+/// One counter to take from.
+pub struct Cell {
+    pub key: String,
+    pub gcra: Gcra,
+    pub cost: u64,
+}
+
+pub enum Decision {
+    Allowed(Vec<CellState>),
+    Denied {
+        retry_after: Duration,
+        states: Vec<CellState>,
+    },
+    /// The store is down and the policy is to allow: no counting happened.
+    Degraded,
+}
+
+/// A compiled rule.
+struct Rule {
+    /// Identifies the rule's counters: a hash of its definition, so that an unchanged rule keeps
+    /// its counters across a reload and a changed one starts afresh.
+    id: String,
+    rule: LimitRule,
+    requests: Option<Gcra>,
+    tokens: Option<Gcra>,
+}
+
+/// The rules of one config generation, over a backend that outlives it.
+pub struct Limits {
+    rules: Vec<Rule>,
+    backend: Arc<Backend>,
+}
+
+/// Who is asking, for scoping counters.
+pub struct Caller<'a> {
+    pub endpoint: &'a str,
+    pub api_key: Option<&'a str>,
+    pub user: Option<&'a str>,
+}
+
+/// An admitted request: its rate-limit headers, and the token reservations to settle.
+#[derive(Default)]
+pub struct Admission {
+    headers: Vec<(HeaderName, HeaderValue)>,
+    reservations: Vec<(String, Gcra, u64)>,
+    backend: Option<Arc<Backend>>,
+}
+
+impl Limits {
+    pub fn new(rules: &[LimitRule], backend: Arc<Backend>) -> Self {
+        let rules = rules
+            .iter()
+            .map(|rule| Rule {
+                id: fingerprint(rule),
+                requests: rule.requests.map(|r| Gcra::new(r.count, r.period, r.burst)),
+                tokens: rule
+                    .tokens_per_minute
+                    .map(|t| Gcra::new(t, Duration::from_secs(60), 0)),
+                rule: rule.clone(),
+            })
+            .collect();
+        Self { rules, backend }
+    }
+
+    /// Whether the limiter cannot reach its store right now (Redis down).
+    pub fn is_degraded(&self) -> bool {
+        self.backend.is_degraded()
+    }
+
+    /// Takes from every matching rule's counters, or refuses with 429 (or 503 when Redis is down
+    /// and `on_error = "deny"`).
+    pub async fn admit(
+        &self,
+        caller: &Caller<'_>,
+        request: &ChatRequest,
+    ) -> Result<Admission, ApiError> {
+        let mut cells = Vec::new();
+        let mut kinds = Vec::new();
+        for rule in self
+            .rules
+            .iter()
+            .filter(|r| applies(&r.rule, caller.endpoint))
+        {
+            let scope = scope_key(&rule.rule.scope, caller);
+            if let Some(gcra) = rule.requests {
+                cells.push(Cell {
+                    key: format!("{}:req:{scope}", rule.id),
+                    gcra,
+                    cost: 1,
+                });
+                kinds.push(Kind::Requests);
+            }
+            if let Some(gcra) = rule.tokens {
+                let cost = estimate_tokens(request, rule.rule.default_max_tokens);
+                cells.push(Cell {
+                    key: format!("{}:tok:{scope}", rule.id),
+                    gcra,
+                    cost,
+                });
+                kinds.push(Kind::Tokens);
+            }
+        }
+        if cells.is_empty() {
+            return Ok(Admission::default());
+        }
+        match self.backend.acquire(&cells).await? {
+            Decision::Allowed(states) => Ok(Admission {
+                headers: headers_for(&kinds, &states),
+                reservations: cells
+                    .into_iter()
+                    .zip(&kinds)
+                    .filter(|(_, kind)| **kind == Kind::Tokens)
+                    .map(|(cell, _)| (cell.key, cell.gcra, cell.cost))
+                    .collect(),
+                backend: Some(self.backend.clone()),
+            }),
+            Decision::Degraded => Ok(Admission::default()),
+            Decision::Denied {
+                retry_after,
+                states,
+            } => {
+                let mut error = ApiError::rate_limited(
+                    format!(
+                        "Rate limit reached for endpoint '{}'; retry after {:.1} s",
+                        caller.endpoint,
+                        retry_after.as_secs_f64()
+                    ),
+                    retry_after,
+                );
+                error.headers = Some(Box::new(headers_for(&kinds, &states)));
+                Err(error)
+            }
+        }
+    }
+}
+
+impl Admission {
+    /// Adds the `x-ratelimit-*` headers to a response.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (name, value) in &self.headers {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+
+    /// Whether token usage must be reported back by [`Admission::settle`].
+    pub fn has_reservations(&self) -> bool {
+        !self.reservations.is_empty()
+    }
+
+    /// Replaces the token estimate with the real usage (`None`: unknown, keep the estimate).
+    /// Runs in the background.
+    pub fn settle(self, used_tokens: Option<u64>) {
+        let (Some(used), Some(backend)) = (used_tokens, self.backend) else {
+            return;
+        };
+        if self.reservations.is_empty() {
+            return;
+        }
+        let reservations = self.reservations;
+        tokio::spawn(async move {
+            for (key, gcra, reserved) in reservations {
+                let delta = i64::try_from(used).unwrap_or(i64::MAX)
+                    - i64::try_from(reserved).unwrap_or(i64::MAX);
+                if delta != 0 {
+                    backend.adjust(&key, gcra, delta).await;
+                }
+            }
+        });
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Requests,
+    Tokens,
+}
+
+fn applies(rule: &LimitRule, endpoint: &str) -> bool {
+    rule.endpoints
+        .as_ref()
+        .is_none_or(|only| only.iter().any(|e| e == endpoint))
+}
+
+fn scope_key(scope: &[LimitScope], caller: &Caller<'_>) -> String {
+    scope
+        .iter()
+        .map(|s| match s {
+            LimitScope::Global => "global".to_owned(),
+            LimitScope::Endpoint => format!("e={}", caller.endpoint),
+            LimitScope::ApiKey => format!("k={}", caller.api_key.unwrap_or("-")),
+            // User values come from clients: hash them so keys stay short and printable.
+            LimitScope::User => format!("u={}", short_hash(caller.user.unwrap_or("-"))),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn short_hash(text: &str) -> String {
+    Sha256::digest(text.as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn fingerprint(rule: &LimitRule) -> String {
+    short_hash(&format!("{rule:?}"))
+}
+
+/// Prompt tokens (about four characters a token) plus the completion budget.
+fn estimate_tokens(request: &ChatRequest, default_max_tokens: u64) -> u64 {
+    let characters: usize = request.messages.iter().map(|m| m.text().len()).sum();
+    let prompt = (characters as u64).div_ceil(4);
+    let completion = request
+        .max_completion_tokens
+        .or(request.max_tokens)
+        .unwrap_or(default_max_tokens);
+    prompt + completion
+}
+
+/// The `x-ratelimit-*` headers of the tightest request counter and the tightest token counter.
+fn headers_for(kinds: &[Kind], states: &[CellState]) -> Vec<(HeaderName, HeaderValue)> {
+    let mut headers = Vec::new();
+    for (kind, suffix) in [(Kind::Requests, "requests"), (Kind::Tokens, "tokens")] {
+        let tightest = kinds
+            .iter()
+            .zip(states)
+            .filter(|(k, _)| **k == kind)
+            .map(|(_, s)| s)
+            .min_by_key(|s| s.remaining);
+        if let Some(state) = tightest {
+            for (name, value) in [
+                ("limit", state.capacity.to_string()),
+                ("remaining", state.remaining.to_string()),
+                ("reset", format_reset(state.reset)),
+            ] {
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::try_from(format!("x-ratelimit-{name}-{suffix}")),
+                    HeaderValue::try_from(value),
+                ) {
+                    headers.push((name, value));
+                }
+            }
+        }
+    }
+    headers
+}
+
+/// OpenAI's reset format: `20ms`, `1.5s`, `6m0s`.
+fn format_reset(reset: Duration) -> String {
+    let ms = reset.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        let text = format!("{:.3}", reset.as_secs_f64());
+        format!("{}s", text.trim_end_matches('0').trim_end_matches('.'))
+    } else {
+        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RateConfig;
+    use switchyard_core::Message;
+
+    fn rule(scope: Vec<LimitScope>, per_minute: u64, burst: u64) -> LimitRule {
+        LimitRule {
+            scope,
+            endpoints: None,
+            requests: Some(RateConfig {
+                count: per_minute,
+                period: Duration::from_secs(60),
+                burst,
+            }),
+            tokens_per_minute: None,
+            default_max_tokens: 100,
+        }
+    }
+
+    fn request() -> ChatRequest {
+        ChatRequest::new("e", vec![Message::user("12345678")])
+    }
+
+    fn caller<'a>(key: &'a str, user: &'a str) -> Caller<'a> {
+        Caller {
+            endpoint: "e",
+            api_key: Some(key),
+            user: Some(user),
+        }
+    }
+
+    #[tokio::test]
+    async fn admits_limit_plus_burst_per_key_then_refuses_with_retry_after() {
+        let limits = Limits::new(
+            &[rule(vec![LimitScope::ApiKey], 3, 2)],
+            Arc::new(Backend::new(&LimitsStoreConfig::Memory).unwrap()),
+        );
+        for i in 0..5 {
+            let admission = limits.admit(&caller("a", "u"), &request()).await.unwrap();
+            let remaining = admission
+                .headers
+                .iter()
+                .find(|(n, _)| n == "x-ratelimit-remaining-requests")
+                .unwrap();
+            assert_eq!(remaining.1, (4 - i).to_string().as_str());
+        }
+        let refused = limits
+            .admit(&caller("a", "u"), &request())
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(refused.status, 429);
+        let wait = refused.retry_after.unwrap();
+        assert!(
+            wait > Duration::from_secs(19) && wait <= Duration::from_secs(20),
+            "one request every 20 s: {wait:?}"
+        );
+        // Another key has its own budget.
+        assert!(limits.admit(&caller("b", "u"), &request()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_refusal_by_one_rule_costs_nothing_in_the_others() {
+        let rules = [
+            rule(vec![LimitScope::Global], 100, 0),
+            rule(vec![LimitScope::User], 1, 0),
+        ];
+        let limits = Limits::new(
+            &rules,
+            Arc::new(Backend::new(&LimitsStoreConfig::Memory).unwrap()),
+        );
+        limits.admit(&caller("a", "ann"), &request()).await.unwrap();
+        for _ in 0..5 {
+            assert!(limits.admit(&caller("a", "ann"), &request()).await.is_err());
+        }
+        let bob = limits.admit(&caller("a", "bob"), &request()).await.unwrap();
+        let global = bob
+            .headers
+            .iter()
+            .find(|(n, _)| n == "x-ratelimit-remaining-requests")
+            .unwrap();
+        assert_eq!(
+            global.1, "0",
+            "the tightest counter (bob's own) is reported"
+        );
+    }
+
+    #[tokio::test]
+    async fn token_rules_reserve_an_estimate_and_settle_with_usage() {
+        let token_rule = LimitRule {
+            scope: vec![LimitScope::Global],
+            endpoints: None,
+            requests: None,
+            tokens_per_minute: Some(1000),
+            default_max_tokens: 400,
+        };
+        let limits = Limits::new(
+            &[token_rule],
+            Arc::new(Backend::new(&LimitsStoreConfig::Memory).unwrap()),
+        );
+        // 8 characters = 2 prompt tokens + 400 completion = 402 reserved.
+        let first = limits.admit(&caller("a", "u"), &request()).await.unwrap();
+        let remaining = |a: &Admission| {
+            a.headers
+                .iter()
+                .find(|(n, _)| n == "x-ratelimit-remaining-tokens")
+                .unwrap()
+                .1
+                .to_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        };
+        assert_eq!(remaining(&first), 598);
+        let backend = first.backend.clone().unwrap();
+        // The call used 12 tokens: 390 go back.
+        let Backend::Memory(store) = &*backend else {
+            panic!("memory")
+        };
+        for (key, gcra, reserved) in &first.reservations {
+            store.adjust(key, *gcra, 12 - i64::try_from(*reserved).unwrap());
+        }
+        let second = limits.admit(&caller("a", "u"), &request()).await.unwrap();
+        // 598 + 390 (refund) - 402 = 586, give or take what refilled meanwhile.
+        assert!(
+            (586..=590).contains(&remaining(&second)),
+            "{}",
+            remaining(&second)
+        );
+    }
+
+    #[test]
+    fn formats_reset_like_openai() {
+        assert_eq!(format_reset(Duration::from_millis(20)), "20ms");
+        assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(format_reset(Duration::from_secs(2)), "2s");
+        assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
+    }
+}

@@ -1,0 +1,104 @@
+//! A provider's concurrency cap (`max_concurrency`): protects the provider's own quota.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use switchyard_core::{ChatRequest, ChatResponse, ChunkStream, Llm, LlmError, LlmErrorKind};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// At most `max` calls in flight to the wrapped provider; a call beyond that waits for a slot up
+/// to `queue_timeout`, then fails with [`LlmErrorKind::Overloaded`] (a route then falls back to
+/// its next target). A stream holds its slot until it ends.
+pub struct Capped {
+    name: String,
+    inner: Arc<dyn Llm>,
+    slots: Arc<Semaphore>,
+    max: usize,
+    queue_timeout: Duration,
+}
+
+impl Capped {
+    pub fn new(
+        name: impl Into<String>,
+        inner: Arc<dyn Llm>,
+        max: usize,
+        queue_timeout: Duration,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            inner,
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            queue_timeout,
+        }
+    }
+
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
+
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, LlmError> {
+        let overloaded = || {
+            LlmError::new(
+                LlmErrorKind::Overloaded,
+                format!(
+                    "provider '{}' is at its concurrency cap of {} and no call finished within {} ms",
+                    self.name,
+                    self.max,
+                    self.queue_timeout.as_millis()
+                ),
+            )
+        };
+        match tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) | Err(_) => Err(overloaded()),
+        }
+    }
+}
+
+#[async_trait]
+impl Llm for Capped {
+    async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
+        let _slot = self.slot().await?;
+        self.inner.chat(request).await
+    }
+
+    async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
+        let slot = self.slot().await?;
+        let stream = self.inner.chat_stream(request).await?;
+        Ok(Box::pin(stream.map(move |item| {
+            let _held_until_the_stream_ends = &slot;
+            item
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MockConfig, MockProvider};
+    use switchyard_core::Message;
+
+    #[tokio::test]
+    async fn excess_calls_wait_then_fail_and_streams_hold_their_slot() {
+        let mock = Arc::new(MockProvider::new(MockConfig::default()));
+        let capped = Capped::new("m", mock, 1, Duration::from_millis(50));
+        let request = ChatRequest::new("m", vec![Message::user("hi")]);
+        let stream = capped.chat_stream(request.clone()).await.unwrap();
+        assert_eq!(capped.in_flight(), 1);
+        let error = capped.chat(request.clone()).await.unwrap_err();
+        assert_eq!(error.kind, LlmErrorKind::Overloaded);
+        assert!(
+            error.message.contains("concurrency cap of 1"),
+            "{}",
+            error.message
+        );
+        let chunks: Vec<_> = stream.collect().await;
+        assert!(chunks.iter().all(Result::is_ok));
+        assert_eq!(capped.in_flight(), 0);
+        assert_eq!(capped.chat(request).await.unwrap().text(), "hi");
+    }
+}
