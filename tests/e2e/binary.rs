@@ -1,13 +1,11 @@
 //! The `switchyard` binary as an operator runs it: start, serve, SIGTERM, graceful exit.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::{FakeUpstream, Reply, chat_body, config_over};
+use crate::common::{FakeUpstream, GatewayProcess, Reply, chat_body, config_over};
 
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
@@ -26,42 +24,12 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
     )
     .unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "--log-format",
-            "json",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&config_path)
-        .env("TEST_OPENAI_KEY", "sk-test-key-must-not-be-logged")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (lines_tx, lines) = mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            if lines_tx.send(line.unwrap()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut log = Vec::new();
-    let address = loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the server did not start");
-        let parsed: Value =
-            serde_json::from_str(&line).unwrap_or_else(|_| panic!("not a JSON log line: {line}"));
-        log.push(line);
-        if parsed["message"] == "switchyard listening" {
-            break parsed["address"].as_str().unwrap().to_owned();
-        }
-    };
+    let mut gateway = GatewayProcess::start(
+        &config_path,
+        &[("TEST_OPENAI_KEY", "sk-test-key-must-not-be-logged")],
+    );
+    let address = gateway.address.clone();
+    let mut log = gateway.startup_log.clone();
 
     let client = reqwest::Client::new();
     let url = format!("http://{address}/v1/chat/completions");
@@ -69,7 +37,7 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
     upstream.wait_for_requests(1).await;
 
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &gateway.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -92,9 +60,9 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "finish me");
 
-    let exit = child.wait().unwrap();
+    let exit = gateway.child.wait().unwrap();
     assert!(exit.success(), "exit status {exit:?}");
-    log.extend(lines.try_iter());
+    log.extend(gateway.log.try_iter());
     std::fs::remove_file(&config_path).unwrap();
 
     let request_line = log

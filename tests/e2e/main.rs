@@ -7,5 +7,7 @@ mod chains;
 mod chat;
 mod common;
 mod errors;
+mod limits;
+mod redis;
 mod routing;
 mod store;

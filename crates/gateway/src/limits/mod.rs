@@ -231,24 +231,36 @@ impl Admission {
     }
 
     /// Replaces the token estimate with the real usage (`None`: unknown, keep the estimate).
-    /// Runs in the background.
+    /// In memory this happens at once; with Redis it runs in the background.
     pub fn settle(self, used_tokens: Option<u64>) {
         let (Some(used), Some(backend)) = (used_tokens, self.backend) else {
             return;
         };
-        if self.reservations.is_empty() {
-            return;
-        }
-        let reservations = self.reservations;
-        tokio::spawn(async move {
-            for (key, gcra, reserved) in reservations {
+        let deltas: Vec<(String, Gcra, i64)> = self
+            .reservations
+            .into_iter()
+            .map(|(key, gcra, reserved)| {
                 let delta = i64::try_from(used).unwrap_or(i64::MAX)
                     - i64::try_from(reserved).unwrap_or(i64::MAX);
-                if delta != 0 {
-                    backend.adjust(&key, gcra, delta).await;
+                (key, gcra, delta)
+            })
+            .filter(|(_, _, delta)| *delta != 0)
+            .collect();
+        match &*backend {
+            Backend::Memory(store) => {
+                for (key, gcra, delta) in deltas {
+                    store.adjust(&key, gcra, delta);
                 }
             }
-        });
+            Backend::Redis { .. } if !deltas.is_empty() => {
+                tokio::spawn(async move {
+                    for (key, gcra, delta) in deltas {
+                        backend.adjust(&key, gcra, delta).await;
+                    }
+                });
+            }
+            Backend::Redis { .. } => {}
+        }
     }
 }
 

@@ -1,0 +1,444 @@
+//! API keys, rate limits in requests and tokens (in memory), provider concurrency caps.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::{
+    FakeUpstream, Reply, TestGateway, chat_body, read_stream, sse_data, stream_text, temp_dir,
+};
+
+/// A gateway over `upstream` with endpoints `chat` and `other`, keys `team-a` (any endpoint,
+/// secret `sk-team-a` from the environment) and `team-b` (only `chat`, given as a SHA-256), and
+/// the given extra config.
+async fn gateway(upstream: &FakeUpstream, extra: &str) -> TestGateway {
+    TestGateway::start(&keyed_config(&upstream.base_url, extra)).await
+}
+
+fn keyed_config(base_url: &str, extra: &str) -> String {
+    format!(
+        r#"
+        [auth]
+        keys = [
+          {{ id = "team-a", key_env = "TEST_OPENAI_KEY" }},
+          {{ id = "team-b", key_sha256 = "{}", endpoints = ["chat"] }},
+        ]
+        [providers.fake]
+        kind = "openai"
+        base_url = "{base_url}"
+        [routes.main]
+        targets = [{{ provider = "fake", model = "m" }}]
+        retries = 0
+        [[endpoints]]
+        name = "chat"
+        route = "main"
+        [[endpoints]]
+        name = "other"
+        route = "main"
+        {extra}
+        "#,
+        sha256_hex("sk-team-b")
+    )
+}
+
+fn sha256_hex(text: &str) -> String {
+    use std::fmt::Write;
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes());
+    digest.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+// `${TEST_OPENAI_KEY}` resolves to this in the test harness.
+const TEAM_A: &str = "sk-test-key";
+const TEAM_B: &str = "sk-team-b";
+
+async fn call(
+    gateway: &TestGateway,
+    key: Option<&str>,
+    body: &Value,
+    user: Option<&str>,
+) -> reqwest::Response {
+    let mut request = gateway
+        .client
+        .post(gateway.url("/v1/chat/completions"))
+        .json(body);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    if let Some(user) = user {
+        request = request.header("x-switchyard-user", user);
+    }
+    request.send().await.unwrap()
+}
+
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn keys_are_required_checked_and_restricted_to_their_endpoints() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let gateway = gateway(&upstream, "").await;
+
+    let missing = call(&gateway, None, &chat_body("x"), None).await;
+    assert_eq!(missing.status(), 401);
+    let body: Value = missing.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+    assert_eq!(
+        call(&gateway, Some("sk-wrong"), &chat_body("x"), None)
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        call(&gateway, Some(TEAM_A), &chat_body("x"), None)
+            .await
+            .status(),
+        200
+    );
+    let via_api_key_header = gateway
+        .client
+        .post(gateway.url("/v1/chat/completions"))
+        .header("api-key", TEAM_B)
+        .json(&chat_body("x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(via_api_key_header.status(), 200);
+
+    let mut other = chat_body("x");
+    other["model"] = json!("other");
+    let forbidden = call(&gateway, Some(TEAM_B), &other, None).await;
+    assert_eq!(forbidden.status(), 403);
+    assert!(
+        forbidden
+            .text()
+            .await
+            .unwrap()
+            .contains("API key 'team-b' may not call endpoint 'other'")
+    );
+    assert_eq!(
+        call(&gateway, Some(TEAM_A), &other, None).await.status(),
+        200
+    );
+
+    let models = |key: &'static str| {
+        let request = gateway
+            .client
+            .get(gateway.url("/v1/models"))
+            .bearer_auth(key);
+        async move {
+            let body: Value = request.send().await.unwrap().json().await.unwrap();
+            body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(models(TEAM_A).await, ["chat", "other"]);
+    assert_eq!(models(TEAM_B).await, ["chat"]);
+    assert_eq!(
+        gateway
+            .client
+            .get(gateway.url("/v1/models"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    // Liveness stays open.
+    assert_eq!(
+        gateway
+            .client
+            .get(gateway.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        upstream.requests().len(),
+        3,
+        "refused requests never reach the upstream"
+    );
+}
+
+#[tokio::test]
+async fn request_limits_admit_limit_plus_burst_per_key_then_429_with_headers() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let gateway = gateway(
+        &upstream,
+        "[[limits]]\nscope = [\"api_key\"]\nrequests_per_minute = 3\nburst = 1\n",
+    )
+    .await;
+    for expected_remaining in [3, 2, 1, 0] {
+        let admitted = call(&gateway, Some(TEAM_A), &chat_body("x"), None).await;
+        assert_eq!(admitted.status(), 200);
+        assert_eq!(header(&admitted, "x-ratelimit-limit-requests"), "4");
+        assert_eq!(
+            header(&admitted, "x-ratelimit-remaining-requests"),
+            expected_remaining.to_string()
+        );
+    }
+    let refused = call(&gateway, Some(TEAM_A), &chat_body("x"), None).await;
+    assert_eq!(refused.status(), 429);
+    // One request every 20 s: the next is due in (just under) 20 s, rounded up.
+    assert_eq!(header(&refused, "retry-after"), "20");
+    assert_eq!(header(&refused, "x-ratelimit-remaining-requests"), "0");
+    assert!(
+        header(&refused, "x-ratelimit-reset-requests").starts_with("1m"),
+        "full again in ~80 s"
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    // team-b has its own budget.
+    assert_eq!(
+        call(&gateway, Some(TEAM_B), &chat_body("x"), None)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(upstream.requests().len(), 5);
+}
+
+#[tokio::test]
+async fn user_limits_isolate_users_and_rules_can_be_limited_to_endpoints() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let gateway = gateway(
+        &upstream,
+        "[[limits]]\nscope = [\"user\"]\nendpoints = [\"chat\"]\nrequests_per_second = 1\n",
+    )
+    .await;
+    assert_eq!(
+        call(&gateway, Some(TEAM_A), &chat_body("x"), Some("ann"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        call(&gateway, Some(TEAM_A), &chat_body("x"), Some("ann"))
+            .await
+            .status(),
+        429
+    );
+    assert_eq!(
+        call(&gateway, Some(TEAM_A), &chat_body("x"), Some("bob"))
+            .await
+            .status(),
+        200
+    );
+    // The OpenAI `user` field counts as the user too.
+    let mut as_field = chat_body("x");
+    as_field["user"] = json!("ann");
+    assert_eq!(
+        call(&gateway, Some(TEAM_A), &as_field, None).await.status(),
+        429
+    );
+    // `other` is not under the rule.
+    let mut other = chat_body("x");
+    other["model"] = json!("other");
+    for _ in 0..3 {
+        assert_eq!(
+            call(&gateway, Some(TEAM_A), &other, Some("ann"))
+                .await
+                .status(),
+            200
+        );
+    }
+}
+
+#[tokio::test]
+async fn token_limits_reserve_an_estimate_and_settle_with_the_real_usage() {
+    // The fake reports usage: 10 prompt tokens per message, 1 completion token per word.
+    let upstream = FakeUpstream::start(vec![Reply::Text("one two three")]).await;
+    let gateway = gateway(
+        &upstream,
+        "[[limits]]\nscope = [\"global\"]\ntokens_per_minute = 1000\ndefault_max_tokens = 500\n",
+    )
+    .await;
+    let first = call(&gateway, Some(TEAM_A), &chat_body("12345678"), None).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "x-ratelimit-limit-tokens"), "1000");
+    // Reserved: 2 (8 characters / 4) + 500 = 502.
+    assert_eq!(header(&first, "x-ratelimit-remaining-tokens"), "498");
+    // Settled to the real 13 tokens, so the next request finds 987 (give or take a refill).
+    let second = call(&gateway, Some(TEAM_A), &chat_body("12345678"), None).await;
+    let remaining: u64 = header(&second, "x-ratelimit-remaining-tokens")
+        .parse()
+        .unwrap();
+    assert!(
+        (485..=490).contains(&remaining),
+        "987 - 502 = 485 (+ refill): {remaining}"
+    );
+
+    // The second call settled at 11 tokens too, leaving about 976: a request that may need
+    // more than that is refused.
+    let mut big = chat_body("x");
+    big["max_tokens"] = json!(995);
+    let refused = call(&gateway, Some(TEAM_A), &big, None).await;
+    assert_eq!(refused.status(), 429);
+    assert!(
+        refused
+            .headers()
+            .contains_key("x-ratelimit-remaining-tokens")
+    );
+}
+
+#[tokio::test]
+async fn streams_under_a_token_limit_report_usage_upstream_but_not_to_a_client_that_did_not_ask() {
+    let upstream = FakeUpstream::start(vec![
+        Reply::Text("streamed words here"),
+        Reply::Text("again"),
+    ])
+    .await;
+    let gateway = gateway(
+        &upstream,
+        "[[limits]]\nscope = [\"global\"]\ntokens_per_minute = 1000\ndefault_max_tokens = 100\n",
+    )
+    .await;
+    let mut body = chat_body("12345678");
+    body["stream"] = json!(true);
+    let response = call(&gateway, Some(TEAM_A), &body, None).await;
+    assert_eq!(header(&response, "x-ratelimit-remaining-tokens"), "898");
+    let frames = sse_data(&read_stream(response).await);
+    assert_eq!(stream_text(&frames), "streamed words here");
+    assert!(
+        !frames.iter().any(|f| f.contains("\"usage\"")),
+        "usage chunk stripped: {frames:#?}"
+    );
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    assert_eq!(
+        upstream.requests()[0].body["stream_options"],
+        json!({"include_usage": true})
+    );
+
+    // Settled with the upstream's 13 tokens: 1000 - 13 - 102 = 885 (+ refill).
+    let next = call(&gateway, Some(TEAM_A), &chat_body("12345678"), None).await;
+    let remaining: u64 = header(&next, "x-ratelimit-remaining-tokens")
+        .parse()
+        .unwrap();
+    assert!((885..=888).contains(&remaining), "{remaining}");
+}
+
+#[tokio::test]
+async fn a_provider_at_its_concurrency_cap_fails_excess_calls_after_the_queue_timeout() {
+    let upstream = FakeUpstream::start(vec![Reply::Delay(
+        Duration::from_secs(2),
+        Box::new(Reply::Echo),
+    )])
+    .await;
+    let gateway = TestGateway::start(&format!(
+        r#"
+        [providers.fake]
+        kind = "openai"
+        base_url = "{}"
+        max_concurrency = 1
+        queue_timeout_ms = 100
+        [routes.main]
+        targets = [{{ provider = "fake", model = "m" }}]
+        retries = 0
+        [[endpoints]]
+        name = "chat"
+        route = "main"
+        "#,
+        upstream.base_url
+    ))
+    .await;
+    let slow = tokio::spawn(
+        gateway
+            .client
+            .post(gateway.url("/v1/chat/completions"))
+            .json(&chat_body("slow"))
+            .send(),
+    );
+    upstream.wait_for_requests(1).await;
+    let started = std::time::Instant::now();
+    let excess = gateway
+        .post("/v1/chat/completions", &chat_body("excess"))
+        .await;
+    assert_eq!(excess.status(), 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "failed after the queue timeout, not after the slow call"
+    );
+    let body: Value = excess.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "provider_overloaded");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("concurrency cap of 1")
+    );
+    assert_eq!(slow.await.unwrap().unwrap().status(), 200);
+    assert_eq!(upstream.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn counters_survive_a_reload_of_an_unchanged_rule_and_reset_when_it_changes() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let dir = temp_dir("limits-reload");
+    let path = dir.join("gateway.toml");
+    let config = |per_minute: u32| {
+        format!(
+            "[providers.fake]\nkind = \"openai\"\nbase_url = \"{}\"\n[routes.main]\ntargets = [{{ provider = \"fake\", model = \"m\" }}]\n\
+             [[endpoints]]\nname = \"chat\"\nroute = \"main\"\n[[limits]]\nscope = [\"global\"]\nrequests_per_minute = {per_minute}\n",
+            upstream.base_url
+        )
+    };
+    std::fs::write(&path, config(2)).unwrap();
+    let gateway = TestGateway::start_from_file(&path).await;
+    let reload = || gateway.client.post(gateway.url("/admin/reload")).send();
+    assert_eq!(
+        gateway
+            .post("/v1/chat/completions", &chat_body("x"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        gateway
+            .post("/v1/chat/completions", &chat_body("x"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        gateway
+            .post("/v1/chat/completions", &chat_body("x"))
+            .await
+            .status(),
+        429
+    );
+    assert_eq!(reload().await.unwrap().status(), 200);
+    assert_eq!(
+        gateway
+            .post("/v1/chat/completions", &chat_body("x"))
+            .await
+            .status(),
+        429,
+        "same rule, same counter"
+    );
+    std::fs::write(&path, config(5)).unwrap();
+    assert_eq!(reload().await.unwrap().status(), 200);
+    assert_eq!(
+        gateway
+            .post("/v1/chat/completions", &chat_body("x"))
+            .await
+            .status(),
+        200,
+        "a changed rule starts afresh"
+    );
+}

@@ -1,0 +1,200 @@
+//! Rate limits shared through Redis: several gateway processes, one budget; Redis going away
+//! and coming back.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::{FakeUpstream, GatewayProcess, RedisServer, TestGateway, chat_body, temp_dir};
+
+fn limited_config(upstream: &str, redis: &str, on_error: &str, rule: &str) -> String {
+    format!(
+        r#"
+        [limits_store]
+        kind = "redis"
+        url = "{redis}"
+        on_error = "{on_error}"
+        timeout_ms = 200
+        [[limits]]
+        {rule}
+        [providers.fake]
+        kind = "openai"
+        base_url = "{upstream}"
+        [routes.main]
+        targets = [{{ provider = "fake", model = "m" }}]
+        retries = 0
+        [[endpoints]]
+        name = "chat"
+        route = "main"
+        "#
+    )
+}
+
+#[tokio::test]
+async fn three_gateway_processes_share_one_budget() {
+    let redis = RedisServer::start();
+    let upstream = FakeUpstream::start(vec![]).await;
+    let dir = temp_dir("redis-replicas");
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        limited_config(
+            &upstream.base_url,
+            &redis.url(),
+            "deny",
+            "scope = [\"global\"]\nrequests_per_minute = 5\nburst = 2",
+        ),
+    )
+    .unwrap();
+    let replicas: Vec<GatewayProcess> = (0..3)
+        .map(|_| GatewayProcess::start(&config, &[]))
+        .collect();
+
+    let client = reqwest::Client::new();
+    let mut admitted = 0;
+    let mut refused = 0;
+    let mut remaining = Vec::new();
+    for i in 0..21 {
+        let response = client
+            .post(replicas[i % 3].url("/v1/chat/completions"))
+            .json(&chat_body("x"))
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            200 => {
+                admitted += 1;
+                remaining.push(
+                    response.headers()["x-ratelimit-remaining-requests"]
+                        .to_str()
+                        .unwrap()
+                        .to_owned(),
+                );
+            }
+            429 => {
+                refused += 1;
+                let retry_after: u64 = response.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(
+                    (1..=12).contains(&retry_after),
+                    "one request every 12 s: {retry_after}"
+                );
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(
+        (admitted, refused),
+        (7, 14),
+        "limit 5 + burst 2 across all replicas"
+    );
+    assert_eq!(
+        remaining,
+        ["6", "5", "4", "3", "2", "1", "0"],
+        "one counter, whichever replica answered"
+    );
+    assert_eq!(upstream.requests().len(), 7);
+}
+
+#[tokio::test]
+async fn while_redis_is_down_the_policy_holds_and_limits_return_with_it() {
+    let mut redis = RedisServer::start();
+    let upstream = FakeUpstream::start(vec![]).await;
+    let rule = "scope = [\"endpoint\"]\nrequests_per_minute = 3";
+    let deny = TestGateway::start(&limited_config(
+        &upstream.base_url,
+        &redis.url(),
+        "deny",
+        rule,
+    ))
+    .await;
+    let allow = TestGateway::start(&limited_config(
+        &upstream.base_url,
+        &redis.url(),
+        "allow",
+        rule,
+    ))
+    .await;
+    let ready = |gateway: &TestGateway| {
+        let request = gateway.client.get(gateway.url("/ready")).send();
+        async move { request.await.unwrap().json::<Value>().await.unwrap()["rate_limiter"].clone() }
+    };
+
+    assert_eq!(
+        deny.post("/v1/chat/completions", &chat_body("x"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(ready(&deny).await, json!("ok"));
+
+    redis.stop();
+    let refused = deny.post("/v1/chat/completions", &chat_body("x")).await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limiter_unavailable");
+    for _ in 0..5 {
+        assert_eq!(
+            allow
+                .post("/v1/chat/completions", &chat_body("x"))
+                .await
+                .status(),
+            200,
+            "on_error = allow"
+        );
+    }
+    assert_eq!(ready(&deny).await, json!("degraded"));
+    assert_eq!(ready(&allow).await, json!("degraded"));
+    assert_eq!(
+        deny.client
+            .get(deny.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // Redis comes back (empty): the deny gateway recovers by itself, and limits hold again.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = deny
+            .post("/v1/chat/completions", &chat_body("x"))
+            .await
+            .status();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not reconnect to Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        deny.post("/v1/chat/completions", &chat_body("x"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        deny.post("/v1/chat/completions", &chat_body("x"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        deny.post("/v1/chat/completions", &chat_body("x"))
+            .await
+            .status(),
+        429,
+        "3 per minute again"
+    );
+    assert_eq!(ready(&deny).await, json!("ok"));
+}
