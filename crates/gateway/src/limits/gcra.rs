@@ -5,6 +5,11 @@
 //! `count + burst` cells: a request of cost `c` is admitted when
 //! `max(TAT, now) + c·T - capacity·T <= now`, and then moves TAT to `max(TAT, now) + c·T`.
 //! The Redis script (`redis.rs`) is the same arithmetic, in microseconds of the Redis clock.
+//!
+//! Why not `governor`: token limits must settle (give back or charge the difference between the
+//! estimate and the real usage), several rules must admit all-or-nothing, and the in-memory and
+//! Redis limiters must agree to the cell. governor offers none of those three, and the
+//! algorithm itself is a dozen lines.
 
 use std::time::Duration;
 
