@@ -8,6 +8,7 @@ mod chat;
 mod common;
 mod errors;
 mod limits;
+mod metrics;
 mod redis;
 mod routing;
 mod store;

@@ -10,6 +10,7 @@ use tracing::{Instrument, info, info_span};
 
 use crate::chain::{ChainError, ChainErrorKind};
 use crate::llm::{ChunkStream, Llm};
+use crate::observe::Observer;
 use crate::prompts::Prompts;
 use crate::wire::{ChatRequest, ChatResponse};
 
@@ -30,6 +31,8 @@ pub struct ChainResources {
     pub chain: String,
     pub prompts: Prompts,
     pub llms: HashMap<String, Arc<dyn Llm>>,
+    /// Where step durations and errors go (metrics); `None` in tests.
+    pub observer: Option<Arc<dyn Observer>>,
 }
 
 /// The only thing a chain touches: logical LLMs, templates, request metadata. Cheap to create
@@ -75,12 +78,17 @@ impl ChainContext {
     pub fn render(&self, name: &str, vars: &impl Serialize) -> Result<String, ChainError> {
         let _span =
             info_span!("chain.render", chain = %self.resources.chain, template = name).entered();
-        self.resources
-            .prompts
-            .render(name, vars)
-            .map_err(|message| {
-                ChainError::new(format!("render:{name}"), ChainErrorKind::Template(message))
-            })
+        let start = Instant::now();
+        let step = format!("render:{name}");
+        let rendered = self.resources.prompts.render(name, vars);
+        self.step_done(&step, start, rendered.is_ok());
+        rendered.map_err(|message| ChainError::new(step, ChainErrorKind::Template(message)))
+    }
+
+    fn step_done(&self, step: &str, start: Instant, ok: bool) {
+        if let Some(observer) = &self.resources.observer {
+            observer.chain_step(&self.resources.chain, step, start.elapsed(), ok);
+        }
     }
 }
 
@@ -124,6 +132,7 @@ impl LlmHandle<'_> {
                 ok = result.is_ok(),
                 "chain step done"
             );
+            self.ctx.step_done(&self.name, start, result.is_ok());
             result.map_err(|e| self.error(e))
         }
         .instrument(self.span(false))
@@ -134,12 +143,10 @@ impl LlmHandle<'_> {
     pub async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, ChainError> {
         let start = Instant::now();
         let span = self.span(true);
-        let stream = self
-            .llm
-            .chat_stream(request)
-            .instrument(span.clone())
-            .await
-            .map_err(|e| self.error(e))?;
+        let stream = self.llm.chat_stream(request).instrument(span.clone()).await;
+        // A streamed step is timed to its first chunk: the rest is paced by the client.
+        self.ctx.step_done(&self.name, start, stream.is_ok());
+        let stream = stream.map_err(|e| self.error(e))?;
         span.in_scope(|| {
             info!(
                 time_to_first_chunk_ms = start.elapsed().as_secs_f64() * 1000.0,

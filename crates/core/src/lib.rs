@@ -8,6 +8,7 @@ pub mod chain_dir;
 pub mod code_hash;
 mod context;
 mod llm;
+mod observe;
 mod prompts;
 mod secret;
 pub mod wire;
@@ -18,6 +19,7 @@ pub use chain::{
 pub use chain_dir::{ChainFolder, LoadedChain};
 pub use context::{ChainContext, ChainResources, LlmHandle, RequestMeta};
 pub use llm::{ChunkStream, Llm, LlmError, LlmErrorKind};
+pub use observe::{AttemptOutcome, Observer, RequestStats};
 pub use prompts::Prompts;
 pub use secret::Secret;
 pub use wire::{

@@ -3,11 +3,31 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
+use axum::response::IntoResponse;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use crate::AppState;
 use crate::error::ApiError;
+
+/// `GET /metrics`: OpenMetrics text (what prometheus-client writes and Prometheus scrapes); needs
+/// the admin key when `[auth] protect_metrics`.
+pub async fn metrics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let snapshot = state.snapshot();
+    if snapshot.protect_metrics {
+        authorize(snapshot.admin_key.as_ref(), &headers)?;
+    }
+    Ok((
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics().encode(),
+    ))
+}
 
 /// `GET /admin/endpoints`: each endpoint's kind, URI, resolved version and hashes.
 pub async fn endpoints(

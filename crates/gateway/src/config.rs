@@ -39,6 +39,8 @@ pub struct AuthConfig {
     pub admin_key: Option<Secret>,
     /// Client API keys. Without any the gateway is open (a warning says so at start-up).
     pub keys: Vec<ApiKeyConfig>,
+    /// `GET /metrics` needs the admin key too.
+    pub protect_metrics: bool,
 }
 
 /// One client API key: an id for logs, metrics and limits, and the SHA-256 of the secret.
@@ -397,6 +399,8 @@ struct RawAuth {
     admin_key: Option<String>,
     #[serde(default)]
     keys: Vec<RawApiKey>,
+    #[serde(default)]
+    protect_metrics: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -751,7 +755,17 @@ fn compile_auth(
             });
         }
     }
-    (problems.0.len() == before).then_some(AuthConfig { admin_key, keys })
+    if raw.protect_metrics && admin_key.is_none() {
+        problems.add(
+            "auth.protect_metrics",
+            "needs auth.admin_key: the admin key is what protects /metrics",
+        );
+    }
+    (problems.0.len() == before).then_some(AuthConfig {
+        admin_key,
+        keys,
+        protect_metrics: raw.protect_metrics,
+    })
 }
 
 fn compile_limits_store(raw: RawLimitsStore, problems: &mut Problems) -> Option<LimitsStoreConfig> {

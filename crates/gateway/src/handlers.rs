@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::panic::AssertUnwindSafe;
-use std::time::Instant;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -16,13 +16,14 @@ use futures::{FutureExt, Stream, StreamExt, stream};
 use serde_json::{Value, json};
 use switchyard_core::{
     ChainContext, ChainOutput, ChatRequest, ChunkStream, Llm, LlmError, LlmErrorKind, RequestMeta,
+    Usage,
 };
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 use crate::error::{ApiError, MlflowError};
 use crate::extract::{OpenAiJson, body_rejection, from_value, parse_json};
 use crate::limits::{Admission, Caller};
-use crate::request_log::{RequestInfo, RequestStart, millis, request_id};
+use crate::request_log::RequestRecord;
 use crate::{AppState, ChainEndpoint, Endpoint, auth};
 
 pub(crate) fn unix_now() -> u64 {
@@ -35,11 +36,11 @@ pub(crate) fn unix_now() -> u64 {
 /// `POST /v1/chat/completions`: `model` names the endpoint.
 pub async fn chat_completions(
     State(state): State<AppState>,
-    Extension(RequestStart(start)): Extension<RequestStart>,
+    Extension(record): Extension<Arc<RequestRecord>>,
     headers: HeaderMap,
     OpenAiJson(request): OpenAiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    serve_chat(&state, request, &headers, start).await
+    serve_chat(&state, request, &headers, record).await
 }
 
 /// `POST /endpoints/{name}/invocations` (MLflow): for chat endpoints the body is a chat request
@@ -47,7 +48,7 @@ pub async fn chat_completions(
 pub async fn invocations(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    Extension(RequestStart(start)): Extension<RequestStart>,
+    Extension(record): Extension<Arc<RequestRecord>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, MlflowError> {
@@ -58,7 +59,7 @@ pub async fn invocations(
     };
     object.insert("model".to_owned(), Value::String(name));
     let request: ChatRequest = from_value(value)?;
-    Ok(serve_chat(&state, request, &headers, start).await?)
+    Ok(serve_chat(&state, request, &headers, record).await?)
 }
 
 /// Serves a chat request on the endpoint its `model` names, as JSON or as an SSE stream:
@@ -68,7 +69,7 @@ async fn serve_chat(
     state: &AppState,
     mut request: ChatRequest,
     headers: &HeaderMap,
-    start: Instant,
+    record: Arc<RequestRecord>,
 ) -> Result<Response, ApiError> {
     // One state for the whole request: a reload while it runs does not change what it runs on.
     let snapshot = state.snapshot();
@@ -77,6 +78,18 @@ async fn serve_chat(
     let Some(endpoint) = snapshot.endpoints.get(&endpoint_name).cloned() else {
         return Err(ApiError::unknown_model(&endpoint_name));
     };
+    let kind = match &endpoint {
+        Endpoint::Route(_) => "route",
+        Endpoint::Chain(_) => "chain",
+    };
+    let user = end_user(headers, &request);
+    let key_id = key.map(|k| k.id.clone());
+    record.update(|d| {
+        d.endpoint = Some(endpoint_name.clone());
+        d.kind = kind;
+        d.key_id.clone_from(&key_id);
+        d.user.clone_from(&user);
+    });
     auth::check_endpoint(key, &endpoint_name)?;
     if request.messages.is_empty() {
         return Err(ApiError::bad_request(
@@ -84,9 +97,7 @@ async fn serve_chat(
             Some("messages".to_owned()),
         ));
     }
-    let request_id = request_id(headers);
-    let user = end_user(headers, &request);
-    let key_id = key.map(|k| k.id.clone());
+    let request_id = record.request_id.clone();
     let caller = Caller {
         endpoint: &endpoint_name,
         api_key: key_id.as_deref(),
@@ -103,7 +114,6 @@ async fn serve_chat(
     if strip_usage {
         request.stream_options.get_or_insert_default().include_usage = Some(true);
     }
-    let upstream_start = Instant::now();
     let output = match &endpoint {
         Endpoint::Route(route) if stream => route
             .chat_stream(request)
@@ -136,14 +146,13 @@ async fn serve_chat(
     if stream {
         let mut rate_limit_headers = HeaderMap::new();
         admission.apply(&mut rate_limit_headers);
+        record.update(|d| d.streamed = true);
         let log = StreamLog {
-            request_id,
-            endpoint: endpoint_name.clone(),
-            start,
-            time_to_first_chunk: upstream_start.elapsed(),
+            record,
+            state: state.clone(),
             chunks: 0,
             logged: false,
-            used_tokens: None,
+            usage: None,
             admission: Some(admission),
         };
         let events = sse_events(
@@ -153,11 +162,6 @@ async fn serve_chat(
         );
         let mut response = Sse::new(events).into_response();
         response.headers_mut().extend(rate_limit_headers);
-        response.extensions_mut().insert(RequestInfo {
-            endpoint: endpoint_name,
-            upstream: upstream_start.elapsed(),
-            streamed: true,
-        });
         Ok(response)
     } else {
         let completion = match output.collect().await {
@@ -170,11 +174,12 @@ async fn serve_chat(
         let mut response = Json(&completion).into_response();
         admission.apply(response.headers_mut());
         admission.settle(completion.usage.as_ref().map(|u| u.total_tokens));
-        response.extensions_mut().insert(RequestInfo {
-            endpoint: endpoint_name,
-            upstream: upstream_start.elapsed(),
-            streamed: false,
-        });
+        if let Some(usage) = &completion.usage {
+            record.update(|d| {
+                d.prompt_tokens = Some(usage.prompt_tokens);
+                d.completion_tokens = Some(usage.completion_tokens);
+            });
+        }
         Ok(response)
     }
 }
@@ -246,16 +251,14 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".to_owned())
 }
 
-/// What the stream needs to write its request log line and settle its tokens when it ends. A
-/// stream the client abandons is dropped unfinished, and logs and settles itself as such.
+/// What the stream needs to log, measure and settle when it ends. A stream the client abandons
+/// is dropped unfinished, and logs and settles itself as such.
 struct StreamLog {
-    request_id: String,
-    endpoint: String,
-    start: Instant,
-    time_to_first_chunk: std::time::Duration,
+    record: Arc<RequestRecord>,
+    state: AppState,
     chunks: usize,
     logged: bool,
-    used_tokens: Option<u64>,
+    usage: Option<Usage>,
     admission: Option<Admission>,
 }
 
@@ -263,20 +266,15 @@ impl StreamLog {
     fn finish(&mut self, outcome: &str) {
         self.logged = true;
         if let Some(admission) = self.admission.take() {
-            admission.settle(self.used_tokens);
+            admission.settle(self.usage.as_ref().map(|u| u.total_tokens));
         }
-        info!(
-            request_id = %self.request_id,
-            method = "POST",
-            endpoint = %self.endpoint,
-            status = 200,
-            stream = true,
-            chunks = self.chunks,
-            outcome,
-            latency_ms = millis(self.start.elapsed()),
-            upstream_ms = millis(self.time_to_first_chunk),
-            "request"
-        );
+        if let Some(usage) = &self.usage {
+            self.record.update(|d| {
+                d.prompt_tokens = Some(usage.prompt_tokens);
+                d.completion_tokens = Some(usage.completion_tokens);
+            });
+        }
+        self.record.finish(&self.state, 200, outcome);
     }
 }
 
@@ -313,7 +311,7 @@ fn sse_events(
                     match chunks.next().await {
                         Some(Ok(chunk)) => {
                             if let Some(usage) = &chunk.usage {
-                                log.used_tokens = Some(usage.total_tokens);
+                                log.usage = Some(usage.clone());
                                 if strip_usage && chunk.choices.is_empty() {
                                     continue;
                                 }
@@ -330,7 +328,7 @@ fn sse_events(
                             }
                         }
                         Some(Err(error)) => {
-                            warn!(request_id = %log.request_id, endpoint = %log.endpoint, %error, "stream ended by an upstream error");
+                            warn!(request_id = %log.record.request_id, %error, "stream ended by an upstream error");
                             log.finish("upstream_error");
                             let body = ApiError::from(error).openai_body();
                             break (Event::default().data(body.to_string()), Phase::Closing);

@@ -14,6 +14,7 @@ mod error;
 mod extract;
 mod handlers;
 mod limits;
+mod metrics;
 mod request_log;
 mod state;
 
@@ -39,6 +40,7 @@ pub use config::{
 };
 pub use error::{ApiError, MlflowError};
 use limits::Backend;
+use metrics::Metrics;
 pub(crate) use state::{ChainEndpoint, Endpoint, Snapshot};
 
 /// Errors that stop a gateway from starting or reloading.
@@ -90,6 +92,7 @@ struct Shared {
     current: ArcSwap<Snapshot>,
     registry: Registry,
     client: reqwest::Client,
+    metrics: Arc<Metrics>,
     /// The rate limiter's store and the settings it was made from: kept across reloads that do
     /// not change `[limits_store]`, so counters survive.
     limiter: std::sync::Mutex<(LimitsStoreConfig, Arc<Backend>)>,
@@ -105,6 +108,10 @@ impl AppState {
     /// The current state. Hold the `Arc` for the whole request.
     pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
         self.0.current.load_full()
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.0.metrics
     }
 
     pub(crate) fn max_body_bytes(&self) -> usize {
@@ -146,8 +153,10 @@ impl Gateway {
             Backend::new(&config.limits_store)
                 .map_err(|e| GatewayError::Endpoints(vec![format!("limits_store: {e}")]))?,
         );
-        let snapshot = state::build(&config, registry, &client, backend.clone())
+        let metrics = Arc::new(Metrics::new());
+        let snapshot = state::build(&config, registry, &client, backend.clone(), &metrics)
             .map_err(GatewayError::Endpoints)?;
+        metrics.set_endpoints(&snapshot.endpoint_infos);
         if snapshot.keys.is_empty() {
             warn!("no [auth] keys: the gateway is open to anyone who can reach it");
         }
@@ -161,6 +170,7 @@ impl Gateway {
                 current: ArcSwap::from_pointee(snapshot),
                 registry: registry.clone(),
                 client,
+                metrics,
                 limiter: std::sync::Mutex::new((config.limits_store.clone(), backend)),
                 source,
                 max_body_bytes: config.server.max_body_bytes,
@@ -177,7 +187,11 @@ impl Gateway {
         let shared = &self.state.0;
         let source = shared.source.clone().ok_or(GatewayError::NoConfigFile)?;
         let _one_at_a_time = shared.reload_lock.lock().await;
-        let (registry, client) = (shared.registry.clone(), shared.client.clone());
+        let (registry, client, metrics) = (
+            shared.registry.clone(),
+            shared.client.clone(),
+            shared.metrics.clone(),
+        );
         let current_limiter = shared
             .limiter
             .lock()
@@ -194,8 +208,9 @@ impl Gateway {
                         .map_err(|e| GatewayError::Endpoints(vec![format!("limits_store: {e}")]))?;
                     (config.limits_store.clone(), Arc::new(backend))
                 };
-                let snapshot = state::build(&config, &registry, &client, limiter.1.clone())
-                    .map_err(GatewayError::Endpoints)?;
+                let snapshot =
+                    state::build(&config, &registry, &client, limiter.1.clone(), &metrics)
+                        .map_err(GatewayError::Endpoints)?;
                 Ok((snapshot, limiter))
             })
             .await
@@ -205,6 +220,7 @@ impl Gateway {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = limiter;
         let endpoints = snapshot.endpoints.len();
+        shared.metrics.set_endpoints(&snapshot.endpoint_infos);
         shared.current.store(Arc::new(snapshot));
         info!(endpoints, "config reloaded");
         Ok(endpoints)
@@ -219,11 +235,15 @@ impl Gateway {
             .route("/endpoints/{name}/invocations", post(handlers::invocations))
             .route("/health", get(handlers::health))
             .route("/ready", get(handlers::ready))
+            .route("/metrics", get(admin::metrics))
             .route("/admin/endpoints", get(admin::endpoints))
             .route("/admin/reload", post(admin::reload))
             .fallback(handlers::not_found)
             .layer(DefaultBodyLimit::max(self.state.max_body_bytes()))
-            .layer(axum::middleware::from_fn(request_log::log_request))
+            .layer(axum::middleware::from_fn_with_state(
+                self.state.clone(),
+                request_log::log_request,
+            ))
             // Outermost: every response, errors included, carries the request id.
             .layer(PropagateRequestIdLayer::new(request_id.clone()))
             .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))

@@ -1,51 +1,137 @@
-//! One structured log line per request.
+//! One structured log line per request, and the request metrics.
 //!
-//! The middleware times every request and logs it when the response is ready. Handlers add what
-//! only they know (endpoint, time spent waiting on the upstream) as a [`RequestInfo`] response
-//! extension. A streamed response is logged by its stream when the stream ends, so the line
+//! The middleware creates a [`RequestRecord`] for every request, puts it in the request's
+//! extensions and runs the handler inside its [`RequestStats`] scope, so routes account their
+//! upstream time, retries and fallbacks to it. Handlers fill in what only they know (endpoint,
+//! key id, user, tokens). The middleware logs and measures when the response is ready; a
+//! streamed response is logged and measured by its stream when the stream ends, so the line
 //! carries the whole duration and how the stream finished.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
+use switchyard_core::RequestStats;
 use tracing::info;
 
-/// When the gateway received the request; put in request extensions for handlers.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestStart(pub Instant);
+use crate::AppState;
 
-/// What a handler reports about the request it served.
-#[derive(Debug, Clone)]
-pub struct RequestInfo {
-    pub endpoint: String,
-    pub upstream: Duration,
+/// Everything known about one request, shared by the middleware, the handler and the stream.
+#[derive(Debug)]
+pub struct RequestRecord {
+    pub start: Instant,
+    pub request_id: String,
+    pub method: String,
+    pub path: String,
+    pub stats: Arc<RequestStats>,
+    details: Mutex<Details>,
+}
+
+/// What the handler learns while serving.
+#[derive(Debug, Clone, Default)]
+pub struct Details {
+    /// A configured endpoint (never a name a client made up).
+    pub endpoint: Option<String>,
+    /// `route` or `chain`.
+    pub kind: &'static str,
+    pub key_id: Option<String>,
+    pub user: Option<String>,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
     /// The stream logs the request itself when it ends.
     pub streamed: bool,
 }
 
-pub async fn log_request(mut request: Request, next: Next) -> Response {
-    let start = Instant::now();
-    request.extensions_mut().insert(RequestStart(start));
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let request_id = request_id(request.headers());
-    let response = next.run(request).await;
-    let info = response.extensions().get::<RequestInfo>();
-    if info.is_some_and(|i| i.streamed) {
-        return response;
+impl RequestRecord {
+    pub fn update(&self, change: impl FnOnce(&mut Details)) {
+        change(&mut self.details.lock().unwrap_or_else(PoisonError::into_inner));
     }
-    info!(
-        request_id = %request_id,
-        %method,
-        path = %path,
-        endpoint = info.map_or("", |i| i.endpoint.as_str()),
-        status = response.status().as_u16(),
-        latency_ms = millis(start.elapsed()),
-        upstream_ms = info.map_or(0.0, |i| millis(i.upstream)),
-        "request"
-    );
+
+    pub fn details(&self) -> Details {
+        self.details
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Writes the request's log line and its metrics.
+    pub fn finish(&self, state: &AppState, status: u16, outcome: &str) {
+        let details = self.details();
+        let elapsed = self.start.elapsed();
+        let endpoint = details.endpoint.as_deref().unwrap_or("");
+        if is_chat_path(&self.path) {
+            let metrics = state.metrics();
+            metrics.request(endpoint, details.kind, status, elapsed);
+            if let (Some(prompt), Some(completion)) =
+                (details.prompt_tokens, details.completion_tokens)
+            {
+                metrics.tokens(endpoint, prompt, completion);
+            }
+        }
+        info!(
+            request_id = %self.request_id,
+            method = %self.method,
+            path = %self.path,
+            endpoint,
+            key_id = details.key_id.as_deref().unwrap_or(""),
+            user = details.user.as_deref().unwrap_or(""),
+            status,
+            stream = details.streamed,
+            outcome,
+            latency_ms = millis(elapsed),
+            upstream_ms = millis(self.stats.upstream()),
+            retries = self.stats.retries(),
+            fallbacks = self.stats.fallbacks(),
+            prompt_tokens = details.prompt_tokens,
+            completion_tokens = details.completion_tokens,
+            "request"
+        );
+    }
+}
+
+fn is_chat_path(path: &str) -> bool {
+    path == "/v1/chat/completions"
+        || (path.starts_with("/endpoints/") && path.ends_with("/invocations"))
+}
+
+pub async fn log_request(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let record = Arc::new(RequestRecord {
+        start: Instant::now(),
+        request_id: request_id(request.headers()),
+        method: request.method().to_string(),
+        path: request.uri().path().to_owned(),
+        stats: Arc::new(RequestStats::default()),
+        details: Mutex::new(Details::default()),
+    });
+    request.extensions_mut().insert(record.clone());
+    let response = RequestStats::scope(record.stats.clone(), next.run(request)).await;
+    // What the gateway added: time to the response, minus the time spent waiting on upstreams
+    // (for a stream, that is until its first chunk).
+    let details = record.details();
+    if let Some(endpoint) = &details.endpoint {
+        let overhead = record
+            .start
+            .elapsed()
+            .saturating_sub(record.stats.upstream());
+        state.metrics().overhead(endpoint, details.kind, overhead);
+    }
+    if !details.streamed {
+        record.finish(
+            &state,
+            response.status().as_u16(),
+            if response.status().is_success() {
+                "ok"
+            } else {
+                "error"
+            },
+        );
+    }
     response
 }
 

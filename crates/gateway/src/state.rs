@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use switchyard_core::{Chain, ChainFolder, ChainResources, Llm, LoadedChain, Registry, Secret};
+use switchyard_core::{
+    Chain, ChainFolder, ChainResources, Llm, LoadedChain, Observer, Registry, Secret,
+};
 use switchyard_providers::{Capped, MockProvider, OpenAiProvider, Route, Target};
 use switchyard_store::{ModelUri, Store};
 use tracing::warn;
@@ -14,6 +16,7 @@ use crate::config::{
     ApiKeyConfig, ChainEndpointConfig, ChainSource, Config, EndpointKind, ProviderKind,
 };
 use crate::limits::{Backend, Limits};
+use crate::metrics::Metrics;
 
 /// One generation of the gateway's state. Requests hold an `Arc` to the generation they
 /// started on, so a reload never changes what an in-flight request sees.
@@ -26,6 +29,7 @@ pub(crate) struct Snapshot {
     pub admin_key: Option<Secret>,
     /// Client API keys; empty = open gateway.
     pub keys: Vec<ApiKeyConfig>,
+    pub protect_metrics: bool,
     pub limits: Limits,
     pub loaded_at: u64,
 }
@@ -50,7 +54,9 @@ pub(crate) fn build(
     registry: &Registry,
     client: &reqwest::Client,
     limiter: Arc<Backend>,
+    metrics: &Arc<Metrics>,
 ) -> Result<Snapshot, Vec<String>> {
+    let observer: Arc<dyn Observer> = metrics.clone();
     let providers: HashMap<&str, Arc<dyn Llm>> = config
         .providers
         .iter()
@@ -65,7 +71,10 @@ pub(crate) fn build(
                 ProviderKind::Mock(mock) => Arc::new(MockProvider::new(mock.clone())),
             };
             if let Some(cap) = provider.concurrency {
-                llm = Arc::new(Capped::new(name.clone(), llm, cap.max, cap.queue_timeout));
+                llm = Arc::new(
+                    Capped::new(name.clone(), llm, cap.max, cap.queue_timeout)
+                        .with_observer(observer.clone()),
+                );
             }
             (name.as_str(), llm)
         })
@@ -87,7 +96,10 @@ pub(crate) fn build(
                 .collect();
             (
                 name.as_str(),
-                Arc::new(Route::new(name.clone(), targets, route.settings)),
+                Arc::new(
+                    Route::new(name.clone(), targets, route.settings)
+                        .with_observer(observer.clone()),
+                ),
             )
         })
         .collect();
@@ -107,7 +119,7 @@ pub(crate) fn build(
                     )
                 })
                 .ok_or_else(|| vec![format!("unknown route '{route}'")]),
-            EndpointKind::Chain(chain) => load_chain(chain, registry, &store, &routes)
+            EndpointKind::Chain(chain) => load_chain(chain, registry, &store, &routes, &observer)
                 .map(|(built, info)| (Endpoint::Chain(built), info)),
         };
         match built {
@@ -134,7 +146,8 @@ pub(crate) fn build(
         endpoint_infos: infos,
         admin_key: config.auth.admin_key.clone(),
         keys: config.auth.keys.clone(),
-        limits: Limits::new(&config.limits, limiter),
+        protect_metrics: config.auth.protect_metrics,
+        limits: Limits::new(&config.limits, limiter, metrics.clone()),
         loaded_at: crate::handlers::unix_now(),
     })
 }
@@ -145,6 +158,7 @@ fn load_chain(
     registry: &Registry,
     store: &Store,
     routes: &HashMap<&str, Arc<Route>>,
+    observer: &Arc<dyn Observer>,
 ) -> Result<(Arc<ChainEndpoint>, Value), Vec<String>> {
     let (folder, mut info) = match &endpoint.source {
         ChainSource::Dir(dir) => (
@@ -192,6 +206,7 @@ fn load_chain(
             chain: loaded.entry.name.to_owned(),
             prompts: loaded.prompts,
             llms,
+            observer: Some(observer.clone()),
         }),
     };
     Ok((Arc::new(endpoint), info))

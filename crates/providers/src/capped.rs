@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use switchyard_core::{ChatRequest, ChatResponse, ChunkStream, Llm, LlmError, LlmErrorKind};
+use switchyard_core::{
+    ChatRequest, ChatResponse, ChunkStream, Llm, LlmError, LlmErrorKind, Observer,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// At most `max` calls in flight to the wrapped provider; a call beyond that waits for a slot up
@@ -17,6 +19,7 @@ pub struct Capped {
     slots: Arc<Semaphore>,
     max: usize,
     queue_timeout: Duration,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 impl Capped {
@@ -32,7 +35,14 @@ impl Capped {
             slots: Arc::new(Semaphore::new(max)),
             max,
             queue_timeout,
+            observer: None,
         }
+    }
+
+    /// Reports calls in flight and queue waits to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Calls in flight now.
@@ -40,7 +50,7 @@ impl Capped {
         self.max - self.slots.available_permits()
     }
 
-    async fn slot(&self) -> Result<OwnedSemaphorePermit, LlmError> {
+    async fn slot(&self) -> Result<Slot, LlmError> {
         let overloaded = || {
             LlmError::new(
                 LlmErrorKind::Overloaded,
@@ -52,9 +62,44 @@ impl Capped {
                 ),
             )
         };
-        match tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
+        let started = std::time::Instant::now();
+        let slot = match tokio::time::timeout(
+            self.queue_timeout,
+            self.slots.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => Ok(Slot {
+                permit: Some(permit),
+                slots: self.slots.clone(),
+                max: self.max,
+                provider: self.name.clone(),
+                observer: self.observer.clone(),
+            }),
             Ok(Err(_)) | Err(_) => Err(overloaded()),
+        };
+        if let Some(observer) = &self.observer {
+            observer.provider_queue_wait(&self.name, started.elapsed());
+            observer.provider_in_flight(&self.name, self.in_flight());
+        }
+        slot
+    }
+}
+
+/// A held slot; reports the new in-flight count when released.
+struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    slots: Arc<Semaphore>,
+    max: usize,
+    provider: String,
+    observer: Option<Arc<dyn Observer>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        if let Some(observer) = &self.observer {
+            observer.provider_in_flight(&self.provider, self.max - self.slots.available_permits());
         }
     }
 }

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::{StreamExt, stream};
-use switchyard_core::{ChatRequest, ChatResponse, ChunkStream, Llm, LlmError, LlmErrorKind};
+use switchyard_core::{
+    AttemptOutcome, ChatRequest, ChatResponse, ChunkStream, Llm, LlmError, LlmErrorKind, Observer,
+    RequestStats,
+};
 use tokio::time::{Instant, timeout_at};
 use tracing::warn;
 
@@ -54,11 +57,12 @@ impl Default for RouteSettings {
 }
 
 /// A named route. Implements [`Llm`], so endpoints and chains call it like a provider.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Route {
     name: String,
     targets: Vec<Target>,
     settings: RouteSettings,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 impl Route {
@@ -67,7 +71,14 @@ impl Route {
             name: name.into(),
             targets,
             settings,
+            observer: None,
         }
+    }
+
+    /// Reports every attempt (and streams' time to first token) to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -84,6 +95,7 @@ impl Route {
         &self,
         request: ChatRequest,
         deadline: Instant,
+        stream: bool,
         attempt: F,
     ) -> Result<T, LlmError>
     where
@@ -94,19 +106,30 @@ impl Route {
             LlmErrorKind::Connect,
             format!("route '{}' has no targets", self.name),
         );
-        for target in &self.targets {
+        for (index, target) in self.targets.iter().enumerate() {
             let mut target_request = request.clone();
             target_request.model.clone_from(&target.model);
+            let mut last_attempt = Duration::ZERO;
             for attempt_number in 0..=self.settings.retries {
+                let started = Instant::now();
                 let outcome = timeout_at(
                     deadline,
                     attempt(target.provider.clone(), target_request.clone()),
                 )
                 .await;
+                last_attempt = started.elapsed();
+                RequestStats::record_upstream(last_attempt);
                 let error = match outcome {
-                    Ok(Ok(value)) => return Ok(value),
+                    Ok(Ok(value)) => {
+                        self.observe(target, AttemptOutcome::Ok, last_attempt);
+                        if stream && let Some(observer) = &self.observer {
+                            observer.first_token(&self.name, &target.provider_name, last_attempt);
+                        }
+                        return Ok(value);
+                    }
                     Ok(Err(error)) => error,
                     Err(_elapsed) => {
+                        self.observe(target, AttemptOutcome::Timeout, last_attempt);
                         return Err(LlmError::timeout(format!(
                             "route '{}' timed out after {} ms (provider '{}')",
                             self.name,
@@ -133,13 +156,26 @@ impl Route {
                     // The upstream asks for a longer wait than we have left: try the next target.
                     break;
                 }
+                self.observe(target, AttemptOutcome::Retry, last_attempt);
+                RequestStats::record_retry();
                 tokio::time::sleep(wait).await;
             }
-            if !is_worth_falling_back(&last_error) {
+            let falls_back = is_worth_falling_back(&last_error) && index + 1 < self.targets.len();
+            if falls_back {
+                self.observe(target, AttemptOutcome::Fallback, last_attempt);
+                RequestStats::record_fallback();
+            } else {
+                self.observe(target, AttemptOutcome::Error, last_attempt);
                 return Err(last_error);
             }
         }
         Err(last_error)
+    }
+
+    fn observe(&self, target: &Target, outcome: AttemptOutcome, duration: Duration) {
+        if let Some(observer) = &self.observer {
+            observer.upstream_attempt(&self.name, &target.provider_name, outcome, duration);
+        }
     }
 
     /// Exponential backoff with full jitter over its upper half; an upstream `Retry-After` wins
@@ -171,7 +207,7 @@ impl Llm for Route {
     async fn chat(&self, mut request: ChatRequest) -> Result<ChatResponse, LlmError> {
         let deadline = Instant::now() + self.settings.timeout;
         request.stream = None;
-        self.call(request, deadline, |provider, request| async move {
+        self.call(request, deadline, false, |provider, request| async move {
             provider.chat(request).await
         })
         .await
@@ -183,7 +219,7 @@ impl Llm for Route {
         request.stream = Some(true);
         let route = self.name.clone();
         let stream = self
-            .call(request, deadline, |provider, request| async move {
+            .call(request, deadline, true, |provider, request| async move {
                 let first_token_deadline = deadline.min(Instant::now() + first_token_timeout);
                 // Wait for the first chunk here, so that an upstream that is slow to answer or
                 // never starts streaming is retried before anything reaches the client.

@@ -1,6 +1,6 @@
 //! A test kit for chain authors: run a chain with scripted LLMs, no server, no network.
 //!
-//! ```ignore
+//! ```text
 //! let llm = ScriptedLlm::new(["Hi! How can I help?"]);
 //! let chain = TestChain::load::<SupportBot>(dir)?.with_llm("default", llm.clone());
 //! let reply = chain.chat(ChatRequest::new("support", vec![Message::user("hello")])).await?;
@@ -137,6 +137,7 @@ impl TestChain {
             chain: self.folder.chain.clone(),
             prompts: self.folder.prompts.clone(),
             llms: self.llms.clone(),
+            observer: None,
         };
         ChainContext::new(Arc::new(resources), self.meta.clone())
     }

@@ -20,6 +20,7 @@ use tracing::warn;
 
 use crate::config::{LimitRule, LimitScope, LimitsStoreConfig, OnError};
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 pub use gcra::{CellState, Gcra};
 
 /// Where counters live. Kept across reloads (counters of unchanged rules survive).
@@ -100,6 +101,8 @@ pub enum Decision {
 
 /// A compiled rule.
 struct Rule {
+    /// `limits[<index>]`, the metrics label.
+    label: String,
     /// Identifies the rule's counters: a hash of its definition, so that an unchanged rule keeps
     /// its counters across a reload and a changed one starts afresh.
     id: String,
@@ -112,6 +115,7 @@ struct Rule {
 pub struct Limits {
     rules: Vec<Rule>,
     backend: Arc<Backend>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// Who is asking, for scoping counters.
@@ -130,10 +134,16 @@ pub struct Admission {
 }
 
 impl Limits {
-    pub fn new(rules: &[LimitRule], backend: Arc<Backend>) -> Self {
+    pub fn new(
+        rules: &[LimitRule],
+        backend: Arc<Backend>,
+        metrics: impl Into<Option<Arc<Metrics>>>,
+    ) -> Self {
         let rules = rules
             .iter()
-            .map(|rule| Rule {
+            .enumerate()
+            .map(|(index, rule)| Rule {
+                label: format!("limits[{index}]"),
                 id: fingerprint(rule),
                 requests: rule.requests.map(|r| Gcra::new(r.count, r.period, r.burst)),
                 tokens: rule
@@ -142,7 +152,11 @@ impl Limits {
                 rule: rule.clone(),
             })
             .collect();
-        Self { rules, backend }
+        Self {
+            rules,
+            backend,
+            metrics: metrics.into(),
+        }
     }
 
     /// Whether the limiter cannot reach its store right now (Redis down).
@@ -159,11 +173,12 @@ impl Limits {
     ) -> Result<Admission, ApiError> {
         let mut cells = Vec::new();
         let mut kinds = Vec::new();
-        for rule in self
+        let matching: Vec<&Rule> = self
             .rules
             .iter()
             .filter(|r| applies(&r.rule, caller.endpoint))
-        {
+            .collect();
+        for rule in &matching {
             let scope = scope_key(&rule.rule.scope, caller);
             if let Some(gcra) = rule.requests {
                 cells.push(Cell {
@@ -186,7 +201,21 @@ impl Limits {
         if cells.is_empty() {
             return Ok(Admission::default());
         }
-        match self.backend.acquire(&cells).await? {
+        let decision = self.backend.acquire(&cells).await;
+        let outcome = match &decision {
+            Ok(Decision::Allowed(_)) => "admitted",
+            Ok(Decision::Denied { .. }) => "refused",
+            Ok(Decision::Degraded) | Err(_) => "degraded",
+        };
+        if let Some(metrics) = &self.metrics {
+            for rule in &matching {
+                metrics.ratelimit(&rule.label, outcome);
+            }
+            if outcome == "degraded" {
+                metrics.limiter_error();
+            }
+        }
+        match decision? {
             Decision::Allowed(states) => Ok(Admission {
                 headers: headers_for(&kinds, &states),
                 reservations: cells
@@ -390,6 +419,7 @@ mod tests {
         let limits = Limits::new(
             &[rule(vec![LimitScope::ApiKey], 3, 2)],
             Arc::new(Backend::new(&LimitsStoreConfig::Memory).unwrap()),
+            None,
         );
         for i in 0..5 {
             let admission = limits.admit(&caller("a", "u"), &request()).await.unwrap();
@@ -424,6 +454,7 @@ mod tests {
         let limits = Limits::new(
             &rules,
             Arc::new(Backend::new(&LimitsStoreConfig::Memory).unwrap()),
+            None,
         );
         limits.admit(&caller("a", "ann"), &request()).await.unwrap();
         for _ in 0..5 {
@@ -453,6 +484,7 @@ mod tests {
         let limits = Limits::new(
             &[token_rule],
             Arc::new(Backend::new(&LimitsStoreConfig::Memory).unwrap()),
+            None,
         );
         // 8 characters = 2 prompt tokens + 400 completion = 402 reserved.
         let first = limits.admit(&caller("a", "u"), &request()).await.unwrap();

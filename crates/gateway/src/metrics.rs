@@ -1,0 +1,357 @@
+//! Prometheus metrics (prometheus-client: one registry per gateway, no global state).
+//!
+//! Label values are bounded: endpoint, route, provider, chain, step and rule names come from the
+//! config and the compiled chains, never from request contents or keys. A request for an
+//! endpoint that does not exist is counted under `endpoint=""`.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use switchyard_core::{AttemptOutcome, Observer};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    endpoint: String,
+    kind: &'static str,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    route: String,
+    provider: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    endpoint: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    rule: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    chain: String,
+    step: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointInfoLabels {
+    endpoint: String,
+    kind: &'static str,
+    model: String,
+    version: String,
+    code_sha256: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 17,
+    ))
+}
+
+fn overhead_histogram() -> Histogram {
+    // 10 µs .. ~80 ms: what a gateway adds is small.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.00001, 2.0, 14,
+    ))
+}
+
+/// Every metric of a gateway.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    overhead: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    upstream_attempts: Family<AttemptLabels, Counter>,
+    upstream_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    first_token: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    tokens: Family<TokenLabels, Counter>,
+    ratelimit: Family<RuleLabels, Counter>,
+    limiter_errors: Counter,
+    in_flight: Family<ProviderLabels, Gauge>,
+    queue_wait: Family<ProviderLabels, Histogram, fn() -> Histogram>,
+    endpoint_info: Family<EndpointInfoLabels, Gauge>,
+    step_duration: Family<StepLabels, Histogram, fn() -> Histogram>,
+    step_errors: Family<StepLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let latency = latency_histogram as fn() -> Histogram;
+        let overhead_constructor = overhead_histogram as fn() -> Histogram;
+        let metrics = Self {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency),
+            overhead: Family::new_with_constructor(overhead_constructor),
+            upstream_attempts: Family::default(),
+            upstream_duration: Family::new_with_constructor(latency),
+            first_token: Family::new_with_constructor(latency),
+            tokens: Family::default(),
+            ratelimit: Family::default(),
+            limiter_errors: Counter::default(),
+            in_flight: Family::default(),
+            queue_wait: Family::new_with_constructor(overhead_constructor),
+            endpoint_info: Family::default(),
+            step_duration: Family::new_with_constructor(latency),
+            step_errors: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "switchyard_requests",
+            "Chat requests by endpoint, kind and status class",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "switchyard_request_duration_seconds",
+            "Request duration (for streams: until the last chunk)",
+            metrics.request_duration.clone(),
+        );
+        registry.register(
+            "switchyard_gateway_overhead_seconds",
+            "Time a request spent in the gateway itself: until the response started, minus the time waiting on upstreams",
+            metrics.overhead.clone(),
+        );
+        registry.register(
+            "switchyard_upstream_attempts",
+            "Upstream attempts by route, provider and outcome (ok, retry, fallback, timeout, error)",
+            metrics.upstream_attempts.clone(),
+        );
+        registry.register(
+            "switchyard_upstream_duration_seconds",
+            "Upstream attempt duration (for streams: until the first chunk)",
+            metrics.upstream_duration.clone(),
+        );
+        registry.register(
+            "switchyard_upstream_time_to_first_token_seconds",
+            "Time to the first chunk of streamed upstream calls",
+            metrics.first_token.clone(),
+        );
+        registry.register(
+            "switchyard_tokens",
+            "Tokens by endpoint and direction (prompt, completion)",
+            metrics.tokens.clone(),
+        );
+        registry.register(
+            "switchyard_ratelimit_decisions",
+            "Rate-limit decisions by rule and outcome (admitted, refused, degraded)",
+            metrics.ratelimit.clone(),
+        );
+        registry.register(
+            "switchyard_ratelimit_backend_errors",
+            "Rate-limiter store (Redis) errors: the limiter was degraded",
+            metrics.limiter_errors.clone(),
+        );
+        registry.register(
+            "switchyard_provider_in_flight",
+            "Calls in flight to providers with a concurrency cap",
+            metrics.in_flight.clone(),
+        );
+        registry.register(
+            "switchyard_provider_queue_wait_seconds",
+            "Time calls waited for a slot under a provider's concurrency cap",
+            metrics.queue_wait.clone(),
+        );
+        registry.register(
+            "switchyard_endpoint_info",
+            "Loaded endpoints: 1 per endpoint, with its model version and code hash",
+            metrics.endpoint_info.clone(),
+        );
+        registry.register(
+            "switchyard_chain_step_duration_seconds",
+            "Chain step duration by chain and step (streamed steps: until the first chunk)",
+            metrics.step_duration.clone(),
+        );
+        registry.register(
+            "switchyard_chain_step_errors",
+            "Chain step failures by chain and step",
+            metrics.step_errors.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+
+    pub fn request(&self, endpoint: &str, kind: &'static str, status: u16, duration: Duration) {
+        let status = match status {
+            200..=299 => "2xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "other",
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint: endpoint.to_owned(),
+                kind,
+                status,
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&EndpointLabels {
+                endpoint: endpoint.to_owned(),
+                kind,
+            })
+            .observe(duration.as_secs_f64());
+    }
+
+    pub fn overhead(&self, endpoint: &str, kind: &'static str, overhead: Duration) {
+        self.overhead
+            .get_or_create(&EndpointLabels {
+                endpoint: endpoint.to_owned(),
+                kind,
+            })
+            .observe(overhead.as_secs_f64());
+    }
+
+    pub fn tokens(&self, endpoint: &str, prompt: u64, completion: u64) {
+        for (direction, count) in [("prompt", prompt), ("completion", completion)] {
+            self.tokens
+                .get_or_create(&TokenLabels {
+                    endpoint: endpoint.to_owned(),
+                    direction,
+                })
+                .inc_by(count);
+        }
+    }
+
+    pub fn ratelimit(&self, rule: &str, outcome: &'static str) {
+        self.ratelimit
+            .get_or_create(&RuleLabels {
+                rule: rule.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn limiter_error(&self) {
+        self.limiter_errors.inc();
+    }
+
+    /// Replaces the endpoint info series with the endpoints of a new config generation (as
+    /// `GET /admin/endpoints` describes them).
+    pub fn set_endpoints(&self, endpoints: &[serde_json::Value]) {
+        self.endpoint_info.clear();
+        let text = |info: &serde_json::Value, key: &str| match &info[key] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        for info in endpoints {
+            self.endpoint_info
+                .get_or_create(&EndpointInfoLabels {
+                    endpoint: text(info, "name"),
+                    kind: if info["kind"] == "chain" {
+                        "chain"
+                    } else {
+                        "route"
+                    },
+                    model: text(info, "resolved"),
+                    version: text(info, "version"),
+                    code_sha256: text(info, "code_sha256"),
+                })
+                .set(1);
+        }
+    }
+}
+
+impl Observer for Metrics {
+    fn upstream_attempt(
+        &self,
+        route: &str,
+        provider: &str,
+        outcome: AttemptOutcome,
+        duration: Duration,
+    ) {
+        self.upstream_attempts
+            .get_or_create(&AttemptLabels {
+                route: route.to_owned(),
+                provider: provider.to_owned(),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        self.upstream_duration
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+                provider: provider.to_owned(),
+            })
+            .observe(duration.as_secs_f64());
+    }
+
+    fn first_token(&self, route: &str, provider: &str, duration: Duration) {
+        self.first_token
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+                provider: provider.to_owned(),
+            })
+            .observe(duration.as_secs_f64());
+    }
+
+    fn provider_in_flight(&self, provider: &str, in_flight: usize) {
+        self.in_flight
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_owned(),
+            })
+            .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+    }
+
+    fn provider_queue_wait(&self, provider: &str, wait: Duration) {
+        self.queue_wait
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_owned(),
+            })
+            .observe(wait.as_secs_f64());
+    }
+
+    fn chain_step(&self, chain: &str, step: &str, duration: Duration, ok: bool) {
+        let labels = StepLabels {
+            chain: chain.to_owned(),
+            step: step.to_owned(),
+        };
+        self.step_duration
+            .get_or_create(&labels)
+            .observe(duration.as_secs_f64());
+        if !ok {
+            self.step_errors.get_or_create(&labels).inc();
+        }
+    }
+}
