@@ -1,7 +1,8 @@
 //! `switchyard`: the command-line entry point. Parses arguments, sets up logging and hands over
 //! to the gateway and store libraries.
 
-use std::io::IsTerminal;
+mod telemetry;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -86,7 +87,7 @@ enum LogFormat {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let _telemetry = telemetry::init(matches!(cli.log_format, LogFormat::Json))?;
     let store = || {
         Store::new(
             cli.store
@@ -179,19 +180,4 @@ fn models(store: &Store, command: ModelsCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Logs go to stderr, coloured only on a terminal.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
 }

@@ -213,3 +213,189 @@ fn ten_concurrent_log_processes_get_ten_distinct_intact_versions() {
     versions.sort_unstable();
     assert_eq!(versions, (1..=10).collect::<Vec<u64>>());
 }
+
+/// An OTLP/HTTP collector stand-in: records the JSON bodies posted to `/v1/traces`.
+async fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use axum::routing::post;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                sink.lock()
+                    .unwrap()
+                    .push(serde_json::from_slice::<Value>(&body).unwrap());
+                "{}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{address}"), received)
+}
+
+fn attribute<'a>(span: &'a Value, key: &str) -> Option<&'a Value> {
+    span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|a| a["key"] == key)
+        .map(|a| &a["value"])
+}
+
+#[tokio::test]
+async fn chain_steps_are_exported_over_otlp_as_children_of_the_request() {
+    let (collector, received) = otlp_receiver().await;
+    let dir = crate::common::temp_dir("otlp");
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[providers.mock]\nkind = \"mock\"\n[routes.chat]\ntargets = [{{ provider = \"mock\", model = \"m\" }}]\n\
+             [[endpoints]]\nname = \"summarize\"\nchain_dir = \"{}\"\nconfig = {{ keep_last = 1 }}\n",
+            switchyard_chains::chain_dir("summarize_then_answer").display()
+        ),
+    )
+    .unwrap();
+    let mut gateway = GatewayProcess::start(
+        &config,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ],
+    );
+    let conversation = serde_json::json!({"model": "summarize", "messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]});
+    let response = reqwest::Client::new()
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&conversation)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let trace_id = response.headers()["x-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(trace_id.len(), 32);
+
+    // Spans are flushed when the process exits; the collector runs on this test's runtime, so
+    // wait for the exit off it.
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &gateway.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = gateway.child.wait().unwrap();
+        drop(gateway);
+        status
+    })
+    .await
+    .unwrap();
+    assert!(exit.success());
+    let spans: Vec<Value> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|body| {
+            body["resourceSpans"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .flat_map(|rs| rs["scopeSpans"].as_array().cloned().unwrap_or_default())
+        .flat_map(|ss| ss["spans"].as_array().cloned().unwrap_or_default())
+        .filter(|span| span["traceId"] == trace_id.as_str())
+        .collect();
+    let request = spans
+        .iter()
+        .find(|s| s["name"] == "request")
+        .unwrap_or_else(|| panic!("{spans:#?}"));
+    assert_eq!(
+        attribute(request, "endpoint").unwrap()["stringValue"],
+        "summarize"
+    );
+    let steps: Vec<&Value> = spans.iter().filter(|s| s["name"] == "chain.llm").collect();
+    let names: Vec<&str> = steps
+        .iter()
+        .map(|s| {
+            attribute(s, "step").unwrap()["stringValue"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(names.len(), 2, "{spans:#?}");
+    assert!(
+        names.contains(&"summarizer") && names.contains(&"answerer"),
+        "{names:?}"
+    );
+    for step in steps {
+        assert_eq!(
+            step["parentSpanId"], request["spanId"],
+            "a chain step is a child of its request"
+        );
+        assert_eq!(
+            attribute(step, "gen_ai.operation.name").unwrap()["stringValue"],
+            "chat"
+        );
+        assert!(attribute(step, "gen_ai.usage.output_tokens").is_some());
+    }
+    assert_eq!(
+        spans.iter().filter(|s| s["name"] == "chain.render").count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn prompts_and_completions_are_logged_only_where_an_endpoint_asks_for_it() {
+    let dir = crate::common::temp_dir("payload-log");
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[providers.mock]\nkind = \"mock\"\n[routes.r]\ntargets = [{ provider = \"mock\", model = \"m\" }]\n\
+         [[endpoints]]\nname = \"private\"\nroute = \"r\"\n\
+         [[endpoints]]\nname = \"audited\"\nroute = \"r\"\nlog_payloads = true\n",
+    )
+    .unwrap();
+    let gateway = GatewayProcess::start(&config, &[]);
+    let client = reqwest::Client::new();
+    for (endpoint, secret) in [
+        ("private", "my private diagnosis"),
+        ("audited", "audited question"),
+    ] {
+        let body = serde_json::json!({"model": endpoint, "messages": [{"role": "user", "content": secret}]});
+        let response = client
+            .post(gateway.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let mut lines = Vec::new();
+    while lines.len() < 2 {
+        let line = gateway
+            .log
+            .recv_timeout(Duration::from_secs(10))
+            .expect("request log lines");
+        let parsed: Value = serde_json::from_str(&line).unwrap();
+        if parsed["message"] == "request" {
+            lines.push(parsed);
+        }
+    }
+    let private = lines.iter().find(|l| l["endpoint"] == "private").unwrap();
+    assert_eq!(private.get("messages"), None);
+    assert_eq!(private.get("completion"), None);
+    assert!(!private.to_string().contains("diagnosis"));
+    let audited = lines.iter().find(|l| l["endpoint"] == "audited").unwrap();
+    assert_eq!(
+        audited["messages"],
+        r#"[{"role":"user","content":"audited question"}]"#
+    );
+    assert_eq!(audited["completion"], "audited question");
+}

@@ -100,6 +100,7 @@ pub struct LlmHandle<'a> {
 }
 
 impl LlmHandle<'_> {
+    /// The step's span, with OpenTelemetry GenAI attributes where they fit.
     fn span(&self, stream: bool) -> tracing::Span {
         info_span!(
             "chain.llm",
@@ -108,6 +109,9 @@ impl LlmHandle<'_> {
             endpoint = %self.ctx.meta.endpoint,
             request_id = %self.ctx.meta.request_id,
             stream,
+            "gen_ai.operation.name" = "chat",
+            "gen_ai.usage.input_tokens" = tracing::field::Empty,
+            "gen_ai.usage.output_tokens" = tracing::field::Empty,
         )
     }
 
@@ -125,6 +129,9 @@ impl LlmHandle<'_> {
                 .ok()
                 .and_then(|r| r.usage.clone())
                 .unwrap_or_default();
+            let span = tracing::Span::current();
+            span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
+            span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
             info!(
                 latency_ms = start.elapsed().as_secs_f64() * 1000.0,
                 prompt_tokens = usage.prompt_tokens,

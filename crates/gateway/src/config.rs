@@ -149,6 +149,9 @@ pub struct TargetConfig {
 pub struct EndpointConfig {
     pub name: String,
     pub kind: EndpointKind,
+    /// Log each request's messages and the completion in its log line (off by default:
+    /// prompts and answers may hold personal data).
+    pub log_payloads: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -344,6 +347,8 @@ struct RawEndpoint {
     chain_dir: Option<PathBuf>,
     #[serde(default)]
     allow_code_mismatch: bool,
+    #[serde(default)]
+    log_payloads: bool,
     #[serde(default)]
     config: Option<toml::Table>,
     #[serde(default)]
@@ -979,6 +984,7 @@ fn compile_endpoints(
                 endpoints.push(EndpointConfig {
                     name: raw.name,
                     kind: EndpointKind::Route(route),
+                    log_payloads: raw.log_payloads,
                 });
                 continue;
             }
@@ -1037,6 +1043,7 @@ fn compile_endpoints(
         endpoints.push(EndpointConfig {
             name: raw.name,
             kind,
+            log_payloads: raw.log_payloads,
         });
     }
     endpoints

@@ -104,6 +104,11 @@ async fn serve_chat(
         user: user.as_deref(),
     };
     let admission = snapshot.limits.admit(&caller, &request).await?;
+    // With `log_payloads`, the messages go into the log line (the completion is added below).
+    let logged_messages = snapshot
+        .log_payloads
+        .contains(&endpoint_name)
+        .then(|| serde_json::to_string(&request.messages).unwrap_or_default());
     drop(snapshot);
 
     let stream = request.is_stream();
@@ -154,6 +159,7 @@ async fn serve_chat(
             logged: false,
             usage: None,
             admission: Some(admission),
+            payload: logged_messages.map(|messages| (messages, String::new())),
         };
         let events = sse_events(
             output.into_stream(client_wants_usage || strip_usage),
@@ -174,12 +180,13 @@ async fn serve_chat(
         let mut response = Json(&completion).into_response();
         admission.apply(response.headers_mut());
         admission.settle(completion.usage.as_ref().map(|u| u.total_tokens));
-        if let Some(usage) = &completion.usage {
-            record.update(|d| {
+        record.update(|d| {
+            if let Some(usage) = &completion.usage {
                 d.prompt_tokens = Some(usage.prompt_tokens);
                 d.completion_tokens = Some(usage.completion_tokens);
-            });
-        }
+            }
+            d.payload = logged_messages.map(|messages| (messages, completion.text()));
+        });
         Ok(response)
     }
 }
@@ -260,6 +267,8 @@ struct StreamLog {
     logged: bool,
     usage: Option<Usage>,
     admission: Option<Admission>,
+    /// Messages and the completion so far, for endpoints with `log_payloads`.
+    payload: Option<(String, String)>,
 }
 
 impl StreamLog {
@@ -268,12 +277,14 @@ impl StreamLog {
         if let Some(admission) = self.admission.take() {
             admission.settle(self.usage.as_ref().map(|u| u.total_tokens));
         }
-        if let Some(usage) = &self.usage {
-            self.record.update(|d| {
+        let payload = self.payload.take();
+        self.record.update(|d| {
+            if let Some(usage) = &self.usage {
                 d.prompt_tokens = Some(usage.prompt_tokens);
                 d.completion_tokens = Some(usage.completion_tokens);
-            });
-        }
+            }
+            d.payload = payload;
+        });
         self.record.finish(&self.state, 200, outcome);
     }
 }
@@ -317,6 +328,9 @@ fn sse_events(
                                 }
                             }
                             log.chunks += 1;
+                            if let Some((_, completion)) = log.payload.as_mut() {
+                                completion.push_str(chunk.text());
+                            }
                             match Event::default().json_data(&chunk) {
                                 Ok(event) => break (event, Phase::Streaming(chunks)),
                                 Err(error) => {

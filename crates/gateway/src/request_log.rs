@@ -11,10 +11,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
+use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
+use opentelemetry::trace::{TraceContextExt, TraceId};
 use switchyard_core::RequestStats;
-use tracing::info;
+use tracing::{Instrument, info, info_span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::AppState;
 
@@ -42,6 +45,8 @@ pub struct Details {
     pub completion_tokens: Option<u64>,
     /// The stream logs the request itself when it ends.
     pub streamed: bool,
+    /// The request's messages (JSON) and the completion, for endpoints with `log_payloads`.
+    pub payload: Option<(String, String)>,
 }
 
 impl RequestRecord {
@@ -86,6 +91,8 @@ impl RequestRecord {
             fallbacks = self.stats.fallbacks(),
             prompt_tokens = details.prompt_tokens,
             completion_tokens = details.completion_tokens,
+            messages = details.payload.as_ref().map(|p| p.0.as_str()),
+            completion = details.payload.as_ref().map(|p| p.1.as_str()),
             "request"
         );
     }
@@ -110,7 +117,29 @@ pub async fn log_request(
         details: Mutex::new(Details::default()),
     });
     request.extensions_mut().insert(record.clone());
-    let response = RequestStats::scope(record.stats.clone(), next.run(request)).await;
+    // The request's span: chain steps and upstream calls are its children in a trace.
+    let span = info_span!(
+        "request",
+        request_id = %record.request_id,
+        "http.request.method" = %record.method,
+        "url.path" = %record.path,
+        endpoint = tracing::field::Empty,
+        "http.response.status_code" = tracing::field::Empty,
+    );
+    let mut response = RequestStats::scope(record.stats.clone(), next.run(request))
+        .instrument(span.clone())
+        .await;
+    span.record("http.response.status_code", response.status().as_u16());
+    if let Some(endpoint) = record.details().endpoint {
+        span.record("endpoint", endpoint);
+    }
+    // With OpenTelemetry export on, the response says which trace to look for.
+    let trace_id = span.context().span().span_context().trace_id();
+    if trace_id != TraceId::INVALID
+        && let Ok(value) = HeaderValue::from_str(&trace_id.to_string())
+    {
+        response.headers_mut().insert("x-trace-id", value);
+    }
     // What the gateway added: time to the response, minus the time spent waiting on upstreams
     // (for a stream, that is until its first chunk).
     let details = record.details();

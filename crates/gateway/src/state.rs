@@ -30,6 +30,8 @@ pub(crate) struct Snapshot {
     /// Client API keys; empty = open gateway.
     pub keys: Vec<ApiKeyConfig>,
     pub protect_metrics: bool,
+    /// Endpoints whose request log lines carry the messages and the completion.
+    pub log_payloads: std::collections::HashSet<String>,
     pub limits: Limits,
     pub loaded_at: u64,
 }
@@ -147,6 +149,12 @@ pub(crate) fn build(
         admin_key: config.auth.admin_key.clone(),
         keys: config.auth.keys.clone(),
         protect_metrics: config.auth.protect_metrics,
+        log_payloads: config
+            .endpoints
+            .iter()
+            .filter(|e| e.log_payloads)
+            .map(|e| e.name.clone())
+            .collect(),
         limits: Limits::new(&config.limits, limiter, metrics.clone()),
         loaded_at: crate::handlers::unix_now(),
     })
