@@ -3,6 +3,11 @@
 
 mod telemetry;
 
+/// mimalloc: the gateway allocates many small short-lived buffers per request; with glibc's
+/// malloc that was a fifth of its CPU under load (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

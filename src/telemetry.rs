@@ -11,9 +11,10 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// Flushes exported spans when dropped (at the end of `main`).
+/// Flushes log lines and exported spans when dropped (at the end of `main`).
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    _log_writer: tracing_appender::non_blocking::WorkerGuard,
 }
 
 impl Drop for Telemetry {
@@ -28,10 +29,14 @@ impl Drop for Telemetry {
 
 pub fn init(json: bool) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Logs go to stderr, coloured only on a terminal.
+    // Logs go to stderr, coloured only on a terminal, written by a background thread so that a
+    // slow stderr never stalls a request. Not lossy: a full buffer waits rather than drops lines.
+    let (writer, log_writer) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let logs = tracing_subscriber::fmt::layer()
         .with_target(false)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     let logs = if json {
         logs.json().flatten_event(true).boxed()
@@ -50,7 +55,10 @@ pub fn init(json: bool) -> anyhow::Result<Telemetry> {
         .with(logs)
         .with(spans)
         .try_init()?;
-    Ok(Telemetry { provider })
+    Ok(Telemetry {
+        provider,
+        _log_writer: log_writer,
+    })
 }
 
 fn otlp_provider() -> anyhow::Result<SdkTracerProvider> {

@@ -632,7 +632,9 @@ fn compile_provider(
             max_concurrency,
             queue_timeout_ms,
         } => {
-            if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            if !(base_url.starts_with("http://") || base_url.starts_with("https://"))
+                || reqwest::Url::parse(&base_url).is_err()
+            {
                 problems.add(
                     format!("providers.{name}.base_url"),
                     format!("'{base_url}' is not an http:// or https:// URL"),

@@ -59,28 +59,29 @@ pub(crate) fn build(
     metrics: &Arc<Metrics>,
 ) -> Result<Snapshot, Vec<String>> {
     let observer: Arc<dyn Observer> = metrics.clone();
-    let providers: HashMap<&str, Arc<dyn Llm>> = config
-        .providers
-        .iter()
-        .map(|(name, provider)| {
-            let mut llm: Arc<dyn Llm> = match &provider.kind {
-                ProviderKind::OpenAi { base_url, api_key } => Arc::new(OpenAiProvider::new(
-                    name.clone(),
-                    client.clone(),
-                    base_url,
-                    api_key.clone(),
-                )),
-                ProviderKind::Mock(mock) => Arc::new(MockProvider::new(mock.clone())),
-            };
-            if let Some(cap) = provider.concurrency {
-                llm = Arc::new(
-                    Capped::new(name.clone(), llm, cap.max, cap.queue_timeout)
-                        .with_observer(observer.clone()),
-                );
+    let mut problems = Vec::new();
+    let mut providers: HashMap<&str, Arc<dyn Llm>> = HashMap::new();
+    for (name, provider) in &config.providers {
+        let mut llm: Arc<dyn Llm> = match &provider.kind {
+            ProviderKind::OpenAi { base_url, api_key } => {
+                match OpenAiProvider::new(name.clone(), client.clone(), base_url, api_key.clone()) {
+                    Ok(openai) => Arc::new(openai),
+                    Err(e) => {
+                        problems.push(format!("provider '{name}': {e}"));
+                        continue;
+                    }
+                }
             }
-            (name.as_str(), llm)
-        })
-        .collect();
+            ProviderKind::Mock(mock) => Arc::new(MockProvider::new(mock.clone())),
+        };
+        if let Some(cap) = provider.concurrency {
+            llm = Arc::new(
+                Capped::new(name.clone(), llm, cap.max, cap.queue_timeout)
+                    .with_observer(observer.clone()),
+            );
+        }
+        providers.insert(name.as_str(), llm);
+    }
     let routes: HashMap<&str, Arc<Route>> = config
         .routes
         .iter()
@@ -109,7 +110,6 @@ pub(crate) fn build(
     let store = Store::new(&config.store);
     let mut endpoints = HashMap::new();
     let mut infos = Vec::new();
-    let mut problems = Vec::new();
     for endpoint in &config.endpoints {
         let built = match &endpoint.kind {
             EndpointKind::Route(route) => routes

@@ -18,7 +18,8 @@ const MAX_QUOTED_ERROR: usize = 512;
 pub struct OpenAiProvider {
     name: String,
     client: reqwest::Client,
-    completions_url: String,
+    /// Parsed once: parsing it per request showed up in profiles.
+    completions_url: reqwest::Url,
     api_key: Option<Secret>,
 }
 
@@ -29,17 +30,20 @@ impl OpenAiProvider {
         client: reqwest::Client,
         base_url: &str,
         api_key: Option<Secret>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, String> {
+        let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
+        let completions_url =
+            reqwest::Url::parse(&url).map_err(|e| format!("invalid base_url '{base_url}': {e}"))?;
+        Ok(Self {
             name: name.into(),
             client,
-            completions_url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            completions_url,
             api_key,
-        }
+        })
     }
 
     async fn send(&self, request: &ChatRequest) -> Result<reqwest::Response, LlmError> {
-        let mut builder = self.client.post(&self.completions_url).json(request);
+        let mut builder = self.client.post(self.completions_url.clone()).json(request);
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key.expose());
         }
