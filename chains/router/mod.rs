@@ -124,13 +124,7 @@ impl Chain for Router {
         let mut call = ChatRequest::new(&request.model, messages);
         call.max_tokens = request.max_tokens;
         call.max_completion_tokens = request.max_completion_tokens;
-        let llm = ctx.llm(topic.name())?;
-        if request.is_stream() {
-            call.stream_options = request.stream_options;
-            Ok(ChainOutput::Stream(llm.chat_stream(call).await?))
-        } else {
-            Ok(ChainOutput::Response(llm.chat(call).await?))
-        }
+        ctx.llm(topic.name())?.answer(call, &request).await
     }
 }
 

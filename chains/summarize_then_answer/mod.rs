@@ -4,10 +4,9 @@
 //! first call.
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use switchyard_core::{
-    Chain, ChainContext, ChainDefinition, ChainError, ChainOutput, ChatRequest, Message, Usage,
+    Chain, ChainContext, ChainDefinition, ChainError, ChainOutput, ChatRequest, Message,
 };
 
 /// `[config]` of `chain.toml`.
@@ -93,40 +92,19 @@ impl Chain for SummarizeThenAnswer {
         let mut call = ChatRequest::new(&request.model, messages);
         call.max_tokens = request.max_tokens;
         call.max_completion_tokens = request.max_completion_tokens;
-        let answerer = ctx.llm("answerer")?;
-        if request.is_stream() {
-            call.stream_options = request.stream_options;
-            let stream = answerer.chat_stream(call).await?;
-            // The usage chunk (if the client asked for one) covers both calls.
-            Ok(ChainOutput::Stream(Box::pin(stream.map(move |chunk| {
-                chunk.map(|mut chunk| {
-                    if let (Some(usage), Some(extra)) =
-                        (chunk.usage.as_mut(), summary_usage.as_ref())
-                    {
-                        add_usage(usage, extra);
-                    }
-                    chunk
-                })
-            }))))
-        } else {
-            let mut response = answerer.chat(call).await?;
-            if let (Some(usage), Some(extra)) = (response.usage.as_mut(), summary_usage.as_ref()) {
-                add_usage(usage, extra);
-            }
-            Ok(ChainOutput::Response(response))
-        }
+        let answer = ctx.llm("answerer")?.answer(call, &request).await?;
+        // The usage (the response's, or the stream's usage chunk) covers both calls.
+        Ok(match &summary_usage {
+            Some(summary) => answer.add_usage(summary),
+            None => answer,
+        })
     }
-}
-
-fn add_usage(total: &mut Usage, more: &Usage) {
-    total.prompt_tokens += more.prompt_tokens;
-    total.completion_tokens += more.completion_tokens;
-    total.total_tokens += more.total_tokens;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
     use switchyard_core::StreamOptions;
     use switchyard_providers::testkit::{ScriptedLlm, TestChain};
 

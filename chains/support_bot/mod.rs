@@ -77,13 +77,7 @@ impl Chain for SupportBot {
             call.extra
                 .insert("temperature".to_owned(), json!(temperature));
         }
-        let llm = ctx.llm("default")?;
-        if request.is_stream() {
-            call.stream_options = request.stream_options;
-            Ok(ChainOutput::Stream(llm.chat_stream(call).await?))
-        } else {
-            Ok(ChainOutput::Response(llm.chat(call).await?))
-        }
+        ctx.llm("default")?.answer(call, &request).await
     }
 }
 

@@ -180,15 +180,7 @@ async fn models_lists_endpoints_in_config_order_and_health_answers() {
         "#,
     )
     .await;
-    let models: Value = gateway
-        .client
-        .get(gateway.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = gateway.get_json("/v1/models").await;
     assert_eq!(models["object"], "list");
     let ids: Vec<&str> = models["data"]
         .as_array()
@@ -207,15 +199,7 @@ async fn models_lists_endpoints_in_config_order_and_health_answers() {
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
-    let ready: Value = gateway
-        .client
-        .get(gateway.url("/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = gateway.get_json("/ready").await;
     assert_eq!(
         ready,
         json!({"status": "ready", "endpoints": 2, "rate_limiter": "ok"})

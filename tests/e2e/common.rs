@@ -304,6 +304,18 @@ impl TestGateway {
             .unwrap()
     }
 
+    /// GETs `path` and parses the JSON answer.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Begins graceful shutdown.
     pub fn shut_down(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {

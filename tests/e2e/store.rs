@@ -81,15 +81,7 @@ async fn log_alias_serve_then_relog_move_the_alias_and_reload_without_a_failed_r
             .starts_with("You are the support assistant for Switchyard.")
     );
 
-    let admin: Value = gateway
-        .client
-        .get(gateway.url("/admin/endpoints"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin: Value = gateway.get_json("/admin/endpoints").await;
     let info = &admin["endpoints"][0];
     assert_eq!(info["name"], "support");
     assert_eq!(info["kind"], "chain");
@@ -176,15 +168,7 @@ async fn log_alias_serve_then_relog_move_the_alias_and_reload_without_a_failed_r
             .iter()
             .all(|p| p.starts_with("You are the support assistant"))
     );
-    let admin: Value = gateway
-        .client
-        .get(gateway.url("/admin/endpoints"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin: Value = gateway.get_json("/admin/endpoints").await;
     assert_eq!(admin["endpoints"][0]["resolved"], "models:/support-bot/2");
 
     // Tampering with the logged version: the reload is refused and the old state keeps serving.
@@ -277,15 +261,7 @@ async fn logged_code_that_differs_from_the_compiled_code_is_refused_unless_allow
         200
     );
     assert!(system_prompt(&upstream.requests()[0].body).contains("support assistant for Acme"));
-    let admin: Value = gateway
-        .client
-        .get(gateway.url("/admin/endpoints"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin: Value = gateway.get_json("/admin/endpoints").await;
     assert_eq!(admin["endpoints"][0]["code_matches"], false);
 }
 

@@ -172,6 +172,31 @@ impl Registry {
 }
 
 impl ChainOutput {
+    /// Adds `extra` (e.g. the usage of earlier steps) to the output's usage: the response's, or
+    /// the stream's usage chunk if it has one.
+    pub fn add_usage(self, extra: &Usage) -> Self {
+        let extra = extra.clone();
+        match self {
+            ChainOutput::Response(mut response) => {
+                if let Some(usage) = response.usage.as_mut() {
+                    usage.add(&extra);
+                }
+                ChainOutput::Response(response)
+            }
+            ChainOutput::Stream(stream) => {
+                use futures::StreamExt;
+                ChainOutput::Stream(Box::pin(stream.map(move |chunk| {
+                    chunk.map(|mut chunk| {
+                        if let Some(usage) = chunk.usage.as_mut() {
+                            usage.add(&extra);
+                        }
+                        chunk
+                    })
+                })))
+            }
+        }
+    }
+
     /// The output as one response; a stream is collected (content joined, last finish reason,
     /// usage from the usage chunk). Tool-call deltas are not merged.
     pub async fn collect(self) -> Result<ChatResponse, LlmError> {

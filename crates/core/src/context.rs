@@ -8,7 +8,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use tracing::{Instrument, info, info_span};
 
-use crate::chain::{ChainError, ChainErrorKind};
+use crate::chain::{ChainError, ChainErrorKind, ChainOutput};
 use crate::llm::{ChunkStream, Llm};
 use crate::observe::Observer;
 use crate::prompts::Prompts;
@@ -144,6 +144,21 @@ impl LlmHandle<'_> {
         }
         .instrument(self.span(false))
         .await
+    }
+
+    /// Answers the client the way it asked: `call` streams (with the client's `stream_options`)
+    /// when `client` is a streaming request, and is a complete response otherwise.
+    pub async fn answer(
+        &self,
+        mut call: ChatRequest,
+        client: &ChatRequest,
+    ) -> Result<ChainOutput, ChainError> {
+        if client.is_stream() {
+            call.stream_options.clone_from(&client.stream_options);
+            Ok(ChainOutput::Stream(self.chat_stream(call).await?))
+        } else {
+            Ok(ChainOutput::Response(self.chat(call).await?))
+        }
     }
 
     /// A streaming chat completion; returns once the first chunk is there.

@@ -140,6 +140,13 @@ impl Usage {
             extra: Map::new(),
         }
     }
+
+    /// Adds another call's counts to these.
+    pub fn add(&mut self, other: &Usage) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.total_tokens += other.total_tokens;
+    }
 }
 
 /// A `chat.completion` object.
