@@ -399,3 +399,73 @@ async fn prompts_and_completions_are_logged_only_where_an_endpoint_asks_for_it()
     );
     assert_eq!(audited["completion"], "audited question");
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_config_file() {
+    let dir = crate::common::temp_dir("sighup");
+    let config = dir.join("gateway.toml");
+    let base = "[providers.mock]\nkind = \"mock\"\n[routes.r]\ntargets = [{ provider = \"mock\", model = \"m\" }]\n\
+                [[endpoints]]\nname = \"first\"\nroute = \"r\"\n";
+    std::fs::write(&config, base).unwrap();
+    let gateway = GatewayProcess::start(&config, &[]);
+    let client = reqwest::Client::new();
+    let models = || {
+        let request = client.get(gateway.url("/v1/models")).send();
+        async move {
+            let body: Value = request.await.unwrap().json().await.unwrap();
+            body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(models().await, ["first"]);
+
+    std::fs::write(
+        &config,
+        format!("{base}[[endpoints]]\nname = \"second\"\nroute = \"r\"\n"),
+    )
+    .unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &gateway.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while models().await != ["first", "second"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload the config"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A broken file is refused; the running config stays.
+    std::fs::write(
+        &config,
+        "[[endpoints]]\nname = \"third\"\nroute = \"missing\"\n",
+    )
+    .unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &gateway.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let refused = loop {
+        let line = gateway
+            .log
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a log line about the reload");
+        if line.contains("reload failed") {
+            break line;
+        }
+    };
+    assert!(refused.contains("unknown route 'missing'"), "{refused}");
+    assert_eq!(models().await, ["first", "second"]);
+}
