@@ -442,3 +442,40 @@ async fn counters_survive_a_reload_of_an_unchanged_rule_and_reset_when_it_change
         "a changed rule starts afresh"
     );
 }
+
+#[tokio::test]
+async fn oversized_max_tokens_neither_panic_nor_slip_past_a_token_limit() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let gateway = gateway(
+        &upstream,
+        "[[limits]]\nscope = [\"global\"]\ntokens_per_minute = 1000\n",
+    )
+    .await;
+    let mut huge = chat_body("x");
+    huge["max_tokens"] = json!(u64::MAX);
+    // Admitted against a full counter, charged the whole minute, then settled to the real use.
+    let first = call(&gateway, Some(TEAM_A), &huge, None).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "x-ratelimit-remaining-tokens"), "0");
+    // The settle keeps what was used (11 tokens), not a refund past it: a second huge request
+    // must wait for the counter to refill completely.
+    let second = call(&gateway, Some(TEAM_A), &huge, None).await;
+    assert_eq!(second.status(), 429);
+    let small = call(&gateway, Some(TEAM_A), &chat_body("x"), None).await;
+    assert_eq!(
+        small.status(),
+        429,
+        "1024 default tokens do not fit in the ~989 left"
+    );
+    let mut fits = chat_body("x");
+    fits["max_tokens"] = json!(500);
+    let fits = call(&gateway, Some(TEAM_A), &fits, None).await;
+    assert_eq!(fits.status(), 200);
+    let remaining: u64 = header(&fits, "x-ratelimit-remaining-tokens")
+        .parse()
+        .unwrap();
+    assert!(
+        (488..=492).contains(&remaining),
+        "1000 - 11 - 501: {remaining}"
+    );
+}

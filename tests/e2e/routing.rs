@@ -211,3 +211,27 @@ async fn a_stream_past_the_route_deadline_ends_with_a_timeout_error() {
     assert_eq!(error["error"]["code"], "upstream_timeout");
     assert_eq!(upstream.requests().len(), 1);
 }
+
+#[tokio::test]
+async fn an_upstream_auth_failure_is_502_without_quoting_the_upstream_body() {
+    // OpenAI's 401 body quotes part of the key; the gateway must not pass it on.
+    let upstream = FakeUpstream::start(vec![Reply::Status(401, vec![])]).await;
+    let gateway = TestGateway::over(&[&upstream.base_url], "retries = 0").await;
+    let response = gateway.post("/v1/chat/completions", &chat_body("x")).await;
+    assert_eq!(response.status(), 502);
+    let body = response.text().await.unwrap();
+    assert!(
+        body.contains("rejected the gateway's credentials"),
+        "{body}"
+    );
+    assert!(!body.contains("fake upstream says"), "{body}");
+}
+
+#[tokio::test]
+async fn an_upstream_429_without_retry_after_still_gives_the_client_one() {
+    let upstream = FakeUpstream::start(vec![Reply::Status(429, vec![])]).await;
+    let gateway = TestGateway::over(&[&upstream.base_url], "retries = 0").await;
+    let response = gateway.post("/v1/chat/completions", &chat_body("x")).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "1");
+}

@@ -88,7 +88,8 @@ pub enum LimitsStoreConfig {
     #[default]
     Memory,
     Redis {
-        url: String,
+        /// May hold a password: a `Secret`, given literally or as `${ENV}`.
+        url: Secret,
         /// Deny or allow requests while Redis cannot be reached.
         on_error: OnError,
         timeout: Duration,
@@ -505,7 +506,7 @@ fn compile(
     let limits_store = match table.remove("limits_store") {
         Some(value) => problems
             .take::<RawLimitsStore>("limits_store", value)
-            .and_then(|raw| compile_limits_store(raw, problems)),
+            .and_then(|raw| compile_limits_store(raw, env, problems)),
         None => Some(LimitsStoreConfig::Memory),
     };
 
@@ -775,7 +776,11 @@ fn compile_auth(
     })
 }
 
-fn compile_limits_store(raw: RawLimitsStore, problems: &mut Problems) -> Option<LimitsStoreConfig> {
+fn compile_limits_store(
+    raw: RawLimitsStore,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<LimitsStoreConfig> {
     match raw {
         RawLimitsStore::Memory => Some(LimitsStoreConfig::Memory),
         RawLimitsStore::Redis {
@@ -783,11 +788,27 @@ fn compile_limits_store(raw: RawLimitsStore, problems: &mut Problems) -> Option<
             on_error,
             timeout_ms,
         } => {
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("unix://"))
-            {
-                problems.add("limits_store.url", format!("'{url}' is not a redis:// URL"));
+            // A URL with a password belongs in the environment: `url = "${REDIS_URL}"`.
+            let url = if url.starts_with("${") {
+                match resolve_secret(&url, env) {
+                    Ok(secret) => secret,
+                    Err(message) => {
+                        problems.add("limits_store.url", message);
+                        return None;
+                    }
+                }
+            } else {
+                Secret::new(url)
+            };
+            let scheme_ok = ["redis://", "rediss://", "unix://"]
+                .iter()
+                .any(|s| url.expose().starts_with(s));
+            if !scheme_ok {
+                // Not quoted: the value may hold a password.
+                problems.add(
+                    "limits_store.url",
+                    "must be a redis://, rediss:// or unix:// URL",
+                );
                 return None;
             }
             if timeout_ms == 0 {

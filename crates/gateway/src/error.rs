@@ -209,7 +209,8 @@ impl From<LlmError> for ApiError {
                 status: 429,
                 retry_after,
             } => Self {
-                retry_after,
+                // Clients always get a Retry-After with a 429, even when the upstream sent none.
+                retry_after: Some(retry_after.unwrap_or(Duration::from_secs(1))),
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
                     .with_code("upstream_rate_limited")
             },

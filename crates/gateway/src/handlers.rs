@@ -155,7 +155,6 @@ async fn serve_chat(
         let log = StreamLog {
             record,
             state: state.clone(),
-            chunks: 0,
             logged: false,
             usage: None,
             admission: Some(admission),
@@ -263,7 +262,6 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 struct StreamLog {
     record: Arc<RequestRecord>,
     state: AppState,
-    chunks: usize,
     logged: bool,
     usage: Option<Usage>,
     admission: Option<Admission>,
@@ -327,7 +325,7 @@ fn sse_events(
                                     continue;
                                 }
                             }
-                            log.chunks += 1;
+
                             if let Some((_, completion)) = log.payload.as_mut() {
                                 completion.push_str(chunk.text());
                             }

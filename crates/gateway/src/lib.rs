@@ -41,7 +41,7 @@ pub use config::{
 pub use error::{ApiError, MlflowError};
 use limits::Backend;
 use metrics::Metrics;
-pub(crate) use state::{ChainEndpoint, Endpoint, Snapshot};
+pub(crate) use state::{ChainEndpoint, Endpoint, Lasting, Snapshot};
 
 /// Errors that stop a gateway from starting or reloading.
 #[derive(Debug, thiserror::Error)]
@@ -90,9 +90,7 @@ pub struct AppState(Arc<Shared>);
 
 struct Shared {
     current: ArcSwap<Snapshot>,
-    registry: Registry,
-    client: reqwest::Client,
-    metrics: Arc<Metrics>,
+    lasting: Arc<Lasting>,
     /// The rate limiter's store and the settings it was made from: kept across reloads that do
     /// not change `[limits_store]`, so counters survive.
     limiter: std::sync::Mutex<(LimitsStoreConfig, Arc<Backend>)>,
@@ -111,7 +109,7 @@ impl AppState {
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {
-        &self.0.metrics
+        &self.0.lasting.metrics
     }
 
     pub(crate) fn max_body_bytes(&self) -> usize {
@@ -153,10 +151,14 @@ impl Gateway {
             Backend::new(&config.limits_store)
                 .map_err(|e| GatewayError::Endpoints(vec![format!("limits_store: {e}")]))?,
         );
-        let metrics = Arc::new(Metrics::new());
-        let snapshot = state::build(&config, registry, &client, backend.clone(), &metrics)
-            .map_err(GatewayError::Endpoints)?;
-        metrics.set_endpoints(&snapshot.endpoint_infos);
+        let lasting = Arc::new(Lasting::new(
+            registry.clone(),
+            client,
+            Arc::new(Metrics::new()),
+        ));
+        let snapshot =
+            state::build(&config, &lasting, backend.clone()).map_err(GatewayError::Endpoints)?;
+        lasting.metrics.set_endpoints(&snapshot.endpoint_infos);
         if snapshot.keys.is_empty() {
             warn!("no [auth] keys: the gateway is open to anyone who can reach it");
         }
@@ -168,9 +170,7 @@ impl Gateway {
         Ok(Self {
             state: AppState(Arc::new(Shared {
                 current: ArcSwap::from_pointee(snapshot),
-                registry: registry.clone(),
-                client,
-                metrics,
+                lasting,
                 limiter: std::sync::Mutex::new((config.limits_store.clone(), backend)),
                 source,
                 max_body_bytes: config.server.max_body_bytes,
@@ -187,11 +187,7 @@ impl Gateway {
         let shared = &self.state.0;
         let source = shared.source.clone().ok_or(GatewayError::NoConfigFile)?;
         let _one_at_a_time = shared.reload_lock.lock().await;
-        let (registry, client, metrics) = (
-            shared.registry.clone(),
-            shared.client.clone(),
-            shared.metrics.clone(),
-        );
+        let lasting = shared.lasting.clone();
         let current_limiter = shared
             .limiter
             .lock()
@@ -208,9 +204,8 @@ impl Gateway {
                         .map_err(|e| GatewayError::Endpoints(vec![format!("limits_store: {e}")]))?;
                     (config.limits_store.clone(), Arc::new(backend))
                 };
-                let snapshot =
-                    state::build(&config, &registry, &client, limiter.1.clone(), &metrics)
-                        .map_err(GatewayError::Endpoints)?;
+                let snapshot = state::build(&config, &lasting, limiter.1.clone())
+                    .map_err(GatewayError::Endpoints)?;
                 Ok((snapshot, limiter))
             })
             .await
@@ -220,7 +215,10 @@ impl Gateway {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = limiter;
         let endpoints = snapshot.endpoints.len();
-        shared.metrics.set_endpoints(&snapshot.endpoint_infos);
+        shared
+            .lasting
+            .metrics
+            .set_endpoints(&snapshot.endpoint_infos);
         shared.current.store(Arc::new(snapshot));
         info!(endpoints, "config reloaded");
         Ok(endpoints)

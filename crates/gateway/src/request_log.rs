@@ -117,6 +117,11 @@ pub async fn log_request(
         details: Mutex::new(Details::default()),
     });
     request.extensions_mut().insert(record.clone());
+    // A client that hangs up drops this future mid-way: the guard still logs and counts it.
+    let mut unfinished = Unfinished {
+        record: Some(record.clone()),
+        state: state.clone(),
+    };
     // The request's span: chain steps and upstream calls are its children in a trace.
     let span = info_span!(
         "request",
@@ -150,6 +155,7 @@ pub async fn log_request(
             .saturating_sub(record.stats.upstream());
         state.metrics().overhead(endpoint, details.kind, overhead);
     }
+    unfinished.record = None;
     if !details.streamed {
         record.finish(
             &state,
@@ -162,6 +168,21 @@ pub async fn log_request(
         );
     }
     response
+}
+
+/// Logs a request whose handler was dropped before it answered (the client went away), with
+/// nginx's 499.
+struct Unfinished {
+    record: Option<Arc<RequestRecord>>,
+    state: AppState,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            record.finish(&self.state, 499, "client_closed");
+        }
+    }
 }
 
 /// The `x-request-id` the request-id layer set (or the client sent).

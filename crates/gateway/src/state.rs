@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::{Mutex, PoisonError};
 
 use serde_json::{Value, json};
 use switchyard_core::{
@@ -10,6 +11,7 @@ use switchyard_core::{
 };
 use switchyard_providers::{Capped, MockProvider, OpenAiProvider, Route, Target};
 use switchyard_store::{ModelUri, Store};
+use tokio::sync::Semaphore;
 use tracing::warn;
 
 use crate::config::{
@@ -49,15 +51,50 @@ pub(crate) struct ChainEndpoint {
     pub resources: Arc<ChainResources>,
 }
 
+/// What outlives config generations: every build uses it, reloads keep it.
+pub(crate) struct Lasting {
+    pub registry: Registry,
+    pub client: reqwest::Client,
+    pub metrics: Arc<Metrics>,
+    /// Concurrency-cap slots per provider (and their number): a reload that keeps a provider's
+    /// `max_concurrency` keeps its slots, so calls in flight still count against the cap.
+    provider_slots: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
+}
+
+impl Lasting {
+    pub fn new(registry: Registry, client: reqwest::Client, metrics: Arc<Metrics>) -> Self {
+        Self {
+            registry,
+            client,
+            metrics,
+            provider_slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn slots(&self, provider: &str, max: usize) -> Arc<Semaphore> {
+        let mut slots = self
+            .provider_slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match slots.get(provider) {
+            Some((kept_max, semaphore)) if *kept_max == max => semaphore.clone(),
+            _ => {
+                let semaphore = Arc::new(Semaphore::new(max));
+                slots.insert(provider.to_owned(), (max, semaphore.clone()));
+                semaphore
+            }
+        }
+    }
+}
+
 /// Builds a snapshot. The config has been validated, so the names it uses exist; chain
 /// endpoints are loaded and checked, and every endpoint that fails is reported.
 pub(crate) fn build(
     config: &Config,
-    registry: &Registry,
-    client: &reqwest::Client,
+    lasting: &Lasting,
     limiter: Arc<Backend>,
-    metrics: &Arc<Metrics>,
 ) -> Result<Snapshot, Vec<String>> {
+    let (registry, client, metrics) = (&lasting.registry, &lasting.client, &lasting.metrics);
     let observer: Arc<dyn Observer> = metrics.clone();
     let mut problems = Vec::new();
     let mut providers: HashMap<&str, Arc<dyn Llm>> = HashMap::new();
@@ -76,8 +113,14 @@ pub(crate) fn build(
         };
         if let Some(cap) = provider.concurrency {
             llm = Arc::new(
-                Capped::new(name.clone(), llm, cap.max, cap.queue_timeout)
-                    .with_observer(observer.clone()),
+                Capped::with_slots(
+                    name.clone(),
+                    llm,
+                    lasting.slots(name, cap.max),
+                    cap.max,
+                    cap.queue_timeout,
+                )
+                .with_observer(observer.clone()),
             );
         }
         providers.insert(name.as_str(), llm);

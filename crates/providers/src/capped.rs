@@ -29,10 +29,28 @@ impl Capped {
         max: usize,
         queue_timeout: Duration,
     ) -> Self {
+        Self::with_slots(
+            name,
+            inner,
+            Arc::new(Semaphore::new(max)),
+            max,
+            queue_timeout,
+        )
+    }
+
+    /// Like [`Capped::new`], sharing `slots` (a semaphore of `max` permits) with earlier
+    /// instances, so that rebuilding the provider (a config reload) does not reset the cap.
+    pub fn with_slots(
+        name: impl Into<String>,
+        inner: Arc<dyn Llm>,
+        slots: Arc<Semaphore>,
+        max: usize,
+        queue_timeout: Duration,
+    ) -> Self {
         Self {
             name: name.into(),
             inner,
-            slots: Arc::new(Semaphore::new(max)),
+            slots,
             max,
             queue_timeout,
             observer: None,

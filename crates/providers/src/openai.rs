@@ -53,17 +53,19 @@ impl OpenAiProvider {
         }
         let status = response.status().as_u16();
         let retry_after = retry_after(response.headers());
-        let body = response.bytes().await.unwrap_or_default();
+        let detail = if matches!(status, 401 | 403) {
+            // The body of an auth failure may quote part of the provider key ("Incorrect API key
+            // provided: sk-…wxyz"): it must not reach clients or logs.
+            "the provider rejected the gateway's credentials for it".to_owned()
+        } else {
+            upstream_error_message(&response.bytes().await.unwrap_or_default())
+        };
         Err(LlmError::new(
             LlmErrorKind::Status {
                 status,
                 retry_after,
             },
-            format!(
-                "provider '{}' returned HTTP {status}: {}",
-                self.name,
-                upstream_error_message(&body)
-            ),
+            format!("provider '{}' returned HTTP {status}: {detail}", self.name),
         ))
     }
 
@@ -148,14 +150,19 @@ fn parse_chunk(provider: &str, data: &str) -> Result<ChatChunk, LlmError> {
 }
 
 /// `retry-after-ms` (OpenAI) or `Retry-After` in seconds.
+/// Values an upstream sends are not trusted: negative, infinite or absurd ones are ignored.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let header = |name| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
-    if let Some(ms) = header("retry-after-ms").filter(|ms| *ms >= 0.0) {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
-    }
-    header(RETRY_AFTER.as_str())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+    let seconds = |name, scale: f64| {
+        let value = headers
+            .get(name)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse::<f64>()
+            .ok()?;
+        Duration::try_from_secs_f64(value / scale).ok()
+    };
+    seconds("retry-after-ms", 1000.0).or_else(|| seconds(RETRY_AFTER.as_str(), 1.0))
 }
 
 /// The `error.message` of an OpenAI error body, or the start of the raw body.
@@ -200,6 +207,12 @@ mod tests {
         assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
         headers.insert("retry-after-ms", HeaderValue::from_static("150"));
         assert_eq!(retry_after(&headers), Some(Duration::from_millis(150)));
+        for junk in ["inf", "-5", "NaN", "1e300", "soon"] {
+            let mut headers = HeaderMap::new();
+            headers.insert("retry-after-ms", HeaderValue::from_static(junk));
+            headers.insert(RETRY_AFTER, HeaderValue::from_static(junk));
+            assert_eq!(retry_after(&headers), None, "{junk}");
+        }
     }
 
     #[test]

@@ -152,7 +152,10 @@ impl Route {
                     break;
                 }
                 let wait = self.backoff(attempt_number, last_error.retry_after());
-                if Instant::now() + wait >= deadline {
+                if Instant::now()
+                    .checked_add(wait)
+                    .is_none_or(|at| at >= deadline)
+                {
                     // The upstream asks for a longer wait than we have left: try the next target.
                     break;
                 }

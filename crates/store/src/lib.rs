@@ -200,6 +200,9 @@ impl Store {
             &all_files(&code).map_err(|e| StoreError::io(&code, e))?,
         )
         .map_err(|e| StoreError::io(&code, e))?;
+        // Held from the duplicate check to the version claim, so that concurrent logs of the same
+        // content end up as one version.
+        let _lock = lock_model(model_dir)?;
         if let Some(existing) = self.find_by_content(name, &content_sha256)? {
             return Ok(Logged {
                 version: existing,
@@ -373,6 +376,8 @@ impl Store {
             ));
         }
         self.version(name, version)?;
+        // Read-modify-write of aliases.toml: one writer at a time, or an alias can be lost.
+        let _lock = lock_model(&self.model_dir(name))?;
         let mut aliases = self.aliases(name)?;
         aliases.insert(alias.to_owned(), version);
         let model_dir = self.model_dir(name);
@@ -426,6 +431,19 @@ impl Store {
         }
         Ok(version)
     }
+}
+
+/// An exclusive lock on a model's directory (released when the file is dropped).
+fn lock_model(model_dir: &Path) -> Result<std::fs::File, StoreError> {
+    let path = model_dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::io(&path, e))?;
+    file.lock().map_err(|e| StoreError::io(&path, e))?;
+    Ok(file)
 }
 
 /// Copies what a chain snapshot holds: every `.rs` file, `prompts/` and `chain.toml`.

@@ -361,3 +361,41 @@ fn restore_writes_the_logged_folder_back() {
         "never overwrites"
     );
 }
+
+#[test]
+fn concurrent_logs_of_the_same_content_make_one_version() {
+    let work = tempfile::tempdir().unwrap();
+    let store = Store::new(work.path());
+    let versions: Vec<(u64, bool)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| {
+                scope.spawn(|| {
+                    let logged = store
+                        .log_chain(&chain_dir("router"), "router", &registry())
+                        .unwrap();
+                    (logged.version.version, logged.created)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(versions.iter().all(|(v, _)| *v == 1), "{versions:?}");
+    assert_eq!(versions.iter().filter(|(_, created)| *created).count(), 1);
+    assert_eq!(store.versions("router").unwrap(), [1]);
+}
+
+#[test]
+fn concurrent_alias_updates_lose_none() {
+    let work = tempfile::tempdir().unwrap();
+    let store = Store::new(work.path());
+    store
+        .log_chain(&chain_dir("router"), "router", &registry())
+        .unwrap();
+    std::thread::scope(|scope| {
+        for i in 0..8 {
+            let store = &store;
+            scope.spawn(move || store.set_alias("router", &format!("alias-{i}"), 1).unwrap());
+        }
+    });
+    assert_eq!(store.aliases("router").unwrap().len(), 8);
+}

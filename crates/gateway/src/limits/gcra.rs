@@ -46,6 +46,8 @@ pub struct CellState {
     pub remaining: u64,
     /// Until the counter is full again.
     pub reset: Duration,
+    /// In a refusal: whether this counter is one that refused.
+    pub refused: bool,
 }
 
 /// A refusal: how long until the request would be admitted, and the counters as they are.
@@ -66,7 +68,11 @@ pub fn decide(now: u64, cells: &[(Gcra, u64, u64)]) -> Result<Vec<(u64, CellStat
     if wait > 0 {
         let states = next
             .iter()
-            .map(|&(tat, _, gcra)| state(now, tat, gcra))
+            .map(|&(tat, new_tat, gcra)| CellState {
+                refused: new_tat.saturating_sub(gcra.capacity.saturating_mul(gcra.interval_ns))
+                    > now,
+                ..state(now, tat, gcra)
+            })
             .collect();
         return Err((Duration::from_nanos(wait), states));
     }
@@ -82,6 +88,7 @@ fn state(now: u64, tat: u64, gcra: Gcra) -> CellState {
         capacity: gcra.capacity,
         remaining: full_at.saturating_sub(tat) / gcra.interval_ns,
         reset: Duration::from_nanos(tat.saturating_sub(now)),
+        refused: false,
     }
 }
 

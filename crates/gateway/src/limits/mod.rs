@@ -41,7 +41,7 @@ impl Backend {
                 on_error,
                 timeout,
             } => Self::Redis {
-                store: Box::new(redis::RedisStore::new(url, *timeout)?),
+                store: Box::new(redis::RedisStore::new(url.expose(), *timeout)?),
                 on_error: *on_error,
             },
         })
@@ -173,6 +173,7 @@ impl Limits {
     ) -> Result<Admission, ApiError> {
         let mut cells = Vec::new();
         let mut kinds = Vec::new();
+        let mut owners: Vec<&str> = Vec::new();
         let matching: Vec<&Rule> = self
             .rules
             .iter()
@@ -187,6 +188,7 @@ impl Limits {
                     cost: 1,
                 });
                 kinds.push(Kind::Requests);
+                owners.push(rule.label.as_str());
             }
             if let Some(gcra) = rule.tokens {
                 let cost = estimate_tokens(request, rule.rule.default_max_tokens);
@@ -196,24 +198,15 @@ impl Limits {
                     cost,
                 });
                 kinds.push(Kind::Tokens);
+                owners.push(rule.label.as_str());
             }
         }
         if cells.is_empty() {
             return Ok(Admission::default());
         }
         let decision = self.backend.acquire(&cells).await;
-        let outcome = match &decision {
-            Ok(Decision::Allowed(_)) => "admitted",
-            Ok(Decision::Denied { .. }) => "refused",
-            Ok(Decision::Degraded) | Err(_) => "degraded",
-        };
         if let Some(metrics) = &self.metrics {
-            for rule in &matching {
-                metrics.ratelimit(&rule.label, outcome);
-            }
-            if outcome == "degraded" {
-                metrics.limiter_error();
-            }
+            self.count(metrics, &matching, &owners, &decision);
         }
         match decision? {
             Decision::Allowed(states) => Ok(Admission {
@@ -222,7 +215,9 @@ impl Limits {
                     .into_iter()
                     .zip(&kinds)
                     .filter(|(_, kind)| **kind == Kind::Tokens)
-                    .map(|(cell, _)| (cell.key, cell.gcra, cell.cost))
+                    // What was really charged: a cost above the capacity is charged as the
+                    // capacity, and settles from there.
+                    .map(|(cell, _)| (cell.key, cell.gcra, cell.gcra.admissible(cell.cost)))
                     .collect(),
                 backend: Some(self.backend.clone()),
             }),
@@ -241,6 +236,44 @@ impl Limits {
                 );
                 error.headers = Some(Box::new(headers_for(&kinds, &states)));
                 Err(error)
+            }
+        }
+    }
+}
+
+impl Limits {
+    /// Rate-limit metrics: every matching rule counts an admitted request; on a refusal only
+    /// the rules whose counters refused count it, so the binding rule shows.
+    fn count(
+        &self,
+        metrics: &Metrics,
+        matching: &[&Rule],
+        owners: &[&str],
+        decision: &Result<Decision, ApiError>,
+    ) {
+        match decision {
+            Ok(Decision::Allowed(_)) => {
+                for rule in matching {
+                    metrics.ratelimit(&rule.label, "admitted");
+                }
+            }
+            Ok(Decision::Denied { states, .. }) => {
+                let mut refusing: Vec<&str> = owners
+                    .iter()
+                    .zip(states)
+                    .filter(|(_, state)| state.refused)
+                    .map(|(owner, _)| *owner)
+                    .collect();
+                refusing.dedup();
+                for label in refusing {
+                    metrics.ratelimit(label, "refused");
+                }
+            }
+            Ok(Decision::Degraded) | Err(_) => {
+                metrics.limiter_error();
+                for rule in matching {
+                    metrics.ratelimit(&rule.label, "degraded");
+                }
             }
         }
     }
@@ -338,7 +371,8 @@ fn estimate_tokens(request: &ChatRequest, default_max_tokens: u64) -> u64 {
         .max_completion_tokens
         .or(request.max_tokens)
         .unwrap_or(default_max_tokens);
-    prompt + completion
+    // `max_tokens` comes from the client: never let it overflow.
+    prompt.saturating_add(completion)
 }
 
 /// The `x-ratelimit-*` headers of the tightest request counter and the tightest token counter.

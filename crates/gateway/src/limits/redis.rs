@@ -17,7 +17,7 @@ pub const SCRIPT_VERSION: &str = "v1";
 
 /// The GCRA of `gcra.rs`, in microseconds of the Redis clock. ARGV[1] is "take" or "adjust";
 /// then per key: interval (µs), capacity, cost (take) or delta (adjust). "take" admits all keys
-/// or none; it returns {admitted, wait_us, remaining_1, reset_us_1, remaining_2, ...}.
+/// or none; it returns {admitted, wait_us, remaining_1, reset_us_1, refused_1, remaining_2, ...}.
 const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -50,7 +50,7 @@ for i = 1, #KEYS do
   local new_tat = tat + cost * interval
   local allow_at = new_tat - capacity * interval
   if allow_at - now > wait then wait = allow_at - now end
-  tats[i] = {tat, new_tat, interval, capacity}
+    tats[i] = {tat, new_tat, interval, capacity, allow_at > now}
 end
 local admitted = wait <= 0
 local result = {admitted and 1 or 0, math.ceil(wait)}
@@ -62,7 +62,8 @@ for i = 1, #KEYS do
   end
   local interval, capacity = tats[i][3], tats[i][4]
   table.insert(result, math.floor((now + capacity * interval - tat) / interval))
-  table.insert(result, math.ceil(tat - now))
+    table.insert(result, math.ceil(tat - now))
+  table.insert(result, (not admitted and tats[i][5]) and 1 or 0)
 end
 return result
 "#;
@@ -82,7 +83,9 @@ const RECONNECT_EVERY: Duration = Duration::from_millis(500);
 
 impl RedisStore {
     pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
+        // The error is not quoted: it may repeat the URL, password included.
+        let client = redis::Client::open(url)
+            .map_err(|_| "limits_store.url is not a valid Redis URL".to_owned())?;
         Ok(Self {
             client,
             connection: Mutex::new(None),
@@ -204,8 +207,9 @@ impl RedisStore {
             .enumerate()
             .map(|(i, c)| CellState {
                 capacity: c.gcra.capacity,
-                remaining: number(2 + 2 * i),
-                reset: Duration::from_micros(number(3 + 2 * i)),
+                remaining: number(2 + 3 * i),
+                reset: Duration::from_micros(number(3 + 3 * i)),
+                refused: number(4 + 3 * i) == 1,
             })
             .collect();
         if number(0) == 1 {
