@@ -4,7 +4,11 @@
 Starts the mock upstream, the Switchyard gateway and the peers (LiteLLM proxy, MLflow gateway)
 on 127.0.0.1, all in front of the same mock, then runs each scenario against the mock directly
 and through every gateway, interleaved round by round, and writes a markdown report to
-bench/results/<date>.md. Normally started by bench/run.sh, which builds the binaries first.
+bench/results/<date>.md. Scenarios: pass-through (non-stream, stream, max throughput), the
+example chains `support_bot` and `summarize_then_answer` (served by the same gateway, from the
+repository root), and pass-through with an API key and a rate-limit rule (memory store, and
+Redis on a redis-server of its own). Normally started by bench/run.sh, which builds the
+binaries first.
 
 Nothing here talks to anything but 127.0.0.1, except pip installing the peers from PyPI.
 """
@@ -17,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -36,28 +41,44 @@ RESULTS = BENCH / "results"
 # Every target is called with the same body; `model` is the endpoint name in each gateway
 # (the mock ignores it).
 MESSAGES = [{"role": "user", "content": "Hello! Please answer in a few words."}]
-BODY = json.dumps({"model": "chat", "messages": MESSAGES, "max_tokens": 64})
-STREAM_BODY = json.dumps(
-    {
-        "model": "chat",
-        "messages": MESSAGES,
-        "max_tokens": 64,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-)
 # A key the peers insist on having; the mock ignores it. Not a secret.
 DUMMY_KEY = "mock-key-not-a-secret"
+# The client API key of the key + rate-limit scenario (given to the gateway as $BENCH_CLIENT_KEY).
+# Not a secret: the gateway and the load generator only ever run on 127.0.0.1 for one run.
+CLIENT_KEY = "bench-client-key-not-a-secret"
+AUTH_HEADERS = (f"authorization: Bearer {CLIENT_KEY}",)
 
-# Scenarios that need features the gateway does not have yet. Each becomes a real scenario when
-# its issue lands: add a config builder in `switchyard_config` and a block in `main`.
+# A conversation long enough for `summarize_then_answer` to call its summarizer first: 7
+# non-system messages, `keep_last = 4`, so the 3 older ones are condensed (two LLM calls).
+LONG_MESSAGES = [
+    {"role": "system", "content": "You are a helpful support assistant."},
+    {"role": "user", "content": "Hi, I'm Ana. My order 4411 is late."},
+    {"role": "assistant", "content": "Sorry Ana, let me check order 4411 for you."},
+    {"role": "user", "content": "It was due on Monday and the tracking page has not changed."},
+    {"role": "assistant", "content": "It left the depot today and should arrive tomorrow."},
+    {"role": "user", "content": "Can I still cancel it if it does not come tomorrow?"},
+    {"role": "assistant", "content": "Yes, cancelling is possible until it is delivered."},
+    {"role": "user", "content": "Then please tell me how, in a few words."},
+]
+
+
+def body_for(model: str, messages: list[dict] | None = None, stream: bool = False) -> str:
+    """The request body every target of a scenario gets (the mock ignores `model`)."""
+    body: dict = {"model": model, "messages": messages or MESSAGES, "max_tokens": 64}
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return json.dumps(body)
+
+
+BODY = body_for("chat")
+
+
+# Scenarios that need features the gateway does not have yet (each report lists them).
 FUTURE_SCENARIOS = [
-    ("chain: each example chain (a two-call chain should add ~2x the pass-through overhead)",
-     "chains do not exist yet"),
-    ("pass-through with an API key and a rate-limit rule (memory store)",
-     "API keys and limits do not exist yet"),
-    ("pass-through with an API key and a rate-limit rule (Redis store)",
-     "API keys and limits do not exist yet"),
+    ("chain `router` (classifier call + answer call)",
+     "left out: the mock upstream's fixed reply is not the classifier's `{\"topic\": ...}`, so it "
+     "would measure the fallback path; `summarize_then_answer` covers the two-call case"),
     ("ONNX invocations (`POST /endpoints/{name}/invocations`)", "ONNX serving does not exist yet"),
 ]
 
@@ -91,7 +112,8 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 class Proc:
     """A child process in its own session, logging to bench/work/<name>.log."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None):
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+                 cwd: Path = WORK):
         self.name = name
         self.argv = argv
         self.log_path = WORK / f"{name}.log"
@@ -102,7 +124,7 @@ class Proc:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env or clean_env(),
-            cwd=WORK,
+            cwd=cwd,
             start_new_session=True,
         )
 
@@ -173,11 +195,15 @@ def memory_mb(pid: int, field: str) -> tuple[float, int]:
     return sum(status_kb(p, field) for p in pids) / 1024, len(pids)
 
 
-def http(method: str, url: str, body: str | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+def http(method: str, url: str, body: str | None = None, timeout: float = 10.0,
+         headers: tuple[str, ...] = ()) -> tuple[int, bytes]:
     data = body.encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         request.add_header("content-type", "application/json")
+    for header in headers:
+        key, _, value = header.partition(":")
+        request.add_header(key.strip(), value.strip())
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=timeout) as response:
@@ -200,13 +226,16 @@ def wait_ready(proc: Proc, url: str, deadline_s: float) -> bool:
     return False
 
 
-def smoke_test(base: str) -> tuple[str | None, bool]:
+def smoke_test(base: str, model: str = "chat", messages: list[dict] | None = None,
+               headers: tuple[str, ...] = ()) -> tuple[str | None, bool]:
     """One plain and one streamed request; returns what went wrong (or None) and whether the
     stream ended with `data: [DONE]` as OpenAI's streams do."""
-    status, body = http("POST", base + "/chat/completions", BODY, timeout=30)
+    url = base + "/chat/completions"
+    status, body = http("POST", url, body_for(model, messages), timeout=30, headers=headers)
     if status != 200 or b'"choices"' not in body:
         return f"non-stream request failed: HTTP {status} {body[:300]!r}", False
-    status, body = http("POST", base + "/chat/completions", STREAM_BODY, timeout=30)
+    status, body = http("POST", url, body_for(model, messages, stream=True), timeout=30,
+                        headers=headers)
     if status != 200 or b"data: " not in body:
         return f"stream request failed: HTTP {status} {body[-300:]!r}", False
     return None, body.rstrip().endswith(b"data: [DONE]")
@@ -217,11 +246,18 @@ def smoke_test(base: str) -> tuple[str | None, bool]:
 
 
 class Target:
-    def __init__(self, name: str, base: str, proc: Proc | None, version: str = ""):
+    def __init__(self, name: str, base: str, proc: Proc | None, version: str = "",
+                 model: str = "chat", messages: list[dict] | None = None,
+                 headers: tuple[str, ...] = ()):
         self.name = name
         self.base = base  # e.g. http://127.0.0.1:PORT/v1
         self.proc = proc
         self.version = version
+        # What this target is sent: the endpoint (`model`), the conversation, extra headers.
+        self.model = model
+        self.body = body_for(model, messages)
+        self.stream_body = body_for(model, messages, stream=True)
+        self.headers = headers
         self.idle_rss_mb = 0.0
         self.processes = 1
         self.stream_ok = True
@@ -233,12 +269,16 @@ class Target:
         return self.base + "/chat/completions"
 
 
-def switchyard_config(mock_base: str, listen: str) -> str:
-    """Gateway config: one route endpoint `chat` passing through to the mock.
+def switchyard_config(mock_base: str, listen: str, limits_store: str | None = None) -> str:
+    """Gateway config: a route endpoint `chat` passing through to the mock, and the example
+    chains `support` (support_bot, one LLM call) and `summarize` (summarize_then_answer, two
+    calls on a long conversation), every logical LLM bound to that same route. `chain_dir` is
+    relative to the gateway's working directory, the repository root.
 
-    Hook: chain, API-key and rate-limit scenarios extend this with `[[endpoints]]` pointing at
-    logged chains, `[auth]` and `[[limits]]` once those issues land."""
-    return f"""# Generated by bench/run.py
+    With `limits_store` (the body of `[limits_store]`, e.g. `kind = "memory"`), the gateway also
+    requires an API key ($BENCH_CLIENT_KEY) and applies one per-key request-rate rule, far above
+    any rate the harness offers, so it never refuses: what is measured is its cost."""
+    config = f"""# Generated by bench/run.py
 [server]
 listen = "{listen}"
 
@@ -253,7 +293,31 @@ timeout_ms = 30000
 [[endpoints]]
 name = "chat"
 route = "main"
+
+[[endpoints]]
+name = "support"
+chain_dir = "chains/support_bot"
+llms = {{ default = "main" }}
+
+[[endpoints]]
+name = "summarize"
+chain_dir = "chains/summarize_then_answer"
+llms = {{ summarizer = "main", answerer = "main" }}
 """
+    if limits_store is not None:
+        config += f"""
+[auth]
+keys = [{{ id = "bench", key_env = "BENCH_CLIENT_KEY" }}]
+
+[[limits]]
+scope = ["api_key"]
+requests_per_minute = 60000000    # 1 M req/s: never refuses at the tested rates
+burst = 100000
+
+[limits_store]
+{limits_store}
+"""
+    return config
 
 
 def venv_python_version(python: Path, package: str) -> str:
@@ -424,19 +488,21 @@ class Loader:
         self.concurrency = concurrency
         self.runs = 0
 
-    def oha_json(self, args: list[str], url: str, body: str, db: Path | None):
+    def oha_json(self, args: list[str], target: Target, db: Path | None):
         cmd = [self.oha, "--no-tui", "--output-format", "json",
                "--wait-ongoing-requests-after-deadline", "-m", "POST",
-               "-H", "content-type: application/json", "-d", body, *args]
+               "-H", "content-type: application/json", "-d", target.body, *args]
+        for header in target.headers:
+            cmd += ["-H", header]
         if db is not None:
             cmd += ["--db-url", str(db)]
-        out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=600,
+        out = subprocess.run(cmd + [target.url], capture_output=True, text=True, timeout=600,
                              check=False)
         if out.returncode != 0:
             raise RuntimeError(f"oha failed: {out.stderr[-500:]}")
         return json.loads(out.stdout)
 
-    def fixed_rate(self, url: str, rate: float, seconds: float) -> tuple[list[float], int, int, float]:
+    def fixed_rate(self, target: Target, rate: float, seconds: float) -> tuple[list[float], int, int, float]:
         """oha at a fixed rate with latency correction; returns (latencies ms of 2xx, sent, ok, s)."""
         self.runs += 1
         db = WORK / f"oha-{self.runs}.db"
@@ -444,7 +510,7 @@ class Loader:
         report = self.oha_json(
             ["-q", str(rate), "--latency-correction", "-z", f"{seconds}s",
              "-c", str(self.concurrency)],
-            url, BODY, db,
+            target, db,
         )
         with sqlite3.connect(db) as conn:
             rows = conn.execute("SELECT duration, status FROM oha").fetchall()
@@ -453,10 +519,11 @@ class Loader:
         errors = sum((report.get("errorDistribution") or {}).values())
         return latencies, len(rows) + errors, len(latencies), seconds
 
-    def stream(self, url: str, rate: float, seconds: float, expect_done: bool = True):
+    def stream(self, target: Target, rate: float, seconds: float):
+        assert not target.headers, "sse-load sends no extra headers"
         out = subprocess.run(
-            [self.sse_load, "--url", url, "--rate", str(rate), "--duration", str(seconds),
-             "--body", STREAM_BODY, *(["--expect-done"] if expect_done else [])],
+            [self.sse_load, "--url", target.url, "--rate", str(rate), "--duration", str(seconds),
+             "--body", target.stream_body, *(["--expect-done"] if target.stream_done else [])],
             capture_output=True, text=True, timeout=600, check=False,
         )
         if out.returncode != 0:
@@ -466,8 +533,8 @@ class Loader:
         ttlb = [us / 1000 for us in r["ttlb_us"]]
         return ttfb, r["sent"], r["ok"], r["elapsed_s"], ttlb
 
-    def max_throughput(self, url: str, seconds: float) -> dict:
-        report = self.oha_json(["-c", str(self.concurrency), "-z", f"{seconds}s"], url, BODY, None)
+    def max_throughput(self, target: Target, seconds: float) -> dict:
+        report = self.oha_json(["-c", str(self.concurrency), "-z", f"{seconds}s"], target, None)
         summary = report["summary"]
         codes = report.get("statusCodeDistribution") or {}
         ok = sum(n for code, n in codes.items() if str(code).startswith("2"))
@@ -529,6 +596,72 @@ def machine_info() -> list[str]:
             f"{rustc or 'rustc ?'}; load generator, mock, gateways all on this machine"]
 
 
+def comparison_table(rows: list[tuple[str, dict[float, float]]]) -> list[str]:
+    """Rows of derived figures (ms per percentile), e.g. a chain's added time next to the
+    pass-through's added time of the same run."""
+    lines = ["| comparison (same run) | p50 ms | p90 ms | p99 ms | p99.9 ms |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {name} | " + " | ".join(added(v[q]) for q in PCTS) + " |" for name, v in rows]
+    return lines
+
+
+def minus(a: dict[float, float], b: dict[float, float], times: float = 1.0) -> dict[float, float]:
+    """Percentile by percentile: a − times × b."""
+    return {q: a[q] - times * b[q] for q in PCTS}
+
+
+def close_to(value: float, reference: float) -> bool:
+    """"About" `reference`: within 25 % of it or 0.05 ms, whichever is larger."""
+    return value <= reference + max(0.25 * abs(reference), 0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis (the limits-store scenario)
+
+
+def redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(server: str) -> tuple[Proc | None, int, str | None]:
+    """Our own redis-server on a free loopback port, nothing persisted; stopped with the run."""
+    port = free_port()
+    proc = Proc("redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no", "--protected-mode", "yes"])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if redis_ping(port):
+            return proc, port, None
+        if not proc.alive():
+            break
+        time.sleep(0.1)
+    tail = proc.log_tail()
+    proc.stop()
+    return None, port, f"redis-server did not start: {tail}"
+
+
+def redis_round_trip(benchmark: str | None, port: int) -> dict[str, float]:
+    """A raw loopback round trip to the same Redis: `redis-benchmark -n 20000 -c 1 -t ping`
+    (one connection, one request at a time); p50 (and rate) of PING_INLINE and PING_MBULK."""
+    if not benchmark:
+        return {}
+    out = subprocess.run([benchmark, "-h", "127.0.0.1", "-p", str(port), "-q", "-n", "20000",
+                          "-c", "1", "-t", "ping"], capture_output=True, text=True, timeout=120,
+                         check=False)
+    figures = {}
+    for line in out.stdout.replace("\r", "\n").splitlines():
+        match = re.match(r"\s*(PING_\w+): ([\d.]+) requests per second, p50=([\d.]+) msec", line)
+        if match:
+            figures[match.group(1) + " p50"] = float(match.group(3))
+            figures[match.group(1) + " req/s"] = float(match.group(2))
+    return figures
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 
@@ -548,6 +681,17 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, default=16, help="content chunks per mock stream")
     parser.add_argument("--concurrency", type=int, default=32,
                         help="oha connections (max-throughput run and fixed-rate pool)")
+    parser.add_argument("--chain-rate", type=float, default=1000,
+                        help="fixed rate of the non-stream chain scenarios (req/s)")
+    parser.add_argument("--chain-stream-rate", type=float, default=500,
+                        help="fixed rate of the stream chain scenarios (req/s)")
+    parser.add_argument("--limit-rate", type=float, default=1000,
+                        help="fixed rate of the API key + rate-limit scenario (req/s)")
+    parser.add_argument("--redis-server", default=shutil.which("redis-server"),
+                        help="redis-server binary for the Redis limits-store scenario")
+    parser.add_argument("--skip", default="",
+                        help="comma list of scenario groups to leave out: passthrough, stream, "
+                             "chains, limits, throughput")
     parser.add_argument("--peers", default="litellm,mlflow", help="comma list, or '' for none")
     parser.add_argument("--no-install", action="store_true", help="skip peers not yet installed")
     parser.add_argument("--out", type=Path, default=None, help="report path")
@@ -578,8 +722,9 @@ def main() -> int:
         config.write_text(switchyard_config(mock_base, f"127.0.0.1:{gw_port}"))
         gateway_env = {"RUST_LOG": os.environ.get("RUST_LOG", "info")}
         gateway_env.update(kv.split("=", 1) for kv in args.gateway_env)
+        # From the repository root: the chain endpoints' `chain_dir` paths are relative to it.
         gateway = Proc("switchyard", [str(bins / "switchyard"), "serve", "--config", str(config)],
-                       clean_env(gateway_env))
+                       clean_env(gateway_env), cwd=ROOT)
         procs.append(gateway)
         if not wait_ready(gateway, f"http://127.0.0.1:{gw_port}/ready", 20):
             raise RuntimeError(f"switchyard did not start:\n{gateway.log_tail()}")
@@ -615,7 +760,8 @@ def main() -> int:
             vconfig = WORK / f"switchyard-{len(variants)}.toml"
             vconfig.write_text(switchyard_config(mock_base, f"127.0.0.1:{port}"))
             proc = Proc(f"switchyard-{len(variants)}",
-                        [str(bins / "switchyard"), "serve", "--config", str(vconfig)], clean_env(env))
+                        [str(bins / "switchyard"), "serve", "--config", str(vconfig)], clean_env(env),
+                        cwd=ROOT)
             procs.append(proc)
             if not wait_ready(proc, f"http://127.0.0.1:{port}/ready", 20):
                 raise RuntimeError(f"switchyard variant {label} did not start:\n{proc.log_tail()}")
@@ -623,24 +769,98 @@ def main() -> int:
         # Variants run wherever switchyard runs; peers only up to --peer-max-rate.
         ours = [switchyard, *variants]
         gateways = [*ours, *peers]
+        skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+
+        # Chain endpoints of the main gateway, and what they are compared with.
+        gw_base = switchyard.base
+        chain_support = Target("switchyard chain `support` (support_bot: 1 LLM call)", gw_base,
+                               gateway, model="support")
+        long_direct = Target("direct (mock), long conversation", mock_base, None,
+                             messages=LONG_MESSAGES)
+        long_pass = Target("switchyard pass-through, long conversation", gw_base, gateway,
+                           messages=LONG_MESSAGES)
+        chain_summarize = Target("switchyard chain `summarize` (summarize_then_answer: 2 LLM calls)",
+                                 gw_base, gateway, model="summarize", messages=LONG_MESSAGES)
+        if "chains" not in skip:
+            for t, messages in ((chain_support, None), (chain_summarize, LONG_MESSAGES)):
+                problem, done = smoke_test(gw_base, t.model, messages)
+                if problem or not done:
+                    raise RuntimeError(f"{t.name}: {problem or 'stream did not end with [DONE]'}")
+
+        # Gateways with an API key and one rate-limit rule: memory store, Redis store.
+        limited: list[Target] = []
+        redis_port = 0
+        if "limits" not in skip:
+            stores = [("memory", 'kind = "memory"')]
+            if args.redis_server:
+                redis, redis_port, reason = start_redis(args.redis_server)
+                if redis is None:
+                    notes.append(f"Redis limits store not measured: {reason}")
+                else:
+                    procs.append(redis)
+                    stores.append(("redis", f'kind = "redis"\nurl = "redis://127.0.0.1:{redis_port}"\n'
+                                            'on_error = "deny"'))
+            else:
+                notes.append("Redis limits store not measured: no redis-server (apt-get install "
+                             "redis-server, or --redis-server PATH)")
+            for store, body in stores:
+                port = free_port()
+                lconfig = WORK / f"switchyard-limits-{store}.toml"
+                lconfig.write_text(switchyard_config(mock_base, f"127.0.0.1:{port}", body))
+                env = dict(gateway_env, BENCH_CLIENT_KEY=CLIENT_KEY)
+                proc = Proc(f"switchyard-limits-{store}",
+                            [str(bins / "switchyard"), "serve", "--config", str(lconfig)],
+                            clean_env(env), cwd=ROOT)
+                procs.append(proc)
+                if not wait_ready(proc, f"http://127.0.0.1:{port}/ready", 20):
+                    raise RuntimeError(f"switchyard ({store} limits) did not start:\n{proc.log_tail()}")
+                t = Target(f"switchyard + API key + rate limit ({store} store)",
+                           f"http://127.0.0.1:{port}/v1", proc, headers=AUTH_HEADERS)
+                problem, _ = smoke_test(t.base, headers=AUTH_HEADERS)
+                if problem:
+                    raise RuntimeError(f"{t.name}: {problem}")
+                status, _ = http("POST", t.url, BODY)
+                if status != 401:
+                    raise RuntimeError(f"{t.name}: a request without the key got HTTP {status}, not 401")
+                limited.append(t)
+
         time.sleep(1)
-        for t in gateways:
+        for t in [*gateways, *limited]:
             t.idle_rss_mb, t.processes = memory_mb(t.proc.pid, "VmRSS")
 
         loader = Loader(args.oha, str(bins / "sse-load"), args.concurrency)
         sections: list[str] = []
         checks: dict[str, float] = {}
 
+        def run_fixed(targets: list[Target], rate: float, stream: bool) -> dict[str, Measurement]:
+            """Every target at `rate`: a warm-up each, then interleaved rounds."""
+            run = loader.stream if stream else loader.fixed_rate
+            results = {t.name: Measurement() for t in targets}
+            for t in targets:  # warm-up, unmeasured
+                run(t, rate, 1)
+            for r in range(args.rounds):
+                for t in targets:
+                    log(f"{'stream' if stream else 'non-stream'} {rate:.0f} req/s round "
+                        f"{r + 1}/{args.rounds}: {t.name}")
+                    results[t.name].add(*run(t, rate, args.seconds))
+            return results
+
+        def fixed_title(what: str, rate: float, stream: bool) -> str:
+            tool = "sse-load" if stream else "oha"
+            return (f"{what}, fixed rate {rate:.0f} req/s ({args.rounds} × {args.seconds:g} s per "
+                    f"target, interleaved; {tool}, latency-corrected)")
+
         # Non-stream pass-through at fixed rates.
-        for rate in [float(r) for r in args.rates.split(",") if r]:
+        rates = [] if "passthrough" in skip else [float(r) for r in args.rates.split(",") if r]
+        for rate in rates:
             targets = [direct] + [t for t in gateways if t in ours or rate <= args.peer_max_rate]
             results = {t.name: Measurement() for t in targets}
             for t in targets:  # warm-up, unmeasured
-                loader.fixed_rate(t.url, rate, 1)
+                loader.fixed_rate(t, rate, 1)
             for r in range(args.rounds):
                 for t in targets:
                     log(f"non-stream {rate:.0f} req/s round {r + 1}/{args.rounds}: {t.name}")
-                    results[t.name].add(*loader.fixed_rate(t.url, rate, args.seconds))
+                    results[t.name].add(*loader.fixed_rate(t, rate, args.seconds))
             rows = [(t.name, results[t.name]) for t in targets]
             sections += [f"### Pass-through, non-stream, fixed rate {rate:.0f} req/s "
                          f"({args.rounds} × {args.seconds:g} s per target, interleaved; oha, latency-corrected)",
@@ -650,16 +870,17 @@ def main() -> int:
             checks[f"nonstream_{rate:.0f}_p99"] = s[99] - d[99]
 
         # Streams at fixed rates: time to first byte and to last byte.
-        for rate in [float(r) for r in args.stream_rates.split(",") if r]:
+        stream_rates = [] if "stream" in skip else [float(r) for r in args.stream_rates.split(",") if r]
+        for rate in stream_rates:
             targets = [direct] + [t for t in gateways if t.stream_ok and
                                   (t in ours or rate <= args.peer_max_rate)]
             results = {t.name: Measurement() for t in targets}
             for t in targets:
-                loader.stream(t.url, rate, 1, t.stream_done)
+                loader.stream(t, rate, 1)
             for r in range(args.rounds):
                 for t in targets:
                     log(f"stream {rate:.0f} req/s round {r + 1}/{args.rounds}: {t.name}")
-                    results[t.name].add(*loader.stream(t.url, rate, args.seconds, t.stream_done))
+                    results[t.name].add(*loader.stream(t, rate, args.seconds))
             rows = [(t.name, results[t.name]) for t in targets]
             title = (f"{args.chunks} content chunks + role/finish/usage frames, fixed rate {rate:.0f} req/s "
                      f"({args.rounds} × {args.seconds:g} s per target, interleaved; sse-load, latency-corrected)")
@@ -671,15 +892,98 @@ def main() -> int:
             checks["stream_ttfb_p50"] = s[50] - d[50]
             checks["stream_rate"] = rate
 
+        # Chains. One LLM call (`support`): compared with the pass-through of the same run. Two
+        # calls (`summarize`, on a conversation long enough to be condensed first): the direct
+        # baseline is one mock call, so it is also compared with 2 × direct and 2 × pass-through.
+        if "chains" not in skip:
+            rate = args.chain_rate
+            res = run_fixed([direct, switchyard, chain_support], rate, False)
+            d, s, c = (res[t.name].pct() for t in (direct, switchyard, chain_support))
+            sections += [f"### Chain `support` (support_bot), non-stream — "
+                         + fixed_title("one LLM call", rate, False), "",
+                         *latency_table(res[direct.name], [(t.name, res[t.name]) for t in
+                                                          (direct, switchyard, chain_support)], "first"),
+                         "", *comparison_table([("pass-through added", minus(s, d)),
+                                                ("chain added", minus(c, d)),
+                                                ("chain − pass-through", minus(c, s))]), ""]
+            checks["support_added_p50"], checks["support_pass_p50"] = c[50] - d[50], s[50] - d[50]
+
+            rate = args.chain_stream_rate
+            res = run_fixed([direct, switchyard, chain_support], rate, True)
+            rows = [(t.name, res[t.name]) for t in (direct, switchyard, chain_support)]
+            d, s, c = (res[t.name].pct() for t in (direct, switchyard, chain_support))
+            sections += [f"### Chain `support` (support_bot), stream, time to first byte — "
+                         + fixed_title(f"{args.chunks} content chunks", rate, True), "",
+                         *latency_table(res[direct.name], rows, "first"), "",
+                         *comparison_table([("pass-through added TTFB", minus(s, d)),
+                                            ("chain added TTFB", minus(c, d)),
+                                            ("chain − pass-through TTFB", minus(c, s))]), "",
+                         "### Chain `support`, stream, time to last byte — same runs", "",
+                         *latency_table(res[direct.name], rows, "last"), ""]
+            checks["support_ttfb_p50"], checks["support_pass_ttfb_p50"] = c[50] - d[50], s[50] - d[50]
+
+            rate = args.chain_rate
+            trio = (long_direct, long_pass, chain_summarize)
+            res = run_fixed(list(trio), rate, False)
+            d, s, c = (res[t.name].pct() for t in trio)
+            sections += [f"### Chain `summarize` (summarize_then_answer), non-stream — "
+                         + fixed_title("two LLM calls (7-message conversation, 3 condensed)",
+                                       rate, False), "",
+                         *latency_table(res[long_direct.name], [(t.name, res[t.name]) for t in trio],
+                                        "first"), "",
+                         "*added* above is against **one** direct mock call. The chain makes two, "
+                         "one after the other; so *chain − 2 × direct* is its overhead over two "
+                         "direct calls, to compare with *2 × pass-through added* (percentile by "
+                         "percentile, so only the median is a fair sum):", "",
+                         *comparison_table([("pass-through added (1 call)", minus(s, d)),
+                                            ("2 × pass-through added", {q: 2 * (s[q] - d[q]) for q in PCTS}),
+                                            ("chain added vs 1 × direct", minus(c, d)),
+                                            ("chain − 2 × direct", minus(c, d, 2))]), ""]
+            checks["summarize_over_2direct_p50"] = c[50] - 2 * d[50]
+            checks["summarize_pass_p50"] = s[50] - d[50]
+
+            rate = args.chain_stream_rate
+            res = run_fixed(list(trio), rate, True)
+            rows = [(t.name, res[t.name]) for t in trio]
+            d, s, c = (res[t.name].pct() for t in trio)
+            sections += [f"### Chain `summarize`, stream (only the answer streams), time to first byte — "
+                         + fixed_title(f"{args.chunks} content chunks", rate, True), "",
+                         *latency_table(res[long_direct.name], rows, "first"), "",
+                         "The chain's first byte comes after the whole summary call (non-stream) and "
+                         "the answer's first byte: expected ≈ one direct non-stream call + 2 × "
+                         "pass-through overhead above direct TTFB.", "",
+                         "### Chain `summarize`, stream, time to last byte — same runs", "",
+                         *latency_table(res[long_direct.name], rows, "last"), ""]
+
+        # Pass-through with an API key and one (never refusing) rate-limit rule, memory and Redis
+        # stores, against the plain pass-through and direct of the same run.
+        if limited:
+            rate = args.limit_rate
+            targets = [direct, switchyard, *limited]
+            res = run_fixed(targets, rate, False)
+            d, s = res[direct.name].pct(), res[switchyard.name].pct()
+            comparisons = [("pass-through added (no key, no limits)", minus(s, d))]
+            for t in limited:
+                p = res[t.name].pct()
+                store = "redis" if "redis" in t.name else "memory"
+                comparisons += [(f"{store}: added", minus(p, d)),
+                                (f"{store}: extra over plain pass-through", minus(p, s))]
+                checks[f"limits_{store}_extra_p50"] = p[50] - s[50]
+            sections += [f"### Pass-through with an API key and a rate-limit rule — "
+                         + fixed_title("non-stream, one per-key rule that never refuses", rate, False),
+                         "", *latency_table(res[direct.name], [(t.name, res[t.name]) for t in targets],
+                                            "first"), "", *comparison_table(comparisons), ""]
+
         # Max throughput at fixed concurrency, interleaved rounds, mean of rounds.
-        targets = [direct, *gateways]
+        # The key + limit gateways join it (their CPU cost per request shows here best).
+        targets = [] if "throughput" in skip else [direct, *gateways, *limited]
         rounds: dict[str, list[dict]] = {t.name: [] for t in targets}
-        for r in range(args.rounds):
+        for r in range(args.rounds if targets else 0):
             for t in targets:
                 log(f"max throughput round {r + 1}/{args.rounds}: {t.name}")
-                rounds[t.name].append(loader.max_throughput(t.url, args.seconds))
+                rounds[t.name].append(loader.max_throughput(t, args.seconds))
         mean = {n: {k: sum(x[k] for x in v) / len(v) for k in v[0]} for n, v in rounds.items()}
-        direct_rps = mean[direct.name]["rps"]
+        direct_rps = mean[direct.name]["rps"] if targets else math.nan
         lines = ["| target | req/s | success | % of direct | p50 ms | p99 ms |",
                  "|---|---:|---:|---:|---:|---:|"]
         for t in targets:
@@ -688,20 +992,43 @@ def main() -> int:
                          f"{m['rps'] / direct_rps * 100:.1f}% | {ms(m['p50'])} | {ms(m['p99'])} |")
         sections += [f"### Max throughput, non-stream, {args.concurrency} connections "
                      f"(oha, {args.rounds} × {args.seconds:g} s per target, interleaved, mean of rounds)",
-                     "", *lines, ""]
-        checks["throughput_ratio"] = mean[switchyard.name]["rps"] / direct_rps
+                     "", *lines, ""] if targets else []
+        if targets:
+            checks["throughput_ratio"] = mean[switchyard.name]["rps"] / direct_rps
+            plain_rps = mean[switchyard.name]["rps"]
+            for t in limited:
+                store = "redis" if "redis" in t.name else "memory"
+                checks[f"limits_{store}_rps"] = mean[t.name]["rps"]
+                # Whole-machine time per request, limited minus plain (2 cores shared by all).
+                checks[f"limits_{store}_us_per_req"] = (1 / mean[t.name]["rps"] - 1 / plain_rps) * 1e6
         litellm = next((t for t in peers if t.name.startswith("LiteLLM")), None)
-        if litellm:
+        if litellm and targets:
             checks["vs_litellm"] = mean[switchyard.name]["rps"] / mean[litellm.name]["rps"]
 
         # Memory, read last: VmHWM is the peak over the process's life, load included.
         lines = ["| gateway | processes | RSS idle MB | peak RSS (VmHWM) MB |", "|---|---:|---:|---:|"]
-        for t in gateways:
+        for t in [*gateways, *limited]:
             peak, n = memory_mb(t.proc.pid, "VmHWM")
             lines.append(f"| {t.name} | {n} | {t.idle_rss_mb:.1f} | {peak:.1f} |")
             if t is switchyard:
                 checks["rss_mb"] = peak
         sections += ["### Memory (sum over the gateway's processes)", "", *lines, ""]
+
+        # A raw loopback round trip to the same Redis, after the load: what the Redis store's
+        # extra latency is compared with.
+        if redis_port and "limits_redis_extra_p50" in checks:
+            rtt = redis_round_trip(shutil.which("redis-benchmark"), redis_port)
+            if rtt:
+                # PING_MBULK is a RESP array, the form a client library (and the gateway's
+                # EVALSHA) sends; PING_INLINE is the telnet form.
+                checks["redis_rtt_p50"] = rtt.get("PING_MBULK p50", math.nan)
+                sections += ["### Redis loopback round trip (`redis-benchmark -q -n 20000 -c 1 -t ping`, "
+                             "same redis-server, after the load)", "",
+                             "| command | req/s | p50 ms |", "|---|---:|---:|",
+                             *[f"| {k[:-4]} | {rtt[k[:-4] + ' req/s']:.0f} | {v:.3f} |"
+                               for k, v in rtt.items() if k.endswith(" p50")], ""]
+            else:
+                notes.append("no redis-benchmark: the Redis round trip was not measured")
 
         # Targets of issue 7.
         def verdict(ok: bool) -> str:
@@ -713,8 +1040,9 @@ def main() -> int:
                           f"{checks['nonstream_1000_p50']:.3f} ms", checks["nonstream_1000_p50"] <= 0.15))
             goals.append(("pass-through added p99 at 1000 req/s", "≤ 0.500 ms",
                           f"{checks['nonstream_1000_p99']:.3f} ms", checks["nonstream_1000_p99"] <= 0.5))
-        goals.append(("max throughput, share of direct", "≥ 40%",
-                      f"{checks['throughput_ratio'] * 100:.1f}%", checks["throughput_ratio"] >= 0.4))
+        if "throughput_ratio" in checks:
+            goals.append(("max throughput, share of direct", "≥ 40%",
+                          f"{checks['throughput_ratio'] * 100:.1f}%", checks["throughput_ratio"] >= 0.4))
         if "vs_litellm" in checks:
             goals.append(("max throughput vs LiteLLM", "≥ 20×", f"{checks['vs_litellm']:.1f}×",
                           checks["vs_litellm"] >= 20))
@@ -725,6 +1053,36 @@ def main() -> int:
                           f"{checks['stream_ttfb_p50']:.3f} ms", checks["stream_ttfb_p50"] <= 0.3))
         goal_lines = ["| target (issue 7) | goal | measured | |", "|---|---|---|---|"]
         goal_lines += [f"| {a} | {b} | {c} | {verdict(ok)} |" for a, b, c, ok in goals]
+
+        # The new scenarios against what they should cost. "≈" = within 25 % or 0.05 ms.
+        new_goals = []
+        if "support_added_p50" in checks:
+            c, ref = checks["support_added_p50"], checks["support_pass_p50"]
+            new_goals.append((f"chain `support` (1 call) added p50 at {args.chain_rate:.0f} req/s",
+                              f"≈ pass-through added ({ref:.3f} ms)", f"{c:.3f} ms", close_to(c, ref)))
+            c, ref = checks["support_ttfb_p50"], checks["support_pass_ttfb_p50"]
+            new_goals.append((f"chain `support` stream added TTFB p50 at {args.chain_stream_rate:.0f} req/s",
+                              f"≈ pass-through added TTFB ({ref:.3f} ms)", f"{c:.3f} ms", close_to(c, ref)))
+            c, ref = checks["summarize_over_2direct_p50"], 2 * checks["summarize_pass_p50"]
+            new_goals.append((f"chain `summarize` (2 calls) p50 − 2 × direct p50 at {args.chain_rate:.0f} req/s",
+                              f"≈ 2 × pass-through added ({ref:.3f} ms)", f"{c:.3f} ms", close_to(c, ref)))
+        if "limits_memory_extra_p50" in checks:
+            c = checks["limits_memory_extra_p50"]
+            new_goals.append((f"key + limit, memory store: extra p50 over pass-through at {args.limit_rate:.0f} req/s",
+                              "< 0.010 ms", f"{c:.3f} ms", c < 0.010))
+        if "limits_redis_extra_p50" in checks:
+            c = checks["limits_redis_extra_p50"]
+            rtt = checks.get("redis_rtt_p50", math.nan)
+            new_goals.append((f"key + limit, Redis store: extra p50 over pass-through at {args.limit_rate:.0f} req/s",
+                              f"≤ 1 Redis round trip (PING p50 {rtt:.3f} ms)", f"{c:.3f} ms", c <= rtt))
+        if new_goals:
+            goal_lines += ["", "| new scenario | goal | measured | |", "|---|---|---|---|"]
+            goal_lines += [f"| {a} | {b} | {c} | {verdict(ok)} |" for a, b, c, ok in new_goals]
+        if "limits_memory_us_per_req" in checks:
+            goal_lines += ["", "Key + limit at max throughput: " + "; ".join(
+                f"{store} store {checks[f'limits_{store}_rps']:.0f} req/s "
+                f"({checks[f'limits_{store}_us_per_req']:+.1f} µs of machine time per request vs plain)"
+                for store in ("memory", "redis") if f"limits_{store}_rps" in checks) + "."]
 
         now = dt.datetime.now()
         report = [
@@ -742,7 +1100,7 @@ def main() -> int:
             *goal_lines,
             "",
             *sections,
-            "### Not measured yet",
+            "### Not measured in this run",
             "",
             *[f"- {what}: {why}." for what, why in FUTURE_SCENARIOS],
             *[f"- {note}" for note in notes],
@@ -751,6 +1109,8 @@ def main() -> int:
         text = "\n".join(report)
         print(text)
         out = args.out or RESULTS / f"{now:%Y-%m-%d}.md"
+        if args.out is None and out.exists():  # keep the day's earlier report
+            out = RESULTS / f"{now:%Y-%m-%d-%H%M}.md"
         out.write_text(text)
         log(f"report written to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
         return 0

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Switchyard benchmark harness (issue 7): one command.
-#   bench/run.sh                 # full run, ~5-8 min on 2 cores (first run also installs the peers)
+#   bench/run.sh                 # full run, ~11 min on 2 cores (first run also installs the peers)
 #   bench/run.sh --seconds 3     # shorter rounds; see `python3 bench/run.py --help` for all options
 # Builds the release binaries, installs oha if missing, then runs bench/run.py, which prints a
 # markdown report and writes it to bench/results/<date>.md. All traffic stays on 127.0.0.1.
