@@ -108,7 +108,12 @@ impl Chain for Router {
         call.max_tokens = Some(self.config.classifier_max_tokens);
         let reply = ctx.llm("classifier")?.chat(call).await?.text();
         let topic = parse_topic(&reply).unwrap_or_else(|| {
-            info!(classifier_reply = %reply, default = self.config.default_topic.name(), "classifier reply unusable; using the default topic");
+            // The reply itself is model output about the user's message: it is not logged.
+            info!(
+                default = self.config.default_topic.name(),
+                reply_chars = reply.len(),
+                "classifier reply unusable; using the default topic"
+            );
             self.config.default_topic
         });
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use serde::Serialize;
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, debug, info_span};
 
 use crate::chain::{ChainError, ChainErrorKind, ChainOutput};
 use crate::llm::{ChunkStream, Llm};
@@ -132,7 +132,7 @@ impl LlmHandle<'_> {
             let span = tracing::Span::current();
             span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
             span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
-            info!(
+            debug!(
                 latency_ms = start.elapsed().as_secs_f64() * 1000.0,
                 prompt_tokens = usage.prompt_tokens,
                 completion_tokens = usage.completion_tokens,
@@ -170,7 +170,7 @@ impl LlmHandle<'_> {
         self.ctx.step_done(&self.name, start, stream.is_ok());
         let stream = stream.map_err(|e| self.error(e))?;
         span.in_scope(|| {
-            info!(
+            debug!(
                 time_to_first_chunk_ms = start.elapsed().as_secs_f64() * 1000.0,
                 "chain step streaming"
             )
