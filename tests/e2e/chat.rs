@@ -109,7 +109,7 @@ async fn fields_the_gateway_does_not_interpret_reach_the_upstream_unchanged() {
                 {"type": "text", "text": "What is in this image?"},
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}}
             ]},
-            {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
                 "function": {"name": "lookup", "arguments": "{\"q\":\"x\"}"}}]},
             {"role": "tool", "tool_call_id": "call_1", "content": "42"}
         ],

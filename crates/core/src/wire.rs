@@ -65,7 +65,12 @@ pub struct StreamOptions {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Absent stays absent and `null` stays `null` (assistant tool-call messages send it).
+    #[serde(
+        default,
+        deserialize_with = "present_content",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub content: Option<Content>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -104,6 +109,15 @@ impl Message {
 pub enum Content {
     Text(String),
     Parts(Vec<Value>),
+    /// An explicit `"content": null`.
+    Null,
+}
+
+/// A present `content` field, `null` included (serde's `Option` would turn `null` into absent).
+fn present_content<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Content>, D::Error> {
+    Content::deserialize(deserializer).map(Some)
 }
 
 impl Content {
@@ -117,6 +131,7 @@ impl Content {
                 .filter_map(|part| part.get("text").and_then(Value::as_str))
                 .collect::<Vec<_>>()
                 .join(""),
+            Content::Null => String::new(),
         }
     }
 }
@@ -345,7 +360,9 @@ mod tests {
         let body = json!({
             "model": "m",
             "messages": [
-                {"role": "user", "content": [
+                            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "user", "content": [
                     {"type": "text", "text": "hi "},
                     {"type": "image_url", "image_url": {"url": "data:x"}},
                     {"type": "text", "text": "there"}
@@ -359,7 +376,8 @@ mod tests {
             "max_tokens": 5,
         });
         let request: ChatRequest = serde_json::from_value(body.clone()).unwrap();
-        assert_eq!(request.messages[0].text(), "hi there");
+        assert_eq!(request.messages[0].content, Some(Content::Null));
+        assert_eq!(request.messages[1].text(), "hi there");
         assert_eq!(request.max_tokens, Some(5));
         assert_eq!(serde_json::to_value(&request).unwrap(), body);
     }
