@@ -118,15 +118,7 @@ impl Chain for Router {
         });
 
         let system = ctx.render(topic.name(), &serde_json::json!({}))?;
-        let mut messages = vec![Message::system(system)];
-        messages.extend(
-            request
-                .messages
-                .iter()
-                .filter(|m| m.role != "system")
-                .cloned(),
-        );
-        let mut call = ChatRequest::new(&request.model, messages);
+        let mut call = ChatRequest::new(&request.model, request.messages_with_system(system));
         call.max_tokens = request.max_tokens;
         call.max_completion_tokens = request.max_completion_tokens;
         ctx.llm(topic.name())?.answer(call, &request).await

@@ -5,9 +5,7 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use switchyard_core::{
-    Chain, ChainContext, ChainDefinition, ChainError, ChainOutput, ChatRequest, Message,
-};
+use switchyard_core::{Chain, ChainContext, ChainDefinition, ChainError, ChainOutput, ChatRequest};
 
 /// `[config]` of `chain.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -63,15 +61,7 @@ impl Chain for SupportBot {
             },
         )?;
         // Our system prompt replaces any the client sent; the conversation is kept as is.
-        let mut messages = vec![Message::system(system)];
-        messages.extend(
-            request
-                .messages
-                .iter()
-                .filter(|m| m.role != "system")
-                .cloned(),
-        );
-        let mut call = ChatRequest::new(&request.model, messages);
+        let mut call = ChatRequest::new(&request.model, request.messages_with_system(system));
         call.max_tokens = self.config.max_tokens.or(request.max_tokens);
         if let Some(temperature) = self.config.temperature {
             call.extra
@@ -85,7 +75,7 @@ impl Chain for SupportBot {
 mod tests {
     use super::*;
     use futures::StreamExt;
-    use switchyard_core::RequestMeta;
+    use switchyard_core::{Message, RequestMeta};
     use switchyard_providers::testkit::{ScriptedLlm, TestChain};
 
     fn load(llm: &std::sync::Arc<ScriptedLlm>) -> TestChain {

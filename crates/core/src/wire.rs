@@ -42,6 +42,14 @@ impl ChatRequest {
         self.stream == Some(true)
     }
 
+    /// The conversation with `system` as its system prompt: the client's own system messages
+    /// are replaced, every other message is kept in order.
+    pub fn messages_with_system(&self, system: impl Into<String>) -> Vec<Message> {
+        std::iter::once(Message::system(system))
+            .chain(self.messages.iter().filter(|m| m.role != "system").cloned())
+            .collect()
+    }
+
     /// Whether the client asked for a final usage chunk on a stream.
     pub fn wants_stream_usage(&self) -> bool {
         self.stream_options
