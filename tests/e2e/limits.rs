@@ -384,6 +384,25 @@ async fn a_provider_at_its_concurrency_cap_fails_excess_calls_after_the_queue_ti
     );
     assert_eq!(slow.await.unwrap().unwrap().status(), 200);
     assert_eq!(upstream.requests().len(), 1);
+
+    // The cap shows in the metrics: nothing in flight now, two calls went through the queue.
+    let metrics = gateway
+        .client
+        .get(gateway.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("switchyard_provider_in_flight{provider=\"fake\"} 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchyard_provider_queue_wait_seconds_count{provider=\"fake\"} 2\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
