@@ -17,6 +17,9 @@ use crate::wire::{ChatRequest, ChatResponse, Usage};
 
 /// What a chain returns: a complete response or a stream of chunks. The gateway adapts either to
 /// what the client asked for (a response can be streamed as chunks, a stream can be collected).
+// One per request, moved a couple of times: boxing the response would cost an allocation for
+// nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum ChainOutput {
     Response(ChatResponse),
     Stream(ChunkStream),
