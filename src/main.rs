@@ -54,6 +54,18 @@ enum Command {
 
 #[derive(Subcommand)]
 enum LogCommand {
+    /// Log an ONNX model (a .onnx file, or an MLflow model directory with an onnx flavor) as an
+    /// artifact model; it must load and run here first.
+    Onnx {
+        /// The .onnx file or MLflow model directory.
+        path: PathBuf,
+        /// Model name in the store.
+        #[arg(long)]
+        name: String,
+        /// Point this alias at the logged version.
+        #[arg(long)]
+        alias: Option<String>,
+    },
     /// Log a chain folder (its .rs files, prompts/ and chain.toml) as a code model.
     Chain {
         /// The chain folder, e.g. chains/support_bot.
@@ -114,30 +126,61 @@ async fn main() -> anyhow::Result<()> {
             switchyard_gateway::serve(listener, gateway, switchyard_gateway::shutdown_signal())
                 .await?;
         }
+        Command::Log(LogCommand::Onnx { path, name, alias }) => {
+            let store = store();
+            let file = onnx_file(&path)?;
+            let model = switchyard_serving::OnnxModel::load(&file)?;
+            let logged = store.log_onnx(&file, &name, model.signature())?;
+            report(&store, &logged, &name, alias)?;
+        }
         Command::Log(LogCommand::Chain { dir, name, alias }) => {
             let store = store();
             let logged = store.log_chain(&dir, &name, &switchyard_chains::registry())?;
-            for warning in &logged.warnings {
-                eprintln!("warning: {warning}");
-            }
-            if !logged.created {
-                eprintln!(
-                    "content unchanged since {}: nothing new logged",
-                    logged.version.uri()
-                );
-            }
-            if let Some(alias) = alias {
-                store.set_alias(&name, &alias, logged.version.version)?;
-                eprintln!(
-                    "models:/{name}@{alias} -> version {}",
-                    logged.version.version
-                );
-            }
-            println!("{}", logged.version.uri());
+            report(&store, &logged, &name, alias)?;
         }
         Command::Models(command) => models(&store(), command)?,
     }
     Ok(())
+}
+
+/// Tells what `log` did, moves the alias if asked, and prints the version's URI.
+fn report(
+    store: &Store,
+    logged: &switchyard_store::Logged,
+    name: &str,
+    alias: Option<String>,
+) -> anyhow::Result<()> {
+    for warning in &logged.warnings {
+        eprintln!("warning: {warning}");
+    }
+    if !logged.created {
+        eprintln!(
+            "content unchanged since {}: nothing new logged",
+            logged.version.uri()
+        );
+    }
+    if let Some(alias) = alias {
+        store.set_alias(name, &alias, logged.version.version)?;
+        eprintln!(
+            "models:/{name}@{alias} -> version {}",
+            logged.version.version
+        );
+    }
+    println!("{}", logged.version.uri());
+    Ok(())
+}
+
+/// The ONNX file of a path: the file itself, or the `onnx` flavor's `data` of an MLflow model
+/// directory.
+fn onnx_file(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    if !path.is_dir() {
+        return Ok(path.to_owned());
+    }
+    let mlmodel = switchyard_store::MlModel::read(&path.join("MLmodel"))?;
+    let data = mlmodel
+        .onnx_data()
+        .with_context(|| format!("{}: the MLmodel has no onnx flavor", path.display()))?;
+    Ok(path.join(data))
 }
 
 fn models(store: &Store, command: ModelsCommand) -> anyhow::Result<()> {
@@ -166,8 +209,13 @@ fn models(store: &Store, command: ModelsCommand) -> anyhow::Result<()> {
             let version = store.resolve(&uri.parse::<ModelUri>()?)?;
             println!("# {} ({})", version.uri(), version.dir.display());
             print!("{}", version.mlmodel.to_yaml()?);
-            match store.verify_chain(&version) {
-                Ok(_) => println!("# files: intact (content_sha256 matches)"),
+            let intact = if version.mlmodel.onnx_data().is_some() {
+                store.verify_onnx(&version).map(|_| ())
+            } else {
+                store.verify_chain(&version).map(|_| ())
+            };
+            match intact {
+                Ok(()) => println!("# files: intact (content_sha256 matches)"),
                 Err(error) => println!("# files: {error}"),
             }
         }

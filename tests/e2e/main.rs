@@ -9,6 +9,7 @@ mod common;
 mod errors;
 mod limits;
 mod metrics;
+mod onnx;
 mod redis;
 mod routing;
 mod store;

@@ -25,6 +25,7 @@ use crate::extract::{OpenAiJson, body_rejection, from_value, parse_json};
 use crate::limits::{Admission, Caller};
 use crate::request_log::RequestRecord;
 use crate::{AppState, ChainEndpoint, Endpoint, auth};
+use switchyard_serving::{OnnxModel, ServingError, parse_mlflow_input};
 
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -54,6 +55,10 @@ pub async fn invocations(
 ) -> Result<Response, MlflowError> {
     let body = body.map_err(|rejection| body_rejection(&rejection, &state))?;
     let mut value: Value = parse_json(&body)?;
+    let endpoint = state.snapshot().endpoints.get(&name).cloned();
+    if let Some(Endpoint::Model(model)) = endpoint {
+        return Ok(serve_model(&state, &name, model, &value, &headers, &record).await?);
+    }
     let Some(object) = value.as_object_mut() else {
         return Err(ApiError::bad_request("the request body must be a JSON object", None).into());
     };
@@ -81,6 +86,15 @@ async fn serve_chat(
     let kind = match &endpoint {
         Endpoint::Route(_) => "route",
         Endpoint::Chain(_) => "chain",
+        Endpoint::Model(_) => {
+            return Err(ApiError::bad_request(
+                format!(
+                    "endpoint '{endpoint_name}' serves an ONNX model, not chat: POST /endpoints/{endpoint_name}/invocations \
+                     with MLflow's input formats"
+                ),
+                Some("model".to_owned()),
+            ));
+        }
     };
     let user = end_user(headers, &request);
     let key_id = key.map(|k| k.id.clone());
@@ -103,7 +117,7 @@ async fn serve_chat(
         api_key: key_id.as_deref(),
         user: user.as_deref(),
     };
-    let admission = snapshot.limits.admit(&caller, &request).await?;
+    let admission = snapshot.limits.admit(&caller, Some(&request)).await?;
     // With `log_payloads`, the messages go into the log line (the completion is added below).
     let logged_messages = snapshot
         .log_payloads
@@ -138,6 +152,9 @@ async fn serve_chat(
                 user,
             };
             run_chain(chain, request, meta).await
+        }
+        Endpoint::Model(_) => {
+            return Err(ApiError::internal("a model endpoint reached the chat path"));
         }
     };
     let output = match output {
@@ -188,6 +205,57 @@ async fn serve_chat(
         });
         Ok(response)
     }
+}
+
+/// Serves an MLflow scoring request on an ONNX model endpoint: `{"predictions": {...}}`.
+async fn serve_model(
+    state: &AppState,
+    name: &str,
+    model: Arc<OnnxModel>,
+    body: &Value,
+    headers: &HeaderMap,
+    record: &RequestRecord,
+) -> Result<Response, ApiError> {
+    let snapshot = state.snapshot();
+    let key = auth::authenticate(&snapshot.keys, headers)?;
+    let user = headers
+        .get("x-switchyard-user")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let key_id = key.map(|k| k.id.clone());
+    record.update(|d| {
+        d.endpoint = Some(name.to_owned());
+        d.kind = "model";
+        d.key_id.clone_from(&key_id);
+        d.user.clone_from(&user);
+    });
+    auth::check_endpoint(key, name)?;
+    let caller = Caller {
+        endpoint: name,
+        api_key: key_id.as_deref(),
+        user: user.as_deref(),
+    };
+    // A prediction uses no LLM tokens: only request rules count it.
+    let admission = snapshot.limits.admit(&caller, None).await?;
+    drop(snapshot);
+    let rows = parse_mlflow_input(body, model.input_name(), model.features())
+        .map_err(|e| ApiError::bad_request(e.to_string(), Some(model.input_name().to_owned())))?;
+    // Inference is CPU work: off the async workers, so a large batch never stalls chat traffic.
+    let predictions = tokio::task::spawn_blocking(move || model.predict(&rows))
+        .await
+        .map_err(|e| {
+            ApiError::internal(format!(
+                "inference task failed: {e} (request id {})",
+                record.request_id
+            ))
+        })?
+        .map_err(|e| match e {
+            ServingError::BadInput(message) => ApiError::bad_request(message, None),
+            other => ApiError::internal(format!("{other} (request id {})", record.request_id)),
+        })?;
+    let mut response = Json(json!({"predictions": predictions})).into_response();
+    admission.apply(response.headers_mut());
+    Ok(response)
 }
 
 /// The end user: the `x-switchyard-user` header, else the OpenAI `user` field.

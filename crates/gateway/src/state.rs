@@ -10,6 +10,7 @@ use switchyard_core::{
     Chain, ChainFolder, ChainResources, Llm, LoadedChain, Observer, Registry, Secret,
 };
 use switchyard_providers::{Capped, MockProvider, OpenAiProvider, Route, Target};
+use switchyard_serving::OnnxModel;
 use switchyard_store::{ModelUri, Store};
 use tokio::sync::Semaphore;
 use tracing::warn;
@@ -43,6 +44,8 @@ pub(crate) struct Snapshot {
 pub(crate) enum Endpoint {
     Route(Arc<Route>),
     Chain(Arc<ChainEndpoint>),
+    /// A logged artifact model (ONNX), served at `/endpoints/{name}/invocations`.
+    Model(Arc<OnnxModel>),
 }
 
 /// A loaded chain with its templates and logical LLMs bound to routes.
@@ -164,8 +167,11 @@ pub(crate) fn build(
                     )
                 })
                 .ok_or_else(|| vec![format!("unknown route '{route}'")]),
-            EndpointKind::Chain(chain) => load_chain(chain, registry, &store, &routes, &observer)
-                .map(|(built, info)| (Endpoint::Chain(built), info)),
+            EndpointKind::Chain(chain) => match logged_onnx(chain, &store) {
+                Some(model) => model.map(|(model, info)| (Endpoint::Model(model), info)),
+                None => load_chain(chain, registry, &store, &routes, &observer)
+                    .map(|(built, info)| (Endpoint::Chain(built), info)),
+            },
         };
         match built {
             Ok((built, mut info)) => {
@@ -204,6 +210,43 @@ pub(crate) fn build(
 }
 
 /// Loads a chain endpoint (from the store or a folder) and binds its logical LLMs to routes.
+/// A `model = "models:/…"` endpoint whose version is an ONNX model (not a chain): loaded and
+/// checked here. `None` when the endpoint is not a logged ONNX model.
+fn logged_onnx(
+    endpoint: &ChainEndpointConfig,
+    store: &Store,
+) -> Option<Result<(Arc<OnnxModel>, Value), Vec<String>>> {
+    let ChainSource::Logged(uri) = &endpoint.source else {
+        return None;
+    };
+    let version = store.resolve(uri).ok()?;
+    version.mlmodel.onnx_data()?;
+    Some((|| {
+        if endpoint.config.is_some() || !endpoint.llms.is_empty() || endpoint.allow_code_mismatch {
+            return Err(vec![format!(
+                "{} is an ONNX model: `config`, `llms` and `allow_code_mismatch` apply to chains only",
+                version.uri()
+            )]);
+        }
+        let path = store
+            .verify_onnx(&version)
+            .map_err(|e| vec![e.to_string()])?;
+        let model = OnnxModel::load(&path).map_err(|e| vec![e.to_string()])?;
+        let info = json!({
+            "kind": "model",
+            "uri": uri.to_string(),
+            "resolved": version.uri(),
+            "version": version.version,
+            "model_uuid": version.mlmodel.model_uuid,
+            "content_sha256": version.mlmodel.content_sha256(),
+            "input": model.input_name(),
+            "features": model.features(),
+            "outputs": model.output_names(),
+        });
+        Ok((Arc::new(model), info))
+    })())
+}
+
 fn load_chain(
     endpoint: &ChainEndpointConfig,
     registry: &Registry,

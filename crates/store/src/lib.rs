@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use switchyard_core::code_hash::{all_files, code_sha256, files_sha256, rs_files};
 use switchyard_core::{ChainFolder, Registry};
 
-pub use mlmodel::{CHAIN_FLAVOR, ChainFlavor, MlModel};
+pub use mlmodel::{CHAIN_FLAVOR, ChainFlavor, MlModel, ONNX_FLAVOR};
 pub use secrets::find_secrets;
 pub use uri::{ModelUri, Selector, check_name};
 
@@ -116,6 +116,9 @@ pub struct Store {
 
 /// The folder name of a chain snapshot inside a version.
 const CODE_DIR: &str = "code";
+
+/// The ONNX file inside a version, as MLflow names it.
+const ONNX_DATA: &str = "model.onnx";
 
 impl Store {
     pub fn new(root: impl Into<PathBuf>) -> Self {
@@ -251,9 +254,7 @@ impl Store {
     ) -> Result<Option<ModelVersion>, StoreError> {
         for version in self.versions(name)? {
             let found = self.version(name, version)?;
-            if let Ok(Some(flavor)) = found.mlmodel.chain_flavor()
-                && flavor.content_sha256 == content_sha256
-            {
+            if found.mlmodel.content_sha256().as_deref() == Some(content_sha256) {
                 return Ok(Some(found));
             }
         }
@@ -313,6 +314,111 @@ impl Store {
             }
         };
         self.version(&uri.name, version)
+    }
+
+    /// Logs an ONNX file as a new version of `name` with MLflow's `onnx` and `python_function`
+    /// flavors (so `mlflow.pyfunc.load_model` can load it) and the given signature (`inputs`,
+    /// `outputs` as MLflow's JSON strings). The caller has checked that the model loads.
+    /// Identical bytes return the existing version.
+    pub fn log_onnx(
+        &self,
+        onnx: &Path,
+        name: &str,
+        signature: (String, String),
+    ) -> Result<Logged, StoreError> {
+        check_name("model name", name).map_err(StoreError::InvalidName)?;
+        let model_dir = self.model_dir(name);
+        std::fs::create_dir_all(&model_dir).map_err(|e| StoreError::io(&model_dir, e))?;
+        let temp = model_dir.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+        let result = (|| {
+            copy_file(onnx, &temp.join(ONNX_DATA))?;
+            let content_sha256 = files_sha256(&temp, &[ONNX_DATA.to_owned()])
+                .map_err(|e| StoreError::io(&temp, e))?;
+            let _lock = lock_model(&model_dir)?;
+            if let Some(existing) = self.find_by_content(name, &content_sha256)? {
+                return Ok(Logged {
+                    version: existing,
+                    created: false,
+                    warnings: Vec::new(),
+                });
+            }
+            let onnx_flavor = yaml_serde::to_value(serde_json::json!({
+                "code": null,
+                "data": ONNX_DATA,
+                "onnx_session_options": null,
+                "providers": ["CPUExecutionProvider"],
+            }))
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+            let mut mlmodel = MlModel::new(ONNX_FLAVOR, onnx_flavor);
+            let pyfunc = yaml_serde::to_value(
+                serde_json::json!({"loader_module": "mlflow.onnx", "data": ONNX_DATA}),
+            )
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+            mlmodel.flavors.insert("python_function".to_owned(), pyfunc);
+            let (inputs, outputs) = signature;
+            let signature = yaml_serde::to_value(
+                serde_json::json!({"inputs": inputs, "outputs": outputs, "params": null}),
+            )
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+            mlmodel.signature = Some(signature);
+            for (key, value) in [
+                ("content_sha256", content_sha256),
+                ("source", onnx.display().to_string()),
+            ] {
+                mlmodel
+                    .metadata
+                    .insert(key.to_owned(), yaml_serde::Value::from(value));
+            }
+            let mlmodel_path = temp.join("MLmodel");
+            std::fs::write(&mlmodel_path, mlmodel.to_yaml()?)
+                .map_err(|e| StoreError::io(&mlmodel_path, e))?;
+            let version = claim_next_version(&model_dir, &temp)?;
+            Ok(Logged {
+                version: ModelVersion {
+                    name: name.to_owned(),
+                    version,
+                    dir: model_dir.join(version.to_string()),
+                    mlmodel,
+                },
+                created: true,
+                warnings: Vec::new(),
+            })
+        })();
+        if temp.exists() {
+            let _ = std::fs::remove_dir_all(&temp);
+        }
+        result
+    }
+
+    /// Checks that a stored ONNX version's file is what was logged, and returns its path.
+    pub fn verify_onnx(&self, version: &ModelVersion) -> Result<PathBuf, StoreError> {
+        let data = version.mlmodel.onnx_data().ok_or_else(|| {
+            StoreError::Other(format!(
+                "{} is not an ONNX model (its MLmodel has no onnx flavor)",
+                version.uri()
+            ))
+        })?;
+        check_relative(&data).map_err(|why| StoreError::Corrupt {
+            path: version.dir.join("MLmodel"),
+            why,
+        })?;
+        if let Some(expected) = version
+            .mlmodel
+            .metadata
+            .get("content_sha256")
+            .and_then(|v| v.as_str())
+        {
+            let actual = files_sha256(&version.dir, std::slice::from_ref(&data))
+                .map_err(|e| StoreError::io(&version.dir, e))?;
+            if actual != expected {
+                return Err(StoreError::Tampered {
+                    uri: version.uri(),
+                    expected: expected.to_owned(),
+                    actual,
+                });
+            }
+        }
+        Ok(version.dir.join(data))
     }
 
     /// Checks that a stored chain version's files are what was logged, and returns its flavor

@@ -10,6 +10,9 @@ use crate::StoreError;
 /// The flavor Switchyard writes for a logged chain.
 pub const CHAIN_FLAVOR: &str = "switchyard_chain";
 
+/// MLflow's flavor for ONNX models.
+pub const ONNX_FLAVOR: &str = "onnx";
+
 /// An `MLmodel` file. Keys MLflow writes that Switchyard does not use are kept as they are.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MlModel {
@@ -74,6 +77,27 @@ impl MlModel {
             path: "MLmodel".into(),
             why: e.to_string(),
         })
+    }
+
+    /// The `content_sha256` this version was logged with: the chain flavor's, or (for artifact
+    /// models) `metadata.content_sha256`.
+    pub fn content_sha256(&self) -> Option<String> {
+        if let Ok(Some(flavor)) = self.chain_flavor() {
+            return Some(flavor.content_sha256);
+        }
+        self.metadata
+            .get("content_sha256")?
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// The ONNX file of an `onnx`-flavored version (its `data`), if this is one.
+    pub fn onnx_data(&self) -> Option<String> {
+        self.flavors
+            .get(ONNX_FLAVOR)?
+            .get("data")?
+            .as_str()
+            .map(str::to_owned)
     }
 
     /// The chain flavor, if this version is a logged chain.

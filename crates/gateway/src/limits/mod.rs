@@ -169,7 +169,7 @@ impl Limits {
     pub async fn admit(
         &self,
         caller: &Caller<'_>,
-        request: &ChatRequest,
+        request: Option<&ChatRequest>,
     ) -> Result<Admission, ApiError> {
         let mut cells = Vec::new();
         let mut kinds = Vec::new();
@@ -191,7 +191,8 @@ impl Limits {
                 owners.push(rule.label.as_str());
             }
             if let Some(gcra) = rule.tokens {
-                let cost = estimate_tokens(request, rule.rule.default_max_tokens);
+                // Only chat requests spend tokens.
+                let cost = request.map_or(0, |r| estimate_tokens(r, rule.rule.default_max_tokens));
                 cells.push(Cell {
                     key: format!("{}:tok:{scope}", rule.id),
                     gcra,
@@ -456,7 +457,10 @@ mod tests {
             None,
         );
         for i in 0..5 {
-            let admission = limits.admit(&caller("a", "u"), &request()).await.unwrap();
+            let admission = limits
+                .admit(&caller("a", "u"), Some(&request()))
+                .await
+                .unwrap();
             let remaining = admission
                 .headers
                 .iter()
@@ -465,7 +469,7 @@ mod tests {
             assert_eq!(remaining.1, (4 - i).to_string().as_str());
         }
         let refused = limits
-            .admit(&caller("a", "u"), &request())
+            .admit(&caller("a", "u"), Some(&request()))
             .await
             .err()
             .unwrap();
@@ -476,7 +480,12 @@ mod tests {
             "one request every 20 s: {wait:?}"
         );
         // Another key has its own budget.
-        assert!(limits.admit(&caller("b", "u"), &request()).await.is_ok());
+        assert!(
+            limits
+                .admit(&caller("b", "u"), Some(&request()))
+                .await
+                .is_ok()
+        );
     }
 
     #[tokio::test]
@@ -490,11 +499,22 @@ mod tests {
             Arc::new(Backend::new(&LimitsStoreConfig::Memory).unwrap()),
             None,
         );
-        limits.admit(&caller("a", "ann"), &request()).await.unwrap();
+        limits
+            .admit(&caller("a", "ann"), Some(&request()))
+            .await
+            .unwrap();
         for _ in 0..5 {
-            assert!(limits.admit(&caller("a", "ann"), &request()).await.is_err());
+            assert!(
+                limits
+                    .admit(&caller("a", "ann"), Some(&request()))
+                    .await
+                    .is_err()
+            );
         }
-        let bob = limits.admit(&caller("a", "bob"), &request()).await.unwrap();
+        let bob = limits
+            .admit(&caller("a", "bob"), Some(&request()))
+            .await
+            .unwrap();
         let global = bob
             .headers
             .iter()
@@ -521,7 +541,10 @@ mod tests {
             None,
         );
         // 8 characters = 2 prompt tokens + 400 completion = 402 reserved.
-        let first = limits.admit(&caller("a", "u"), &request()).await.unwrap();
+        let first = limits
+            .admit(&caller("a", "u"), Some(&request()))
+            .await
+            .unwrap();
         let remaining = |a: &Admission| {
             a.headers
                 .iter()
@@ -542,7 +565,10 @@ mod tests {
         for (key, gcra, reserved) in &first.reservations {
             store.adjust(key, *gcra, 12 - i64::try_from(*reserved).unwrap());
         }
-        let second = limits.admit(&caller("a", "u"), &request()).await.unwrap();
+        let second = limits
+            .admit(&caller("a", "u"), Some(&request()))
+            .await
+            .unwrap();
         // 598 + 390 (refund) - 402 = 586, give or take what refilled meanwhile.
         assert!(
             (586..=590).contains(&remaining(&second)),

@@ -1,0 +1,248 @@
+//! ONNX artifact models: logged into the store, served at `/endpoints/{name}/invocations` in
+//! MLflow's formats, predictions equal to onnxruntime's (the committed fixtures).
+
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+use switchyard_serving::OnnxModel;
+use switchyard_store::Store;
+
+use crate::common::{TestGateway, temp_dir};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/onnx")).join(name)
+}
+
+fn expected(name: &str) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixture(&format!("{name}.expected.json"))).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Labels equal, floats within 1e-5 (relative above 1).
+fn assert_close(at: &str, got: &Value, want: &Value) {
+    match (got, want) {
+        (Value::Object(g), Value::Object(w)) => {
+            assert_eq!(
+                g.keys().collect::<Vec<_>>(),
+                w.keys().collect::<Vec<_>>(),
+                "{at}"
+            );
+            for (key, w) in w {
+                assert_close(&format!("{at}.{key}"), &g[key], w);
+            }
+        }
+        (Value::Array(g), Value::Array(w)) => {
+            assert_eq!(g.len(), w.len(), "{at}");
+            for (i, (g, w)) in g.iter().zip(w).enumerate() {
+                assert_close(&format!("{at}[{i}]"), g, w);
+            }
+        }
+        (Value::Number(g), Value::Number(w)) if w.is_i64() => {
+            assert_eq!(g, w, "{at}: labels stay integers")
+        }
+        (Value::Number(g), Value::Number(w)) => {
+            let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{at}: {g} vs {w}");
+        }
+        _ => assert_eq!(got, want, "{at}"),
+    }
+}
+
+/// A gateway serving the given fixtures as `models:/<fixture>/1`.
+async fn serve(fixtures: &[&str]) -> TestGateway {
+    let work = temp_dir("onnx");
+    let store = Store::new(work.join("store"));
+    let mut config = format!("[store]\npath = \"{}\"\n", work.join("store").display());
+    for name in fixtures {
+        let path = fixture(&format!("{name}.onnx"));
+        let signature = OnnxModel::load(&path).unwrap().signature();
+        let logged = store.log_onnx(&path, name, signature).unwrap();
+        assert_eq!(logged.version.uri(), format!("models:/{name}/1"));
+        config.push_str(&format!(
+            "[[endpoints]]\nname = \"{name}\"\nmodel = \"models:/{name}/1\"\n"
+        ));
+    }
+    TestGateway::start(&config).await
+}
+
+#[tokio::test]
+async fn predictions_through_the_gateway_equal_onnxruntimes_in_every_format() {
+    let models = [
+        "logreg",
+        "random_forest_clf",
+        "gradient_boosting_clf",
+        "linear_regression",
+    ];
+    let gateway = serve(&models).await;
+    for name in models {
+        let expected = expected(name);
+        for case in expected["cases"].as_array().unwrap() {
+            let rows = &case["inputs"]["input"];
+            let columns: Vec<String> = (0..rows[0].as_array().unwrap().len())
+                .map(|i| format!("f{i}"))
+                .collect();
+            let records: Vec<Value> = rows
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|row| {
+                    Value::Object(
+                        columns
+                            .iter()
+                            .cloned()
+                            .zip(row.as_array().unwrap().iter().cloned())
+                            .collect(),
+                    )
+                })
+                .collect();
+            for body in [
+                json!({"inputs": rows}),
+                json!({"inputs": {"input": rows}}),
+                json!({"instances": rows}),
+                json!({"dataframe_split": {"columns": columns, "data": rows}}),
+                json!({"dataframe_records": records}),
+            ] {
+                let response = gateway
+                    .post(&format!("/endpoints/{name}/invocations"), &body)
+                    .await;
+                assert_eq!(response.status(), 200, "{name} {body}");
+                let got: Value = response.json().await.unwrap();
+                assert_close(
+                    &format!("{name}/{}", case["name"]),
+                    &got["predictions"],
+                    &case["outputs"],
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_input_is_a_400_in_mlflows_shape_and_the_model_keeps_serving() {
+    let gateway = serve(&["logreg"]).await;
+    let url = "/endpoints/logreg/invocations";
+    for (body, says) in [
+        (
+            json!({"inputs": [[1.0, 2.0, 3.0]]}),
+            "row 0 has 3 values: input 'input' expects float32 rows of shape [-1, 4]",
+        ),
+        (
+            json!({"inputs": [[1.0, 2.0, "x", 4.0]]}),
+            "row 0, column 2 is not a number",
+        ),
+        (
+            json!({"inputs": [[1, 2, 3, 4]], "instances": [[1, 2, 3, 4]]}),
+            "exactly one of",
+        ),
+        (json!({"rows": [[1, 2, 3, 4]]}), "unknown key 'rows'"),
+        (json!({}), "it has none"),
+    ] {
+        let response = gateway.post(url, &body).await;
+        assert_eq!(response.status(), 400, "{body}");
+        let error: Value = response.json().await.unwrap();
+        assert!(
+            ["INVALID_PARAMETER_VALUE", "BAD_REQUEST"]
+                .contains(&error["error_code"].as_str().unwrap()),
+            "{error}"
+        );
+        assert!(error["message"].as_str().unwrap().contains(says), "{error}");
+    }
+    let not_json = gateway
+        .client
+        .post(gateway.url(url))
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_json.status(), 400);
+    let empty = gateway.client.post(gateway.url(url)).send().await.unwrap();
+    assert_eq!(empty.status(), 400);
+
+    let none = gateway.post(url, &json!({"inputs": []})).await;
+    assert_eq!(none.status(), 200);
+    assert_eq!(
+        none.json::<Value>().await.unwrap(),
+        json!({"predictions": {"label": [], "probabilities": []}})
+    );
+
+    let chat = gateway
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "logreg", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(chat.status(), 400);
+    assert!(chat.text().await.unwrap().contains("serves an ONNX model"));
+
+    let ok = gateway
+        .post(url, &json!({"inputs": [[5.1, 3.5, 1.4, 0.2]]}))
+        .await;
+    assert_eq!(
+        ok.json::<Value>().await.unwrap()["predictions"]["label"],
+        json!([0])
+    );
+    let admin = gateway.get_json("/admin/endpoints").await;
+    assert_eq!(admin["endpoints"][0]["kind"], "model");
+    assert_eq!(admin["endpoints"][0]["features"], 4);
+    assert_eq!(admin["endpoints"][0]["resolved"], "models:/logreg/1");
+}
+
+#[test]
+fn the_cli_logs_onnx_files_and_refuses_models_it_cannot_run() {
+    let work = temp_dir("onnx-cli");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .env("SWITCHYARD_STORE", work.join("store"))
+            .output()
+            .unwrap()
+    };
+    let logged = run(&[
+        "log",
+        "onnx",
+        fixture("ridge.onnx").to_str().unwrap(),
+        "--name",
+        "ridge",
+        "--alias",
+        "production",
+    ]);
+    assert!(
+        logged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&logged.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&logged.stdout), "models:/ridge/1\n");
+    let shown = run(&["models", "show", "models:/ridge@production"]);
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    assert!(
+        shown.contains("loader_module: mlflow.onnx") && shown.contains("data: model.onnx"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("tensor-spec"),
+        "the signature comes from the graph: {shown}"
+    );
+    assert!(
+        shown.ends_with("# files: intact (content_sha256 matches)\n"),
+        "{shown}"
+    );
+
+    // The MLflow directory of a scaler + logistic regression pipeline needs the Scaler operator,
+    // which is not implemented yet: it is refused with tract's reason, nothing is written.
+    let refused = run(&[
+        "log",
+        "onnx",
+        fixture("mlflow_iris_pipeline").to_str().unwrap(),
+        "--name",
+        "pipeline",
+    ]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("cannot load the ONNX model"));
+    let listed = run(&["models", "list"]);
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout),
+        "ridge\tversions: 1\taliases: production=1\n"
+    );
+}
