@@ -210,12 +210,12 @@ pub(crate) fn build(
 }
 
 /// Loads a chain endpoint (from the store or a folder) and binds its logical LLMs to routes.
+/// A loaded endpoint and what `/admin/endpoints` says of it, or every reason it failed.
+type Loaded<T> = Result<(Arc<T>, Value), Vec<String>>;
+
 /// A `model = "models:/…"` endpoint whose version is an ONNX model (not a chain): loaded and
 /// checked here. `None` when the endpoint is not a logged ONNX model.
-fn logged_onnx(
-    endpoint: &ChainEndpointConfig,
-    store: &Store,
-) -> Option<Result<(Arc<OnnxModel>, Value), Vec<String>>> {
+fn logged_onnx(endpoint: &ChainEndpointConfig, store: &Store) -> Option<Loaded<OnnxModel>> {
     let ChainSource::Logged(uri) = &endpoint.source else {
         return None;
     };
@@ -253,7 +253,7 @@ fn load_chain(
     store: &Store,
     routes: &HashMap<&str, Arc<Route>>,
     observer: &Arc<dyn Observer>,
-) -> Result<(Arc<ChainEndpoint>, Value), Vec<String>> {
+) -> Loaded<ChainEndpoint> {
     let (folder, mut info) = match &endpoint.source {
         ChainSource::Dir(dir) => (
             ChainFolder::load(dir).map_err(|e| vec![e])?,
