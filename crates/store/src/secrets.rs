@@ -94,13 +94,14 @@ mod tests {
             "password": "",
         });
         let found = find_secrets("config", &config);
+        // In the config's own order.
         let paths: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(
             paths,
             [
-                "config.nested.aws",
+                "config.rules[1]",
                 "config.nested.openai_api_key",
-                "config.rules[1]"
+                "config.nested.aws"
             ]
         );
         assert!(
