@@ -36,6 +36,8 @@ pub struct OnnxModel {
     input: String,
     features: usize,
     outputs: Vec<String>,
+    /// MLflow tensor specs of the outputs (`{"dtype", "shape"}`), from the optimized graph.
+    output_specs: Vec<Value>,
 }
 
 impl std::fmt::Debug for OnnxModel {
@@ -88,7 +90,7 @@ impl OnnxModel {
             _ => None,
         }
         .ok_or_else(|| failed(format!("input '{input}' is not of shape [N, features]")))?;
-        let outputs = model
+        let outputs: Vec<String> = model
             .output_outlets()
             .map_err(|e| failed(format!("{e:#}")))?
             .iter()
@@ -109,11 +111,26 @@ impl OnnxModel {
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .map_err(|e| failed(format!("{e:#}")))?;
+        let output_specs = (0..outputs.len())
+            .map(|i| {
+                let fact = plan
+                    .model()
+                    .output_fact(i)
+                    .map_err(|e| failed(format!("{e:#}")))?;
+                let shape: Vec<i64> = fact
+                    .shape
+                    .iter()
+                    .map(|d| d.to_i64().unwrap_or(-1))
+                    .collect();
+                Ok(serde_json::json!({"dtype": mlflow_dtype(fact.datum_type), "shape": shape}))
+            })
+            .collect::<Result<Vec<_>, ServingError>>()?;
         Ok(Self {
             plan,
             input,
             features,
             outputs,
+            output_specs,
         })
     }
 
@@ -138,7 +155,8 @@ impl OnnxModel {
         let outputs: Vec<Value> = self
             .outputs
             .iter()
-            .map(|name| serde_json::json!({"type": "tensor", "name": name}))
+            .zip(&self.output_specs)
+            .map(|(name, spec)| serde_json::json!({"type": "tensor", "name": name, "tensor-spec": spec}))
             .collect();
         (inputs.to_string(), Value::Array(outputs).to_string())
     }
@@ -170,6 +188,18 @@ impl OnnxModel {
             .zip(results.iter())
             .map(|(name, tensor)| Ok((name.clone(), tensor_json(tensor)?)))
             .collect()
+    }
+}
+
+/// MLflow's (numpy's) name for a tensor element type.
+fn mlflow_dtype(datum: DatumType) -> &'static str {
+    match datum {
+        DatumType::I64 => "int64",
+        DatumType::I32 => "int32",
+        DatumType::F64 => "float64",
+        DatumType::String => "str",
+        DatumType::Bool => "bool",
+        _ => "float32",
     }
 }
 
