@@ -11,6 +11,7 @@ mod llm;
 mod observe;
 mod prompts;
 mod secret;
+mod util;
 pub mod wire;
 
 pub use chain::{
@@ -22,6 +23,7 @@ pub use llm::{ChunkStream, Llm, LlmError, LlmErrorKind};
 pub use observe::{AttemptOutcome, Observer, RequestStats};
 pub use prompts::Prompts;
 pub use secret::Secret;
+pub use util::{error_chain, unix_now};
 pub use wire::{
     ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, Content, Delta, Message,
     StreamOptions, Usage,

@@ -30,7 +30,7 @@ impl Prompts {
         let mut names = Vec::new();
         for (name, source) in sources {
             tera.add_raw_template(name, source)
-                .map_err(|e| format!("template '{name}': {}", error_text(&e)))?;
+                .map_err(|e| format!("template '{name}': {}", crate::error_chain(&e)))?;
             names.push(name.to_owned());
         }
         names.sort();
@@ -73,28 +73,13 @@ impl Prompts {
         let context = tera::Context::from_serialize(vars).map_err(|e| {
             format!(
                 "template '{name}': variables must be a map or struct: {}",
-                error_text(&e)
+                crate::error_chain(&e)
             )
         })?;
         self.tera
             .render(name, &context)
-            .map_err(|e| format!("template '{name}': {}", error_text(&e)))
+            .map_err(|e| format!("template '{name}': {}", crate::error_chain(&e)))
     }
-}
-
-/// Tera errors keep their detail (line, undefined variable…) in the source chain.
-fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

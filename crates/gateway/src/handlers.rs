@@ -27,13 +27,6 @@ use crate::request_log::RequestRecord;
 use crate::{AppState, ChainEndpoint, Endpoint, auth};
 use switchyard_serving::{OnnxModel, ServingError, parse_mlflow_input};
 
-pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// `POST /v1/chat/completions`: `model` names the endpoint.
 pub async fn chat_completions(
     State(state): State<AppState>,

@@ -11,7 +11,7 @@ use switchyard_core::{
 };
 use switchyard_providers::{Capped, MockProvider, OpenAiProvider, Route, Target};
 use switchyard_serving::OnnxModel;
-use switchyard_store::{ModelUri, Store};
+use switchyard_store::{ModelUri, ModelVersion, Store};
 use tokio::sync::Semaphore;
 use tracing::warn;
 
@@ -167,11 +167,34 @@ pub(crate) fn build(
                     )
                 })
                 .ok_or_else(|| vec![format!("unknown route '{route}'")]),
-            EndpointKind::Chain(chain) => match logged_onnx(chain, &store) {
-                Some(model) => model.map(|(model, info)| (Endpoint::Model(model), info)),
-                None => load_chain(chain, registry, &store, &routes, &observer)
+            EndpointKind::Chain(chain) => {
+                // A logged version is resolved once; its flavor says chain or ONNX model.
+                let version = match &chain.source {
+                    ChainSource::Logged(uri) => match store.resolve(uri) {
+                        Ok(version) => Some(version),
+                        Err(e) => {
+                            problems.push(format!("endpoint '{}': {e}", endpoint.name));
+                            continue;
+                        }
+                    },
+                    ChainSource::Dir(_) => None,
+                };
+                match version {
+                    Some(version) if version.mlmodel.onnx_data().is_some() => {
+                        load_onnx(chain, &version, &store)
+                            .map(|(model, info)| (Endpoint::Model(model), info))
+                    }
+                    version => load_chain(
+                        chain,
+                        version.as_ref(),
+                        registry,
+                        &store,
+                        &routes,
+                        &observer,
+                    )
                     .map(|(built, info)| (Endpoint::Chain(built), info)),
-            },
+                }
+            }
         };
         match built {
             Ok((built, mut info)) => {
@@ -205,7 +228,7 @@ pub(crate) fn build(
             .map(|e| e.name.clone())
             .collect(),
         limits: Limits::new(&config.limits, limiter, metrics.clone()),
-        loaded_at: crate::handlers::unix_now(),
+        loaded_at: switchyard_core::unix_now(),
     })
 }
 
@@ -213,53 +236,56 @@ pub(crate) fn build(
 /// A loaded endpoint and what `/admin/endpoints` says of it, or every reason it failed.
 type Loaded<T> = Result<(Arc<T>, Value), Vec<String>>;
 
-/// A `model = "models:/…"` endpoint whose version is an ONNX model (not a chain): loaded and
-/// checked here. `None` when the endpoint is not a logged ONNX model.
-fn logged_onnx(endpoint: &ChainEndpointConfig, store: &Store) -> Option<Loaded<OnnxModel>> {
-    let ChainSource::Logged(uri) = &endpoint.source else {
-        return None;
+/// A `model = "models:/…"` endpoint whose version is an ONNX model: loaded and checked.
+fn load_onnx(
+    endpoint: &ChainEndpointConfig,
+    version: &ModelVersion,
+    store: &Store,
+) -> Loaded<OnnxModel> {
+    if endpoint.config.is_some() || !endpoint.llms.is_empty() || endpoint.allow_code_mismatch {
+        return Err(vec![format!(
+            "{} is an ONNX model: `config`, `llms` and `allow_code_mismatch` apply to chains only",
+            version.uri()
+        )]);
+    }
+    let path = store
+        .verify_onnx(version)
+        .map_err(|e| vec![e.to_string()])?;
+    let model = OnnxModel::load(&path).map_err(|e| vec![e.to_string()])?;
+    let uri = match &endpoint.source {
+        ChainSource::Logged(uri) => uri.to_string(),
+        ChainSource::Dir(_) => version.uri(),
     };
-    let version = store.resolve(uri).ok()?;
-    version.mlmodel.onnx_data()?;
-    Some((|| {
-        if endpoint.config.is_some() || !endpoint.llms.is_empty() || endpoint.allow_code_mismatch {
-            return Err(vec![format!(
-                "{} is an ONNX model: `config`, `llms` and `allow_code_mismatch` apply to chains only",
-                version.uri()
-            )]);
-        }
-        let path = store
-            .verify_onnx(&version)
-            .map_err(|e| vec![e.to_string()])?;
-        let model = OnnxModel::load(&path).map_err(|e| vec![e.to_string()])?;
-        let info = json!({
-            "kind": "model",
-            "uri": uri.to_string(),
-            "resolved": version.uri(),
-            "version": version.version,
-            "model_uuid": version.mlmodel.model_uuid,
-            "content_sha256": version.mlmodel.content_sha256(),
-            "input": model.input_name(),
-            "features": model.features(),
-            "outputs": model.output_names(),
-        });
-        Ok((Arc::new(model), info))
-    })())
+    let info = json!({
+        "kind": "model",
+        "uri": uri,
+        "resolved": version.uri(),
+        "version": version.version,
+        "model_uuid": version.mlmodel.model_uuid,
+        "content_sha256": version.mlmodel.content_sha256(),
+        "input": model.input_name(),
+        "features": model.features(),
+        "outputs": model.output_names(),
+    });
+    Ok((Arc::new(model), info))
 }
 
 fn load_chain(
     endpoint: &ChainEndpointConfig,
+    version: Option<&ModelVersion>,
     registry: &Registry,
     store: &Store,
     routes: &HashMap<&str, Arc<Route>>,
     observer: &Arc<dyn Observer>,
 ) -> Loaded<ChainEndpoint> {
-    let (folder, mut info) = match &endpoint.source {
-        ChainSource::Dir(dir) => (
+    let (folder, mut info) = match (&endpoint.source, version) {
+        (ChainSource::Dir(dir), _) => (
             ChainFolder::load(dir).map_err(|e| vec![e])?,
             json!({"chain_dir": dir}),
         ),
-        ChainSource::Logged(uri) => load_logged(uri, store)?,
+        (ChainSource::Logged(uri), Some(version)) => load_logged(uri, version, store)?,
+        // The caller resolves logged versions first.
+        (ChainSource::Logged(uri), None) => return Err(vec![format!("{uri} was not resolved")]),
     };
     let at = |problem: String| format!("{}: {problem}", folder.dir.display());
     let loaded = folder
@@ -307,10 +333,13 @@ fn load_chain(
 }
 
 /// Resolves a logged chain and checks that its files are what was logged.
-fn load_logged(uri: &ModelUri, store: &Store) -> Result<(ChainFolder, Value), Vec<String>> {
-    let version = store.resolve(uri).map_err(|e| vec![e.to_string()])?;
+fn load_logged(
+    uri: &ModelUri,
+    version: &ModelVersion,
+    store: &Store,
+) -> Result<(ChainFolder, Value), Vec<String>> {
     let (flavor, code) = store
-        .verify_chain(&version)
+        .verify_chain(version)
         .map_err(|e| vec![e.to_string()])?;
     let folder = ChainFolder::load(&code).map_err(|e| vec![e])?;
     let info = json!({

@@ -15,11 +15,3 @@ pub use capped::Capped;
 pub use mock::{MockConfig, MockProvider, count_tokens};
 pub use openai::OpenAiProvider;
 pub use route::{Route, RouteSettings, Target};
-
-/// Seconds since the Unix epoch, for `created` fields.
-pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}

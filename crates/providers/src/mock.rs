@@ -14,7 +14,7 @@ use switchyard_core::{
     ChatChunk, ChatRequest, ChatResponse, ChunkStream, Delta, Llm, LlmError, Usage,
 };
 
-use crate::unix_now;
+use switchyard_core::unix_now;
 
 /// `[providers.<name>]` settings of a `kind = "mock"` provider.
 #[derive(Debug, Clone, Deserialize)]

@@ -80,7 +80,11 @@ impl OpenAiProvider {
         };
         LlmError::new(
             kind,
-            format!("provider '{}': {}", self.name, error_chain(error)),
+            format!(
+                "provider '{}': {}",
+                self.name,
+                switchyard_core::error_chain(error)
+            ),
         )
     }
 }
@@ -181,17 +185,6 @@ fn upstream_error_message(body: &[u8]) -> String {
         end -= 1;
     }
     text[..end].trim().to_owned()
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

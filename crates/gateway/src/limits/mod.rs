@@ -354,10 +354,7 @@ fn scope_key(scope: &[LimitScope], caller: &Caller<'_>) -> String {
 }
 
 fn short_hash(text: &str) -> String {
-    Sha256::digest(text.as_bytes())[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    switchyard_core::code_hash::hex(&Sha256::digest(text.as_bytes())[..8])
 }
 
 fn fingerprint(rule: &LimitRule) -> String {
