@@ -1,0 +1,634 @@
+//! MLflow's scoring request formats (`inputs`, `instances`, `dataframe_split`,
+//! `dataframe_records`), read into one tensor per model input.
+
+use serde_json::{Map, Value};
+use tract_onnx::prelude::*;
+
+use crate::ServingError;
+
+/// The element type of a model input, as MLflow (numpy) names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    Float32,
+    Float64,
+    Int64,
+    Str,
+}
+
+impl Dtype {
+    pub(crate) fn of(datum: DatumType) -> Option<Self> {
+        Some(match datum {
+            DatumType::F32 => Self::Float32,
+            DatumType::F64 => Self::Float64,
+            DatumType::I64 => Self::Int64,
+            DatumType::String => Self::Str,
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn datum(self) -> DatumType {
+        match self {
+            Self::Float32 => DatumType::F32,
+            Self::Float64 => DatumType::F64,
+            Self::Int64 => DatumType::I64,
+            Self::Str => DatumType::String,
+        }
+    }
+
+    /// MLflow's name: `float32`, `float64`, `int64`, `str`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Float32 => "float32",
+            Self::Float64 => "float64",
+            Self::Int64 => "int64",
+            Self::Str => "str",
+        }
+    }
+}
+
+/// One input of a model: a matrix `[N, width]` of `dtype`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputSpec {
+    pub name: String,
+    pub dtype: Dtype,
+    pub width: usize,
+}
+
+impl InputSpec {
+    fn expects(&self) -> String {
+        format!(
+            "input '{}' expects {} rows of shape [-1, {}]",
+            self.name,
+            self.dtype.name(),
+            self.width
+        )
+    }
+}
+
+/// A request's values, one tensor `[rows, width]` per model input, in the model's input order.
+#[derive(Debug)]
+pub struct Batch {
+    pub(crate) rows: usize,
+    pub(crate) tensors: Vec<Tensor>,
+}
+
+impl Batch {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+const FORMATS: [&str; 4] = [
+    "inputs",
+    "instances",
+    "dataframe_split",
+    "dataframe_records",
+];
+
+fn bad(message: impl Into<String>) -> ServingError {
+    ServingError::BadInput(message.into())
+}
+
+/// Reads an MLflow scoring request for a model with `inputs`: exactly one format key, plus an
+/// optional `params` (accepted and unused: ONNX models take none).
+///
+/// - `inputs` / `instances`: a list of rows (one-input models), or an object keyed by input
+///   name holding each input's rows; `instances` may also be a list of objects keyed by input
+///   name (one per row).
+/// - `dataframe_split` / `dataframe_records`: for a model with one input, the columns in order
+///   are the row; for a model with one input per column, columns go to inputs **by name**, in
+///   any order (other columns are ignored, as MLflow does).
+///
+/// A `null` in a float input is NaN (a missing value, as pandas reads it).
+pub fn parse_mlflow_input(body: &Value, inputs: &[InputSpec]) -> Result<Batch, ServingError> {
+    let Some(object) = body.as_object() else {
+        return Err(bad("the body must be a JSON object"));
+    };
+    if let Some(unknown) = object
+        .keys()
+        .find(|k| !FORMATS.contains(&k.as_str()) && k.as_str() != "params")
+    {
+        return Err(bad(format!(
+            "unknown key '{unknown}': the body takes exactly one of {} (and optionally params)",
+            FORMATS.join(", ")
+        )));
+    }
+    let given: Vec<&str> = FORMATS
+        .into_iter()
+        .filter(|k| object.contains_key(*k))
+        .collect();
+    let [format] = given[..] else {
+        return Err(bad(format!(
+            "the body must have exactly one of {}; it has {}",
+            FORMATS.join(", "),
+            if given.is_empty() {
+                "none".to_owned()
+            } else {
+                given.join(" and ")
+            }
+        )));
+    };
+    let value = &object[format];
+    read_format(format, value, inputs).map_err(|e| match e {
+        ServingError::BadInput(message) => ServingError::Schema { format, message },
+        other => other,
+    })
+}
+
+/// The values of `format` as one tensor per model input.
+fn read_format(format: &str, value: &Value, inputs: &[InputSpec]) -> Result<Batch, ServingError> {
+    let columns = match (format, value) {
+        ("inputs" | "instances", Value::Object(named)) => by_input_name(format, named, inputs)?,
+        ("inputs" | "instances", Value::Array(rows)) => match inputs {
+            [only] => vec![rows_of(format, rows, only)?],
+            _ if rows.iter().all(Value::is_object) => records(format, rows, inputs)?,
+            _ => {
+                return Err(bad(format!(
+                    "the model has {} inputs ({}): send {format} as an object keyed by input name",
+                    inputs.len(),
+                    names(inputs)
+                )));
+            }
+        },
+        ("inputs" | "instances", _) => {
+            return Err(bad(format!(
+                "{format} must be a list of rows or an object keyed by input name"
+            )));
+        }
+        ("dataframe_split", _) => dataframe_split(value, inputs)?,
+        _ => match value {
+            Value::Array(rows) => records("dataframe_records", rows, inputs)?,
+            _ => return Err(bad("dataframe_records must be a list of objects")),
+        },
+    };
+    let rows = columns.first().map_or(0, |c| c.rows);
+    if let Some(other) = columns.iter().find(|c| c.rows != rows) {
+        return Err(bad(format!(
+            "input '{}' has {} rows, input '{}' {rows}: every input needs the same row count",
+            other.input.name, other.rows, columns[0].input.name
+        )));
+    }
+    Ok(Batch {
+        rows,
+        tensors: columns
+            .into_iter()
+            .map(Column::into_tensor)
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+fn names(inputs: &[InputSpec]) -> String {
+    inputs
+        .iter()
+        .map(|i| format!("'{}'", i.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The JSON values for one input, row-major.
+struct Column<'a> {
+    input: &'a InputSpec,
+    rows: usize,
+    cells: Vec<&'a Value>,
+}
+
+impl Column<'_> {
+    fn into_tensor(self) -> Result<Tensor, ServingError> {
+        let spec = self.input;
+        let shape = [self.rows, spec.width];
+        let at = |i: usize| {
+            format!(
+                "row {}, column {} is not {}: {}",
+                i / spec.width.max(1),
+                i % spec.width.max(1),
+                match spec.dtype {
+                    Dtype::Str => "a string",
+                    Dtype::Int64 => "an integer",
+                    _ => "a number",
+                },
+                spec.expects()
+            )
+        };
+        let tensor = match spec.dtype {
+            Dtype::Float32 | Dtype::Float64 => {
+                let values = self
+                    .cells
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| match v {
+                        Value::Null => Ok(f64::NAN),
+                        v => v.as_f64().ok_or_else(|| bad(at(i))),
+                    })
+                    .collect::<Result<Vec<f64>, _>>()?;
+                if spec.dtype == Dtype::Float64 {
+                    Tensor::from_shape(&shape, &values)
+                } else {
+                    let values: Vec<f32> = values.into_iter().map(|v| v as f32).collect();
+                    Tensor::from_shape(&shape, &values)
+                }
+            }
+            Dtype::Int64 => {
+                let values = self
+                    .cells
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v.as_i64().ok_or_else(|| bad(at(i))))
+                    .collect::<Result<Vec<i64>, _>>()?;
+                Tensor::from_shape(&shape, &values)
+            }
+            Dtype::Str => {
+                let values = self
+                    .cells
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v.as_str().map(str::to_owned).ok_or_else(|| bad(at(i))))
+                    .collect::<Result<Vec<String>, _>>()?;
+                tract_ndarray::Array2::from_shape_vec(shape, values)
+                    .map(IntoTensor::into_tensor)
+                    .map_err(TractError::from)
+            }
+        };
+        tensor.map_err(|e| ServingError::Inference(format!("{e:#}")))
+    }
+}
+
+/// `rows` for `input`: each row a list of `width` values, or a bare value when `width` is 1.
+fn rows_of<'a>(
+    what: &str,
+    rows: &'a [Value],
+    input: &'a InputSpec,
+) -> Result<Column<'a>, ServingError> {
+    let mut cells = Vec::with_capacity(rows.len() * input.width);
+    for (i, row) in rows.iter().enumerate() {
+        match row {
+            Value::Array(values) if values.len() == input.width => cells.extend(values),
+            Value::Array(values) => {
+                return Err(bad(format!(
+                    "{what}: row {i} has {} values: {}",
+                    values.len(),
+                    input.expects()
+                )));
+            }
+            scalar if input.width == 1 && !scalar.is_object() => cells.push(scalar),
+            _ => {
+                return Err(bad(format!(
+                    "{what}: row {i} is not a list: {}",
+                    input.expects()
+                )));
+            }
+        }
+    }
+    Ok(Column {
+        input,
+        rows: rows.len(),
+        cells,
+    })
+}
+
+/// `{"<input>": rows, ...}`: exactly the model's inputs.
+fn by_input_name<'a>(
+    what: &str,
+    named: &'a Map<String, Value>,
+    inputs: &'a [InputSpec],
+) -> Result<Vec<Column<'a>>, ServingError> {
+    if let Some(unknown) = named.keys().find(|k| !inputs.iter().any(|i| &i.name == *k)) {
+        return Err(bad(format!(
+            "{what} has '{unknown}', which is not an input of the model (its inputs: {})",
+            names(inputs)
+        )));
+    }
+    inputs
+        .iter()
+        .map(|input| match named.get(&input.name) {
+            Some(Value::Array(rows)) => rows_of(what, rows, input),
+            Some(_) => Err(bad(format!(
+                "{what}.{} must be a list of rows: {}",
+                input.name,
+                input.expects()
+            ))),
+            None => Err(bad(format!(
+                "{what} is missing input '{}': {}",
+                input.name,
+                input.expects()
+            ))),
+        })
+        .collect()
+}
+
+/// Where each input's column is, for a model with one input per column.
+fn column_inputs(
+    what: &str,
+    columns: &[&str],
+    inputs: &[InputSpec],
+) -> Result<Vec<usize>, ServingError> {
+    if let Some(wide) = inputs.iter().find(|i| i.width != 1) {
+        return Err(bad(format!(
+            "{what}: the model has {} inputs and '{}' takes {} values per row; send inputs as an object keyed by input name",
+            inputs.len(),
+            wide.name,
+            wide.width
+        )));
+    }
+    // Other columns are ignored, as MLflow's schema enforcement does.
+    inputs
+        .iter()
+        .map(|input| {
+            columns
+                .iter()
+                .position(|c| *c == input.name)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "{what} is missing column '{}': {}",
+                        input.name,
+                        input.expects()
+                    ))
+                })
+        })
+        .collect()
+}
+
+fn dataframe_split<'a>(
+    value: &'a Value,
+    inputs: &'a [InputSpec],
+) -> Result<Vec<Column<'a>>, ServingError> {
+    let what = "dataframe_split";
+    let Some(Value::Array(data)) = value.get("data") else {
+        return Err(bad("dataframe_split needs \"data\": a list of rows"));
+    };
+    let columns: Option<Vec<&str>> = match value.get("columns") {
+        None => None,
+        Some(Value::Array(columns)) => Some(
+            columns
+                .iter()
+                .map(|c| {
+                    c.as_str()
+                        .ok_or_else(|| bad("dataframe_split columns must be strings"))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(_) => return Err(bad("dataframe_split columns must be a list of names")),
+    };
+    if let [only] = inputs {
+        if let Some(columns) = &columns
+            && columns.len() != only.width
+        {
+            return Err(bad(format!(
+                "dataframe_split has {} columns; input '{}' takes {} (in order)",
+                columns.len(),
+                only.name,
+                only.width
+            )));
+        }
+        return Ok(vec![rows_of(what, data, only)?]);
+    }
+    let Some(columns) = columns else {
+        return Err(bad(format!(
+            "dataframe_split needs \"columns\": the model has {} inputs ({}), matched by column name",
+            inputs.len(),
+            names(inputs)
+        )));
+    };
+    let positions = column_inputs(what, &columns, inputs)?;
+    let mut cells: Vec<Vec<&Value>> = vec![Vec::with_capacity(data.len()); inputs.len()];
+    for (i, row) in data.iter().enumerate() {
+        let Some(values) = row.as_array().filter(|v| v.len() == columns.len()) else {
+            return Err(bad(format!(
+                "dataframe_split: row {i} must be a list of {} values, one per column",
+                columns.len()
+            )));
+        };
+        for (input, &at) in positions.iter().enumerate() {
+            cells[input].push(&values[at]);
+        }
+    }
+    Ok(inputs
+        .iter()
+        .zip(cells)
+        .map(|(input, cells)| Column {
+            input,
+            rows: data.len(),
+            cells,
+        })
+        .collect())
+}
+
+/// A list of objects, one per row. One-input models: the first record's keys, in order, are the
+/// columns. Otherwise keys are input names.
+fn records<'a>(
+    what: &str,
+    records: &'a [Value],
+    inputs: &'a [InputSpec],
+) -> Result<Vec<Column<'a>>, ServingError> {
+    let Some(first) = records.first() else {
+        return Ok(inputs
+            .iter()
+            .map(|input| Column {
+                input,
+                rows: 0,
+                cells: Vec::new(),
+            })
+            .collect());
+    };
+    let Some(first) = first.as_object() else {
+        return Err(bad(format!("{what}[0] is not an object")));
+    };
+    let columns: Vec<&str> = first.keys().map(String::as_str).collect();
+    let object = |i: usize, record: &'a Value| {
+        record
+            .as_object()
+            .filter(|o| o.len() == columns.len() && columns.iter().all(|c| o.contains_key(*c)))
+            .ok_or_else(|| bad(format!("{what}[{i}] must have the columns {columns:?}")))
+    };
+    if let [only] = inputs {
+        if columns.len() != only.width {
+            return Err(bad(format!(
+                "{what} has {} columns; input '{}' takes {} (in order)",
+                columns.len(),
+                only.name,
+                only.width
+            )));
+        }
+        let mut cells = Vec::with_capacity(records.len() * only.width);
+        for (i, record) in records.iter().enumerate() {
+            let record = object(i, record)?;
+            cells.extend(columns.iter().map(|c| &record[*c]));
+        }
+        return Ok(vec![Column {
+            input: only,
+            rows: records.len(),
+            cells,
+        }]);
+    }
+    column_inputs(what, &columns, inputs)?;
+    let mut cells: Vec<Vec<&Value>> = vec![Vec::with_capacity(records.len()); inputs.len()];
+    for (i, record) in records.iter().enumerate() {
+        let record = object(i, record)?;
+        for (input, cells) in inputs.iter().zip(&mut cells) {
+            cells.push(&record[&input.name]);
+        }
+    }
+    Ok(inputs
+        .iter()
+        .zip(cells)
+        .map(|(input, cells)| Column {
+            input,
+            rows: records.len(),
+            cells,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn one(width: usize) -> Vec<InputSpec> {
+        vec![InputSpec {
+            name: "x".into(),
+            dtype: Dtype::Float32,
+            width,
+        }]
+    }
+
+    fn per_column(names: &[&str]) -> Vec<InputSpec> {
+        names
+            .iter()
+            .map(|n| InputSpec {
+                name: (*n).into(),
+                dtype: Dtype::Float32,
+                width: 1,
+            })
+            .collect()
+    }
+
+    fn values(batch: &Batch) -> Vec<Vec<f32>> {
+        batch
+            .tensors
+            .iter()
+            .map(|t| {
+                t.to_plain_array_view::<f32>()
+                    .unwrap()
+                    .iter()
+                    .copied()
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reads_every_mlflow_format_into_the_same_rows() {
+        for body in [
+            json!({"inputs": [[1, 2], [3, 4]]}),
+            json!({"inputs": {"x": [[1, 2], [3, 4]]}}),
+            json!({"instances": [[1, 2], [3, 4]], "params": {}}),
+            json!({"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2], [3, 4]]}}),
+            json!({"dataframe_records": [{"b": 1, "a": 2}, {"a": 4, "b": 3}]}),
+        ] {
+            let batch = parse_mlflow_input(&body, &one(2)).unwrap();
+            assert_eq!(batch.rows(), 2, "{body}");
+            assert_eq!(values(&batch), [vec![1.0, 2.0, 3.0, 4.0]], "{body}");
+        }
+        let empty = parse_mlflow_input(&json!({"inputs": []}), &one(2)).unwrap();
+        assert_eq!((empty.rows(), empty.tensors[0].shape()), (0, &[0, 2][..]));
+    }
+
+    #[test]
+    fn maps_columns_to_inputs_by_name_in_any_order() {
+        let inputs = per_column(&["a", "b", "c"]);
+        for body in [
+            json!({"dataframe_split": {"columns": ["c", "a", "b"], "data": [[3, 1, 2], [6, 4, 5]]}}),
+            json!({"dataframe_records": [{"c": 3, "b": 2, "a": 1, "z": 0}, {"a": 4, "b": 5, "z": 0, "c": 6}]}),
+            json!({"inputs": {"b": [[2], [5]], "c": [3, 6], "a": [[1], [4]]}}),
+            json!({"instances": [{"a": 1, "b": 2, "c": 3}, {"c": 6, "b": 5, "a": 4}]}),
+        ] {
+            let batch = parse_mlflow_input(&body, &inputs).unwrap();
+            assert_eq!(
+                values(&batch),
+                [vec![1.0, 4.0], vec![2.0, 5.0], vec![3.0, 6.0]],
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn null_is_nan_in_float_inputs() {
+        let batch = parse_mlflow_input(&json!({"inputs": [[1, null]]}), &one(2)).unwrap();
+        let got = values(&batch);
+        assert_eq!(got[0][0], 1.0);
+        assert!(got[0][1].is_nan());
+    }
+
+    #[test]
+    fn keeps_float64_and_int64_inputs_exact() {
+        let input = |dtype| {
+            vec![InputSpec {
+                name: "x".into(),
+                dtype,
+                width: 1,
+            }]
+        };
+        let batch = parse_mlflow_input(&json!({"inputs": [0.1]}), &input(Dtype::Float64)).unwrap();
+        assert_eq!(
+            batch.tensors[0]
+                .to_plain_array_view::<f64>()
+                .unwrap()
+                .as_slice()
+                .unwrap(),
+            [0.1]
+        );
+        let batch = parse_mlflow_input(
+            &json!({"inputs": [[9007199254740993_i64]]}),
+            &input(Dtype::Int64),
+        )
+        .unwrap();
+        assert_eq!(
+            batch.tensors[0]
+                .to_plain_array_view::<i64>()
+                .unwrap()
+                .as_slice()
+                .unwrap(),
+            [9007199254740993]
+        );
+        let error = parse_mlflow_input(&json!({"inputs": [[1.5]]}), &input(Dtype::Int64))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("is not an integer: input 'x' expects int64"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn explains_what_does_not_fit() {
+        let error = |body: Value| parse_mlflow_input(&body, &one(2)).unwrap_err().to_string();
+        assert!(error(json!({})).contains("has none"));
+        assert!(
+            error(json!({"inputs": [[1, 2]], "instances": [[1, 2]]}))
+                .contains("inputs and instances")
+        );
+        assert!(error(json!({"input": [[1, 2]]})).contains("unknown key 'input'"));
+        assert!(
+            error(json!({"inputs": [[1, 2, 3]]}))
+                .contains("row 0 has 3 values: input 'x' expects float32 rows of shape [-1, 2]")
+        );
+        assert!(error(json!({"inputs": [[1, "a"]]})).contains("row 0, column 1 is not a number"));
+        assert!(error(json!({"inputs": {"y": [[1, 2]]}})).contains("'y', which is not an input"));
+        assert!(error(json!([1, 2])).contains("JSON object"));
+
+        let inputs = per_column(&["a", "b"]);
+        let error = |body: Value| parse_mlflow_input(&body, &inputs).unwrap_err().to_string();
+        assert!(
+            error(json!({"dataframe_split": {"columns": ["a"], "data": [[1]]}}))
+                .contains("missing column 'b'")
+        );
+        assert!(
+            error(json!({"dataframe_records": [{"a": 1, "z": 3}]})).contains("missing column 'b'")
+        );
+        assert!(error(json!({"inputs": [[1, 2]]})).contains("object keyed by input name"));
+        assert!(
+            error(json!({"inputs": {"a": [1, 2], "b": [1]}}))
+                .contains("every input needs the same row count")
+        );
+    }
+}

@@ -1,0 +1,456 @@
+//! ONNX-ML operators that scikit-learn exports (skl2onnx) and tract 0.23 does not implement,
+//! registered into tract's ONNX op table by name.
+//!
+//! Each operator is a [`Kernel`]: how its outputs are typed and how it computes them, in plain
+//! Rust over ndarray. [`Custom`] turns a kernel into what tract needs: an inference-time
+//! [`Expansion`] (type and shape rules) that wires itself as a typed op into the optimized plan.
+//! `ZipMap` is special: its output type (a sequence of maps) does not exist in tract, so it is
+//! registered as an identity and the caller reshapes the tensor into MLflow's list of dicts when
+//! answering (see [`zipmaps`]).
+//!
+//! Semantics follow the ONNX-ML operator specification and were checked against onnxruntime on
+//! the fixtures in `tests/fixtures/onnx` (see its README for the per-operator notes).
+
+mod encode;
+mod svm;
+mod tree;
+
+use std::fmt;
+
+use tract_onnx::model::{Onnx, ParsingContext};
+use tract_onnx::pb::{ModelProto, NodeProto};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::*;
+
+/// Adds the operators this module implements to tract's ONNX op table.
+pub(crate) fn register(onnx: &mut Onnx) {
+    let ops = &mut onnx.op_register;
+    ops.insert("Scaler", |_, node| {
+        Ok((expand(Custom(encode::Scaler::parse(node)?)), vec![]))
+    });
+    ops.insert("Imputer", |_, node| {
+        Ok((expand(Custom(encode::Imputer::parse(node)?)), vec![]))
+    });
+    ops.insert("OneHotEncoder", |_, node| {
+        Ok((expand(Custom(encode::OneHotEncoder::parse(node)?)), vec![]))
+    });
+    ops.insert("FeatureVectorizer", |_, node| {
+        Ok((
+            expand(Custom(encode::FeatureVectorizer::parse(node)?)),
+            vec![],
+        ))
+    });
+    ops.insert("TreeEnsembleRegressor", |_, node| {
+        Ok((
+            expand(Custom(tree::TreeEnsembleRegressor::parse(node)?)),
+            vec![],
+        ))
+    });
+    ops.insert("SVMClassifier", |_, node| {
+        Ok((expand(Custom(svm::SvmClassifier::parse(node)?)), vec![]))
+    });
+    ops.insert("SVMRegressor", |_, node| {
+        Ok((expand(Custom(svm::SvmRegressor::parse(node)?)), vec![]))
+    });
+    ops.insert("ArrayFeatureExtractor", |ctx, node| {
+        Ok((
+            expand(Custom(encode::ArrayFeatureExtractor::parse(ctx, node)?)),
+            vec![],
+        ))
+    });
+    ops.insert(LABEL_LOOKUP, |_, node| {
+        Ok((expand(Custom(encode::LabelLookup::parse(node)?)), vec![]))
+    });
+    ops.insert("ZipMap", zipmap_as_identity);
+}
+
+/// Our own op type for the lookup [`relabel_string_classifiers`] inserts.
+const LABEL_LOOKUP: &str = "SwitchyardLabelLookup";
+
+/// tract's `LinearClassifier` and `TreeEnsembleClassifier` cannot produce string labels (their
+/// label lookup needs a zero value, which strings lack). Such nodes are rewritten to the class
+/// indices `0..k` as integer labels, followed by a lookup node that turns the index back into
+/// the string, under the original output name.
+pub(crate) fn relabel_string_classifiers(proto: &mut ModelProto) {
+    use tract_onnx::pb::AttributeProto;
+    use tract_onnx::pb::attribute_proto::AttributeType;
+    let Some(graph) = proto.graph.as_mut() else {
+        return;
+    };
+    let mut nodes = Vec::with_capacity(graph.node.len());
+    for mut node in std::mem::take(&mut graph.node) {
+        let ints_attr = match node.op_type.as_str() {
+            "LinearClassifier" => "classlabels_ints",
+            "TreeEnsembleClassifier" => "classlabels_int64s",
+            _ => "",
+        };
+        let strings = node
+            .attribute
+            .iter()
+            .position(|a| a.name == "classlabels_strings");
+        let (false, Some(at), Some(label)) =
+            (ints_attr.is_empty(), strings, node.output.first().cloned())
+        else {
+            nodes.push(node);
+            continue;
+        };
+        let labels = node.attribute.remove(at).strings;
+        node.attribute.push(AttributeProto {
+            name: ints_attr.to_owned(),
+            r#type: AttributeType::Ints as i32,
+            ints: (0..labels.len() as i64).collect(),
+            ..AttributeProto::default()
+        });
+        let index = format!("{label}/class_index");
+        node.output[0].clone_from(&index);
+        let lookup = NodeProto {
+            name: format!("{}/labels", node.name),
+            op_type: LABEL_LOOKUP.to_owned(),
+            domain: "ai.onnx.ml".to_owned(),
+            input: vec![index],
+            output: vec![label],
+            attribute: vec![AttributeProto {
+                name: "labels".to_owned(),
+                r#type: AttributeType::Strings as i32,
+                strings: labels,
+                ..AttributeProto::default()
+            }],
+            ..NodeProto::default()
+        };
+        nodes.push(node);
+        nodes.push(lookup);
+    }
+    graph.node = nodes;
+}
+
+/// A graph output produced by `ZipMap`: the probabilities tensor `[N, classes]` that MLflow
+/// answers as one `{label: probability}` object per row.
+#[derive(Debug, Clone)]
+pub(crate) struct ZipMap {
+    pub output: String,
+    pub labels: Vec<serde_json::Value>,
+}
+
+/// The `ZipMap` nodes of `proto` whose output is a graph output.
+pub(crate) fn zipmaps(proto: &ModelProto) -> TractResult<Vec<ZipMap>> {
+    let Some(graph) = &proto.graph else {
+        return Ok(Vec::new());
+    };
+    graph
+        .node
+        .iter()
+        .filter(|node| node.op_type == "ZipMap")
+        .filter_map(|node| {
+            let output = node.output.first()?;
+            graph
+                .output
+                .iter()
+                .any(|o| &o.name == output)
+                .then(|| (node, output.clone()))
+        })
+        .map(|(node, output)| {
+            let labels = match (
+                node.get_attr_opt_vec::<i64>("classlabels_int64s")?,
+                node.get_attr_opt_vec::<String>("classlabels_strings")?,
+            ) {
+                (Some(ints), None) => ints.into_iter().map(serde_json::Value::from).collect(),
+                (None, Some(strings)) => strings.into_iter().map(serde_json::Value::from).collect(),
+                _ => bail!("ZipMap {output}: needs exactly one of classlabels_int64s and classlabels_strings"),
+            };
+            Ok(ZipMap { output, labels })
+        })
+        .collect()
+}
+
+fn zipmap_as_identity(
+    _: &ParsingContext,
+    _: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    Ok((expand(Custom(Identity)), vec![]))
+}
+
+/// Where an output's shape comes from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Shape {
+    /// `[N]`, N the first input's first dimension.
+    Rows,
+    /// `[N, k]`.
+    Matrix(usize),
+    /// The first input's shape.
+    LikeInput,
+    /// The first input's shape with one more axis of `k` at the end.
+    Append(usize),
+    /// The first input's shape with its last axis resized to `k`.
+    LastAxis(usize),
+}
+
+/// One output of a kernel.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Out {
+    /// The element type; `None`: the first input's.
+    pub dt: Option<DatumType>,
+    pub shape: Shape,
+}
+
+/// An operator computed by our own code.
+pub(crate) trait Kernel: fmt::Debug + Clone + PartialEq + Send + Sync + 'static {
+    const NAME: &'static str;
+
+    /// How many inputs the node takes.
+    fn inputs(&self) -> usize {
+        1
+    }
+
+    fn outputs(&self) -> Vec<Out>;
+
+    fn eval(&self, inputs: TVec<TValue>) -> TractResult<TVec<Tensor>>;
+}
+
+/// A [`Kernel`] as a tract operator, both at inference (rules) and in the typed plan.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Custom<K>(pub K);
+
+// Parameters are floats, so equality is PartialEq (NaN parameters make two nodes unequal, which
+// only means tract will not merge them).
+impl<K: Kernel> Eq for Custom<K> {}
+
+impl<K: Kernel> Expansion for Custom<K> {
+    fn name(&self) -> StaticName {
+        K::NAME.into()
+    }
+
+    fn nboutputs(&self) -> TractResult<usize> {
+        Ok(self.0.outputs().len())
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        let specs = self.0.outputs();
+        check_input_arity(inputs, self.0.inputs())?;
+        check_output_arity(outputs, specs.len())?;
+        for (output, spec) in outputs.iter().zip(specs) {
+            match spec.dt {
+                Some(dt) => s.equals(&output.datum_type, dt)?,
+                None => s.equals(&output.datum_type, &inputs[0].datum_type)?,
+            }
+            match spec.shape {
+                Shape::Rows => {
+                    s.equals(&output.rank, 1)?;
+                    s.equals(&output.shape[0], &inputs[0].shape[0])?;
+                }
+                Shape::Matrix(k) => {
+                    s.equals(&output.rank, 2)?;
+                    s.equals(&output.shape[0], &inputs[0].shape[0])?;
+                    s.equals(&output.shape[1], k.to_dim())?;
+                }
+                Shape::LikeInput => s.equals(&output.shape, &inputs[0].shape)?,
+                Shape::Append(k) => {
+                    s.equals(&output.rank, inputs[0].rank.bex() + 1)?;
+                    s.given(&inputs[0].rank, move |s, rank| {
+                        let rank = rank as usize;
+                        for axis in 0..rank {
+                            s.equals(&output.shape[axis], &inputs[0].shape[axis])?;
+                        }
+                        s.equals(&output.shape[rank], k.to_dim())
+                    })?;
+                }
+                Shape::LastAxis(k) => {
+                    s.equals(&output.rank, &inputs[0].rank)?;
+                    s.given(&inputs[0].rank, move |s, rank| {
+                        let last = (rank as usize).saturating_sub(1);
+                        for axis in 0..last {
+                            s.equals(&output.shape[axis], &inputs[0].shape[axis])?;
+                        }
+                        s.equals(&output.shape[last], k.to_dim())
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        model.wire_node(prefix, self.clone(), inputs)
+    }
+}
+
+impl<K: Kernel> Op for Custom<K> {
+    fn name(&self) -> StaticName {
+        K::NAME.into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl<K: Kernel> EvalOp for Custom<K> {
+    op_out_of_plan!();
+
+    fn eval(&self, _: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        Ok(self
+            .0
+            .eval(inputs)?
+            .into_iter()
+            .map(Tensor::into_tvalue)
+            .collect())
+    }
+}
+
+impl<K: Kernel> TypedOp for Custom<K> {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let first = &inputs[0].shape;
+        let rows = first.iter().next().cloned().unwrap_or_else(|| 1.to_dim());
+        Ok(self
+            .0
+            .outputs()
+            .into_iter()
+            .map(|out| {
+                let shape: TVec<TDim> = match out.shape {
+                    Shape::Rows => tvec![rows.clone()],
+                    Shape::Matrix(k) => tvec![rows.clone(), k.to_dim()],
+                    Shape::LikeInput => first.iter().cloned().collect(),
+                    Shape::Append(k) => first.iter().cloned().chain([k.to_dim()]).collect(),
+                    Shape::LastAxis(k) => {
+                        let keep = first.len().saturating_sub(1);
+                        first
+                            .iter()
+                            .take(keep)
+                            .cloned()
+                            .chain([k.to_dim()])
+                            .collect()
+                    }
+                };
+                out.dt.unwrap_or(inputs[0].datum_type).fact(shape)
+            })
+            .collect())
+    }
+
+    as_op!();
+}
+
+/// `ZipMap` at inference: the probabilities go through unchanged.
+#[derive(Debug, Clone, PartialEq)]
+struct Identity;
+
+impl Kernel for Identity {
+    const NAME: &'static str = "ZipMap";
+
+    fn outputs(&self) -> Vec<Out> {
+        vec![Out {
+            dt: None,
+            shape: Shape::LikeInput,
+        }]
+    }
+
+    fn eval(&self, inputs: TVec<TValue>) -> TractResult<TVec<Tensor>> {
+        Ok(inputs.into_iter().map(TValue::into_tensor).collect())
+    }
+}
+
+/// A float32 matrix, row-major.
+pub(crate) struct Matrix {
+    values: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Matrix {
+    /// An input as a float32 matrix `[N, C]` (a vector is one row), cast if needed.
+    fn of(input: &TValue) -> TractResult<Self> {
+        let floats = input.cast_to::<f32>()?;
+        let view = floats.to_plain_array_view::<f32>()?;
+        let (rows, cols) = match *view.shape() {
+            [cols] => (1, cols),
+            [rows, cols] => (rows, cols),
+            _ => bail!("expected a matrix [N, C], got shape {:?}", view.shape()),
+        };
+        ensure!(
+            cols > 0,
+            "expected a matrix [N, C] with C > 0, got {:?}",
+            view.shape()
+        );
+        Ok(Self {
+            values: view.iter().copied().collect(),
+            rows,
+            cols,
+        })
+    }
+
+    fn iter(&self) -> std::slice::ChunksExact<'_, f32> {
+        self.values.chunks_exact(self.cols)
+    }
+}
+
+/// A float32 output `[rows, cols]` filled row by row by `fill`.
+fn output(
+    rows: usize,
+    cols: usize,
+    mut fill: impl FnMut(usize, &mut [f32]) -> TractResult<()>,
+) -> TractResult<Tensor> {
+    let mut values = vec![0f32; rows * cols];
+    if cols > 0 {
+        for (i, row) in values.chunks_exact_mut(cols).enumerate() {
+            fill(i, row)?;
+        }
+    }
+    Tensor::from_shape(&[rows, cols], &values)
+}
+
+/// A float list attribute, broadcast to `columns` when it has one value.
+fn per_column(values: &[f32], columns: usize, what: &str) -> TractResult<Vec<f32>> {
+    match values.len() {
+        1 => Ok(vec![values[0]; columns]),
+        n if n == columns => Ok(values.to_vec()),
+        n => bail!("{what} has {n} values for {columns} columns"),
+    }
+}
+
+/// `post_transform` of the ONNX-ML classifiers and regressors. `SOFTMAX_ZERO` and `PROBIT`
+/// (which scikit-learn exports never use) are refused when the model loads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum PostTransform {
+    None,
+    Softmax,
+    Logistic,
+}
+
+impl PostTransform {
+    fn parse(node: &NodeProto) -> TractResult<Self> {
+        Ok(
+            match node
+                .get_attr_opt::<&str>("post_transform")?
+                .unwrap_or("NONE")
+            {
+                "NONE" => Self::None,
+                "SOFTMAX" => Self::Softmax,
+                "LOGISTIC" => Self::Logistic,
+                other => bail!("{}: post_transform {other} is not supported", node.op_type),
+            },
+        )
+    }
+
+    /// Applies the transform to one row of scores, in place.
+    fn apply(self, row: &mut [f32]) {
+        match self {
+            Self::None => {}
+            Self::Logistic => row.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+            Self::Softmax => {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for v in row.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                row.iter_mut().for_each(|v| *v /= sum);
+            }
+        }
+    }
+}
