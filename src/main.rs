@@ -50,6 +50,20 @@ enum Command {
     /// Inspect and manage logged models.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Run one prediction on an ONNX model without a server; prints MLflow's
+    /// `{"predictions": ...}`.
+    Predict {
+        /// A model URI (`models:/iris@production`), an endpoint of --config, or an .onnx file
+        /// or MLflow model directory.
+        target: String,
+        /// The request in an MLflow scoring format (`{"inputs": [[...]]}`, `dataframe_split`…):
+        /// JSON text, `@file`, or `-` for standard input.
+        #[arg(long)]
+        input: String,
+        /// Gateway config whose endpoint names and [store] to use.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -128,9 +142,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Log(LogCommand::Onnx { path, name, alias }) => {
             let store = store();
-            let file = onnx_file(&path)?;
-            let model = switchyard_serving::OnnxModel::load(&file)?;
-            let logged = store.log_onnx(&file, &name, model.signature())?;
+            let model = switchyard_serving::OnnxModel::load(&onnx_file(&path)?)?;
+            let logged = store.log_onnx(&path, &name, model.signature())?;
             report(&store, &logged, &name, alias)?;
         }
         Command::Log(LogCommand::Chain { dir, name, alias }) => {
@@ -139,6 +152,11 @@ async fn main() -> anyhow::Result<()> {
             report(&store, &logged, &name, alias)?;
         }
         Command::Models(command) => models(&store(), command)?,
+        Command::Predict {
+            target,
+            input,
+            config,
+        } => predict(cli.store.clone(), &target, &input, config.as_deref())?,
     }
     Ok(())
 }
@@ -181,6 +199,66 @@ fn onnx_file(path: &std::path::Path) -> anyhow::Result<PathBuf> {
         .onnx_data()
         .with_context(|| format!("{}: the MLmodel has no onnx flavor", path.display()))?;
     Ok(path.join(data))
+}
+
+/// `switchyard predict`: loads the target's ONNX model as the gateway would (logged versions are
+/// verified first), runs the request and prints the answer.
+fn predict(
+    store: Option<PathBuf>,
+    target: &str,
+    input: &str,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let text = match input {
+        "-" => std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?,
+        _ => match input.strip_prefix('@') {
+            Some(file) => {
+                std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?
+            }
+            None => input.to_owned(),
+        },
+    };
+    let body: serde_json::Value =
+        serde_json::from_str(&text).context("--input is not valid JSON")?;
+    let config = config.map(switchyard_gateway::Config::load).transpose()?;
+    let store = || {
+        Store::new(
+            store
+                .clone()
+                .or_else(|| config.as_ref().map(|c| c.store.clone()))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE)),
+        )
+    };
+    let logged = |uri: &ModelUri| -> anyhow::Result<PathBuf> {
+        let store = store();
+        let version = store.resolve(uri)?;
+        Ok(store.verify_onnx(&version)?)
+    };
+    let path = if target.starts_with("models:/") {
+        logged(&target.parse::<ModelUri>()?)?
+    } else if let Some(endpoint) = config
+        .as_ref()
+        .and_then(|c| c.endpoints.iter().find(|e| e.name == target))
+    {
+        match &endpoint.kind {
+            switchyard_gateway::EndpointKind::Chain(switchyard_gateway::ChainEndpointConfig {
+                source: switchyard_gateway::ChainSource::Logged(uri),
+                ..
+            }) => logged(uri)?,
+            _ => anyhow::bail!("endpoint {target} does not serve a logged model"),
+        }
+    } else if std::path::Path::new(target).exists() {
+        onnx_file(std::path::Path::new(target))?
+    } else {
+        anyhow::bail!(
+            "{target} is not a models:/ URI, an endpoint of the --config, or an existing file or directory"
+        );
+    };
+    let model = switchyard_serving::OnnxModel::load(&path)?;
+    let batch = model.parse_input(&body)?;
+    let predictions = model.predict(batch)?;
+    println!("{}", serde_json::json!({"predictions": predictions}));
+    Ok(())
 }
 
 fn models(store: &Store, command: ModelsCommand) -> anyhow::Result<()> {

@@ -13,11 +13,12 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/onnx")).join(name)
 }
 
+fn fixture_json(file: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(file)).unwrap()).unwrap()
+}
+
 fn expected(name: &str) -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(fixture(&format!("{name}.expected.json"))).unwrap(),
-    )
-    .unwrap()
+    fixture_json(&format!("{name}.expected.json"))
 }
 
 /// Labels equal, floats within 1e-5 (relative above 1).
@@ -71,9 +72,11 @@ async fn serve(fixtures: &[&str]) -> TestGateway {
 async fn predictions_through_the_gateway_equal_onnxruntimes_in_every_format() {
     let models = [
         "logreg",
+        "scaler_logreg_zipmap",
         "random_forest_clf",
         "gradient_boosting_clf",
         "linear_regression",
+        "gradient_boosting_reg",
     ];
     let gateway = serve(&models).await;
     for name in models {
@@ -185,7 +188,10 @@ async fn bad_input_is_a_400_in_mlflows_shape_and_the_model_keeps_serving() {
     );
     let admin = gateway.get_json("/admin/endpoints").await;
     assert_eq!(admin["endpoints"][0]["kind"], "model");
-    assert_eq!(admin["endpoints"][0]["features"], 4);
+    assert_eq!(
+        admin["endpoints"][0]["inputs"],
+        json!([{"name": "input", "dtype": "float32", "shape": [-1, 4]}])
+    );
     assert_eq!(admin["endpoints"][0]["resolved"], "models:/logreg/1");
 }
 
@@ -231,20 +237,170 @@ fn the_cli_logs_onnx_files_and_refuses_models_it_cannot_run() {
         "{shown}"
     );
 
-    // The MLflow directory of a scaler + logistic regression pipeline needs the Scaler operator,
-    // which is not implemented yet: it is refused with tract's reason, nothing is written.
-    let refused = run(&[
+    // An MLflow model directory imports as is: its files and MLmodel keys are kept.
+    let imported = run(&[
         "log",
         "onnx",
         fixture("mlflow_iris_pipeline").to_str().unwrap(),
         "--name",
         "pipeline",
     ]);
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    let version = work.join("store/models/pipeline/1");
+    for file in [
+        "model.onnx",
+        "conda.yaml",
+        "python_env.yaml",
+        "requirements.txt",
+    ] {
+        assert_eq!(
+            std::fs::read(version.join(file)).unwrap(),
+            std::fs::read(fixture("mlflow_iris_pipeline").join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    let mlmodel = std::fs::read_to_string(version.join("MLmodel")).unwrap();
+    for kept in [
+        "mlflow_version: 3.17.2",
+        "model_uuid: '00000000000000000000000000000000'",
+        "virtualenv: python_env.yaml",
+        "- CUDAExecutionProvider",
+        "content_sha256:",
+    ] {
+        assert!(mlmodel.contains(kept), "{kept} in {mlmodel}");
+    }
+
+    // One prediction without a server, by URI, equals onnxruntime's.
+    let expected = expected("scaler_logreg");
+    let case = &expected["cases"][0];
+    let body = json!({"inputs": case["inputs"]["input"]}).to_string();
+    let predicted = run(&["predict", "models:/pipeline/1", "--input", &body]);
+    assert!(
+        predicted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&predicted.stderr)
+    );
+    let got: Value = serde_json::from_slice(&predicted.stdout).unwrap();
+    assert_close("predict", &got["predictions"], &case["outputs"]);
+    let bad = run(&[
+        "predict",
+        "models:/pipeline/1",
+        "--input",
+        r#"{"inputs": [[1, 2]]}"#,
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr)
+            .contains("row 0 has 2 values: input 'input' expects float32 rows of shape [-1, 4]"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    // A file that is not a model is refused with the reason, and nothing is written.
+    let refused = run(&[
+        "log",
+        "onnx",
+        fixture("README.md").to_str().unwrap(),
+        "--name",
+        "notamodel",
+    ]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("cannot load the ONNX model"));
     let listed = run(&["models", "list"]);
     assert_eq!(
         String::from_utf8_lossy(&listed.stdout),
-        "ridge\tversions: 1\taliases: production=1\n"
+        "pipeline\tversions: 1\taliases: \nridge\tversions: 1\taliases: production=1\n"
     );
+}
+
+/// Every request the fixtures recorded against MLflow 3.17.2's scoring server
+/// (`<name>.expected_invocations.json`, made by generate.py), replayed through the gateway.
+/// Where MLflow answers 200, so do we, with the same predictions. Where MLflow refuses, we refuse
+/// too, except for requests we deliberately accept (each listed with why) — and those must then
+/// give the right predictions.
+#[tokio::test]
+async fn requests_recorded_against_mlflow_get_the_same_answers() {
+    // (invocations file, section, the fixture we serve for it)
+    let replays = [
+        ("multi_input", "signature_inferred", "multi_input"),
+        (
+            "scaler_logreg_zipmap",
+            "signature_inferred",
+            "scaler_logreg_zipmap",
+        ),
+        (
+            "scaler_logreg_zipmap",
+            "signature_tensor_outputs",
+            "scaler_logreg_zipmap",
+        ),
+        (
+            "mlflow_iris_pipeline",
+            "signature_named_input",
+            "scaler_logreg",
+        ),
+        (
+            "mlflow_iris_pipeline",
+            "signature_unnamed_tensor",
+            "scaler_logreg",
+        ),
+    ];
+    // MLflow refuses these, we accept them.
+    let lenient = [
+        // One-input models: dataframe columns are the row in order, whatever their names (MLflow
+        // does this only when the signature's tensor is unnamed).
+        "dataframe_split",
+        "dataframe_records",
+        // A zero-row batch gets zero-row outputs (MLflow: a shape error).
+        "empty_inputs",
+        // An [N, 1] input may be sent as a flat list of N values.
+        "inputs_named_1d",
+        // `instances` as a list of objects keyed by input name (TF-serving's row format), which
+        // MLflow parses but then fails on.
+        "instances_records",
+        // `inputs` as an object keyed by input name also for an unnamed-signature model.
+        "inputs_named",
+    ];
+    let gateway = serve(&["multi_input", "scaler_logreg_zipmap", "scaler_logreg"]).await;
+    for (file, section, model) in replays {
+        let recorded = fixture_json(&format!("{file}.expected_invocations.json"));
+        let cases = recorded[section]
+            .get("invocations")
+            .unwrap_or(&recorded[section]);
+        let full_batch = &cases[0]["response"]["predictions"];
+        assert_eq!(cases[0]["status"], 200, "{file}/{section}: first case");
+        for case in cases.as_array().unwrap() {
+            let format = case["format"].as_str().unwrap();
+            let at = format!("{file}/{section}/{format}");
+            let response = gateway
+                .post(&format!("/endpoints/{model}/invocations"), &case["request"])
+                .await;
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap();
+            if case["status"] == 200 {
+                assert_eq!(status, 200, "{at}: {body}");
+                assert_close(&at, &body["predictions"], &case["response"]["predictions"]);
+            } else if lenient.contains(&format) {
+                assert_eq!(status, 200, "{at}: {body}");
+                let want = if format == "empty_inputs" {
+                    let empty: serde_json::Map<String, Value> = full_batch
+                        .as_object()
+                        .unwrap()
+                        .keys()
+                        .map(|k| (k.clone(), json!([])))
+                        .collect();
+                    Value::Object(empty)
+                } else {
+                    full_batch.clone()
+                };
+                assert_close(&at, &body["predictions"], &want);
+            } else {
+                assert_eq!(status, 400, "{at}: {body}");
+                assert_eq!(body["error_code"], "INVALID_PARAMETER_VALUE", "{at}");
+            }
+        }
+    }
 }

@@ -25,7 +25,7 @@ use crate::extract::{OpenAiJson, body_rejection, from_value, parse_json};
 use crate::limits::{Admission, Caller};
 use crate::request_log::RequestRecord;
 use crate::{AppState, ChainEndpoint, Endpoint, auth};
-use switchyard_serving::{OnnxModel, ServingError, parse_mlflow_input};
+use switchyard_serving::{OnnxModel, ServingError};
 
 /// `POST /v1/chat/completions`: `model` names the endpoint.
 pub async fn chat_completions(
@@ -231,10 +231,16 @@ async fn serve_model(
     // A prediction uses no LLM tokens: only request rules count it.
     let admission = snapshot.limits.admit(&caller, None).await?;
     drop(snapshot);
-    let rows = parse_mlflow_input(body, model.input_name(), model.features())
-        .map_err(|e| ApiError::bad_request(e.to_string(), Some(model.input_name().to_owned())))?;
+    // MLflow's codes: a body that is no scoring request is BAD_REQUEST, values that do not fit
+    // the model's inputs INVALID_PARAMETER_VALUE (an error with a `param`).
+    let batch = model.parse_input(body).map_err(|e| match e {
+        ServingError::Schema { format, message } => {
+            ApiError::bad_request(message, Some(format.to_owned()))
+        }
+        other => ApiError::bad_request(other.to_string(), None),
+    })?;
     // Inference is CPU work: off the async workers, so a large batch never stalls chat traffic.
-    let predictions = tokio::task::spawn_blocking(move || model.predict(&rows))
+    let predictions = tokio::task::spawn_blocking(move || model.predict(batch))
         .await
         .map_err(|e| {
             ApiError::internal(format!(

@@ -263,8 +263,9 @@ fn load_onnx(
         "version": version.version,
         "model_uuid": version.mlmodel.model_uuid,
         "content_sha256": version.mlmodel.content_sha256(),
-        "input": model.input_name(),
-        "features": model.features(),
+        "inputs": model.inputs().iter().map(|i| json!({
+            "name": i.name, "dtype": i.dtype.name(), "shape": [-1, i.width as i64],
+        })).collect::<Vec<_>>(),
         "outputs": model.output_names(),
     });
     Ok((Arc::new(model), info))

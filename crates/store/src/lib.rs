@@ -316,24 +316,46 @@ impl Store {
         self.version(&uri.name, version)
     }
 
-    /// Logs an ONNX file as a new version of `name` with MLflow's `onnx` and `python_function`
-    /// flavors (so `mlflow.pyfunc.load_model` can load it) and the given signature (`inputs`,
-    /// `outputs` as MLflow's JSON strings). The caller has checked that the model loads.
-    /// Identical bytes return the existing version.
+    /// Logs an ONNX model as a new version of `name`. `source` is either
+    /// - an `.onnx` file: stored as `model.onnx` with MLflow's `onnx` and `python_function`
+    ///   flavors (so `mlflow.pyfunc.load_model` can load it) and `signature` (`inputs`, and
+    ///   `outputs` when the model has a describable one, as MLflow's JSON strings); or
+    /// - an MLflow model directory with an `onnx` flavor (what `mlflow.onnx.save_model` writes):
+    ///   imported as is — every file (external tensor data too) and every MLmodel key; only
+    ///   `metadata.content_sha256`/`source` are added, and `signature` when it has none.
+    ///
+    /// The caller has checked that the model loads. Identical content returns the existing
+    /// version.
     pub fn log_onnx(
         &self,
-        onnx: &Path,
+        source: &Path,
         name: &str,
-        signature: (String, String),
+        signature: (String, Option<String>),
     ) -> Result<Logged, StoreError> {
         check_name("model name", name).map_err(StoreError::InvalidName)?;
+        let imported = if source.is_dir() {
+            Some(read_mlflow_onnx_dir(source)?)
+        } else {
+            None
+        };
         let model_dir = self.model_dir(name);
         std::fs::create_dir_all(&model_dir).map_err(|e| StoreError::io(&model_dir, e))?;
         let temp = model_dir.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
         let result = (|| {
-            copy_file(onnx, &temp.join(ONNX_DATA))?;
-            let content_sha256 = files_sha256(&temp, &[ONNX_DATA.to_owned()])
-                .map_err(|e| StoreError::io(&temp, e))?;
+            let (mut mlmodel, files) = match imported {
+                Some((mlmodel, files)) => {
+                    for file in &files {
+                        copy_file(&source.join(file), &temp.join(file))?;
+                    }
+                    (mlmodel, files)
+                }
+                None => {
+                    copy_file(source, &temp.join(ONNX_DATA))?;
+                    (onnx_mlmodel()?, vec![ONNX_DATA.to_owned()])
+                }
+            };
+            let content_sha256 =
+                files_sha256(&temp, &files).map_err(|e| StoreError::io(&temp, e))?;
             let _lock = lock_model(&model_dir)?;
             if let Some(existing) = self.find_by_content(name, &content_sha256)? {
                 return Ok(Logged {
@@ -342,28 +364,18 @@ impl Store {
                     warnings: Vec::new(),
                 });
             }
-            let onnx_flavor = yaml_serde::to_value(serde_json::json!({
-                "code": null,
-                "data": ONNX_DATA,
-                "onnx_session_options": null,
-                "providers": ["CPUExecutionProvider"],
-            }))
-            .map_err(|e| StoreError::Other(e.to_string()))?;
-            let mut mlmodel = MlModel::new(ONNX_FLAVOR, onnx_flavor);
-            let pyfunc = yaml_serde::to_value(
-                serde_json::json!({"loader_module": "mlflow.onnx", "data": ONNX_DATA}),
-            )
-            .map_err(|e| StoreError::Other(e.to_string()))?;
-            mlmodel.flavors.insert("python_function".to_owned(), pyfunc);
-            let (inputs, outputs) = signature;
-            let signature = yaml_serde::to_value(
-                serde_json::json!({"inputs": inputs, "outputs": outputs, "params": null}),
-            )
-            .map_err(|e| StoreError::Other(e.to_string()))?;
-            mlmodel.signature = Some(signature);
+            if mlmodel.signature.is_none() {
+                let (inputs, outputs) = signature;
+                mlmodel.signature = Some(
+                    yaml_serde::to_value(
+                        serde_json::json!({"inputs": inputs, "outputs": outputs, "params": null}),
+                    )
+                    .map_err(|e| StoreError::Other(e.to_string()))?,
+                );
+            }
             for (key, value) in [
                 ("content_sha256", content_sha256),
-                ("source", onnx.display().to_string()),
+                ("source", source.display().to_string()),
             ] {
                 mlmodel
                     .metadata
@@ -408,7 +420,8 @@ impl Store {
             .get("content_sha256")
             .and_then(|v| v.as_str())
         {
-            let actual = files_sha256(&version.dir, std::slice::from_ref(&data))
+            let actual = content_files(&version.dir)
+                .and_then(|files| files_sha256(&version.dir, &files))
                 .map_err(|e| StoreError::io(&version.dir, e))?;
             if actual != expected {
                 return Err(StoreError::Tampered {
@@ -569,6 +582,66 @@ fn snapshot_chain(source: &Path, code: &Path) -> Result<(), StoreError> {
         copy_file(&source.join(&relative), &code.join(&relative))?;
     }
     Ok(())
+}
+
+/// The MLmodel of a fresh `.onnx` log: MLflow's `onnx` and `python_function` flavors.
+fn onnx_mlmodel() -> Result<MlModel, StoreError> {
+    let yaml = |value: serde_json::Value| {
+        yaml_serde::to_value(value).map_err(|e| StoreError::Other(e.to_string()))
+    };
+    let mut mlmodel = MlModel::new(
+        ONNX_FLAVOR,
+        yaml(serde_json::json!({
+            "code": null,
+            "data": ONNX_DATA,
+            "onnx_session_options": null,
+            "providers": ["CPUExecutionProvider"],
+        }))?,
+    );
+    mlmodel.flavors.insert(
+        "python_function".to_owned(),
+        yaml(serde_json::json!({"loader_module": "mlflow.onnx", "data": ONNX_DATA}))?,
+    );
+    Ok(mlmodel)
+}
+
+/// Every file of a version except its MLmodel: what the content hash covers.
+fn content_files(dir: &Path) -> io::Result<Vec<String>> {
+    Ok(all_files(dir)?
+        .into_iter()
+        .filter(|f| f != "MLmodel")
+        .collect())
+}
+
+/// An MLflow model directory to import: its MLmodel (which must have an `onnx` flavor whose data
+/// file is inside the directory and holds no secret) and its other files.
+fn read_mlflow_onnx_dir(dir: &Path) -> Result<(MlModel, Vec<String>), StoreError> {
+    let invalid = |problems: Vec<String>| StoreError::Invalid {
+        dir: dir.to_owned(),
+        problems,
+    };
+    let mlmodel = MlModel::read(&dir.join("MLmodel"))?;
+    let Some(data) = mlmodel.onnx_data() else {
+        return Err(invalid(vec![
+            "MLmodel has no onnx flavor (with a `data` file); only ONNX models import".to_owned(),
+        ]));
+    };
+    check_relative(&data).map_err(|why| invalid(vec![format!("onnx flavor data: {why}")]))?;
+    let files = content_files(dir).map_err(|e| StoreError::io(dir, e))?;
+    if !files.contains(&data) {
+        return Err(invalid(vec![format!(
+            "the onnx flavor's data file {data} is missing"
+        )]));
+    }
+    let as_json = serde_json::to_value(&mlmodel).unwrap_or_default();
+    let secrets: Vec<String> = find_secrets("MLmodel", &as_json)
+        .into_iter()
+        .map(|(path, why)| format!("{path} {why}; secrets must not be logged"))
+        .collect();
+    if !secrets.is_empty() {
+        return Err(invalid(secrets));
+    }
+    Ok((mlmodel, files))
 }
 
 fn copy_file(from: &Path, to: &Path) -> Result<(), StoreError> {
