@@ -142,7 +142,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Log(LogCommand::Onnx { path, name, alias }) => {
             let store = store();
-            let model = switchyard_serving::OnnxModel::load(&onnx_file(&path)?)?;
+            let model =
+                switchyard_serving::OnnxModel::load(&switchyard_store::onnx_model_file(&path)?)?;
             let logged = store.log_onnx(&path, &name, model.signature())?;
             report(&store, &logged, &name, alias)?;
         }
@@ -186,19 +187,6 @@ fn report(
     }
     println!("{}", logged.version.uri());
     Ok(())
-}
-
-/// The ONNX file of a path: the file itself, or the `onnx` flavor's `data` of an MLflow model
-/// directory.
-fn onnx_file(path: &std::path::Path) -> anyhow::Result<PathBuf> {
-    if !path.is_dir() {
-        return Ok(path.to_owned());
-    }
-    let mlmodel = switchyard_store::MlModel::read(&path.join("MLmodel"))?;
-    let data = mlmodel
-        .onnx_data()
-        .with_context(|| format!("{}: the MLmodel has no onnx flavor", path.display()))?;
-    Ok(path.join(data))
 }
 
 /// `switchyard predict`: loads the target's ONNX model as the gateway would (logged versions are
@@ -248,7 +236,7 @@ fn predict(
             _ => anyhow::bail!("endpoint {target} does not serve a logged model"),
         }
     } else if std::path::Path::new(target).exists() {
-        onnx_file(std::path::Path::new(target))?
+        switchyard_store::onnx_model_file(std::path::Path::new(target))?
     } else {
         anyhow::bail!(
             "{target} is not a models:/ URI, an endpoint of the --config, or an existing file or directory"

@@ -239,19 +239,29 @@ async fn serve_model(
         }
         other => ApiError::bad_request(other.to_string(), None),
     })?;
-    // Inference is CPU work: off the async workers, so a large batch never stalls chat traffic.
-    let predictions = tokio::task::spawn_blocking(move || model.predict(batch))
+    // Inference is CPU work: off the async workers, so a large batch never stalls chat traffic,
+    // and one blocking thread per core at most.
+    let slot = state
+        .inference_slots()
+        .clone()
+        .acquire_owned()
         .await
-        .map_err(|e| {
-            ApiError::internal(format!(
-                "inference task failed: {e} (request id {})",
-                record.request_id
-            ))
-        })?
-        .map_err(|e| match e {
-            ServingError::BadInput(message) => ApiError::bad_request(message, None),
-            other => ApiError::internal(format!("{other} (request id {})", record.request_id)),
-        })?;
+        .map_err(|e| ApiError::internal(format!("inference slots closed: {e}")))?;
+    let predictions = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        model.predict(batch)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::internal(format!(
+            "inference task failed: {e} (request id {})",
+            record.request_id
+        ))
+    })?
+    .map_err(|e| match e {
+        ServingError::BadInput(message) => ApiError::bad_request(message, None),
+        other => ApiError::internal(format!("{other} (request id {})", record.request_id)),
+    })?;
     let mut response = Json(json!({"predictions": predictions})).into_response();
     admission.apply(response.headers_mut());
     Ok(response)

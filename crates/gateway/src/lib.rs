@@ -108,6 +108,10 @@ impl AppState {
         self.0.current.load_full()
     }
 
+    pub(crate) fn inference_slots(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.0.lasting.inference_slots
+    }
+
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.0.lasting.metrics
     }

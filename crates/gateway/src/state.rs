@@ -62,15 +62,20 @@ pub(crate) struct Lasting {
     /// Concurrency-cap slots per provider (and their number): a reload that keeps a provider's
     /// `max_concurrency` keeps its slots, so calls in flight still count against the cap.
     provider_slots: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
+    /// Model inference runs on blocking threads, at most one per core at a time: more would only
+    /// add threads (and their memory) competing for the same cores. Excess requests wait.
+    pub inference_slots: Arc<Semaphore>,
 }
 
 impl Lasting {
     pub fn new(registry: Registry, client: reqwest::Client, metrics: Arc<Metrics>) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         Self {
             registry,
             client,
             metrics,
             provider_slots: Mutex::new(HashMap::new()),
+            inference_slots: Arc::new(Semaphore::new(cores)),
         }
     }
 

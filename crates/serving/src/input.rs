@@ -139,9 +139,13 @@ pub fn parse_mlflow_input(body: &Value, inputs: &[InputSpec]) -> Result<Batch, S
 fn read_format(format: &str, value: &Value, inputs: &[InputSpec]) -> Result<Batch, ServingError> {
     let columns = match (format, value) {
         ("inputs" | "instances", Value::Object(named)) => by_input_name(format, named, inputs)?,
+        ("inputs" | "instances", Value::Array(rows))
+            if !rows.is_empty() && rows.iter().all(Value::is_object) =>
+        {
+            instance_records(format, rows, inputs)?
+        }
         ("inputs" | "instances", Value::Array(rows)) => match inputs {
-            [only] => vec![rows_of(format, rows, only)?],
-            _ if rows.iter().all(Value::is_object) => records(format, rows, inputs)?,
+            [only] => vec![rows_of(format, rows.iter(), only)?],
             _ => {
                 return Err(bad(format!(
                     "the model has {} inputs ({}): send {format} as an object keyed by input name",
@@ -255,11 +259,13 @@ impl Column<'_> {
 /// `rows` for `input`: each row a list of `width` values, or a bare value when `width` is 1.
 fn rows_of<'a>(
     what: &str,
-    rows: &'a [Value],
+    rows: impl ExactSizeIterator<Item = &'a Value>,
     input: &'a InputSpec,
 ) -> Result<Column<'a>, ServingError> {
-    let mut cells = Vec::with_capacity(rows.len() * input.width);
-    for (i, row) in rows.iter().enumerate() {
+    let count = rows.len();
+    // Grown as rows are checked: a size computed from the request before checking could be huge.
+    let mut cells = Vec::new();
+    for (i, row) in rows.enumerate() {
         match row {
             Value::Array(values) if values.len() == input.width => cells.extend(values),
             Value::Array(values) => {
@@ -280,7 +286,7 @@ fn rows_of<'a>(
     }
     Ok(Column {
         input,
-        rows: rows.len(),
+        rows: count,
         cells,
     })
 }
@@ -300,7 +306,7 @@ fn by_input_name<'a>(
     inputs
         .iter()
         .map(|input| match named.get(&input.name) {
-            Some(Value::Array(rows)) => rows_of(what, rows, input),
+            Some(Value::Array(rows)) => rows_of(what, rows.iter(), input),
             Some(_) => Err(bad(format!(
                 "{what}.{} must be a list of rows: {}",
                 input.name,
@@ -373,13 +379,12 @@ fn dataframe_split<'a>(
             && columns.len() != only.width
         {
             return Err(bad(format!(
-                "dataframe_split has {} columns; input '{}' takes {} (in order)",
+                "dataframe_split has {} columns: {} (the columns in order)",
                 columns.len(),
-                only.name,
-                only.width
+                only.expects()
             )));
         }
-        return Ok(vec![rows_of(what, data, only)?]);
+        return Ok(vec![rows_of(what, data.iter(), only)?]);
     }
     let Some(columns) = columns else {
         return Err(bad(format!(
@@ -412,6 +417,34 @@ fn dataframe_split<'a>(
         .collect())
 }
 
+/// TF-serving's row format: a list of objects keyed by input name, each value that input's row
+/// for this instance (as MLflow reads `instances`). Other keys are ignored.
+fn instance_records<'a>(
+    what: &str,
+    records: &'a [Value],
+    inputs: &'a [InputSpec],
+) -> Result<Vec<Column<'a>>, ServingError> {
+    inputs
+        .iter()
+        .map(|input| {
+            let rows = records
+                .iter()
+                .enumerate()
+                .map(|(i, record)| {
+                    record.get(&input.name).ok_or_else(|| {
+                        bad(format!(
+                            "{what}[{i}] is missing input '{}': {}",
+                            input.name,
+                            input.expects()
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<&Value>, _>>()?;
+            rows_of(what, rows.into_iter(), input)
+        })
+        .collect()
+}
+
 /// A list of objects, one per row. One-input models: the first record's keys, in order, are the
 /// columns. Otherwise keys are input names.
 fn records<'a>(
@@ -442,13 +475,12 @@ fn records<'a>(
     if let [only] = inputs {
         if columns.len() != only.width {
             return Err(bad(format!(
-                "{what} has {} columns; input '{}' takes {} (in order)",
+                "{what} has {} columns: {} (the columns in order)",
                 columns.len(),
-                only.name,
-                only.width
+                only.expects()
             )));
         }
-        let mut cells = Vec::with_capacity(records.len() * only.width);
+        let mut cells = Vec::new();
         for (i, record) in records.iter().enumerate() {
             let record = object(i, record)?;
             cells.extend(columns.iter().map(|c| &record[*c]));
@@ -522,6 +554,7 @@ mod tests {
             json!({"inputs": [[1, 2], [3, 4]]}),
             json!({"inputs": {"x": [[1, 2], [3, 4]]}}),
             json!({"instances": [[1, 2], [3, 4]], "params": {}}),
+            json!({"instances": [{"x": [1, 2]}, {"x": [3, 4], "other": 0}]}),
             json!({"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2], [3, 4]]}}),
             json!({"dataframe_records": [{"b": 1, "a": 2}, {"a": 4, "b": 3}]}),
         ] {

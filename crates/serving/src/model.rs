@@ -109,6 +109,12 @@ impl OnnxModel {
             .enumerate()
             .map(|(i, name)| {
                 let fact = plan.model().output_fact(i).map_err(tract)?;
+                let Some(dtype) = mlflow_dtype(fact.datum_type) else {
+                    return Err(failed(format!(
+                        "output '{name}' is {:?}, which cannot be answered in JSON",
+                        fact.datum_type
+                    )));
+                };
                 let shape: Vec<i64> = fact
                     .shape
                     .iter()
@@ -119,7 +125,7 @@ impl OnnxModel {
                     .find(|z| z.output == name)
                     .map(|z| z.labels.clone());
                 Ok(OutputSpec {
-                    tensor_spec: json!({"dtype": mlflow_dtype(fact.datum_type), "shape": shape}),
+                    tensor_spec: json!({"dtype": dtype, "shape": shape}),
                     name,
                     zipmap,
                 })
@@ -183,7 +189,13 @@ impl OnnxModel {
         let results = self
             .plan
             .run(batch.tensors.into_iter().map(Tensor::into_tvalue).collect())
-            .map_err(|e| ServingError::Inference(format!("{e:#}")))?;
+            .map_err(
+                |e| match e.chain().find_map(|c| c.downcast_ref::<ml::DataError>()) {
+                    // The request's values, not the model: the client's fault.
+                    Some(data) => ServingError::BadInput(data.to_string()),
+                    None => ServingError::Inference(format!("{e:#}")),
+                },
+            )?;
         self.outputs
             .iter()
             .zip(results.iter())
@@ -198,16 +210,18 @@ impl OnnxModel {
     }
 }
 
-/// MLflow's (numpy's) name for a tensor element type.
-fn mlflow_dtype(datum: DatumType) -> &'static str {
-    match datum {
+/// MLflow's (numpy's) name for an output element type; `None` for those [`tensor_json`] does not
+/// answer.
+fn mlflow_dtype(datum: DatumType) -> Option<&'static str> {
+    Some(match datum {
         DatumType::I64 | DatumType::TDim => "int64",
         DatumType::I32 => "int32",
+        DatumType::F32 => "float32",
         DatumType::F64 => "float64",
         DatumType::String => "str",
         DatumType::Bool => "bool",
-        _ => "float32",
-    }
+        _ => return None,
+    })
 }
 
 fn unsupported(tensor: &Tensor) -> ServingError {

@@ -26,7 +26,7 @@ use switchyard_core::code_hash::{all_files, code_sha256, files_sha256, rs_files}
 use switchyard_core::{ChainFolder, Registry};
 
 pub use mlmodel::{CHAIN_FLAVOR, ChainFlavor, MlModel, ONNX_FLAVOR};
-pub use secrets::find_secrets;
+pub use secrets::{find_secrets, find_secrets_in_text};
 pub use uri::{ModelUri, Selector, check_name};
 
 /// Where a store lives when nothing says otherwise (relative to the working directory).
@@ -357,7 +357,12 @@ impl Store {
             let content_sha256 =
                 files_sha256(&temp, &files).map_err(|e| StoreError::io(&temp, e))?;
             let _lock = lock_model(&model_dir)?;
-            if let Some(existing) = self.find_by_content(name, &content_sha256)? {
+            // Same files, same data file: the same model (an MLflow dir with two .onnx files
+            // and a different `data` is not).
+            if let Some(existing) = self
+                .find_by_content(name, &content_sha256)?
+                .filter(|v| v.mlmodel.onnx_data() == mlmodel.onnx_data())
+            {
                 return Ok(Logged {
                     version: existing,
                     created: false,
@@ -613,35 +618,81 @@ fn content_files(dir: &Path) -> io::Result<Vec<String>> {
         .collect())
 }
 
-/// An MLflow model directory to import: its MLmodel (which must have an `onnx` flavor whose data
-/// file is inside the directory and holds no secret) and its other files.
-fn read_mlflow_onnx_dir(dir: &Path) -> Result<(MlModel, Vec<String>), StoreError> {
-    let invalid = |problems: Vec<String>| StoreError::Invalid {
+/// The ONNX file of `path`: the file itself, or the `onnx` flavor's `data` of an MLflow model
+/// directory (which must stay inside it).
+pub fn onnx_model_file(path: &Path) -> Result<PathBuf, StoreError> {
+    if !path.is_dir() {
+        return Ok(path.to_owned());
+    }
+    let (_, data) = onnx_flavor_data(path)?;
+    Ok(path.join(data))
+}
+
+/// An MLflow model directory's MLmodel and its `onnx` flavor's data file.
+fn onnx_flavor_data(dir: &Path) -> Result<(MlModel, String), StoreError> {
+    let invalid = |problem: String| StoreError::Invalid {
         dir: dir.to_owned(),
-        problems,
+        problems: vec![problem],
     };
     let mlmodel = MlModel::read(&dir.join("MLmodel"))?;
     let Some(data) = mlmodel.onnx_data() else {
-        return Err(invalid(vec![
+        return Err(invalid(
             "MLmodel has no onnx flavor (with a `data` file); only ONNX models import".to_owned(),
-        ]));
+        ));
     };
-    check_relative(&data).map_err(|why| invalid(vec![format!("onnx flavor data: {why}")]))?;
+    check_relative(&data).map_err(|why| invalid(format!("onnx flavor data: {why}")))?;
+    Ok((mlmodel, data))
+}
+
+/// An MLflow model directory to import: its MLmodel (which must have an `onnx` flavor whose data
+/// file is inside the directory) and its other files. Refused: symbolic links (what they point
+/// to would not be imported) and secrets in the MLmodel or any text file.
+fn read_mlflow_onnx_dir(dir: &Path) -> Result<(MlModel, Vec<String>), StoreError> {
+    let (mlmodel, data) = onnx_flavor_data(dir)?;
+    let mut problems = Vec::new();
+    find_symlinks(dir, dir, &mut problems).map_err(|e| StoreError::io(dir, e))?;
     let files = content_files(dir).map_err(|e| StoreError::io(dir, e))?;
     if !files.contains(&data) {
-        return Err(invalid(vec![format!(
-            "the onnx flavor's data file {data} is missing"
-        )]));
+        problems.push(format!("the onnx flavor's data file {data} is missing"));
     }
-    let as_json = serde_json::to_value(&mlmodel).unwrap_or_default();
-    let secrets: Vec<String> = find_secrets("MLmodel", &as_json)
-        .into_iter()
-        .map(|(path, why)| format!("{path} {why}; secrets must not be logged"))
-        .collect();
-    if !secrets.is_empty() {
-        return Err(invalid(secrets));
+    let mut secrets = Vec::new();
+    for file in files.iter().map(String::as_str).chain(["MLmodel"]) {
+        // Text files only: a model's weights are binary.
+        if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
+            secrets.extend(find_secrets_in_text(file, &text));
+        }
+    }
+    problems.extend(
+        secrets
+            .into_iter()
+            .map(|(at, why)| format!("{at} {why}; secrets must not be logged")),
+    );
+    if !problems.is_empty() {
+        return Err(StoreError::Invalid {
+            dir: dir.to_owned(),
+            problems,
+        });
     }
     Ok((mlmodel, files))
+}
+
+/// Every symbolic link under `dir`, as a problem.
+fn find_symlinks(root: &Path, dir: &Path, problems: &mut Vec<String>) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let path = entry.path();
+        if kind.is_symlink() {
+            let relative = path.strip_prefix(root).unwrap_or(&path);
+            problems.push(format!(
+                "{} is a symbolic link: copy the file into the directory",
+                relative.display()
+            ));
+        } else if kind.is_dir() {
+            find_symlinks(root, &path, problems)?;
+        }
+    }
+    Ok(())
 }
 
 fn copy_file(from: &Path, to: &Path) -> Result<(), StoreError> {

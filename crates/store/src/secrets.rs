@@ -62,6 +62,35 @@ fn walk(path: &str, key: Option<&str>, value: &Value, found: &mut Vec<(String, S
     }
 }
 
+/// Secrets in a text file of an imported model directory (`requirements.txt`, `conda.yaml`…),
+/// as `(where, why)`: key-shaped words, and URLs carrying a password (`https://user:pw@host`).
+pub fn find_secrets_in_text(file: &str, text: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let at = format!("{file}:{}", n + 1);
+        let words = line.split(|c: char| c.is_whitespace() || "\"'=,;()[]{}".contains(c));
+        for word in words.filter(|w| !w.is_empty()) {
+            if let Some(why) = looks_like_key(word) {
+                found.push((at.clone(), format!("looks like {why}")));
+            } else if url_has_password(word) {
+                found.push((at.clone(), "is a URL with a password".to_owned()));
+            }
+        }
+    }
+    found
+}
+
+/// `scheme://user:password@host…`
+fn url_has_password(word: &str) -> bool {
+    let Some((_, rest)) = word.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(credentials, _)| credentials.contains(':'))
+}
+
 fn is_secret_name(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     SECRET_KEY_NAMES

@@ -399,3 +399,78 @@ fn concurrent_alias_updates_lose_none() {
     });
     assert_eq!(store.aliases("router").unwrap().len(), 8);
 }
+
+/// A copy of the committed MLflow ONNX model directory that a test may edit.
+fn copy_mlflow_dir(into: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/onnx/mlflow_iris_pipeline");
+    let dest = into.join("mlflow_iris_pipeline");
+    for relative in all_files(&source).unwrap() {
+        copy_file(&source.join(&relative), &dest.join(&relative)).unwrap();
+    }
+    dest
+}
+
+fn signature() -> (String, Option<String>) {
+    ("[]".to_owned(), None)
+}
+
+#[test]
+fn an_mlflow_dir_imports_as_is_and_dedups_only_with_the_same_data_file() {
+    let work = tempfile::tempdir().unwrap();
+    let store = Store::new(work.path().join("store"));
+    let dir = copy_mlflow_dir(work.path());
+    let first = store.log_onnx(&dir, "iris", signature()).unwrap();
+    assert!(first.created);
+    // Its own signature is kept, not replaced by ours.
+    let kept = std::fs::read_to_string(first.version.dir.join("MLmodel")).unwrap();
+    assert!(kept.contains(r#""name": "input""#), "{kept}");
+    assert!(!store.log_onnx(&dir, "iris", signature()).unwrap().created);
+
+    // The same files, but the flavor now serves another file: a new version.
+    std::fs::copy(dir.join("model.onnx"), dir.join("other.onnx")).unwrap();
+    let with_other = store.log_onnx(&dir, "iris", signature()).unwrap();
+    assert!(with_other.created);
+    let mlmodel = std::fs::read_to_string(dir.join("MLmodel")).unwrap();
+    std::fs::write(
+        dir.join("MLmodel"),
+        mlmodel.replace("data: model.onnx", "data: other.onnx"),
+    )
+    .unwrap();
+    let switched = store.log_onnx(&dir, "iris", signature()).unwrap();
+    assert!(switched.created);
+    assert_eq!(switched.version.version, 3);
+    assert_eq!(
+        store.verify_onnx(&switched.version).unwrap(),
+        switched.version.dir.join("other.onnx")
+    );
+}
+
+#[test]
+fn an_mlflow_dir_with_a_secret_or_a_link_is_refused_without_echoing_the_secret() {
+    let work = tempfile::tempdir().unwrap();
+    let store = Store::new(work.path().join("store"));
+    let dir = copy_mlflow_dir(work.path());
+    let requirements = std::fs::read_to_string(dir.join("requirements.txt")).unwrap();
+    std::fs::write(
+        dir.join("requirements.txt"),
+        format!("{requirements}--extra-index-url https://ci:hunter2-secret@pypi.example/simple\n"),
+    )
+    .unwrap();
+    let error = store
+        .log_onnx(&dir, "iris", signature())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("requirements.txt:"), "{error}");
+    assert!(error.contains("is a URL with a password"), "{error}");
+    assert!(!error.contains("hunter2"), "{error}");
+
+    std::fs::write(dir.join("requirements.txt"), requirements).unwrap();
+    std::os::unix::fs::symlink(dir.join("model.onnx"), dir.join("weights.onnx")).unwrap();
+    let error = store
+        .log_onnx(&dir, "iris", signature())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("weights.onnx is a symbolic link"), "{error}");
+    assert!(store.versions("iris").unwrap().is_empty());
+}

@@ -6,7 +6,10 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::{bail, ensure, format_err};
 
-use super::{Kernel, Matrix, Out, Shape, output, per_column};
+use super::{DataError, Kernel, Labels, Matrix, Out, Shape, output, per_column};
+
+/// The widest row FeatureVectorizer builds.
+const MAX_WIDTH: usize = 1 << 20;
 
 /// The input as float32 with its own shape, and the length of its last axis.
 fn floats(input: &TValue) -> TractResult<(Tensor, usize)> {
@@ -115,43 +118,22 @@ impl Kernel for Imputer {
     }
 }
 
-/// The categories of a `OneHotEncoder`.
-#[derive(Debug, Clone, PartialEq)]
-enum Categories {
-    Ints(Vec<i64>),
-    Strings(Vec<String>),
-}
-
 /// One-hot encoding: each value becomes a vector with a 1 at its category's index (a new last
-/// axis). Numbers are compared as integers (onnxruntime truncates floats); an unknown value gives
-/// all zeros, or an error when `zeros = 0`.
+/// axis). Integer inputs compare exactly; floats are truncated to integers as onnxruntime does
+/// (NaN and infinities are unknown). An unknown value gives all zeros, or — with `zeros = 0`, what
+/// skl2onnx writes for scikit-learn's default `handle_unknown="error"` — a 400 for the request.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct OneHotEncoder {
-    categories: Categories,
+    categories: Labels,
     unknown_is_zeros: bool,
 }
 
 impl OneHotEncoder {
     pub fn parse(node: &NodeProto) -> TractResult<Self> {
-        let categories = match (
-            node.get_attr_opt_vec::<i64>("cats_int64s")?,
-            node.get_attr_opt_vec::<String>("cats_strings")?,
-        ) {
-            (Some(ints), None) => Categories::Ints(ints),
-            (None, Some(strings)) => Categories::Strings(strings),
-            _ => bail!("OneHotEncoder needs exactly one of cats_int64s and cats_strings"),
-        };
         Ok(Self {
-            categories,
+            categories: Labels::parse(node, "cats_int64s", "cats_strings")?,
             unknown_is_zeros: node.get_attr_opt::<i64>("zeros")?.unwrap_or(1) != 0,
         })
-    }
-
-    fn len(&self) -> usize {
-        match &self.categories {
-            Categories::Ints(c) => c.len(),
-            Categories::Strings(c) => c.len(),
-        }
     }
 }
 
@@ -161,37 +143,50 @@ impl Kernel for OneHotEncoder {
     fn outputs(&self) -> Vec<Out> {
         vec![Out {
             dt: Some(DatumType::F32),
-            shape: Shape::Append(self.len()),
+            shape: Shape::Append(self.categories.len()),
         }]
     }
 
     fn eval(&self, inputs: TVec<TValue>) -> TractResult<TVec<Tensor>> {
         let input = &inputs[0];
-        let indices: Vec<Option<usize>> = match &self.categories {
-            Categories::Strings(categories) => input
+        let indices: Vec<Option<usize>> = match (&self.categories, input.datum_type()) {
+            (Labels::Strings(categories), _) => input
                 .to_plain_array_view::<String>()?
                 .iter()
                 .map(|v| categories.iter().position(|c| c == v))
                 .collect(),
-            Categories::Ints(categories) => input
+            (Labels::Ints(categories), DatumType::F32 | DatumType::F64) => input
                 .cast_to::<f64>()?
                 .to_plain_array_view::<f64>()?
                 .iter()
-                .map(|v| categories.iter().position(|c| *c == *v as i64))
+                .map(|v| {
+                    v.is_finite()
+                        .then(|| categories.iter().position(|c| *c == v.trunc() as i64))
+                        .flatten()
+                })
+                .collect(),
+            (Labels::Ints(categories), _) => input
+                .cast_to::<i64>()?
+                .to_plain_array_view::<i64>()?
+                .iter()
+                .map(|v| categories.iter().position(|c| c == v))
                 .collect(),
         };
         if !self.unknown_is_zeros && indices.contains(&None) {
-            bail!("OneHotEncoder: a value is not one of the known categories (zeros = 0)");
+            return Err(DataError(
+                "OneHotEncoder: a value is not one of the categories the model knows".to_owned(),
+            )
+            .into());
         }
-        let k = self.len();
-        let mut out = vec![0f32; indices.len() * k];
-        for (i, index) in indices.iter().enumerate() {
-            if let Some(index) = index {
-                out[i * k + index] = 1.0;
-            }
-        }
+        let k = self.categories.len();
         let shape: Vec<usize> = input.shape().iter().copied().chain([k]).collect();
-        Ok(tvec![Tensor::from_shape(&shape, &out)?])
+        let out = output(indices.len(), k, |i, row| {
+            if let Some(index) = indices[i] {
+                row[index] = 1.0;
+            }
+            Ok(())
+        })?;
+        Ok(tvec![out.into_shape(&shape)?])
     }
 }
 
@@ -207,8 +202,16 @@ impl FeatureVectorizer {
         let dimensions: Vec<usize> = node.get_attr_vec("inputdimensions")?;
         node.expect_attr(
             "inputdimensions",
-            dimensions.len() == node.input.len(),
-            "one dimension per input",
+            !dimensions.is_empty() && dimensions.len() == node.input.len(),
+            "one dimension per input, at least one input",
+        )?;
+        let width = dimensions
+            .iter()
+            .try_fold(0usize, |sum, d| sum.checked_add(*d));
+        node.expect_attr(
+            "inputdimensions",
+            width.is_some_and(|w| w <= MAX_WIDTH),
+            || format!("a total of at most {MAX_WIDTH} columns"),
         )?;
         Ok(Self { dimensions })
     }
@@ -264,15 +267,25 @@ pub(crate) struct ArrayFeatureExtractor {
 impl ArrayFeatureExtractor {
     pub fn parse(ctx: &ParsingContext, node: &NodeProto) -> TractResult<Self> {
         let indices = node.input.get(1).map(String::as_str).unwrap_or_default();
-        let constant = ctx
-            .model
-            .graph
-            .iter()
-            .chain(ctx.parent_graphs.iter().copied())
+        let graphs = || {
+            ctx.model
+                .graph
+                .iter()
+                .chain(ctx.parent_graphs.iter().copied())
+        };
+        // An initializer, or the `value` of a Constant node.
+        let constant = graphs()
             .flat_map(|g| &g.initializer)
-            .find(|t| t.name == indices);
+            .find(|t| t.name == indices)
+            .or_else(|| {
+                graphs()
+                    .flat_map(|g| &g.node)
+                    .find(|n| n.op_type == "Constant" && n.output.iter().any(|o| o == indices))
+                    .and_then(|n| n.attribute.iter().find(|a| a.name == "value"))
+                    .and_then(|a| a.t.as_ref())
+            });
         let Some(constant) = constant else {
-            bail!("ArrayFeatureExtractor: indices '{indices}' must be a constant initializer");
+            bail!("ArrayFeatureExtractor: indices '{indices}' must be a constant of the graph");
         };
         let count = constant.dims.iter().product::<i64>();
         Ok(Self {
@@ -306,10 +319,13 @@ impl Kernel for ArrayFeatureExtractor {
                 .chunks(columns.max(1))
                 .flat_map(|row| indices.iter().map(|&i| row[i].clone()))
                 .collect();
-            let mut shape: Vec<usize> = x.shape().to_vec();
-            match shape.last_mut() {
-                Some(last) => *last = indices.len(),
-                None => shape.push(indices.len()),
+            // onnxruntime: a vector [C] gives [1, k].
+            let mut shape: Vec<usize> = match x.shape() {
+                [_] => vec![1, 0],
+                other => other.to_vec(),
+            };
+            if let Some(last) = shape.last_mut() {
+                *last = indices.len();
             }
             Ok(tract_ndarray::ArrayD::from_shape_vec(shape, values)?.into_tensor())
         }
@@ -331,6 +347,8 @@ impl Kernel for ArrayFeatureExtractor {
             DatumType::F64 => pick::<f64>(x, &indices)?,
             DatumType::I64 => pick::<i64>(x, &indices)?,
             DatumType::I32 => pick::<i32>(x, &indices)?,
+            // tract computes a Cast to int64 as TDim.
+            DatumType::TDim => pick::<TDim>(x, &indices)?,
             DatumType::String => pick::<String>(x, &indices)?,
             other => bail!("ArrayFeatureExtractor: {other:?} inputs are not supported"),
         };

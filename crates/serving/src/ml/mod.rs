@@ -13,6 +13,8 @@
 
 mod encode;
 mod svm;
+#[cfg(test)]
+mod tests;
 mod tree;
 
 use std::fmt;
@@ -123,6 +125,65 @@ pub(crate) fn relabel_string_classifiers(proto: &mut ModelProto) {
     graph.node = nodes;
 }
 
+/// Class labels or categories: an ONNX-ML node's `<ints>` or `<strings>` attribute.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Labels {
+    Ints(Vec<i64>),
+    Strings(Vec<String>),
+}
+
+impl Labels {
+    /// Exactly one of the two attributes must be set.
+    pub fn parse(node: &NodeProto, ints: &str, strings: &str) -> TractResult<Self> {
+        match (
+            node.get_attr_opt_vec::<i64>(ints)?,
+            node.get_attr_opt_vec::<String>(strings)?,
+        ) {
+            (Some(ints), None) => Ok(Self::Ints(ints)),
+            (None, Some(strings)) => Ok(Self::Strings(strings)),
+            _ => bail!("{} needs exactly one of {ints} and {strings}", node.op_type),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Ints(l) => l.len(),
+            Self::Strings(l) => l.len(),
+        }
+    }
+
+    pub fn datum_type(&self) -> DatumType {
+        match self {
+            Self::Ints(_) => DatumType::I64,
+            Self::Strings(_) => DatumType::String,
+        }
+    }
+
+    fn json(&self) -> Vec<serde_json::Value> {
+        match self {
+            Self::Ints(l) => l.iter().map(|&v| v.into()).collect(),
+            Self::Strings(l) => l.iter().map(|v| v.as_str().into()).collect(),
+        }
+    }
+}
+
+/// A failure caused by the request's values (an unknown category…), not by the model: the
+/// caller answers 400.
+#[derive(Debug)]
+pub(crate) struct DataError(pub String);
+
+impl fmt::Display for DataError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DataError {}
+
+/// Largest output a kernel allocates per request, in values: a hostile model or request cannot
+/// make the process abort on allocation.
+const MAX_OUTPUT_VALUES: usize = 1 << 28;
+
 /// A graph output produced by `ZipMap`: the probabilities tensor `[N, classes]` that MLflow
 /// answers as one `{label: probability}` object per row.
 #[derive(Debug, Clone)]
@@ -149,15 +210,11 @@ pub(crate) fn zipmaps(proto: &ModelProto) -> TractResult<Vec<ZipMap>> {
                 .then(|| (node, output.clone()))
         })
         .map(|(node, output)| {
-            let labels = match (
-                node.get_attr_opt_vec::<i64>("classlabels_int64s")?,
-                node.get_attr_opt_vec::<String>("classlabels_strings")?,
-            ) {
-                (Some(ints), None) => ints.into_iter().map(serde_json::Value::from).collect(),
-                (None, Some(strings)) => strings.into_iter().map(serde_json::Value::from).collect(),
-                _ => bail!("ZipMap {output}: needs exactly one of classlabels_int64s and classlabels_strings"),
-            };
-            Ok(ZipMap { output, labels })
+            let labels = Labels::parse(node, "classlabels_int64s", "classlabels_strings")?;
+            Ok(ZipMap {
+                output,
+                labels: labels.json(),
+            })
         })
         .collect()
 }
@@ -166,7 +223,7 @@ fn zipmap_as_identity(
     _: &ParsingContext,
     _: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    Ok((expand(Custom(Identity)), vec![]))
+    Ok((expand(Custom(ZipMapPassThrough)), vec![]))
 }
 
 /// Where an output's shape comes from.
@@ -230,6 +287,7 @@ impl<K: Kernel> Expansion for Custom<K> {
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
         let specs = self.0.outputs();
+        ensure!(self.0.inputs() > 0, "{} needs at least one input", K::NAME);
         check_input_arity(inputs, self.0.inputs())?;
         check_output_arity(outputs, specs.len())?;
         for (output, spec) in outputs.iter().zip(specs) {
@@ -238,11 +296,14 @@ impl<K: Kernel> Expansion for Custom<K> {
                 None => s.equals(&output.datum_type, &inputs[0].datum_type)?,
             }
             match spec.shape {
+                // Kernels reading rows take matrices [N, C] only.
                 Shape::Rows => {
+                    s.equals(&inputs[0].rank, 2)?;
                     s.equals(&output.rank, 1)?;
                     s.equals(&output.shape[0], &inputs[0].shape[0])?;
                 }
                 Shape::Matrix(k) => {
+                    s.equals(&inputs[0].rank, 2)?;
                     s.equals(&output.rank, 2)?;
                     s.equals(&output.shape[0], &inputs[0].shape[0])?;
                     s.equals(&output.shape[1], k.to_dim())?;
@@ -258,14 +319,21 @@ impl<K: Kernel> Expansion for Custom<K> {
                         s.equals(&output.shape[rank], k.to_dim())
                     })?;
                 }
+                // onnxruntime: a vector [C] gives [1, k].
                 Shape::LastAxis(k) => {
-                    s.equals(&output.rank, &inputs[0].rank)?;
                     s.given(&inputs[0].rank, move |s, rank| {
-                        let last = (rank as usize).saturating_sub(1);
-                        for axis in 0..last {
+                        ensure!(rank > 0, "{} needs an input of rank 1 or more", K::NAME);
+                        let rank = rank as usize;
+                        if rank == 1 {
+                            s.equals(&output.rank, 2)?;
+                            s.equals(&output.shape[0], 1.to_dim())?;
+                            return s.equals(&output.shape[1], k.to_dim());
+                        }
+                        s.equals(&output.rank, rank as i64)?;
+                        for axis in 0..rank - 1 {
                             s.equals(&output.shape[axis], &inputs[0].shape[axis])?;
                         }
-                        s.equals(&output.shape[last], k.to_dim())
+                        s.equals(&output.shape[rank - 1], k.to_dim())
                     })?;
                 }
             }
@@ -306,7 +374,9 @@ impl<K: Kernel> EvalOp for Custom<K> {
 
 impl<K: Kernel> TypedOp for Custom<K> {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let first = &inputs[0].shape;
+        let Some(first) = inputs.first().map(|fact| &fact.shape) else {
+            bail!("{} needs at least one input", K::NAME);
+        };
         let rows = first.iter().next().cloned().unwrap_or_else(|| 1.to_dim());
         Ok(self
             .0
@@ -318,6 +388,7 @@ impl<K: Kernel> TypedOp for Custom<K> {
                     Shape::Matrix(k) => tvec![rows.clone(), k.to_dim()],
                     Shape::LikeInput => first.iter().cloned().collect(),
                     Shape::Append(k) => first.iter().cloned().chain([k.to_dim()]).collect(),
+                    Shape::LastAxis(k) if first.len() == 1 => tvec![1.to_dim(), k.to_dim()],
                     Shape::LastAxis(k) => {
                         let keep = first.len().saturating_sub(1);
                         first
@@ -338,9 +409,9 @@ impl<K: Kernel> TypedOp for Custom<K> {
 
 /// `ZipMap` at inference: the probabilities go through unchanged.
 #[derive(Debug, Clone, PartialEq)]
-struct Identity;
+struct ZipMapPassThrough;
 
-impl Kernel for Identity {
+impl Kernel for ZipMapPassThrough {
     const NAME: &'static str = "ZipMap";
 
     fn outputs(&self) -> Vec<Out> {
@@ -363,14 +434,12 @@ pub(crate) struct Matrix {
 }
 
 impl Matrix {
-    /// An input as a float32 matrix `[N, C]` (a vector is one row), cast if needed.
+    /// An input as a float32 matrix `[N, C]`, cast if needed.
     fn of(input: &TValue) -> TractResult<Self> {
         let floats = input.cast_to::<f32>()?;
         let view = floats.to_plain_array_view::<f32>()?;
-        let (rows, cols) = match *view.shape() {
-            [cols] => (1, cols),
-            [rows, cols] => (rows, cols),
-            _ => bail!("expected a matrix [N, C], got shape {:?}", view.shape()),
+        let [rows, cols] = *view.shape() else {
+            bail!("expected a matrix [N, C], got shape {:?}", view.shape());
         };
         ensure!(
             cols > 0,
@@ -395,7 +464,11 @@ fn output(
     cols: usize,
     mut fill: impl FnMut(usize, &mut [f32]) -> TractResult<()>,
 ) -> TractResult<Tensor> {
-    let mut values = vec![0f32; rows * cols];
+    let size = rows
+        .checked_mul(cols)
+        .filter(|size| *size <= MAX_OUTPUT_VALUES)
+        .ok_or_else(|| DataError(format!("an output of {rows} × {cols} values is too large")))?;
+    let mut values = vec![0f32; size];
     if cols > 0 {
         for (i, row) in values.chunks_exact_mut(cols).enumerate() {
             fill(i, row)?;

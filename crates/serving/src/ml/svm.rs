@@ -1,12 +1,12 @@
 //! `SVMClassifier` and `SVMRegressor` (scikit-learn's `SVC`, `NuSVC`, `SVR`, `NuSVR`,
-//! `OneClassSVM`), computed as onnxruntime does: libsvm's one-vs-one decision values, votes for the
-//! label, and Platt scaling + pairwise coupling for probabilities.
+//! `OneClassSVM`) with support vectors, computed as onnxruntime does: libsvm's one-vs-one
+//! decision values, votes for the label, and Platt scaling + pairwise coupling for probabilities.
 
 use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::{bail, ensure};
 
-use super::{Kernel, Matrix, Out, PostTransform, Shape, output};
+use super::{Kernel, Labels, Matrix, Out, PostTransform, Shape, output};
 
 /// The kernel function `K(x, support vector)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -90,42 +90,28 @@ impl SupportVectors {
     }
 }
 
-/// Class labels of a classifier.
-#[derive(Debug, Clone, PartialEq)]
-enum Labels {
-    Ints(Vec<i64>),
-    Strings(Vec<String>),
-}
-
-impl Labels {
-    fn len(&self) -> usize {
-        match self {
-            Self::Ints(l) => l.len(),
-            Self::Strings(l) => l.len(),
+/// The label of each row's winning class.
+fn label_tensor(labels: &Labels, winners: &[usize]) -> Tensor {
+    match labels {
+        Labels::Ints(l) => {
+            tract_ndarray::Array1::from_iter(winners.iter().map(|&w| l[w])).into_tensor()
         }
-    }
-
-    fn tensor(&self, winners: &[usize]) -> Tensor {
-        match self {
-            Self::Ints(l) => tract_ndarray::Array1::from_iter(winners.iter().map(|&w| l[w])),
-            Self::Strings(l) => {
-                return tract_ndarray::Array1::from_iter(winners.iter().map(|&w| l[w].clone()))
-                    .into_tensor();
-            }
+        Labels::Strings(l) => {
+            tract_ndarray::Array1::from_iter(winners.iter().map(|&w| l[w].clone())).into_tensor()
         }
-        .into_tensor()
     }
 }
 
 /// A one-vs-one support vector classifier. Outputs the label and, per row, either the pairwise
-/// decision values (`classes·(classes−1)/2` columns) or, with `prob_a`/`prob_b`, the class
-/// probabilities.
+/// decision values (`classes·(classes−1)/2` columns; for two classes `[−s, s]`, as onnxruntime)
+/// or, with `prob_a`/`prob_b`, the class probabilities. The linear mode (no support vectors) is
+/// refused at load.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct SvmClassifier {
     labels: Labels,
     kernel: KernelFn,
     vectors: SupportVectors,
-    /// Support vectors per class, and where each class's start.
+    /// Support vectors per class, and the index of each class's first one.
     per_class: Vec<usize>,
     starts: Vec<usize>,
     /// `(classes − 1) × vectors` dual coefficients, libsvm's layout.
@@ -139,22 +125,18 @@ pub(crate) struct SvmClassifier {
 
 impl SvmClassifier {
     pub fn parse(node: &NodeProto) -> TractResult<Self> {
-        let labels = match (
-            node.get_attr_opt_vec::<i64>("classlabels_ints")?,
-            node.get_attr_opt_vec::<String>("classlabels_strings")?,
-        ) {
-            (Some(ints), None) => Labels::Ints(ints),
-            (None, Some(strings)) => Labels::Strings(strings),
-            _ => {
-                bail!("SVMClassifier needs exactly one of classlabels_ints and classlabels_strings")
-            }
-        };
+        let labels = Labels::parse(node, "classlabels_ints", "classlabels_strings")?;
         let classes = labels.len();
         node.expect(classes >= 2, "at least two classes")?;
         let per_class: Vec<usize> = node
             .get_attr_opt_vec("vectors_per_class")?
             .unwrap_or_default();
-        let count: usize = per_class.iter().sum();
+        let Some(count) = per_class
+            .iter()
+            .try_fold(0usize, |sum, n| sum.checked_add(*n))
+        else {
+            bail!("SVMClassifier: vectors_per_class overflows");
+        };
         if count == 0 {
             bail!("SVMClassifier without support vectors (the linear mode) is not supported");
         }
@@ -175,7 +157,7 @@ impl SvmClassifier {
         let coefficients: Vec<f32> = node.get_attr_vec("coefficients")?;
         node.expect_attr(
             "coefficients",
-            coefficients.len() == (classes - 1) * count,
+            (classes - 1).checked_mul(count) == Some(coefficients.len()),
             || {
                 format!(
                     "(classes − 1) × support vectors = {}",
@@ -185,7 +167,7 @@ impl SvmClassifier {
         )?;
         let rho: Vec<f32> = node.get_attr_vec("rho")?;
         node.expect_attr("rho", rho.len() == pairs, "one value per class pair")?;
-        let prob_a: Vec<f32> = node.get_attr_opt_vec("prob_a")?.unwrap_or_default();
+                let prob_a: Vec<f32> = node.get_attr_opt_vec("prob_a")?.unwrap_or_default();
         let prob_b: Vec<f32> = node.get_attr_opt_vec("prob_b")?.unwrap_or_default();
         let probability = if prob_a.is_empty() {
             None
@@ -196,6 +178,11 @@ impl SvmClassifier {
             )?;
             Some((prob_a, prob_b))
         };
+        let post_transform = PostTransform::parse(node)?;
+        // onnxruntime writes [1 − s, s] untransformed in that case: an oddity we do not copy.
+        if classes == 2 && probability.is_none() && post_transform != PostTransform::None {
+            bail!("SVMClassifier: two classes without probabilities need post_transform NONE");
+        }
         Ok(Self {
             vectors: SupportVectors::parse(node, count)?,
             kernel: KernelFn::parse(node)?,
@@ -205,7 +192,7 @@ impl SvmClassifier {
             coefficients,
             rho,
             probability,
-            post_transform: PostTransform::parse(node)?,
+            post_transform,
         })
     }
 
@@ -215,7 +202,7 @@ impl SvmClassifier {
 
     fn score_columns(&self) -> usize {
         let classes = self.classes();
-        if self.probability.is_some() {
+        if self.probability.is_some() || classes == 2 {
             classes
         } else {
             classes * (classes - 1) / 2
@@ -316,10 +303,7 @@ impl Kernel for SvmClassifier {
     const NAME: &'static str = "SVMClassifier";
 
     fn outputs(&self) -> Vec<Out> {
-        let label = match self.labels {
-            Labels::Ints(_) => DatumType::I64,
-            Labels::Strings(_) => DatumType::String,
-        };
+        let label = self.labels.datum_type();
         vec![
             Out {
                 dt: Some(label),
@@ -349,6 +333,7 @@ impl Kernel for SvmClassifier {
             self.vectors.kernels(self.kernel, row, &mut kernels);
             winners.push(self.decide(&kernels, &mut decisions));
             match &self.probability {
+                None if classes == 2 => out.copy_from_slice(&[-decisions[0], decisions[0]]),
                 None => out.copy_from_slice(&decisions),
                 Some((a, b)) => {
                     let mut r = vec![vec![0f32; classes]; classes];
@@ -364,11 +349,13 @@ impl Kernel for SvmClassifier {
             self.post_transform.apply(out);
             Ok(())
         })?;
-        Ok(tvec![self.labels.tensor(&winners), scores])
+        Ok(tvec![label_tensor(&self.labels, &winners), scores])
     }
 }
 
 /// A support vector regressor: `Σ coefficient·K(x, v) + rho`, or its sign for a one-class SVM.
+/// `post_transform` is ignored, as onnxruntime ignores it. The linear mode (no support vectors)
+/// is refused at load.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct SvmRegressor {
     kernel: KernelFn,
@@ -376,7 +363,6 @@ pub(crate) struct SvmRegressor {
     coefficients: Vec<f32>,
     rho: f32,
     one_class: bool,
-    post_transform: PostTransform,
 }
 
 impl SvmRegressor {
@@ -399,7 +385,6 @@ impl SvmRegressor {
             coefficients,
             rho: rho[0],
             one_class: node.get_attr_opt::<i64>("one_class")?.unwrap_or(0) != 0,
-            post_transform: PostTransform::parse(node)?,
         })
     }
 }
@@ -438,7 +423,6 @@ impl Kernel for SvmRegressor {
                 score = if score > 0.0 { 1.0 } else { -1.0 };
             }
             y[0] = score;
-            self.post_transform.apply(y);
             Ok(())
         })?;
         Ok(tvec![out])

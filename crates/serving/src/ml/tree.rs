@@ -11,6 +11,9 @@ use tract_onnx::tract_hir::internal::{bail, ensure, format_err};
 
 use super::{Kernel, Matrix, Out, PostTransform, Shape, output};
 
+/// More targets than any real regressor has; bounds what a model file can make us allocate.
+const MAX_TARGETS: usize = 1 << 16;
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Mode {
     Leq,
@@ -52,8 +55,8 @@ struct Trees {
 }
 
 impl Trees {
-    /// Reads the `nodes_*` and `<leaf>_*` attribute lists (`leaf` is `target` for regressors).
-    fn parse(node: &NodeProto, leaf: &str) -> TractResult<Self> {
+    /// Reads the `nodes_*` and `target_*` attribute lists.
+    fn parse(node: &NodeProto) -> TractResult<Self> {
         for attr in ["nodes_values_as_tensor", "base_values_as_tensor"] {
             if node.get_attr_opt::<&TensorProto>(attr)?.is_some() {
                 bail!(
@@ -129,10 +132,10 @@ impl Trees {
             });
         }
 
-        let leaf_trees: Vec<i64> = node.get_attr_vec(&format!("{leaf}_treeids"))?;
-        let leaf_nodes: Vec<i64> = node.get_attr_vec(&format!("{leaf}_nodeids"))?;
-        let leaf_targets: Vec<usize> = node.get_attr_vec(&format!("{leaf}_ids"))?;
-        let leaf_weights: Vec<f32> = node.get_attr_vec(&format!("{leaf}_weights"))?;
+        let leaf_trees: Vec<i64> = node.get_attr_vec("target_treeids")?;
+        let leaf_nodes: Vec<i64> = node.get_attr_vec("target_nodeids")?;
+        let leaf_targets: Vec<usize> = node.get_attr_vec("target_ids")?;
+        let leaf_weights: Vec<f32> = node.get_attr_vec("target_weights")?;
         let m = leaf_trees.len();
         node.expect(
             leaf_nodes.len() == m && leaf_targets.len() == m && leaf_weights.len() == m,
@@ -157,18 +160,40 @@ impl Trees {
             .map(|n| n.feature + 1)
             .max()
             .unwrap_or(0);
-        Ok(Self {
+        let trees = Self {
             nodes,
             roots: roots.into_iter().map(|(_, root)| root).collect(),
             features,
-        })
+        };
+        trees.check_acyclic(node)?;
+        Ok(trees)
+    }
+
+    /// The trees are trees: walking every one from its root reaches each node at most once in
+    /// all (no cycle, no shared subtree), so a row's walk is bounded by a tree's depth.
+    fn check_acyclic(&self, node: &NodeProto) -> TractResult<()> {
+        let mut visits = 0usize;
+        let mut stack = self.roots.clone();
+        while let Some(at) = stack.pop() {
+            visits += 1;
+            ensure!(
+                visits <= self.nodes.len(),
+                "{}: the nodes do not form trees (a cycle or a shared subtree)",
+                node.op_type
+            );
+            let n = &self.nodes[at];
+            if n.mode != Mode::Leaf {
+                stack.extend([n.if_true, n.if_false]);
+            }
+        }
+        Ok(())
     }
 
     /// The leaf `row` reaches in the tree rooted at `root`.
     fn leaf(&self, root: usize, row: &[f32]) -> &Node {
         let mut node = &self.nodes[root];
-        // A malformed tree could loop; no path is longer than the node count.
-        for _ in 0..self.nodes.len() {
+        // Trees are checked at load; the bound is a second guard.
+        for _ in 0..=self.nodes.len() {
             if node.mode == Mode::Leaf {
                 return node;
             }
@@ -208,9 +233,11 @@ pub(crate) struct TreeEnsembleRegressor {
 
 impl TreeEnsembleRegressor {
     pub fn parse(node: &NodeProto) -> TractResult<Self> {
-        let trees = Trees::parse(node, "target")?;
+        let trees = Trees::parse(node)?;
         let targets: usize = node.get_attr_opt("n_targets")?.unwrap_or(1);
-        node.expect_attr("n_targets", targets > 0, "at least one target")?;
+        node.expect_attr("n_targets", (1..=MAX_TARGETS).contains(&targets), || {
+            format!("between 1 and {MAX_TARGETS}")
+        })?;
         if let Some(bad) = trees
             .nodes
             .iter()
