@@ -145,6 +145,19 @@ mod fixture_tests {
         assert!(error.contains("LinearClassifiez"), "{error}");
     }
 
+        #[test]
+    fn a_model_learns_what_a_row_costs() {
+        let model = OnnxModel::load(&fixtures().join("logreg.onnx")).unwrap();
+        assert_eq!(model.expected_time(10), None);
+        let batch = model
+            .parse_input(&serde_json::json!({"inputs": [[5.1, 3.5, 1.4, 0.2]]}))
+            .unwrap();
+        model.predict(batch).unwrap();
+        let ten = model.expected_time(10).unwrap();
+        assert!(ten > std::time::Duration::ZERO && ten < std::time::Duration::from_secs(1));
+        assert_eq!(model.expected_time(20).unwrap(), ten * 2);
+    }
+
     #[test]
     fn zero_rows_give_empty_outputs() {
         let model = OnnxModel::load(&fixtures().join("logreg.onnx")).unwrap();

@@ -2,6 +2,8 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 use tract_onnx::prelude::*;
@@ -25,6 +27,9 @@ pub struct OnnxModel {
     plan: Arc<TypedRunnableModel>,
     inputs: Vec<InputSpec>,
     outputs: Vec<OutputSpec>,
+    /// What a row has cost lately, in nanoseconds (a moving average over `predict` calls; 0
+    /// until the first): lets the caller run cheap predictions inline.
+    nanos_per_row: AtomicU64,
 }
 
 impl std::fmt::Debug for OnnxModel {
@@ -135,7 +140,16 @@ impl OnnxModel {
             plan,
             inputs,
             outputs,
+            nanos_per_row: AtomicU64::new(0),
         })
+    }
+
+    /// How long `rows` rows are expected to take, from the calls so far; `None` before the first.
+    pub fn expected_time(&self, rows: usize) -> Option<Duration> {
+        match self.nanos_per_row.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(Duration::from_nanos(nanos.saturating_mul(rows as u64))),
+        }
     }
 
     /// The model's inputs, in order.
@@ -186,6 +200,8 @@ impl OnnxModel {
                 .map(|o| (o.name.clone(), Value::Array(Vec::new())))
                 .collect());
         }
+        let started = Instant::now();
+        let rows = batch.rows as u64;
         let results = self
             .plan
             .run(batch.tensors.into_iter().map(Tensor::into_tvalue).collect())
@@ -196,6 +212,17 @@ impl OnnxModel {
                     None => ServingError::Inference(format!("{e:#}")),
                 },
             )?;
+        // A moving average (weight 1/8 for the newest), so one slow call does not decide alone.
+        let per_row = u64::try_from(started.elapsed().as_nanos() / u128::from(rows.max(1)))
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let before = self.nanos_per_row.load(Ordering::Relaxed);
+        let average = if before == 0 {
+            per_row
+        } else {
+            before - before / 8 + per_row / 8
+        };
+        self.nanos_per_row.store(average.max(1), Ordering::Relaxed);
         self.outputs
             .iter()
             .zip(results.iter())

@@ -12,6 +12,7 @@
 //! the fixtures in `tests/fixtures/onnx` (see its README for the per-operator notes).
 
 mod encode;
+mod linear;
 mod svm;
 #[cfg(test)]
 mod tests;
@@ -42,6 +43,37 @@ pub(crate) fn register(onnx: &mut Onnx) {
             vec![],
         ))
     });
+    // tract's own builders stay for the binary layouts scored by one number.
+    if let Some(tract) = ops.0.get("TreeEnsembleClassifier") {
+        TRACT_TREE_CLASSIFIER.get_or_init(|| *tract);
+    }
+    if let Some(tract) = ops.0.get("LinearClassifier") {
+        TRACT_LINEAR_CLASSIFIER.get_or_init(|| *tract);
+    }
+    ops.insert("LinearClassifier", |ctx, node| {
+        if linear::is_single_row_binary(node)? {
+            let Some(tract) = TRACT_LINEAR_CLASSIFIER.get() else {
+                bail!("LinearClassifier: tract's builder is missing");
+            };
+            return tract(ctx, node);
+        }
+        Ok((
+            expand(Custom(linear::LinearClassifier::parse(node)?)),
+            vec![],
+        ))
+    });
+    ops.insert("TreeEnsembleClassifier", |ctx, node| {
+        if tree::is_single_score_binary(node)? {
+            let Some(tract) = TRACT_TREE_CLASSIFIER.get() else {
+                bail!("TreeEnsembleClassifier: tract's builder is missing");
+            };
+            return tract(ctx, node);
+        }
+        Ok((
+            expand(Custom(tree::TreeEnsembleClassifier::parse(node)?)),
+            vec![],
+        ))
+    });
     ops.insert("TreeEnsembleRegressor", |_, node| {
         Ok((
             expand(Custom(tree::TreeEnsembleRegressor::parse(node)?)),
@@ -65,6 +97,14 @@ pub(crate) fn register(onnx: &mut Onnx) {
     });
     ops.insert("ZipMap", zipmap_as_identity);
 }
+
+/// How tract builds an operator from an ONNX node.
+type OpBuilder =
+    fn(&ParsingContext, &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
+
+/// tract's builders, kept before ours replace them in the op table.
+static TRACT_TREE_CLASSIFIER: std::sync::OnceLock<OpBuilder> = std::sync::OnceLock::new();
+static TRACT_LINEAR_CLASSIFIER: std::sync::OnceLock<OpBuilder> = std::sync::OnceLock::new();
 
 /// Our own op type for the lookup [`relabel_string_classifiers`] inserts.
 const LABEL_LOOKUP: &str = "SwitchyardLabelLookup";
@@ -163,6 +203,18 @@ impl Labels {
         match self {
             Self::Ints(l) => l.iter().map(|&v| v.into()).collect(),
             Self::Strings(l) => l.iter().map(|v| v.as_str().into()).collect(),
+        }
+    }
+}
+
+/// The label of each row's winning class.
+pub(crate) fn label_tensor(labels: &Labels, winners: &[usize]) -> Tensor {
+    match labels {
+        Labels::Ints(l) => {
+            tract_ndarray::Array1::from_iter(winners.iter().map(|&w| l[w])).into_tensor()
+        }
+        Labels::Strings(l) => {
+            tract_ndarray::Array1::from_iter(winners.iter().map(|&w| l[w].clone())).into_tensor()
         }
     }
 }

@@ -6,7 +6,7 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::{bail, ensure};
 
-use super::{Kernel, Labels, Matrix, Out, PostTransform, Shape, output};
+use super::{Kernel, Labels, Matrix, Out, PostTransform, Shape, label_tensor, output};
 
 /// The kernel function `K(x, support vector)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -90,18 +90,6 @@ impl SupportVectors {
     }
 }
 
-/// The label of each row's winning class.
-fn label_tensor(labels: &Labels, winners: &[usize]) -> Tensor {
-    match labels {
-        Labels::Ints(l) => {
-            tract_ndarray::Array1::from_iter(winners.iter().map(|&w| l[w])).into_tensor()
-        }
-        Labels::Strings(l) => {
-            tract_ndarray::Array1::from_iter(winners.iter().map(|&w| l[w].clone())).into_tensor()
-        }
-    }
-}
-
 /// A one-vs-one support vector classifier. Outputs the label and, per row, either the pairwise
 /// decision values (`classes·(classes−1)/2` columns; for two classes `[−s, s]`, as onnxruntime)
 /// or, with `prob_a`/`prob_b`, the class probabilities. The linear mode (no support vectors) is
@@ -167,7 +155,7 @@ impl SvmClassifier {
         )?;
         let rho: Vec<f32> = node.get_attr_vec("rho")?;
         node.expect_attr("rho", rho.len() == pairs, "one value per class pair")?;
-                let prob_a: Vec<f32> = node.get_attr_opt_vec("prob_a")?.unwrap_or_default();
+        let prob_a: Vec<f32> = node.get_attr_opt_vec("prob_a")?.unwrap_or_default();
         let prob_b: Vec<f32> = node.get_attr_opt_vec("prob_b")?.unwrap_or_default();
         let probability = if prob_a.is_empty() {
             None
