@@ -6,9 +6,10 @@ on 127.0.0.1, all in front of the same mock, then runs each scenario against the
 and through every gateway, interleaved round by round, and writes a markdown report to
 bench/results/<date>.md. Scenarios: pass-through (non-stream, stream, max throughput), the
 example chains `support_bot` and `summarize_then_answer` (served by the same gateway, from the
-repository root), and pass-through with an API key and a rate-limit rule (memory store, and
-Redis on a redis-server of its own). Normally started by bench/run.sh, which builds the
-binaries first.
+repository root), pass-through with an API key and a rate-limit rule (memory store, and
+Redis on a redis-server of its own), and ONNX invocations (scikit-learn models from
+tests/fixtures/onnx, logged into a scratch store, against `mlflow models serve` on the same
+models). Normally started by bench/run.sh, which builds the binaries first.
 
 Nothing here talks to anything but 127.0.0.1, except pip installing the peers from PyPI.
 """
@@ -79,8 +80,11 @@ FUTURE_SCENARIOS = [
     ("chain `router` (classifier call + answer call)",
      "left out: the mock upstream's fixed reply is not the classifier's `{\"topic\": ...}`, so it "
      "would measure the fallback path; `summarize_then_answer` covers the two-call case"),
-    ("ONNX invocations (`POST /endpoints/{name}/invocations`)", "ONNX serving does not exist yet"),
 ]
+
+# Scenario groups (`--scenarios`, `--skip`). All but `onnx` run against the mock upstream.
+LLM_SCENARIOS = ("passthrough", "stream", "chains", "limits", "throughput")
+SCENARIOS = (*LLM_SCENARIOS, "onnx")
 
 
 def log(message: str) -> None:
@@ -97,12 +101,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Debug settings a developer's shell may carry, which change what is measured: with either set,
+# every `anyhow::Error` captures a backtrace, and tract 0.23.9's tree ensembles create one per
+# tree and row (15× fewer req/s on a 100-row random forest). `--gateway-env` can set them again.
+DEBUG_ENV = ("RUST_BACKTRACE", "RUST_LIB_BACKTRACE")
+
+
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for children: no proxies (everything is loopback), no real API keys."""
+    """The environment for children: no proxies (everything is loopback), no real API keys, no
+    Rust backtrace settings."""
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.lower().endswith("_proxy") and not k.endswith("_API_KEY")
+        if not k.lower().endswith("_proxy") and not k.endswith("_API_KEY") and k not in DEBUG_ENV
     }
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     env.update(extra or {})
@@ -117,6 +128,7 @@ class Proc:
         self.name = name
         self.argv = argv
         self.log_path = WORK / f"{name}.log"
+        self.idle_rss_mb = 0.0  # VmRSS of its process tree after start-up, when the harness reads it
         self.log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
             argv,
@@ -330,16 +342,21 @@ def venv_python_version(python: Path, package: str) -> str:
     return out.stdout.strip()
 
 
-def ensure_venv(path: Path, packages: list[str], module: str, install: bool) -> str | None:
-    """Creates the virtualenv and installs `packages` if needed; returns a reason on failure."""
+def ensure_venv(path: Path, packages: list[str], module: str | list[str],
+                install: bool) -> str | None:
+    """Creates the virtualenv (or reuses it) and installs `packages` unless every distribution
+    in `module` is there already; returns a reason on failure."""
     python = path / "bin" / "python"
-    if python.exists() and venv_python_version(python, module):
+    modules = [module] if isinstance(module, str) else module
+    if python.exists() and all(venv_python_version(python, m) for m in modules):
         return None
     if not install:
         return f"not installed in {path.relative_to(ROOT)} (run without --no-install)"
     log(f"installing {' '.join(packages)} into {path.relative_to(ROOT)} (one time) ...")
     try:
-        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, capture_output=True)
+        if not python.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(path)], check=True,
+                           capture_output=True)
         subprocess.run(
             [str(python), "-m", "pip", "install", "-q", *packages],
             check=True,
@@ -385,9 +402,18 @@ litellm_settings:
                          "/health/liveliness", 120)
 
 
+# The MLflow peer's virtualenv: its LLM gateway, and `mlflow models serve` for the ONNX scenario.
+MLFLOW_VENV = BENCH / ".venv-mlflow"
+MLFLOW_PACKAGES = ["mlflow[gateway]", "psutil"]
+# What the ONNX scenario adds to it (scikit-learn comes with mlflow; named for clarity).
+MLFLOW_ONNX_PACKAGES = [*MLFLOW_PACKAGES, "onnx", "onnxruntime", "scikit-learn"]
+# MLflow 3.x sends usage telemetry unless told not to; everything here stays on 127.0.0.1.
+MLFLOW_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+
+
 def start_mlflow(mock_base: str, install: bool) -> tuple[Target | None, str | None]:
-    venv = BENCH / ".venv-mlflow"
-    reason = ensure_venv(venv, ["mlflow[gateway]", "psutil"], "mlflow", install)
+    venv = MLFLOW_VENV
+    reason = ensure_venv(venv, MLFLOW_PACKAGES, "mlflow", install)
     if reason:
         return None, reason
     port = free_port()
@@ -408,7 +434,7 @@ def start_mlflow(mock_base: str, install: bool) -> tuple[Target | None, str | No
         "mlflow",
         [str(venv / "bin" / "mlflow"), "gateway", "start", "--config-path", str(config),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        clean_env({"MLFLOW_TRACKING_URI": f"file://{WORK / 'mlruns'}"}),
+        clean_env({"MLFLOW_TRACKING_URI": f"file://{WORK / 'mlruns'}", **MLFLOW_ENV}),
     )
     version = venv_python_version(venv / "bin" / "python", "mlflow")
     return check_started(proc, f"MLflow gateway {version}", f"http://127.0.0.1:{port}",
@@ -663,6 +689,465 @@ def redis_round_trip(benchmark: str | None, port: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
+# ONNX invocations: Switchyard's `POST /endpoints/{name}/invocations` against `mlflow models
+# serve` on the same model
+
+
+FIXTURES = ROOT / "tests" / "fixtures" / "onnx"
+# sklearn.datasets.load_iris().data: 150 rows of 4 features, in the data set's order (sorted by
+# class). Here so that the harness needs no scikit-learn for the request bodies.
+IRIS = (
+    "5.1,3.5,1.4,0.2 4.9,3,1.4,0.2 4.7,3.2,1.3,0.2 4.6,3.1,1.5,0.2 5,3.6,1.4,0.2 5.4,3.9,1.7,0.4 "
+    "4.6,3.4,1.4,0.3 5,3.4,1.5,0.2 4.4,2.9,1.4,0.2 4.9,3.1,1.5,0.1 5.4,3.7,1.5,0.2 "
+    "4.8,3.4,1.6,0.2 4.8,3,1.4,0.1 4.3,3,1.1,0.1 5.8,4,1.2,0.2 5.7,4.4,1.5,0.4 5.4,3.9,1.3,0.4 "
+    "5.1,3.5,1.4,0.3 5.7,3.8,1.7,0.3 5.1,3.8,1.5,0.3 5.4,3.4,1.7,0.2 5.1,3.7,1.5,0.4 "
+    "4.6,3.6,1,0.2 5.1,3.3,1.7,0.5 4.8,3.4,1.9,0.2 5,3,1.6,0.2 5,3.4,1.6,0.4 5.2,3.5,1.5,0.2 "
+    "5.2,3.4,1.4,0.2 4.7,3.2,1.6,0.2 4.8,3.1,1.6,0.2 5.4,3.4,1.5,0.4 5.2,4.1,1.5,0.1 "
+    "5.5,4.2,1.4,0.2 4.9,3.1,1.5,0.2 5,3.2,1.2,0.2 5.5,3.5,1.3,0.2 4.9,3.6,1.4,0.1 4.4,3,1.3,0.2 "
+    "5.1,3.4,1.5,0.2 5,3.5,1.3,0.3 4.5,2.3,1.3,0.3 4.4,3.2,1.3,0.2 5,3.5,1.6,0.6 5.1,3.8,1.9,0.4 "
+    "4.8,3,1.4,0.3 5.1,3.8,1.6,0.2 4.6,3.2,1.4,0.2 5.3,3.7,1.5,0.2 5,3.3,1.4,0.2 7,3.2,4.7,1.4 "
+    "6.4,3.2,4.5,1.5 6.9,3.1,4.9,1.5 5.5,2.3,4,1.3 6.5,2.8,4.6,1.5 5.7,2.8,4.5,1.3 "
+    "6.3,3.3,4.7,1.6 4.9,2.4,3.3,1 6.6,2.9,4.6,1.3 5.2,2.7,3.9,1.4 5,2,3.5,1 5.9,3,4.2,1.5 "
+    "6,2.2,4,1 6.1,2.9,4.7,1.4 5.6,2.9,3.6,1.3 6.7,3.1,4.4,1.4 5.6,3,4.5,1.5 5.8,2.7,4.1,1 "
+    "6.2,2.2,4.5,1.5 5.6,2.5,3.9,1.1 5.9,3.2,4.8,1.8 6.1,2.8,4,1.3 6.3,2.5,4.9,1.5 "
+    "6.1,2.8,4.7,1.2 6.4,2.9,4.3,1.3 6.6,3,4.4,1.4 6.8,2.8,4.8,1.4 6.7,3,5,1.7 6,2.9,4.5,1.5 "
+    "5.7,2.6,3.5,1 5.5,2.4,3.8,1.1 5.5,2.4,3.7,1 5.8,2.7,3.9,1.2 6,2.7,5.1,1.6 5.4,3,4.5,1.5 "
+    "6,3.4,4.5,1.6 6.7,3.1,4.7,1.5 6.3,2.3,4.4,1.3 5.6,3,4.1,1.3 5.5,2.5,4,1.3 5.5,2.6,4.4,1.2 "
+    "6.1,3,4.6,1.4 5.8,2.6,4,1.2 5,2.3,3.3,1 5.6,2.7,4.2,1.3 5.7,3,4.2,1.2 5.7,2.9,4.2,1.3 "
+    "6.2,2.9,4.3,1.3 5.1,2.5,3,1.1 5.7,2.8,4.1,1.3 6.3,3.3,6,2.5 5.8,2.7,5.1,1.9 7.1,3,5.9,2.1 "
+    "6.3,2.9,5.6,1.8 6.5,3,5.8,2.2 7.6,3,6.6,2.1 4.9,2.5,4.5,1.7 7.3,2.9,6.3,1.8 6.7,2.5,5.8,1.8 "
+    "7.2,3.6,6.1,2.5 6.5,3.2,5.1,2 6.4,2.7,5.3,1.9 6.8,3,5.5,2.1 5.7,2.5,5,2 5.8,2.8,5.1,2.4 "
+    "6.4,3.2,5.3,2.3 6.5,3,5.5,1.8 7.7,3.8,6.7,2.2 7.7,2.6,6.9,2.3 6,2.2,5,1.5 6.9,3.2,5.7,2.3 "
+    "5.6,2.8,4.9,2 7.7,2.8,6.7,2 6.3,2.7,4.9,1.8 6.7,3.3,5.7,2.1 7.2,3.2,6,1.8 6.2,2.8,4.8,1.8 "
+    "6.1,3,4.9,1.8 6.4,2.8,5.6,2.1 7.2,3,5.8,1.6 7.4,2.8,6.1,1.9 7.9,3.8,6.4,2 6.4,2.8,5.6,2.2 "
+    "6.3,2.8,5.1,1.5 6.1,2.6,5.6,1.4 7.7,3,6.1,2.3 6.3,3.4,5.6,2.4 6.4,3.1,5.5,1.8 6,3,4.8,1.8 "
+    "6.9,3.1,5.4,2.1 6.7,3.1,5.6,2.4 6.9,3.1,5.1,2.3 5.8,2.7,5.1,1.9 6.8,3.2,5.9,2.3 "
+    "6.7,3.3,5.7,2.5 6.7,3,5.2,2.3 6.3,2.5,5,1.9 6.5,3,5.2,2 6.2,3.4,5.4,2.3 5.9,3,5.1,1.8 "
+)
+IRIS_ROWS = [[float(v) for v in row.split(",")] for row in IRIS.split()]
+# Both servers must agree on every prediction before anything is measured (labels exactly).
+PREDICTION_TOLERANCE = 1e-5
+
+
+def onnx_bodies(batch_rows: int) -> dict[int, str]:
+    """MLflow scoring bodies (`{"inputs": [[4 floats], ...]}`): one iris row, and `batch_rows`
+    rows spread over the data set, so every class is in the batch."""
+    batch = [IRIS_ROWS[i * len(IRIS_ROWS) // batch_rows] for i in range(batch_rows)]
+    return {1: json.dumps({"inputs": batch[:1]}), batch_rows: json.dumps({"inputs": batch})}
+
+
+# Run with the MLflow virtualenv's Python (the harness itself stays standard-library only).
+ONNX_PREP = r'''
+"""bench/run.py's ONNX helper. argv: OUT_DIR BODIES_JSON NAME=ONNX_PATH ...
+For every model: runs it with onnxruntime, saves it as an MLflow model directory
+(mlflow.onnx.save_model, signature named after the graph's input and outputs, as
+`switchyard log onnx` derives it) at OUT_DIR/mlflow-NAME, and times in-process what
+`mlflow models serve` does per request. Writes OUT_DIR/onnx-prep.json."""
+import json, shutil, sys, time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import mlflow
+import mlflow.onnx
+from mlflow.models import infer_signature
+from mlflow.pyfunc import scoring_server
+
+out_dir = Path(sys.argv[1])
+bodies = json.loads(Path(sys.argv[2]).read_text())
+
+
+def median_us(fn, seconds=0.3, at_least=20):
+    fn()
+    times, deadline = [], time.perf_counter() + seconds
+    while len(times) < at_least or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2] * 1e6
+
+
+models = {}
+for arg in sys.argv[3:]:
+    name, _, path = arg.partition("=")
+    entry = models[name] = {}
+    try:
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+        x = np.array(json.loads(bodies[max(bodies, key=int)])["inputs"], dtype=np.float32)
+        outputs = dict(zip([o.name for o in session.get_outputs()],
+                           session.run(None, {input_name: x})))
+        target = out_dir / f"mlflow-{name}"
+        shutil.rmtree(target, ignore_errors=True)
+        mlflow.onnx.save_model(onnx.load(path), str(target),
+                               signature=infer_signature({input_name: x}, outputs))
+        entry["dir"] = str(target)
+        loaded = mlflow.pyfunc.load_model(str(target))
+        schema = loaded.metadata.get_input_schema()
+        timings = entry["timings_us"] = {}
+        for rows, body in bodies.items():
+            feed = {input_name: np.array(json.loads(body)["inputs"], dtype=np.float32)}
+            timings[rows] = {
+                "ort": median_us(lambda: session.run(None, feed)),
+                "predict": median_us(lambda: loaded.predict(feed)),
+                "invocations": median_us(lambda: scoring_server.invocations(
+                    body, "application/json", loaded, schema)),
+            }
+    except Exception as e:  # the harness reports it and goes on without this model
+        entry["error"] = f"{type(e).__name__}: {e}"[:500]
+
+(out_dir / "onnx-prep.json").write_text(json.dumps({"models": models}))
+'''
+
+
+class Invocation(Target):
+    """A POST of one MLflow scoring body to an invocations URL."""
+
+    def __init__(self, name: str, url: str, proc: Proc, body: str):
+        super().__init__(name, url, proc)
+        self.invocations_url = url
+        self.body = body
+
+    @property
+    def url(self) -> str:
+        return self.invocations_url
+
+
+class OnnxModel:
+    """One model of the ONNX scenario and what each server made of it."""
+
+    def __init__(self, spec: str):
+        path = Path(spec) if spec.endswith(".onnx") else FIXTURES / f"{spec}.onnx"
+        self.path = path if path.is_absolute() else ROOT / path
+        self.name = self.path.stem
+        self.uri: str | None = None  # models:/<name>/<version> once logged
+        self.gateway_refused: str | None = None  # why Switchyard cannot load it
+        self.mlflow: Proc | None = None  # its `mlflow models serve`
+        self.mlflow_refused: str | None = None
+        self.timings: dict[str, dict[str, float]] = {}  # MLflow in-process, per body, µs
+        self.targets: dict[tuple[int, str], Invocation] = {}  # (rows, "switchyard"|"mlflow")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def onnx_gateway(bins: Path, env: dict[str, str], store: Path, models: list[OnnxModel],
+                 name: str) -> tuple[Proc | None, int, str]:
+    """A gateway serving `models` from `store` (one endpoint per model, named like it); returns
+    it and its port when ready, else None and the end of its log."""
+    port = free_port()
+    config = WORK / f"{name}.toml"
+    config.write_text(f'# Generated by bench/run.py\n[server]\nlisten = "127.0.0.1:{port}"\n\n'
+                      f'[store]\npath = "{store}"\n'
+                      + "".join(f'\n[[endpoints]]\nname = "{m.name}"\nmodel = "{m.uri}"\n'
+                                for m in models))
+    proc = Proc(name, [str(bins / "switchyard"), "serve", "--config", str(config)], clean_env(env),
+                cwd=ROOT)
+    if wait_ready(proc, f"http://127.0.0.1:{port}/ready", 20):
+        return proc, port, ""
+    tail = proc.log_tail(6)
+    proc.stop()
+    return None, port, one_line(tail)
+
+
+def compare_predictions(a, b, path: str = "predictions") -> str | None:
+    """None when `a` and `b` agree: same keys and lengths, labels (and other non-floats) equal,
+    floats within PREDICTION_TOLERANCE; else where they first differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if sorted(a) != sorted(b):
+            return f"{path}: keys {sorted(a)} vs {sorted(b)}"
+        return next((p for k in a if (p := compare_predictions(a[k], b[k], f"{path}.{k}"))), None)
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{path}: {len(a)} vs {len(b)} items"
+        return next((p for i, (x, y) in enumerate(zip(a, b))
+                     if (p := compare_predictions(x, y, f"{path}[{i}]"))), None)
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    if numbers and "label" not in path and not all(isinstance(v, int) for v in (a, b)):
+        return None if abs(a - b) <= PREDICTION_TOLERANCE else f"{path}: {a!r} vs {b!r}"
+    return None if a == b and type(a) is type(b) else f"{path}: {a!r} vs {b!r}"
+
+
+def setup_onnx(args, bins: Path, gateway_env: dict[str, str], procs: list[Proc],
+               notes: list[str]) -> tuple[list[OnnxModel], Proc | None, dict[int, str]]:
+    """Logs every model into a scratch store and serves them all from one gateway; saves each as
+    an MLflow model directory and starts one `mlflow models serve` per model; checks that both
+    answer every body with the same predictions. A model the gateway refuses (at `log` or at
+    start-up) is reported and left out on Switchyard's side; a wrong answer stops the run."""
+    models = [OnnxModel(s.strip()) for s in args.onnx_models.split(",") if s.strip()]
+    bodies = onnx_bodies(args.onnx_batch)
+    store = WORK / "onnx-store"
+    shutil.rmtree(store, ignore_errors=True)
+    for m in models:
+        out = subprocess.run([str(bins / "switchyard"), "--store", str(store), "log", "onnx",
+                              str(m.path), "--name", m.name], capture_output=True, text=True,
+                             env=clean_env(), cwd=ROOT, timeout=120, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            m.uri = out.stdout.split()[-1]
+            log(f"onnx: logged {m.path.relative_to(ROOT) if m.path.is_relative_to(ROOT) else m.path}"
+                f" as {m.uri}")
+        else:
+            m.gateway_refused = f"`switchyard log onnx` refused it: {one_line(out.stderr)}"
+            log(f"onnx: gateway cannot load {m.name}: {m.gateway_refused}")
+
+    # One gateway for all logged models. If it does not start, find the model(s) it refuses with
+    # one gateway per model, and serve the others.
+    gateway, port = None, 0
+    loadable = [m for m in models if m.uri]
+    while loadable:
+        gateway, port, tail = onnx_gateway(bins, gateway_env, store, loadable, "switchyard-onnx")
+        if gateway:
+            break
+        for m in loadable:
+            probe, _, why = onnx_gateway(bins, gateway_env, store, [m], f"switchyard-onnx-{m.name}")
+            if probe:
+                probe.stop()
+            else:
+                m.gateway_refused = f"the gateway did not start with it: {why}"
+                log(f"onnx: gateway cannot load {m.name}: {m.gateway_refused}")
+        if all(m.uri and not m.gateway_refused for m in loadable):
+            raise RuntimeError(f"the ONNX gateway did not start, though each model alone does: {tail}")
+        loadable = [m for m in loadable if not m.gateway_refused]
+    if gateway:
+        procs.append(gateway)
+        for m in loadable:
+            for rows, body in bodies.items():
+                m.targets[rows, "switchyard"] = Invocation(
+                    f"switchyard `{m.name}` {rows} row(s)",
+                    f"http://127.0.0.1:{port}/endpoints/{m.name}/invocations", gateway, body)
+
+    # MLflow: the same models, saved with mlflow.onnx, one `mlflow models serve` each.
+    if "mlflow" not in [p.strip() for p in args.peers.split(",")]:
+        notes.append("ONNX: `mlflow models serve` not measured (mlflow is not in --peers)")
+    elif reason := ensure_venv(MLFLOW_VENV, MLFLOW_ONNX_PACKAGES,
+                               ["mlflow", "onnx", "onnxruntime", "scikit-learn"],
+                               not args.no_install):
+        notes.append(f"ONNX: `mlflow models serve` not measured: {reason}")
+    else:
+        python = MLFLOW_VENV / "bin" / "python"
+        (WORK / "onnx_prep.py").write_text(ONNX_PREP)
+        (WORK / "onnx-bodies.json").write_text(json.dumps({str(k): v for k, v in bodies.items()}))
+        log("onnx: saving the models as MLflow model directories (mlflow.onnx.save_model) ...")
+        env = clean_env({"MLFLOW_TRACKING_URI": f"file://{WORK / 'mlruns'}", **MLFLOW_ENV})
+        out = subprocess.run([str(python), str(WORK / "onnx_prep.py"), str(WORK),
+                              str(WORK / "onnx-bodies.json"), *[f"{m.name}={m.path}" for m in models]],
+                             capture_output=True, text=True, env=env, cwd=WORK, timeout=600,
+                             check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"the MLflow ONNX helper failed: {out.stderr[-1500:]}")
+        prepared = json.loads((WORK / "onnx-prep.json").read_text())["models"]
+        env["PATH"] = f"{MLFLOW_VENV / 'bin'}:{env.get('PATH', '')}"  # it execs `uvicorn`
+        ports = {}
+        for m in models:
+            entry = prepared.get(m.name, {})
+            if "dir" not in entry:
+                m.mlflow_refused = f"cannot be saved or loaded with mlflow: {entry.get('error')}"
+                continue
+            m.timings = entry["timings_us"]
+            ports[m.name] = free_port()
+            m.mlflow = Proc(f"mlflow-serve-{m.name}",
+                            [str(MLFLOW_VENV / "bin" / "mlflow"), "models", "serve", "-m",
+                             entry["dir"], "--env-manager", "local", "-h", "127.0.0.1",
+                             "-p", str(ports[m.name]), "-w", str(args.mlflow_workers)], env)
+            procs.append(m.mlflow)
+        for m in models:  # they start in parallel; ~15 s each on 2 cores
+            if m.mlflow is None:
+                continue
+            if not wait_ready(m.mlflow, f"http://127.0.0.1:{ports[m.name]}/ping", 180):
+                raise RuntimeError(f"mlflow models serve ({m.name}) did not become ready:\n"
+                                   f"{m.mlflow.log_tail()}")
+            log(f"onnx: mlflow models serve ({m.name}) ready")
+            for rows, body in bodies.items():
+                m.targets[rows, "mlflow"] = Invocation(
+                    f"mlflow models serve `{m.name}` {rows} row(s)",
+                    f"http://127.0.0.1:{ports[m.name]}/invocations", m.mlflow, body)
+
+    # Both must answer 200 with the same predictions before anything is measured.
+    for m in models:
+        for rows, body in bodies.items():
+            answers = {}
+            for server in ("switchyard", "mlflow"):
+                t = m.targets.get((rows, server))
+                if t is None:
+                    continue
+                status, raw = http("POST", t.url, body, timeout=30)
+                predictions = json.loads(raw).get("predictions") if status == 200 else None
+                if not isinstance(predictions, dict) or any(
+                        len(v) != rows for v in predictions.values() if isinstance(v, list)):
+                    raise RuntimeError(f"{t.name}: HTTP {status}, not {rows} predictions: {raw[:500]!r}")
+                answers[server] = predictions
+            if len(answers) == 2:
+                problem = compare_predictions(answers["switchyard"], answers["mlflow"])
+                if problem:
+                    raise RuntimeError(f"ONNX `{m.name}`, {rows} row(s): Switchyard and MLflow "
+                                       f"disagree (tolerance {PREDICTION_TOLERANCE:g}): {problem}")
+            if answers:
+                log(f"onnx: {m.name}, {rows} row(s): {' and '.join(answers)} answer 200"
+                    + (", same predictions" if len(answers) == 2 else ""))
+    time.sleep(1)
+    for proc in [gateway, *[m.mlflow for m in models]]:
+        if proc:
+            proc.idle_rss_mb = memory_mb(proc.pid, "VmRSS")[0]
+    for m in models:
+        if m.gateway_refused:
+            notes.append(f"ONNX `{m.name}`: gateway cannot load it — {m.gateway_refused}")
+        if m.mlflow_refused:
+            notes.append(f"ONNX `{m.name}`: MLflow {m.mlflow_refused}")
+    return models, gateway, bodies
+
+
+def gateway_latencies(log_path: Path, start: int, endpoint: str) -> list[float]:
+    """`latency_ms` of the gateway's request lines for `endpoint`'s invocations, from byte `start`
+    of its log on: the time inside the gateway, from request to response."""
+    with open(log_path, "rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    path = f"/endpoints/{endpoint}/invocations"
+    return [float(x) for line in text.splitlines() if path in line and "status=200" in line
+            for x in re.findall(r"latency_ms=([\d.]+)", line)[:1]]
+
+
+def measure_onnx(models: list[OnnxModel], gateway: Proc | None, bodies: dict[int, str], loader,
+                 run_fixed, args, floor: Target) -> tuple[list[str], list[tuple[str, str, str, bool | None]]]:
+    """Per model and body: a fixed-rate run (latency) and a max-throughput run (req/s), each
+    server interleaved with the other, as everywhere in the harness. `floor` (the mock upstream,
+    which answers a fixed reply) runs once at the same rate: the loopback round trip no server
+    can beat. Returns the report's sections and its goal rows (what, goal, measured, met; met
+    None = not measured)."""
+    rate, rounds, seconds = args.onnx_rate, args.rounds, args.seconds
+    fixed: dict[str, Measurement] = {}
+    if any(m.targets for m in models):
+        fixed.update(run_fixed([floor], rate, False))
+    inside: dict[str, list[float]] = {}  # switchyard: time inside the gateway, from its log
+    best: dict[str, dict] = {}
+    for m in models:
+        for rows in bodies:
+            targets = [t for s in ("switchyard", "mlflow") if (t := m.targets.get((rows, s)))]
+            if not targets:
+                continue
+            start = gateway.log_path.stat().st_size if gateway else 0
+            fixed.update(run_fixed(targets, rate, False))
+            time.sleep(0.3)  # the gateway's log writer is non-blocking: let it catch up
+            if (rows, "switchyard") in m.targets:
+                inside[m.targets[rows, "switchyard"].name] = gateway_latencies(
+                    gateway.log_path, start, m.name)
+            runs: dict[str, list[dict]] = {t.name: [] for t in targets}
+            for r in range(rounds):
+                for t in targets:
+                    log(f"onnx max throughput round {r + 1}/{rounds}: {t.name}")
+                    runs[t.name].append(loader.max_throughput(t, seconds))
+            best.update({n: {k: sum(x[k] for x in v) / len(v) for k in v[0]} for n, v in runs.items()})
+
+    versions = ""
+    if any(m.mlflow for m in models):
+        python = MLFLOW_VENV / "bin" / "python"
+        versions = (f"mlflow {venv_python_version(python, 'mlflow')}, onnxruntime "
+                    f"{venv_python_version(python, 'onnxruntime')}")
+    lines = ["| model | rows/request | server | achieved req/s | success | p50 ms | p90 ms | p99 ms "
+             "| max req/s | rows/s at max | success at max | p50 ms at max | p99 ms at max |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    goals: list[tuple[str, str, str, bool | None]] = []
+    for m in models:
+        for rows in bodies:
+            for server in ("switchyard", "mlflow"):
+                t = m.targets.get((rows, server))
+                label = "Switchyard" if server == "switchyard" else "mlflow models serve"
+                if t is None:
+                    why = m.gateway_refused if server == "switchyard" else m.mlflow_refused
+                    if why or server == "switchyard":
+                        lines.append(f"| `{m.name}` | {rows} | {label} | "
+                                     f"{'gateway cannot load' if server == 'switchyard' else 'cannot load'}"
+                                     " | | | | | | | | | |")
+                    continue
+                f, b = fixed[t.name], best[t.name]
+                p = f.pct()
+                lines.append(f"| `{m.name}` | {rows} | {label} | {f.achieved:.0f} | {f.success * 100:.2f}% "
+                             f"| {ms(p[50])} | {ms(p[90])} | {ms(p[99])} | {b['rps']:.0f} | "
+                             f"{b['rps'] * rows:.0f} | {b['success'] * 100:.2f}% | {ms(b['p50'])} | "
+                             f"{ms(b['p99'])} |")
+            sw, ml = m.targets.get((rows, "switchyard")), m.targets.get((rows, "mlflow"))
+            what = f"`{m.name}`, {rows} row{'s' if rows > 1 else ''}"
+            if sw and ml:
+                tp = best[sw.name]["rps"] / best[ml.name]["rps"]
+                p50 = fixed[ml.name].pct()[50] / fixed[sw.name].pct()[50]
+                goals.append((f"{what}: max throughput vs MLflow", "≥ 10×",
+                              f"{tp:.1f}× ({best[sw.name]['rps']:.0f} vs {best[ml.name]['rps']:.0f} req/s)",
+                              tp >= 10))
+                floor_p50 = fixed[floor.name].pct()[50] if floor.name in fixed else math.nan
+                goals.append((f"{what}: p50 at {rate:.0f} req/s, MLflow ÷ Switchyard", "≥ 10×",
+                              f"{p50:.1f}× ({fixed[sw.name].pct()[50]:.3f} vs "
+                              f"{fixed[ml.name].pct()[50]:.3f} ms; 10× needs ≤ "
+                              f"{fixed[ml.name].pct()[50] / 10:.3f} ms, loopback floor "
+                              f"{floor_p50:.3f} ms)", p50 >= 10))
+            elif ml:
+                goals.append((f"{what}: vs MLflow", "≥ 10× req/s, ≥ 10× lower p50",
+                              "gateway cannot load", None))
+            elif sw:
+                goals.append((f"{what}: vs MLflow", "≥ 10× req/s, ≥ 10× lower p50",
+                              "MLflow not measured", None))
+
+    sections = [f"### ONNX invocations vs `mlflow models serve` — `POST /endpoints/<model>/invocations` "
+                f"and `POST /invocations`, body `{{\"inputs\": [[4 floats], …]}}` (iris rows); fixed rate "
+                f"{rate:.0f} req/s ({rounds} × {seconds:g} s per target, interleaved; oha, "
+                f"latency-corrected), max throughput at {args.concurrency} connections "
+                f"({rounds} × {seconds:g} s, interleaved, mean of rounds)", "",
+                f"One Switchyard process serves every model that loads (endpoints `models:/<name>/1` "
+                f"from a scratch store, `RUST_LOG` as above); MLflow: one `mlflow models serve -m <dir> "
+                f"--env-manager local -w {args.mlflow_workers}` per model ({versions}; the model saved "
+                f"with `mlflow.onnx.save_model`). Before measuring, both answered every body with HTTP "
+                f"200 and the same predictions (labels equal, probabilities within "
+                f"{PREDICTION_TOLERANCE:g}).", "", *lines, ""]
+
+    # Where the time goes: MLflow's pieces timed in-process (its virtualenv, no HTTP), the
+    # gateway's own time from its request log, and what a client sees at the fixed rate.
+    comp = ["| model | rows/request | onnxruntime `run` µs | MLflow pyfunc `predict` µs | MLflow "
+            "`scoring_server.invocations` µs | MLflow HTTP p50 µs | Switchyard inside the gateway "
+            "p50 µs | Switchyard HTTP p50 µs |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in models:
+        for rows in bodies:
+            sw, ml = m.targets.get((rows, "switchyard")), m.targets.get((rows, "mlflow"))
+            t = m.timings.get(str(rows), {})
+            cells = [f"{t[k]:.0f}" if k in t else "—" for k in ("ort", "predict", "invocations")]
+            cells.append(f"{fixed[ml.name].pct()[50] * 1000:.0f}" if ml else "—")
+            gw = sorted(inside.get(sw.name, [])) if sw else []
+            cells.append(f"{percentile(gw, 50) * 1000:.0f}" if gw else "—")
+            cells.append(f"{fixed[sw.name].pct()[50] * 1000:.0f}" if sw else "—")
+            if sw or ml:
+                comp.append(f"| `{m.name}` | {rows} | " + " | ".join(cells) + " |")
+    if floor.name in fixed:
+        fp = fixed[floor.name].pct()
+        comp += ["", f"Floor: the mock upstream called directly at {rate:.0f} req/s (a fixed reply, "
+                     f"no parsing to speak of), same client: p50 {ms(fp[50])} ms, p90 {ms(fp[90])} ms, "
+                     f"p99 {ms(fp[99])} ms."]
+    sections += [f"#### ONNX: where the time goes (medians; HTTP at {rate:.0f} req/s)", "",
+                 "*onnxruntime `run`*, *pyfunc `predict`* (MLflow's schema check + the same run) and "
+                 "*`scoring_server.invocations`* (JSON parse, predict, JSON out: the `/invocations` "
+                 "handler without HTTP) are timed in-process in the MLflow virtualenv; *inside the "
+                 "gateway* is the `latency_ms` of Switchyard's request log lines (request in to "
+                 "response ready); *HTTP p50* is what oha measured, loopback and client included.", "",
+                 *comp, ""]
+
+    mem = ["| server | models | processes | RSS idle MB | peak RSS (VmHWM) MB | peak RSS without the "
+           "`mlflow` CLI parent MB |", "|---|---|---:|---:|---:|---:|"]
+    if gateway:
+        served = [m.name for m in models if (1, "switchyard") in m.targets]
+        peak, n = memory_mb(gateway.pid, "VmHWM")
+        mem.append(f"| Switchyard | {', '.join(f'`{x}`' for x in served)} | {n} | "
+                   f"{gateway.idle_rss_mb:.1f} | {peak:.1f} | — |")
+    for m in models:
+        if m.mlflow and m.mlflow.alive():
+            peak, n = memory_mb(m.mlflow.pid, "VmHWM")
+            mem.append(f"| mlflow models serve | `{m.name}` | {n} | {m.mlflow.idle_rss_mb:.1f} | {peak:.1f} | "
+                       f"{peak - status_kb(m.mlflow.pid, 'VmHWM') / 1024:.1f} |")
+    sections += ["#### ONNX: memory (sum over each server's processes)", "", *mem, ""]
+    return sections, goals
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 
 
@@ -689,9 +1174,18 @@ def main() -> int:
                         help="fixed rate of the API key + rate-limit scenario (req/s)")
     parser.add_argument("--redis-server", default=shutil.which("redis-server"),
                         help="redis-server binary for the Redis limits-store scenario")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="comma list of scenario groups to run (default: all): " + ", ".join(SCENARIOS))
     parser.add_argument("--skip", default="",
-                        help="comma list of scenario groups to leave out: passthrough, stream, "
-                             "chains, limits, throughput")
+                        help="comma list of scenario groups to leave out (same names)")
+    parser.add_argument("--onnx-models", default="scaler_logreg,random_forest_clf",
+                        help="ONNX scenario: fixture names in tests/fixtures/onnx, or .onnx paths")
+    parser.add_argument("--onnx-rate", type=float, default=100,
+                        help="ONNX scenario: fixed rate for the latency runs (req/s; MLflow sustains it)")
+    parser.add_argument("--onnx-batch", type=int, default=100,
+                        help="ONNX scenario: rows of the batch body (the other body is one row)")
+    parser.add_argument("--mlflow-workers", type=int, default=2,
+                        help="ONNX scenario: uvicorn workers of each `mlflow models serve` (-w)")
     parser.add_argument("--peers", default="litellm,mlflow", help="comma list, or '' for none")
     parser.add_argument("--no-install", action="store_true", help="skip peers not yet installed")
     parser.add_argument("--out", type=Path, default=None, help="report path")
@@ -703,10 +1197,18 @@ def main() -> int:
                         help="extra environment for switchyard, e.g. RUST_LOG=warn or "
                              "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (repeatable)")
     args = parser.parse_args()
+    selected = {x.strip() for x in args.scenarios.split(",") if x.strip()}
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    if unknown := (selected | skip) - set(SCENARIOS):
+        parser.error(f"unknown scenario group(s) {', '.join(sorted(unknown))}; "
+                     f"known: {', '.join(SCENARIOS)}")
+    skip |= set(SCENARIOS) - selected
+    # The LLM peers are only started when a scenario against the mock runs.
+    llm = any(s not in skip for s in LLM_SCENARIOS)
 
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    bins = args.bin_dir
+    bins = args.bin_dir.resolve()  # children run in bench/work
     started = time.monotonic()
     procs: list[Proc] = []
     notes: list[str] = []
@@ -738,7 +1240,7 @@ def main() -> int:
 
         peers: list[Target] = []
         starters = {"litellm": start_litellm, "mlflow": start_mlflow}
-        for name in [p for p in args.peers.split(",") if p]:
+        for name in [p for p in args.peers.split(",") if p and llm]:
             log(f"starting peer {name} ...")
             target, reason = starters[name](mock_base, not args.no_install)
             if target is None:
@@ -769,7 +1271,6 @@ def main() -> int:
         # Variants run wherever switchyard runs; peers only up to --peer-max-rate.
         ours = [switchyard, *variants]
         gateways = [*ours, *peers]
-        skip = {x.strip() for x in args.skip.split(",") if x.strip()}
 
         # Chain endpoints of the main gateway, and what they are compared with.
         gw_base = switchyard.base
@@ -823,6 +1324,10 @@ def main() -> int:
                 if status != 401:
                     raise RuntimeError(f"{t.name}: a request without the key got HTTP {status}, not 401")
                 limited.append(t)
+
+        # ONNX models: their own gateway, and one `mlflow models serve` per model.
+        onnx_models, onnx_gateway_proc, onnx_body = (
+            ([], None, {}) if "onnx" in skip else setup_onnx(args, bins, gateway_env, procs, notes))
 
         time.sleep(1)
         for t in [*gateways, *limited]:
@@ -1005,6 +1510,13 @@ def main() -> int:
         if litellm and targets:
             checks["vs_litellm"] = mean[switchyard.name]["rps"] / mean[litellm.name]["rps"]
 
+        # ONNX invocations against `mlflow models serve`: latency, throughput, memory.
+        onnx_goals = []
+        if onnx_models:
+            onnx_sections, onnx_goals = measure_onnx(onnx_models, onnx_gateway_proc, onnx_body,
+                                                     loader, run_fixed, args, direct)
+            sections += onnx_sections
+
         # Memory, read last: VmHWM is the peak over the process's life, load included.
         lines = ["| gateway | processes | RSS idle MB | peak RSS (VmHWM) MB |", "|---|---:|---:|---:|"]
         for t in [*gateways, *limited]:
@@ -1012,7 +1524,8 @@ def main() -> int:
             lines.append(f"| {t.name} | {n} | {t.idle_rss_mb:.1f} | {peak:.1f} |")
             if t is switchyard:
                 checks["rss_mb"] = peak
-        sections += ["### Memory (sum over the gateway's processes)", "", *lines, ""]
+        if llm:
+            sections += ["### Memory (sum over the gateway's processes)", "", *lines, ""]
 
         # A raw loopback round trip to the same Redis, after the load: what the Redis store's
         # extra latency is compared with.
@@ -1046,13 +1559,16 @@ def main() -> int:
         if "vs_litellm" in checks:
             goals.append(("max throughput vs LiteLLM", "≥ 20×", f"{checks['vs_litellm']:.1f}×",
                           checks["vs_litellm"] >= 20))
-        goals.append(("peak RSS under load", "≤ 64 MB", f"{checks['rss_mb']:.1f} MB",
-                      checks["rss_mb"] <= 64))
+        if llm:
+            goals.append(("peak RSS under load", "≤ 64 MB", f"{checks['rss_mb']:.1f} MB",
+                          checks["rss_mb"] <= 64))
         if "stream_ttfb_p50" in checks:
             goals.append((f"stream added TTFB p50 (at {checks['stream_rate']:.0f} req/s)", "≤ 0.300 ms",
                           f"{checks['stream_ttfb_p50']:.3f} ms", checks["stream_ttfb_p50"] <= 0.3))
-        goal_lines = ["| target (issue 7) | goal | measured | |", "|---|---|---|---|"]
-        goal_lines += [f"| {a} | {b} | {c} | {verdict(ok)} |" for a, b, c, ok in goals]
+        goal_lines = []
+        if goals:
+            goal_lines += ["| target (issue 7) | goal | measured | |", "|---|---|---|---|"]
+            goal_lines += [f"| {a} | {b} | {c} | {verdict(ok)} |" for a, b, c, ok in goals]
 
         # The new scenarios against what they should cost. "≈" = within 25 % or 0.05 ms.
         new_goals = []
@@ -1078,6 +1594,11 @@ def main() -> int:
         if new_goals:
             goal_lines += ["", "| new scenario | goal | measured | |", "|---|---|---|---|"]
             goal_lines += [f"| {a} | {b} | {c} | {verdict(ok)} |" for a, b, c, ok in new_goals]
+        if onnx_goals:
+            goal_lines += ["", "| ONNX invocations vs `mlflow models serve` (same model, same run) "
+                               "| goal | measured | |", "|---|---|---|---|"]
+            goal_lines += [f"| {a} | {b} | {c} | {'—' if ok is None else verdict(ok)} |"
+                           for a, b, c, ok in onnx_goals]
         if "limits_memory_us_per_req" in checks:
             goal_lines += ["", "Key + limit at max throughput: " + "; ".join(
                 f"{store} store {checks[f'limits_{store}_rps']:.0f} req/s "
@@ -1093,8 +1614,9 @@ def main() -> int:
             f"per request, written to a file)"
             + (f", extra environment {' '.join(args.gateway_env)}" if args.gateway_env else "")
             + ". "
-            f"Targets: {', '.join(t.name for t in [direct, *gateways])}. "
-            f"Latencies in ms; *added* = target percentile − direct percentile. "
+            + (f"Targets: {', '.join(t.name for t in [direct, *gateways])}. "
+               f"Latencies in ms; *added* = target percentile − direct percentile. " if llm else "")
+            + f"Scenarios: {', '.join(s for s in SCENARIOS if s not in skip)}. "
             f"Whole run: {(time.monotonic() - started) / 60:.1f} min.",
             "",
             *goal_lines,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Switchyard benchmark harness (issue 7): one command.
-#   bench/run.sh                 # full run, ~11 min on 2 cores (first run also installs the peers)
+#   bench/run.sh                 # full run, ~16 min on 2 cores (first run also installs the peers)
 #   bench/run.sh --seconds 3     # shorter rounds; see `python3 bench/run.py --help` for all options
+#   bench/run.sh --scenarios onnx  # only ONNX invocations vs `mlflow models serve` (~5 min)
 # Builds the release binaries, installs oha if missing, then runs bench/run.py, which prints a
 # markdown report and writes it to bench/results/<date>.md. All traffic stays on 127.0.0.1.
 set -euo pipefail
