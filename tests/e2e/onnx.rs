@@ -68,45 +68,80 @@ async fn serve(fixtures: &[&str]) -> TestGateway {
     TestGateway::start(&config).await
 }
 
+/// The request bodies, one per MLflow format, that carry `inputs` (input name → rows).
+fn every_format(inputs: &serde_json::Map<String, Value>) -> Vec<Value> {
+    let rows_of = |name: &str| inputs[name].as_array().unwrap().clone();
+    let count = inputs.values().next().unwrap().as_array().unwrap().len();
+    if let [(name, rows)] = &inputs.iter().collect::<Vec<_>>()[..] {
+        // One input: the columns are the row, in order, whatever their names.
+        let width = rows[0].as_array().unwrap().len();
+        let columns: Vec<String> = (0..width).map(|i| format!("f{i}")).collect();
+        let records: Vec<Value> = rows_of(name)
+            .iter()
+            .map(|row| {
+                Value::Object(
+                    columns
+                        .iter()
+                        .cloned()
+                        .zip(row.as_array().unwrap().iter().cloned())
+                        .collect(),
+                )
+            })
+            .collect();
+        return vec![
+            json!({"inputs": rows}),
+            json!({"inputs": {*name: rows}}),
+            json!({"instances": rows}),
+            json!({"dataframe_split": {"columns": columns, "data": rows}}),
+            json!({"dataframe_records": records}),
+        ];
+    }
+    // One input per column ([N, 1] each): columns by name, here in reverse order.
+    let names: Vec<&String> = inputs.keys().rev().collect();
+    let cell = |name: &str, i: usize| rows_of(name)[i][0].clone();
+    let data: Vec<Value> = (0..count)
+        .map(|i| Value::Array(names.iter().map(|n| cell(n, i)).collect()))
+        .collect();
+    let records: Vec<Value> = (0..count)
+        .map(|i| Value::Object(names.iter().map(|n| ((*n).clone(), cell(n, i))).collect()))
+        .collect();
+    let instances: Vec<Value> = (0..count)
+        .map(|i| {
+            Value::Object(
+                names
+                    .iter()
+                    .map(|n| ((*n).clone(), rows_of(n)[i].clone()))
+                    .collect(),
+            )
+        })
+        .collect();
+    vec![
+        json!({"inputs": inputs}),
+        json!({"instances": instances}),
+        json!({"dataframe_split": {"columns": names, "data": data}}),
+        json!({"dataframe_records": records}),
+    ]
+}
+
+/// Every fixture (`*.expected.json`), every case, every request format: the gateway's answer
+/// equals onnxruntime's (labels equal, floats within 1e-5).
 #[tokio::test]
 async fn predictions_through_the_gateway_equal_onnxruntimes_in_every_format() {
-    let models = [
-        "logreg",
-        "scaler_logreg_zipmap",
-        "random_forest_clf",
-        "gradient_boosting_clf",
-        "linear_regression",
-        "gradient_boosting_reg",
-    ];
-    let gateway = serve(&models).await;
-    for name in models {
+    let mut models: Vec<String> = std::fs::read_dir(fixture(""))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".expected.json").map(str::to_owned)
+        })
+        .collect();
+    models.sort();
+    assert!(models.len() >= 24, "{models:?}");
+    let names: Vec<&str> = models.iter().map(String::as_str).collect();
+    let gateway = serve(&names).await;
+    for name in &names {
         let expected = expected(name);
         for case in expected["cases"].as_array().unwrap() {
-            let rows = &case["inputs"]["input"];
-            let columns: Vec<String> = (0..rows[0].as_array().unwrap().len())
-                .map(|i| format!("f{i}"))
-                .collect();
-            let records: Vec<Value> = rows
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|row| {
-                    Value::Object(
-                        columns
-                            .iter()
-                            .cloned()
-                            .zip(row.as_array().unwrap().iter().cloned())
-                            .collect(),
-                    )
-                })
-                .collect();
-            for body in [
-                json!({"inputs": rows}),
-                json!({"inputs": {"input": rows}}),
-                json!({"instances": rows}),
-                json!({"dataframe_split": {"columns": columns, "data": rows}}),
-                json!({"dataframe_records": records}),
-            ] {
+            for body in every_format(case["inputs"].as_object().unwrap()) {
                 let response = gateway
                     .post(&format!("/endpoints/{name}/invocations"), &body)
                     .await;
