@@ -145,7 +145,7 @@ mod fixture_tests {
         assert!(error.contains("LinearClassifiez"), "{error}");
     }
 
-        #[test]
+    #[test]
     fn a_model_learns_what_a_row_costs() {
         let model = OnnxModel::load(&fixtures().join("logreg.onnx")).unwrap();
         assert_eq!(model.expected_time(10), None);
