@@ -8,7 +8,7 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::{bail, ensure};
 
-use super::{Kernel, Labels, Matrix, Out, PostTransform, Shape, label_tensor, output};
+use super::{Kernel, Labels, Matrix, Out, PostTransform, classifier_outputs, classify};
 
 /// `scores = x · coefficientsᵀ + intercepts`; the label is the class with the highest score (the
 /// first on ties), then `post_transform` applies to the scores, as onnxruntime does.
@@ -60,16 +60,7 @@ impl Kernel for LinearClassifier {
     const NAME: &'static str = "LinearClassifier";
 
     fn outputs(&self) -> Vec<Out> {
-        vec![
-            Out {
-                dt: Some(self.labels.datum_type()),
-                shape: Shape::Rows,
-            },
-            Out {
-                dt: Some(DatumType::F32),
-                shape: Shape::Matrix(self.labels.len()),
-            },
-        ]
+        classifier_outputs(&self.labels, self.labels.len())
     }
 
     fn eval(&self, inputs: TVec<TValue>) -> TractResult<TVec<Tensor>> {
@@ -80,24 +71,11 @@ impl Kernel for LinearClassifier {
             x.cols,
             self.features
         );
-        let mut winners = Vec::with_capacity(x.rows);
-        let mut rows = x.iter();
         let weights = self.coefficients.chunks_exact(self.features);
-        let scores = output(x.rows, self.labels.len(), |_, scores| {
-            let row = rows.next().unwrap_or_default();
+        classify(&x, &self.labels, self.post_transform, |row, scores| {
             for ((score, w), b) in scores.iter_mut().zip(weights.clone()).zip(&self.intercepts) {
                 *score = b + row.iter().zip(w).map(|(x, w)| x * w).sum::<f32>();
             }
-            let mut best = 0;
-            for (class, score) in scores.iter().enumerate() {
-                if *score > scores[best] {
-                    best = class;
-                }
-            }
-            winners.push(best);
-            self.post_transform.apply(scores);
-            Ok(())
-        })?;
-        Ok(tvec![label_tensor(&self.labels, &winners), scores])
+        })
     }
 }

@@ -219,6 +219,46 @@ pub(crate) fn label_tensor(labels: &Labels, winners: &[usize]) -> Tensor {
     }
 }
 
+/// A classifier's outputs: the label of each row, and `columns` float scores per row.
+pub(crate) fn classifier_outputs(labels: &Labels, columns: usize) -> Vec<Out> {
+    vec![
+        Out {
+            dt: Some(labels.datum_type()),
+            shape: Shape::Rows,
+        },
+        Out {
+            dt: Some(DatumType::F32),
+            shape: Shape::Matrix(columns),
+        },
+    ]
+}
+
+/// Runs a classifier whose `score` fills each row's raw class scores: the label is the class
+/// with the highest raw score (the first on ties), then `post_transform` applies to the scores,
+/// as onnxruntime does.
+pub(crate) fn classify(
+    x: &Matrix,
+    labels: &Labels,
+    post_transform: PostTransform,
+    mut score: impl FnMut(&[f32], &mut [f32]),
+) -> TractResult<TVec<Tensor>> {
+    let mut winners = Vec::with_capacity(x.rows);
+    let mut rows = x.iter();
+    let scores = output(x.rows, labels.len(), |_, scores| {
+        score(rows.next().unwrap_or_default(), scores);
+        let mut best = 0;
+        for (class, value) in scores.iter().enumerate() {
+            if *value > scores[best] {
+                best = class;
+            }
+        }
+        winners.push(best);
+        post_transform.apply(scores);
+        Ok(())
+    })?;
+    Ok(tvec![label_tensor(labels, &winners), scores])
+}
+
 /// A failure caused by the request's values (an unknown category…), not by the model: the
 /// caller answers 400.
 #[derive(Debug)]

@@ -6,7 +6,9 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::{bail, ensure};
 
-use super::{Kernel, Labels, Matrix, Out, PostTransform, Shape, label_tensor, output};
+use super::{
+    Kernel, Labels, Matrix, Out, PostTransform, Shape, classifier_outputs, label_tensor, output,
+};
 
 /// The kernel function `K(x, support vector)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -291,17 +293,7 @@ impl Kernel for SvmClassifier {
     const NAME: &'static str = "SVMClassifier";
 
     fn outputs(&self) -> Vec<Out> {
-        let label = self.labels.datum_type();
-        vec![
-            Out {
-                dt: Some(label),
-                shape: Shape::Rows,
-            },
-            Out {
-                dt: Some(DatumType::F32),
-                shape: Shape::Matrix(self.score_columns()),
-            },
-        ]
+        classifier_outputs(&self.labels, self.score_columns())
     }
 
     fn eval(&self, inputs: TVec<TValue>) -> TractResult<TVec<Tensor>> {

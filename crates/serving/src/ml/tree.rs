@@ -12,7 +12,9 @@ use tract_onnx::pb::{NodeProto, TensorProto};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::{bail, ensure, format_err};
 
-use super::{Kernel, Labels, Matrix, Out, PostTransform, Shape, label_tensor, output};
+use super::{
+    Kernel, Labels, Matrix, Out, PostTransform, Shape, classifier_outputs, classify, output,
+};
 
 /// More targets than any real regressor has; bounds what a model file can make us allocate.
 const MAX_TARGETS: usize = 1 << 16;
@@ -387,16 +389,7 @@ impl Kernel for TreeEnsembleClassifier {
     const NAME: &'static str = "TreeEnsembleClassifier";
 
     fn outputs(&self) -> Vec<Out> {
-        vec![
-            Out {
-                dt: Some(self.labels.datum_type()),
-                shape: Shape::Rows,
-            },
-            Out {
-                dt: Some(DatumType::F32),
-                shape: Shape::Matrix(self.labels.len()),
-            },
-        ]
+        classifier_outputs(&self.labels, self.labels.len())
     }
 
     fn eval(&self, inputs: TVec<TValue>) -> TractResult<TVec<Tensor>> {
@@ -407,26 +400,13 @@ impl Kernel for TreeEnsembleClassifier {
             x.cols,
             self.trees.features.saturating_sub(1)
         );
-        let mut winners = Vec::with_capacity(x.rows);
-        let mut rows = x.iter();
-        let scores = output(x.rows, self.labels.len(), |_, scores| {
-            let row = rows.next().unwrap_or_default();
+        classify(&x, &self.labels, self.post_transform, |row, scores| {
             scores.copy_from_slice(&self.base_values);
             for &root in &self.trees.roots {
                 for &(class, weight) in &self.trees.leaf(root, row).weights {
                     scores[class] += weight;
                 }
             }
-            let mut best = 0;
-            for (class, score) in scores.iter().enumerate() {
-                if *score > scores[best] {
-                    best = class;
-                }
-            }
-            winners.push(best);
-            self.post_transform.apply(scores);
-            Ok(())
-        })?;
-        Ok(tvec![label_tensor(&self.labels, &winners), scores])
+        })
     }
 }
