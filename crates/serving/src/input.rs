@@ -92,9 +92,9 @@ fn bad(message: impl Into<String>) -> ServingError {
 /// Reads an MLflow scoring request for a model with `inputs`: exactly one format key, plus an
 /// optional `params` (accepted and unused: ONNX models take none).
 ///
-/// - `inputs` / `instances`: a list of rows (one-input models), or an object keyed by input
-///   name holding each input's rows; `instances` may also be a list of objects keyed by input
-///   name (one per row).
+/// - `inputs` / `instances`: a list of rows (one-input models); an object keyed by input name
+///   holding each input's rows (exactly the model's inputs); or a list of objects, one per row,
+///   each holding every input's row (TF-serving's row format; other keys ignored).
 /// - `dataframe_split` / `dataframe_records`: for a model with one input, the columns in order
 ///   are the row; for a model with one input per column, columns go to inputs **by name**, in
 ///   any order (other columns are ignored, as MLflow does).

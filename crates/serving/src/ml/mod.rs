@@ -1,5 +1,5 @@
-//! ONNX-ML operators that scikit-learn exports (skl2onnx) and tract 0.23 does not implement,
-//! registered into tract's ONNX op table by name.
+//! ONNX-ML operators that scikit-learn exports (skl2onnx) and tract 0.23 does not implement, gets
+//! wrong or runs slowly, registered into tract's ONNX op table by name.
 //!
 //! Each operator is a [`Kernel`]: how its outputs are typed and how it computes them, in plain
 //! Rust over ndarray. [`Custom`] turns a kernel into what tract needs: an inference-time
@@ -109,10 +109,11 @@ static TRACT_LINEAR_CLASSIFIER: std::sync::OnceLock<OpBuilder> = std::sync::Once
 /// Our own op type for the lookup [`relabel_string_classifiers`] inserts.
 const LABEL_LOOKUP: &str = "SwitchyardLabelLookup";
 
-/// tract's `LinearClassifier` and `TreeEnsembleClassifier` cannot produce string labels (their
-/// label lookup needs a zero value, which strings lack). Such nodes are rewritten to the class
-/// indices `0..k` as integer labels, followed by a lookup node that turns the index back into
-/// the string, under the original output name.
+/// tract's `LinearClassifier` and `TreeEnsembleClassifier` (still used for the binary layouts
+/// scored by one number) cannot produce string labels: their label lookup needs a zero value,
+/// which strings lack. So every such node with string labels is rewritten to the class indices
+/// `0..k` as integer labels, followed by a lookup node that turns the index back into the string,
+/// under the original output name; whoever builds the node then only sees integer labels.
 pub(crate) fn relabel_string_classifiers(proto: &mut ModelProto) {
     use tract_onnx::pb::AttributeProto;
     use tract_onnx::pb::attribute_proto::AttributeType;
