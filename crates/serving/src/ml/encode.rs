@@ -11,11 +11,31 @@ use super::{DataError, Kernel, Labels, Matrix, Out, Shape, output, per_column};
 /// The widest row FeatureVectorizer builds.
 const MAX_WIDTH: usize = 1 << 20;
 
-/// The input as float32 with its own shape, and the length of its last axis.
-fn floats(input: &TValue) -> TractResult<(Tensor, usize)> {
-    let tensor = input.cast_to::<f32>()?.into_owned();
-    let columns = tensor.shape().last().copied().unwrap_or(1);
-    Ok((tensor, columns))
+/// One float32 output shaped like the input.
+fn float_like_input() -> Vec<Out> {
+    vec![Out {
+        dt: Some(DatumType::F32),
+        shape: Shape::LikeInput,
+    }]
+}
+
+/// The length of the input's last axis: the number of columns of its values.
+fn columns(input: &TValue) -> usize {
+    input.shape().last().copied().unwrap_or(1).max(1)
+}
+
+/// The input as float32, each value rewritten by `change(column, value)`.
+fn map_floats(input: &TValue, mut change: impl FnMut(usize, &mut f32)) -> TractResult<Tensor> {
+    let columns = columns(input);
+    let mut tensor = input.cast_to::<f32>()?.into_owned();
+    for (i, v) in tensor
+        .to_plain_array_view_mut::<f32>()?
+        .iter_mut()
+        .enumerate()
+    {
+        change(i % columns, v);
+    }
+    Ok(tensor)
 }
 
 /// `y = (x - offset) * scale`, per column (`StandardScaler`, `MinMaxScaler`, `MaxAbsScaler`…).
@@ -40,25 +60,15 @@ impl Kernel for Scaler {
     const NAME: &'static str = "Scaler";
 
     fn outputs(&self) -> Vec<Out> {
-        vec![Out {
-            dt: Some(DatumType::F32),
-            shape: Shape::LikeInput,
-        }]
+        float_like_input()
     }
 
     fn eval(&self, inputs: TVec<TValue>) -> TractResult<TVec<Tensor>> {
-        let (mut tensor, columns) = floats(&inputs[0])?;
+        let columns = columns(&inputs[0]);
         let offset = per_column(&self.offset, columns, "Scaler offset")?;
         let scale = per_column(&self.scale, columns, "Scaler scale")?;
-        for (i, v) in tensor
-            .to_plain_array_view_mut::<f32>()?
-            .iter_mut()
-            .enumerate()
-        {
-            let c = i % columns;
-            *v = (*v - offset[c]) * scale[c];
-        }
-        Ok(tvec![tensor])
+        let scaled = map_floats(&inputs[0], |c, v| *v = (*v - offset[c]) * scale[c])?;
+        Ok(tvec![scaled])
     }
 }
 
@@ -95,26 +105,22 @@ impl Kernel for Imputer {
     const NAME: &'static str = "Imputer";
 
     fn outputs(&self) -> Vec<Out> {
-        vec![Out {
-            dt: Some(DatumType::F32),
-            shape: Shape::LikeInput,
-        }]
+        float_like_input()
     }
 
     fn eval(&self, inputs: TVec<TValue>) -> TractResult<TVec<Tensor>> {
-        let (mut tensor, columns) = floats(&inputs[0])?;
-        let imputed = per_column(&self.imputed, columns, "Imputer imputed_value_floats")?;
+        let imputed = per_column(
+            &self.imputed,
+            columns(&inputs[0]),
+            "Imputer imputed_value_floats",
+        )?;
         let replace_nan = self.replaced.is_nan();
-        for (i, v) in tensor
-            .to_plain_array_view_mut::<f32>()?
-            .iter_mut()
-            .enumerate()
-        {
+        let filled = map_floats(&inputs[0], |c, v| {
             if (replace_nan && v.is_nan()) || *v == self.replaced {
-                *v = imputed[i % columns];
+                *v = imputed[c];
             }
-        }
-        Ok(tvec![tensor])
+        })?;
+        Ok(tvec![filled])
     }
 }
 
