@@ -250,7 +250,16 @@ async fn serve_model(
         .expected_time(batch.rows())
         .is_some_and(|time| time <= INLINE_BUDGET)
     {
-        model.predict(batch)
+        // A panic in the model (tract's code included) is this request's 500, as on a blocking
+        // thread, not a dropped connection.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.predict(batch))).map_err(
+            |_| {
+                ApiError::internal(format!(
+                    "inference panicked (request id {})",
+                    record.request_id
+                ))
+            },
+        )?
     } else {
         let slot = state
             .inference_slots()
