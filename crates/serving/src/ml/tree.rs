@@ -195,6 +195,28 @@ impl Trees {
         Ok(())
     }
 
+    /// Checks that every leaf writes one of the `outputs` targets or classes, and reads the
+    /// node's `base_values` (one per output, zeros when absent).
+    fn base_values(&self, node: &NodeProto, outputs: usize) -> TractResult<Vec<f32>> {
+        if let Some((bad, _)) = self
+            .nodes
+            .iter()
+            .flat_map(|n| &n.weights)
+            .find(|(output, _)| *output >= outputs)
+        {
+            bail!("{}: a leaf writes output {bad} of {outputs}", node.op_type);
+        }
+        let base_values: Vec<f32> = node
+            .get_attr_opt_vec("base_values")?
+            .unwrap_or_else(|| vec![0.0; outputs]);
+        node.expect_attr(
+            "base_values",
+            base_values.len() == outputs,
+            "one value per target or class",
+        )?;
+        Ok(base_values)
+    }
+
     /// The leaf `row` reaches in the tree rooted at `root`.
     fn leaf(&self, root: usize, row: &[f32]) -> &Node {
         let mut node = &self.nodes[root];
@@ -244,17 +266,7 @@ impl TreeEnsembleRegressor {
         node.expect_attr("n_targets", (1..=MAX_TARGETS).contains(&targets), || {
             format!("between 1 and {MAX_TARGETS}")
         })?;
-        if let Some(bad) = trees
-            .nodes
-            .iter()
-            .flat_map(|n| &n.weights)
-            .find(|(t, _)| *t >= targets)
-        {
-            bail!(
-                "TreeEnsembleRegressor: a leaf writes target {} of {targets}",
-                bad.0
-            );
-        }
+        let base_values = trees.base_values(node, targets)?;
         let aggregate = match node
             .get_attr_opt::<&str>("aggregate_function")?
             .unwrap_or("SUM")
@@ -265,14 +277,6 @@ impl TreeEnsembleRegressor {
             "MAX" => Aggregate::Max,
             other => bail!("TreeEnsembleRegressor: unknown aggregate_function {other}"),
         };
-        let base_values: Vec<f32> = node
-            .get_attr_opt_vec("base_values")?
-            .unwrap_or_else(|| vec![0.0; targets]);
-        node.expect_attr(
-            "base_values",
-            base_values.len() == targets,
-            "one value per target",
-        )?;
         Ok(Self {
             trees,
             targets,
@@ -357,25 +361,7 @@ impl TreeEnsembleClassifier {
         let labels = Labels::parse(node, "classlabels_int64s", "classlabels_strings")?;
         let classes = labels.len();
         let trees = Trees::parse(node, "class")?;
-        if let Some(bad) = trees
-            .nodes
-            .iter()
-            .flat_map(|n| &n.weights)
-            .find(|(c, _)| *c >= classes)
-        {
-            bail!(
-                "TreeEnsembleClassifier: a leaf writes class {} of {classes}",
-                bad.0
-            );
-        }
-        let base_values: Vec<f32> = node
-            .get_attr_opt_vec("base_values")?
-            .unwrap_or_else(|| vec![0.0; classes]);
-        node.expect_attr(
-            "base_values",
-            base_values.len() == classes,
-            "one value per class",
-        )?;
+        let base_values = trees.base_values(node, classes)?;
         Ok(Self {
             trees,
             labels,
