@@ -198,3 +198,60 @@ async fn while_redis_is_down_the_policy_holds_and_limits_return_with_it() {
     );
     assert_eq!(ready(&deny).await, json!("ok"));
 }
+
+async fn status(gateway: &TestGateway) -> u16 {
+    gateway
+        .post("/v1/chat/completions", &chat_body("x"))
+        .await
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn a_password_a_database_and_a_unix_socket_reach_one_budget() {
+    let dir = temp_dir("redis-auth");
+    let socket = dir.join("redis.sock");
+    let socket = socket.to_str().unwrap();
+    let redis = RedisServer::start_with(&[
+        "--requirepass",
+        "test-only-pw",
+        "--unixsocket",
+        socket,
+        "--unixsocketperm",
+        "700",
+    ]);
+    let upstream = FakeUpstream::start(vec![]).await;
+    let rule = "scope = [\"global\"]\nrequests_per_minute = 2";
+    let over_tcp = format!("redis://:test-only-pw@127.0.0.1:{}/3", redis.port);
+    let over_unix = format!("unix://{socket}?db=3&pass=test-only-pw");
+    let tcp =
+        TestGateway::start(&limited_config(&upstream.base_url, &over_tcp, "deny", rule)).await;
+    let unix = TestGateway::start(&limited_config(
+        &upstream.base_url,
+        &over_unix,
+        "deny",
+        rule,
+    ))
+    .await;
+    // Both authenticate and count in database 3: one budget of 2 between them.
+    assert_eq!(status(&tcp).await, 200);
+    assert_eq!(status(&unix).await, 200);
+    assert_eq!(status(&tcp).await, 429);
+    assert_eq!(status(&unix).await, 429);
+    assert_eq!(
+        redis.query(&["AUTH test-only-pw", "DBSIZE", "SELECT 3", "DBSIZE"]),
+        ["+OK", ":0", "+OK", ":1"],
+        "the one counter is in database 3"
+    );
+
+    // Same database, other password: refused by Redis, so on_error = deny answers 503, and the
+    // password is not in the answer.
+    let wrong = format!("redis://:not-the-pw@127.0.0.1:{}/3", redis.port);
+    let wrong = TestGateway::start(&limited_config(&upstream.base_url, &wrong, "deny", rule)).await;
+    let refused = wrong.post("/v1/chat/completions", &chat_body("x")).await;
+    assert_eq!(refused.status(), 503);
+    let body = refused.text().await.unwrap();
+    assert!(body.contains("WRONGPASS"), "{body}");
+    assert!(!body.contains("not-the-pw"), "{body}");
+    assert_eq!(upstream.requests().len(), 2);
+}

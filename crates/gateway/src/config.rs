@@ -800,14 +800,14 @@ fn compile_limits_store(
             } else {
                 Secret::new(url)
             };
-            let scheme_ok = ["redis://", "rediss://", "unix://"]
+            let scheme_ok = ["redis://", "unix://", "redis+unix://"]
                 .iter()
                 .any(|s| url.expose().starts_with(s));
             if !scheme_ok {
                 // Not quoted: the value may hold a password.
                 problems.add(
                     "limits_store.url",
-                    "must be a redis://, rediss:// or unix:// URL",
+                    "must be a redis:// or unix:// URL (TLS, rediss://, is not supported)",
                 );
                 return None;
             }

@@ -375,8 +375,26 @@ fn estimate_tokens(request: &ChatRequest, default_max_tokens: u64) -> u64 {
 
 /// The `x-ratelimit-*` headers of the tightest request counter and the tightest token counter.
 fn headers_for(kinds: &[Kind], states: &[CellState]) -> Vec<(HeaderName, HeaderValue)> {
+    const NAMES: [(Kind, [&str; 3]); 2] = [
+        (
+            Kind::Requests,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+        ),
+        (
+            Kind::Tokens,
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        ),
+    ];
     let mut headers = Vec::new();
-    for (kind, suffix) in [(Kind::Requests, "requests"), (Kind::Tokens, "tokens")] {
+    for (kind, [limit, remaining, reset]) in NAMES {
         let tightest = kinds
             .iter()
             .zip(states)
@@ -384,17 +402,18 @@ fn headers_for(kinds: &[Kind], states: &[CellState]) -> Vec<(HeaderName, HeaderV
             .map(|(_, s)| s)
             .min_by_key(|s| s.remaining);
         if let Some(state) = tightest {
-            for (name, value) in [
-                ("limit", state.capacity.to_string()),
-                ("remaining", state.remaining.to_string()),
-                ("reset", format_reset(state.reset)),
-            ] {
-                if let (Ok(name), Ok(value)) = (
-                    HeaderName::try_from(format!("x-ratelimit-{name}-{suffix}")),
-                    HeaderValue::try_from(value),
-                ) {
-                    headers.push((name, value));
-                }
+            headers.extend([
+                (
+                    HeaderName::from_static(limit),
+                    HeaderValue::from(state.capacity),
+                ),
+                (
+                    HeaderName::from_static(remaining),
+                    HeaderValue::from(state.remaining),
+                ),
+            ]);
+            if let Ok(value) = HeaderValue::try_from(format_reset(state.reset)) {
+                headers.push((HeaderName::from_static(reset), value));
             }
         }
     }

@@ -1,11 +1,19 @@
 //! Counters in Redis, shared by every gateway replica: one atomic Lua script per decision, on
 //! the Redis server's clock, so replicas with skewed clocks still share one budget.
+//!
+//! The request's own task talks to Redis: it takes an idle connection from a small pool, writes
+//! the command and reads the answer itself. redis-rs's async connections are multiplexed (every
+//! command goes to a driver task and the answer comes back through a channel: two more
+//! wake-ups per decision, ~0.04 ms here), so only its URL parsing, command packing and script
+//! hash are used; replies are decoded with `redis-protocol`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
-use tokio::sync::Mutex;
+use redis::{ConnectionAddr, IntoConnectionInfo};
+use redis_protocol::resp2::types::OwnedFrame;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{info, warn};
 
 use super::gcra::{CellState, Gcra};
@@ -68,11 +76,90 @@ end
 return result
 "#;
 
+/// Where Redis is and what a new connection sends first (AUTH, SELECT).
+struct Server {
+    address: ConnectionAddr,
+    /// Packed commands, each answered by `+OK`.
+    handshake: Vec<Vec<u8>>,
+}
+
+/// A TCP or Unix socket.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
+
+/// One connection, used by one request at a time.
+struct Connection {
+    stream: Box<dyn Stream>,
+    /// Bytes read and not yet decoded.
+    buffer: Vec<u8>,
+}
+
+impl Connection {
+    async fn open(server: &Server) -> Result<Self, String> {
+        let cannot_connect = |e: std::io::Error| format!("cannot connect: {e}");
+        let stream: Box<dyn Stream> = match &server.address {
+            ConnectionAddr::Tcp(host, port) => {
+                let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(cannot_connect)?;
+                // Commands are small and answered at once: never wait for a delayed ACK.
+                stream.set_nodelay(true).map_err(cannot_connect)?;
+                Box::new(stream)
+            }
+            ConnectionAddr::Unix(path) => Box::new(
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(cannot_connect)?,
+            ),
+            _ => return Err("unsupported address".to_owned()),
+        };
+        let mut connection = Self {
+            stream,
+            buffer: Vec::with_capacity(256),
+        };
+        for command in &server.handshake {
+            match connection.call(command).await? {
+                OwnedFrame::SimpleString(_) => {}
+                // Redis's refusals (WRONGPASS, NOAUTH, invalid DB index) never quote the password.
+                OwnedFrame::Error(e) => return Err(format!("Redis refused the connection: {e}")),
+                other => return Err(format!("unexpected answer to the handshake: {other:?}")),
+            }
+        }
+        Ok(connection)
+    }
+
+    /// Writes one packed command and reads its reply.
+    async fn call(&mut self, command: &[u8]) -> Result<OwnedFrame, String> {
+        self.stream
+            .write_all(command)
+            .await
+            .map_err(|e| format!("connection lost: {e}"))?;
+        loop {
+            let decoded = redis_protocol::resp2::decode::decode(&self.buffer)
+                .map_err(|e| format!("unreadable answer from Redis: {e:?}"))?;
+            if let Some((frame, used)) = decoded {
+                self.buffer.drain(..used);
+                return Ok(frame);
+            }
+            let read = self
+                .stream
+                .read_buf(&mut self.buffer)
+                .await
+                .map_err(|e| format!("connection lost: {e}"))?;
+            if read == 0 {
+                return Err("Redis closed the connection".to_owned());
+            }
+        }
+    }
+}
+
 pub struct RedisStore {
-    client: redis::Client,
-    connection: Mutex<Option<ConnectionManager>>,
+    server: Server,
+    /// Connections not in use. A request takes one and gives it back only after a complete
+    /// exchange, so a connection in an unknown state (timeout, cancelled request) is dropped.
+    idle: Mutex<Vec<Connection>>,
     /// When the last connection attempt failed: do not hammer a Redis that is down.
-    last_failure: std::sync::Mutex<Option<Instant>>,
+    last_failure: Mutex<Option<Instant>>,
     script: redis::Script,
     timeout: Duration,
     degraded: AtomicBool,
@@ -81,15 +168,35 @@ pub struct RedisStore {
 /// Retry connecting at most this often while Redis is down.
 const RECONNECT_EVERY: Duration = Duration::from_millis(500);
 
+/// Idle connections kept; more are opened under load and closed when handed back.
+const MAX_IDLE: usize = 64;
+
 impl RedisStore {
     pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
         // The error is not quoted: it may repeat the URL, password included.
-        let client = redis::Client::open(url)
+        let info = url
+            .into_connection_info()
             .map_err(|_| "limits_store.url is not a valid Redis URL".to_owned())?;
+        let address = info.addr().clone();
+        if !matches!(address, ConnectionAddr::Tcp(..) | ConnectionAddr::Unix(_)) {
+            return Err("limits_store.url: TLS (rediss://) is not supported".to_owned());
+        }
+        let settings = info.redis_settings();
+        let mut handshake = Vec::new();
+        if let Some(password) = settings.password() {
+            let mut auth = redis::cmd("AUTH");
+            if let Some(username) = settings.username() {
+                auth.arg(username);
+            }
+            handshake.push(auth.arg(password).get_packed_command());
+        }
+        if settings.db() != 0 {
+            handshake.push(redis::cmd("SELECT").arg(settings.db()).get_packed_command());
+        }
         Ok(Self {
-            client,
-            connection: Mutex::new(None),
-            last_failure: std::sync::Mutex::new(None),
+            server: Server { address, handshake },
+            idle: Mutex::new(Vec::new()),
+            last_failure: Mutex::new(None),
             script: redis::Script::new(SCRIPT),
             timeout,
             degraded: AtomicBool::new(false),
@@ -101,44 +208,26 @@ impl RedisStore {
         self.degraded.load(Ordering::Relaxed)
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, String> {
-        let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref() {
-            return Ok(connection.clone());
-        }
-        let recently_failed = self
-            .last_failure
+    async fn connection(&self) -> Result<Connection, String> {
+        if let Some(connection) = self
+            .idle
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_some_and(|at| at.elapsed() < RECONNECT_EVERY);
-        if recently_failed {
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+        {
+            return Ok(connection);
+        }
+        let last_failure = || {
+            self.last_failure
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        };
+        if last_failure().is_some_and(|at| at.elapsed() < RECONNECT_EVERY) {
             return Err("Redis is unreachable".to_owned());
         }
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1);
-        match tokio::time::timeout(
-            self.timeout,
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await
-        {
-            Ok(Ok(connection)) => {
-                *slot = Some(connection.clone());
-                Ok(connection)
-            }
-            Ok(Err(e)) => Err(self.failed(e.to_string())),
-            Err(_) => Err(self.failed("connecting timed out".to_owned())),
-        }
-    }
-
-    fn failed(&self, why: String) -> String {
-        *self
-            .last_failure
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
-        why
+        let opened = Connection::open(&self.server).await;
+        *last_failure() = opened.is_err().then(Instant::now);
+        opened
     }
 
     fn record(&self, ok: bool, why: &str) {
@@ -153,37 +242,76 @@ impl RedisStore {
         }
     }
 
+    /// Runs the script: `EVALSHA`, or `EVAL` once if this Redis has not seen it yet.
+    async fn invoke(
+        &self,
+        connection: &mut Connection,
+        args: &[Vec<u8>],
+    ) -> Result<Vec<i64>, String> {
+        let mut packed = redis::cmd("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(args)
+            .get_packed_command();
+        let mut reply = connection.call(&packed).await?;
+        if matches!(&reply, OwnedFrame::Error(e) if e.starts_with("NOSCRIPT")) {
+            packed = redis::cmd("EVAL")
+                .arg(SCRIPT)
+                .arg(args)
+                .get_packed_command();
+            reply = connection.call(&packed).await?;
+        }
+        match reply {
+            OwnedFrame::Array(values) => values
+                .into_iter()
+                .map(|value| match value {
+                    OwnedFrame::Integer(n) => Ok(n),
+                    other => Err(format!("unexpected value from the script: {other:?}")),
+                })
+                .collect(),
+            OwnedFrame::Error(e) => Err(format!("the script failed: {e}")),
+            other => Err(format!("unexpected answer from the script: {other:?}")),
+        }
+    }
+
     async fn run(
         &self,
         mode: &str,
         cells: &[(String, Gcra, i64, u64)],
     ) -> Result<Vec<i64>, String> {
-        let result = async {
-            let mut connection = self.connection().await?;
-            let mut invocation = self.script.prepare_invoke();
-            invocation.arg(mode);
-            for (key, gcra, cost, capacity) in cells {
-                invocation
-                    .key(format!("switchyard:rl:{SCRIPT_VERSION}:{key}"))
-                    .arg(gcra.interval_ns as f64 / 1000.0)
-                    .arg(*capacity)
-                    .arg(*cost);
-            }
-            match tokio::time::timeout(
-                self.timeout,
-                invocation.invoke_async::<Vec<i64>>(&mut connection),
-            )
-            .await
-            {
-                Ok(Ok(values)) => Ok(values),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer within {} ms", self.timeout.as_millis())),
-            }
+        // EVAL's arguments after the script: numkeys, the keys, then ARGV.
+        let mut args = vec![cells.len().to_string().into_bytes()];
+        for (key, ..) in cells {
+            args.push(format!("switchyard:rl:{SCRIPT_VERSION}:{key}").into_bytes());
         }
-        .await;
+        args.push(mode.as_bytes().to_vec());
+        for (_, gcra, cost, capacity) in cells {
+            args.push((gcra.interval_ns as f64 / 1000.0).to_string().into_bytes());
+            args.push(capacity.to_string().into_bytes());
+            args.push(cost.to_string().into_bytes());
+        }
+        let exchange = async {
+            let mut connection = self.connection().await?;
+            let values = self.invoke(&mut connection, &args).await?;
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() < MAX_IDLE {
+                idle.push(connection);
+            }
+            Ok(values)
+        };
+        let result = match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer within {} ms", self.timeout.as_millis())),
+        };
         match &result {
             Ok(_) => self.record(true, ""),
-            Err(why) => self.record(false, why),
+            Err(why) => {
+                // The other idle connections most likely died with this one (Redis restarted).
+                self.idle
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clear();
+                self.record(false, why);
+            }
         }
         result
     }
