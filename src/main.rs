@@ -1,6 +1,7 @@
 //! `switchyard`: the command-line entry point. Parses arguments, sets up logging and hands over
 //! to the gateway and store libraries.
 
+mod log_writer;
 mod telemetry;
 
 /// mimalloc: the gateway allocates many small short-lived buffers per request; with glibc's

@@ -14,7 +14,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 /// Flushes log lines and exported spans when dropped (at the end of `main`).
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
-    _log_writer: tracing_appender::non_blocking::WorkerGuard,
+    _log_writer: crate::log_writer::Guard,
 }
 
 impl Drop for Telemetry {
@@ -29,11 +29,10 @@ impl Drop for Telemetry {
 
 pub fn init(json: bool) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Logs go to stderr, coloured only on a terminal, written by a background thread so that a
-    // slow stderr never stalls a request. Not lossy: a full buffer waits rather than drops lines.
-    let (writer, log_writer) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
+    // Logs go to stderr, coloured only on a terminal, written in batches by a background thread
+    // so that a slow stderr never stalls a request. Not lossy: a full buffer waits rather than
+    // drops lines.
+    let (writer, log_writer) = crate::log_writer::batched(std::io::stderr())?;
     let logs = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_writer(writer)

@@ -1,0 +1,215 @@
+//! Log lines written in batches by a background thread.
+//!
+//! A request's log line is appended to a shared buffer; a writer thread wakes up when the buffer
+//! stops being empty, lets lines gather for [`GATHER`], then writes them all with one
+//! `write(2)`. tracing-appender's non-blocking writer wakes its thread for every line: at 1000
+//! requests/s that was ~1.5 context switches and ~50 µs of CPU per request on 2 cores (measured
+//! with `perf stat`, `RUST_LOG=info` against `warn`). Nothing is dropped: when the buffer holds
+//! [`MAX_PENDING`] bytes, writers wait for the thread, as a blocking write would.
+
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How long lines gather after the first one before they are written.
+const GATHER: Duration = Duration::from_millis(20);
+/// Above this many pending bytes, the thread writes at once and writers wait.
+const MAX_PENDING: usize = 4 << 20;
+
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    closed: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    /// The thread waits on it for lines (or for close); writers over the limit for room.
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The `MakeWriter` side: cheap to clone, one per log line.
+#[derive(Clone)]
+pub struct BatchWriter {
+    shared: Arc<Shared>,
+}
+
+/// Writes what is pending and stops the thread when dropped.
+pub struct Guard {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Starts the writer thread over `sink`.
+pub fn batched(sink: impl Write + Send + 'static) -> std::io::Result<(BatchWriter, Guard)> {
+    let shared = Arc::new(Shared::default());
+    let thread = std::thread::Builder::new()
+        .name("log-writer".to_owned())
+        .spawn({
+            let shared = shared.clone();
+            move || run(&shared, sink)
+        })?;
+    Ok((
+        BatchWriter {
+            shared: shared.clone(),
+        },
+        Guard {
+            shared,
+            thread: Some(thread),
+        },
+    ))
+}
+
+fn run(shared: &Shared, mut sink: impl Write) {
+    let mut batch = Vec::new();
+    loop {
+        let mut pending = shared.lock();
+        while pending.bytes.is_empty() && !pending.closed {
+            pending = shared
+                .changed
+                .wait(pending)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if !pending.closed && pending.bytes.len() < MAX_PENDING {
+            // Let more lines join this write (woken early only by close or a full buffer).
+            pending = shared
+                .changed
+                .wait_timeout_while(pending, GATHER, |p| {
+                    !p.closed && p.bytes.len() < MAX_PENDING
+                })
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        std::mem::swap(&mut batch, &mut pending.bytes);
+        let closed = pending.closed;
+        drop(pending);
+        // Writers waiting for room may go on.
+        shared.changed.notify_all();
+        // Nowhere to report a failed log write: the line is lost, the gateway goes on.
+        let _ = sink.write_all(&batch).and_then(|()| sink.flush());
+        batch.clear();
+        if closed && shared.lock().bytes.is_empty() {
+            return;
+        }
+    }
+}
+
+impl Write for BatchWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut pending = self.shared.lock();
+        while pending.bytes.len() >= MAX_PENDING && !pending.closed {
+            pending = self
+                .shared
+                .changed
+                .wait(pending)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        let was_empty = pending.bytes.is_empty();
+        pending.bytes.extend_from_slice(buf);
+        let full = pending.bytes.len() >= MAX_PENDING;
+        drop(pending);
+        // One wake-up per batch, not per line.
+        if was_empty || full {
+            self.shared.changed.notify_all();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchWriter {
+    type Writer = BatchWriter;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.changed.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink the test can read after the writer is gone; counts its writes.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<(Vec<u8>, usize)>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut inner = self.0.lock().unwrap();
+            inner.0.extend_from_slice(buf);
+            inner.1 += 1;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_line_arrives_in_order_from_many_threads_and_drop_flushes() {
+        let sink = Sink::default();
+        let (writer, guard) = batched(sink.clone()).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let mut writer = writer.clone();
+                std::thread::spawn(move || {
+                    for i in 0..1000 {
+                        writer.write_all(format!("{t} {i}\n").as_bytes()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        drop(guard);
+        let (bytes, writes) = sink.0.lock().unwrap().clone();
+        let text = String::from_utf8(bytes).unwrap();
+        assert_eq!(text.lines().count(), 4000);
+        for t in 0..4 {
+            let mine: Vec<usize> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix(&format!("{t} ")))
+                .map(|i| i.parse().unwrap())
+                .collect();
+            assert_eq!(mine, (0..1000).collect::<Vec<_>>(), "thread {t}'s lines");
+        }
+        assert!(
+            writes < 4000,
+            "lines are written in batches: {writes} writes"
+        );
+    }
+
+    #[test]
+    fn a_writer_over_the_limit_waits_and_nothing_is_lost() {
+        let sink = Sink::default();
+        let (mut writer, guard) = batched(sink.clone()).unwrap();
+        let line = vec![b'x'; MAX_PENDING / 3];
+        for _ in 0..10 {
+            writer.write_all(&line).unwrap();
+        }
+        drop(guard);
+        assert_eq!(sink.0.lock().unwrap().0.len(), 10 * line.len());
+    }
+}
