@@ -199,6 +199,32 @@ async fn while_redis_is_down_the_policy_holds_and_limits_return_with_it() {
     assert_eq!(ready(&deny).await, json!("ok"));
 }
 
+#[tokio::test]
+async fn a_redis_restarted_while_idle_costs_no_request() {
+    let mut redis = RedisServer::start();
+    let upstream = FakeUpstream::start(vec![]).await;
+    let rule = "scope = [\"global\"]\nrequests_per_minute = 2";
+    let gateway = TestGateway::start(&limited_config(
+        &upstream.base_url,
+        &redis.url(),
+        "deny",
+        rule,
+    ))
+    .await;
+    assert_eq!(status(&gateway).await, 200);
+    // The pooled connection dies with this Redis; the next request finds that out and retries
+    // on a new connection instead of failing with on_error's 503.
+    redis.stop();
+    redis.restart();
+    assert_eq!(status(&gateway).await, 200);
+    assert_eq!(
+        status(&gateway).await,
+        200,
+        "a new, empty Redis: 2 per minute again"
+    );
+    assert_eq!(status(&gateway).await, 429);
+}
+
 async fn status(gateway: &TestGateway) -> u16 {
     gateway
         .post("/v1/chat/completions", &chat_body("x"))

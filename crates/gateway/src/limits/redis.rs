@@ -165,6 +165,9 @@ pub struct RedisStore {
     degraded: AtomicBool,
 }
 
+/// Whether a connection came from the idle pool.
+struct Reused(bool);
+
 /// Retry connecting at most this often while Redis is down.
 const RECONNECT_EVERY: Duration = Duration::from_millis(500);
 
@@ -208,15 +211,20 @@ impl RedisStore {
         self.degraded.load(Ordering::Relaxed)
     }
 
-    async fn connection(&self) -> Result<Connection, String> {
+    /// An idle connection, else a new one.
+    async fn connection(&self) -> Result<(Connection, Reused), String> {
         if let Some(connection) = self
             .idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
         {
-            return Ok(connection);
+            return Ok((connection, Reused(true)));
         }
+        Ok((self.open().await?, Reused(false)))
+    }
+
+    async fn open(&self) -> Result<Connection, String> {
         let last_failure = || {
             self.last_failure
                 .lock()
@@ -290,8 +298,21 @@ impl RedisStore {
             args.push(cost.to_string().into_bytes());
         }
         let exchange = async {
-            let mut connection = self.connection().await?;
-            let values = self.invoke(&mut connection, &args).await?;
+            let (mut connection, reused) = self.connection().await?;
+            let values = match self.invoke(&mut connection, &args).await {
+                // An idle connection may have died with a Redis that restarted since: once more
+                // on a new one. (Should the script have run before the connection broke, this
+                // request counts twice: the safe side for a limiter.)
+                Err(_) if reused.0 => {
+                    self.idle
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clear();
+                    connection = self.open().await?;
+                    self.invoke(&mut connection, &args).await?
+                }
+                result => result?,
+            };
             let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
             if idle.len() < MAX_IDLE {
                 idle.push(connection);
