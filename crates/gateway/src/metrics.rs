@@ -255,12 +255,17 @@ impl Metrics {
     }
 
     pub fn ratelimit(&self, rule: &str, outcome: &'static str) {
+        self.ratelimit_counter(rule, outcome).inc();
+    }
+
+    /// The counter of one rule and outcome, to keep and increment without a lookup.
+    pub fn ratelimit_counter(&self, rule: &str, outcome: &'static str) -> Counter {
         self.ratelimit
             .get_or_create(&RuleLabels {
                 rule: rule.to_owned(),
                 outcome,
             })
-            .inc();
+            .clone()
     }
 
     pub fn limiter_error(&self) {

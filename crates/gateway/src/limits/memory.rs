@@ -46,7 +46,12 @@ impl MemoryStore {
                 }
                 let states: Vec<CellState> = admitted.iter().map(|(_, s)| *s).collect();
                 for (cell, (tat, _)) in cells.iter().zip(admitted) {
-                    tats.insert(cell.key.clone(), tat);
+                    match tats.get_mut(&cell.key) {
+                        Some(stored) => *stored = tat,
+                        None => {
+                            tats.insert(cell.key.clone(), tat);
+                        }
+                    }
                 }
                 Decision::Allowed(states)
             }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
 use switchyard_core::ChatRequest;
 use tracing::warn;
@@ -109,6 +110,8 @@ struct Rule {
     rule: LimitRule,
     requests: Option<Gcra>,
     tokens: Option<Gcra>,
+    /// Its `admitted` decisions counter, looked up once (the per-request path).
+    admitted: Option<Counter>,
 }
 
 /// The rules of one config generation, over a backend that outlives it.
@@ -139,10 +142,14 @@ impl Limits {
         backend: Arc<Backend>,
         metrics: impl Into<Option<Arc<Metrics>>>,
     ) -> Self {
+        let metrics: Option<Arc<Metrics>> = metrics.into();
         let rules = rules
             .iter()
             .enumerate()
             .map(|(index, rule)| Rule {
+                admitted: metrics
+                    .as_ref()
+                    .map(|m| m.ratelimit_counter(&format!("limits[{index}]"), "admitted")),
                 label: format!("limits[{index}]"),
                 id: fingerprint(rule),
                 requests: rule.requests.map(|r| Gcra::new(r.count, r.period, r.burst)),
@@ -155,7 +162,7 @@ impl Limits {
         Self {
             rules,
             backend,
-            metrics: metrics.into(),
+            metrics,
         }
     }
 
@@ -255,7 +262,12 @@ impl Limits {
         match decision {
             Ok(Decision::Allowed(_)) => {
                 for rule in matching {
-                    metrics.ratelimit(&rule.label, "admitted");
+                    match &rule.admitted {
+                        Some(counter) => {
+                            counter.inc();
+                        }
+                        None => metrics.ratelimit(&rule.label, "admitted"),
+                    }
                 }
             }
             Ok(Decision::Denied { states, .. }) => {
@@ -340,17 +352,22 @@ fn applies(rule: &LimitRule, endpoint: &str) -> bool {
 }
 
 fn scope_key(scope: &[LimitScope], caller: &Caller<'_>) -> String {
-    scope
-        .iter()
-        .map(|s| match s {
-            LimitScope::Global => "global".to_owned(),
-            LimitScope::Endpoint => format!("e={}", caller.endpoint),
-            LimitScope::ApiKey => format!("k={}", caller.api_key.unwrap_or("-")),
+    use std::fmt::Write;
+    let mut key = String::with_capacity(64);
+    for (i, s) in scope.iter().enumerate() {
+        if i > 0 {
+            key.push(',');
+        }
+        // Writing to a String cannot fail.
+        let _ = match s {
+            LimitScope::Global => key.write_str("global"),
+            LimitScope::Endpoint => write!(key, "e={}", caller.endpoint),
+            LimitScope::ApiKey => write!(key, "k={}", caller.api_key.unwrap_or("-")),
             // User values come from clients: hash them so keys stay short and printable.
-            LimitScope::User => format!("u={}", short_hash(caller.user.unwrap_or("-"))),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
+            LimitScope::User => write!(key, "u={}", short_hash(caller.user.unwrap_or("-"))),
+        };
+    }
+    key
 }
 
 fn short_hash(text: &str) -> String {
