@@ -146,17 +146,20 @@ impl Limits {
         let rules = rules
             .iter()
             .enumerate()
-            .map(|(index, rule)| Rule {
-                admitted: metrics
-                    .as_ref()
-                    .map(|m| m.ratelimit_counter(&format!("limits[{index}]"), "admitted")),
-                label: format!("limits[{index}]"),
-                id: fingerprint(rule),
-                requests: rule.requests.map(|r| Gcra::new(r.count, r.period, r.burst)),
-                tokens: rule
-                    .tokens_per_minute
-                    .map(|t| Gcra::new(t, Duration::from_secs(60), 0)),
-                rule: rule.clone(),
+            .map(|(index, rule)| {
+                let label = format!("limits[{index}]");
+                Rule {
+                    admitted: metrics
+                        .as_ref()
+                        .map(|m| m.ratelimit_counter(&label, "admitted")),
+                    label,
+                    id: fingerprint(rule),
+                    requests: rule.requests.map(|r| Gcra::new(r.count, r.period, r.burst)),
+                    tokens: rule
+                        .tokens_per_minute
+                        .map(|t| Gcra::new(t, Duration::from_secs(60), 0)),
+                    rule: rule.clone(),
+                }
             })
             .collect();
         Self {
@@ -261,13 +264,9 @@ impl Limits {
     ) {
         match decision {
             Ok(Decision::Allowed(_)) => {
-                for rule in matching {
-                    match &rule.admitted {
-                        Some(counter) => {
-                            counter.inc();
-                        }
-                        None => metrics.ratelimit(&rule.label, "admitted"),
-                    }
+                // Rules have their counter whenever there are metrics.
+                for counter in matching.iter().filter_map(|rule| rule.admitted.as_ref()) {
+                    counter.inc();
                 }
             }
             Ok(Decision::Denied { states, .. }) => {
