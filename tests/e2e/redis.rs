@@ -104,31 +104,14 @@ async fn while_redis_is_down_the_policy_holds_and_limits_return_with_it() {
     let mut redis = RedisServer::start();
     let upstream = FakeUpstream::start(vec![]).await;
     let rule = "scope = [\"endpoint\"]\nrequests_per_minute = 3";
-    let deny = TestGateway::start(&limited_config(
-        &upstream.base_url,
-        &redis.url(),
-        "deny",
-        rule,
-    ))
-    .await;
-    let allow = TestGateway::start(&limited_config(
-        &upstream.base_url,
-        &redis.url(),
-        "allow",
-        rule,
-    ))
-    .await;
+    let deny = limited_gateway(&upstream, &redis.url(), "deny", rule).await;
+    let allow = limited_gateway(&upstream, &redis.url(), "allow", rule).await;
     let ready = |gateway: &TestGateway| {
         let request = gateway.client.get(gateway.url("/ready")).send();
         async move { request.await.unwrap().json::<Value>().await.unwrap()["rate_limiter"].clone() }
     };
 
-    assert_eq!(
-        deny.post("/v1/chat/completions", &chat_body("x"))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(status(&deny).await, 200);
     assert_eq!(ready(&deny).await, json!("ok"));
 
     redis.stop();
@@ -138,14 +121,7 @@ async fn while_redis_is_down_the_policy_holds_and_limits_return_with_it() {
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["code"], "rate_limiter_unavailable");
     for _ in 0..5 {
-        assert_eq!(
-            allow
-                .post("/v1/chat/completions", &chat_body("x"))
-                .await
-                .status(),
-            200,
-            "on_error = allow"
-        );
+        assert_eq!(status(&allow).await, 200, "on_error = allow");
     }
     assert_eq!(ready(&deny).await, json!("degraded"));
     assert_eq!(ready(&allow).await, json!("degraded"));
@@ -163,39 +139,20 @@ async fn while_redis_is_down_the_policy_holds_and_limits_return_with_it() {
     redis.restart();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let status = deny
-            .post("/v1/chat/completions", &chat_body("x"))
-            .await
-            .status();
-        if status == 200 {
+        let answer = status(&deny).await;
+        if answer == 200 {
             break;
         }
-        assert_eq!(status, 503);
+        assert_eq!(answer, 503);
         assert!(
             Instant::now() < deadline,
             "the gateway did not reconnect to Redis"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        deny.post("/v1/chat/completions", &chat_body("x"))
-            .await
-            .status(),
-        200
-    );
-    assert_eq!(
-        deny.post("/v1/chat/completions", &chat_body("x"))
-            .await
-            .status(),
-        200
-    );
-    assert_eq!(
-        deny.post("/v1/chat/completions", &chat_body("x"))
-            .await
-            .status(),
-        429,
-        "3 per minute again"
-    );
+    assert_eq!(status(&deny).await, 200);
+    assert_eq!(status(&deny).await, 200);
+    assert_eq!(status(&deny).await, 429, "3 per minute again");
     assert_eq!(ready(&deny).await, json!("ok"));
 }
 
@@ -204,13 +161,7 @@ async fn a_redis_restarted_while_idle_costs_no_request() {
     let mut redis = RedisServer::start();
     let upstream = FakeUpstream::start(vec![]).await;
     let rule = "scope = [\"global\"]\nrequests_per_minute = 2";
-    let gateway = TestGateway::start(&limited_config(
-        &upstream.base_url,
-        &redis.url(),
-        "deny",
-        rule,
-    ))
-    .await;
+    let gateway = limited_gateway(&upstream, &redis.url(), "deny", rule).await;
     assert_eq!(status(&gateway).await, 200);
     // The pooled connection dies with this Redis; the next request finds that out and retries
     // on a new connection instead of failing with on_error's 503.
@@ -225,6 +176,16 @@ async fn a_redis_restarted_while_idle_costs_no_request() {
     assert_eq!(status(&gateway).await, 429);
 }
 
+async fn limited_gateway(
+    upstream: &FakeUpstream,
+    redis: &str,
+    on_error: &str,
+    rule: &str,
+) -> TestGateway {
+    TestGateway::start(&limited_config(&upstream.base_url, redis, on_error, rule)).await
+}
+
+/// The status of one chat request.
 async fn status(gateway: &TestGateway) -> u16 {
     gateway
         .post("/v1/chat/completions", &chat_body("x"))
@@ -250,15 +211,8 @@ async fn a_password_a_database_and_a_unix_socket_reach_one_budget() {
     let rule = "scope = [\"global\"]\nrequests_per_minute = 2";
     let over_tcp = format!("redis://:test-only-pw@127.0.0.1:{}/3", redis.port);
     let over_unix = format!("unix://{socket}?db=3&pass=test-only-pw");
-    let tcp =
-        TestGateway::start(&limited_config(&upstream.base_url, &over_tcp, "deny", rule)).await;
-    let unix = TestGateway::start(&limited_config(
-        &upstream.base_url,
-        &over_unix,
-        "deny",
-        rule,
-    ))
-    .await;
+    let tcp = limited_gateway(&upstream, &over_tcp, "deny", rule).await;
+    let unix = limited_gateway(&upstream, &over_unix, "deny", rule).await;
     // Both authenticate and count in database 3: one budget of 2 between them.
     assert_eq!(status(&tcp).await, 200);
     assert_eq!(status(&unix).await, 200);
@@ -273,7 +227,7 @@ async fn a_password_a_database_and_a_unix_socket_reach_one_budget() {
     // Same database, other password: refused by Redis, so on_error = deny answers 503, and the
     // password is not in the answer.
     let wrong = format!("redis://:not-the-pw@127.0.0.1:{}/3", redis.port);
-    let wrong = TestGateway::start(&limited_config(&upstream.base_url, &wrong, "deny", rule)).await;
+    let wrong = limited_gateway(&upstream, &wrong, "deny", rule).await;
     let refused = wrong.post("/v1/chat/completions", &chat_body("x")).await;
     assert_eq!(refused.status(), 503);
     let body = refused.text().await.unwrap();

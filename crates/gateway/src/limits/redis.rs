@@ -165,9 +165,6 @@ pub struct RedisStore {
     degraded: AtomicBool,
 }
 
-/// Whether a connection came from the idle pool.
-struct Reused(bool);
-
 /// Retry connecting at most this often while Redis is down.
 const RECONNECT_EVERY: Duration = Duration::from_millis(500);
 
@@ -211,17 +208,17 @@ impl RedisStore {
         self.degraded.load(Ordering::Relaxed)
     }
 
-    /// An idle connection, else a new one.
-    async fn connection(&self) -> Result<(Connection, Reused), String> {
+    /// An idle connection (`true`: reused), else a new one.
+    async fn connection(&self) -> Result<(Connection, bool), String> {
         if let Some(connection) = self
             .idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
         {
-            return Ok((connection, Reused(true)));
+            return Ok((connection, true));
         }
-        Ok((self.open().await?, Reused(false)))
+        Ok((self.open().await?, false))
     }
 
     async fn open(&self) -> Result<Connection, String> {
@@ -303,7 +300,7 @@ impl RedisStore {
                 // An idle connection may have died with a Redis that restarted since: once more
                 // on a new one. (Should the script have run before the connection broke, this
                 // request counts twice: the safe side for a limiter.)
-                Err(_) if reused.0 => {
+                Err(_) if reused => {
                     self.idle
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
