@@ -7,6 +7,7 @@
 # Needs perf (Debian: linux-perf) and oha; uses the release binaries bench/run.sh builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 bins="${CARGO_TARGET_DIR:-$PWD/target}/release"
 gateway="${BIN:-$bins/switchyard}"
 rate="${RATE:-1000}"
@@ -22,34 +23,20 @@ names=() ports=() gw_pids=()
 port=19191
 for spec in "$@"; do
   name="${spec%%:*}" envs="${spec#*:}"
-  cat >"$work/cpu-$port.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-[providers.mock]
-kind = "openai"
-base_url = "http://127.0.0.1:$mock_port/v1"
-[routes.main]
-targets = [{ provider = "mock", model = "mock-model" }]
-[[endpoints]]
-name = "chat"
-route = "main"
-TOML
+  passthrough_config "$work/cpu-$port.toml" "$port" "$mock_port"
   # shellcheck disable=SC2086 # the env list is split on purpose
   env RUST_LOG=info ${envs//,/ } "$gateway" serve --config "$work/cpu-$port.toml" >"$work/cpu-$port.log" 2>&1 &
   pids+=("$!") gw_pids+=("$!") names+=("$name") ports+=("$port")
   port=$((port + 1))
 done
-for p in "${ports[@]}"; do
-  for _ in $(seq 50); do curl -sf "http://127.0.0.1:$p/ready" >/dev/null && break; sleep 0.1; done
-done
-body='{"model":"chat","messages":[{"role":"user","content":"Hello! Please answer in a few words."}]}'
+for p in "${ports[@]}"; do wait_ready "$p"; done
 echo "| gateway | round | CPU per request µs | context switches per request |"
 echo "|---|---:|---:|---:|"
 for round in $(seq "$rounds"); do
   for i in "${!names[@]}"; do
     perf stat -x, -e task-clock,context-switches -p "${gw_pids[$i]}" -o "$work/cpu-stat.txt" -- sleep "$seconds" &
     stat_pid=$!
-    oha --no-tui -q "$rate" -z "${seconds}s" -m POST -H 'content-type: application/json' -d "$body" \
+    oha --no-tui -q "$rate" -z "${seconds}s" -m POST -H 'content-type: application/json' -d "$CHAT_BODY" \
       "http://127.0.0.1:${ports[$i]}/v1/chat/completions" >/dev/null
     wait "$stat_pid"
     requests=$((rate * seconds))

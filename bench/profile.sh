@@ -5,6 +5,7 @@
 # Extra gateway environment passes through, e.g. RUST_LOG=warn bench/profile.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 seconds="${1:-8}"
 work=bench/work
@@ -13,30 +14,15 @@ mock_port=19180
 gw_port=19181
 "$bin/mock-upstream" --listen "127.0.0.1:$mock_port" >"$work/profile-mock.log" 2>&1 &
 mock_pid=$!
-cat >"$work/profile.toml" <<TOML
-[server]
-listen = "127.0.0.1:$gw_port"
-[providers.mock]
-kind = "openai"
-base_url = "http://127.0.0.1:$mock_port/v1"
-[routes.main]
-targets = [{ provider = "mock", model = "mock-model" }]
-timeout_ms = 30000
-[[endpoints]]
-name = "chat"
-route = "main"
-TOML
+passthrough_config "$work/profile.toml" "$gw_port" "$mock_port"
 "$bin/switchyard" serve --config "$work/profile.toml" >"$work/profile-gateway.log" 2>&1 &
 gw_pid=$!
 trap 'kill "$gw_pid" "$mock_pid" 2>/dev/null || true' EXIT
-for _ in $(seq 50); do
-  curl -sf "http://127.0.0.1:$gw_port/ready" >/dev/null && break
-  sleep 0.1
-done
+wait_ready "$gw_port"
 perf record -F 1999 -g -p "$gw_pid" -o "$work/perf.data" -- sleep "$seconds" >"$work/perf-record.log" 2>&1 &
 perf_pid=$!
 oha --no-tui -c 32 -z "${seconds}s" -m POST -H 'content-type: application/json' \
-  -d '{"model":"chat","messages":[{"role":"user","content":"Hello! Please answer in a few words."}]}' \
+  -d "$CHAT_BODY" \
   "http://127.0.0.1:$gw_port/v1/chat/completions" | grep -E 'Requests/sec|Success rate'
 wait "$perf_pid"
 echo "--- where the time goes, by binary ---"

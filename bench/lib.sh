@@ -1,0 +1,33 @@
+# Shared by bench/profile.sh and bench/cpu-per-request.sh (source it, it is not a command):
+# a pass-through gateway config on the mock upstream, the chat body they send, and a wait for a
+# gateway to answer /ready.
+
+# shellcheck disable=SC2034 # used by the scripts that source this file
+CHAT_BODY='{"model":"chat","messages":[{"role":"user","content":"Hello! Please answer in a few words."}]}'
+
+# passthrough_config FILE GATEWAY_PORT MOCK_PORT: endpoint "chat" → route "main" → the mock.
+passthrough_config() {
+  cat >"$1" <<TOML
+[server]
+listen = "127.0.0.1:$2"
+[providers.mock]
+kind = "openai"
+base_url = "http://127.0.0.1:$3/v1"
+[routes.main]
+targets = [{ provider = "mock", model = "mock-model" }]
+timeout_ms = 30000
+[[endpoints]]
+name = "chat"
+route = "main"
+TOML
+}
+
+# wait_ready PORT: up to 5 s for the gateway on PORT to answer /ready.
+wait_ready() {
+  for _ in $(seq 50); do
+    curl -sf "http://127.0.0.1:$1/ready" >/dev/null && return 0
+    sleep 0.1
+  done
+  echo "the gateway on port $1 did not become ready" >&2
+  return 1
+}
