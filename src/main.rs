@@ -116,8 +116,7 @@ enum LogFormat {
     Json,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = telemetry::init(matches!(cli.log_format, LogFormat::Json))?;
     let store = || {
@@ -135,11 +134,14 @@ async fn main() -> anyhow::Result<()> {
             };
             let gateway = Gateway::from_file(source, &switchyard_chains::registry())?;
             let listen = listen.unwrap_or_else(|| gateway.listen_address());
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
+            let listener = std::net::TcpListener::bind(listen)
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            switchyard_gateway::serve(listener, gateway, switchyard_gateway::shutdown_signal())
-                .await?;
+            switchyard_gateway::serve_on_threads(
+                listener,
+                gateway,
+                event_loop_threads(),
+                switchyard_gateway::shutdown_signal(),
+            )?;
         }
         Command::Log(LogCommand::Onnx { path, name, alias }) => {
             let store = store();
@@ -161,6 +163,15 @@ async fn main() -> anyhow::Result<()> {
         } => predict(cli.store.clone(), &target, &input, config.as_deref())?,
     }
     Ok(())
+}
+
+/// One event-loop thread per core, or `TOKIO_WORKER_THREADS` of them.
+fn event_loop_threads() -> std::num::NonZeroUsize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.trim().parse().ok())
+        .or_else(|| std::thread::available_parallelism().ok())
+        .unwrap_or(std::num::NonZeroUsize::MIN)
 }
 
 /// Tells what `log` did, moves the alias if asked, and prints the version's URI.

@@ -21,7 +21,6 @@ mod state;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::Router;
@@ -42,6 +41,7 @@ pub use error::{ApiError, MlflowError};
 use limits::Backend;
 use metrics::Metrics;
 pub(crate) use state::{ChainEndpoint, Endpoint, Lasting, Snapshot};
+use switchyard_providers::HttpClient;
 
 /// Errors that stop a gateway from starting or reloading.
 #[derive(Debug, thiserror::Error)]
@@ -146,11 +146,7 @@ impl Gateway {
         registry: &Registry,
         source: Option<ConfigSource>,
     ) -> Result<Self, GatewayError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .build()?;
+        let client = Arc::new(HttpClient::new()?);
         let backend = Arc::new(
             Backend::new(&config.limits_store)
                 .map_err(|e| GatewayError::Endpoints(vec![format!("limits_store: {e}")]))?,
@@ -265,27 +261,95 @@ impl Gateway {
 
 /// Serves the gateway on `listener` until `shutdown` completes; then stops accepting and waits
 /// for in-flight requests (streams included) to finish. On Unix, SIGHUP reloads the config.
+/// Runs on the caller's runtime; the `switchyard` binary uses [`serve_on_threads`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     gateway: Gateway,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
     let address = listener.local_addr()?;
     info!(%address, endpoints = gateway.state.snapshot().endpoints.len(), "switchyard listening");
+    let reloader = tokio::spawn(reload_on_sighup(gateway.clone()));
+    let served = serve_connections(listener, &gateway, shutdown).await;
+    reloader.abort();
+    served?;
+    info!("switchyard stopped");
+    Ok(())
+}
+
+/// Like [`serve`], on `threads` event-loop threads of its own: each runs a single-threaded
+/// runtime that accepts connections from `listener` and handles them to the end, upstream calls
+/// included (the HTTP client is per thread too), so a request never waits for another thread to
+/// wake up. Returns when every thread has finished its in-flight requests.
+pub fn serve_on_threads(
+    listener: std::net::TcpListener,
+    gateway: Gateway,
+    threads: std::num::NonZeroUsize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let address = listener.local_addr()?;
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut workers = Vec::new();
+    for i in 1..threads.get() {
+        let (listener, gateway, runtime) = (listener.try_clone()?, gateway.clone(), runtime()?);
+        let mut stopping = stopping.clone();
+        let stopped = async move {
+            // An error means the sender is gone, which only happens once it has sent.
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        let worker = std::thread::Builder::new()
+            .name(format!("switchyard-{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    serve_connections(listener, &gateway, stopped).await
+                })
+            })?;
+        workers.push(worker);
+    }
+    info!(%address, threads, endpoints = gateway.state.snapshot().endpoints.len(), "switchyard listening");
+    let served = runtime()?.block_on(async move {
+        let reloader = tokio::spawn(reload_on_sighup(gateway.clone()));
+        let stopped = async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        };
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let served = serve_connections(listener, &gateway, stopped).await;
+        reloader.abort();
+        served
+    });
+    for worker in workers {
+        worker
+            .join()
+            .map_err(|_| std::io::Error::other("a gateway thread panicked"))??;
+    }
+    served?;
+    info!("switchyard stopped");
+    Ok(())
+}
+
+/// Accepts and serves connections until `shutdown`, then waits for in-flight requests.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    gateway: &Gateway,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
         if let Err(error) = tcp.set_nodelay(true) {
             warn!(%error, "cannot set TCP_NODELAY");
         }
     });
-    let reloader = tokio::spawn(reload_on_sighup(gateway.clone()));
-    let served = axum::serve(listener, gateway.router())
+    axum::serve(listener, gateway.router())
         .with_graceful_shutdown(shutdown)
-        .await;
-    reloader.abort();
-    served?;
-    info!("switchyard stopped");
-    Ok(())
+        .await
 }
 
 #[cfg(unix)]

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use switchyard_core::{
     Chain, ChainFolder, ChainResources, Llm, LoadedChain, Observer, Registry, Secret,
 };
-use switchyard_providers::{Capped, MockProvider, OpenAiProvider, Route, Target};
+use switchyard_providers::{Capped, HttpClient, MockProvider, OpenAiProvider, Route, Target};
 use switchyard_serving::OnnxModel;
 use switchyard_store::{ModelUri, ModelVersion, Store};
 use tokio::sync::Semaphore;
@@ -57,7 +57,7 @@ pub(crate) struct ChainEndpoint {
 /// What outlives config generations: every build uses it, reloads keep it.
 pub(crate) struct Lasting {
     pub registry: Registry,
-    pub client: reqwest::Client,
+    pub client: Arc<HttpClient>,
     pub metrics: Arc<Metrics>,
     /// Concurrency-cap slots per provider (and their number): a reload that keeps a provider's
     /// `max_concurrency` keeps its slots, so calls in flight still count against the cap.
@@ -68,7 +68,7 @@ pub(crate) struct Lasting {
 }
 
 impl Lasting {
-    pub fn new(registry: Registry, client: reqwest::Client, metrics: Arc<Metrics>) -> Self {
+    pub fn new(registry: Registry, client: Arc<HttpClient>, metrics: Arc<Metrics>) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         Self {
             registry,

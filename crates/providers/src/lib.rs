@@ -6,12 +6,14 @@
 //! fallback to the next target. All of them implement [`switchyard_core::Llm`].
 
 mod capped;
+mod http;
 mod mock;
 mod openai;
 mod route;
 pub mod testkit;
 
 pub use capped::Capped;
+pub use http::HttpClient;
 pub use mock::{MockConfig, MockProvider, count_tokens};
 pub use openai::OpenAiProvider;
 pub use route::{Route, RouteSettings, Target};

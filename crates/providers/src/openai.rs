@@ -1,7 +1,9 @@
 //! Client for OpenAI and any OpenAI-compatible server (vLLM, Ollama, Groq, Together, …).
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::HttpClient;
 use async_trait::async_trait;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
@@ -13,11 +15,11 @@ use switchyard_core::{
 /// Upstream error bodies are quoted in our errors, cut to this many bytes.
 const MAX_QUOTED_ERROR: usize = 512;
 
-/// One OpenAI-compatible upstream. Cheap to clone: the HTTP client is shared.
+/// One OpenAI-compatible upstream. Cheap to clone: the HTTP clients are shared.
 #[derive(Debug, Clone)]
 pub struct OpenAiProvider {
     name: String,
-    client: reqwest::Client,
+    client: Arc<HttpClient>,
     /// Parsed once: parsing it per request showed up in profiles.
     completions_url: reqwest::Url,
     api_key: Option<Secret>,
@@ -27,7 +29,7 @@ impl OpenAiProvider {
     /// `base_url` is the API root, e.g. `https://api.openai.com/v1`.
     pub fn new(
         name: impl Into<String>,
-        client: reqwest::Client,
+        client: Arc<HttpClient>,
         base_url: &str,
         api_key: Option<Secret>,
     ) -> Result<Self, String> {
@@ -43,7 +45,8 @@ impl OpenAiProvider {
     }
 
     async fn send(&self, request: &ChatRequest) -> Result<reqwest::Response, LlmError> {
-        let mut builder = self.client.post(self.completions_url.clone()).json(request);
+        let client = self.client.get().map_err(|e| self.transport_error(&e))?;
+        let mut builder = client.post(self.completions_url.clone()).json(request);
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key.expose());
         }

@@ -1,18 +1,19 @@
 //! Counters in Redis, shared by every gateway replica: one atomic Lua script per decision, on
 //! the Redis server's clock, so replicas with skewed clocks still share one budget.
 //!
-//! The request's own task talks to Redis: it takes an idle connection from a small pool, writes
-//! the command and reads the answer itself. redis-rs's async connections are multiplexed (every
-//! command goes to a driver task and the answer comes back through a channel: two more
-//! wake-ups per decision, ~0.04 ms here), so only its URL parsing, command packing and script
+//! The request's own task talks to Redis: it takes an idle connection from its thread's small
+//! pool, writes the command and reads the answer itself. redis-rs's async connections are
+//! multiplexed (every command goes to a driver task and the answer comes back through a channel:
+//! two more wake-ups per decision, ~0.04 ms here), so only its URL parsing, command packing and script
 //! hash are used; replies are decoded with `redis-protocol`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use redis::{ConnectionAddr, IntoConnectionInfo};
 use redis_protocol::resp2::types::OwnedFrame;
+use thread_local::ThreadLocal;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{info, warn};
 
@@ -155,9 +156,12 @@ impl Connection {
 
 pub struct RedisStore {
     server: Server,
-    /// Connections not in use. A request takes one and gives it back only after a complete
-    /// exchange, so a connection in an unknown state (timeout, cancelled request) is dropped.
-    idle: Mutex<Vec<Connection>>,
+    /// Connections not in use, per thread: a socket belongs to the runtime of the thread that
+    /// opened it (the gateway runs one runtime per thread), and using it from another would add
+    /// a cross-thread wake-up to every call. A request takes one and gives it back only after a
+    /// complete exchange, so a connection in an unknown state (timeout, cancelled request) is
+    /// dropped.
+    idle: ThreadLocal<Mutex<Vec<Connection>>>,
     /// When the last connection attempt failed: do not hammer a Redis that is down.
     last_failure: Mutex<Option<Instant>>,
     script: redis::Script,
@@ -195,7 +199,7 @@ impl RedisStore {
         }
         Ok(Self {
             server: Server { address, handshake },
-            idle: Mutex::new(Vec::new()),
+            idle: ThreadLocal::new(),
             last_failure: Mutex::new(None),
             script: redis::Script::new(SCRIPT),
             timeout,
@@ -208,17 +212,29 @@ impl RedisStore {
         self.degraded.load(Ordering::Relaxed)
     }
 
-    /// An idle connection (`true`: reused), else a new one.
-    async fn connection(&self) -> Result<(Connection, bool), String> {
-        if let Some(connection) = self
-            .idle
+    /// This thread's idle connections.
+    fn idle(&self) -> MutexGuard<'_, Vec<Connection>> {
+        self.idle
+            .get_or_default()
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .pop()
-        {
-            return Ok((connection, true));
+    }
+
+    /// Drops every thread's idle connections: they most likely died with the one that failed
+    /// (Redis restarted).
+    fn drop_idle(&self) {
+        for idle in self.idle.iter() {
+            idle.lock().unwrap_or_else(PoisonError::into_inner).clear();
         }
-        Ok((self.open().await?, false))
+    }
+
+    /// An idle connection (`true`: reused), else a new one.
+    async fn connection(&self) -> Result<(Connection, bool), String> {
+        let reused = self.idle().pop();
+        match reused {
+            Some(connection) => Ok((connection, true)),
+            None => Ok((self.open().await?, false)),
+        }
     }
 
     async fn open(&self) -> Result<Connection, String> {
@@ -301,16 +317,13 @@ impl RedisStore {
                 // on a new one. (Should the script have run before the connection broke, this
                 // request counts twice: the safe side for a limiter.)
                 Err(_) if reused => {
-                    self.idle
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .clear();
+                    self.drop_idle();
                     connection = self.open().await?;
                     self.invoke(&mut connection, &args).await?
                 }
                 result => result?,
             };
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut idle = self.idle();
             if idle.len() < MAX_IDLE {
                 idle.push(connection);
             }
@@ -323,11 +336,7 @@ impl RedisStore {
         match &result {
             Ok(_) => self.record(true, ""),
             Err(why) => {
-                // The other idle connections most likely died with this one (Redis restarted).
-                self.idle
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clear();
+                self.drop_idle();
                 self.record(false, why);
             }
         }
