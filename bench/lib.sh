@@ -2,6 +2,9 @@
 # a pass-through gateway config on the mock upstream, the chat body they send, and a wait for a
 # gateway to answer /ready.
 
+# A backtrace variable makes every anyhow::Error capture a backtrace (bench/run.py strips them too).
+unset RUST_BACKTRACE RUST_LIB_BACKTRACE
+
 # shellcheck disable=SC2034 # used by the scripts that source this file
 CHAT_BODY='{"model":"chat","messages":[{"role":"user","content":"Hello! Please answer in a few words."}]}'
 

@@ -3,7 +3,8 @@
 use serde_json::{Value, json};
 
 use crate::common::{
-    FakeUpstream, Reply, TestGateway, chat_body, read_stream, sse_data, stream_text,
+    FakeUpstream, Reply, TestGateway, chat_body, config_over, parse_config, read_stream, sse_data,
+    stream_text,
 };
 
 #[tokio::test]
@@ -271,4 +272,65 @@ async fn quickstart_config_serves_offline_on_the_mock() {
     ask["stream"] = json!(false);
     let invoked = gateway.post("/endpoints/support/invocations", &ask).await;
     assert_eq!(invoked.status(), 200);
+}
+
+/// What `switchyard serve` runs: one single-threaded runtime per thread, all accepting from one
+/// listener, each with its own upstream connections.
+#[tokio::test]
+async fn event_loop_threads_serve_concurrent_connections_and_stop_when_asked() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let gateway = switchyard_gateway::Gateway::new(
+        parse_config(&config_over(&[&upstream.base_url], "")),
+        &switchyard_chains::registry(),
+    )
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopping) = tokio::sync::oneshot::channel::<()>();
+    let threads = std::num::NonZeroUsize::new(3).unwrap();
+    let server = std::thread::spawn(move || {
+        switchyard_gateway::serve_on_threads(listener, gateway, threads, async {
+            let _ = stopping.await;
+        })
+    });
+
+    // Each client has its own connection pool, so every request is a connection of its own.
+    let url = format!("http://{address}/v1/chat/completions");
+    let requests = (0..12).map(|i| {
+        let url = url.clone();
+        async move {
+            let mut body = chat_body(&format!("hello {i}"));
+            body["stream"] = json!(i % 3 == 0);
+            let response = reqwest::Client::new()
+                .post(&url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "request {i}");
+            if i % 3 == 0 {
+                stream_text(&sse_data(&read_stream(response).await))
+            } else {
+                let body: Value = response.json().await.unwrap();
+                body["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            }
+        }
+    });
+    let answers = futures::future::join_all(requests).await;
+    let expected: Vec<String> = (0..12).map(|i| format!("hello {i}")).collect();
+    assert_eq!(answers, expected);
+    assert_eq!(upstream.requests().len(), 12);
+
+    stop.send(()).unwrap();
+    let served = tokio::task::spawn_blocking(move || server.join().unwrap())
+        .await
+        .unwrap();
+    assert!(served.is_ok(), "{served:?}");
+    assert!(
+        tokio::net::TcpStream::connect(address).await.is_err(),
+        "still accepting after the shutdown"
+    );
 }

@@ -252,13 +252,8 @@ impl TestGateway {
 
     /// Like [`TestGateway::start`], with the given compiled chains.
     pub async fn start_with_registry(config: &str, registry: &Registry) -> Self {
-        let env = |name: &str| match name {
-            "TEST_OPENAI_KEY" => Some("sk-test-key".to_owned()),
-            "TEST_ADMIN_KEY" => Some("admin-secret".to_owned()),
-            _ => None,
-        };
-        let config = Config::parse("test.toml", config, &env).unwrap_or_else(|e| panic!("{e}"));
-        Self::serve(Gateway::new(config, registry).unwrap_or_else(|e| panic!("{e}"))).await
+        Self::serve(Gateway::new(parse_config(config), registry).unwrap_or_else(|e| panic!("{e}")))
+            .await
     }
 
     /// Serves a gateway started from a config file (so it can reload).
@@ -331,6 +326,17 @@ impl Drop for TestGateway {
 }
 
 /// Config text for [`TestGateway::over`]: providers `p0`, `p1`… with models `model-0`, `model-1`….
+/// Parses config text; `${TEST_OPENAI_KEY}` resolves to `sk-test-key` and `${TEST_ADMIN_KEY}`
+/// to `admin-secret`.
+pub fn parse_config(text: &str) -> Config {
+    let env = |name: &str| match name {
+        "TEST_OPENAI_KEY" => Some("sk-test-key".to_owned()),
+        "TEST_ADMIN_KEY" => Some("admin-secret".to_owned()),
+        _ => None,
+    };
+    Config::parse("test.toml", text, &env).unwrap_or_else(|e| panic!("{e}"))
+}
+
 pub fn config_over(upstreams: &[&str], route_settings: &str) -> String {
     let mut config = String::new();
     let mut targets = Vec::new();
