@@ -19,6 +19,7 @@ mod request_log;
 mod state;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -269,6 +270,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let address = listener.local_addr()?;
     info!(%address, endpoints = gateway.state.snapshot().endpoints.len(), "switchyard listening");
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            warn!(%error, "cannot set TCP_NODELAY");
+        }
+    });
     let reloader = tokio::spawn(reload_on_sighup(gateway.clone()));
     let served = serve_connections(listener, &gateway, shutdown).await;
     reloader.abort();
@@ -278,9 +285,11 @@ pub async fn serve(
 }
 
 /// Like [`serve`], on `threads` event-loop threads of its own: each runs a single-threaded
-/// runtime that accepts connections from `listener` and handles them to the end, upstream calls
-/// included (the HTTP client is per thread too), so a request never waits for another thread to
-/// wake up. Returns when every thread has finished its in-flight requests.
+/// runtime that handles its connections to the end, upstream calls included (the HTTP client is
+/// per thread too), so a request never waits for another thread to wake up. The calling thread
+/// accepts connections and hands them out in turn, so every thread gets its share (threads
+/// racing to accept gave all of a benchmark's 32 connections to one thread in one run out of
+/// three). Returns when every thread has finished its in-flight requests.
 pub fn serve_on_threads(
     listener: std::net::TcpListener,
     gateway: Gateway,
@@ -295,34 +304,44 @@ pub fn serve_on_threads(
             .build()
     };
     let (stop, stopping) = tokio::sync::watch::channel(false);
+    let stopped = |mut stopping: tokio::sync::watch::Receiver<bool>| async move {
+        // An error means the sender is gone, which only happens once it has sent.
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
+    let mut hand_to = Vec::new();
     let mut workers = Vec::new();
     for i in 1..threads.get() {
-        let (listener, gateway, runtime) = (listener.try_clone()?, gateway.clone(), runtime()?);
-        let mut stopping = stopping.clone();
-        let stopped = async move {
-            // An error means the sender is gone, which only happens once it has sent.
-            let _ = stopping.wait_for(|stop| *stop).await;
+        let (sender, connections) = tokio::sync::mpsc::unbounded_channel();
+        hand_to.push(sender);
+        let listener = HandedOut {
+            connections,
+            address,
         };
+        let (gateway, runtime, stopped) = (gateway.clone(), runtime()?, stopped(stopping.clone()));
         let worker = std::thread::Builder::new()
             .name(format!("switchyard-{i}"))
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener)?;
-                    serve_connections(listener, &gateway, stopped).await
-                })
-            })?;
+            .spawn(move || runtime.block_on(serve_connections(listener, &gateway, stopped)))?;
         workers.push(worker);
     }
+    let (sender, connections) = tokio::sync::mpsc::unbounded_channel();
+    hand_to.push(sender);
+    let own = HandedOut {
+        connections,
+        address,
+    };
     info!(%address, threads, endpoints = gateway.state.snapshot().endpoints.len(), "switchyard listening");
     let served = runtime()?.block_on(async move {
         let reloader = tokio::spawn(reload_on_sighup(gateway.clone()));
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let acceptor = tokio::spawn(hand_out(listener, hand_to, stopped(stopping)));
         let stopped = async move {
             shutdown.await;
             let _ = stop.send(true);
         };
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        let served = serve_connections(listener, &gateway, stopped).await;
+        let served = serve_connections(own, &gateway, stopped).await;
         reloader.abort();
+        // It stops at the same signal; waiting for it only makes sure the port is closed.
+        let _ = acceptor.await;
         served
     });
     for worker in workers {
@@ -335,18 +354,70 @@ pub fn serve_on_threads(
     Ok(())
 }
 
-/// Accepts and serves connections until `shutdown`, then waits for in-flight requests.
-async fn serve_connections(
-    listener: tokio::net::TcpListener,
-    gateway: &Gateway,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
+/// Accepts connections until `stopped` and hands them to the event-loop threads in turn; then
+/// closes the listening socket.
+async fn hand_out(
+    mut listener: tokio::net::TcpListener,
+    threads: Vec<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
+    stopped: impl Future<Output = ()>,
+) {
+    tokio::pin!(stopped);
+    for thread in threads.iter().cycle() {
+        // axum's accept logs and retries failed accepts (and waits a second on EMFILE).
+        let (stream, peer) = tokio::select! {
+            () = &mut stopped => return,
+            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+        };
+        if let Err(error) = stream.set_nodelay(true) {
             warn!(%error, "cannot set TCP_NODELAY");
         }
-    });
+        // A thread's socket must be registered with its own runtime: hand over the plain socket.
+        match stream.into_std() {
+            // Fails only when that thread has stopped, i.e. at shutdown.
+            Ok(stream) => drop(thread.send((stream, peer))),
+            Err(error) => warn!(%error, "cannot hand a connection over"),
+        }
+    }
+}
+
+/// The connections [`hand_out`] gives one event-loop thread, as a listener for `axum::serve`.
+struct HandedOut {
+    connections: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    address: SocketAddr,
+}
+
+impl axum::serve::Listener for HandedOut {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Some((stream, peer)) = self.connections.recv().await else {
+                // The acceptor has stopped, so the gateway is shutting down: nothing more comes.
+                return std::future::pending().await;
+            };
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => return (stream, peer),
+                Err(error) => warn!(%error, "cannot take a connection over"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.address)
+    }
+}
+
+/// Serves the connections `listener` accepts until `shutdown`, then waits for in-flight
+/// requests.
+async fn serve_connections<L>(
+    listener: L,
+    gateway: &Gateway,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
     axum::serve(listener, gateway.router())
         .with_graceful_shutdown(shutdown)
         .await
