@@ -167,11 +167,17 @@ fn main() -> anyhow::Result<()> {
 
 /// One event-loop thread per core, or `TOKIO_WORKER_THREADS` of them.
 fn event_loop_threads() -> std::num::NonZeroUsize {
-    std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|n| n.trim().parse().ok())
-        .or_else(|| std::thread::available_parallelism().ok())
-        .unwrap_or(std::num::NonZeroUsize::MIN)
+    let cores = std::thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN);
+    match std::env::var("TOKIO_WORKER_THREADS") {
+        Err(_) => cores,
+        Ok(value) => value.trim().parse().unwrap_or_else(|_| {
+            tracing::warn!(
+                value,
+                "TOKIO_WORKER_THREADS is not a positive number: running one thread per core"
+            );
+            cores
+        }),
+    }
 }
 
 /// Tells what `log` did, moves the alias if asked, and prints the version's URI.

@@ -274,8 +274,8 @@ async fn quickstart_config_serves_offline_on_the_mock() {
     assert_eq!(invoked.status(), 200);
 }
 
-/// What `switchyard serve` runs: one single-threaded runtime per thread, all accepting from one
-/// listener, each with its own upstream connections.
+/// What `switchyard serve` runs: one single-threaded runtime per thread, connections handed to
+/// them in turn, each thread with its own upstream connections.
 #[tokio::test]
 async fn event_loop_threads_serve_concurrent_connections_and_stop_when_asked() {
     let upstream = FakeUpstream::start(vec![]).await;

@@ -5,7 +5,8 @@
 //! app, and [`serve`] runs it until a shutdown signal, letting in-flight requests finish. A
 //! gateway made with [`Gateway::from_file`] can [`Gateway::reload`] its config (also on SIGHUP
 //! and `POST /admin/reload`): the new state is swapped in atomically, and requests already
-//! running finish on the state they started with.
+//! running finish on the state they started with. [`serve_on_threads`] is what the binary runs:
+//! one single-threaded runtime per core.
 
 mod admin;
 mod auth;
@@ -287,9 +288,10 @@ pub async fn serve(
 /// Like [`serve`], on `threads` event-loop threads of its own: each runs a single-threaded
 /// runtime that handles its connections to the end, upstream calls included (the HTTP client is
 /// per thread too), so a request never waits for another thread to wake up. The calling thread
-/// accepts connections and hands them out in turn, so every thread gets its share (threads
-/// racing to accept gave all of a benchmark's 32 connections to one thread in one run out of
-/// three). Returns when every thread has finished its in-flight requests.
+/// is one of them and also accepts connections, handing them out in turn so every thread gets
+/// its share (threads racing to accept gave all of a benchmark's 32 connections to one thread in
+/// one run out of three). Returns when every thread has finished its in-flight requests; if one
+/// thread stops early (an error, a panic), all of them stop, and its error is returned.
 pub fn serve_on_threads(
     listener: std::net::TcpListener,
     gateway: Gateway,
@@ -298,69 +300,128 @@ pub fn serve_on_threads(
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let address = listener.local_addr()?;
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    };
-    let (stop, stopping) = tokio::sync::watch::channel(false);
-    let stopped = |mut stopping: tokio::sync::watch::Receiver<bool>| async move {
-        // An error means the sender is gone, which only happens once it has sent.
-        let _ = stopping.wait_for(|stop| *stop).await;
-    };
+    let stop = Arc::new(tokio::sync::watch::channel(false).0);
     let mut hand_to = Vec::new();
     let mut workers = Vec::new();
+    let mut started = Ok(());
     for i in 1..threads.get() {
+        match spawn_event_loop(i, &gateway, address, &stop) {
+            Ok((sender, worker)) => {
+                hand_to.push(sender);
+                workers.push(worker);
+            }
+            Err(error) => {
+                started = Err(error);
+                break;
+            }
+        }
+    }
+    let served = started.and_then(|()| {
         let (sender, connections) = tokio::sync::mpsc::unbounded_channel();
         hand_to.push(sender);
-        let listener = HandedOut {
+        let own = HandedOut {
             connections,
             address,
         };
-        let (gateway, runtime, stopped) = (gateway.clone(), runtime()?, stopped(stopping.clone()));
-        let worker = std::thread::Builder::new()
-            .name(format!("switchyard-{i}"))
-            .spawn(move || runtime.block_on(serve_connections(listener, &gateway, stopped)))?;
-        workers.push(worker);
-    }
-    let (sender, connections) = tokio::sync::mpsc::unbounded_channel();
-    hand_to.push(sender);
-    let own = HandedOut {
-        connections,
-        address,
-    };
-    info!(%address, threads, endpoints = gateway.state.snapshot().endpoints.len(), "switchyard listening");
-    let served = runtime()?.block_on(async move {
-        let reloader = tokio::spawn(reload_on_sighup(gateway.clone()));
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        let acceptor = tokio::spawn(hand_out(listener, hand_to, stopped(stopping)));
-        let stopped = async move {
-            shutdown.await;
-            let _ = stop.send(true);
-        };
-        let served = serve_connections(own, &gateway, stopped).await;
-        reloader.abort();
-        // It stops at the same signal; waiting for it only makes sure the port is closed.
-        let _ = acceptor.await;
-        served
+        info!(%address, threads, endpoints = gateway.state.snapshot().endpoints.len(), "switchyard listening");
+        event_loop_runtime()?.block_on(async {
+            let reloader = tokio::spawn(reload_on_sighup(gateway.clone()));
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let acceptor = tokio::spawn(hand_out(listener, hand_to, StopOnExit(stop.clone())));
+            let signal = {
+                let stop = stop.clone();
+                async move {
+                    shutdown.await;
+                    stop.send_replace(true);
+                }
+            };
+            let stopped = stopped(&stop);
+            let served = serve_connections(own, &gateway, async move {
+                tokio::select! {
+                    () = signal => {},
+                    () = stopped => {},
+                }
+            })
+            .await;
+            reloader.abort();
+            // The acceptor stops at the same signal; waiting for it makes sure the port is closed.
+            let _ = acceptor.await;
+            served
+        })
     });
+    // However this thread got here, the others stop too (and finish their in-flight requests).
+    stop.send_replace(true);
+    let mut joined = Ok(());
     for worker in workers {
-        worker
+        let result = worker
             .join()
-            .map_err(|_| std::io::Error::other("a gateway thread panicked"))??;
+            .unwrap_or_else(|_| Err(std::io::Error::other("a gateway thread panicked")));
+        joined = joined.and(result);
     }
-    served?;
+    served.and(joined)?;
     info!("switchyard stopped");
     Ok(())
 }
 
-/// Accepts connections until `stopped` and hands them to the event-loop threads in turn; then
-/// closes the listening socket.
+fn event_loop_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Where the acceptor sends one event-loop thread's connections.
+type HandTo = tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>;
+
+/// Starts event-loop thread `index`: it serves the connections sent to it until `stop` is set.
+fn spawn_event_loop(
+    index: usize,
+    gateway: &Gateway,
+    address: SocketAddr,
+    stop: &Arc<tokio::sync::watch::Sender<bool>>,
+) -> std::io::Result<(HandTo, std::thread::JoinHandle<std::io::Result<()>>)> {
+    let (sender, connections) = tokio::sync::mpsc::unbounded_channel();
+    let listener = HandedOut {
+        connections,
+        address,
+    };
+    let (gateway, runtime) = (gateway.clone(), event_loop_runtime()?);
+    let (stopped, stop_on_exit) = (stopped(stop), StopOnExit(stop.clone()));
+    let worker = std::thread::Builder::new()
+        .name(format!("switchyard-{index}"))
+        .spawn(move || {
+            let _stop_on_exit = stop_on_exit;
+            runtime.block_on(serve_connections(listener, &gateway, stopped))
+        })?;
+    Ok((sender, worker))
+}
+
+/// Completes once `stop` is set.
+fn stopped(stop: &tokio::sync::watch::Sender<bool>) -> impl Future<Output = ()> + Send + 'static {
+    let mut stopping = stop.subscribe();
+    async move {
+        // Fails only if the sender is gone, and then nothing is left to wait for.
+        let _ = stopping.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Sets `stop` when dropped: a thread or task that ends for any reason, a panic included, stops
+/// the whole gateway rather than leaving it to run with a part missing.
+struct StopOnExit(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Drop for StopOnExit {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// Accepts connections until the gateway stops and hands them to the event-loop threads in
+/// turn; then closes the listening socket.
 async fn hand_out(
     mut listener: tokio::net::TcpListener,
-    threads: Vec<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
-    stopped: impl Future<Output = ()>,
+    threads: Vec<HandTo>,
+    stop_on_exit: StopOnExit,
 ) {
+    let stopped = stopped(&stop_on_exit.0);
     tokio::pin!(stopped);
     for thread in threads.iter().cycle() {
         // axum's accept logs and retries failed accepts (and waits a second on EMFILE).
@@ -372,10 +433,16 @@ async fn hand_out(
             warn!(%error, "cannot set TCP_NODELAY");
         }
         // A thread's socket must be registered with its own runtime: hand over the plain socket.
-        match stream.into_std() {
-            // Fails only when that thread has stopped, i.e. at shutdown.
-            Ok(stream) => drop(thread.send((stream, peer))),
-            Err(error) => warn!(%error, "cannot hand a connection over"),
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => {
+                warn!(%error, "cannot hand a connection over");
+                continue;
+            }
+        };
+        if thread.send((stream, peer)).is_err() {
+            // That thread has stopped, so the gateway is stopping (see `StopOnExit`).
+            warn!(%peer, "connection closed unanswered: the gateway is stopping");
         }
     }
 }

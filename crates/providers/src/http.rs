@@ -5,7 +5,12 @@
 //! on one thread often goes out on a connection whose task lives on another: two cross-thread
 //! wake-ups per call. The gateway runs one single-threaded runtime per core, so a client per
 //! thread keeps a request, its upstream connection and that connection's task on one thread,
-//! like a per-core event loop.
+//! like a per-core event loop. The price: each thread opens its own upstream connections (and
+//! TLS sessions).
+//!
+//! Only the event-loop threads send requests, and they live as long as the gateway. (A thread
+//! that exits leaves its client to the next new thread; if the runtime behind its pooled
+//! connections is gone by then, reqwest drops them at checkout and connects anew.)
 
 use std::time::Duration;
 

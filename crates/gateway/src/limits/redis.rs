@@ -172,8 +172,9 @@ pub struct RedisStore {
 /// Retry connecting at most this often while Redis is down.
 const RECONNECT_EVERY: Duration = Duration::from_millis(500);
 
-/// Idle connections kept; more are opened under load and closed when handed back.
-const MAX_IDLE: usize = 64;
+/// Idle connections kept per thread; more are opened under load and closed when handed back.
+/// (Per thread: a replica keeps up to this many times its number of threads.)
+const MAX_IDLE: usize = 16;
 
 impl RedisStore {
     pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
