@@ -269,9 +269,9 @@ pub async fn serve(
     gateway: Gateway,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
     let address = listener.local_addr()?;
     info!(%address, endpoints = gateway.state.snapshot().endpoints.len(), "switchyard listening");
-    use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
         if let Err(error) = tcp.set_nodelay(true) {
             warn!(%error, "cannot set TCP_NODELAY");

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::HttpClient;
 use async_trait::async_trait;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
@@ -11,6 +10,8 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use switchyard_core::{
     ChatChunk, ChatRequest, ChatResponse, ChunkStream, Llm, LlmError, LlmErrorKind, Secret,
 };
+
+use crate::HttpClient;
 
 /// Upstream error bodies are quoted in our errors, cut to this many bytes.
 const MAX_QUOTED_ERROR: usize = 512;

@@ -4,8 +4,8 @@
 //! The request's own task talks to Redis: it takes an idle connection from its thread's small
 //! pool, writes the command and reads the answer itself. redis-rs's async connections are
 //! multiplexed (every command goes to a driver task and the answer comes back through a channel:
-//! two more wake-ups per decision, ~0.04 ms here), so only its URL parsing, command packing and script
-//! hash are used; replies are decoded with `redis-protocol`.
+//! two more wake-ups per decision, ~0.04 ms here), so only its URL parsing, command packing and
+//! script hash are used; replies are decoded with `redis-protocol`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
