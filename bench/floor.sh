@@ -71,7 +71,15 @@ passthrough_config "$work/switchyard.toml" 19293 "$mock_port"
 "$gateway" serve --config "$work/switchyard.toml" >"$work/switchyard.log" 2>&1 &
 pids+=("$!") names+=(switchyard) ports+=(19293) watch+=("$!")
 wait_ready 19293
-sleep 0.5 # nginx and HAProxy have no readiness endpoint; they bind within milliseconds
+# nginx and HAProxy have no readiness endpoint: wait until each answers anything over HTTP.
+for port in "${ports[@]}"; do
+  for _ in $(seq 50); do
+    curl -s -o /dev/null "http://127.0.0.1:$port/" && continue 2
+    sleep 0.1
+  done
+  echo "nothing answers on port $port" >&2
+  exit 1
+done
 
 # perf counts the proxy's whole process tree (nginx's and HAProxy's workers included).
 tree() { pgrep -P "$1" | paste -sd, | sed "s/^/$1,/; s/,\$//"; }
