@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What an extra proxy hop costs on this machine: the same pass-through request sent to the mock
-# directly, through nginx, through HAProxy (both C event-loop proxies with upstream keep-alive)
+# directly, through nginx, through HAProxy (both C event-loop proxies with upstream keep-alive),
+# through bare-proxy (hyper's server and client and nothing else: the floor of our Rust stack)
 # and through Switchyard, at a fixed rate and at full load. Rounds alternate the targets.
 #   bench/floor.sh                 # RATE=1000 SECONDS_PER_ROUND=5 ROUNDS=3 CONCURRENCY=32
 #   BIN=/path/to/switchyard bench/floor.sh
@@ -67,6 +68,9 @@ CONF
 else
   echo "haproxy not installed: skipped" >&2
 fi
+"$bins/bare-proxy" --listen 127.0.0.1:19294 \
+  --upstream "http://127.0.0.1:$mock_port/v1/chat/completions" >"$work/bare-proxy.log" 2>&1 &
+pids+=("$!") names+=(bare-proxy) ports+=(19294) watch+=("$!")
 passthrough_config "$work/switchyard.toml" 19293 "$mock_port"
 "$gateway" serve --config "$work/switchyard.toml" >"$work/switchyard.log" 2>&1 &
 pids+=("$!") names+=(switchyard) ports+=(19293) watch+=("$!")

@@ -469,3 +469,41 @@ async fn sighup_reloads_the_config_file() {
     assert!(refused.contains("unknown route 'missing'"), "{refused}");
     assert_eq!(models().await, ["first", "second"]);
 }
+
+#[tokio::test]
+async fn upstream_calls_go_through_the_proxy_the_environment_names() {
+    // The upstream's host does not resolve: only the proxy (the fake, which also answers an
+    // absolute-form request for it) can get the request there.
+    let proxy = FakeUpstream::start(vec![]).await;
+    let proxy_url = proxy.base_url.trim_end_matches("/v1").to_owned();
+    let dir = crate::common::temp_dir("proxy");
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        config_over(&["http://upstream.invalid/v1"], "retries = 0"),
+    )
+    .unwrap();
+    let proxy_env = [
+        ("HTTP_PROXY", proxy_url.as_str()),
+        ("http_proxy", proxy_url.as_str()),
+        ("NO_PROXY", ""),
+        ("no_proxy", ""),
+        ("TEST_OPENAI_KEY", "sk-test-key"),
+    ];
+    let gateway = GatewayProcess::start(&config, &proxy_env);
+    let response = reqwest::Client::new()
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&chat_body("via the proxy"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "via the proxy");
+    let requests = proxy.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(
+        requests[0].authorization.as_deref(),
+        Some("Bearer sk-test-key")
+    );
+}

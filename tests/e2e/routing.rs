@@ -235,3 +235,20 @@ async fn an_upstream_429_without_retry_after_still_gives_the_client_one() {
     assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["retry-after"], "1");
 }
+
+#[tokio::test]
+async fn an_upstream_redirect_is_not_followed() {
+    // Following it would re-send the request (and the provider key) to wherever Location says.
+    let upstream = FakeUpstream::start(vec![Reply::Status(
+        307,
+        vec![("location", "/v1/chat/completions")],
+    )])
+    .await;
+    let gateway = TestGateway::over(&[&upstream.base_url], "retries = 2").await;
+    let response = gateway.post("/v1/chat/completions", &chat_body("x")).await;
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("HTTP 307"), "{message}");
+    assert_eq!(upstream.requests().len(), 1, "neither followed nor retried");
+}

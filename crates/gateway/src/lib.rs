@@ -50,8 +50,8 @@ use switchyard_providers::HttpClient;
 pub enum GatewayError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot build the HTTP client for upstream providers: {0}")]
-    HttpClient(#[from] reqwest::Error),
+    #[error(transparent)]
+    HttpClient(#[from] switchyard_providers::HttpClientError),
     /// Endpoints that could not be loaded, each with why.
     #[error("{} endpoint(s) could not be loaded:{}", .0.len(), .0.iter().map(|p| format!("\n  - {p}")).collect::<String>())]
     Endpoints(Vec<String>),

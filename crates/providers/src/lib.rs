@@ -13,7 +13,7 @@ mod route;
 pub mod testkit;
 
 pub use capped::Capped;
-pub use http::HttpClient;
+pub use http::{HttpClient, HttpClientError};
 pub use mock::{MockConfig, MockProvider, count_tokens};
 pub use openai::OpenAiProvider;
 pub use route::{Route, RouteSettings, Target};

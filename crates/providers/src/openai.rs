@@ -4,14 +4,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use reqwest::header::{HeaderMap, RETRY_AFTER};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use http_body_util::BodyExt;
 use switchyard_core::{
     ChatChunk, ChatRequest, ChatResponse, ChunkStream, Llm, LlmError, LlmErrorKind, Secret,
 };
 
-use crate::HttpClient;
+use crate::http::{HttpClient, Path, UpstreamBody, read_body};
 
 /// Upstream error bodies are quoted in our errors, cut to this many bytes.
 const MAX_QUOTED_ERROR: usize = 512;
@@ -22,7 +24,9 @@ pub struct OpenAiProvider {
     name: String,
     client: Arc<HttpClient>,
     /// Parsed once: parsing it per request showed up in profiles.
-    completions_url: reqwest::Url,
+    completions_url: http::Uri,
+    /// Direct, or through the proxy the environment names for `completions_url`.
+    path: Path,
     api_key: Option<Secret>,
 }
 
@@ -35,23 +39,56 @@ impl OpenAiProvider {
         api_key: Option<Secret>,
     ) -> Result<Self, String> {
         let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
-        let completions_url =
-            reqwest::Url::parse(&url).map_err(|e| format!("invalid base_url '{base_url}': {e}"))?;
+        let invalid = |e: &dyn std::fmt::Display| format!("invalid base_url '{base_url}': {e}");
+        // `Url` also normalises what `Uri` refuses (an international host name, a space).
+        let url = reqwest::Url::parse(&url).map_err(|e| invalid(&e))?;
+        let completions_url: http::Uri = url.as_str().parse().map_err(|e| invalid(&e))?;
         Ok(Self {
             name: name.into(),
+            path: client.path_to(&completions_url),
             client,
             completions_url,
             api_key,
         })
     }
 
-    async fn send(&self, request: &ChatRequest) -> Result<reqwest::Response, LlmError> {
-        let client = self.client.get().map_err(|e| self.transport_error(&e))?;
-        let mut builder = client.post(self.completions_url.clone()).json(request);
+    async fn send(&self, request: &ChatRequest) -> Result<http::Response<UpstreamBody>, LlmError> {
+        let body = serde_json::to_vec(request).map_err(|e| {
+            LlmError::new(
+                LlmErrorKind::BadRequest,
+                format!(
+                    "cannot encode the request for provider '{}': {e}",
+                    self.name
+                ),
+            )
+        })?;
+        let mut builder = http::Request::post(self.completions_url.clone())
+            .header(CONTENT_TYPE, "application/json");
         if let Some(key) = &self.api_key {
-            builder = builder.bearer_auth(key.expose());
+            let mut value =
+                HeaderValue::try_from(format!("Bearer {}", key.expose())).map_err(|_| {
+                    LlmError::new(
+                        LlmErrorKind::BadRequest,
+                        format!(
+                            "the API key of provider '{}' is not a valid header value",
+                            self.name
+                        ),
+                    )
+                })?;
+            value.set_sensitive(true);
+            builder = builder.header(AUTHORIZATION, value);
         }
-        let response = builder.send().await.map_err(|e| self.transport_error(&e))?;
+        let request = builder.body(Bytes::from(body)).map_err(|e| {
+            LlmError::new(
+                LlmErrorKind::BadRequest,
+                format!("provider '{}': {e}", self.name),
+            )
+        })?;
+        let response = self
+            .client
+            .send(self.path, request)
+            .await
+            .map_err(|e| self.named(e))?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -62,7 +99,7 @@ impl OpenAiProvider {
             // provided: sk-…wxyz"): it must not reach clients or logs.
             "the provider rejected the gateway's credentials for it".to_owned()
         } else {
-            upstream_error_message(&response.bytes().await.unwrap_or_default())
+            upstream_error_message(&read_body(response.into_body()).await.unwrap_or_default())
         };
         Err(LlmError::new(
             LlmErrorKind::Status {
@@ -73,22 +110,11 @@ impl OpenAiProvider {
         ))
     }
 
-    fn transport_error(&self, error: &reqwest::Error) -> LlmError {
-        // reqwest's Display names the URL but never headers, so the key cannot leak here.
-        let kind = if error.is_timeout() {
-            LlmErrorKind::Timeout
-        } else if error.is_connect() {
-            LlmErrorKind::Connect
-        } else {
-            LlmErrorKind::StreamInterrupted
-        };
+    /// Puts the provider's name in a transport error.
+    fn named(&self, error: LlmError) -> LlmError {
         LlmError::new(
-            kind,
-            format!(
-                "provider '{}': {}",
-                self.name,
-                switchyard_core::error_chain(error)
-            ),
+            error.kind,
+            format!("provider '{}': {}", self.name, error.message),
         )
     }
 }
@@ -97,10 +123,9 @@ impl OpenAiProvider {
 impl Llm for OpenAiProvider {
     async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
         let response = self.send(&request).await?;
-        let body = response
-            .bytes()
+        let body = read_body(response.into_body())
             .await
-            .map_err(|e| self.transport_error(&e))?;
+            .map_err(|e| self.named(e))?;
         serde_json::from_slice(&body).map_err(|e| {
             LlmError::new(
                 LlmErrorKind::InvalidResponse,
@@ -115,7 +140,7 @@ impl Llm for OpenAiProvider {
     async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
         let response = self.send(&request).await?;
         let name = self.name.clone();
-        let mut events = response.bytes_stream().eventsource();
+        let mut events = response.into_body().into_data_stream().eventsource();
         let mut done = false;
         let chunks = futures::stream::poll_fn(move |cx| {
             if done {
@@ -194,7 +219,6 @@ fn upstream_error_message(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderValue;
 
     #[test]
     fn reads_retry_after_in_either_header() {
