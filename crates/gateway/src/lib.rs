@@ -229,7 +229,7 @@ impl Gateway {
     /// The axum app: all routes and middleware.
     pub fn router(&self) -> Router {
         let request_id = HeaderName::from_static("x-request-id");
-        Router::new()
+        let routes = Router::new()
             .route("/v1/chat/completions", post(handlers::chat_completions))
             .route("/v1/models", get(handlers::list_models))
             .route("/endpoints/{name}/invocations", post(handlers::invocations))
@@ -239,15 +239,20 @@ impl Gateway {
             .route("/admin/endpoints", get(admin::endpoints))
             .route("/admin/reload", post(admin::reload))
             .fallback(handlers::not_found)
-            .layer(DefaultBodyLimit::max(self.state.max_body_bytes()))
+            .with_state(self.state.clone());
+        // The middleware wraps the router once rather than every route (`Router::layer`), which
+        // would box and clone each layer again for every request.
+        let app = tower::ServiceBuilder::new()
+            // Outermost: every response, errors included, carries the request id.
+            .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+            .layer(PropagateRequestIdLayer::new(request_id))
             .layer(axum::middleware::from_fn_with_state(
                 self.state.clone(),
                 request_log::log_request,
             ))
-            // Outermost: every response, errors included, carries the request id.
-            .layer(PropagateRequestIdLayer::new(request_id.clone()))
-            .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
-            .with_state(self.state.clone())
+            .layer(DefaultBodyLimit::max(self.state.max_body_bytes()))
+            .service(routes);
+        Router::new().fallback_service(app)
     }
 
     /// `[server] listen` of the config the gateway started with.
