@@ -102,6 +102,9 @@ struct Shared {
     listen: std::net::SocketAddr,
     /// One reload at a time.
     reload_lock: tokio::sync::Mutex<()>,
+    /// Work done after a response has gone out (its log line and metrics): serving waits for it
+    /// before it returns, so no line is lost at shutdown.
+    after_response: tokio_util::task::TaskTracker,
 }
 
 impl AppState {
@@ -120,6 +123,13 @@ impl AppState {
 
     pub(crate) fn max_body_bytes(&self) -> usize {
         self.0.max_body_bytes
+    }
+
+    /// Runs `work` once the current task yields: on the gateway's single-threaded runtimes, that
+    /// is after the connection's task has written the response, so the work is not in its
+    /// latency.
+    pub(crate) fn after_response(&self, work: impl FnOnce() + Send + 'static) {
+        self.0.after_response.spawn(async move { work() });
     }
 
     pub(crate) fn gateway(&self) -> Gateway {
@@ -178,6 +188,7 @@ impl Gateway {
                 max_body_bytes: config.server.max_body_bytes,
                 listen: config.server.listen,
                 reload_lock: tokio::sync::Mutex::new(()),
+                after_response: tokio_util::task::TaskTracker::new(),
             })),
         })
     }
@@ -490,9 +501,13 @@ async fn serve_connections<L>(
 where
     L: axum::serve::Listener<Addr = SocketAddr>,
 {
-    axum::serve(listener, gateway.router())
+    let served = axum::serve(listener, gateway.router())
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    let after_response = &gateway.state.0.after_response;
+    after_response.close();
+    after_response.wait().await;
+    served
 }
 
 #[cfg(unix)]

@@ -61,12 +61,18 @@ impl RequestRecord {
             .clone()
     }
 
-    /// Writes the request's log line and its metrics.
+    /// Writes the request's metrics and its log line, with the time until now.
     pub fn finish(&self, state: &AppState, status: u16, outcome: &str) {
         let details = self.details();
         let elapsed = self.start.elapsed();
-        let endpoint = details.endpoint.as_deref().unwrap_or("");
+        self.count(state, &details, status, elapsed);
+        self.log(&details, status, outcome, elapsed);
+    }
+
+    /// The request's metrics.
+    fn count(&self, state: &AppState, details: &Details, status: u16, elapsed: Duration) {
         if is_chat_path(&self.path) {
+            let endpoint = details.endpoint.as_deref().unwrap_or("");
             let metrics = state.metrics();
             metrics.request(endpoint, details.kind, status, elapsed);
             if let (Some(prompt), Some(completion)) =
@@ -75,11 +81,15 @@ impl RequestRecord {
                 metrics.tokens(endpoint, prompt, completion);
             }
         }
+    }
+
+    /// The request's log line.
+    fn log(&self, details: &Details, status: u16, outcome: &str, elapsed: Duration) {
         info!(
             request_id = %self.request_id,
             method = %self.method,
             path = %self.path,
-            endpoint,
+            endpoint = details.endpoint.as_deref().unwrap_or(""),
             key_id = details.key_id.as_deref().unwrap_or(""),
             user = details.user.as_deref().unwrap_or(""),
             status,
@@ -134,38 +144,38 @@ pub async fn log_request(
     let mut response = RequestStats::scope(record.stats.clone(), next.run(request))
         .instrument(span.clone())
         .await;
-    span.record("http.response.status_code", response.status().as_u16());
-    if let Some(endpoint) = record.details().endpoint {
-        span.record("endpoint", endpoint);
-    }
-    // With OpenTelemetry export on, the response says which trace to look for.
+    // With OpenTelemetry export on, the span gets the outcome and the response says which trace
+    // to look for. Without it nothing would read those fields (the log line has them), and
+    // recording them made the log layer format the span's fields again on every request.
     let trace_id = span.context().span().span_context().trace_id();
-    if trace_id != TraceId::INVALID
-        && let Ok(value) = HeaderValue::from_str(&trace_id.to_string())
-    {
-        response.headers_mut().insert("x-trace-id", value);
+    if trace_id != TraceId::INVALID {
+        span.record("http.response.status_code", response.status().as_u16());
+        if let Some(endpoint) = record.details().endpoint {
+            span.record("endpoint", endpoint);
+        }
+        if let Ok(value) = HeaderValue::from_str(&trace_id.to_string()) {
+            response.headers_mut().insert("x-trace-id", value);
+        }
     }
     // What the gateway added: time to the response, minus the time spent waiting on upstreams
     // (for a stream, that is until its first chunk).
+    let elapsed = record.start.elapsed();
     let details = record.details();
     if let Some(endpoint) = &details.endpoint {
-        let overhead = record
-            .start
-            .elapsed()
-            .saturating_sub(record.stats.upstream());
+        let overhead = elapsed.saturating_sub(record.stats.upstream());
         state.metrics().overhead(endpoint, details.kind, overhead);
     }
     unfinished.record = None;
     if !details.streamed {
-        record.finish(
-            &state,
-            response.status().as_u16(),
-            if response.status().is_success() {
-                "ok"
-            } else {
-                "error"
-            },
-        );
+        let status = response.status();
+        record.count(&state, &details, status.as_u16(), elapsed);
+        // Formatting the log line is the larger part of this work: it is done once the response
+        // is on its way (the metrics are counted before, so a client that reads /metrics next
+        // finds its request there).
+        state.after_response(move || {
+            let outcome = if status.is_success() { "ok" } else { "error" };
+            record.log(&details, status.as_u16(), outcome, elapsed);
+        });
     }
     response
 }
