@@ -27,7 +27,8 @@ pub struct OpenAiProvider {
     completions_url: http::Uri,
     /// Direct, or through the proxy the environment names for `completions_url`.
     path: Path,
-    api_key: Option<Secret>,
+    /// `Bearer <key>`, marked sensitive (its `Debug` shows no key).
+    authorization: Option<HeaderValue>,
 }
 
 impl OpenAiProvider {
@@ -43,12 +44,23 @@ impl OpenAiProvider {
         // `Url` also normalises what `Uri` refuses (an international host name, a space).
         let url = reqwest::Url::parse(&url).map_err(|e| invalid(&e))?;
         let completions_url: http::Uri = url.as_str().parse().map_err(|e| invalid(&e))?;
+        let name = name.into();
+        let authorization = api_key
+            .map(|key| {
+                let mut value =
+                    HeaderValue::try_from(format!("Bearer {}", key.expose())).map_err(|_| {
+                        format!("the API key of provider '{name}' is not a valid header value")
+                    })?;
+                value.set_sensitive(true);
+                Ok::<_, String>(value)
+            })
+            .transpose()?;
         Ok(Self {
-            name: name.into(),
+            name,
             path: client.path_to(&completions_url),
             client,
             completions_url,
-            api_key,
+            authorization,
         })
     }
 
@@ -64,19 +76,8 @@ impl OpenAiProvider {
         })?;
         let mut builder = http::Request::post(self.completions_url.clone())
             .header(CONTENT_TYPE, "application/json");
-        if let Some(key) = &self.api_key {
-            let mut value =
-                HeaderValue::try_from(format!("Bearer {}", key.expose())).map_err(|_| {
-                    LlmError::new(
-                        LlmErrorKind::BadRequest,
-                        format!(
-                            "the API key of provider '{}' is not a valid header value",
-                            self.name
-                        ),
-                    )
-                })?;
-            value.set_sensitive(true);
-            builder = builder.header(AUTHORIZATION, value);
+        if let Some(authorization) = &self.authorization {
+            builder = builder.header(AUTHORIZATION, authorization.clone());
         }
         let request = builder.body(Bytes::from(body)).map_err(|e| {
             LlmError::new(
@@ -219,6 +220,26 @@ fn upstream_error_message(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_is_sent_as_a_bearer_token_and_never_shown() {
+        let client = Arc::new(HttpClient::new().unwrap());
+        let provider = OpenAiProvider::new(
+            "p",
+            client,
+            "http://127.0.0.1:1/v1/",
+            Some(Secret::new("sk-do-not-show".to_owned())),
+        )
+        .unwrap();
+        assert_eq!(
+            provider.completions_url,
+            "http://127.0.0.1:1/v1/chat/completions"
+        );
+        let authorization = provider.authorization.as_ref().unwrap();
+        assert_eq!(authorization, "Bearer sk-do-not-show");
+        assert!(authorization.is_sensitive());
+        assert!(!format!("{provider:?}").contains("sk-do-not-show"));
+    }
 
     #[test]
     fn reads_retry_after_in_either_header() {
