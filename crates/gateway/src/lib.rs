@@ -102,8 +102,8 @@ struct Shared {
     listen: std::net::SocketAddr,
     /// One reload at a time.
     reload_lock: tokio::sync::Mutex<()>,
-    /// Work done after a response has gone out (its log line and metrics): serving waits for it
-    /// before it returns, so no line is lost at shutdown.
+    /// Work done after a response has gone out (its log line): serving waits for it before it
+    /// returns, so no line is lost at shutdown.
     after_response: tokio_util::task::TaskTracker,
 }
 

@@ -109,8 +109,8 @@ impl HttpClient {
         if path == Path::Proxy {
             return self.send_proxied(request).await;
         }
-        let client = self.direct.get_or(|| self.build_direct());
-        let response = client
+        let response = self
+            .direct()
             .request(request.map(Full::new))
             .await
             .map_err(|error| {
@@ -145,6 +145,11 @@ impl HttpClient {
         })?;
         let response: http::Response<reqwest::Body> = response.into();
         Ok(response.map(|body| body.map_err(Into::into).boxed_unsync()))
+    }
+
+    /// This thread's direct client.
+    fn direct(&self) -> &Direct {
+        self.direct.get_or(|| self.build_direct())
     }
 
     fn build_direct(&self) -> Direct {
@@ -197,7 +202,7 @@ mod tests {
     #[test]
     fn each_thread_gets_its_own_client_and_keeps_it() {
         let clients = HttpClient::new().expect("client");
-        let here = |c: &HttpClient| format!("{:p}", c.direct.get_or(|| c.build_direct()));
+        let here = |c: &HttpClient| format!("{:p}", c.direct());
         let first = here(&clients);
         assert_eq!(first, here(&clients));
         let other = std::thread::scope(|s| s.spawn(|| here(&clients)).join().expect("thread"));
