@@ -62,7 +62,8 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
 
     let exit = gateway.child.wait().unwrap();
     assert!(exit.success(), "exit status {exit:?}");
-    log.extend(gateway.log.try_iter());
+    // The reader thread ends at the end of stderr, after the last line the gateway wrote.
+    log.extend(gateway.log.iter());
     std::fs::remove_file(&config_path).unwrap();
 
     let request_line = log
@@ -74,6 +75,7 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
     assert_eq!(request_line["status"], 200);
     assert!(request_line["upstream_ms"].as_f64().unwrap() >= 2000.0);
     assert!(log.iter().any(|l| l.contains("shutdown signal received")));
+    assert!(log.iter().any(|l| l.contains("switchyard stopped")));
     assert!(
         !log.iter()
             .any(|l| l.contains("sk-test-key-must-not-be-logged")),
