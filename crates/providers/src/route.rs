@@ -102,21 +102,15 @@ impl Route {
         F: Fn(Arc<dyn Llm>, ChatRequest) -> Fut,
         Fut: Future<Output = Result<T, LlmError>>,
     {
-        let mut last_error = LlmError::new(
-            LlmErrorKind::Connect,
-            format!("route '{}' has no targets", self.name),
-        );
+        let mut request = request;
+        let mut last_error = None;
         for (index, target) in self.targets.iter().enumerate() {
-            let mut target_request = request.clone();
-            target_request.model.clone_from(&target.model);
+            request.model.clone_from(&target.model);
             let mut last_attempt = Duration::ZERO;
             for attempt_number in 0..=self.settings.retries {
                 let started = Instant::now();
-                let outcome = timeout_at(
-                    deadline,
-                    attempt(target.provider.clone(), target_request.clone()),
-                )
-                .await;
+                let outcome =
+                    timeout_at(deadline, attempt(target.provider.clone(), request.clone())).await;
                 last_attempt = started.elapsed();
                 RequestStats::record_upstream(last_attempt);
                 let error = match outcome {
@@ -147,11 +141,12 @@ impl Route {
                     error = %error,
                     "upstream attempt failed"
                 );
-                last_error = error;
+                let retry_after = error.retry_after();
+                last_error = Some(error);
                 if !retryable || attempt_number == self.settings.retries {
                     break;
                 }
-                let wait = self.backoff(attempt_number, last_error.retry_after());
+                let wait = self.backoff(attempt_number, retry_after);
                 if Instant::now()
                     .checked_add(wait)
                     .is_none_or(|at| at >= deadline)
@@ -163,16 +158,22 @@ impl Route {
                 RequestStats::record_retry();
                 tokio::time::sleep(wait).await;
             }
-            let falls_back = is_worth_falling_back(&last_error) && index + 1 < self.targets.len();
+            let falls_back = last_error.as_ref().is_some_and(is_worth_falling_back)
+                && index + 1 < self.targets.len();
             if falls_back {
                 self.observe(target, AttemptOutcome::Fallback, last_attempt);
                 RequestStats::record_fallback();
             } else {
                 self.observe(target, AttemptOutcome::Error, last_attempt);
-                return Err(last_error);
+                break;
             }
         }
-        Err(last_error)
+        Err(last_error.unwrap_or_else(|| {
+            LlmError::new(
+                LlmErrorKind::Connect,
+                format!("route '{}' has no targets", self.name),
+            )
+        }))
     }
 
     fn observe(&self, target: &Target, outcome: AttemptOutcome, duration: Duration) {
@@ -220,7 +221,7 @@ impl Llm for Route {
         let deadline = Instant::now() + self.settings.timeout;
         let first_token_timeout = self.settings.first_token_timeout;
         request.stream = Some(true);
-        let route = self.name.clone();
+        let route: Arc<str> = self.name.as_str().into();
         let stream = self
             .call(request, deadline, true, |provider, request| async move {
                 let first_token_deadline = deadline.min(Instant::now() + first_token_timeout);
@@ -257,7 +258,7 @@ fn with_deadline(
     + Unpin
     + 'static,
     deadline: Instant,
-    route: String,
+    route: Arc<str>,
 ) -> impl futures::Stream<Item = Result<switchyard_core::ChatChunk, LlmError>> + Send {
     stream::unfold(Some(inner), move |state| {
         let route = route.clone();
