@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::{FakeUpstream, GatewayProcess, RedisServer, TestGateway, chat_body, temp_dir};
+use crate::common::{
+    FakeUpstream, GatewayProcess, RedisServer, Reply, TestGateway, chat_body, temp_dir,
+};
 
 fn limited_config(upstream: &str, redis: &str, on_error: &str, rule: &str) -> String {
     format!(
@@ -234,4 +236,60 @@ async fn a_password_a_database_and_a_unix_socket_reach_one_budget() {
     assert!(body.contains("WRONGPASS"), "{body}");
     assert!(!body.contains("not-the-pw"), "{body}");
     assert_eq!(upstream.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn sigterm_waits_for_a_token_settlement_still_on_its_way_to_redis() {
+    let redis = RedisServer::start();
+    // The fake reports 10 prompt tokens per message and 1 per word: 11 tokens used.
+    let upstream = FakeUpstream::start(vec![Reply::Delay(
+        Duration::from_secs(1),
+        Box::new(Reply::Text("one")),
+    )])
+    .await;
+    let rule = "scope = [\"global\"]\ntokens_per_minute = 10000\ndefault_max_tokens = 5000";
+    let config_text = limited_config(&upstream.base_url, &redis.url(), "deny", rule)
+        .replace("timeout_ms = 200", "timeout_ms = 20000");
+    let config = temp_dir("redis-settle").join("gateway.toml");
+    std::fs::write(&config, &config_text).unwrap();
+    let mut gateway = GatewayProcess::start(&config, &[]);
+
+    let request = reqwest::Client::new()
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&chat_body("12345678"))
+        .send();
+    let in_flight = tokio::spawn(request);
+    // Admitted: 2 (8 characters / 4) + 5000 tokens are reserved in Redis.
+    upstream.wait_for_requests(1).await;
+    // Redis holds back scripts from here on, so the settlement that follows the answer cannot
+    // finish yet (a client that goes away meanwhile loses its command).
+    assert_eq!(redis.query(&["CLIENT PAUSE 20000 WRITE"]), ["+OK"]);
+    let terminated = std::process::Command::new("kill")
+        .args(["-TERM", &gateway.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-ratelimit-remaining-tokens"], "4998");
+    assert_eq!(redis.query(&["CLIENT UNPAUSE"]), ["+OK"]);
+    let exit = gateway.child.wait().unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+
+    // Settled to the real 11 tokens before the gateway exited, so after the next request's 5002
+    // at least 4987 are left (unsettled: 4998 + the refill of those few seconds − 5002).
+    let next = TestGateway::start(&config_text).await;
+    let response = next
+        .post("/v1/chat/completions", &chat_body("12345678"))
+        .await;
+    assert_eq!(response.status(), 200);
+    let remaining: u64 = response.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        remaining >= 10_000 - 11 - 5002,
+        "10000 - 11 - 5002 = 4987 (+ refill): {remaining}"
+    );
 }

@@ -102,8 +102,8 @@ struct Shared {
     listen: std::net::SocketAddr,
     /// One reload at a time.
     reload_lock: tokio::sync::Mutex<()>,
-    /// Work done after a response has gone out (its log line): serving waits for it before it
-    /// returns, so no line is lost at shutdown.
+    /// Work done after a response has gone out (its log line, a Redis token settlement):
+    /// serving waits for it before it returns, so nothing is lost at shutdown.
     after_response: tokio_util::task::TaskTracker,
 }
 
@@ -159,8 +159,9 @@ impl Gateway {
         source: Option<ConfigSource>,
     ) -> Result<Self, GatewayError> {
         let client = Arc::new(HttpClient::new()?);
+        let after_response = tokio_util::task::TaskTracker::new();
         let backend = Arc::new(
-            Backend::new(&config.limits_store)
+            Backend::new(&config.limits_store, &after_response)
                 .map_err(|e| GatewayError::Endpoints(vec![format!("limits_store: {e}")]))?,
         );
         let lasting = Arc::new(Lasting::new(
@@ -188,7 +189,7 @@ impl Gateway {
                 max_body_bytes: config.server.max_body_bytes,
                 listen: config.server.listen,
                 reload_lock: tokio::sync::Mutex::new(()),
-                after_response: tokio_util::task::TaskTracker::new(),
+                after_response,
             })),
         })
     }
@@ -201,6 +202,7 @@ impl Gateway {
         let source = shared.source.clone().ok_or(GatewayError::NoConfigFile)?;
         let _one_at_a_time = shared.reload_lock.lock().await;
         let lasting = shared.lasting.clone();
+        let settling = shared.after_response.clone();
         let current_limiter = shared
             .limiter
             .lock()
@@ -213,7 +215,7 @@ impl Gateway {
                 let limiter = if config.limits_store == current_limiter.0 {
                     current_limiter
                 } else {
-                    let backend = Backend::new(&config.limits_store)
+                    let backend = Backend::new(&config.limits_store, &settling)
                         .map_err(|e| GatewayError::Endpoints(vec![format!("limits_store: {e}")]))?;
                     (config.limits_store.clone(), Arc::new(backend))
                 };

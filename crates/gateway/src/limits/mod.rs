@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
 use switchyard_core::ChatRequest;
+use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use crate::config::{LimitRule, LimitScope, LimitsStoreConfig, OnError};
@@ -30,11 +31,15 @@ pub enum Backend {
     Redis {
         store: Box<redis::RedisStore>,
         on_error: OnError,
+        /// Where token settlements run after their response has gone out: serving waits for
+        /// these tasks before it returns, so none is lost at shutdown.
+        settling: TaskTracker,
     },
 }
 
 impl Backend {
-    pub fn new(config: &LimitsStoreConfig) -> Result<Self, String> {
+    /// A store as `config` says; a Redis store settles token usage on `settling`.
+    pub fn new(config: &LimitsStoreConfig, settling: &TaskTracker) -> Result<Self, String> {
         Ok(match config {
             LimitsStoreConfig::Memory => Self::Memory(memory::MemoryStore::new()),
             LimitsStoreConfig::Redis {
@@ -44,6 +49,7 @@ impl Backend {
             } => Self::Redis {
                 store: Box::new(redis::RedisStore::new(url.expose(), *timeout)?),
                 on_error: *on_error,
+                settling: settling.clone(),
             },
         })
     }
@@ -51,7 +57,9 @@ impl Backend {
     async fn acquire(&self, cells: &[Cell]) -> Result<Decision, ApiError> {
         match self {
             Backend::Memory(store) => Ok(store.acquire(cells)),
-            Backend::Redis { store, on_error } => match store.acquire(cells).await {
+            Backend::Redis {
+                store, on_error, ..
+            } => match store.acquire(cells).await {
                 Ok(decision) => Ok(decision),
                 Err(why) => match on_error {
                     OnError::Allow => Ok(Decision::Degraded),
@@ -326,8 +334,9 @@ impl Admission {
                     store.adjust(&key, gcra, delta);
                 }
             }
-            Backend::Redis { .. } if !deltas.is_empty() => {
-                tokio::spawn(async move {
+            Backend::Redis { settling, .. } if !deltas.is_empty() => {
+                let backend = backend.clone();
+                settling.spawn(async move {
                     for (key, gcra, delta) in deltas {
                         backend.adjust(&key, gcra, delta).await;
                     }
@@ -485,7 +494,7 @@ mod tests {
     async fn admits_limit_plus_burst_per_key_then_refuses_with_retry_after() {
         let limits = Limits::new(
             &[rule(vec![LimitScope::ApiKey], 3, 2)],
-            Arc::new(Backend::new(&LimitsStoreConfig::Memory).unwrap()),
+            Arc::new(Backend::new(&LimitsStoreConfig::Memory, &TaskTracker::new()).unwrap()),
             None,
         );
         for i in 0..5 {
@@ -528,7 +537,7 @@ mod tests {
         ];
         let limits = Limits::new(
             &rules,
-            Arc::new(Backend::new(&LimitsStoreConfig::Memory).unwrap()),
+            Arc::new(Backend::new(&LimitsStoreConfig::Memory, &TaskTracker::new()).unwrap()),
             None,
         );
         limits
@@ -569,7 +578,7 @@ mod tests {
         };
         let limits = Limits::new(
             &[token_rule],
-            Arc::new(Backend::new(&LimitsStoreConfig::Memory).unwrap()),
+            Arc::new(Backend::new(&LimitsStoreConfig::Memory, &TaskTracker::new()).unwrap()),
             None,
         );
         // 8 characters = 2 prompt tokens + 400 completion = 402 reserved.
