@@ -93,7 +93,7 @@ impl Route {
     /// or the deadline passes. Returns the last error when every target failed.
     async fn call<T, F, Fut>(
         &self,
-        request: ChatRequest,
+        mut request: ChatRequest,
         deadline: Instant,
         stream: bool,
         attempt: F,
@@ -102,7 +102,6 @@ impl Route {
         F: Fn(Arc<dyn Llm>, ChatRequest) -> Fut,
         Fut: Future<Output = Result<T, LlmError>>,
     {
-        let mut request = request;
         let mut last_error = None;
         for (index, target) in self.targets.iter().enumerate() {
             request.model.clone_from(&target.model);
