@@ -10,7 +10,7 @@ use crate::common::{FakeUpstream, GatewayProcess, Reply, chat_body, config_over}
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
     let upstream = FakeUpstream::start(vec![Reply::Delay(
-        Duration::from_secs(2),
+        Duration::from_secs(5),
         Box::new(Reply::Echo),
     )])
     .await;
@@ -52,7 +52,7 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
     }
     assert!(
         !in_flight.is_finished(),
-        "the upstream answers only after 2 s"
+        "the upstream answers only after 5 s"
     );
 
     let response = in_flight.await.unwrap().unwrap();
@@ -73,7 +73,7 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
         .unwrap_or_else(|| panic!("no request log line in {log:#?}"));
     assert_eq!(request_line["endpoint"], "chat");
     assert_eq!(request_line["status"], 200);
-    assert!(request_line["upstream_ms"].as_f64().unwrap() >= 2000.0);
+    assert!(request_line["upstream_ms"].as_f64().unwrap() >= 5000.0);
     assert!(log.iter().any(|l| l.contains("shutdown signal received")));
     assert!(log.iter().any(|l| l.contains("switchyard stopped")));
     assert!(

@@ -16,7 +16,7 @@ fn limited_config(upstream: &str, redis: &str, on_error: &str, rule: &str) -> St
         kind = "redis"
         url = "{redis}"
         on_error = "{on_error}"
-        timeout_ms = 200
+        timeout_ms = 2000
         [[limits]]
         {rule}
         [providers.fake]
@@ -249,7 +249,7 @@ async fn sigterm_waits_for_a_token_settlement_still_on_its_way_to_redis() {
     .await;
     let rule = "scope = [\"global\"]\ntokens_per_minute = 10000\ndefault_max_tokens = 5000";
     let config_text = limited_config(&upstream.base_url, &redis.url(), "deny", rule)
-        .replace("timeout_ms = 200", "timeout_ms = 20000");
+        .replace("timeout_ms = 2000", "timeout_ms = 20000");
     let config = temp_dir("redis-settle").join("gateway.toml");
     std::fs::write(&config, &config_text).unwrap();
     let mut gateway = GatewayProcess::start(&config, &[]);

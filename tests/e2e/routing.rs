@@ -155,7 +155,7 @@ async fn a_stream_with_no_first_token_in_time_falls_back() {
     let fast = FakeUpstream::start(vec![]).await;
     let gateway = TestGateway::over(
         &[&slow.base_url, &fast.base_url],
-        "timeout_ms = 10000\nfirst_token_timeout_ms = 200\nretries = 0",
+        "timeout_ms = 10000\nfirst_token_timeout_ms = 1000\nretries = 0",
     )
     .await;
     let started = Instant::now();
@@ -196,7 +196,7 @@ async fn an_upstream_that_dies_mid_stream_ends_the_client_stream_with_an_error_a
 async fn a_stream_past_the_route_deadline_ends_with_a_timeout_error() {
     // The first chunk is prompt; the upstream then stalls for longer than the route allows.
     let upstream = FakeUpstream::start(vec![Reply::StreamThenStall(vec!["first"])]).await;
-    let gateway = TestGateway::over(&[&upstream.base_url], "timeout_ms = 400\nretries = 0").await;
+    let gateway = TestGateway::over(&[&upstream.base_url], "timeout_ms = 1500\nretries = 0").await;
     let started = Instant::now();
     let response = gateway
         .post("/v1/chat/completions", &stream_body("x"))
