@@ -588,3 +588,14 @@ impl Drop for GatewayProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A response header's value, as text; panics when it is missing.
+pub fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+        .to_owned()
+}

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::{
-    FakeUpstream, Reply, TestGateway, chat_body, read_stream, sse_data, stream_text, temp_dir,
+    FakeUpstream, Reply, TestGateway, chat_body, header, read_stream, sse_data, stream_text,
+    temp_dir,
 };
 
 /// A gateway over `upstream` with endpoints `chat` and `other`, keys `team-a` (any endpoint,
@@ -71,16 +72,6 @@ async fn call(
         request = request.header("x-switchyard-user", user);
     }
     request.send().await.unwrap()
-}
-
-fn header(response: &reqwest::Response, name: &str) -> String {
-    response
-        .headers()
-        .get(name)
-        .unwrap_or_else(|| panic!("no {name} header"))
-        .to_str()
-        .unwrap()
-        .to_owned()
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::{
-    FakeUpstream, GatewayProcess, RedisServer, Reply, TestGateway, chat_body, temp_dir,
+    FakeUpstream, GatewayProcess, RedisServer, Reply, TestGateway, chat_body, header, temp_dir,
 };
 
 fn limited_config(upstream: &str, redis: &str, on_error: &str, rule: &str) -> String {
@@ -66,20 +66,11 @@ async fn three_gateway_processes_share_one_budget() {
         match response.status().as_u16() {
             200 => {
                 admitted += 1;
-                remaining.push(
-                    response.headers()["x-ratelimit-remaining-requests"]
-                        .to_str()
-                        .unwrap()
-                        .to_owned(),
-                );
+                remaining.push(header(&response, "x-ratelimit-remaining-requests"));
             }
             429 => {
                 refused += 1;
-                let retry_after: u64 = response.headers()["retry-after"]
-                    .to_str()
-                    .unwrap()
-                    .parse()
-                    .unwrap();
+                let retry_after: u64 = header(&response, "retry-after").parse().unwrap();
                 assert!(
                     (1..=12).contains(&retry_after),
                     "one request every 12 s: {retry_after}"
@@ -283,9 +274,7 @@ async fn sigterm_waits_for_a_token_settlement_still_on_its_way_to_redis() {
         .post("/v1/chat/completions", &chat_body("12345678"))
         .await;
     assert_eq!(response.status(), 200);
-    let remaining: u64 = response.headers()["x-ratelimit-remaining-tokens"]
-        .to_str()
-        .unwrap()
+    let remaining: u64 = header(&response, "x-ratelimit-remaining-tokens")
         .parse()
         .unwrap();
     assert!(
