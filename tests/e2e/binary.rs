@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::{FakeUpstream, GatewayProcess, Reply, chat_body, config_over};
+use crate::common::{
+    FakeUpstream, GatewayProcess, Reply, chat_body, config_over, read_stream, sse_data,
+    stream_text, temp_dir,
+};
 
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
@@ -508,4 +511,66 @@ async fn upstream_calls_go_through_the_proxy_the_environment_names() {
         requests[0].authorization.as_deref(),
         Some("Bearer sk-test-key")
     );
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_against_the_system_trust_store() {
+    let (upstream, ca_pem) = FakeUpstream::start_tls(vec![]).await;
+    let dir = temp_dir("https");
+    let ca_file = dir.join("test-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, config_over(&[&upstream.base_url], "retries = 0")).unwrap();
+    let key = ("TEST_OPENAI_KEY", "sk-test-key");
+    let client = reqwest::Client::new();
+
+    // The trust store the platform verifier reads on Linux may be replaced with SSL_CERT_FILE:
+    // with the fake's CA in it, chat and streams go through, over HTTP/2 (ALPN).
+    let trusting = GatewayProcess::start(
+        &config,
+        &[key, ("SSL_CERT_FILE", ca_file.to_str().unwrap())],
+    );
+    let url = trusting.url("/v1/chat/completions");
+    let response = client
+        .post(&url)
+        .json(&chat_body("over TLS"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "over TLS");
+    let mut stream = chat_body("streamed over TLS");
+    stream["stream"] = true.into();
+    let response = client.post(&url).json(&stream).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let frames = sse_data(&read_stream(response).await);
+    assert_eq!(stream_text(&frames), "streamed over TLS");
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let received = upstream.requests();
+    assert_eq!(received.len(), 2);
+    assert!(
+        received
+            .iter()
+            .all(|r| r.version == axum::http::Version::HTTP_2)
+    );
+    assert_eq!(
+        received[0].authorization.as_deref(),
+        Some("Bearer sk-test-key")
+    );
+
+    // With the system's store, which does not hold that CA, the certificate is refused: a 502
+    // that says why, and no request reaches the fake.
+    let distrusting = GatewayProcess::start(&config, &[key]);
+    let response = client
+        .post(distrusting.url("/v1/chat/completions"))
+        .json(&chat_body("x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("certificate"), "{message}");
+    assert_eq!(upstream.requests().len(), 2);
 }

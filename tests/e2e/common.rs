@@ -54,19 +54,13 @@ struct FakeState {
 pub struct Recorded {
     pub body: Value,
     pub authorization: Option<String>,
+    pub version: axum::http::Version,
 }
 
 impl FakeUpstream {
     /// Starts a fake that answers with `script` in order, then with [`Reply::Echo`].
     pub async fn start(script: Vec<Reply>) -> Self {
-        let state = Arc::new(FakeState {
-            script: Mutex::new(script.into()),
-            requests: Mutex::new(Vec::new()),
-            received: Notify::new(),
-        });
-        let app = Router::new()
-            .route("/v1/chat/completions", post(fake_completions))
-            .with_state(state.clone());
+        let (state, app) = fake_app(script);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -74,6 +68,25 @@ impl FakeUpstream {
             base_url: format!("http://{address}/v1"),
             state,
         }
+    }
+
+    /// Like [`FakeUpstream::start`], over HTTPS (HTTP/2 or HTTP/1.1, by ALPN) with a certificate
+    /// for 127.0.0.1 from a CA made for this fake; also returns that CA's certificate as PEM.
+    pub async fn start_tls(script: Vec<Reply>) -> (Self, String) {
+        let (tls, ca_pem) = test_certificates();
+        let (state, app) = fake_app(script);
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = tcp.local_addr().unwrap();
+        let listener = TlsListener {
+            tcp,
+            tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        };
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let upstream = Self {
+            base_url: format!("https://{address}/v1"),
+            state,
+        };
+        (upstream, ca_pem)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -95,8 +108,71 @@ impl FakeUpstream {
     }
 }
 
+fn fake_app(script: Vec<Reply>) -> (Arc<FakeState>, Router) {
+    let state = Arc::new(FakeState {
+        script: Mutex::new(script.into()),
+        requests: Mutex::new(Vec::new()),
+        received: Notify::new(),
+    });
+    let app = Router::new()
+        .route("/v1/chat/completions", post(fake_completions))
+        .with_state(state.clone());
+    (state, app)
+}
+
+/// A server certificate for 127.0.0.1 issued by a new CA, and that CA's certificate (PEM).
+fn test_certificates() -> (rustls::ServerConfig, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "switchyard test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let certificate = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![certificate.der().clone()], key.into())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (config, ca.pem())
+}
+
+/// TCP connections after their TLS handshake, as a listener for `axum::serve`.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((stream, peer)) = self.tcp.accept().await else {
+                continue;
+            };
+            // A client that refuses the certificate ends its handshake: wait for the next one.
+            if let Ok(stream) = self.tls.accept(stream).await {
+                return (stream, peer);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
 async fn fake_completions(
     State(state): State<Arc<FakeState>>,
+    version: axum::http::Version,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -107,6 +183,7 @@ async fn fake_completions(
     state.requests.lock().unwrap().push(Recorded {
         body: body.clone(),
         authorization,
+        version,
     });
     state.received.notify_waiters();
     let reply = state
