@@ -226,7 +226,13 @@ fn predict(
     };
     let body: serde_json::Value =
         serde_json::from_str(&text).context("--input is not valid JSON")?;
-    let config = config.map(switchyard_gateway::Config::load).transpose()?;
+    // A prediction calls no provider, Redis or client: the config's `${VAR}` secrets need not
+    // be set, and are not read. The stand-in passes the config's checks (a Redis URL must start
+    // with redis://) and goes nowhere.
+    let unused_secret = |_: &str| Some("redis://secret-unused-by-predict".to_owned());
+    let config = config
+        .map(|path| switchyard_gateway::Config::load_with_env(path, &unused_secret))
+        .transpose()?;
     let store = || {
         Store::new(
             store

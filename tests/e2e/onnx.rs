@@ -321,6 +321,48 @@ fn the_cli_logs_onnx_files_and_refuses_models_it_cannot_run() {
     );
     let got: Value = serde_json::from_slice(&predicted.stdout).unwrap();
     assert_close("predict", &got["predictions"], &case["outputs"]);
+    // By endpoint name, from a production config whose secrets are not set here: a prediction
+    // uses none of them.
+    let config = work.join("production.toml");
+    std::fs::write(
+        &config,
+        r#"
+        [auth]
+        admin_key = "${SWITCHYARD_TEST_UNSET_ADMIN_KEY}"
+        [limits_store]
+        kind = "redis"
+        url = "${SWITCHYARD_TEST_UNSET_REDIS_URL}"
+        on_error = "deny"
+        [providers.openai]
+        kind = "openai"
+        base_url = "https://api.openai.com/v1"
+        api_key = "${SWITCHYARD_TEST_UNSET_OPENAI_KEY}"
+        [routes.chat]
+        targets = [{ provider = "openai", model = "gpt-4o-mini" }]
+        [[endpoints]]
+        name = "chat"
+        route = "chat"
+        [[endpoints]]
+        name = "iris"
+        model = "models:/pipeline/1"
+        "#,
+    )
+    .unwrap();
+    let by_endpoint = run(&[
+        "predict",
+        "iris",
+        "--config",
+        config.to_str().unwrap(),
+        "--input",
+        &body,
+    ]);
+    assert!(
+        by_endpoint.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_endpoint.stderr)
+    );
+    let got: Value = serde_json::from_slice(&by_endpoint.stdout).unwrap();
+    assert_close("predict --config", &got["predictions"], &case["outputs"]);
     let bad = run(&[
         "predict",
         "models:/pipeline/1",

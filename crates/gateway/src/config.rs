@@ -215,6 +215,14 @@ impl fmt::Display for ConfigError {
 impl Config {
     /// Reads and validates a config file; `${VAR}` secrets come from the process environment.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, &|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::load`], with `env` looking up the variables that secrets refer to.
+    pub fn load_with_env(
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let source_name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             source_name: source_name.clone(),
@@ -223,7 +231,7 @@ impl Config {
                 message: format!("cannot read the file: {e}"),
             }],
         })?;
-        Self::parse(&source_name, &text, &|name| std::env::var(name).ok())
+        Self::parse(&source_name, &text, env)
     }
 
     /// Parses and validates config text. `env` looks up the variables that secrets refer to.
