@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::common::{
-    FakeUpstream, GatewayProcess, Reply, chat_body, config_over, read_stream, sse_data,
+    FakeUpstream, GatewayProcess, Reply, chat_body, config_over, read_stream, sse_data, stdout,
     stream_text, temp_dir,
 };
 
@@ -92,15 +92,6 @@ fn switchyard(store: &std::path::Path, args: &[&str]) -> std::process::Output {
         .env("SWITCHYARD_STORE", store)
         .output()
         .unwrap()
-}
-
-fn stdout(output: &std::process::Output) -> String {
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout.clone()).unwrap()
 }
 
 #[test]

@@ -676,3 +676,13 @@ pub fn header(response: &reqwest::Response, name: &str) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// A finished command's standard output; panics with its standard error if it failed.
+pub fn stdout(output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use switchyard_serving::OnnxModel;
 use switchyard_store::Store;
 
-use crate::common::{TestGateway, temp_dir};
+use crate::common::{TestGateway, stdout, temp_dir};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/onnx")).join(name)
@@ -249,12 +249,7 @@ fn the_cli_logs_onnx_files_and_refuses_models_it_cannot_run() {
         "--alias",
         "production",
     ]);
-    assert!(
-        logged.status.success(),
-        "{}",
-        String::from_utf8_lossy(&logged.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&logged.stdout), "models:/ridge/1\n");
+    assert_eq!(stdout(&logged), "models:/ridge/1\n");
     let shown = run(&["models", "show", "models:/ridge@production"]);
     let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
     assert!(
@@ -280,11 +275,7 @@ fn the_cli_logs_onnx_files_and_refuses_models_it_cannot_run() {
         "--name",
         "pipeline",
     ]);
-    assert!(
-        imported.status.success(),
-        "{}",
-        String::from_utf8_lossy(&imported.stderr)
-    );
+    stdout(&imported);
     let version = work.join("store/models/pipeline/1");
     for file in [
         "model.onnx",
@@ -314,12 +305,7 @@ fn the_cli_logs_onnx_files_and_refuses_models_it_cannot_run() {
     let case = &expected["cases"][0];
     let body = json!({"inputs": case["inputs"]["input"]}).to_string();
     let predicted = run(&["predict", "models:/pipeline/1", "--input", &body]);
-    assert!(
-        predicted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&predicted.stderr)
-    );
-    let got: Value = serde_json::from_slice(&predicted.stdout).unwrap();
+    let got: Value = serde_json::from_str(&stdout(&predicted)).unwrap();
     assert_close("predict", &got["predictions"], &case["outputs"]);
     // By endpoint name, from a production config whose secrets are not set here: a prediction
     // uses none of them.
@@ -356,12 +342,7 @@ fn the_cli_logs_onnx_files_and_refuses_models_it_cannot_run() {
         "--input",
         &body,
     ]);
-    assert!(
-        by_endpoint.status.success(),
-        "{}",
-        String::from_utf8_lossy(&by_endpoint.stderr)
-    );
-    let got: Value = serde_json::from_slice(&by_endpoint.stdout).unwrap();
+    let got: Value = serde_json::from_str(&stdout(&by_endpoint)).unwrap();
     assert_close("predict --config", &got["predictions"], &case["outputs"]);
     let bad = run(&[
         "predict",
