@@ -91,25 +91,74 @@ struct PlainVisitor<'writer> {
     empty: bool,
 }
 
+impl PlainVisitor<'_> {
+    /// Starts the field: a space unless it is the first. False for fields not written.
+    fn start(&mut self, name: &str) -> bool {
+        // `log.*`: metadata of records from the `log` crate, already in the line's header.
+        if self.result.is_err() || name.starts_with("log.") {
+            return false;
+        }
+        if !std::mem::take(&mut self.empty) {
+            self.result = self.writer.write_char(' ');
+        }
+        self.result.is_ok()
+    }
+
+    /// `name=` followed by `value` written as is (`value` needs no escaping).
+    fn write_raw(&mut self, name: &str, value: &str) {
+        let writer = &mut self.writer;
+        self.result = writer
+            .write_str(name.strip_prefix("r#").unwrap_or(name))
+            .and_then(|()| writer.write_char('='))
+            .and_then(|()| writer.write_str(value));
+    }
+}
+
+/// The common field types are written directly (as `Debug` would write them) instead of
+/// through `core::fmt`: the request log line is written for every request.
 impl Visit for PlainVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
+        let name = field.name();
+        let plain = |b: &u8| (b' '..=b'~').contains(b) && *b != b'"' && *b != b'\\';
+        if name == "message" {
             self.record_debug(field, &format_args!("{value}"));
+        } else if value.as_bytes().iter().all(plain) {
+            if self.start(name) {
+                self.write_raw(name, "\"");
+                self.result = self
+                    .result
+                    .and_then(|()| self.writer.write_str(value))
+                    .and_then(|()| self.writer.write_char('"'));
+            }
         } else {
             self.record_debug(field, &value);
         }
     }
 
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if self.start(field.name()) {
+            self.write_raw(field.name(), itoa::Buffer::new().format(value));
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if self.start(field.name()) {
+            self.write_raw(field.name(), itoa::Buffer::new().format(value));
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.start(field.name()) {
+            self.write_raw(field.name(), if value { "true" } else { "false" });
+        }
+    }
+
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         let name = field.name();
-        // Metadata of records from the `log` crate, already in the line's header.
-        if self.result.is_err() || name.starts_with("log.") {
+        if !self.start(name) {
             return;
         }
-        if !std::mem::take(&mut self.empty) {
-            self.result = self.writer.write_char(' ');
-        }
-        self.result = self.result.and_then(|()| match name {
+        self.result = match name {
             // Messages may quote outside input: no terminal control characters get through.
             "message" => write!(EscapeControl(&mut self.writer), "{value:?}"),
             name => write!(
@@ -117,7 +166,7 @@ impl Visit for PlainVisitor<'_> {
                 "{}={value:?}",
                 name.strip_prefix("r#").unwrap_or(name)
             ),
-        });
+        };
     }
 }
 
@@ -217,6 +266,9 @@ mod tests {
                 latency_ms = 0.07,
                 upstream_ms = 1.0,
                 retries = 0u32,
+                offset = -3i64,
+                quoted = "tab\there",
+                unicode = "café",
                 prompt_tokens = Some(8u64),
                 completion_tokens = None::<u64>,
                 r#type = "x",
@@ -246,7 +298,7 @@ mod tests {
         assert_eq!(plain.lines().count(), 4, "{plain}");
         assert!(
             plain.contains(
-                r#"request{request_id=1b2c url.path=/v1/chat/completions endpoint="echo"}: request method=POST endpoint="support \"bot\"" status=200 stream=false latency_ms=0.07 upstream_ms=1.0 retries=0 prompt_tokens=8 type="x""#
+                r#"request{request_id=1b2c url.path=/v1/chat/completions endpoint="echo"}: request method=POST endpoint="support \"bot\"" status=200 stream=false latency_ms=0.07 upstream_ms=1.0 retries=0 offset=-3 quoted="tab\there" unicode="café" prompt_tokens=8 type="x""#
             ),
             "{plain}"
         );
