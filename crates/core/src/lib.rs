@@ -25,6 +25,6 @@ pub use prompts::Prompts;
 pub use secret::Secret;
 pub use util::{error_chain, unix_now};
 pub use wire::{
-    ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, Content, Delta, Message,
-    StreamOptions, Usage,
+    ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, CompletionBody, Content, Delta,
+    Message, StreamOptions, Usage,
 };

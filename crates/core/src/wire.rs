@@ -227,6 +227,61 @@ impl ChatResponse {
     }
 }
 
+/// A chat completion as JSON, with the token usage read out of it: what a route endpoint sends
+/// its client. An upstream's body is passed on as it came, without decoding it into a
+/// [`ChatResponse`] and encoding it again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionBody {
+    pub json: bytes::Bytes,
+    pub usage: Option<Usage>,
+}
+
+impl CompletionBody {
+    pub fn encode(response: &ChatResponse) -> Self {
+        Self {
+            // A `ChatResponse` is maps, strings and numbers: encoding it cannot fail.
+            json: serde_json::to_vec(response).unwrap_or_default().into(),
+            usage: response.usage.clone(),
+        }
+    }
+
+    /// Checks that `json` is a chat completion (an object whose `choices` each have a `message`
+    /// with a `role`) and reads its usage; every other field is skipped, not decoded.
+    pub fn parse(json: bytes::Bytes) -> Result<Self, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct Completion {
+            #[allow(dead_code)]
+            choices: Vec<ChoiceShape>,
+            #[serde(default)]
+            usage: Option<Counts>,
+        }
+        #[derive(Deserialize)]
+        struct ChoiceShape {
+            #[allow(dead_code)]
+            message: MessageShape,
+        }
+        #[derive(Deserialize)]
+        struct MessageShape {
+            #[allow(dead_code)]
+            role: serde::de::IgnoredAny,
+        }
+        #[derive(Deserialize)]
+        struct Counts {
+            prompt_tokens: u64,
+            completion_tokens: u64,
+            total_tokens: u64,
+        }
+        let completion: Completion = serde_json::from_slice(&json)?;
+        let usage = completion.usage.map(|counts| Usage {
+            prompt_tokens: counts.prompt_tokens,
+            completion_tokens: counts.completion_tokens,
+            total_tokens: counts.total_tokens,
+            extra: Map::new(),
+        });
+        Ok(Self { json, usage })
+    }
+}
+
 fn chat_completion_object() -> String {
     "chat.completion".to_owned()
 }
@@ -399,5 +454,43 @@ mod tests {
             json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
                    "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": null}]})
         );
+    }
+
+    #[test]
+    fn completion_bodies_pass_through_byte_for_byte_with_their_usage_read() {
+        let text = r#"{"id":"c9","choices":[{"index":0,"message":{"role":"assistant","content":"hi","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9,"prompt_tokens_details":{"cached_tokens":0}},"system_fingerprint":"fp_1"}"#;
+        let body = CompletionBody::parse(bytes::Bytes::from_static(text.as_bytes())).unwrap();
+        assert_eq!(body.json, text.as_bytes());
+        assert_eq!(body.usage, Some(Usage::new(7, 2)));
+
+        let no_usage =
+            br#"{"choices":[{"message":{"role":"assistant","content":"x"}}],"usage":null}"#;
+        let body = CompletionBody::parse(bytes::Bytes::from_static(no_usage)).unwrap();
+        assert_eq!(body.usage, None);
+
+        for not_a_completion in [
+            &br#"{"error":{"message":"overloaded"}}"#[..],
+            br#"{"choices":[{"text":"legacy completion"}]}"#,
+            br#"{"choices":[{"message":{"content":"no role"}}]}"#,
+            br#"{"choices":[],"usage":{"prompt_tokens":"seven"}}"#,
+            b"<html>502</html>",
+        ] {
+            let error = CompletionBody::parse(bytes::Bytes::from_static(not_a_completion));
+            assert!(
+                error.is_err(),
+                "{}",
+                String::from_utf8_lossy(not_a_completion)
+            );
+        }
+    }
+
+    #[test]
+    fn an_encoded_response_reads_back_as_the_same_response() {
+        let response = ChatResponse::assistant("c1", "m", 5, "hello", Usage::new(3, 1));
+        let body = CompletionBody::encode(&response);
+        assert_eq!(body.usage, Some(Usage::new(3, 1)));
+        let decoded: ChatResponse = serde_json::from_slice(&body.json).unwrap();
+        assert_eq!(decoded, response);
+        assert_eq!(CompletionBody::parse(body.json.clone()).unwrap(), body);
     }
 }

@@ -9,14 +9,15 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Path, State};
+use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, Uri};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{FutureExt, Stream, StreamExt, stream};
 use serde_json::{Value, json};
 use switchyard_core::{
-    ChainContext, ChainOutput, ChatRequest, ChunkStream, Llm, LlmError, LlmErrorKind, RequestMeta,
-    Usage,
+    ChainContext, ChainOutput, ChatRequest, ChatResponse, ChunkStream, CompletionBody, Llm,
+    LlmError, LlmErrorKind, RequestMeta, Usage,
 };
 use tracing::{error, warn};
 
@@ -126,16 +127,16 @@ async fn serve_chat(
     if strip_usage {
         request.stream_options.get_or_insert_default().include_usage = Some(true);
     }
-    let output = match &endpoint {
+    let answer = match &endpoint {
         Endpoint::Route(route) if stream => route
             .chat_stream(request)
             .await
-            .map(ChainOutput::Stream)
+            .map(|chunks| Answer::Chain(ChainOutput::Stream(chunks)))
             .map_err(ApiError::from),
         Endpoint::Route(route) => route
-            .chat(request)
+            .chat_body(request)
             .await
-            .map(ChainOutput::Response)
+            .map(Answer::Body)
             .map_err(ApiError::from),
         Endpoint::Chain(chain) => {
             let meta = RequestMeta {
@@ -144,14 +145,14 @@ async fn serve_chat(
                 api_key_id: key_id,
                 user,
             };
-            run_chain(chain, request, meta).await
+            run_chain(chain, request, meta).await.map(Answer::Chain)
         }
         Endpoint::Model(_) => {
             return Err(ApiError::internal("a model endpoint reached the chat path"));
         }
     };
-    let output = match output {
-        Ok(output) => output,
+    let answer = match answer {
+        Ok(answer) => answer,
         Err(error) => {
             // Nothing was generated: give the reserved tokens back.
             admission.settle(Some(0));
@@ -159,6 +160,10 @@ async fn serve_chat(
         }
     };
     if stream {
+        let Answer::Chain(output) = answer else {
+            admission.settle(Some(0));
+            return Err(ApiError::internal("a complete body on the stream path"));
+        };
         let mut rate_limit_headers = HeaderMap::new();
         admission.apply(&mut rate_limit_headers);
         record.update(|d| d.streamed = true);
@@ -179,25 +184,49 @@ async fn serve_chat(
         response.headers_mut().extend(rate_limit_headers);
         Ok(response)
     } else {
-        let completion = match output.collect().await {
-            Ok(completion) => completion,
-            Err(error) => {
-                admission.settle(Some(0));
-                return Err(error.into());
+        let logs_payload = logged_messages.is_some();
+        let (body, text) = match answer {
+            Answer::Body(body) => {
+                let text = logs_payload.then(|| completion_text(&body));
+                (body, text)
             }
+            Answer::Chain(output) => match output.collect().await {
+                Ok(completion) => (
+                    CompletionBody::encode(&completion),
+                    logs_payload.then(|| completion.text()),
+                ),
+                Err(error) => {
+                    admission.settle(Some(0));
+                    return Err(error.into());
+                }
+            },
         };
-        let mut response = Json(&completion).into_response();
+        let mut response = ([(CONTENT_TYPE, "application/json")], body.json).into_response();
         admission.apply(response.headers_mut());
-        admission.settle(completion.usage.as_ref().map(|u| u.total_tokens));
+        admission.settle(body.usage.as_ref().map(|u| u.total_tokens));
         record.update(|d| {
-            if let Some(usage) = &completion.usage {
+            if let Some(usage) = &body.usage {
                 d.prompt_tokens = Some(usage.prompt_tokens);
                 d.completion_tokens = Some(usage.completion_tokens);
             }
-            d.payload = logged_messages.map(|messages| (messages, completion.text()));
+            d.payload = logged_messages.zip(text);
         });
         Ok(response)
     }
+}
+
+/// What a chat endpoint produced: a chain's output (or a route's stream), or a route's complete
+/// answer as the upstream's JSON body, passed on without re-encoding.
+enum Answer {
+    Chain(ChainOutput),
+    Body(CompletionBody),
+}
+
+/// The text of a completion body's first choice, for `log_payloads`.
+fn completion_text(body: &CompletionBody) -> String {
+    serde_json::from_slice::<ChatResponse>(&body.json)
+        .map(|completion| completion.text())
+        .unwrap_or_default()
 }
 
 /// Predictions expected to take less than this run on the async worker that received them.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use switchyard_core::{
-    ChatRequest, ChatResponse, ChunkStream, Llm, LlmError, LlmErrorKind, Observer,
+    ChatRequest, ChatResponse, ChunkStream, CompletionBody, Llm, LlmError, LlmErrorKind, Observer,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -127,6 +127,11 @@ impl Llm for Capped {
     async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
         let _slot = self.slot().await?;
         self.inner.chat(request).await
+    }
+
+    async fn chat_body(&self, request: ChatRequest) -> Result<CompletionBody, LlmError> {
+        let _slot = self.slot().await?;
+        self.inner.chat_body(request).await
     }
 
     async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {

@@ -10,7 +10,8 @@ use futures::StreamExt;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use http_body_util::BodyExt;
 use switchyard_core::{
-    ChatChunk, ChatRequest, ChatResponse, ChunkStream, Llm, LlmError, LlmErrorKind, Secret,
+    ChatChunk, ChatRequest, ChatResponse, ChunkStream, CompletionBody, Llm, LlmError, LlmErrorKind,
+    Secret,
 };
 
 use crate::http::{HttpClient, Path, UpstreamBody, read_body};
@@ -111,6 +112,24 @@ impl OpenAiProvider {
         ))
     }
 
+    /// The body of a successful non-stream call.
+    async fn completion(&self, request: &ChatRequest) -> Result<Bytes, LlmError> {
+        let response = self.send(request).await?;
+        read_body(response.into_body())
+            .await
+            .map_err(|e| self.named(e))
+    }
+
+    fn not_a_completion(&self, error: &serde_json::Error) -> LlmError {
+        LlmError::new(
+            LlmErrorKind::InvalidResponse,
+            format!(
+                "provider '{}' sent a body that is not a chat completion: {error}",
+                self.name
+            ),
+        )
+    }
+
     /// Puts the provider's name in a transport error.
     fn named(&self, error: LlmError) -> LlmError {
         LlmError::new(
@@ -123,19 +142,13 @@ impl OpenAiProvider {
 #[async_trait]
 impl Llm for OpenAiProvider {
     async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
-        let response = self.send(&request).await?;
-        let body = read_body(response.into_body())
-            .await
-            .map_err(|e| self.named(e))?;
-        serde_json::from_slice(&body).map_err(|e| {
-            LlmError::new(
-                LlmErrorKind::InvalidResponse,
-                format!(
-                    "provider '{}' sent a body that is not a chat completion: {e}",
-                    self.name
-                ),
-            )
-        })
+        let body = self.completion(&request).await?;
+        serde_json::from_slice(&body).map_err(|e| self.not_a_completion(&e))
+    }
+
+    async fn chat_body(&self, request: ChatRequest) -> Result<CompletionBody, LlmError> {
+        let body = self.completion(&request).await?;
+        CompletionBody::parse(body).map_err(|e| self.not_a_completion(&e))
     }
 
     async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {

@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::{StreamExt, stream};
 use switchyard_core::{
-    AttemptOutcome, ChatRequest, ChatResponse, ChunkStream, Llm, LlmError, LlmErrorKind, Observer,
-    RequestStats,
+    AttemptOutcome, ChatRequest, ChatResponse, ChunkStream, CompletionBody, Llm, LlmError,
+    LlmErrorKind, Observer, RequestStats,
 };
 use tokio::time::{Instant, timeout_at};
 use tracing::warn;
@@ -175,6 +175,21 @@ impl Route {
         }))
     }
 
+    /// A non-stream call: `attempt` asks one provider for the whole completion.
+    async fn call_complete<T, F, Fut>(
+        &self,
+        mut request: ChatRequest,
+        attempt: F,
+    ) -> Result<T, LlmError>
+    where
+        F: Fn(Arc<dyn Llm>, ChatRequest) -> Fut,
+        Fut: Future<Output = Result<T, LlmError>>,
+    {
+        let deadline = Instant::now() + self.settings.timeout;
+        request.stream = None;
+        self.call(request, deadline, false, attempt).await
+    }
+
     fn observe(&self, target: &Target, outcome: AttemptOutcome, duration: Duration) {
         if let Some(observer) = &self.observer {
             observer.upstream_attempt(&self.name, &target.provider_name, outcome, duration);
@@ -207,11 +222,16 @@ fn is_worth_falling_back(error: &LlmError) -> bool {
 
 #[async_trait]
 impl Llm for Route {
-    async fn chat(&self, mut request: ChatRequest) -> Result<ChatResponse, LlmError> {
-        let deadline = Instant::now() + self.settings.timeout;
-        request.stream = None;
-        self.call(request, deadline, false, |provider, request| async move {
+    async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
+        self.call_complete(request, |provider, request| async move {
             provider.chat(request).await
+        })
+        .await
+    }
+
+    async fn chat_body(&self, request: ChatRequest) -> Result<CompletionBody, LlmError> {
+        self.call_complete(request, |provider, request| async move {
+            provider.chat_body(request).await
         })
         .await
     }
