@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
@@ -30,6 +30,8 @@ pub enum Reply {
     Status(u16, Vec<(&'static str, &'static str)>),
     /// Waits, then does the inner reply.
     Delay(Duration, Box<Reply>),
+    /// 200 with exactly this body, as `application/json`.
+    Body(&'static str),
     /// Streams these content pieces, then drops the connection without `[DONE]`.
     StreamThenDrop(Vec<&'static str>),
     /// Streams these content pieces, then sends nothing more and never ends.
@@ -213,6 +215,9 @@ async fn answer(reply: Reply, request: &Value) -> Response {
                 response.headers_mut().insert(name, value.parse().unwrap());
             }
             return response;
+        }
+        Reply::Body(body) => {
+            return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
         }
         Reply::StreamThenDrop(pieces) => {
             // The pieces go out first (the pause lets the server flush them), then the

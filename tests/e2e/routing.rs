@@ -228,6 +228,34 @@ async fn an_upstream_auth_failure_is_502_without_quoting_the_upstream_body() {
 }
 
 #[tokio::test]
+async fn a_route_answers_with_the_upstream_body_as_it_came_or_502_if_it_is_no_completion() {
+    // Key order, spacing and fields the gateway does not know all survive: the body is passed
+    // on, not decoded and encoded again.
+    const COMPLETION: &str = r#"{"choices": [{"message": {"role": "assistant", "content": "hi"}, "index": 0, "finish_reason": "stop"}], "id": "c1", "usage": {"total_tokens": 5, "prompt_tokens": 3, "completion_tokens": 2}, "service_tier": "default"}"#;
+    let upstream = FakeUpstream::start(vec![
+        Reply::Body(COMPLETION),
+        Reply::Body(r#"{"choices": [{"text": "a legacy completion"}]}"#),
+    ])
+    .await;
+    let gateway = TestGateway::over(&[&upstream.base_url], "retries = 2").await;
+    let response = gateway.post("/v1/chat/completions", &chat_body("x")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    assert_eq!(response.text().await.unwrap(), COMPLETION);
+
+    let response = gateway.post("/v1/chat/completions", &chat_body("x")).await;
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("not a chat completion"), "{message}");
+    assert_eq!(
+        upstream.requests().len(),
+        2,
+        "a malformed answer is not retried"
+    );
+}
+
+#[tokio::test]
 async fn an_upstream_429_without_retry_after_still_gives_the_client_one() {
     let upstream = FakeUpstream::start(vec![Reply::Status(429, vec![])]).await;
     let gateway = TestGateway::over(&[&upstream.base_url], "retries = 0").await;
