@@ -25,10 +25,7 @@ RUST_LOG="${RUST_LOG:-info}" valgrind --tool=callgrind --callgrind-out-file="$wo
   "$gateway" serve --config "$work/instructions.toml" >"$work/instructions-gateway.log" 2>&1 &
 gw_pid=$!
 trap 'kill "$gw_pid" "$mock_pid" 2>/dev/null || true' EXIT
-for _ in $(seq 300); do
-  curl -sf "http://127.0.0.1:$gw_port/ready" >/dev/null && break
-  sleep 0.1
-done
+wait_ready "$gw_port" 300 # start-up under valgrind takes seconds
 send() {
   oha --no-tui -n "$1" -c 4 -m POST -H 'content-type: application/json' -d "$CHAT_BODY" \
     "http://127.0.0.1:$gw_port/v1/chat/completions" | grep -E 'Success rate'

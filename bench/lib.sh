@@ -25,9 +25,9 @@ route = "main"
 TOML
 }
 
-# wait_ready PORT: up to 5 s for the gateway on PORT to answer /ready.
+# wait_ready PORT [TRIES]: up to TRIES × 0.1 s (default 5 s) for the gateway on PORT to answer /ready.
 wait_ready() {
-  for _ in $(seq 50); do
+  for _ in $(seq "${2:-50}"); do
     curl -sf "http://127.0.0.1:$1/ready" >/dev/null && return 0
     sleep 0.1
   done
