@@ -5,6 +5,7 @@
 #   bench/instructions.sh                          # the release build bench/run.sh makes
 #   BIN=/tmp/old/switchyard bench/instructions.sh  # another build
 #   REQUESTS=5000 RUST_LOG=warn bench/instructions.sh
+#   STREAM=1 bench/instructions.sh                 # streamed requests (the mock's 16 chunks)
 # Keeps the profile in bench/work/callgrind.out.* for `callgrind_annotate --inclusive=yes`.
 # Needs valgrind (Debian: apt-get install valgrind) and oha; the gateway runs ~50× slower under it.
 set -euo pipefail
@@ -13,6 +14,8 @@ source bench/lib.sh
 bins="${CARGO_TARGET_DIR:-$PWD/target}/release"
 gateway="${BIN:-$bins/switchyard}"
 requests="${REQUESTS:-2000}"
+body="$CHAT_BODY"
+[ -n "${STREAM:-}" ] && body="${CHAT_BODY%\}},\"stream\":true}"
 work=bench/work
 mkdir -p "$work"
 rm -f "$work"/callgrind.out.*
@@ -27,7 +30,7 @@ gw_pid=$!
 trap 'kill "$gw_pid" "$mock_pid" 2>/dev/null || true' EXIT
 wait_ready "$gw_port" 300 # start-up under valgrind takes seconds
 send() {
-  oha --no-tui -n "$1" -c 4 -m POST -H 'content-type: application/json' -d "$CHAT_BODY" \
+  oha --no-tui -n "$1" -c 4 -m POST -H 'content-type: application/json' -d "$body" \
     "http://127.0.0.1:$gw_port/v1/chat/completions" | grep -E 'Success rate'
 }
 send 300 >/dev/null # warm-up: connections, pools, lazily built state
@@ -40,4 +43,4 @@ for _ in $(seq 50); do
   sleep 0.1
 done
 total=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
-echo "$gateway: $((total / requests)) instructions per request ($requests requests; profile: $dump)"
+echo "$gateway: $((total / requests)) instructions per ${STREAM:+streamed }request ($requests requests; profile: $dump)"

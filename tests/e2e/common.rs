@@ -32,6 +32,8 @@ pub enum Reply {
     Delay(Duration, Box<Reply>),
     /// 200 with exactly this body, as `application/json`.
     Body(&'static str),
+    /// 200 with an SSE stream of exactly these `data:` payloads (`[DONE]` only if listed).
+    Sse(Vec<&'static str>),
     /// Streams these content pieces, then drops the connection without `[DONE]`.
     StreamThenDrop(Vec<&'static str>),
     /// Streams these content pieces, then sends nothing more and never ends.
@@ -218,6 +220,13 @@ async fn answer(reply: Reply, request: &Value) -> Response {
         }
         Reply::Body(body) => {
             return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+        }
+        Reply::Sse(payloads) => {
+            let body: String = payloads
+                .iter()
+                .map(|data| format!("data: {data}\n\n"))
+                .collect();
+            return sse_response(Body::from(body));
         }
         Reply::StreamThenDrop(pieces) => {
             // The pieces go out first (the pause lets the server flush them), then the

@@ -256,6 +256,43 @@ async fn a_route_answers_with_the_upstream_body_as_it_came_or_502_if_it_is_no_co
 }
 
 #[tokio::test]
+async fn a_route_streams_the_upstream_chunks_as_they_came_and_ends_at_an_error_object() {
+    // Spacing, key order and fields the gateway does not know survive in every chunk.
+    const FIRST: &str = r#"{"choices": [{"delta": {"role": "assistant", "content": "Hi"}, "index": 0}], "id": "c1", "x_vendor": {"k": 1}}"#;
+    const USAGE: &str = r#"{"id": "c1", "choices": [], "usage": {"total_tokens": 5, "prompt_tokens": 3, "completion_tokens": 2}}"#;
+    const ERROR: &str =
+        r#"{"error": {"message": "overloaded mid-stream", "type": "server_error"}}"#;
+    let upstream = FakeUpstream::start(vec![
+        Reply::Sse(vec![FIRST, USAGE, "[DONE]"]),
+        Reply::Sse(vec![FIRST, ERROR, USAGE, "[DONE]"]),
+    ])
+    .await;
+    let gateway = TestGateway::over(&[&upstream.base_url], "retries = 2").await;
+    let response = gateway
+        .post("/v1/chat/completions", &stream_body("x"))
+        .await;
+    assert_eq!(response.status(), 200);
+    let frames = sse_data(&read_stream(response).await);
+    assert_eq!(frames, [FIRST, USAGE, "[DONE]"]);
+
+    let response = gateway
+        .post("/v1/chat/completions", &stream_body("x"))
+        .await;
+    let frames = sse_data(&read_stream(response).await);
+    assert_eq!(frames.len(), 3, "{frames:?}");
+    assert_eq!(frames[0], FIRST);
+    assert_ne!(
+        frames[1], ERROR,
+        "the upstream's error object is not passed on as a chunk"
+    );
+    let error: Value = serde_json::from_str(&frames[1]).unwrap();
+    assert_eq!(error["error"]["code"], "upstream_error");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("overloaded mid-stream"), "{message}");
+    assert_eq!(frames[2], "[DONE]");
+}
+
+#[tokio::test]
 async fn an_upstream_429_without_retry_after_still_gives_the_client_one() {
     let upstream = FakeUpstream::start(vec![Reply::Status(429, vec![])]).await;
     let gateway = TestGateway::over(&[&upstream.base_url], "retries = 0").await;

@@ -19,12 +19,12 @@ pub use chain::{
 };
 pub use chain_dir::{ChainFolder, LoadedChain};
 pub use context::{ChainContext, ChainResources, LlmHandle, RequestMeta};
-pub use llm::{ChunkStream, Llm, LlmError, LlmErrorKind};
+pub use llm::{ChunkBodyStream, ChunkStream, Llm, LlmError, LlmErrorKind};
 pub use observe::{AttemptOutcome, Observer, RequestStats};
 pub use prompts::Prompts;
 pub use secret::Secret;
 pub use util::{error_chain, unix_now};
 pub use wire::{
-    ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, CompletionBody, Content, Delta,
-    Message, StreamOptions, Usage,
+    ChatChunk, ChatRequest, ChatResponse, Choice, ChunkBody, ChunkChoice, CompletionBody, Content,
+    Delta, Message, StreamOptions, Usage,
 };

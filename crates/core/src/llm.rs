@@ -7,10 +7,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::Stream;
 
-use crate::wire::{ChatChunk, ChatRequest, ChatResponse, CompletionBody};
+use crate::wire::{ChatChunk, ChatRequest, ChatResponse, ChunkBody, CompletionBody};
 
 /// A stream of chat completion chunks. An `Err` item ends the stream: the upstream broke off.
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChatChunk, LlmError>> + Send>>;
+
+/// A stream of chunks as JSON, for a client (see [`Llm::chat_stream_body`]).
+pub type ChunkBodyStream = Pin<Box<dyn Stream<Item = Result<ChunkBody, LlmError>> + Send>>;
 
 /// Anything that answers OpenAI-style chat requests: a provider target, a route with retries and
 /// fallbacks, or a scripted mock in tests.
@@ -29,6 +32,17 @@ pub trait Llm: Send + Sync {
     /// A streaming chat completion. Returns once the upstream has accepted the request; the
     /// chunks follow on the stream.
     async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError>;
+
+    /// A streaming chat completion as JSON chunks, for a client: an HTTP upstream's chunks are
+    /// passed on as they came, like [`Llm::chat_body`]'s body. By default, `chat_stream`'s
+    /// chunks encoded.
+    async fn chat_stream_body(&self, request: ChatRequest) -> Result<ChunkBodyStream, LlmError> {
+        use futures::StreamExt;
+        let chunks = self.chat_stream(request).await?;
+        Ok(Box::pin(
+            chunks.map(|chunk| chunk.map(|chunk| ChunkBody::encode(&chunk))),
+        ))
+    }
 }
 
 /// Why an LLM call failed, classified by who is at fault and whether a retry may help.

@@ -265,20 +265,84 @@ impl CompletionBody {
             #[allow(dead_code)]
             role: serde::de::IgnoredAny,
         }
-        #[derive(Deserialize)]
-        struct Counts {
-            prompt_tokens: u64,
-            completion_tokens: u64,
-            total_tokens: u64,
-        }
         let completion: Completion = serde_json::from_slice(&json)?;
-        let usage = completion.usage.map(|counts| Usage {
-            prompt_tokens: counts.prompt_tokens,
-            completion_tokens: counts.completion_tokens,
-            total_tokens: counts.total_tokens,
+        Ok(Self {
+            json,
+            usage: completion.usage.map(Counts::into_usage),
+        })
+    }
+}
+
+/// One chunk of a stream as JSON, with what the gateway reads out of it: what a route endpoint
+/// sends its client as one SSE event. An upstream's chunk is passed on as it came, like a
+/// [`CompletionBody`] (decoding every chunk into a [`ChatChunk`] and encoding it again was a
+/// third of the instructions of a proxied stream).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkBody {
+    pub json: String,
+    /// Whether it carries choices; the usage chunk at the end of a stream has none.
+    pub has_choices: bool,
+    pub usage: Option<Usage>,
+}
+
+impl ChunkBody {
+    pub fn encode(chunk: &ChatChunk) -> Self {
+        Self {
+            // A `ChatChunk` is maps, strings and numbers: encoding it cannot fail.
+            json: serde_json::to_string(chunk).unwrap_or_default(),
+            has_choices: !chunk.choices.is_empty(),
+            usage: chunk.usage.clone(),
+        }
+    }
+
+    /// Checks that `json` is a chunk (an object with an array of `choices`, or none, and no
+    /// `error`: some servers send an error object mid-stream) and reads its usage; every other
+    /// field is skipped, not decoded. What is not a chunk is handed back, for the error message.
+    pub fn parse(json: String) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        struct Chunk {
+            #[serde(default)]
+            choices: Vec<serde::de::IgnoredAny>,
+            #[serde(default)]
+            usage: Option<Counts>,
+            #[serde(default)]
+            error: Option<serde::de::IgnoredAny>,
+        }
+        match serde_json::from_str::<Chunk>(&json) {
+            Ok(chunk) if chunk.error.is_none() => Ok(Self {
+                has_choices: !chunk.choices.is_empty(),
+                usage: chunk.usage.map(Counts::into_usage),
+                json,
+            }),
+            _ => Err(json),
+        }
+    }
+
+    /// The content text the chunk adds to its first choice (decoded on demand: for
+    /// `log_payloads`).
+    pub fn text(&self) -> String {
+        serde_json::from_str::<ChatChunk>(&self.json)
+            .map(|chunk| chunk.text().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// The token counts of a `usage` object, read without its other fields.
+#[derive(Deserialize)]
+struct Counts {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+}
+
+impl Counts {
+    fn into_usage(self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.total_tokens,
             extra: Map::new(),
-        });
-        Ok(Self { json, usage })
+        }
     }
 }
 
@@ -492,5 +556,30 @@ mod tests {
         let decoded: ChatResponse = serde_json::from_slice(&body.json).unwrap();
         assert_eq!(decoded, response);
         assert_eq!(CompletionBody::parse(body.json.clone()).unwrap(), body);
+    }
+
+    #[test]
+    fn an_encoded_chunk_reads_back_with_its_usage_and_text() {
+        let chunk = ChatChunk::delta("c1", "m", 5, Delta::content("hel"), None);
+        let body = ChunkBody::encode(&chunk);
+        assert!(body.has_choices);
+        assert_eq!(body.text(), "hel");
+        assert_eq!(
+            serde_json::from_str::<ChatChunk>(&body.json).unwrap(),
+            chunk
+        );
+        assert_eq!(ChunkBody::parse(body.json.clone()).unwrap(), body);
+
+        let mut usage_only = ChatChunk::delta("c1", "m", 5, Delta::default(), None);
+        usage_only.choices.clear();
+        usage_only.usage = Some(Usage::new(3, 1));
+        let body = ChunkBody::encode(&usage_only);
+        assert!(!body.has_choices);
+        assert_eq!(body.text(), "");
+        assert_eq!(ChunkBody::parse(body.json.clone()).unwrap(), body);
+
+        let error = r#"{"error":{"message":"overloaded"}}"#;
+        assert_eq!(ChunkBody::parse(error.to_owned()).unwrap_err(), error);
+        assert!(ChunkBody::parse(r#"{"choices":{}}"#.to_owned()).is_err());
     }
 }

@@ -16,8 +16,8 @@ use axum::response::{IntoResponse, Response};
 use futures::{FutureExt, Stream, StreamExt, stream};
 use serde_json::{Value, json};
 use switchyard_core::{
-    ChainContext, ChainOutput, ChatRequest, ChatResponse, ChunkStream, CompletionBody, Llm,
-    LlmError, LlmErrorKind, RequestMeta, Usage,
+    ChainContext, ChainOutput, ChatRequest, ChatResponse, ChunkBody, ChunkBodyStream,
+    CompletionBody, Llm, LlmError, LlmErrorKind, RequestMeta, Usage,
 };
 use tracing::{error, warn};
 
@@ -129,9 +129,9 @@ async fn serve_chat(
     }
     let answer = match &endpoint {
         Endpoint::Route(route) if stream => route
-            .chat_stream(request)
+            .chat_stream_body(request)
             .await
-            .map(|chunks| Answer::Chain(ChainOutput::Stream(chunks)))
+            .map(Answer::Stream)
             .map_err(ApiError::from),
         Endpoint::Route(route) => route
             .chat_body(request)
@@ -160,9 +160,16 @@ async fn serve_chat(
         }
     };
     if stream {
-        let Answer::Chain(output) = answer else {
-            admission.settle(Some(0));
-            return Err(ApiError::internal("a complete body on the stream path"));
+        let chunks = match answer {
+            Answer::Stream(chunks) => chunks,
+            Answer::Chain(output) => {
+                let chunks = output.into_stream(client_wants_usage || strip_usage);
+                Box::pin(chunks.map(|chunk| chunk.map(|chunk| ChunkBody::encode(&chunk))))
+            }
+            Answer::Body(_) => {
+                admission.settle(Some(0));
+                return Err(ApiError::internal("a complete body on the stream path"));
+            }
         };
         let mut rate_limit_headers = HeaderMap::new();
         admission.apply(&mut rate_limit_headers);
@@ -175,11 +182,7 @@ async fn serve_chat(
             admission: Some(admission),
             payload: logged_messages.map(|messages| (messages, String::new())),
         };
-        let events = sse_events(
-            output.into_stream(client_wants_usage || strip_usage),
-            log,
-            strip_usage,
-        );
+        let events = sse_events(chunks, log, strip_usage);
         let mut response = Sse::new(events).into_response();
         response.headers_mut().extend(rate_limit_headers);
         Ok(response)
@@ -189,6 +192,10 @@ async fn serve_chat(
             Answer::Body(body) => {
                 let text = logs_payload.then(|| completion_text(&body));
                 (body, text)
+            }
+            Answer::Stream(_) => {
+                admission.settle(Some(0));
+                return Err(ApiError::internal("a stream on the complete path"));
             }
             Answer::Chain(output) => match output.collect().await {
                 Ok(completion) => (
@@ -215,11 +222,12 @@ async fn serve_chat(
     }
 }
 
-/// What a chat endpoint produced: a chain's output (or a route's stream), or a route's complete
-/// answer as the upstream's JSON body, passed on without re-encoding.
+/// What a chat endpoint produced: a chain's output, or a route's answer as the upstream's JSON
+/// (its complete body, or its stream's chunks), passed on without re-encoding.
 enum Answer {
     Chain(ChainOutput),
     Body(CompletionBody),
+    Stream(ChunkBodyStream),
 }
 
 /// The text of a completion body's first choice, for `log_payloads`.
@@ -423,7 +431,7 @@ impl Drop for StreamLog {
 }
 
 enum Phase {
-    Streaming(ChunkStream),
+    Streaming(ChunkBodyStream),
     /// An error frame went out; `[DONE]` follows.
     Closing,
     Done,
@@ -433,7 +441,7 @@ enum Phase {
 /// frame in OpenAI's shape if the upstream broke off. With `strip_usage`, the usage chunk the
 /// gateway asked for (to settle token limits) is noted and not sent on.
 fn sse_events(
-    chunks: ChunkStream,
+    chunks: ChunkBodyStream,
     log: StreamLog,
     strip_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
@@ -446,25 +454,16 @@ fn sse_events(
                 Phase::Streaming(mut chunks) => loop {
                     match chunks.next().await {
                         Some(Ok(chunk)) => {
-                            if let Some(usage) = &chunk.usage {
-                                log.usage = Some(usage.clone());
-                                if strip_usage && chunk.choices.is_empty() {
+                            if let Some((_, completion)) = log.payload.as_mut() {
+                                completion.push_str(&chunk.text());
+                            }
+                            if let Some(usage) = chunk.usage {
+                                log.usage = Some(usage);
+                                if strip_usage && !chunk.has_choices {
                                     continue;
                                 }
                             }
-
-                            if let Some((_, completion)) = log.payload.as_mut() {
-                                completion.push_str(chunk.text());
-                            }
-                            match Event::default().json_data(&chunk) {
-                                Ok(event) => break (event, Phase::Streaming(chunks)),
-                                Err(error) => {
-                                    // Cannot happen for our own types; end the stream rather than hang.
-                                    warn!(%error, "cannot serialize a chunk");
-                                    log.finish("serialize_error");
-                                    break (done_event(), Phase::Done);
-                                }
-                            }
+                            break (Event::default().data(chunk.json), Phase::Streaming(chunks));
                         }
                         Some(Err(error)) => {
                             warn!(request_id = %log.record.request_id, %error, "stream ended by an upstream error");

@@ -4,9 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use switchyard_core::{
-    ChatRequest, ChatResponse, ChunkStream, CompletionBody, Llm, LlmError, LlmErrorKind, Observer,
+    ChatRequest, ChatResponse, ChunkBodyStream, ChunkStream, CompletionBody, Llm, LlmError,
+    LlmErrorKind, Observer,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -137,11 +138,25 @@ impl Llm for Capped {
     async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
         let slot = self.slot().await?;
         let stream = self.inner.chat_stream(request).await?;
-        Ok(Box::pin(stream.map(move |item| {
-            let _held_until_the_stream_ends = &slot;
-            item
-        })))
+        Ok(Box::pin(holding(slot, stream)))
     }
+
+    async fn chat_stream_body(&self, request: ChatRequest) -> Result<ChunkBodyStream, LlmError> {
+        let slot = self.slot().await?;
+        let stream = self.inner.chat_stream_body(request).await?;
+        Ok(Box::pin(holding(slot, stream)))
+    }
+}
+
+/// The stream, holding `slot` until it ends (or is dropped).
+fn holding<S: Stream + Send + 'static>(
+    slot: Slot,
+    stream: S,
+) -> impl Stream<Item = S::Item> + Send {
+    stream.map(move |item| {
+        let _held_until_the_stream_ends = &slot;
+        item
+    })
 }
 
 #[cfg(test)]

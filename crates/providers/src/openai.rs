@@ -10,8 +10,8 @@ use futures::StreamExt;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use http_body_util::BodyExt;
 use switchyard_core::{
-    ChatChunk, ChatRequest, ChatResponse, ChunkStream, CompletionBody, Llm, LlmError, LlmErrorKind,
-    Secret,
+    ChatChunk, ChatRequest, ChatResponse, ChunkBody, ChunkBodyStream, ChunkStream, CompletionBody,
+    Llm, LlmError, LlmErrorKind, Secret,
 };
 
 use crate::http::{HttpClient, Path, UpstreamBody, read_body};
@@ -153,47 +153,65 @@ impl Llm for OpenAiProvider {
 
     async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
         let response = self.send(&request).await?;
-        let name = self.name.clone();
-        let mut events = response.into_body().into_data_stream().eventsource();
-        let mut done = false;
-        let chunks = futures::stream::poll_fn(move |cx| {
-            if done {
-                return std::task::Poll::Ready(None);
-            }
-            let item = match futures::ready!(events.poll_next_unpin(cx)) {
-                None => Err(LlmError::new(
-                    LlmErrorKind::StreamInterrupted,
-                    format!("provider '{name}' closed the stream before [DONE]"),
-                )),
-                Some(Err(e)) => Err(LlmError::new(
-                    LlmErrorKind::StreamInterrupted,
-                    format!("provider '{name}' stream broke off: {e}"),
-                )),
-                Some(Ok(event)) if event.data.trim() == "[DONE]" => {
-                    done = true;
-                    return std::task::Poll::Ready(None);
-                }
-                Some(Ok(event)) => parse_chunk(&name, &event.data),
-            };
-            done = item.is_err();
-            std::task::Poll::Ready(Some(item))
-        });
-        Ok(Box::pin(chunks))
+        Ok(Box::pin(sse_chunks(self.name.clone(), response, |data| {
+            serde_json::from_str::<ChatChunk>(&data)
+                .ok()
+                .filter(|chunk| !chunk.extra.contains_key("error"))
+                .ok_or(data)
+        })))
+    }
+
+    async fn chat_stream_body(&self, request: ChatRequest) -> Result<ChunkBodyStream, LlmError> {
+        let response = self.send(&request).await?;
+        Ok(Box::pin(sse_chunks(
+            self.name.clone(),
+            response,
+            ChunkBody::parse,
+        )))
     }
 }
 
-/// One SSE `data:` payload: a chunk, or an `{"error": ...}` object some servers send mid-stream.
-fn parse_chunk(provider: &str, data: &str) -> Result<ChatChunk, LlmError> {
-    match serde_json::from_str::<ChatChunk>(data) {
-        Ok(chunk) if !chunk.extra.contains_key("error") => Ok(chunk),
-        _ => Err(LlmError::new(
-            LlmErrorKind::StreamInterrupted,
-            format!(
-                "provider '{provider}' sent an error in the stream: {}",
-                upstream_error_message(data.as_bytes())
-            ),
-        )),
-    }
+/// The chunks of an SSE response, each `data:` payload read by `parse` (which hands back what it
+/// cannot read, to be quoted): the stream ends at `[DONE]`, and
+/// with an error if the upstream sends something else than a chunk (some servers send an
+/// `{"error": ...}` object mid-stream) or closes the stream before `[DONE]`.
+fn sse_chunks<T>(
+    name: String,
+    response: http::Response<UpstreamBody>,
+    parse: impl Fn(String) -> Result<T, String> + Send + 'static,
+) -> impl futures::Stream<Item = Result<T, LlmError>> + Send + 'static {
+    let mut events = response.into_body().into_data_stream().eventsource();
+    let mut done = false;
+    futures::stream::poll_fn(move |cx| {
+        if done {
+            return std::task::Poll::Ready(None);
+        }
+        let item = match futures::ready!(events.poll_next_unpin(cx)) {
+            None => Err(LlmError::new(
+                LlmErrorKind::StreamInterrupted,
+                format!("provider '{name}' closed the stream before [DONE]"),
+            )),
+            Some(Err(e)) => Err(LlmError::new(
+                LlmErrorKind::StreamInterrupted,
+                format!("provider '{name}' stream broke off: {e}"),
+            )),
+            Some(Ok(event)) if event.data.trim() == "[DONE]" => {
+                done = true;
+                return std::task::Poll::Ready(None);
+            }
+            Some(Ok(event)) => parse(event.data).map_err(|data| {
+                LlmError::new(
+                    LlmErrorKind::StreamInterrupted,
+                    format!(
+                        "provider '{name}' sent an error in the stream: {}",
+                        upstream_error_message(data.as_bytes())
+                    ),
+                )
+            }),
+        };
+        done = item.is_err();
+        std::task::Poll::Ready(Some(item))
+    })
 }
 
 /// `retry-after-ms` (OpenAI) or `Retry-After` in seconds.
@@ -277,15 +295,67 @@ mod tests {
         assert_eq!(upstream_error_message(b"Bad Gateway\n"), "Bad Gateway");
     }
 
-    #[test]
-    fn an_error_object_in_a_stream_is_an_interruption() {
-        let error = parse_chunk("p", r#"{"error":{"message":"overloaded"}}"#).unwrap_err();
-        assert_eq!(error.kind, LlmErrorKind::StreamInterrupted);
-        assert!(error.message.contains("overloaded"));
-        let chunk = parse_chunk(
-            "p",
-            r#"{"id":"1","choices":[{"index":0,"delta":{"content":"x"}}]}"#,
+    /// An SSE response with these events, as an upstream would send it.
+    fn sse_response(events: &[&str]) -> http::Response<UpstreamBody> {
+        let text: String = events
+            .iter()
+            .map(|data| format!("data: {data}\n\n"))
+            .collect();
+        let body = http_body_util::Full::new(Bytes::from(text))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        http::Response::new(body)
+    }
+
+    #[tokio::test]
+    async fn stream_chunks_pass_through_as_they_came_until_done_or_an_error_object() {
+        let first = r#"{"id":"1","choices":[{"index":0,"delta":{"content":"x"}}],"x_vendor":1}"#;
+        let usage = r#"{"id":"1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+        let after_done = r#"{"choices":[]}"#;
+        let chunks: Vec<_> = sse_chunks(
+            "p".into(),
+            sse_response(&[first, usage, "[DONE]", after_done]),
+            ChunkBody::parse,
+        )
+        .collect()
+        .await;
+        let chunks: Vec<ChunkBody> = chunks.into_iter().map(Result::unwrap).collect();
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[0].json, first);
+        assert!(chunks[0].has_choices);
+        assert_eq!(chunks[0].text(), "x");
+        assert_eq!(chunks[1].json, usage);
+        assert!(!chunks[1].has_choices);
+        assert_eq!(chunks[1].usage, Some(switchyard_core::Usage::new(3, 1)));
+
+        for broken in [r#"{"error":{"message":"overloaded"}}"#, "not json"] {
+            let items: Vec<_> = sse_chunks(
+                "p".into(),
+                sse_response(&[first, broken, usage]),
+                ChunkBody::parse,
+            )
+            .collect()
+            .await;
+            assert_eq!(items.len(), 2, "the stream ends at the error");
+            let error = items[1].as_ref().unwrap_err();
+            assert_eq!(error.kind, LlmErrorKind::StreamInterrupted);
+            let quoted = if broken.contains("overloaded") {
+                "overloaded"
+            } else {
+                "not json"
+            };
+            assert!(error.message.contains(quoted), "{}", error.message);
+        }
+
+        let cut: Vec<_> = sse_chunks("p".into(), sse_response(&[first]), ChunkBody::parse)
+            .collect()
+            .await;
+        assert!(
+            cut[1]
+                .as_ref()
+                .unwrap_err()
+                .message
+                .contains("before [DONE]")
         );
-        assert_eq!(chunk.unwrap().text(), "x");
     }
 }

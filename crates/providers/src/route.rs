@@ -7,9 +7,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::{StreamExt, stream};
 use switchyard_core::{
-    AttemptOutcome, ChatRequest, ChatResponse, ChunkStream, CompletionBody, Llm, LlmError,
-    LlmErrorKind, Observer, RequestStats,
+    AttemptOutcome, ChatRequest, ChatResponse, ChunkBodyStream, ChunkStream, CompletionBody, Llm,
+    LlmError, LlmErrorKind, Observer, RequestStats,
 };
+
+/// What providers' streams are: boxed, sendable.
+type BoxStream<T> = std::pin::Pin<Box<dyn futures::Stream<Item = T> + Send>>;
 use tokio::time::{Instant, timeout_at};
 use tracing::warn;
 
@@ -190,6 +193,52 @@ impl Route {
         self.call(request, deadline, false, attempt).await
     }
 
+    /// A stream call: `open` starts one provider's stream. An attempt counts as answered once
+    /// its first chunk is here, so an upstream that is slow to answer or never starts streaming
+    /// is retried before anything reaches the client; the route's deadline then ends the stream.
+    async fn call_stream<T, F, Fut>(
+        &self,
+        mut request: ChatRequest,
+        open: F,
+    ) -> Result<BoxStream<Result<T, LlmError>>, LlmError>
+    where
+        T: Send + 'static,
+        F: Fn(Arc<dyn Llm>, ChatRequest) -> Fut,
+        Fut: Future<Output = Result<BoxStream<Result<T, LlmError>>, LlmError>>,
+    {
+        let deadline = Instant::now() + self.settings.timeout;
+        let first_token_timeout = self.settings.first_token_timeout;
+        request.stream = Some(true);
+        let route: Arc<str> = self.name.as_str().into();
+        let stream = self
+            .call(request, deadline, true, |provider, request| {
+                let opening = open(provider, request);
+                async move {
+                    let first_token_deadline = deadline.min(Instant::now() + first_token_timeout);
+                    let first = timeout_at(first_token_deadline, async {
+                        let mut stream = opening.await?;
+                        match stream.next().await {
+                            Some(Ok(first)) => Ok(stream::iter([Ok(first)]).chain(stream)),
+                            Some(Err(error)) => Err(error),
+                            None => Err(LlmError::new(
+                                LlmErrorKind::StreamInterrupted,
+                                "upstream stream ended before its first chunk",
+                            )),
+                        }
+                    })
+                    .await;
+                    first.unwrap_or_else(|_| {
+                        Err(LlmError::timeout(format!(
+                            "no first token within {} ms",
+                            first_token_timeout.as_millis()
+                        )))
+                    })
+                }
+            })
+            .await?;
+        Ok(Box::pin(with_deadline(stream, deadline, route)))
+    }
+
     fn observe(&self, target: &Target, outcome: AttemptOutcome, duration: Duration) {
         if let Some(observer) = &self.observer {
             observer.upstream_attempt(&self.name, &target.provider_name, outcome, duration);
@@ -236,49 +285,27 @@ impl Llm for Route {
         .await
     }
 
-    async fn chat_stream(&self, mut request: ChatRequest) -> Result<ChunkStream, LlmError> {
-        let deadline = Instant::now() + self.settings.timeout;
-        let first_token_timeout = self.settings.first_token_timeout;
-        request.stream = Some(true);
-        let route: Arc<str> = self.name.as_str().into();
-        let stream = self
-            .call(request, deadline, true, |provider, request| async move {
-                let first_token_deadline = deadline.min(Instant::now() + first_token_timeout);
-                // Wait for the first chunk here, so that an upstream that is slow to answer or
-                // never starts streaming is retried before anything reaches the client.
-                let first = timeout_at(first_token_deadline, async {
-                    let mut stream = provider.chat_stream(request).await?;
-                    match stream.next().await {
-                        Some(Ok(first)) => Ok(stream::iter([Ok(first)]).chain(stream)),
-                        Some(Err(error)) => Err(error),
-                        None => Err(LlmError::new(
-                            LlmErrorKind::StreamInterrupted,
-                            "upstream stream ended before its first chunk",
-                        )),
-                    }
-                })
-                .await;
-                first.unwrap_or_else(|_| {
-                    Err(LlmError::timeout(format!(
-                        "no first token within {} ms",
-                        first_token_timeout.as_millis()
-                    )))
-                })
-            })
-            .await?;
-        Ok(Box::pin(with_deadline(stream, deadline, route)))
+    async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
+        self.call_stream(request, |provider, request| async move {
+            provider.chat_stream(request).await
+        })
+        .await
+    }
+
+    async fn chat_stream_body(&self, request: ChatRequest) -> Result<ChunkBodyStream, LlmError> {
+        self.call_stream(request, |provider, request| async move {
+            provider.chat_stream_body(request).await
+        })
+        .await
     }
 }
 
 /// Ends a stream with a timeout error once the route's deadline passes, so no stream hangs.
-fn with_deadline(
-    inner: impl futures::Stream<Item = Result<switchyard_core::ChatChunk, LlmError>>
-    + Send
-    + Unpin
-    + 'static,
+fn with_deadline<T: Send + 'static>(
+    inner: impl futures::Stream<Item = Result<T, LlmError>> + Send + Unpin + 'static,
     deadline: Instant,
     route: Arc<str>,
-) -> impl futures::Stream<Item = Result<switchyard_core::ChatChunk, LlmError>> + Send {
+) -> impl futures::Stream<Item = Result<T, LlmError>> + Send {
     stream::unfold(Some(inner), move |state| {
         let route = route.clone();
         async move {
