@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use http_body_util::BodyExt;
@@ -180,7 +179,7 @@ fn sse_chunks<T>(
     response: http::Response<UpstreamBody>,
     parse: impl Fn(String) -> Result<T, String> + Send + 'static,
 ) -> impl futures::Stream<Item = Result<T, LlmError>> + Send + 'static {
-    let mut events = response.into_body().into_data_stream().eventsource();
+    let mut events = sseer::EventStream::new(response.into_body().into_data_stream());
     let mut done = false;
     futures::stream::poll_fn(move |cx| {
         if done {
@@ -199,7 +198,7 @@ fn sse_chunks<T>(
                 done = true;
                 return std::task::Poll::Ready(None);
             }
-            Some(Ok(event)) => parse(event.data).map_err(|data| {
+            Some(Ok(event)) => parse(String::from(&*event.data)).map_err(|data| {
                 LlmError::new(
                     LlmErrorKind::StreamInterrupted,
                     format!(
@@ -295,13 +294,23 @@ mod tests {
         assert_eq!(upstream_error_message(b"Bad Gateway\n"), "Bad Gateway");
     }
 
-    /// An SSE response with these events, as an upstream would send it.
+    /// An SSE response with these events, as an upstream would send it: the odd ones with CRLF
+    /// line ends, and the whole arriving in reads of 7 bytes, so events and lines are split.
     fn sse_response(events: &[&str]) -> http::Response<UpstreamBody> {
         let text: String = events
             .iter()
-            .map(|data| format!("data: {data}\n\n"))
+            .enumerate()
+            .map(|(i, data)| {
+                let end = if i % 2 == 1 { "\r\n" } else { "\n" };
+                format!("data: {data}{end}{end}")
+            })
             .collect();
-        let body = http_body_util::Full::new(Bytes::from(text))
+        let reads: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> = text
+            .as_bytes()
+            .chunks(7)
+            .map(|piece| Ok(hyper::body::Frame::data(Bytes::copy_from_slice(piece))))
+            .collect();
+        let body = http_body_util::StreamBody::new(futures::stream::iter(reads))
             .map_err(|never| match never {})
             .boxed_unsync();
         http::Response::new(body)
