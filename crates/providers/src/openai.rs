@@ -171,9 +171,9 @@ impl Llm for OpenAiProvider {
 }
 
 /// The chunks of an SSE response, each `data:` payload read by `parse` (which hands back what it
-/// cannot read, to be quoted): the stream ends at `[DONE]`, and
-/// with an error if the upstream sends something else than a chunk (some servers send an
-/// `{"error": ...}` object mid-stream) or closes the stream before `[DONE]`.
+/// cannot read, to be quoted). The stream ends at `[DONE]`, and with an error if the upstream
+/// sends something else than a chunk (some servers send an `{"error": ...}` object mid-stream) or
+/// closes the stream before `[DONE]`.
 fn sse_chunks<T>(
     name: String,
     response: http::Response<UpstreamBody>,

@@ -10,11 +10,11 @@ use switchyard_core::{
     AttemptOutcome, ChatRequest, ChatResponse, ChunkBodyStream, ChunkStream, CompletionBody, Llm,
     LlmError, LlmErrorKind, Observer, RequestStats,
 };
+use tokio::time::{Instant, timeout_at};
+use tracing::warn;
 
 /// What providers' streams are: boxed, sendable.
 type BoxStream<T> = std::pin::Pin<Box<dyn futures::Stream<Item = T> + Send>>;
-use tokio::time::{Instant, timeout_at};
-use tracing::warn;
 
 /// One provider target of a route: which upstream, and which model name to send it.
 #[derive(Clone)]
