@@ -15,7 +15,7 @@ bins="${CARGO_TARGET_DIR:-$PWD/target}/release"
 gateway="${BIN:-$bins/switchyard}"
 requests="${REQUESTS:-2000}"
 body="$CHAT_BODY"
-[ -n "${STREAM:-}" ] && body="${CHAT_BODY%\}},\"stream\":true}"
+[ -n "${STREAM:-}" ] && body="$STREAM_CHAT_BODY"
 work=bench/work
 mkdir -p "$work"
 rm -f "$work"/callgrind.out.*

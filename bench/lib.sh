@@ -7,6 +7,8 @@ unset RUST_BACKTRACE RUST_LIB_BACKTRACE
 
 # shellcheck disable=SC2034 # used by the scripts that source this file
 CHAT_BODY='{"model":"chat","messages":[{"role":"user","content":"Hello! Please answer in a few words."}]}'
+# The same request, streamed (for the scripts' STREAM=1).
+STREAM_CHAT_BODY="${CHAT_BODY%\}},\"stream\":true}"
 
 # passthrough_config FILE GATEWAY_PORT MOCK_PORT: endpoint "chat" → route "main" → the mock.
 passthrough_config() {

@@ -15,7 +15,7 @@ gateway="${BIN:-$bins/switchyard}"
 requests="${REQUESTS:-1000}"
 rate="${RATE:-500}"
 body="$CHAT_BODY"
-[ -n "${STREAM:-}" ] && body="${CHAT_BODY%\}},\"stream\":true}"
+[ -n "${STREAM:-}" ] && body="$STREAM_CHAT_BODY"
 work=bench/work
 mkdir -p "$work"
 mock_port=19197
