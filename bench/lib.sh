@@ -1,5 +1,5 @@
-# Shared by bench/profile.sh and bench/cpu-per-request.sh (source it, it is not a command):
-# a pass-through gateway config on the mock upstream, the chat body they send, and a wait for a
+# Shared by the bench shell scripts (source it, it is not a command): a pass-through gateway
+# config on the mock upstream, the chat bodies they send (plain and streamed), and a wait for a
 # gateway to answer /ready.
 
 # A backtrace variable makes every anyhow::Error capture a backtrace (bench/run.py strips them too).
