@@ -41,6 +41,9 @@ async fn non_stream_reply_comes_from_the_upstream_with_the_target_model_and_key(
         requests[0].authorization.as_deref(),
         Some("Bearer sk-test-key")
     );
+    let upstream_host = upstream.base_url.trim_start_matches("http://");
+    let upstream_host = upstream_host.split('/').next().unwrap();
+    assert_eq!(requests[0].host.as_deref(), Some(upstream_host));
 }
 
 #[tokio::test]

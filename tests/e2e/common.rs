@@ -58,6 +58,7 @@ struct FakeState {
 pub struct Recorded {
     pub body: Value,
     pub authorization: Option<String>,
+    pub host: Option<String>,
     pub version: axum::http::Version,
 }
 
@@ -181,12 +182,11 @@ async fn fake_completions(
     body: Bytes,
 ) -> Response {
     let body: Value = serde_json::from_slice(&body).unwrap();
-    let authorization = headers
-        .get("authorization")
-        .map(|v| v.to_str().unwrap().to_owned());
+    let header = |name| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
     state.requests.lock().unwrap().push(Recorded {
         body: body.clone(),
-        authorization,
+        authorization: header("authorization"),
+        host: header("host"),
         version,
     });
     state.received.notify_waiters();

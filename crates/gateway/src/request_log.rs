@@ -78,7 +78,7 @@ impl RequestRecord {
             if let (Some(prompt), Some(completion)) =
                 (details.prompt_tokens, details.completion_tokens)
             {
-                metrics.tokens(endpoint, prompt, completion);
+                metrics.tokens(endpoint, details.kind, prompt, completion);
             }
         }
     }
@@ -86,9 +86,9 @@ impl RequestRecord {
     /// The request's log line.
     fn log(&self, details: &Details, status: u16, outcome: &str, elapsed: Duration) {
         info!(
-            request_id = %self.request_id,
-            method = %self.method,
-            path = %self.path,
+            request_id = self.request_id.as_str(),
+            method = self.method.as_str(),
+            path = self.path.as_str(),
             endpoint = details.endpoint.as_deref().unwrap_or(""),
             key_id = details.key_id.as_deref().unwrap_or(""),
             user = details.user.as_deref().unwrap_or(""),
@@ -135,9 +135,9 @@ pub async fn log_request(
     // The request's span: chain steps and upstream calls are its children in a trace.
     let span = info_span!(
         "request",
-        request_id = %record.request_id,
-        "http.request.method" = %record.method,
-        "url.path" = %record.path,
+        request_id = record.request_id.as_str(),
+        "http.request.method" = record.method.as_str(),
+        "url.path" = record.path.as_str(),
         endpoint = tracing::field::Empty,
         "http.response.status_code" = tracing::field::Empty,
     );

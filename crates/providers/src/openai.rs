@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderMap, HeaderValue, RETRY_AFTER};
 use http_body_util::BodyExt;
 use switchyard_core::{
     ChatChunk, ChatRequest, ChatResponse, ChunkBody, ChunkBodyStream, ChunkStream, CompletionBody,
@@ -29,6 +29,10 @@ pub struct OpenAiProvider {
     path: Path,
     /// `Bearer <key>`, marked sensitive (its `Debug` shows no key).
     authorization: Option<HeaderValue>,
+    /// The `Host` header of a plain-HTTP upstream sent directly, built once: hyper-util's client
+    /// formats it for every request that has none. (HTTPS may negotiate HTTP/2, which names the
+    /// host in `:authority` instead; the client adds `Host` for HTTP/1 there.)
+    host: Option<HeaderValue>,
 }
 
 impl OpenAiProvider {
@@ -55,12 +59,18 @@ impl OpenAiProvider {
                 Ok::<_, String>(value)
             })
             .transpose()?;
+        let path = client.path_to(&completions_url);
+        let host = (path == Path::Direct
+            && completions_url.scheme() == Some(&http::uri::Scheme::HTTP))
+        .then(|| host_header(&completions_url))
+        .flatten();
         Ok(Self {
             name,
-            path: client.path_to(&completions_url),
+            path,
             client,
             completions_url,
             authorization,
+            host,
         })
     }
 
@@ -78,6 +88,9 @@ impl OpenAiProvider {
             .header(CONTENT_TYPE, "application/json");
         if let Some(authorization) = &self.authorization {
             builder = builder.header(AUTHORIZATION, authorization.clone());
+        }
+        if let Some(host) = &self.host {
+            builder = builder.header(HOST, host.clone());
         }
         let request = builder.body(Bytes::from(body)).map_err(|e| {
             LlmError::new(
@@ -215,6 +228,17 @@ fn sse_chunks<T>(
 
 /// `retry-after-ms` (OpenAI) or `Retry-After` in seconds.
 /// Values an upstream sends are not trusted: negative, infinite or absurd ones are ignored.
+/// `host[:port]` of `url`, the port only when it is not the scheme's default (as hyper-util's
+/// client writes it).
+fn host_header(url: &http::Uri) -> Option<HeaderValue> {
+    let host = url.host()?;
+    let value = match url.port_u16() {
+        Some(port) if port != 80 => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::try_from(value).ok()
+}
+
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let seconds = |name, scale: f64| {
         let value = headers
@@ -269,6 +293,24 @@ mod tests {
         assert_eq!(authorization, "Bearer sk-do-not-show");
         assert!(authorization.is_sensitive());
         assert!(!format!("{provider:?}").contains("sk-do-not-show"));
+    }
+
+    #[test]
+    fn the_host_header_of_a_plain_http_upstream_is_built_once_with_its_port() {
+        let client = Arc::new(HttpClient::new().unwrap());
+        let provider = |url: &str| OpenAiProvider::new("p", client.clone(), url, None).unwrap();
+        let host = |url: &str| provider(url).host.map(|h| h.to_str().unwrap().to_owned());
+        assert_eq!(
+            host("http://127.0.0.1:8000/v1").as_deref(),
+            Some("127.0.0.1:8000")
+        );
+        assert_eq!(
+            host("http://llm.internal/v1").as_deref(),
+            Some("llm.internal")
+        );
+        assert_eq!(host("http://[::1]:8080/v1").as_deref(), Some("[::1]:8080"));
+        // HTTPS may speak HTTP/2 (no `Host`): hyper-util's client decides there.
+        assert_eq!(host("https://api.openai.com/v1"), None);
     }
 
     #[test]
