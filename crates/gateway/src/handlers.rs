@@ -110,7 +110,7 @@ async fn serve_chat(
         api_key: key_id.as_deref(),
         user: user.as_deref(),
     };
-    let admission = snapshot.limits.admit(&caller, Some(&request)).await?;
+    let mut admission = snapshot.limits.admit(&caller, Some(&request)).await?;
     // With `log_payloads`, the messages go into the log line (the completion is added below).
     let logged_messages = snapshot
         .log_payloads
@@ -267,7 +267,7 @@ async fn serve_model(
         user: user.as_deref(),
     };
     // A prediction uses no LLM tokens: only request rules count it.
-    let admission = snapshot.limits.admit(&caller, None).await?;
+    let mut admission = snapshot.limits.admit(&caller, None).await?;
     drop(snapshot);
     // MLflow's codes: a body that is no scoring request is BAD_REQUEST, values that do not fit
     // the model's inputs INVALID_PARAMETER_VALUE (an error with a `param`).

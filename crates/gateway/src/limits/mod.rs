@@ -201,7 +201,7 @@ impl Limits {
             let scope = scope_key(&rule.rule.scope, caller);
             if let Some(gcra) = rule.requests {
                 cells.push(Cell {
-                    key: format!("{}:req:{scope}", rule.id),
+                    key: cell_key(&rule.id, "req", &scope),
                     gcra,
                     cost: 1,
                 });
@@ -212,7 +212,7 @@ impl Limits {
                 // Only chat requests spend tokens.
                 let cost = request.map_or(0, |r| estimate_tokens(r, rule.rule.default_max_tokens));
                 cells.push(Cell {
-                    key: format!("{}:tok:{scope}", rule.id),
+                    key: cell_key(&rule.id, "tok", &scope),
                     gcra,
                     cost,
                 });
@@ -300,10 +300,11 @@ impl Limits {
 }
 
 impl Admission {
-    /// Adds the `x-ratelimit-*` headers to a response.
-    pub fn apply(&self, headers: &mut HeaderMap) {
-        for (name, value) in &self.headers {
-            headers.insert(name.clone(), value.clone());
+    /// Moves the `x-ratelimit-*` headers into a response (they go to one response).
+    pub fn apply(&mut self, headers: &mut HeaderMap) {
+        headers.reserve(self.headers.len());
+        for (name, value) in self.headers.drain(..) {
+            headers.insert(name, value);
         }
     }
 
@@ -360,22 +361,25 @@ fn applies(rule: &LimitRule, endpoint: &str) -> bool {
 }
 
 fn scope_key(scope: &[LimitScope], caller: &Caller<'_>) -> String {
-    use std::fmt::Write;
     let mut key = String::with_capacity(64);
     for (i, s) in scope.iter().enumerate() {
         if i > 0 {
             key.push(',');
         }
-        // Writing to a String cannot fail.
-        let _ = match s {
-            LimitScope::Global => key.write_str("global"),
-            LimitScope::Endpoint => write!(key, "e={}", caller.endpoint),
-            LimitScope::ApiKey => write!(key, "k={}", caller.api_key.unwrap_or("-")),
+        match s {
+            LimitScope::Global => key.push_str("global"),
+            LimitScope::Endpoint => key.extend(["e=", caller.endpoint]),
+            LimitScope::ApiKey => key.extend(["k=", caller.api_key.unwrap_or("-")]),
             // User values come from clients: hash them so keys stay short and printable.
-            LimitScope::User => write!(key, "u={}", short_hash(caller.user.unwrap_or("-"))),
-        };
+            LimitScope::User => key.extend(["u=", &short_hash(caller.user.unwrap_or("-"))]),
+        }
     }
     key
+}
+
+/// A counter's key: `<rule id>:<req|tok>:<scope key>`.
+fn cell_key(rule_id: &str, kind: &str, scope: &str) -> String {
+    [rule_id, ":", kind, ":", scope].concat()
 }
 
 fn short_hash(text: &str) -> String {
@@ -400,25 +404,29 @@ fn estimate_tokens(request: &ChatRequest, default_max_tokens: u64) -> u64 {
 
 /// The `x-ratelimit-*` headers of the tightest request counter and the tightest token counter.
 fn headers_for(kinds: &[Kind], states: &[CellState]) -> Vec<(HeaderName, HeaderValue)> {
-    const NAMES: [(Kind, [&str; 3]); 2] = [
+    // Constants: `HeaderName::from_static` checks its text each time it runs outside of one.
+    const NAMES: [(Kind, [HeaderName; 3]); 2] = [
         (
             Kind::Requests,
             [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
+                HeaderName::from_static("x-ratelimit-limit-requests"),
+                HeaderName::from_static("x-ratelimit-remaining-requests"),
+                HeaderName::from_static("x-ratelimit-reset-requests"),
             ],
         ),
         (
             Kind::Tokens,
             [
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
+                HeaderName::from_static("x-ratelimit-limit-tokens"),
+                HeaderName::from_static("x-ratelimit-remaining-tokens"),
+                HeaderName::from_static("x-ratelimit-reset-tokens"),
             ],
         ),
     ];
-    let mut headers = Vec::new();
+    let number = |n: u64| {
+        HeaderValue::from_str(itoa::Buffer::new().format(n)).expect("digits are a header value")
+    };
+    let mut headers = Vec::with_capacity(6);
     for (kind, [limit, remaining, reset]) in NAMES {
         let tightest = kinds
             .iter()
@@ -428,17 +436,11 @@ fn headers_for(kinds: &[Kind], states: &[CellState]) -> Vec<(HeaderName, HeaderV
             .min_by_key(|s| s.remaining);
         if let Some(state) = tightest {
             headers.extend([
-                (
-                    HeaderName::from_static(limit),
-                    HeaderValue::from(state.capacity),
-                ),
-                (
-                    HeaderName::from_static(remaining),
-                    HeaderValue::from(state.remaining),
-                ),
+                (limit, number(state.capacity)),
+                (remaining, number(state.remaining)),
             ]);
-            if let Ok(value) = HeaderValue::try_from(format_reset(state.reset)) {
-                headers.push((HeaderName::from_static(reset), value));
+            if let Ok(value) = HeaderValue::from_str(&format_reset(state.reset)) {
+                headers.push((reset, value));
             }
         }
     }
@@ -449,7 +451,10 @@ fn headers_for(kinds: &[Kind], states: &[CellState]) -> Vec<(HeaderName, HeaderV
 fn format_reset(reset: Duration) -> String {
     let ms = reset.as_millis();
     if ms < 1000 {
-        format!("{ms}ms")
+        // The common case (a limit far from its end), written without `core::fmt`.
+        let mut text = itoa::Buffer::new().format(ms).to_owned();
+        text.push_str("ms");
+        text
     } else if ms < 60_000 {
         let text = format!("{:.3}", reset.as_secs_f64());
         format!("{}s", text.trim_end_matches('0').trim_end_matches('.'))
