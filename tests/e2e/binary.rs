@@ -316,6 +316,18 @@ async fn chain_steps_are_exported_over_otlp_as_children_of_the_request() {
         attribute(request, "endpoint").unwrap()["stringValue"],
         "summarize"
     );
+    assert_eq!(
+        attribute(request, "http.request.method").unwrap()["stringValue"],
+        "POST"
+    );
+    assert_eq!(
+        attribute(request, "url.path").unwrap()["stringValue"],
+        "/v1/chat/completions"
+    );
+    // OTLP/JSON writes 64-bit integers as strings; accept a number too.
+    // An integer attribute; OTLP/JSON writes 64-bit integers as strings (accept a number too).
+    let status = &attribute(request, "http.response.status_code").unwrap()["intValue"];
+    assert_eq!(status.to_string().trim_matches('"'), "200", "{status}");
     let steps: Vec<&Value> = spans.iter().filter(|s| s["name"] == "chain.llm").collect();
     let names: Vec<&str> = steps
         .iter()

@@ -132,24 +132,32 @@ pub async fn log_request(
         record: Some(record.clone()),
         state: state.clone(),
     };
-    // The request's span: chain steps and upstream calls are its children in a trace.
+    // The request's span: chain steps and upstream calls are its children in a trace, and log
+    // lines written inside it start with `request{request_id="…"}`.
     let span = info_span!(
         "request",
         request_id = record.request_id.as_str(),
-        "http.request.method" = record.method.as_str(),
-        "url.path" = record.path.as_str(),
+        "http.request.method" = tracing::field::Empty,
+        "url.path" = tracing::field::Empty,
         endpoint = tracing::field::Empty,
         "http.response.status_code" = tracing::field::Empty,
     );
     let mut response = RequestStats::scope(record.stats.clone(), next.run(request))
         .instrument(span.clone())
         .await;
-    // With OpenTelemetry export on, the span gets the outcome and the response says which trace
-    // to look for. Without it nothing would read those fields (the log line has them), and
-    // recording them made the log layer format the span's fields again on every request.
+    // With OpenTelemetry export on, the span gets the request's attributes and outcome, and the
+    // response says which trace to look for. Without it nothing would read those fields (the
+    // log line has them), and the log layer formats every field a span gets (~0.7 k
+    // instructions each).
     let trace_id = span.context().span().span_context().trace_id();
     if trace_id != TraceId::INVALID {
-        span.record("http.response.status_code", response.status().as_u16());
+        span.record("http.request.method", record.method.as_str());
+        span.record("url.path", record.path.as_str());
+        // An integer attribute (tracing-opentelemetry exports unsigned values as strings).
+        span.record(
+            "http.response.status_code",
+            i64::from(response.status().as_u16()),
+        );
         if let Some(endpoint) = record.details().endpoint {
             span.record("endpoint", endpoint);
         }
