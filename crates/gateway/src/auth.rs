@@ -27,6 +27,9 @@ pub fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
     Some(digest)
 }
 
+/// Azure OpenAI's key header, accepted as well as `Authorization: Bearer`.
+const API_KEY: http::HeaderName = http::HeaderName::from_static("api-key");
+
 /// Who is calling. With no keys configured the gateway is open and every caller is anonymous.
 pub fn authenticate<'k>(
     keys: &'k [ApiKeyConfig],
@@ -39,7 +42,7 @@ pub fn authenticate<'k>(
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| headers.get("api-key").and_then(|v| v.to_str().ok()))
+        .or_else(|| headers.get(API_KEY).and_then(|v| v.to_str().ok()))
         .map(str::trim)
         .filter(|key| !key.is_empty())
         .ok_or_else(|| {

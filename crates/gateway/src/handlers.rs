@@ -8,9 +8,9 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, FromRequest, Path, Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
-use axum::http::{HeaderMap, Uri};
+use axum::http::{HeaderMap, HeaderName, Uri};
 use axum::response::{IntoResponse, Response};
 use futures::{FutureExt, StreamExt, stream};
 use serde_json::{Value, json};
@@ -27,14 +27,20 @@ use crate::request_log::RequestRecord;
 use crate::{AppState, ChainEndpoint, Endpoint, auth};
 use switchyard_serving::{OnnxModel, ServingError};
 
+/// The end user's header (the OpenAI `user` field is the other way to name them).
+const USER: HeaderName = HeaderName::from_static("x-switchyard-user");
+
 /// `POST /v1/chat/completions`: `model` names the endpoint.
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(record): Extension<Arc<RequestRecord>>,
-    headers: HeaderMap,
-    OpenAiJson(request): OpenAiJson<ChatRequest>,
+    mut request: Request,
 ) -> Result<Response, ApiError> {
-    serve_chat(&state, request, &headers, record).await
+    // The headers are taken rather than copied (axum's `HeaderMap` extractor clones them); the
+    // body extractor does not read them.
+    let headers = std::mem::take(request.headers_mut());
+    let OpenAiJson(chat) = OpenAiJson::from_request(request, &state).await?;
+    serve_chat(&state, chat, &headers, record).await
 }
 
 /// `POST /endpoints/{name}/invocations` (MLflow): for chat endpoints the body is a chat request
@@ -250,7 +256,7 @@ async fn serve_model(
     let snapshot = state.snapshot();
     let key = auth::authenticate(&snapshot.keys, headers)?;
     let user = headers
-        .get("x-switchyard-user")
+        .get(USER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let key_id = key.map(|k| k.id.clone());
@@ -326,7 +332,7 @@ async fn serve_model(
 /// The end user: the `x-switchyard-user` header, else the OpenAI `user` field.
 fn end_user(headers: &HeaderMap, request: &ChatRequest) -> Option<String> {
     headers
-        .get("x-switchyard-user")
+        .get(USER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or_else(|| {

@@ -28,7 +28,6 @@ use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use http::HeaderName;
 use switchyard_core::Registry;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::{error, info, warn};
@@ -241,7 +240,7 @@ impl Gateway {
 
     /// The axum app: all routes and middleware.
     pub fn router(&self) -> Router {
-        let request_id = HeaderName::from_static("x-request-id");
+        let request_id = request_log::REQUEST_ID;
         let routes = Router::new()
             .route("/v1/chat/completions", post(handlers::chat_completions))
             .route("/v1/models", get(handlers::list_models))

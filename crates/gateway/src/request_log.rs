@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
-use axum::http::HeaderValue;
+use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 use opentelemetry::trace::{TraceContextExt, TraceId};
@@ -203,10 +203,14 @@ impl Drop for Unfinished {
     }
 }
 
+/// The request id's header. Header names are constants on the request path: looking one up by
+/// `&str` parses the name on every call.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// The `x-request-id` the request-id layer set (or the client sent).
 pub fn request_id(headers: &axum::http::HeaderMap) -> String {
     headers
-        .get("x-request-id")
+        .get(REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_owned()
