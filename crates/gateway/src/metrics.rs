@@ -114,8 +114,11 @@ struct RouteSeries {
 /// Series handles by a name and a qualifier (endpoint and kind, route and provider). Names
 /// come from the config, so the map stays small; a fast hash is enough.
 struct Handles<T> {
-    by_name: RwLock<HashMap<String, Vec<(String, Arc<T>)>, foldhash::fast::RandomState>>,
+    by_name: RwLock<HashMap<String, Qualified<T>, foldhash::fast::RandomState>>,
 }
+
+/// The series of one name, by qualifier.
+type Qualified<T> = Vec<(String, Arc<T>)>;
 
 impl<T> Default for Handles<T> {
     fn default() -> Self {
@@ -127,7 +130,7 @@ impl<T> Default for Handles<T> {
 
 impl<T: Default> Handles<T> {
     fn get(&self, name: &str, qualifier: &str) -> Arc<T> {
-        let find = |list: &Vec<(String, Arc<T>)>| {
+        let find = |list: &Qualified<T>| {
             list.iter()
                 .find(|(q, _)| q == qualifier)
                 .map(|(_, series)| series.clone())

@@ -423,9 +423,7 @@ fn headers_for(kinds: &[Kind], states: &[CellState]) -> Vec<(HeaderName, HeaderV
             ],
         ),
     ];
-    let number = |n: u64| {
-        HeaderValue::from_str(itoa::Buffer::new().format(n)).expect("digits are a header value")
-    };
+    let number = HeaderValue::from;
     let mut headers = Vec::with_capacity(6);
     for (kind, [limit, remaining, reset]) in NAMES {
         let tightest = kinds
