@@ -165,18 +165,28 @@ impl PlainVisitor<'_> {
     }
 }
 
+/// Where zmij writes floats as `Debug` does: plain decimals, the shortest that read back as the
+/// same value (outside, their exponent notations differ: `1e16` and `1e+16`). The one difference
+/// is a double that lies exactly between two shortest decimals (few fraction bits, large
+/// magnitude: 1658206780088562.25): the two break the tie differently, `…562.2` and `…562.3`,
+/// both exact on reading back. The log's milliseconds never come near one.
+/// Test: `zmij_writes_what_debug_writes_in_the_plain_range`.
+const PLAIN_F64: std::ops::Range<f64> = 1e-4..1e16;
+
 /// The common field types are written directly (as `Debug` would write them) instead of
 /// through `core::fmt`: the request log line is written for every request.
 impl Visit for PlainVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         let name = field.name();
         // Without short-circuiting, so that the compiler can check many bytes at a time.
-        let plain = value.bytes().fold(true, |plain, b| {
-            plain & (b' '..=b'~').contains(&b) & (b != b'"') & (b != b'\\')
-        });
+        let plain = || {
+            value.bytes().fold(true, |plain, b| {
+                plain & (b' '..=b'~').contains(&b) & (b != b'"') & (b != b'\\')
+            })
+        };
         if name == "message" {
             self.record_debug(field, &format_args!("{value}"));
-        } else if plain {
+        } else if plain() {
             if self.start(name) {
                 self.write_raw(name, "\"");
                 self.result = self
@@ -202,9 +212,7 @@ impl Visit for PlainVisitor<'_> {
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        // Where `Debug` writes plain decimals, zmij writes the same digits, faster; outside that
-        // range their exponent notations differ (`1e16` and `1e+16`).
-        if value == 0.0 || (1e-4..1e16).contains(&value.abs()) {
+        if value == 0.0 || PLAIN_F64.contains(&value.abs()) {
             if self.start(field.name()) {
                 self.write_raw(field.name(), zmij::Buffer::new().format_finite(value));
             }
@@ -335,6 +343,9 @@ mod tests {
                 tiny = 0.00001,
                 small = -0.0001,
                 zero = 0.0,
+                negative_zero = -0.0,
+                below_plain = 9.99e-5,
+                infinite = f64::INFINITY,
                 large = 9_999_999_999_999_998.0,
                 huge = 1e16,
                 nan = f64::NAN,
@@ -373,6 +384,50 @@ mod tests {
         assert_eq!(shape(&ours), "0000-00-00T00:00:00.000000Z");
     }
 
+    /// `record_f64`'s premise: in [`PLAIN_F64`], zmij writes what `Debug` writes, but for the
+    /// last digit of an exact tie between two shortest decimals.
+    #[test]
+    fn zmij_writes_what_debug_writes_in_the_plain_range() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            // xorshift64: deterministic, many bit patterns.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut compared, mut ties) = (0, [0; 3]);
+        while compared < 200_000 {
+            let bits = next();
+            // Random bit patterns, short decimals like the log's milliseconds, and values with
+            // few fraction bits (where ties between two shortest decimals occur).
+            let dyadic = (bits % (1 << 52)) as f64 / f64::from(1u32 << (bits >> 60));
+            let values = [
+                f64::from_bits(bits),
+                (bits % 10_000_000) as f64 / 1000.0,
+                dyadic,
+            ];
+            for (kind, value) in values.into_iter().enumerate() {
+                if value == 0.0 || PLAIN_F64.contains(&value.abs()) {
+                    let ours = zmij::Buffer::new().format_finite(value).to_owned();
+                    let debug = format!("{value:?}");
+                    if ours != debug {
+                        // A tie: as short, the same but for the last digit, and exact.
+                        assert_eq!(ours.len(), debug.len(), "{ours} vs {debug}");
+                        assert_eq!(ours[..ours.len() - 1], debug[..debug.len() - 1]);
+                        assert_eq!(ours.parse::<f64>().ok(), Some(value), "{ours}");
+                        ties[kind] += 1;
+                    }
+                    compared += 1;
+                }
+            }
+        }
+        // Ties exist (the test meets them: large values, few fraction bits), never among
+        // millisecond figures like the log's.
+        assert_eq!(ties[1], 0, "{ties:?} ties in {compared}");
+        assert!(ties[0] + ties[2] > 0, "{ties:?}");
+    }
+
     #[test]
     fn plain_fields_write_what_the_default_formatter_writes() {
         let text = || {
@@ -391,7 +446,7 @@ mod tests {
         assert_eq!(plain.lines().count(), 4, "{plain}");
         assert!(
             plain.contains(
-                r#"request{request_id="1b2c" url.path="/v1/chat/completions" endpoint="echo"}: request method="POST" display=shown by Display endpoint="support \"bot\"" status=200 stream=false latency_ms=0.07 upstream_ms=1.0 tiny=1e-5 small=-0.0001 zero=0.0 large=9999999999999998.0 huge=1e16 nan=NaN retries=0 offset=-3 quoted="tab\there" unicode="café" prompt_tokens=8 type="x""#
+                r#"request{request_id="1b2c" url.path="/v1/chat/completions" endpoint="echo"}: request method="POST" display=shown by Display endpoint="support \"bot\"" status=200 stream=false latency_ms=0.07 upstream_ms=1.0 tiny=1e-5 small=-0.0001 zero=0.0 negative_zero=-0.0 below_plain=9.99e-5 infinite=inf large=9999999999999998.0 huge=1e16 nan=NaN retries=0 offset=-3 quoted="tab\there" unicode="café" prompt_tokens=8 type="x""#
             ),
             "{plain}"
         );

@@ -324,10 +324,16 @@ async fn chain_steps_are_exported_over_otlp_as_children_of_the_request() {
         attribute(request, "url.path").unwrap()["stringValue"],
         "/v1/chat/completions"
     );
-    // OTLP/JSON writes 64-bit integers as strings; accept a number too.
-    // An integer attribute; OTLP/JSON writes 64-bit integers as strings (accept a number too).
-    let status = &attribute(request, "http.response.status_code").unwrap()["intValue"];
-    assert_eq!(status.to_string().trim_matches('"'), "200", "{status}");
+    // Integer attributes; OTLP/JSON writes 64-bit integers as strings (accept a number too).
+    let integer = |span: &Value, name: &str| -> u64 {
+        let value = &attribute(span, name).unwrap_or_else(|| panic!("no {name}"))["intValue"];
+        value
+            .to_string()
+            .trim_matches('"')
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} is not an integer: {value}"))
+    };
+    assert_eq!(integer(request, "http.response.status_code"), 200);
     let steps: Vec<&Value> = spans.iter().filter(|s| s["name"] == "chain.llm").collect();
     let names: Vec<&str> = steps
         .iter()
@@ -351,7 +357,8 @@ async fn chain_steps_are_exported_over_otlp_as_children_of_the_request() {
             attribute(step, "gen_ai.operation.name").unwrap()["stringValue"],
             "chat"
         );
-        assert!(attribute(step, "gen_ai.usage.output_tokens").is_some());
+        assert!(integer(step, "gen_ai.usage.input_tokens") > 0);
+        assert!(integer(step, "gen_ai.usage.output_tokens") > 0);
     }
     assert_eq!(
         spans.iter().filter(|s| s["name"] == "chain.render").count(),

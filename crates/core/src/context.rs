@@ -130,8 +130,10 @@ impl LlmHandle<'_> {
                 .and_then(|r| r.usage.clone())
                 .unwrap_or_default();
             let span = tracing::Span::current();
-            span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
-            span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
+            // As integers: tracing-opentelemetry exports unsigned values as strings.
+            let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            span.record("gen_ai.usage.input_tokens", count(usage.prompt_tokens));
+            span.record("gen_ai.usage.output_tokens", count(usage.completion_tokens));
             debug!(
                 latency_ms = start.elapsed().as_secs_f64() * 1000.0,
                 prompt_tokens = usage.prompt_tokens,

@@ -473,3 +473,27 @@ impl Observer for Metrics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_are_one_per_name_and_qualifier() {
+        let handles = Handles::<EndpointSeries>::default();
+        let chat_route = handles.get("chat", "route");
+        assert!(Arc::ptr_eq(&chat_route, &handles.get("chat", "route")));
+        let others = [
+            handles.get("chat", "chain"),
+            handles.get("support", "route"),
+            // Not a concatenation: "chatr" + "oute" is another pair.
+            handles.get("chatr", "oute"),
+        ];
+        for (i, series) in others.iter().enumerate() {
+            assert!(!Arc::ptr_eq(&chat_route, series), "{i}");
+            for other in &others[i + 1..] {
+                assert!(!Arc::ptr_eq(series, other));
+            }
+        }
+    }
+}

@@ -226,8 +226,6 @@ fn sse_chunks<T>(
     })
 }
 
-/// `retry-after-ms` (OpenAI) or `Retry-After` in seconds.
-/// Values an upstream sends are not trusted: negative, infinite or absurd ones are ignored.
 /// `host[:port]` of `url`, the port only when it is not the scheme's default (as hyper-util's
 /// client writes it).
 fn host_header(url: &http::Uri) -> Option<HeaderValue> {
@@ -239,6 +237,8 @@ fn host_header(url: &http::Uri) -> Option<HeaderValue> {
     HeaderValue::try_from(value).ok()
 }
 
+/// `retry-after-ms` (OpenAI) or `Retry-After` in seconds.
+/// Values an upstream sends are not trusted: negative, infinite or absurd ones are ignored.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let seconds = |name, scale: f64| {
         let value = headers

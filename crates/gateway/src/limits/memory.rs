@@ -12,6 +12,9 @@ use super::{Cell, Decision};
 pub struct MemoryStore {
     epoch: Instant,
     /// foldhash, seeded per process: SipHash of the keys was a tenth of the limiter's work.
+    /// foldhash resists hash flooding less than SipHash, but clients cannot pick these keys:
+    /// the only part they choose, the user, goes in as 8 bytes of its SHA-256, and the seed is
+    /// random. (Endpoint and key id come from the config.)
     tats: Mutex<HashMap<String, u64, foldhash::fast::RandomState>>,
 }
 

@@ -437,7 +437,8 @@ fn headers_for(kinds: &[Kind], states: &[CellState]) -> Vec<(HeaderName, HeaderV
                 (limit, number(state.capacity)),
                 (remaining, number(state.remaining)),
             ]);
-            if let Ok(value) = HeaderValue::from_str(&format_reset(state.reset)) {
+            // From the `String` itself: its buffer becomes the header value's.
+            if let Ok(value) = HeaderValue::try_from(format_reset(state.reset)) {
                 headers.push((reset, value));
             }
         }
@@ -450,7 +451,8 @@ fn format_reset(reset: Duration) -> String {
     let ms = reset.as_millis();
     if ms < 1000 {
         // The common case (a limit far from its end), written without `core::fmt`.
-        let mut text = itoa::Buffer::new().format(ms).to_owned();
+        let mut text = String::with_capacity(5);
+        text.push_str(itoa::Buffer::new().format(ms));
         text.push_str("ms");
         text
     } else if ms < 60_000 {
