@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::io::IsTerminal;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
@@ -78,24 +78,29 @@ struct Timestamp;
 
 impl FormatTime for Timestamp {
     fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
-        thread_local! {
-            /// A second since the epoch and its text up to the fraction: `2026-11-28T04:43:24.`.
-            static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
-        }
         let since_epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let second = since_epoch.as_secs();
-        SECOND.with_borrow_mut(|(cached, text)| {
-            if *cached != second {
-                *cached = second;
-                *text = second_text(second);
-            }
-            w.write_str(text)
-        })?;
-        let fraction = fraction_text(since_epoch.subsec_micros());
-        w.write_str(std::str::from_utf8(&fraction).unwrap_or("000000Z"))
+        write_time(since_epoch, w)
     }
+}
+
+/// [`Timestamp`]'s text for a time since the epoch.
+fn write_time(since_epoch: Duration, w: &mut impl fmt::Write) -> fmt::Result {
+    thread_local! {
+        /// A second since the epoch and its text up to the fraction: `2026-11-28T04:43:24.`.
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let second = since_epoch.as_secs();
+    SECOND.with_borrow_mut(|(cached, text)| {
+        if *cached != second {
+            *cached = second;
+            *text = second_text(second);
+        }
+        w.write_str(text)
+    })?;
+    let fraction = fraction_text(since_epoch.subsec_micros());
+    w.write_str(std::str::from_utf8(&fraction).unwrap_or("000000Z"))
 }
 
 /// `012345Z` for 12 345 µs (the last six digits of `micros`).
@@ -382,6 +387,28 @@ mod tests {
         let shape = |text: &str| text.replace(|c: char| c.is_ascii_digit(), "0");
         assert_eq!(shape(&ours), shape(&theirs));
         assert_eq!(shape(&ours), "0000-00-00T00:00:00.000000Z");
+    }
+
+    /// The cached second's text changes exactly at the second, and every time reads as chrono's
+    /// RFC 3339 in microseconds (what tracing-subscriber's default timer writes).
+    #[test]
+    fn timestamps_follow_the_clock_across_seconds() {
+        let text = |micros: u64| {
+            let mut out = String::new();
+            write_time(Duration::from_micros(micros), &mut out).unwrap();
+            out
+        };
+        let midnight = 1_795_910_400_000_000; // 2026-11-29T00:00:00Z
+        assert_eq!(text(midnight - 1), "2026-11-28T23:59:59.999999Z");
+        assert_eq!(text(midnight), "2026-11-29T00:00:00.000000Z");
+        assert_eq!(text(midnight - 2), "2026-11-28T23:59:59.999998Z");
+        for micros in (0..2_000_000_000_000_000u64).step_by(7_777_777_777_777) {
+            let expected = chrono::DateTime::from_timestamp_micros(i64::try_from(micros).unwrap())
+                .unwrap()
+                .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+                .to_string();
+            assert_eq!(text(micros), expected);
+        }
     }
 
     /// `record_f64`'s premise: in [`PLAIN_F64`], zmij writes what `Debug` writes, but for the

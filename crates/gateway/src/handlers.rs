@@ -176,8 +176,7 @@ async fn serve_chat(
                 return Err(ApiError::internal("a complete body on the stream path"));
             }
         };
-        let mut rate_limit_headers = HeaderMap::new();
-        admission.apply(&mut rate_limit_headers);
+        let rate_limit_headers = admission.take_headers();
         record.update(|d| d.streamed = true);
         let log = StreamLog {
             record,
@@ -213,7 +212,7 @@ async fn serve_chat(
             },
         };
         let mut response = ([(CONTENT_TYPE, "application/json")], body.json).into_response();
-        admission.apply(response.headers_mut());
+        response.headers_mut().extend(admission.take_headers());
         admission.settle(body.usage.as_ref().map(|u| u.total_tokens));
         record.update(|d| {
             if let Some(usage) = &body.usage {
@@ -325,7 +324,7 @@ async fn serve_model(
         other => ApiError::internal(format!("{other} (request id {})", record.request_id)),
     })?;
     let mut response = Json(json!({"predictions": predictions})).into_response();
-    admission.apply(response.headers_mut());
+    response.headers_mut().extend(admission.take_headers());
     Ok(response)
 }
 

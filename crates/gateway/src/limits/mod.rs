@@ -13,7 +13,7 @@ mod redis;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::http::{HeaderName, HeaderValue};
 use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
 use switchyard_core::ChatRequest;
@@ -300,12 +300,9 @@ impl Limits {
 }
 
 impl Admission {
-    /// Moves the `x-ratelimit-*` headers into a response (they go to one response).
-    pub fn apply(&mut self, headers: &mut HeaderMap) {
-        headers.reserve(self.headers.len());
-        for (name, value) in self.headers.drain(..) {
-            headers.insert(name, value);
-        }
+    /// The `x-ratelimit-*` headers, for the one response they go to (a second call gets none).
+    pub fn take_headers(&mut self) -> Vec<(HeaderName, HeaderValue)> {
+        std::mem::take(&mut self.headers)
     }
 
     /// Whether token usage must be reported back by [`Admission::settle`].
