@@ -89,10 +89,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         sends.push(start.elapsed());
         let read = redis.read(&mut reply).await?;
         exchanges.push(start.elapsed());
-        match reply.get(..read) {
-            Some([b'-', ..]) => bail!("Redis refused: {}", String::from_utf8_lossy(&reply[..read])),
-            Some([]) | None => bail!("Redis closed the connection"),
-            Some(_) => {}
+        match &reply[..read] {
+            [] => bail!("Redis closed the connection"),
+            [b'-', ..] => bail!("Redis refused: {}", String::from_utf8_lossy(&reply[..read])),
+            _ => {}
         }
     }
     if exchanges.is_empty() {
