@@ -584,3 +584,178 @@ async fn https_upstreams_are_verified_against_the_system_trust_store() {
     assert!(message.contains("certificate"), "{message}");
     assert_eq!(upstream.requests().len(), 2);
 }
+
+/// `switchyard:proxy-pass-must-not-be-logged`, base64: what a client of [`ConnectProxy`] must
+/// present in `Proxy-Authorization`.
+const PROXY_BASIC: &str = "c3dpdGNoeWFyZDpwcm94eS1wYXNzLW11c3Qtbm90LWJlLWxvZ2dlZA==";
+
+#[tokio::test]
+async fn https_upstreams_are_reached_through_a_connect_proxy_that_wants_credentials() {
+    let (upstream, ca_pem) = FakeUpstream::start_tls(vec![]).await;
+    let target = upstream.base_url["https://".len()..].trim_end_matches("/v1");
+    let proxy = ConnectProxy::start().await;
+    let dir = temp_dir("connect-proxy");
+    let ca_file = dir.join("test-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, config_over(&[&upstream.base_url], "retries = 0")).unwrap();
+    let start = |credentials: &str| {
+        let proxy_url = format!("http://{credentials}@{}", proxy.address);
+        GatewayProcess::start(
+            &config,
+            &[
+                ("HTTPS_PROXY", &proxy_url),
+                ("https_proxy", &proxy_url),
+                ("NO_PROXY", ""),
+                ("no_proxy", ""),
+                ("SSL_CERT_FILE", ca_file.to_str().unwrap()),
+                ("TEST_OPENAI_KEY", "sk-test-key"),
+            ],
+        )
+    };
+    let client = reqwest::Client::new();
+
+    // With the right credentials: a tunnel to the upstream, TLS verified end to end through it
+    // (the certificate is the fake's, for 127.0.0.1), HTTP/2 inside; chat and streams.
+    let mut trusted = start("switchyard:proxy-pass-must-not-be-logged");
+    let url = trusted.url("/v1/chat/completions");
+    let response = client
+        .post(&url)
+        .json(&chat_body("through the tunnel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "through the tunnel"
+    );
+    let mut stream = chat_body("streamed through the tunnel");
+    stream["stream"] = true.into();
+    let response = client.post(&url).json(&stream).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let frames = sse_data(&read_stream(response).await);
+    assert_eq!(stream_text(&frames), "streamed through the tunnel");
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let received = upstream.requests();
+    assert_eq!(received.len(), 2);
+    assert!(
+        received
+            .iter()
+            .all(|r| r.version == axum::http::Version::HTTP_2
+                && r.authorization.as_deref() == Some("Bearer sk-test-key"))
+    );
+    let tunnels = proxy.connects();
+    assert!(!tunnels.is_empty());
+    for tunnel in &tunnels {
+        assert_eq!(tunnel.request_line, format!("CONNECT {target} HTTP/1.1"));
+        assert!(tunnel.authorized);
+    }
+
+    // With wrong ones the proxy answers 407: a 502 that says the proxy wants credentials, and nothing
+    // reaches the upstream.
+    let mut refused = start("switchyard:wrong");
+    let response = client
+        .post(refused.url("/v1/chat/completions"))
+        .json(&chat_body("x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("tunnel error: proxy authorization required"),
+        "{message}"
+    );
+    assert!(!message.contains("wrong"), "{message}");
+    assert_eq!(upstream.requests().len(), 2);
+    let last = proxy.connects().pop().unwrap();
+    assert!(!last.authorized);
+
+    // Neither gateway wrote a proxy password to its log, in clear or in base64.
+    for gateway in [&mut trusted, &mut refused] {
+        let log = gateway.stop();
+        for secret in ["proxy-pass-must-not-be-logged", PROXY_BASIC, "wrong"] {
+            assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+        }
+    }
+}
+
+/// One CONNECT request a [`ConnectProxy`] received.
+#[derive(Debug, Clone)]
+struct Tunnel {
+    request_line: String,
+    /// Whether it carried `Proxy-Authorization: Basic` [`PROXY_BASIC`].
+    authorized: bool,
+}
+
+/// An HTTP proxy that only opens tunnels (CONNECT, what clients use for HTTPS through a proxy),
+/// and only for clients that present [`PROXY_BASIC`]; others get a 407.
+struct ConnectProxy {
+    address: std::net::SocketAddr,
+    connects: std::sync::Arc<std::sync::Mutex<Vec<Tunnel>>>,
+}
+
+impl ConnectProxy {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let connects = std::sync::Arc::default();
+        let seen = std::sync::Arc::clone(&connects);
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = listener.accept().await.unwrap();
+                tokio::spawn(Self::tunnel(client, std::sync::Arc::clone(&seen)));
+            }
+        });
+        Self { address, connects }
+    }
+
+    fn connects(&self) -> Vec<Tunnel> {
+        self.connects.lock().unwrap().clone()
+    }
+
+    async fn tunnel(
+        client: tokio::net::TcpStream,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<Tunnel>>>,
+    ) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut reader = tokio::io::BufReader::new(client);
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line).await.unwrap();
+        let mut authorized = false;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).await.unwrap();
+            if line.trim_end().is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                authorized |= name.eq_ignore_ascii_case("proxy-authorization")
+                    && value.trim() == format!("Basic {PROXY_BASIC}");
+            }
+        }
+        let request_line = request_line.trim_end().to_owned();
+        seen.lock().unwrap().push(Tunnel {
+            request_line: request_line.clone(),
+            authorized,
+        });
+        // The client sends nothing after the head until the proxy answers, so the reader holds
+        // no bytes of the tunnel.
+        let mut client = reader.into_inner();
+        if !authorized {
+            let refusal = "HTTP/1.1 407 Proxy Authentication Required\r\nproxy-authenticate: Basic realm=\"test\"\r\ncontent-length: 0\r\n\r\n";
+            let _ = client.write_all(refusal.as_bytes()).await;
+            return;
+        }
+        let target = request_line.split(' ').nth(1).unwrap();
+        let mut upstream = tokio::net::TcpStream::connect(target).await.unwrap();
+        client
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    }
+}

@@ -671,6 +671,23 @@ impl GatewayProcess {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.address)
     }
+
+    /// Stops the gateway with SIGTERM, waits for it to exit and returns its whole log.
+    pub fn stop(&mut self) -> String {
+        let terminated = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(terminated.success());
+        assert!(self.child.wait().unwrap().success());
+        // The reader thread ends at the end of stderr, after the last line the gateway wrote.
+        let mut log = self.startup_log.join("\n");
+        for line in self.log.iter() {
+            log.push('\n');
+            log.push_str(&line);
+        }
+        log
+    }
 }
 
 impl Drop for GatewayProcess {
