@@ -167,6 +167,62 @@ async fn keys_are_required_checked_and_restricted_to_their_endpoints() {
 }
 
 #[tokio::test]
+async fn keys_are_checked_before_the_body_is_read_and_close_the_admin_api_without_an_admin_key() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let gateway = gateway(&upstream, "").await;
+    let post = |path: &str, key: Option<&str>, body: &'static str| {
+        let mut request = gateway.client.post(gateway.url(path)).body(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send()
+    };
+
+    // Without a key the body is not even read: 401, not the 400 it would earn.
+    let keyless = post("/v1/chat/completions", None, "{not json")
+        .await
+        .unwrap();
+    assert_eq!(keyless.status(), 401);
+    let keyless = post("/endpoints/chat/invocations", None, "{not json")
+        .await
+        .unwrap();
+    assert_eq!(keyless.status(), 401);
+    let body: Value = keyless.json().await.unwrap();
+    assert_eq!(body["error_code"], "UNAUTHENTICATED");
+    // An endpoint that does not exist is a 404 before its body is looked at.
+    let unknown = post(
+        "/endpoints/nope/invocations",
+        Some(TEAM_A),
+        r#"{"inputs": [[1.0]]}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let body: Value = unknown.json().await.unwrap();
+    assert_eq!(body["error_code"], "RESOURCE_DOES_NOT_EXIST");
+    assert!(body["message"].as_str().unwrap().contains("nope"), "{body}");
+
+    // Client keys but no admin key: the admin API is closed, not open.
+    let admin = gateway
+        .client
+        .post(gateway.url("/admin/reload"))
+        .bearer_auth(TEAM_A)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 403);
+    let body: Value = admin.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no [auth] admin_key"),
+        "{body}"
+    );
+    assert!(upstream.requests().is_empty());
+}
+
+#[tokio::test]
 async fn request_limits_admit_limit_plus_burst_per_key_then_429_with_headers() {
     let upstream = FakeUpstream::start(vec![]).await;
     let gateway = gateway(

@@ -12,4 +12,5 @@ mod metrics;
 mod onnx;
 mod redis;
 mod routing;
+mod server;
 mod store;

@@ -1,4 +1,5 @@
-//! The admin API: what is loaded, and reloading. Guarded by `[auth] admin_key` when set.
+//! The admin API: what is loaded, and reloading. Guarded by `[auth] admin_key`; without one it is
+//! open only on a gateway without client keys.
 
 use axum::Json;
 use axum::extract::State;
@@ -7,8 +8,8 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use crate::AppState;
 use crate::error::ApiError;
+use crate::{AppState, Snapshot};
 
 /// `GET /metrics`: OpenMetrics text (what prometheus-client writes and Prometheus scrapes); needs
 /// the admin key when `[auth] protect_metrics`.
@@ -18,7 +19,7 @@ pub async fn metrics(
 ) -> Result<impl IntoResponse, ApiError> {
     let snapshot = state.snapshot();
     if snapshot.protect_metrics {
-        authorize(snapshot.admin_key.as_ref(), &headers)?;
+        authorize(&snapshot, &headers)?;
     }
     Ok((
         [(
@@ -35,7 +36,7 @@ pub async fn endpoints(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let snapshot = state.snapshot();
-    authorize(snapshot.admin_key.as_ref(), &headers)?;
+    authorize(&snapshot, &headers)?;
     Ok(Json(
         json!({"loaded_at": snapshot.loaded_at, "endpoints": snapshot.endpoint_infos}),
     ))
@@ -47,7 +48,7 @@ pub async fn reload(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(state.snapshot().admin_key.as_ref(), &headers)?;
+    authorize(&state.snapshot(), &headers)?;
     match state.gateway().reload().await {
         Ok(endpoints) => Ok(Json(json!({"status": "reloaded", "endpoints": endpoints}))),
         Err(error) => {
@@ -60,13 +61,17 @@ pub async fn reload(
     }
 }
 
-/// Checks `Authorization: Bearer <admin key>` in constant time.
-fn authorize(
-    admin_key: Option<&switchyard_core::Secret>,
-    headers: &HeaderMap,
-) -> Result<(), ApiError> {
-    let Some(expected) = admin_key else {
-        return Ok(());
+/// Checks `Authorization: Bearer <admin key>` in constant time. Without an admin key the admin
+/// API is open only on a gateway that is open anyway (no `[auth]` keys); a gateway with client
+/// keys but no admin key keeps it closed.
+fn authorize(snapshot: &Snapshot, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &snapshot.admin_key else {
+        if snapshot.keys.is_empty() {
+            return Ok(());
+        }
+        return Err(ApiError::forbidden(
+            "the admin API is closed: this gateway has [auth] keys but no [auth] admin_key",
+        ));
     };
     let given = headers
         .get(http::header::AUTHORIZATION)

@@ -116,6 +116,12 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Request bodies above this size get 413.
     pub max_body_bytes: usize,
+    /// How long a client may take to send a request's head; also how long an idle keep-alive
+    /// connection is kept open.
+    pub header_timeout: Duration,
+    /// How long the gateway waits on a client mid-request: for the whole request body, and for
+    /// each write of the response the client does not take (a reader that stopped reading).
+    pub client_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -267,6 +273,10 @@ struct RawServer {
     listen: String,
     #[serde(default = "default_max_body_bytes")]
     max_body_bytes: usize,
+    #[serde(default = "default_header_timeout_ms")]
+    header_timeout_ms: u64,
+    #[serde(default = "default_client_timeout_ms")]
+    client_timeout_ms: u64,
 }
 
 impl Default for RawServer {
@@ -274,6 +284,8 @@ impl Default for RawServer {
         Self {
             listen: default_listen(),
             max_body_bytes: default_max_body_bytes(),
+            header_timeout_ms: default_header_timeout_ms(),
+            client_timeout_ms: default_client_timeout_ms(),
         }
     }
 }
@@ -284,6 +296,14 @@ fn default_listen() -> String {
 
 fn default_max_body_bytes() -> usize {
     4 * 1024 * 1024
+}
+
+fn default_header_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_client_timeout_ms() -> u64 {
+    60_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -621,9 +641,19 @@ fn compile_server(raw: RawServer, problems: &mut Problems) -> Option<ServerConfi
     if raw.max_body_bytes == 0 {
         problems.add("server.max_body_bytes", "must be greater than 0");
     }
+    for (key, value) in [
+        ("server.header_timeout_ms", raw.header_timeout_ms),
+        ("server.client_timeout_ms", raw.client_timeout_ms),
+    ] {
+        if value == 0 {
+            problems.add(key, "must be greater than 0");
+        }
+    }
     Some(ServerConfig {
         listen: listen?,
         max_body_bytes: raw.max_body_bytes,
+        header_timeout: Duration::from_millis(raw.header_timeout_ms),
+        client_timeout: Duration::from_millis(raw.client_timeout_ms),
     })
 }
 
@@ -1140,6 +1170,8 @@ mod tests {
     fn parses_a_valid_config() {
         let config = parse(VALID).unwrap();
         assert_eq!(config.server.listen.port(), 9000);
+        assert_eq!(config.server.header_timeout, Duration::from_secs(30));
+        assert_eq!(config.server.client_timeout, Duration::from_secs(60));
         assert_eq!(config.routes["default"].targets.len(), 2);
         assert_eq!(
             config.routes["default"].settings.first_token_timeout,
@@ -1272,6 +1304,9 @@ mod tests {
     fn rejects_bad_timeouts_and_names() {
         let found = problems(
             r#"
+            [server]
+            header_timeout_ms = 0
+            client_timeout_ms = 0
             [providers."bad name"]
             kind = "mock"
             [providers.m]
@@ -1287,6 +1322,8 @@ mod tests {
         assert_eq!(
             paths,
             vec![
+                "server.header_timeout_ms",
+                "server.client_timeout_ms",
                 "providers.bad name",
                 "providers.m.chunks",
                 "routes.r.targets",

@@ -100,6 +100,19 @@ impl ApiError {
         .with_code("request_too_large")
     }
 
+    /// A request body that did not arrive in time (`[server] client_timeout_ms`).
+    pub fn request_timeout(timeout: Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "the request body did not arrive within {} ms",
+                timeout.as_millis()
+            ),
+        )
+        .with_code("request_timeout")
+    }
+
     /// A bug on our side (a chain that failed or panicked). The message carries the request id
     /// so the operator can find the log line.
     pub fn internal(message: impl Into<String>) -> Self {
@@ -138,6 +151,15 @@ impl ApiError {
         .with_code("unknown_url")
     }
 
+    pub fn method_not_allowed(method: &http::Method, path: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            format!("{method} is not allowed on {path}"),
+        )
+        .with_code("method_not_allowed")
+    }
+
     /// The JSON body of this error in OpenAI's shape.
     pub fn openai_body(&self) -> Value {
         json!({
@@ -155,7 +177,7 @@ impl ApiError {
 fn mlflow_error_code(error: &ApiError) -> &'static str {
     match error.status.as_u16() {
         400 if error.param.is_some() => "INVALID_PARAMETER_VALUE",
-        400 | 413 => "BAD_REQUEST",
+        400 | 405 | 408 | 413 => "BAD_REQUEST",
         404 => "RESOURCE_DOES_NOT_EXIST",
         401 => "UNAUTHENTICATED",
         403 => "PERMISSION_DENIED",

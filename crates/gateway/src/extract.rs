@@ -1,4 +1,7 @@
-//! A JSON body extractor whose rejections speak OpenAI's error shape.
+//! Reading and parsing request bodies, with rejections in OpenAI's error shape: a bad body is a
+//! 400 naming the field at fault (`param`), an oversize body a 413, a late one a 408. The
+//! `Content-Type` is not checked: curl users forget it, and the body must parse as JSON either
+//! way.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -9,24 +12,20 @@ use serde::de::DeserializeOwned;
 use crate::AppState;
 use crate::error::ApiError;
 
-/// Like `axum::Json`, but a bad body is a 400 naming the field at fault (`param`) and an oversize
-/// body a 413, both in OpenAI's error shape. The `Content-Type` is not checked: curl users forget
-/// it, and the body must parse as JSON either way.
-pub struct OpenAiJson<T>(pub T);
-
-impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| body_rejection(&rejection, state))?;
-        parse_json(&bytes).map(OpenAiJson)
-    }
+/// Reads a request's whole body: too large is a 413, broken off a 400, not there within
+/// `[server] client_timeout_ms` a 408.
+pub async fn read_body(request: Request, state: &AppState) -> Result<Bytes, ApiError> {
+    let timeout = state.client_timeout();
+    // A body that has already arrived (the usual case) is read without the timer ever being
+    // registered: `timeout` polls the read first.
+    tokio::time::timeout(timeout, Bytes::from_request(request, state))
+        .await
+        .map_err(|_| ApiError::request_timeout(timeout))?
+        .map_err(|rejection| body_rejection(&rejection, state))
 }
 
 /// Why a body could not be read: too large (413) or broken off (400).
-pub fn body_rejection(rejection: &BytesRejection, state: &AppState) -> ApiError {
+fn body_rejection(rejection: &BytesRejection, state: &AppState) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::payload_too_large(state.max_body_bytes())
     } else {

@@ -6,11 +6,10 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, FromRequest, Path, Request, State};
+use axum::body::Body;
+use axum::extract::{Extension, Path, Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
-use axum::http::{HeaderMap, HeaderName, Uri};
+use axum::http::{HeaderMap, HeaderName, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use futures::{FutureExt, StreamExt, stream};
 use serde_json::{Value, json};
@@ -21,10 +20,10 @@ use switchyard_core::{
 use tracing::{error, warn};
 
 use crate::error::{ApiError, MlflowError};
-use crate::extract::{OpenAiJson, body_rejection, from_value, parse_json};
+use crate::extract::{from_value, parse_json, read_body};
 use crate::limits::{Admission, Caller};
 use crate::request_log::RequestRecord;
-use crate::{AppState, ChainEndpoint, Endpoint, auth};
+use crate::{ApiKeyConfig, AppState, ChainEndpoint, Endpoint, Snapshot, auth};
 use switchyard_serving::{OnnxModel, ServingError};
 
 /// The end user's header (the OpenAI `user` field is the other way to name them).
@@ -36,11 +35,18 @@ pub async fn chat_completions(
     Extension(record): Extension<Arc<RequestRecord>>,
     mut request: Request,
 ) -> Result<Response, ApiError> {
-    // The headers are taken rather than copied (axum's `HeaderMap` extractor clones them); the
-    // body extractor does not read them.
+    // The headers are taken rather than copied (axum's `HeaderMap` extractor clones them);
+    // reading the body does not need them.
     let headers = std::mem::take(request.headers_mut());
-    let OpenAiJson(chat) = OpenAiJson::from_request(request, &state).await?;
-    serve_chat(&state, chat, &headers, record).await
+    let snapshot = state.snapshot();
+    // The key is checked before the body is read: a caller without one costs no parsing.
+    let key = auth::authenticate(&snapshot.keys, &headers)?;
+    let chat = parse_json(&read_body(request, &state).await?)?;
+    let caller = Authorized {
+        snapshot: &snapshot,
+        key,
+    };
+    serve_chat(&state, caller, chat, &headers, record).await
 }
 
 /// `POST /endpoints/{name}/invocations` (MLflow): for chat endpoints the body is a chat request
@@ -49,35 +55,50 @@ pub async fn invocations(
     State(state): State<AppState>,
     Path(name): Path<String>,
     Extension(record): Extension<Arc<RequestRecord>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    mut request: Request,
 ) -> Result<Response, MlflowError> {
-    let body = body.map_err(|rejection| body_rejection(&rejection, &state))?;
-    let mut value: Value = parse_json(&body)?;
-    let endpoint = state.snapshot().endpoints.get(&name).cloned();
-    if let Some(Endpoint::Model(model)) = endpoint {
-        return Ok(serve_model(&state, &name, model, &value, &headers, &record).await?);
+    let headers = std::mem::take(request.headers_mut());
+    let snapshot = state.snapshot();
+    // The key and the endpoint are checked before the body is read.
+    let key = auth::authenticate(&snapshot.keys, &headers)?;
+    let Some(endpoint) = snapshot.endpoints.get(&name) else {
+        return Err(ApiError::unknown_model(&name).into());
+    };
+    let mut value: Value = parse_json(&read_body(request, &state).await?)?;
+    let caller = Authorized {
+        snapshot: &snapshot,
+        key,
+    };
+    if let Endpoint::Model(model) = endpoint {
+        let model = model.clone();
+        return Ok(serve_model(&state, caller, &name, model, &value, &headers, &record).await?);
     }
     let Some(object) = value.as_object_mut() else {
         return Err(ApiError::bad_request("the request body must be a JSON object", None).into());
     };
     object.insert("model".to_owned(), Value::String(name));
     let request: ChatRequest = from_value(value)?;
-    Ok(serve_chat(&state, request, &headers, record).await?)
+    Ok(serve_chat(&state, caller, request, &headers, record).await?)
 }
 
-/// Serves a chat request on the endpoint its `model` names, as JSON or as an SSE stream:
-/// authenticate, find the endpoint, check the key may call it, admit it through the rate limits,
-/// run the route or chain, settle token usage.
+/// A request's view of the gateway: the state it started with (a reload while it runs does not
+/// change what it runs on) and its caller's key, checked before the body was read.
+#[derive(Clone, Copy)]
+struct Authorized<'a> {
+    snapshot: &'a Snapshot,
+    key: Option<&'a ApiKeyConfig>,
+}
+
+/// Serves a chat request on the endpoint its `model` names, as JSON or as an SSE stream: find
+/// the endpoint, check the caller's key may call it, admit it through the rate limits, run the
+/// route or chain, settle token usage.
 async fn serve_chat(
     state: &AppState,
+    Authorized { snapshot, key }: Authorized<'_>,
     mut request: ChatRequest,
     headers: &HeaderMap,
     record: Arc<RequestRecord>,
 ) -> Result<Response, ApiError> {
-    // One state for the whole request: a reload while it runs does not change what it runs on.
-    let snapshot = state.snapshot();
-    let key = auth::authenticate(&snapshot.keys, headers)?;
     let endpoint_name = request.model.clone();
     let Some(endpoint) = snapshot.endpoints.get(&endpoint_name).cloned() else {
         return Err(ApiError::unknown_model(&endpoint_name));
@@ -122,7 +143,6 @@ async fn serve_chat(
         .log_payloads
         .contains(&endpoint_name)
         .then(|| serde_json::to_string(&request.messages).unwrap_or_default());
-    drop(snapshot);
 
     let stream = request.is_stream();
     let client_wants_usage = request.wants_stream_usage();
@@ -246,14 +266,13 @@ const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(50);
 /// Serves an MLflow scoring request on an ONNX model endpoint: `{"predictions": {...}}`.
 async fn serve_model(
     state: &AppState,
+    Authorized { snapshot, key }: Authorized<'_>,
     name: &str,
     model: Arc<OnnxModel>,
     body: &Value,
     headers: &HeaderMap,
     record: &RequestRecord,
 ) -> Result<Response, ApiError> {
-    let snapshot = state.snapshot();
-    let key = auth::authenticate(&snapshot.keys, headers)?;
     let user = headers
         .get(USER)
         .and_then(|v| v.to_str().ok())
@@ -273,7 +292,6 @@ async fn serve_model(
     };
     // A prediction uses no LLM tokens: only request rules count it.
     let mut admission = snapshot.limits.admit(&caller, None).await?;
-    drop(snapshot);
     // MLflow's codes: a body that is no scoring request is BAD_REQUEST, values that do not fit
     // the model's inputs INVALID_PARAMETER_VALUE (an error with a `param`).
     let batch = model.parse_input(body).map_err(|e| match e {
@@ -609,6 +627,16 @@ pub async fn ready(State(state): State<AppState>) -> Json<serde_json::Value> {
 
 pub async fn not_found(uri: Uri) -> ApiError {
     ApiError::not_found_path(uri.path())
+}
+
+/// A method a path does not serve: 405 in MLflow's shape under `/endpoints/`, OpenAI's elsewhere.
+pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let error = ApiError::method_not_allowed(&method, uri.path());
+    if uri.path().starts_with("/endpoints/") {
+        MlflowError(error).into_response()
+    } else {
+        error.into_response()
+    }
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use switchyard_core::Registry;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use config::LimitsStoreConfig;
 pub use config::{
@@ -96,9 +96,9 @@ struct Shared {
     /// not change `[limits_store]`, so counters survive.
     limiter: std::sync::Mutex<(LimitsStoreConfig, Arc<Backend>)>,
     source: Option<ConfigSource>,
-    /// Fixed at start-up: the body limit is a layer of the router.
-    max_body_bytes: usize,
-    listen: std::net::SocketAddr,
+    /// `[server]`: fixed at start-up (the body limit is a layer of the router, the timeouts
+    /// settings of each connection).
+    server: ServerConfig,
     /// One reload at a time.
     reload_lock: tokio::sync::Mutex<()>,
     /// Work done after a response has gone out (its log line, a Redis token settlement):
@@ -121,7 +121,12 @@ impl AppState {
     }
 
     pub(crate) fn max_body_bytes(&self) -> usize {
-        self.0.max_body_bytes
+        self.0.server.max_body_bytes
+    }
+
+    /// `[server] client_timeout_ms`: how long to wait for a request body.
+    pub(crate) fn client_timeout(&self) -> std::time::Duration {
+        self.0.server.client_timeout
     }
 
     /// Runs `work` once the current task yields: on the gateway's single-threaded runtimes, that
@@ -174,10 +179,12 @@ impl Gateway {
         if snapshot.keys.is_empty() {
             warn!("no [auth] keys: the gateway is open to anyone who can reach it");
         }
-        if snapshot.admin_key.is_none() {
+        if snapshot.admin_key.is_none() && snapshot.keys.is_empty() {
             warn!(
                 "no [auth] admin_key: the admin API (/admin/*) is open to anyone who can reach the gateway"
             );
+        } else if snapshot.admin_key.is_none() {
+            warn!("no [auth] admin_key: the admin API (/admin/*) is closed (403)");
         }
         Ok(Self {
             state: AppState(Arc::new(Shared {
@@ -185,8 +192,7 @@ impl Gateway {
                 lasting,
                 limiter: std::sync::Mutex::new((config.limits_store.clone(), backend)),
                 source,
-                max_body_bytes: config.server.max_body_bytes,
-                listen: config.server.listen,
+                server: config.server.clone(),
                 reload_lock: tokio::sync::Mutex::new(()),
                 after_response,
             })),
@@ -251,6 +257,7 @@ impl Gateway {
             .route("/admin/endpoints", get(admin::endpoints))
             .route("/admin/reload", post(admin::reload))
             .fallback(handlers::not_found)
+            .method_not_allowed_fallback(handlers::method_not_allowed)
             .with_state(self.state.clone());
         // The middleware wraps the router once rather than every route (`Router::layer`), which
         // would box and clone each layer again for every request.
@@ -269,7 +276,7 @@ impl Gateway {
 
     /// `[server] listen` of the config the gateway started with.
     pub fn listen_address(&self) -> std::net::SocketAddr {
-        self.state.0.listen
+        self.state.0.server.listen
     }
 
     /// Where this gateway's config comes from, if it was started from a file.
@@ -464,7 +471,8 @@ async fn hand_out(
     }
 }
 
-/// The connections [`hand_out`] gives one event-loop thread, as a listener for `axum::serve`.
+/// The connections [`hand_out`] gives one event-loop thread, as a listener for
+/// `serve_connections`.
 struct HandedOut {
     connections: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
     address: SocketAddr,
@@ -493,24 +501,56 @@ impl axum::serve::Listener for HandedOut {
 }
 
 /// Serves the connections `listener` accepts until `shutdown`, then waits for in-flight
-/// requests.
+/// requests. Each connection is HTTP/1 with `[server]`'s timeouts: its request heads must arrive
+/// within `header_timeout` (hyper closes the connection otherwise, idle keep-alive connections
+/// included), and a write the client does not take within `client_timeout` fails, which closes
+/// the connection and ends whatever its response was waiting on (a stream's upstream call, its
+/// provider slot).
 async fn serve_connections<L>(
-    listener: L,
+    mut listener: L,
     gateway: &Gateway,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()>
 where
-    L: axum::serve::Listener<Addr = SocketAddr>,
+    L: axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr>,
 {
     let timer = tokio::spawn(keep_a_timer_pending());
-    let served = axum::serve(listener, gateway.router())
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let server = &gateway.state.0.server;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(server.header_timeout);
+    let service = hyper_util::service::TowerToHyperService::new(gateway.router());
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(server.client_timeout));
+        let connection = http.serve_connection(
+            hyper_util::rt::TokioIo::new(Box::pin(stream)),
+            service.clone(),
+        );
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            // A connection's errors are the client's (it went away, timed out, sent garbage);
+            // its requests have their own log lines.
+            if let Err(error) = connection.await {
+                debug!(%error, "connection closed");
+            }
+        });
+    }
+    // No more connections: the listening socket closes, idle connections close now, busy ones
+    // after their response.
+    drop(listener);
+    connections.shutdown().await;
     timer.abort();
     let after_response = &gateway.state.0.after_response;
     after_response.close();
     after_response.wait().await;
-    served
+    Ok(())
 }
 
 /// Keeps a timer pending on this thread's runtime, never more than a second away. tokio's timer

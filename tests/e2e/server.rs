@@ -1,0 +1,185 @@
+//! The gateway's connections: `[server]` timeouts on slow or stalled clients, and answers to
+//! methods a path does not serve.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{FakeUpstream, Reply, TestGateway, chat_body, config_over};
+
+/// A gateway over `upstream` whose `[server]` timeouts are `header_ms` and `client_ms`.
+async fn gateway(upstream: &FakeUpstream, header_ms: u64, client_ms: u64) -> TestGateway {
+    TestGateway::start(&format!(
+        "[server]\nheader_timeout_ms = {header_ms}\nclient_timeout_ms = {client_ms}\n{}",
+        config_over(&[&upstream.base_url], "retries = 0\ntimeout_ms = 60000")
+    ))
+    .await
+}
+
+/// Reads until the gateway closes the connection (or resets it); fails if that takes 10 s.
+async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 64 * 1024];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the gateway did not close the connection");
+    received
+}
+
+#[tokio::test]
+async fn a_request_head_that_does_not_arrive_in_time_closes_the_connection_as_does_idling() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let gateway = gateway(&upstream, 300, 60_000).await;
+
+    // Half a request head, then nothing (a slowloris client).
+    let started = Instant::now();
+    let mut slow = TcpStream::connect(gateway.address).await.unwrap();
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut slow).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    // A keep-alive connection is served, then closed once it idles that long.
+    let mut idle = TcpStream::connect(gateway.address).await.unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nhost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let answer = String::from_utf8(read_until_closed(&mut idle).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with(r#"{"status":"ok"}"#), "{answer}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn a_request_body_that_does_not_arrive_in_time_is_a_408() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let gateway = gateway(&upstream, 60_000, 300).await;
+    let mut slow = TcpStream::connect(gateway.address).await.unwrap();
+    slow.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\"",
+    )
+    .await
+    .unwrap();
+    let answer = String::from_utf8(read_until_closed(&mut slow).await).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{answer}"
+    );
+    let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "request_timeout");
+    assert_eq!(
+        body["error"]["message"],
+        "the request body did not arrive within 300 ms"
+    );
+    assert!(upstream.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_stream_whose_client_stops_reading_is_cut_off_and_frees_the_provider_slot() {
+    // 16 MB of content, more than the socket buffers between the gateway and a client that reads
+    // nothing, and then an upstream that never ends its stream: only the client timeout can end
+    // this request. The next request waits for the provider's one slot.
+    let piece: &'static str = Box::leak("x".repeat(1 << 20).into_boxed_str());
+    let upstream =
+        FakeUpstream::start(vec![Reply::StreamThenStall(vec![piece; 16]), Reply::Echo]).await;
+    let gateway = TestGateway::start(&format!(
+        r#"
+        [server]
+        client_timeout_ms = 300
+        [providers.fake]
+        kind = "openai"
+        base_url = "{}"
+        max_concurrency = 1
+        queue_timeout_ms = 20000
+        [routes.main]
+        targets = [{{ provider = "fake", model = "m" }}]
+        retries = 0
+        timeout_ms = 60000
+        [[endpoints]]
+        name = "chat"
+        route = "main"
+        "#,
+        upstream.base_url
+    ))
+    .await;
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(gateway.address).await.unwrap();
+    let body =
+        r#"{"model": "chat", "stream": true, "messages": [{"role": "user", "content": "x"}]}"#;
+    stalled
+        .write_all(
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    upstream.wait_for_requests(1).await;
+
+    // Served once the stalled stream's slot is free, well before the queue timeout.
+    let started = Instant::now();
+    let next = gateway
+        .post("/v1/chat/completions", &chat_body("next"))
+        .await;
+    assert_eq!(next.status(), 200);
+    let next: Value = next.json().await.unwrap();
+    assert_eq!(next["choices"][0]["message"]["content"], "next");
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    // The stalled client gets what was buffered, and no end of stream.
+    let received = read_until_closed(&mut stalled).await;
+    assert!(received.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    assert!(received.len() < 16 << 20);
+    assert!(!received.windows(12).any(|w| w == b"data: [DONE]"));
+}
+
+#[tokio::test]
+async fn a_method_a_path_does_not_serve_is_a_405_in_the_path_s_error_shape() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let gateway = gateway(&upstream, 60_000, 60_000).await;
+
+    let openai = gateway
+        .client
+        .get(gateway.url("/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(openai.status(), 405);
+    assert_eq!(openai.headers()["allow"], "POST");
+    let body: Value = openai.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    assert_eq!(
+        body["error"]["message"],
+        "GET is not allowed on /v1/chat/completions"
+    );
+
+    let mlflow = gateway
+        .client
+        .get(gateway.url("/endpoints/chat/invocations"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mlflow.status(), 405);
+    let body: Value = mlflow.json().await.unwrap();
+    assert_eq!(body["error_code"], "BAD_REQUEST");
+    assert_eq!(
+        body["message"],
+        "GET is not allowed on /endpoints/chat/invocations"
+    );
+}
