@@ -17,6 +17,8 @@ use crate::http::{HttpClient, Path, UpstreamBody, read_body};
 
 /// Upstream error bodies are quoted in our errors, cut to this many bytes.
 const MAX_QUOTED_ERROR: usize = 512;
+/// An error answer's body is read up to this much (only its message is quoted).
+const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// One OpenAI-compatible upstream. Cheap to clone: the HTTP clients are shared.
 #[derive(Debug, Clone)]
@@ -113,7 +115,11 @@ impl OpenAiProvider {
             // provided: sk-…wxyz"): it must not reach clients or logs.
             "the provider rejected the gateway's credentials for it".to_owned()
         } else {
-            upstream_error_message(&read_body(response.into_body()).await.unwrap_or_default())
+            let body = http_body_util::Limited::new(response.into_body(), MAX_ERROR_BODY);
+            match read_body(body.boxed_unsync()).await {
+                Ok(body) => upstream_error_message(&body),
+                Err(_) => format!("(its error body was cut off or over {MAX_ERROR_BODY} bytes)"),
+            }
         };
         Err(LlmError::new(
             LlmErrorKind::Status {
@@ -253,17 +259,18 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     seconds("retry-after-ms", 1000.0).or_else(|| seconds(RETRY_AFTER.as_str(), 1.0))
 }
 
-/// The `error.message` of an OpenAI error body, or the start of the raw body.
+/// The `error.message` of an OpenAI error body, or the start of the raw body; either way at
+/// most [`MAX_QUOTED_ERROR`] bytes of it.
 fn upstream_error_message(body: &[u8]) -> String {
     let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-    if let Some(message) = parsed
+    let text = match parsed
         .as_ref()
         .and_then(|v| v.pointer("/error/message"))
         .and_then(|m| m.as_str())
     {
-        return message.to_owned();
-    }
-    let text = String::from_utf8_lossy(body);
+        Some(message) => std::borrow::Cow::Borrowed(message),
+        None => String::from_utf8_lossy(body),
+    };
     let mut end = text.len().min(MAX_QUOTED_ERROR);
     while !text.is_char_boundary(end) {
         end -= 1;
@@ -334,6 +341,13 @@ mod tests {
         let body = br#"{"error":{"message":"Rate limit reached","type":"requests"}}"#;
         assert_eq!(upstream_error_message(body), "Rate limit reached");
         assert_eq!(upstream_error_message(b"Bad Gateway\n"), "Bad Gateway");
+        // Long ones are cut, on a character boundary.
+        let long = format!(r#"{{"error":{{"message":"{}"}}}}"#, "é".repeat(400));
+        assert_eq!(upstream_error_message(long.as_bytes()), "é".repeat(256));
+        assert_eq!(
+            upstream_error_message(&[b'x'; 2000]).len(),
+            MAX_QUOTED_ERROR
+        );
     }
 
     /// An SSE response with these events, as an upstream would send it: the odd ones with CRLF
