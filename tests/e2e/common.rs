@@ -341,6 +341,15 @@ impl TestGateway {
         Self::start_with_registry(config, &switchyard_chains::registry()).await
     }
 
+    /// Like [`TestGateway::start`], with more environment variables for `${VAR}` references.
+    pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        let config = parse_config_with_env(config, env);
+        Self::serve(
+            Gateway::new(config, &switchyard_chains::registry()).unwrap_or_else(|e| panic!("{e}")),
+        )
+        .await
+    }
+
     /// Like [`TestGateway::start`], with the given compiled chains.
     pub async fn start_with_registry(config: &str, registry: &Registry) -> Self {
         Self::serve(Gateway::new(parse_config(config), registry).unwrap_or_else(|e| panic!("{e}")))
@@ -420,10 +429,18 @@ impl Drop for TestGateway {
 /// Parses config text; `${TEST_OPENAI_KEY}` resolves to `sk-test-key` and `${TEST_ADMIN_KEY}`
 /// to `admin-secret`.
 pub fn parse_config(text: &str) -> Config {
+    parse_config_with_env(text, &[])
+}
+
+/// Like [`parse_config`], with more environment variables.
+pub fn parse_config_with_env(text: &str, more: &[(&str, &str)]) -> Config {
     let env = |name: &str| match name {
         "TEST_OPENAI_KEY" => Some("sk-test-key".to_owned()),
         "TEST_ADMIN_KEY" => Some("admin-secret".to_owned()),
-        _ => None,
+        _ => more
+            .iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| (*value).to_owned()),
     };
     Config::parse("test.toml", text, &env).unwrap_or_else(|e| panic!("{e}"))
 }

@@ -204,8 +204,13 @@ async fn a_password_a_database_and_a_unix_socket_reach_one_budget() {
     let rule = "scope = [\"global\"]\nrequests_per_minute = 2";
     let over_tcp = format!("redis://:test-only-pw@127.0.0.1:{}/3", redis.port);
     let over_unix = format!("unix://{socket}?db=3&pass=test-only-pw");
-    let tcp = limited_gateway(&upstream, &over_tcp, "deny", rule).await;
-    let unix = limited_gateway(&upstream, &over_unix, "deny", rule).await;
+    // URLs with passwords come from the environment (a literal one is refused).
+    let with_url = |url: String| {
+        let config = limited_config(&upstream.base_url, "${TEST_REDIS_URL}", "deny", rule);
+        async move { TestGateway::start_with_env(&config, &[("TEST_REDIS_URL", &url)]).await }
+    };
+    let tcp = with_url(over_tcp).await;
+    let unix = with_url(over_unix).await;
     // Both authenticate and count in database 3: one budget of 2 between them.
     assert_eq!(status(&tcp).await, 200);
     assert_eq!(status(&unix).await, 200);
@@ -220,7 +225,7 @@ async fn a_password_a_database_and_a_unix_socket_reach_one_budget() {
     // Same database, other password: refused by Redis, so on_error = deny answers 503, and the
     // password is not in the answer.
     let wrong = format!("redis://:not-the-pw@127.0.0.1:{}/3", redis.port);
-    let wrong = limited_gateway(&upstream, &wrong, "deny", rule).await;
+    let wrong = with_url(wrong).await;
     let refused = wrong.post("/v1/chat/completions", &chat_body("x")).await;
     assert_eq!(refused.status(), 503);
     let body = refused.text().await.unwrap();

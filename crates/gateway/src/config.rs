@@ -835,6 +835,13 @@ fn compile_limits_store(
                         return None;
                     }
                 }
+            } else if url.contains('@') || url.contains("pass=") {
+                // Not quoted: it holds a password.
+                problems.add(
+                    "limits_store.url",
+                    "a URL with credentials belongs in the environment: url = \"${REDIS_URL}\"",
+                );
+                return None;
             } else {
                 Secret::new(url)
             };
@@ -1298,6 +1305,22 @@ mod tests {
             paths,
             ["endpoints[0]", "endpoints[1]", "endpoints[2].llms.default"]
         );
+    }
+
+    #[test]
+    fn a_redis_url_with_credentials_must_come_from_the_environment() {
+        for url in [
+            "redis://:hunter2-secret@127.0.0.1:6379",
+            "unix:///run/redis.sock?pass=hunter2-secret",
+        ] {
+            let found = problems(&format!(
+                "[limits_store]\nkind = \"redis\"\non_error = \"deny\"\nurl = \"{url}\"\n{VALID}"
+            ));
+            assert_eq!(found.len(), 1, "{found:#?}");
+            assert_eq!(found[0].0, "limits_store.url", "{found:#?}");
+            assert!(found[0].1.contains("${REDIS_URL}"), "{}", found[0].1);
+            assert!(!found[0].1.contains("hunter2"));
+        }
     }
 
     #[test]
