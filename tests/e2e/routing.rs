@@ -125,6 +125,26 @@ async fn upstream_client_errors_pass_through_without_retry() {
 }
 
 #[tokio::test]
+async fn an_upstream_404_falls_back_without_retry_and_the_last_one_is_passed_on() {
+    // A model the first provider does not have (retired, or a missing deployment): the next
+    // target answers.
+    let retired =
+        FakeUpstream::start(vec![Reply::Status(404, vec![]), Reply::Status(404, vec![])]).await;
+    let spare = FakeUpstream::start(vec![]).await;
+    let gateway = TestGateway::over(&[&retired.base_url, &spare.base_url], "retries = 2").await;
+    let response = gateway.post("/v1/chat/completions", &chat_body("x")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(retired.requests().len(), 1);
+    assert_eq!(spare.requests().len(), 1);
+
+    // With no other target, the 404 is the client's answer.
+    let alone = TestGateway::over(&[&retired.base_url], "retries = 2").await;
+    let response = alone.post("/v1/chat/completions", &chat_body("x")).await;
+    assert_eq!(response.status(), 404);
+    assert_eq!(retired.requests().len(), 2);
+}
+
+#[tokio::test]
 async fn an_upstream_slower_than_the_timeout_is_504_within_the_deadline() {
     let upstream = FakeUpstream::start(vec![Reply::Delay(
         Duration::from_secs(30),
