@@ -37,9 +37,10 @@ impl Drop for Telemetry {
 
 pub fn init(json: bool) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Logs go to stderr, coloured only on a terminal, written in batches by a background thread
-    // so that a slow stderr never stalls a request. Not lossy: a full buffer waits rather than
-    // drops lines.
+    // Logs go to stderr, coloured only on a terminal, written in batches by a background thread,
+    // so a slow stderr does not stall requests until 4 MB of lines are pending. Not lossy: past
+    // that, writers (the event loops) wait rather than drop lines, so a stderr nobody reads
+    // stops the gateway as a blocking write would.
     let (writer, log_writer) = crate::log_writer::batched(std::io::stderr())?;
     let logs = tracing_subscriber::fmt::layer()
         .fmt_fields(PlainFields)
