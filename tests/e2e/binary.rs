@@ -523,6 +523,26 @@ async fn upstream_calls_go_through_the_proxy_the_environment_names() {
     );
 }
 
+/// A chat request and a streamed one to the gateway at `url`, each echoing `text`.
+async fn chat_and_stream(client: &reqwest::Client, url: &str, text: &str) {
+    let response = client
+        .post(url)
+        .json(&chat_body(text))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], text);
+    let mut stream = chat_body(&format!("streamed {text}"));
+    stream["stream"] = true.into();
+    let response = client.post(url).json(&stream).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let frames = sse_data(&read_stream(response).await);
+    assert_eq!(stream_text(&frames), format!("streamed {text}"));
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+}
+
 #[tokio::test]
 async fn https_upstreams_are_verified_against_the_system_trust_store() {
     let (upstream, ca_pem) = FakeUpstream::start_tls(vec![]).await;
@@ -541,22 +561,7 @@ async fn https_upstreams_are_verified_against_the_system_trust_store() {
         &[key, ("SSL_CERT_FILE", ca_file.to_str().unwrap())],
     );
     let url = trusting.url("/v1/chat/completions");
-    let response = client
-        .post(&url)
-        .json(&chat_body("over TLS"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["choices"][0]["message"]["content"], "over TLS");
-    let mut stream = chat_body("streamed over TLS");
-    stream["stream"] = true.into();
-    let response = client.post(&url).json(&stream).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    let frames = sse_data(&read_stream(response).await);
-    assert_eq!(stream_text(&frames), "streamed over TLS");
-    assert_eq!(frames.last().unwrap(), "[DONE]");
+    chat_and_stream(&client, &url, "over TLS").await;
     let received = upstream.requests();
     assert_eq!(received.len(), 2);
     assert!(
@@ -619,25 +624,7 @@ async fn https_upstreams_are_reached_through_a_connect_proxy_that_wants_credenti
     // (the certificate is the fake's, for 127.0.0.1), HTTP/2 inside; chat and streams.
     let mut trusted = start("switchyard:proxy-pass-must-not-be-logged");
     let url = trusted.url("/v1/chat/completions");
-    let response = client
-        .post(&url)
-        .json(&chat_body("through the tunnel"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(
-        body["choices"][0]["message"]["content"],
-        "through the tunnel"
-    );
-    let mut stream = chat_body("streamed through the tunnel");
-    stream["stream"] = true.into();
-    let response = client.post(&url).json(&stream).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    let frames = sse_data(&read_stream(response).await);
-    assert_eq!(stream_text(&frames), "streamed through the tunnel");
-    assert_eq!(frames.last().unwrap(), "[DONE]");
+    chat_and_stream(&client, &url, "through the tunnel").await;
     let received = upstream.requests();
     assert_eq!(received.len(), 2);
     assert!(
