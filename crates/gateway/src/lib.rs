@@ -302,9 +302,8 @@ pub async fn serve(
         }
     });
     let reloader = tokio::spawn(reload_on_sighup(gateway.clone()));
-    let served = serve_connections(listener, &gateway, shutdown).await;
+    serve_connections(listener, &gateway, shutdown).await;
     reloader.abort();
-    served?;
     info!("switchyard stopped");
     Ok(())
 }
@@ -360,7 +359,7 @@ pub fn serve_on_threads(
                 }
             };
             let stopped = stopped(&stop);
-            let served = serve_connections(own, &gateway, async move {
+            serve_connections(own, &gateway, async move {
                 tokio::select! {
                     () = signal => {},
                     () = stopped => {},
@@ -370,7 +369,7 @@ pub fn serve_on_threads(
             reloader.abort();
             // The acceptor stops at the same signal; waiting for it makes sure the port is closed.
             let _ = acceptor.await;
-            served
+            Ok(())
         })
     });
     // However this thread got here, the others stop too (and finish their in-flight requests).
@@ -414,7 +413,8 @@ fn spawn_event_loop(
         .name(format!("switchyard-{index}"))
         .spawn(move || {
             let _stop_on_exit = stop_on_exit;
-            runtime.block_on(serve_connections(listener, &gateway, stopped))
+            runtime.block_on(serve_connections(listener, &gateway, stopped));
+            Ok(())
         })?;
     Ok((sender, worker))
 }
@@ -510,8 +510,7 @@ async fn serve_connections<L>(
     mut listener: L,
     gateway: &Gateway,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()>
-where
+) where
     L: axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr>,
 {
     let timer = tokio::spawn(keep_a_timer_pending());
@@ -550,7 +549,6 @@ where
     let after_response = &gateway.state.0.after_response;
     after_response.close();
     after_response.wait().await;
-    Ok(())
 }
 
 /// Keeps a timer pending on this thread's runtime, never more than a second away. tokio's timer
