@@ -2,6 +2,8 @@
 //! against SHA-256 digests, so the gateway holds no key in clear after start-up. The key's id —
 //! never the key — is what logs, limits and chains see.
 
+use std::sync::Arc;
+
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -32,9 +34,9 @@ const API_KEY: http::HeaderName = http::HeaderName::from_static("api-key");
 
 /// Who is calling. With no keys configured the gateway is open and every caller is anonymous.
 pub fn authenticate<'k>(
-    keys: &'k [ApiKeyConfig],
+    keys: &'k [Arc<ApiKeyConfig>],
     headers: &HeaderMap,
-) -> Result<Option<&'k ApiKeyConfig>, ApiError> {
+) -> Result<Option<&'k Arc<ApiKeyConfig>>, ApiError> {
     if keys.is_empty() {
         return Ok(None);
     }
@@ -78,12 +80,12 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
 
-    fn key(id: &str, secret: &str, endpoints: Option<Vec<&str>>) -> ApiKeyConfig {
-        ApiKeyConfig {
+    fn key(id: &str, secret: &str, endpoints: Option<Vec<&str>>) -> Arc<ApiKeyConfig> {
+        Arc::new(ApiKeyConfig {
             id: id.to_owned(),
             sha256: sha256(secret.as_bytes()),
             endpoints: endpoints.map(|e| e.into_iter().map(str::to_owned).collect()),
-        }
+        })
     }
 
     #[test]

@@ -40,13 +40,9 @@ pub async fn chat_completions(
     let headers = std::mem::take(request.headers_mut());
     let snapshot = state.snapshot();
     // The key is checked before the body is read: a caller without one costs no parsing.
-    let key = auth::authenticate(&snapshot.keys, &headers)?;
+    let key = auth::authenticate(&snapshot.keys, &headers)?.cloned();
     let chat = parse_json(&read_body(request, &state).await?)?;
-    let caller = Authorized {
-        snapshot: &snapshot,
-        key,
-    };
-    serve_chat(&state, caller, chat, &headers, record).await
+    serve_chat(&state, Authorized { snapshot, key }, chat, &headers, record).await
 }
 
 /// `POST /endpoints/{name}/invocations` (MLflow): for chat endpoints the body is a chat request
@@ -60,17 +56,17 @@ pub async fn invocations(
     let headers = std::mem::take(request.headers_mut());
     let snapshot = state.snapshot();
     // The key and the endpoint are checked before the body is read.
-    let key = auth::authenticate(&snapshot.keys, &headers)?;
+    let key = auth::authenticate(&snapshot.keys, &headers)?.cloned();
     let Some(endpoint) = snapshot.endpoints.get(&name) else {
         return Err(ApiError::unknown_model(&name).into());
     };
-    let mut value: Value = parse_json(&read_body(request, &state).await?)?;
-    let caller = Authorized {
-        snapshot: &snapshot,
-        key,
+    let model = match endpoint {
+        Endpoint::Model(model) => Some(model.clone()),
+        _ => None,
     };
-    if let Endpoint::Model(model) = endpoint {
-        let model = model.clone();
+    let mut value: Value = parse_json(&read_body(request, &state).await?)?;
+    let caller = Authorized { snapshot, key };
+    if let Some(model) = model {
         return Ok(serve_model(&state, caller, &name, model, &value, &headers, &record).await?);
     }
     let Some(object) = value.as_object_mut() else {
@@ -82,11 +78,12 @@ pub async fn invocations(
 }
 
 /// A request's view of the gateway: the state it started with (a reload while it runs does not
-/// change what it runs on) and its caller's key, checked before the body was read.
-#[derive(Clone, Copy)]
-struct Authorized<'a> {
-    snapshot: &'a Snapshot,
-    key: Option<&'a ApiKeyConfig>,
+/// change what it runs on) and its caller's key, checked before the body was read. The handlers
+/// let go of the snapshot once the request is admitted, so that a reload's old endpoints and
+/// limits are freed while long requests are still running.
+struct Authorized {
+    snapshot: Arc<Snapshot>,
+    key: Option<Arc<ApiKeyConfig>>,
 }
 
 /// Serves a chat request on the endpoint its `model` names, as JSON or as an SSE stream: find
@@ -94,7 +91,7 @@ struct Authorized<'a> {
 /// route or chain, settle token usage.
 async fn serve_chat(
     state: &AppState,
-    Authorized { snapshot, key }: Authorized<'_>,
+    Authorized { snapshot, key }: Authorized,
     mut request: ChatRequest,
     headers: &HeaderMap,
     record: Arc<RequestRecord>,
@@ -117,14 +114,14 @@ async fn serve_chat(
         }
     };
     let user = end_user(headers, &request);
-    let key_id = key.map(|k| k.id.clone());
+    let key_id = key.as_ref().map(|k| k.id.clone());
     record.update(|d| {
         d.endpoint = Some(endpoint_name.clone());
         d.kind = kind;
         d.key_id.clone_from(&key_id);
         d.user.clone_from(&user);
     });
-    auth::check_endpoint(key, &endpoint_name)?;
+    auth::check_endpoint(key.as_deref(), &endpoint_name)?;
     if request.messages.is_empty() {
         return Err(ApiError::bad_request(
             "'messages' must contain at least one message",
@@ -143,6 +140,7 @@ async fn serve_chat(
         .log_payloads
         .contains(&endpoint_name)
         .then(|| serde_json::to_string(&request.messages).unwrap_or_default());
+    drop(snapshot);
 
     let stream = request.is_stream();
     let client_wants_usage = request.wants_stream_usage();
@@ -266,7 +264,7 @@ const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(50);
 /// Serves an MLflow scoring request on an ONNX model endpoint: `{"predictions": {...}}`.
 async fn serve_model(
     state: &AppState,
-    Authorized { snapshot, key }: Authorized<'_>,
+    Authorized { snapshot, key }: Authorized,
     name: &str,
     model: Arc<OnnxModel>,
     body: &Value,
@@ -277,14 +275,14 @@ async fn serve_model(
         .get(USER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let key_id = key.map(|k| k.id.clone());
+    let key_id = key.as_ref().map(|k| k.id.clone());
     record.update(|d| {
         d.endpoint = Some(name.to_owned());
         d.kind = "model";
         d.key_id.clone_from(&key_id);
         d.user.clone_from(&user);
     });
-    auth::check_endpoint(key, name)?;
+    auth::check_endpoint(key.as_deref(), name)?;
     let caller = Caller {
         endpoint: name,
         api_key: key_id.as_deref(),
@@ -292,6 +290,7 @@ async fn serve_model(
     };
     // A prediction uses no LLM tokens: only request rules count it.
     let mut admission = snapshot.limits.admit(&caller, None).await?;
+    drop(snapshot);
     // MLflow's codes: a body that is no scoring request is BAD_REQUEST, values that do not fit
     // the model's inputs INVALID_PARAMETER_VALUE (an error with a `param`).
     let batch = model.parse_input(body).map_err(|e| match e {
@@ -603,7 +602,7 @@ pub async fn list_models(
     let data: Vec<_> = snapshot
         .endpoint_order
         .iter()
-        .filter(|name| auth::check_endpoint(key, name).is_ok())
+        .filter(|name| auth::check_endpoint(key.map(|k| &**k), name).is_ok())
         .map(|name| json!({"id": name, "object": "model", "created": snapshot.loaded_at, "owned_by": "switchyard"}))
         .collect();
     Ok(Json(json!({"object": "list", "data": data})))

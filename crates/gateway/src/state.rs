@@ -30,8 +30,9 @@ pub(crate) struct Snapshot {
     /// What `GET /admin/endpoints` shows, in config order.
     pub endpoint_infos: Vec<Value>,
     pub admin_key: Option<Secret>,
-    /// Client API keys; empty = open gateway.
-    pub keys: Vec<ApiKeyConfig>,
+    /// Client API keys; empty = open gateway. Shared, so that a request can keep its key
+    /// without keeping the whole snapshot.
+    pub keys: Vec<Arc<ApiKeyConfig>>,
     pub protect_metrics: bool,
     /// Endpoints whose request log lines carry the messages and the completion.
     pub log_payloads: std::collections::HashSet<String>,
@@ -224,7 +225,7 @@ pub(crate) fn build(
         endpoints,
         endpoint_infos: infos,
         admin_key: config.auth.admin_key.clone(),
-        keys: config.auth.keys.clone(),
+        keys: config.auth.keys.iter().cloned().map(Arc::new).collect(),
         protect_metrics: config.auth.protect_metrics,
         log_payloads: config
             .endpoints
