@@ -120,7 +120,7 @@ pub struct ServerConfig {
     /// connection is kept open.
     pub header_timeout: Duration,
     /// How long the gateway waits on a client mid-request: for the whole request body, and for
-    /// each write of the response the client does not take (a reader that stopped reading).
+    /// a write of the response to make progress (a reader that stopped reading).
     pub client_timeout: Duration,
 }
 
@@ -298,8 +298,12 @@ fn default_max_body_bytes() -> usize {
     4 * 1024 * 1024
 }
 
+/// Above the 60 s idle timeout of common load balancers and proxies (AWS ALB, nginx's upstream
+/// `keepalive_timeout`): hyper's header timer also closes idle keep-alive connections, and a
+/// gateway that closes an idle connection before the proxy in front does races the proxy's next
+/// request on it (a 502 for that request).
 fn default_header_timeout_ms() -> u64 {
-    30_000
+    120_000
 }
 
 fn default_client_timeout_ms() -> u64 {
@@ -1177,7 +1181,7 @@ mod tests {
     fn parses_a_valid_config() {
         let config = parse(VALID).unwrap();
         assert_eq!(config.server.listen.port(), 9000);
-        assert_eq!(config.server.header_timeout, Duration::from_secs(30));
+        assert_eq!(config.server.header_timeout, Duration::from_secs(120));
         assert_eq!(config.server.client_timeout, Duration::from_secs(60));
         assert_eq!(config.routes["default"].targets.len(), 2);
         assert_eq!(
