@@ -1,7 +1,11 @@
 //! The `switchyard` binary as an operator runs it: start, serve, SIGTERM, graceful exit.
 
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::Notify;
 
 use serde_json::Value;
 
@@ -45,14 +49,7 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
         .unwrap();
     assert!(status.success());
     // New connections are refused while the in-flight request is still being served.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(&address).await.is_ok() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still accepting after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_refused(&address).await;
     assert!(
         !in_flight.is_finished(),
         "the upstream answers only after 5 s"
@@ -84,6 +81,82 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
             .any(|l| l.contains("sk-test-key-must-not-be-logged")),
         "a secret reached the log"
     );
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_stream_in_flight_finish() {
+    let release = Arc::new(Notify::new());
+    let upstream = FakeUpstream::start(vec![Reply::StreamThenWait(
+        vec!["before ", "shutdown, "],
+        release.clone(),
+    )])
+    .await;
+    let work = temp_dir("sigterm-stream");
+    let config = work.join("gateway.toml");
+    std::fs::write(
+        &config,
+        config_over(&[&upstream.base_url], "timeout_ms = 20000"),
+    )
+    .unwrap();
+    let mut gateway = GatewayProcess::start(&config, &[("TEST_OPENAI_KEY", "sk-test")]);
+
+    let mut body = chat_body("x");
+    body["stream"] = true.into();
+    let response = reqwest::Client::new()
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut chunks = response.bytes_stream();
+    let mut received = String::new();
+    while !received.contains("shutdown, ") {
+        let piece = chunks
+            .next()
+            .await
+            .expect("the stream ended early")
+            .unwrap();
+        received.push_str(std::str::from_utf8(&piece).unwrap());
+    }
+
+    // Mid-stream: SIGTERM, and the gateway stops accepting; the stream goes on to its end.
+    let terminated = Command::new("kill")
+        .args(["-TERM", &gateway.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    wait_until_refused(&gateway.address).await;
+    release.notify_one();
+    while let Some(piece) = chunks.next().await {
+        received.push_str(std::str::from_utf8(&piece.unwrap()).unwrap());
+    }
+    let frames = sse_data(&received);
+    assert_eq!(stream_text(&frames), "before shutdown, ");
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let exit = gateway.child.wait().unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+    let log: Vec<Value> = gateway
+        .log
+        .iter()
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect();
+    let request = log.iter().find(|l| l["message"] == "request").unwrap();
+    assert_eq!(request["status"], 200);
+    assert_eq!(request["stream"], true);
+    std::fs::remove_dir_all(&work).unwrap();
+}
+
+/// Waits (10 s at most) until `address` refuses connections: the gateway has stopped accepting.
+async fn wait_until_refused(address: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(address).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still accepting after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn switchyard(store: &std::path::Path, args: &[&str]) -> std::process::Output {

@@ -38,6 +38,8 @@ pub enum Reply {
     StreamThenDrop(Vec<&'static str>),
     /// Streams these content pieces, then sends nothing more and never ends.
     StreamThenStall(Vec<&'static str>),
+    /// Streams these content pieces, waits for the notification, then finishes the stream.
+    StreamThenWait(Vec<&'static str>, Arc<Notify>),
 }
 
 /// A fake OpenAI-compatible server that replays a script and records what it received.
@@ -241,6 +243,16 @@ async fn answer(reply: Reply, request: &Value) -> Response {
         Reply::StreamThenStall(pieces) => {
             let frames = futures::stream::iter(content_frames(request, pieces))
                 .chain(futures::stream::pending());
+            return sse_response(Body::from_stream(frames));
+        }
+        Reply::StreamThenWait(pieces, release) => {
+            let model = request["model"].as_str().unwrap_or_default().to_owned();
+            let end = futures::stream::once(async move {
+                release.notified().await;
+                let finish = sse(&chunk(&model, json!({}), Some("stop")));
+                Ok(Bytes::from(format!("{finish}data: [DONE]\n\n")))
+            });
+            let frames = futures::stream::iter(content_frames(request, pieces)).chain(end);
             return sse_response(Body::from_stream(frames));
         }
     };

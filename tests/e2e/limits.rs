@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{
     FakeUpstream, Reply, TestGateway, chat_body, header, read_stream, sse_data, stream_text,
@@ -183,6 +184,33 @@ async fn keys_are_checked_before_the_body_is_read_and_close_the_admin_api_withou
         .await
         .unwrap();
     assert_eq!(keyless.status(), 401);
+    // Nor waited for: a head announcing a megabyte that never comes gets its 401 at once (a
+    // gateway reading first would wait the default 60 s `client_timeout_ms`, then say 408).
+    for path in ["/v1/chat/completions", "/endpoints/chat/invocations"] {
+        let mut client = tokio::net::TcpStream::connect(gateway.address)
+            .await
+            .unwrap();
+        client
+            .write_all(
+                format!("POST {path} HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\ncontent-length: 1000000\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        let mut buffer = [0u8; 4096];
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = client.read(&mut buffer).await.unwrap();
+                assert!(n > 0, "closed without an answer");
+                head.extend_from_slice(&buffer[..n]);
+            }
+        })
+        .await
+        .expect("the gateway waited for the body");
+        let head = String::from_utf8_lossy(&head);
+        assert!(head.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{head}");
+    }
     let keyless = post("/endpoints/chat/invocations", None, "{not json")
         .await
         .unwrap();
