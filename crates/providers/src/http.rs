@@ -186,13 +186,23 @@ fn transport_error(kind: LlmErrorKind, error: &(dyn std::error::Error + 'static)
     LlmError::new(kind, switchyard_core::error_chain(error))
 }
 
-/// The whole body of a response.
-pub async fn read_body(body: UpstreamBody) -> Result<Bytes, LlmError> {
-    Ok(body
-        .collect()
-        .await
-        .map_err(|e| transport_error(LlmErrorKind::StreamInterrupted, e.as_ref()))?
-        .to_bytes())
+/// The whole body of a response, if it holds at most `limit` bytes (else an `InvalidResponse`
+/// error, once the body has passed the limit: the rest is not read).
+pub async fn read_body(body: UpstreamBody, limit: usize) -> Result<Bytes, LlmError> {
+    // Boxed, so that the future does not name `Limited`'s generic error conversion (which trips
+    // rustc's `Send` check of the providers' async-trait futures).
+    let body = http_body_util::Limited::new(body, limit).boxed_unsync();
+    match body.collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(LlmError::new(
+            LlmErrorKind::InvalidResponse,
+            format!("its answer is over {limit} bytes"),
+        )),
+        Err(error) => Err(transport_error(
+            LlmErrorKind::StreamInterrupted,
+            error.as_ref(),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -207,5 +217,18 @@ mod tests {
         assert_eq!(first, here(&clients));
         let other = std::thread::scope(|s| s.spawn(|| here(&clients)).join().expect("thread"));
         assert_ne!(first, other);
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_an_invalid_response() {
+        let body = || {
+            Full::new(Bytes::from(vec![b'x'; 100]))
+                .map_err(|never| match never {})
+                .boxed_unsync()
+        };
+        assert_eq!(read_body(body(), 100).await.unwrap().len(), 100);
+        let error = read_body(body(), 99).await.unwrap_err();
+        assert_eq!(error.kind, LlmErrorKind::InvalidResponse);
+        assert_eq!(error.message, "its answer is over 99 bytes");
     }
 }

@@ -1,6 +1,7 @@
 //! Client for OpenAI and any OpenAI-compatible server (vLLM, Ollama, Groq, Together, …).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,6 +20,10 @@ use crate::http::{HttpClient, Path, UpstreamBody, read_body};
 const MAX_QUOTED_ERROR: usize = 512;
 /// An error answer's body is read up to this much (only its message is quoted).
 const MAX_ERROR_BODY: usize = 64 * 1024;
+/// The most a complete answer, or one event of a stream, may hold, so that a misbehaving
+/// upstream cannot grow the gateway's memory without bound. Far above real answers: a
+/// 16k-token completion with 20 `top_logprobs` per token is ~20 MB.
+const MAX_ANSWER: usize = 64 * 1024 * 1024;
 
 /// One OpenAI-compatible upstream. Cheap to clone: the HTTP clients are shared.
 #[derive(Debug, Clone)]
@@ -115,8 +120,7 @@ impl OpenAiProvider {
             // provided: sk-…wxyz"): it must not reach clients or logs.
             "the provider rejected the gateway's credentials for it".to_owned()
         } else {
-            let body = http_body_util::Limited::new(response.into_body(), MAX_ERROR_BODY);
-            match read_body(body.boxed_unsync()).await {
+            match read_body(response.into_body(), MAX_ERROR_BODY).await {
                 Ok(body) => upstream_error_message(&body),
                 Err(_) => format!("(its error body was cut off or over {MAX_ERROR_BODY} bytes)"),
             }
@@ -133,7 +137,7 @@ impl OpenAiProvider {
     /// The body of a successful non-stream call.
     async fn completion(&self, request: &ChatRequest) -> Result<Bytes, LlmError> {
         let response = self.send(request).await?;
-        read_body(response.into_body())
+        read_body(response.into_body(), MAX_ANSWER)
             .await
             .map_err(|e| self.named(e))
     }
@@ -171,12 +175,17 @@ impl Llm for OpenAiProvider {
 
     async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
         let response = self.send(&request).await?;
-        Ok(Box::pin(sse_chunks(self.name.clone(), response, |data| {
-            serde_json::from_str::<ChatChunk>(&data)
-                .ok()
-                .filter(|chunk| !chunk.extra.contains_key("error"))
-                .ok_or(data)
-        })))
+        Ok(Box::pin(sse_chunks(
+            self.name.clone(),
+            response,
+            MAX_ANSWER,
+            |data| {
+                serde_json::from_str::<ChatChunk>(&data)
+                    .ok()
+                    .filter(|chunk| !chunk.extra.contains_key("error"))
+                    .ok_or(data)
+            },
+        )))
     }
 
     async fn chat_stream_body(&self, request: ChatRequest) -> Result<ChunkBodyStream, LlmError> {
@@ -184,6 +193,7 @@ impl Llm for OpenAiProvider {
         Ok(Box::pin(sse_chunks(
             self.name.clone(),
             response,
+            MAX_ANSWER,
             ChunkBody::parse,
         )))
     }
@@ -191,14 +201,28 @@ impl Llm for OpenAiProvider {
 
 /// The chunks of an SSE response, each `data:` payload read by `parse` (which hands back what it
 /// cannot read, to be quoted). The stream ends at `[DONE]`, and with an error if the upstream
-/// sends something else than a chunk (some servers send an `{"error": ...}` object mid-stream) or
-/// closes the stream before `[DONE]`.
+/// sends something else than a chunk (some servers send an `{"error": ...}` object mid-stream),
+/// sends more than `max_event` bytes without completing an event, or closes the stream before
+/// `[DONE]`.
 fn sse_chunks<T>(
     name: String,
     response: http::Response<UpstreamBody>,
+    max_event: usize,
     parse: impl Fn(String) -> Result<T, String> + Send + 'static,
 ) -> impl futures::Stream<Item = Result<T, LlmError>> + Send + 'static {
-    let mut events = sseer::EventStream::new(response.into_body().into_data_stream());
+    // Bytes received since the last event: the SSE parser buffers them until an event is whole.
+    let pending = Arc::new(AtomicUsize::new(0));
+    let received = pending.clone();
+    let data = response.into_body().into_data_stream().map(
+        move |piece| -> Result<Bytes, Box<dyn std::error::Error + Send + Sync + 'static>> {
+            let piece = piece?;
+            if received.fetch_add(piece.len(), Ordering::Relaxed) + piece.len() > max_event {
+                return Err(format!("an event is over {max_event} bytes").into());
+            }
+            Ok(piece)
+        },
+    );
+    let mut events = sseer::EventStream::new(data);
     let mut done = false;
     futures::stream::poll_fn(move |cx| {
         if done {
@@ -213,7 +237,12 @@ fn sse_chunks<T>(
                 LlmErrorKind::StreamInterrupted,
                 format!("provider '{name}' stream broke off: {e}"),
             )),
-            Some(Ok(event)) if event.data.trim() == "[DONE]" => {
+            Some(Ok(event))
+                if {
+                    pending.store(0, Ordering::Relaxed);
+                    event.data.trim() == "[DONE]"
+                } =>
+            {
                 done = true;
                 return std::task::Poll::Ready(None);
             }
@@ -380,6 +409,7 @@ mod tests {
         let chunks: Vec<_> = sse_chunks(
             "p".into(),
             sse_response(&[first, usage, "[DONE]", after_done]),
+            1024,
             ChunkBody::parse,
         )
         .collect()
@@ -397,6 +427,7 @@ mod tests {
             let items: Vec<_> = sse_chunks(
                 "p".into(),
                 sse_response(&[first, broken, usage]),
+                1024,
                 ChunkBody::parse,
             )
             .collect()
@@ -412,7 +443,7 @@ mod tests {
             assert!(error.message.contains(quoted), "{}", error.message);
         }
 
-        let cut: Vec<_> = sse_chunks("p".into(), sse_response(&[first]), ChunkBody::parse)
+        let cut: Vec<_> = sse_chunks("p".into(), sse_response(&[first]), 1024, ChunkBody::parse)
             .collect()
             .await;
         assert!(
@@ -421,6 +452,40 @@ mod tests {
                 .unwrap_err()
                 .message
                 .contains("before [DONE]")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_event_over_the_limit_ends_the_stream() {
+        let event = |n| format!(r#"{{"choices":[{{"index":0,"delta":{{"content":"{n}"}}}}]}}"#);
+        let small: Vec<String> = (0..20).map(|n| event(n % 10)).collect();
+        let small: Vec<&str> = small.iter().map(String::as_str).collect();
+        // Twenty events of ~56 bytes each, over 1 KB in all: the limit is per event.
+        let mut all = small.clone();
+        all.push("[DONE]");
+        let items: Vec<_> = sse_chunks("p".into(), sse_response(&all), 100, ChunkBody::parse)
+            .collect()
+            .await;
+        assert_eq!(items.len(), 20);
+        assert!(items.iter().all(Result::is_ok));
+
+        let big = event(7).repeat(3);
+        let items: Vec<_> = sse_chunks(
+            "p".into(),
+            sse_response(&[small[0], &big, "[DONE]"]),
+            100,
+            ChunkBody::parse,
+        )
+        .collect()
+        .await;
+        assert_eq!(items.len(), 2, "the stream ends at the big event");
+        assert_eq!(items[0].as_ref().unwrap().text(), "0");
+        let error = items[1].as_ref().unwrap_err();
+        assert_eq!(error.kind, LlmErrorKind::StreamInterrupted);
+        assert!(
+            error.message.contains("an event is over 100 bytes"),
+            "{}",
+            error.message
         );
     }
 }
