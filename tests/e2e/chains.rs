@@ -1,6 +1,8 @@
 //! Chain endpoints over HTTP, with the upstream LLM a fake OpenAI server: the prompts the
 //! upstream receives prove the templates rendered with the config.
 
+use std::time::Instant;
+
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -10,7 +12,8 @@ use switchyard_core::{
 };
 
 use crate::common::{
-    FakeUpstream, Reply, TestGateway, read_stream, sse_data, stream_text, temp_dir,
+    FakeUpstream, Reply, TestGateway, chat_body, header, read_stream, refilled_since, sse_data,
+    stream_text, temp_dir,
 };
 
 fn chains_config(upstream: &str, endpoints: &str) -> String {
@@ -149,6 +152,52 @@ async fn summarize_then_answer_makes_two_calls_and_streams_only_the_second() {
         answer["messages"].as_array().unwrap().len(),
         3,
         "system + the last 2 messages"
+    );
+}
+
+#[tokio::test]
+async fn a_chain_is_charged_the_tokens_its_calls_used_even_when_it_fails() {
+    // The fake reports 10 prompt tokens per message and a completion token per word: the
+    // summary call (one message, four words) uses 14; the answer call is refused.
+    let upstream = FakeUpstream::start(vec![
+        Reply::Text("Bo wants a refund."),
+        Reply::Status(400, vec![]),
+    ])
+    .await;
+    let gateway = TestGateway::start(&chains_config(
+        &upstream.base_url,
+        &format!(
+            "[[endpoints]]\nname = \"summarize\"\nchain_dir = \"{}\"\nconfig = {{ keep_last = 2 }}\n\
+             [[endpoints]]\nname = \"chat\"\nroute = \"chat\"\n\
+             [[limits]]\nscope = [\"global\"]\ntokens_per_minute = 1000\ndefault_max_tokens = 100\n",
+            repo_path("chains/summarize_then_answer")
+        ),
+    ))
+    .await;
+    let start = Instant::now();
+    let body = json!({"model": "summarize", "messages": [
+        {"role": "user", "content": "Hi, I'm Bo."},
+        {"role": "assistant", "content": "Hello Bo."},
+        {"role": "user", "content": "Order 7 arrived broken, I want a refund."},
+        {"role": "assistant", "content": "I can help with that."},
+        {"role": "user", "content": "How long will it take?"}
+    ]});
+    let failed = gateway.post("/v1/chat/completions", &body).await;
+    assert_eq!(failed.status(), 400);
+    assert_eq!(upstream.requests().len(), 2);
+
+    // Not refunded: 1000 - 14, less the next request's reservation of 2 (8 characters / 4)
+    // + 100 = 884 (+ refill).
+    let next = gateway
+        .post("/v1/chat/completions", &chat_body("12345678"))
+        .await;
+    assert_eq!(next.status(), 200);
+    let remaining: u64 = header(&next, "x-ratelimit-remaining-tokens")
+        .parse()
+        .unwrap();
+    assert!(
+        (884..=884 + refilled_since(start)).contains(&remaining),
+        "{remaining}"
     );
 }
 

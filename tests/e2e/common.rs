@@ -746,3 +746,9 @@ pub fn stdout(output: &std::process::Output) -> String {
     );
     String::from_utf8(output.stdout.clone()).unwrap()
 }
+
+/// The most tokens a 1000-per-minute rule can have refilled since `start`: one per 60 ms, plus
+/// one for rounding. Bounds what a test may find left without assuming how fast it ran.
+pub fn refilled_since(start: std::time::Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis() / 60).unwrap_or(u64::MAX) + 1
+}

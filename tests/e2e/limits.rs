@@ -6,8 +6,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{
-    FakeUpstream, Reply, TestGateway, chat_body, header, read_stream, sse_data, stream_text,
-    temp_dir,
+    FakeUpstream, Reply, TestGateway, chat_body, header, read_stream, refilled_since, sse_data,
+    stream_text, temp_dir,
 };
 
 /// A gateway over `upstream` with endpoints `chat` and `other`, keys `team-a` (any endpoint,
@@ -583,10 +583,4 @@ async fn oversized_max_tokens_neither_panic_nor_slip_past_a_token_limit() {
         (488..=488 + refilled_since(start)).contains(&remaining),
         "1000 - 11 - 501: {remaining}"
     );
-}
-
-/// The most tokens a 1000-per-minute rule can have refilled since `start`: one per 60 ms, plus
-/// one for rounding. Bounds what a test may find left without assuming how fast it ran.
-fn refilled_since(start: Instant) -> u64 {
-    u64::try_from(start.elapsed().as_millis() / 60).unwrap_or(u64::MAX) + 1
 }

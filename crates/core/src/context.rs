@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures::StreamExt;
@@ -36,20 +37,38 @@ pub struct ChainResources {
 }
 
 /// The only thing a chain touches: logical LLMs, templates, request metadata. Cheap to create
-/// per request (one `Arc` and the metadata).
+/// per request (two `Arc`s and the metadata). Clones share one count of tokens used.
 #[derive(Clone)]
 pub struct ChainContext {
     resources: Arc<ChainResources>,
     meta: RequestMeta,
+    tokens_used: Arc<AtomicU64>,
 }
 
 impl ChainContext {
     pub fn new(resources: Arc<ChainResources>, meta: RequestMeta) -> Self {
-        Self { resources, meta }
+        Self {
+            resources,
+            meta,
+            tokens_used: Arc::default(),
+        }
     }
 
     pub fn meta(&self) -> &RequestMeta {
         &self.meta
+    }
+
+    /// The tokens (`usage.total_tokens`) the upstream reported for this context's LLM calls so
+    /// far: complete answers when they arrive, streams when their usage chunk passes. The
+    /// gateway settles token limits with it when a chain fails after some of its calls, or
+    /// reports less usage than its calls had.
+    pub fn tokens_used(&self) -> u64 {
+        self.tokens_used.load(Ordering::Relaxed)
+    }
+
+    fn count_tokens(&self, usage: &crate::wire::Usage) {
+        self.tokens_used
+            .fetch_add(usage.total_tokens, Ordering::Relaxed);
     }
 
     /// A handle to the logical LLM `name` (mapped to a gateway route by `chain.toml`'s `[llms]`).
@@ -129,6 +148,7 @@ impl LlmHandle<'_> {
                 .ok()
                 .and_then(|r| r.usage.clone())
                 .unwrap_or_default();
+            self.ctx.count_tokens(&usage);
             let span = tracing::Span::current();
             // As integers: tracing-opentelemetry exports unsigned values as strings.
             let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -178,12 +198,91 @@ impl LlmHandle<'_> {
             )
         });
         let step = self.name.clone();
+        let ctx = self.ctx.clone();
         // Stream errors are LLM errors of this step; the message says which step broke off.
-        Ok(Box::pin(stream.map(move |item| {
-            item.map_err(|mut e| {
+        Ok(Box::pin(stream.map(move |item| match item {
+            Ok(chunk) => {
+                if let Some(usage) = &chunk.usage {
+                    ctx.count_tokens(usage);
+                }
+                Ok(chunk)
+            }
+            Err(mut e) => {
                 e.message = format!("chain step '{step}': {}", e.message);
-                e
-            })
+                Err(e)
+            }
         })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{ChatChunk, Delta, Message, Usage};
+    use crate::{LlmError, LlmErrorKind};
+    use async_trait::async_trait;
+
+    /// Answers with `usage`, streams a content chunk then a usage chunk, or fails.
+    struct Fixed {
+        usage: Usage,
+        fail: bool,
+    }
+
+    #[async_trait]
+    impl Llm for Fixed {
+        async fn chat(&self, _: ChatRequest) -> Result<ChatResponse, LlmError> {
+            if self.fail {
+                return Err(LlmError::new(LlmErrorKind::BadRequest, "no"));
+            }
+            Ok(ChatResponse::assistant(
+                "1",
+                "m",
+                0,
+                "hi",
+                self.usage.clone(),
+            ))
+        }
+
+        async fn chat_stream(&self, _: ChatRequest) -> Result<ChunkStream, LlmError> {
+            let chunks = vec![
+                Ok(ChatChunk::delta("1", "m", 0, Delta::content("hi"), None)),
+                Ok(ChatChunk::usage("1", "m", 0, self.usage.clone())),
+            ];
+            Ok(Box::pin(futures::stream::iter(chunks)))
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_the_tokens_of_answers_and_of_streams_once_their_usage_chunk_passes() {
+        let llm = |prompt, completion, fail| -> Arc<dyn Llm> {
+            Arc::new(Fixed {
+                usage: Usage::new(prompt, completion),
+                fail,
+            })
+        };
+        let resources = ChainResources {
+            chain: "c".to_owned(),
+            prompts: Prompts::from_sources([]).unwrap(),
+            llms: HashMap::from([
+                ("a".to_owned(), llm(10, 4, false)),
+                ("b".to_owned(), llm(20, 3, false)),
+                ("broken".to_owned(), llm(1, 1, true)),
+            ]),
+            observer: None,
+        };
+        let ctx = ChainContext::new(Arc::new(resources), RequestMeta::default());
+        let request = || ChatRequest::new("m", vec![Message::user("x")]);
+
+        ctx.llm("a").unwrap().chat(request()).await.unwrap();
+        assert_eq!(ctx.tokens_used(), 14);
+        assert!(ctx.llm("broken").unwrap().chat(request()).await.is_err());
+        assert_eq!(ctx.tokens_used(), 14, "a failed call reports no usage");
+
+        let mut stream = ctx.llm("b").unwrap().chat_stream(request()).await.unwrap();
+        stream.next().await.unwrap().unwrap();
+        assert_eq!(ctx.tokens_used(), 14, "not before the usage chunk");
+        stream.next().await.unwrap().unwrap();
+        assert_eq!(ctx.tokens_used(), 37);
+        assert_eq!(ctx.clone().tokens_used(), 37, "clones share the count");
     }
 }

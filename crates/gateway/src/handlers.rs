@@ -150,6 +150,7 @@ async fn serve_chat(
     if strip_usage {
         request.stream_options.get_or_insert_default().include_usage = Some(true);
     }
+    let mut chain_tokens = None;
     let answer = match &endpoint {
         Endpoint::Route(route) if stream => route
             .chat_stream_body(request)
@@ -168,17 +169,22 @@ async fn serve_chat(
                 api_key_id: key_id,
                 user,
             };
-            run_chain(chain, request, meta).await.map(Answer::Chain)
+            let ctx = ChainContext::new(chain.resources.clone(), meta);
+            let output = run_chain(chain, &ctx, request).await;
+            chain_tokens = Some(ctx);
+            output.map(Answer::Chain)
         }
         Endpoint::Model(_) => {
             return Err(ApiError::internal("a model endpoint reached the chat path"));
         }
     };
+    // What a chain's LLM calls used, whatever the chain reports or however it ends.
+    let used_by_chain = || chain_tokens.as_ref().map_or(0, ChainContext::tokens_used);
     let answer = match answer {
         Ok(answer) => answer,
         Err(error) => {
-            // Nothing was generated: give the reserved tokens back.
-            admission.settle(Some(0));
+            // Give back the reserved tokens nothing was generated for.
+            admission.settle(Some(used_by_chain()));
             return Err(error);
         }
     };
@@ -202,6 +208,7 @@ async fn serve_chat(
             logged: false,
             usage: None,
             admission: Some(admission),
+            chain: chain_tokens,
             payload: logged_messages.map(|messages| (messages, String::new())),
         };
         let mut response = sse_body(chunks, log, strip_usage);
@@ -224,14 +231,18 @@ async fn serve_chat(
                     logs_payload.then(|| completion.text()),
                 ),
                 Err(error) => {
-                    admission.settle(Some(0));
+                    admission.settle(Some(used_by_chain()));
                     return Err(error.into());
                 }
             },
         };
         let mut response = ([(CONTENT_TYPE, "application/json")], body.json).into_response();
         response.headers_mut().extend(admission.take_headers());
-        admission.settle(body.usage.as_ref().map(|u| u.total_tokens));
+        let reported = body.usage.as_ref().map(|u| u.total_tokens);
+        admission.settle(match chain_tokens {
+            Some(_) => Some(reported.unwrap_or(0).max(used_by_chain())),
+            None => reported,
+        });
         record.update(|d| {
             if let Some(usage) = &body.usage {
                 d.prompt_tokens = Some(usage.prompt_tokens);
@@ -364,13 +375,12 @@ fn end_user(headers: &HeaderMap, request: &ChatRequest) -> Option<String> {
 /// error for this request only; the gateway keeps serving.
 async fn run_chain(
     endpoint: &ChainEndpoint,
+    ctx: &ChainContext,
     request: ChatRequest,
-    meta: RequestMeta,
 ) -> Result<ChainOutput, ApiError> {
     let chain_name = endpoint.resources.chain.clone();
-    let request_id = meta.request_id.clone();
-    let ctx = ChainContext::new(endpoint.resources.clone(), meta);
-    let outcome = AssertUnwindSafe(endpoint.chain.invoke(&ctx, request))
+    let request_id = ctx.meta().request_id.clone();
+    let outcome = AssertUnwindSafe(endpoint.chain.invoke(ctx, request))
         .catch_unwind()
         .await;
     match outcome {
@@ -420,6 +430,8 @@ struct StreamLog {
     logged: bool,
     usage: Option<Usage>,
     admission: Option<Admission>,
+    /// A chain's context, for the tokens its LLM calls used.
+    chain: Option<ChainContext>,
     /// Messages and the completion so far, for endpoints with `log_payloads`.
     payload: Option<(String, String)>,
 }
@@ -428,7 +440,13 @@ impl StreamLog {
     fn finish(&mut self, outcome: &str) {
         self.logged = true;
         if let Some(admission) = self.admission.take() {
-            admission.settle(self.usage.as_ref().map(|u| u.total_tokens));
+            // A stream without its usage chunk (it broke off) keeps its estimate; a chain
+            // counts at least what its LLM calls used.
+            let used = self.usage.as_ref().map(|u| {
+                let used_by_chain = self.chain.as_ref().map_or(0, ChainContext::tokens_used);
+                u.total_tokens.max(used_by_chain)
+            });
+            admission.settle(used);
         }
         let payload = self.payload.take();
         self.record.update(|d| {
