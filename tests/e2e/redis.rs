@@ -211,11 +211,20 @@ async fn a_password_a_database_and_a_unix_socket_reach_one_budget() {
     };
     let tcp = with_url(over_tcp).await;
     let unix = with_url(over_unix).await;
-    // Both authenticate and count in database 3: one budget of 2 between them.
+    // Or a URL without credentials and the password alone from the environment.
+    let url = format!("redis://127.0.0.1:{}/3", redis.port);
+    let config = limited_config(&upstream.base_url, &url, "deny", rule).replace(
+        "timeout_ms = 2000",
+        "timeout_ms = 2000\npassword = \"${TEST_REDIS_PASSWORD}\"",
+    );
+    let password_alone =
+        TestGateway::start_with_env(&config, &[("TEST_REDIS_PASSWORD", "test-only-pw")]).await;
+    // All three authenticate and count in database 3: one budget of 2 between them.
     assert_eq!(status(&tcp).await, 200);
     assert_eq!(status(&unix).await, 200);
     assert_eq!(status(&tcp).await, 429);
     assert_eq!(status(&unix).await, 429);
+    assert_eq!(status(&password_alone).await, 429);
     assert_eq!(
         redis.query(&["AUTH test-only-pw", "DBSIZE", "SELECT 3", "DBSIZE"]),
         ["+OK", ":0", "+OK", ":1"],

@@ -90,6 +90,8 @@ pub enum LimitsStoreConfig {
     Redis {
         /// May hold a password: a `Secret`, given literally or as `${ENV}`.
         url: Secret,
+        /// `password = "${ENV}"`: sent instead of any password in `url`.
+        password: Option<Secret>,
         /// Deny or allow requests while Redis cannot be reached.
         on_error: OnError,
         timeout: Duration,
@@ -483,6 +485,7 @@ enum RawLimitsStore {
     Memory,
     Redis {
         url: String,
+        password: Option<String>,
         on_error: OnError,
         #[serde(default = "default_redis_timeout_ms")]
         timeout_ms: u64,
@@ -827,9 +830,17 @@ fn compile_limits_store(
         RawLimitsStore::Memory => Some(LimitsStoreConfig::Memory),
         RawLimitsStore::Redis {
             url,
+            password,
             on_error,
             timeout_ms,
         } => {
+            let password = match password.map(|p| resolve_secret(&p, env)).transpose() {
+                Ok(password) => password,
+                Err(message) => {
+                    problems.add("limits_store.password", message);
+                    return None;
+                }
+            };
             // A URL with a password belongs in the environment: `url = "${REDIS_URL}"`.
             let url = if url.starts_with("${") {
                 match resolve_secret(&url, env) {
@@ -843,7 +854,8 @@ fn compile_limits_store(
                 // Not quoted: it holds a password.
                 problems.add(
                     "limits_store.url",
-                    "a URL with credentials belongs in the environment: url = \"${REDIS_URL}\"",
+                    "a URL with credentials belongs in the environment: url = \"${REDIS_URL}\" \
+                     (or the password alone: password = \"${REDIS_PASSWORD}\")",
                 );
                 return None;
             } else {
@@ -866,6 +878,7 @@ fn compile_limits_store(
             }
             Some(LimitsStoreConfig::Redis {
                 url,
+                password,
                 on_error,
                 timeout: Duration::from_millis(timeout_ms),
             })
@@ -1323,8 +1336,27 @@ mod tests {
             assert_eq!(found.len(), 1, "{found:#?}");
             assert_eq!(found[0].0, "limits_store.url", "{found:#?}");
             assert!(found[0].1.contains("${REDIS_URL}"), "{}", found[0].1);
+            assert!(found[0].1.contains("${REDIS_PASSWORD}"), "{}", found[0].1);
             assert!(!found[0].1.contains("hunter2"));
         }
+
+        // Or the password alone, from the environment; a literal one is refused.
+        let store = |password: &str| {
+            format!(
+                "[limits_store]\nkind = \"redis\"\non_error = \"deny\"\n\
+                 url = \"redis://127.0.0.1:6379/2\"\npassword = \"{password}\"\n{VALID}"
+            )
+        };
+        let config = parse(&store("${TEST_KEY}")).unwrap();
+        let LimitsStoreConfig::Redis { url, password, .. } = &config.limits_store else {
+            panic!("{:?}", config.limits_store);
+        };
+        assert_eq!(url.expose(), "redis://127.0.0.1:6379/2");
+        assert_eq!(password.as_ref().unwrap().expose(), "sk-test-secret");
+        let found = problems(&store("hunter2-secret"));
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].0, "limits_store.password");
+        assert!(!found[0].1.contains("hunter2"), "{}", found[0].1);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::Duration;
 use axum::http::{HeaderName, HeaderValue};
 use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
-use switchyard_core::ChatRequest;
+use switchyard_core::{ChatRequest, Secret};
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
@@ -44,10 +44,15 @@ impl Backend {
             LimitsStoreConfig::Memory => Self::Memory(memory::MemoryStore::new()),
             LimitsStoreConfig::Redis {
                 url,
+                password,
                 on_error,
                 timeout,
             } => Self::Redis {
-                store: Box::new(redis::RedisStore::new(url.expose(), *timeout)?),
+                store: Box::new(redis::RedisStore::new(
+                    url.expose(),
+                    password.as_ref().map(Secret::expose),
+                    *timeout,
+                )?),
                 on_error: *on_error,
                 settling: settling.clone(),
             },

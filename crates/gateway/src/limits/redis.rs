@@ -177,7 +177,8 @@ const RECONNECT_EVERY: Duration = Duration::from_millis(500);
 const MAX_IDLE: usize = 16;
 
 impl RedisStore {
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
+    /// A store at `url`; `password`, if given, is sent instead of any password in `url`.
+    pub fn new(url: &str, password: Option<&str>, timeout: Duration) -> Result<Self, String> {
         // The error is not quoted: it may repeat the URL, password included.
         let info = url
             .into_connection_info()
@@ -188,7 +189,7 @@ impl RedisStore {
         }
         let settings = info.redis_settings();
         let mut handshake = Vec::new();
-        if let Some(password) = settings.password() {
+        if let Some(password) = password.or(settings.password()) {
             let mut auth = redis::cmd("AUTH");
             if let Some(username) = settings.username() {
                 auth.arg(username);
