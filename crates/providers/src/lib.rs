@@ -11,6 +11,7 @@ mod mock;
 mod openai;
 mod route;
 pub mod testkit;
+mod upstream;
 
 pub use capped::Capped;
 pub use http::{HttpClient, HttpClientError};

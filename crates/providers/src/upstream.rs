@@ -1,0 +1,323 @@
+//! One HTTP upstream of a provider: the URL its calls go to, the headers every call sends (its
+//! credentials, built once and marked sensitive), and what every provider does with the answers:
+//! a failed status becomes a classified error quoting the upstream's message (never the body of
+//! an auth failure), and bodies and stream events are read up to a limit.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use http::header::{CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use http_body_util::BodyExt;
+use switchyard_core::{LlmError, LlmErrorKind};
+
+use crate::http::{HttpClient, Path, UpstreamBody, read_body};
+
+/// Upstream error bodies are quoted in our errors, cut to this many bytes.
+const MAX_QUOTED_ERROR: usize = 512;
+/// An error answer's body is read up to this much (only its message is quoted).
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// The most a complete answer, or one event of a stream, may hold, so that a misbehaving
+/// upstream cannot grow the gateway's memory without bound. Far above real answers: a
+/// 16k-token completion with 20 `top_logprobs` per token is ~20 MB.
+pub(crate) const MAX_ANSWER: usize = 64 * 1024 * 1024;
+
+/// Where a provider's calls go. Cheap to clone: the HTTP clients are shared.
+#[derive(Debug, Clone)]
+pub(crate) struct Upstream {
+    /// The provider's name, which every error of its calls starts with.
+    pub name: String,
+    client: Arc<HttpClient>,
+    /// Parsed once: parsing it per request showed up in profiles.
+    pub url: http::Uri,
+    /// Direct, or through the proxy the environment names for `url`.
+    path: Path,
+    /// Sent with every call: the provider's own (credentials, API version) and the `Host` of a
+    /// plain-HTTP upstream sent directly, built once: hyper-util's client formats it for every
+    /// request that has none. (HTTPS may negotiate HTTP/2, which names the host in `:authority`
+    /// instead; the client adds `Host` for HTTP/1 there.)
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Upstream {
+    /// Calls go to `url` (`base_url` joined with the API's path) with `headers`.
+    pub fn new(
+        name: String,
+        client: Arc<HttpClient>,
+        base_url: &str,
+        api_path: &str,
+        mut headers: Vec<(HeaderName, HeaderValue)>,
+    ) -> Result<Self, String> {
+        let url = format!("{}/{api_path}", base_url.trim_end_matches('/'));
+        let invalid = |e: &dyn std::fmt::Display| format!("invalid base_url '{base_url}': {e}");
+        // `Url` also normalises what `Uri` refuses (an international host name, a space).
+        let url = reqwest::Url::parse(&url).map_err(|e| invalid(&e))?;
+        let url: http::Uri = url.as_str().parse().map_err(|e| invalid(&e))?;
+        let path = client.path_to(&url);
+        if path == Path::Direct && url.scheme() == Some(&http::uri::Scheme::HTTP) {
+            headers.extend(host_header(&url).map(|host| (HOST, host)));
+        }
+        Ok(Self {
+            name,
+            client,
+            url,
+            path,
+            headers,
+        })
+    }
+
+    /// The value of a header every call sends.
+    #[cfg(test)]
+    pub fn header(&self, name: HeaderName) -> Option<&HeaderValue> {
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+    }
+
+    /// A header carrying a credential: refused if it is no valid header value, marked sensitive
+    /// (neither its `Debug` nor hyper's HTTP/2 header compression shows it).
+    pub fn secret_header(name: &str, value: String) -> Result<HeaderValue, String> {
+        let mut value = HeaderValue::try_from(value)
+            .map_err(|_| format!("the API key of provider '{name}' is not a valid header value"))?;
+        value.set_sensitive(true);
+        Ok(value)
+    }
+
+    /// POSTs `body` (JSON) and returns the response once its head arrived with a success status;
+    /// any other status is an error with the upstream's message.
+    pub async fn post(&self, body: Vec<u8>) -> Result<http::Response<UpstreamBody>, LlmError> {
+        let mut builder =
+            http::Request::post(self.url.clone()).header(CONTENT_TYPE, "application/json");
+        for (name, value) in &self.headers {
+            builder = builder.header(name, value.clone());
+        }
+        let request = builder.body(Bytes::from(body)).map_err(|e| {
+            LlmError::new(
+                LlmErrorKind::BadRequest,
+                format!("provider '{}': {e}", self.name),
+            )
+        })?;
+        let response = self
+            .client
+            .send(self.path, request)
+            .await
+            .map_err(|e| self.named(e))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status().as_u16();
+        let retry_after = retry_after(response.headers());
+        let detail = if matches!(status, 401 | 403) {
+            // The body of an auth failure may quote part of the provider key ("Incorrect API key
+            // provided: sk-…wxyz"): it must not reach clients or logs.
+            "the provider rejected the gateway's credentials for it".to_owned()
+        } else {
+            match read_body(response.into_body(), MAX_ERROR_BODY).await {
+                Ok(body) => upstream_error_message(&body),
+                Err(_) => format!("(its error body was cut off or over {MAX_ERROR_BODY} bytes)"),
+            }
+        };
+        Err(LlmError::new(
+            LlmErrorKind::Status {
+                status,
+                retry_after,
+            },
+            format!("provider '{}' returned HTTP {status}: {detail}", self.name),
+        ))
+    }
+
+    /// The whole body of a successful answer, up to [`MAX_ANSWER`].
+    pub async fn read_answer(
+        &self,
+        response: http::Response<UpstreamBody>,
+    ) -> Result<Bytes, LlmError> {
+        read_body(response.into_body(), MAX_ANSWER)
+            .await
+            .map_err(|e| self.named(e))
+    }
+
+    /// Puts the provider's name in a transport error.
+    pub fn named(&self, error: LlmError) -> LlmError {
+        LlmError::new(
+            error.kind,
+            format!("provider '{}': {}", self.name, error.message),
+        )
+    }
+
+    /// An answer that is not what the API promises.
+    pub fn invalid(&self, what: &str, error: &dyn std::fmt::Display) -> LlmError {
+        LlmError::new(
+            LlmErrorKind::InvalidResponse,
+            format!("provider '{}' sent {what}: {error}", self.name),
+        )
+    }
+
+    /// A stream that broke off or carried something else than the API's events.
+    pub fn interrupted(&self, message: impl std::fmt::Display) -> LlmError {
+        LlmError::new(
+            LlmErrorKind::StreamInterrupted,
+            format!("provider '{}' {message}", self.name),
+        )
+    }
+}
+
+/// The SSE events of `response`. A transport failure, or more than `max_event` bytes received
+/// without completing an event, is an error item; the stream ends where the body does.
+pub(crate) fn sse_events(
+    response: http::Response<UpstreamBody>,
+    max_event: usize,
+) -> impl Stream<Item = Result<sseer::event::Event, String>> + Send + 'static {
+    // Bytes received since the last event: the SSE parser buffers them until an event is whole.
+    let pending = Arc::new(AtomicUsize::new(0));
+    let received = pending.clone();
+    let data = response.into_body().into_data_stream().map(
+        move |piece| -> Result<Bytes, Box<dyn std::error::Error + Send + Sync + 'static>> {
+            let piece = piece?;
+            if received.fetch_add(piece.len(), Ordering::Relaxed) + piece.len() > max_event {
+                return Err(format!("an event is over {max_event} bytes").into());
+            }
+            Ok(piece)
+        },
+    );
+    sseer::EventStream::new(data).map(move |event| {
+        pending.store(0, Ordering::Relaxed);
+        event.map_err(|e| e.to_string())
+    })
+}
+
+/// `host[:port]` of `url`, the port only when it is not the scheme's default (as hyper-util's
+/// client writes it).
+fn host_header(url: &http::Uri) -> Option<HeaderValue> {
+    let host = url.host()?;
+    let value = match url.port_u16() {
+        Some(port) if port != 80 => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::try_from(value).ok()
+}
+
+/// `retry-after-ms` (OpenAI) or `Retry-After` in seconds.
+/// Values an upstream sends are not trusted: negative, infinite or absurd ones are ignored.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let seconds = |name, scale: f64| {
+        let value = headers
+            .get(name)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse::<f64>()
+            .ok()?;
+        Duration::try_from_secs_f64(value / scale).ok()
+    };
+    seconds("retry-after-ms", 1000.0).or_else(|| seconds(RETRY_AFTER.as_str(), 1.0))
+}
+
+/// The `error.message` of an error body (OpenAI's and Anthropic's shapes both have one), or the
+/// start of the raw body; either way at most [`MAX_QUOTED_ERROR`] bytes of it.
+pub(crate) fn upstream_error_message(body: &[u8]) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let text = match parsed
+        .as_ref()
+        .and_then(|v| v.pointer("/error/message"))
+        .and_then(|m| m.as_str())
+    {
+        Some(message) => std::borrow::Cow::Borrowed(message),
+        None => String::from_utf8_lossy(body),
+    };
+    let mut end = text.len().min(MAX_QUOTED_ERROR);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].trim().to_owned()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_header_of_a_plain_http_upstream_is_built_once_with_its_port() {
+        let client = Arc::new(HttpClient::new().unwrap());
+        let host = |url: &str| {
+            let upstream = Upstream::new("p".into(), client.clone(), url, "x", vec![]).unwrap();
+            upstream
+                .header(HOST)
+                .map(|value| value.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            host("http://127.0.0.1:8000/v1").as_deref(),
+            Some("127.0.0.1:8000")
+        );
+        assert_eq!(
+            host("http://llm.internal/v1").as_deref(),
+            Some("llm.internal")
+        );
+        assert_eq!(host("http://[::1]:8080/v1").as_deref(), Some("[::1]:8080"));
+        // HTTPS may speak HTTP/2 (no `Host`): hyper-util's client decides there.
+        assert_eq!(host("https://api.openai.com/v1"), None);
+    }
+
+    #[test]
+    fn reads_retry_after_in_either_header() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+        headers.insert("retry-after-ms", HeaderValue::from_static("150"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_millis(150)));
+        for junk in ["inf", "-5", "NaN", "1e300", "soon"] {
+            let mut headers = HeaderMap::new();
+            headers.insert("retry-after-ms", HeaderValue::from_static(junk));
+            headers.insert(RETRY_AFTER, HeaderValue::from_static(junk));
+            assert_eq!(retry_after(&headers), None, "{junk}");
+        }
+    }
+
+    #[test]
+    fn quotes_error_messages() {
+        let body = br#"{"error":{"message":"Rate limit reached","type":"requests"}}"#;
+        assert_eq!(upstream_error_message(body), "Rate limit reached");
+        let body =
+            br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        assert_eq!(upstream_error_message(body), "Overloaded");
+        assert_eq!(upstream_error_message(b"Bad Gateway\n"), "Bad Gateway");
+        // Long ones are cut, on a character boundary.
+        let long = format!(r#"{{"error":{{"message":"{}"}}}}"#, "é".repeat(400));
+        assert_eq!(upstream_error_message(long.as_bytes()), "é".repeat(256));
+        assert_eq!(
+            upstream_error_message(&[b'x'; 2000]).len(),
+            MAX_QUOTED_ERROR
+        );
+    }
+
+    /// An SSE response with these events (`event:` lines where a name is given), as an upstream
+    /// would send it: the odd ones with CRLF line ends, and the whole arriving in reads of 7
+    /// bytes, so events and lines are split.
+    pub(crate) fn sse_response(events: &[(&str, &str)]) -> http::Response<UpstreamBody> {
+        let text: String = events
+            .iter()
+            .enumerate()
+            .map(|(i, (name, data))| {
+                let end = if i % 2 == 1 { "\r\n" } else { "\n" };
+                let name = if name.is_empty() {
+                    String::new()
+                } else {
+                    format!("event: {name}{end}")
+                };
+                format!("{name}data: {data}{end}{end}")
+            })
+            .collect();
+        let reads: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> = text
+            .as_bytes()
+            .chunks(7)
+            .map(|piece| Ok(hyper::body::Frame::data(Bytes::copy_from_slice(piece))))
+            .collect();
+        let body = http_body_util::StreamBody::new(futures::stream::iter(reads))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        http::Response::new(body)
+    }
+}
