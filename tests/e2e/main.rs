@@ -2,6 +2,7 @@
 //! One test binary; `common` holds the harness.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test harness code may fail loudly
 
+mod anthropic;
 mod binary;
 mod chains;
 mod chat;

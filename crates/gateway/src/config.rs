@@ -138,6 +138,11 @@ pub enum ProviderKind {
         base_url: String,
         api_key: Option<Secret>,
     },
+    /// Anthropic's Messages API, translated to and from OpenAI's chat format.
+    Anthropic {
+        base_url: String,
+        api_key: Option<Secret>,
+    },
     Mock(MockConfig),
 }
 
@@ -326,6 +331,16 @@ enum RawProvider {
         #[serde(default)]
         queue_timeout_ms: Option<u64>,
     },
+    Anthropic {
+        #[serde(default = "default_anthropic_base_url")]
+        base_url: String,
+        #[serde(default)]
+        api_key: Option<String>,
+        #[serde(default)]
+        max_concurrency: Option<usize>,
+        #[serde(default)]
+        queue_timeout_ms: Option<u64>,
+    },
     Mock {
         #[serde(default)]
         reply: Option<String>,
@@ -342,6 +357,10 @@ enum RawProvider {
 
 fn default_openai_base_url() -> String {
     "https://api.openai.com/v1".to_owned()
+}
+
+fn default_anthropic_base_url() -> String {
+    "https://api.anthropic.com".to_owned()
 }
 
 #[derive(Debug, Deserialize)]
@@ -664,6 +683,31 @@ fn compile_server(raw: RawServer, problems: &mut Problems) -> Option<ServerConfi
     })
 }
 
+/// Checks an HTTP provider's `base_url` and resolves its `api_key` reference.
+fn check_http_provider(
+    name: &str,
+    base_url: &str,
+    api_key: Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<Secret> {
+    if !(base_url.starts_with("http://") || base_url.starts_with("https://"))
+        || reqwest::Url::parse(base_url).is_err()
+    {
+        problems.add(
+            format!("providers.{name}.base_url"),
+            format!("'{base_url}' is not an http:// or https:// URL"),
+        );
+    }
+    api_key.and_then(|reference| match resolve_secret(&reference, env) {
+        Ok(secret) => Some(secret),
+        Err(message) => {
+            problems.add(format!("providers.{name}.api_key"), message);
+            None
+        }
+    })
+}
+
 fn compile_provider(
     name: &str,
     raw: RawProvider,
@@ -678,23 +722,22 @@ fn compile_provider(
             max_concurrency,
             queue_timeout_ms,
         } => {
-            if !(base_url.starts_with("http://") || base_url.starts_with("https://"))
-                || reqwest::Url::parse(&base_url).is_err()
-            {
-                problems.add(
-                    format!("providers.{name}.base_url"),
-                    format!("'{base_url}' is not an http:// or https:// URL"),
-                );
-            }
-            let api_key = api_key.and_then(|reference| match resolve_secret(&reference, env) {
-                Ok(secret) => Some(secret),
-                Err(message) => {
-                    problems.add(format!("providers.{name}.api_key"), message);
-                    None
-                }
-            });
+            let api_key = check_http_provider(name, &base_url, api_key, env, problems);
             (
                 ProviderKind::OpenAi { base_url, api_key },
+                max_concurrency,
+                queue_timeout_ms,
+            )
+        }
+        RawProvider::Anthropic {
+            base_url,
+            api_key,
+            max_concurrency,
+            queue_timeout_ms,
+        } => {
+            let api_key = check_http_provider(name, &base_url, api_key, env, problems);
+            (
+                ProviderKind::Anthropic { base_url, api_key },
                 max_concurrency,
                 queue_timeout_ms,
             )

@@ -9,7 +9,9 @@ use serde_json::{Value, json};
 use switchyard_core::{
     Chain, ChainFolder, ChainResources, Llm, LoadedChain, Observer, Registry, Secret,
 };
-use switchyard_providers::{Capped, HttpClient, MockProvider, OpenAiProvider, Route, Target};
+use switchyard_providers::{
+    AnthropicProvider, Capped, HttpClient, MockProvider, OpenAiProvider, Route, Target,
+};
 use switchyard_serving::OnnxModel;
 use switchyard_store::{ModelUri, ModelVersion, Store};
 use tokio::sync::Semaphore;
@@ -112,6 +114,20 @@ pub(crate) fn build(
             ProviderKind::OpenAi { base_url, api_key } => {
                 match OpenAiProvider::new(name.clone(), client.clone(), base_url, api_key.clone()) {
                     Ok(openai) => Arc::new(openai),
+                    Err(e) => {
+                        problems.push(format!("provider '{name}': {e}"));
+                        continue;
+                    }
+                }
+            }
+            ProviderKind::Anthropic { base_url, api_key } => {
+                match AnthropicProvider::new(
+                    name.clone(),
+                    client.clone(),
+                    base_url,
+                    api_key.clone(),
+                ) {
+                    Ok(anthropic) => Arc::new(anthropic),
                     Err(e) => {
                         problems.push(format!("provider '{name}': {e}"));
                         continue;

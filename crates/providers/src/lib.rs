@@ -1,10 +1,12 @@
 //! LLM provider clients and routes.
 //!
-//! A provider ([`OpenAiProvider`], [`MockProvider`]) sends one request to one upstream. A
+//! A provider ([`OpenAiProvider`], [`AnthropicProvider`], [`MockProvider`]) sends one request to
+//! one upstream. A
 //! [`Route`] is what endpoints and chains call: an ordered list of provider targets with a total
 //! deadline, a time-to-first-token deadline for streams, retries with backoff and jitter, and
 //! fallback to the next target. All of them implement [`switchyard_core::Llm`].
 
+mod anthropic;
 mod capped;
 mod http;
 mod mock;
@@ -13,6 +15,7 @@ mod route;
 pub mod testkit;
 mod upstream;
 
+pub use anthropic::AnthropicProvider;
 pub use capped::Capped;
 pub use http::{HttpClient, HttpClientError};
 pub use mock::{MockConfig, MockProvider, count_tokens};

@@ -1,0 +1,290 @@
+//! Anthropic targets: OpenAI-shaped requests translated to the Messages API and its answers and
+//! streams translated back, against a fake `/v1/messages` on 127.0.0.1.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+use crate::common::{FakeUpstream, Reply, TestGateway, read_stream, sse_data, stream_text};
+
+/// What the fake answers, in order.
+enum Answer {
+    /// A message with this text (or, to a streaming request, a stream of its words).
+    Text(&'static str),
+    /// An error status with Anthropic's error body.
+    Status(u16, &'static str),
+}
+
+/// One request the fake received: its body, `x-api-key` and `anthropic-version`.
+type Received = (Value, Option<String>, Option<String>);
+
+#[derive(Clone, Default)]
+struct FakeAnthropic {
+    script: Arc<Mutex<VecDeque<Answer>>>,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl FakeAnthropic {
+    /// Serves `script` on 127.0.0.1; returns the fake and its base URL.
+    async fn start(script: Vec<Answer>) -> (Self, String) {
+        let fake = Self {
+            script: Arc::new(Mutex::new(script.into())),
+            ..Self::default()
+        };
+        let app = Router::new()
+            .route("/v1/messages", post(messages))
+            .with_state(fake.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (fake, format!("http://{address}"))
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+async fn messages(
+    State(fake): State<FakeAnthropic>,
+    headers: HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    let header = |name| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+    fake.received.lock().unwrap().push((
+        body.clone(),
+        header("x-api-key"),
+        header("anthropic-version"),
+    ));
+    let answer = fake.script.lock().unwrap().pop_front();
+    let text = match answer {
+        Some(Answer::Text(text)) => text,
+        Some(Answer::Status(status, kind)) => {
+            let error = json!({"type": "error", "error": {"type": kind, "message": format!("fake says {kind}")}});
+            return (StatusCode::from_u16(status).unwrap(), axum::Json(error)).into_response();
+        }
+        None => "no script left",
+    };
+    let model = body["model"].clone();
+    // The fake counts 10 input tokens per message and an output token per word.
+    let input = body["messages"].as_array().map_or(0, Vec::len) * 10;
+    let output = text.split_whitespace().count();
+    if body["stream"] != json!(true) {
+        return axum::Json(json!({
+            "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": input, "output_tokens": output}
+        }))
+        .into_response();
+    }
+    let mut events = vec![
+        (
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant",
+                   "model": model, "content": [], "usage": {"input_tokens": input, "output_tokens": 1}}}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        ("ping", json!({"type": "ping"})),
+    ];
+    for word in text.split_inclusive(' ') {
+        events.push((
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}}),
+        ));
+    }
+    events.extend([
+        (
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+        (
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                   "usage": {"output_tokens": output}}),
+        ),
+        ("message_stop", json!({"type": "message_stop"})),
+    ]);
+    let body: String = events
+        .iter()
+        .map(|(name, data)| format!("event: {name}\ndata: {data}\n\n"))
+        .collect();
+    ([("content-type", "text/event-stream")], body).into_response()
+}
+
+fn config(anthropic: &str, extra: &str) -> String {
+    format!(
+        r#"
+        [providers.claude]
+        kind = "anthropic"
+        base_url = "{anthropic}"
+        api_key = "${{TEST_ANTHROPIC_KEY}}"
+        [routes.main]
+        targets = [{{ provider = "claude", model = "claude-test" }}]
+        retries = 0
+        [[endpoints]]
+        name = "chat"
+        route = "main"
+        {extra}
+        "#
+    )
+}
+
+async fn gateway(config: &str) -> TestGateway {
+    TestGateway::start_with_env(config, &[("TEST_ANTHROPIC_KEY", "sk-ant-test-key")]).await
+}
+
+#[tokio::test]
+async fn an_anthropic_target_answers_in_openai_shape_as_json_and_as_a_stream() {
+    let (fake, url) = FakeAnthropic::start(vec![
+        Answer::Text("Bonjour !"),
+        Answer::Text("streamed in words"),
+        Answer::Text("counted not shown"),
+    ])
+    .await;
+    let gateway = gateway(&config(
+        &url,
+        "[[limits]]\nscope = [\"global\"]\ntokens_per_minute = 100000\n",
+    ))
+    .await;
+
+    let response = gateway
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "chat", "max_tokens": 50, "messages": [
+                {"role": "system", "content": "Answer in French."},
+                {"role": "user", "content": "Hello"}
+            ]}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], "claude-test");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(body["choices"][0]["message"]["content"], "Bonjour !");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12})
+    );
+    let (sent, key, version) = fake.received()[0].clone();
+    assert_eq!(
+        sent,
+        json!({"model": "claude-test", "max_tokens": 50, "system": "Answer in French.",
+               "messages": [{"role": "user", "content": "Hello"}]})
+    );
+    assert_eq!(key.as_deref(), Some("sk-ant-test-key"));
+    assert_eq!(version.as_deref(), Some("2023-06-01"));
+
+    let response = gateway
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "chat", "stream": true, "stream_options": {"include_usage": true},
+                    "messages": [{"role": "user", "content": "Stream please"}]}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let frames = sse_data(&read_stream(response).await);
+    assert_eq!(stream_text(&frames), "streamed in words");
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = frames[..frames.len() - 1]
+        .iter()
+        .map(|f| serde_json::from_str(f).unwrap())
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        chunks.last().unwrap()["usage"],
+        json!({"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13})
+    );
+    let (sent, _, _) = fake.received()[1].clone();
+    assert_eq!(sent["stream"], true);
+    assert_eq!(sent["max_tokens"], 4096, "the default when none is given");
+
+    // Under a token rule the gateway needs the usage; a client that did not ask does not get it.
+    let response = gateway
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "chat", "stream": true, "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
+    let frames = sse_data(&read_stream(response).await);
+    assert_eq!(stream_text(&frames), "counted not shown");
+    assert!(
+        !frames.iter().any(|f| f.contains("\"usage\"")),
+        "{frames:#?}"
+    );
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+}
+
+#[tokio::test]
+async fn an_overloaded_anthropic_target_falls_back_and_untranslatable_requests_are_400s() {
+    let (fake, url) = FakeAnthropic::start(vec![Answer::Status(529, "overloaded_error")]).await;
+    let openai = FakeUpstream::start(vec![Reply::Text("from the fallback")]).await;
+    let gateway = gateway(&format!(
+        r#"
+        [providers.claude]
+        kind = "anthropic"
+        base_url = "{url}"
+        api_key = "${{TEST_ANTHROPIC_KEY}}"
+        [providers.fake]
+        kind = "openai"
+        base_url = "{}"
+        [routes.main]
+        targets = [{{ provider = "claude", model = "claude-test" }}, {{ provider = "fake", model = "m" }}]
+        retries = 0
+        [[endpoints]]
+        name = "chat"
+        route = "main"
+        "#,
+        openai.base_url
+    ))
+    .await;
+
+    let response = gateway
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "from the fallback"
+    );
+    assert_eq!(fake.received().len(), 1, "529 is Anthropic's overload");
+
+    // Tools cannot be translated: refused before any call, naming the field.
+    let response = gateway
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "chat", "tools": [], "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("provider 'claude' (Anthropic): 'tools' is not supported"),
+        "{message}"
+    );
+    assert_eq!(fake.received().len(), 1);
+    assert_eq!(openai.requests().len(), 1);
+}
