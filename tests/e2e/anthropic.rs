@@ -11,7 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 
-use crate::common::{FakeUpstream, Reply, TestGateway, read_stream, sse_data, stream_text};
+use crate::common::{
+    FakeUpstream, Reply, TestGateway, header, read_stream, refilled_since, sse_data, stream_text,
+};
 
 /// What the fake answers, in order.
 enum Answer {
@@ -149,13 +151,15 @@ async fn an_anthropic_target_answers_in_openai_shape_as_json_and_as_a_stream() {
         Answer::Text("Bonjour !"),
         Answer::Text("streamed in words"),
         Answer::Text("counted not shown"),
+        Answer::Text("fourth"),
     ])
     .await;
     let gateway = gateway(&config(
         &url,
-        "[[limits]]\nscope = [\"global\"]\ntokens_per_minute = 100000\n",
+        "[[limits]]\nscope = [\"global\"]\ntokens_per_minute = 1000\ndefault_max_tokens = 100\n",
     ))
     .await;
+    let start = std::time::Instant::now();
 
     let response = gateway
         .post(
@@ -231,10 +235,26 @@ async fn an_anthropic_target_answers_in_openai_shape_as_json_and_as_a_stream() {
         "{frames:#?}"
     );
     assert_eq!(frames.last().unwrap(), "[DONE]");
+
+    // Each call was settled with Anthropic's usage: 12 + 13 + 13 tokens, so after this one's
+    // reservation of 2 (8 characters / 4) + 1 there are 1000 - 38 - 3 = 959 left (+ refill).
+    let next = gateway
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "chat", "max_tokens": 1, "messages": [{"role": "user", "content": "12345678"}]}),
+        )
+        .await;
+    let remaining: u64 = header(&next, "x-ratelimit-remaining-tokens")
+        .parse()
+        .unwrap();
+    assert!(
+        (959..=959 + refilled_since(start)).contains(&remaining),
+        "{remaining}"
+    );
 }
 
 #[tokio::test]
-async fn an_overloaded_anthropic_target_falls_back_and_untranslatable_requests_are_400s() {
+async fn overloaded_or_untranslatable_anthropic_calls_fall_back_and_are_400s_with_no_target_left() {
     let (fake, url) = FakeAnthropic::start(vec![Answer::Status(529, "overloaded_error")]).await;
     let openai = FakeUpstream::start(vec![Reply::Text("from the fallback")]).await;
     let gateway = gateway(&format!(
@@ -249,9 +269,14 @@ async fn an_overloaded_anthropic_target_falls_back_and_untranslatable_requests_a
         [routes.main]
         targets = [{{ provider = "claude", model = "claude-test" }}, {{ provider = "fake", model = "m" }}]
         retries = 0
+        [routes.claude_only]
+        targets = [{{ provider = "claude", model = "claude-test" }}]
         [[endpoints]]
         name = "chat"
         route = "main"
+        [[endpoints]]
+        name = "claude"
+        route = "claude_only"
         "#,
         openai.base_url
     ))
@@ -271,20 +296,33 @@ async fn an_overloaded_anthropic_target_falls_back_and_untranslatable_requests_a
     );
     assert_eq!(fake.received().len(), 1, "529 is Anthropic's overload");
 
-    // Tools cannot be translated: refused before any call, naming the field.
+    // Tools cannot be translated: not sent to Anthropic, but the OpenAI target serves them.
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
     let response = gateway
         .post(
             "/v1/chat/completions",
-            &json!({"model": "chat", "tools": [], "messages": [{"role": "user", "content": "hi"}]}),
+            &json!({"model": "chat", "tools": tools, "messages": [{"role": "user", "content": "echo me"}]}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "echo me");
+    assert_eq!(openai.requests()[1].body["tools"], tools);
+    // With no other target, the client learns why, naming the field.
+    let response = gateway
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "claude", "tools": tools, "messages": [{"role": "user", "content": "hi"}]}),
         )
         .await;
     assert_eq!(response.status(), 400);
     let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(
         message.contains("provider 'claude' (Anthropic): 'tools' is not supported"),
         "{message}"
     );
-    assert_eq!(fake.received().len(), 1);
-    assert_eq!(openai.requests().len(), 1);
+    assert_eq!(fake.received().len(), 1, "nothing untranslatable was sent");
+    assert_eq!(openai.requests().len(), 2);
 }

@@ -66,9 +66,8 @@ impl ChainContext {
         self.tokens_used.load(Ordering::Relaxed)
     }
 
-    fn count_tokens(&self, usage: &crate::wire::Usage) {
-        self.tokens_used
-            .fetch_add(usage.total_tokens, Ordering::Relaxed);
+    fn count_tokens(&self, tokens: u64) {
+        self.tokens_used.fetch_add(tokens, Ordering::Relaxed);
     }
 
     /// A handle to the logical LLM `name` (mapped to a gateway route by `chain.toml`'s `[llms]`).
@@ -148,7 +147,7 @@ impl LlmHandle<'_> {
                 .ok()
                 .and_then(|r| r.usage.clone())
                 .unwrap_or_default();
-            self.ctx.count_tokens(&usage);
+            self.ctx.count_tokens(usage.total_tokens);
             let span = tracing::Span::current();
             // As integers: tracing-opentelemetry exports unsigned values as strings.
             let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -199,11 +198,16 @@ impl LlmHandle<'_> {
         });
         let step = self.name.clone();
         let ctx = self.ctx.clone();
+        // Some servers report the usage so far on every chunk (vLLM's `continuous_usage_stats`):
+        // only what a report adds to the last one is counted.
+        let mut counted = 0;
         // Stream errors are LLM errors of this step; the message says which step broke off.
         Ok(Box::pin(stream.map(move |item| match item {
             Ok(chunk) => {
                 if let Some(usage) = &chunk.usage {
-                    ctx.count_tokens(usage);
+                    let total = usage.total_tokens;
+                    ctx.count_tokens(total.saturating_sub(counted));
+                    counted = counted.max(total);
                 }
                 Ok(chunk)
             }
@@ -222,10 +226,12 @@ mod tests {
     use crate::{LlmError, LlmErrorKind};
     use async_trait::async_trait;
 
-    /// Answers with `usage`, streams a content chunk then a usage chunk, or fails.
+    /// Answers with `usage`, streams a content chunk then a usage chunk, or fails. A
+    /// `cumulative` stream reports the usage so far on its content chunk too.
     struct Fixed {
         usage: Usage,
         fail: bool,
+        cumulative: bool,
     }
 
     #[async_trait]
@@ -244,8 +250,12 @@ mod tests {
         }
 
         async fn chat_stream(&self, _: ChatRequest) -> Result<ChunkStream, LlmError> {
+            let mut content = ChatChunk::delta("1", "m", 0, Delta::content("hi"), None);
+            if self.cumulative {
+                content.usage = Some(Usage::new(self.usage.prompt_tokens, 1));
+            }
             let chunks = vec![
-                Ok(ChatChunk::delta("1", "m", 0, Delta::content("hi"), None)),
+                Ok(content),
                 Ok(ChatChunk::usage("1", "m", 0, self.usage.clone())),
             ];
             Ok(Box::pin(futures::stream::iter(chunks)))
@@ -254,19 +264,21 @@ mod tests {
 
     #[tokio::test]
     async fn counts_the_tokens_of_answers_and_of_streams_once_their_usage_chunk_passes() {
-        let llm = |prompt, completion, fail| -> Arc<dyn Llm> {
+        let llm = |prompt, completion, fail, cumulative| -> Arc<dyn Llm> {
             Arc::new(Fixed {
                 usage: Usage::new(prompt, completion),
                 fail,
+                cumulative,
             })
         };
         let resources = ChainResources {
             chain: "c".to_owned(),
             prompts: Prompts::from_sources([]).unwrap(),
             llms: HashMap::from([
-                ("a".to_owned(), llm(10, 4, false)),
-                ("b".to_owned(), llm(20, 3, false)),
-                ("broken".to_owned(), llm(1, 1, true)),
+                ("a".to_owned(), llm(10, 4, false, false)),
+                ("b".to_owned(), llm(20, 3, false, false)),
+                ("c".to_owned(), llm(5, 2, false, true)),
+                ("broken".to_owned(), llm(1, 1, true, false)),
             ]),
             observer: None,
         };
@@ -284,5 +296,12 @@ mod tests {
         stream.next().await.unwrap().unwrap();
         assert_eq!(ctx.tokens_used(), 37);
         assert_eq!(ctx.clone().tokens_used(), 37, "clones share the count");
+
+        // Usage so far on every chunk (6, then 7 in all): counted once.
+        let mut stream = ctx.llm("c").unwrap().chat_stream(request()).await.unwrap();
+        stream.next().await.unwrap().unwrap();
+        assert_eq!(ctx.tokens_used(), 37 + 6);
+        stream.next().await.unwrap().unwrap();
+        assert_eq!(ctx.tokens_used(), 37 + 7);
     }
 }

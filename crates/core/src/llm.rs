@@ -64,6 +64,9 @@ pub enum LlmErrorKind {
     StreamInterrupted,
     /// The request itself is not acceptable to this target (e.g. a mock asked to fail).
     BadRequest,
+    /// A valid request this target's API cannot serve (say, tools on a provider whose
+    /// translation has none): not retried, but the next target of a route may serve it.
+    Unsupported,
     /// The gateway's own cap on calls to this provider is reached and no slot freed in time.
     Overloaded,
 }
@@ -99,6 +102,7 @@ impl LlmError {
             LlmErrorKind::InvalidResponse
             | LlmErrorKind::StreamInterrupted
             | LlmErrorKind::BadRequest
+            | LlmErrorKind::Unsupported
             | LlmErrorKind::Overloaded => false,
         }
     }
@@ -121,6 +125,7 @@ impl fmt::Display for LlmErrorKind {
             LlmErrorKind::InvalidResponse => f.write_str("invalid upstream response"),
             LlmErrorKind::StreamInterrupted => f.write_str("stream interrupted"),
             LlmErrorKind::BadRequest => f.write_str("bad request"),
+            LlmErrorKind::Unsupported => f.write_str("not supported by the target"),
             LlmErrorKind::Overloaded => f.write_str("provider at its concurrency cap"),
         }
     }

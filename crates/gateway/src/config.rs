@@ -877,14 +877,20 @@ fn compile_limits_store(
             on_error,
             timeout_ms,
         } => {
+            // Reported with the URL's problems, if it has any.
             let password = match password.map(|p| resolve_secret(&p, env)).transpose() {
-                Ok(password) => password,
+                Ok(password) => Some(password),
                 Err(message) => {
                     problems.add("limits_store.password", message);
-                    return None;
+                    None
                 }
             };
-            // A URL with a password belongs in the environment: `url = "${REDIS_URL}"`.
+            // A URL with a password belongs in the environment: `url = "${REDIS_URL}"`. (A user
+            // name alone, `redis://user@host`, is no secret.)
+            let user_info = url
+                .split_once("://")
+                .and_then(|(_, rest)| rest.split_once('@'))
+                .map(|(user_info, _)| user_info);
             let url = if url.starts_with("${") {
                 match resolve_secret(&url, env) {
                     Ok(secret) => secret,
@@ -893,7 +899,7 @@ fn compile_limits_store(
                         return None;
                     }
                 }
-            } else if url.contains('@') || url.contains("pass=") {
+            } else if user_info.is_some_and(|u| u.contains(':')) || url.contains("pass=") {
                 // Not quoted: it holds a password.
                 problems.add(
                     "limits_store.url",
@@ -921,7 +927,7 @@ fn compile_limits_store(
             }
             Some(LimitsStoreConfig::Redis {
                 url,
-                password,
+                password: password?,
                 on_error,
                 timeout: Duration::from_millis(timeout_ms),
             })
@@ -1384,21 +1390,27 @@ mod tests {
         }
 
         // Or the password alone, from the environment; a literal one is refused.
-        let store = |password: &str| {
+        // (A user name in the URL is no secret.)
+        let store = |url: &str, password: &str| {
             format!(
                 "[limits_store]\nkind = \"redis\"\non_error = \"deny\"\n\
-                 url = \"redis://127.0.0.1:6379/2\"\npassword = \"{password}\"\n{VALID}"
+                 url = \"{url}\"\npassword = \"{password}\"\n{VALID}"
             )
         };
-        let config = parse(&store("${TEST_KEY}")).unwrap();
+        let config = parse(&store("redis://app@127.0.0.1:6379/2", "${TEST_KEY}")).unwrap();
         let LimitsStoreConfig::Redis { url, password, .. } = &config.limits_store else {
             panic!("{:?}", config.limits_store);
         };
-        assert_eq!(url.expose(), "redis://127.0.0.1:6379/2");
+        assert_eq!(url.expose(), "redis://app@127.0.0.1:6379/2");
         assert_eq!(password.as_ref().unwrap().expose(), "sk-test-secret");
-        let found = problems(&store("hunter2-secret"));
-        assert_eq!(found.len(), 1, "{found:#?}");
-        assert_eq!(found[0].0, "limits_store.password");
+        // Every problem at once: the password's and the URL's.
+        let found = problems(&store("rediss://127.0.0.1:6379", "hunter2-secret"));
+        let paths: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["limits_store.password", "limits_store.url"],
+            "{found:#?}"
+        );
         assert!(!found[0].1.contains("hunter2"), "{}", found[0].1);
     }
 

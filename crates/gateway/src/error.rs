@@ -245,7 +245,7 @@ impl From<LlmError> for ApiError {
                 "invalid_request_error",
                 message,
             ),
-            LlmErrorKind::BadRequest => {
+            LlmErrorKind::BadRequest | LlmErrorKind::Unsupported => {
                 Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
             }
             LlmErrorKind::Overloaded => Self {

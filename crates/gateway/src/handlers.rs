@@ -239,9 +239,10 @@ async fn serve_chat(
         let mut response = ([(CONTENT_TYPE, "application/json")], body.json).into_response();
         response.headers_mut().extend(admission.take_headers());
         let reported = body.usage.as_ref().map(|u| u.total_tokens);
-        admission.settle(match chain_tokens {
-            Some(_) => Some(reported.unwrap_or(0).max(used_by_chain())),
-            None => reported,
+        // No usage anywhere (an upstream that reports none): the estimate stands.
+        admission.settle(match (reported, used_by_chain()) {
+            (None, 0) => None,
+            (reported, used) => Some(reported.unwrap_or(0).max(used)),
         });
         record.update(|d| {
             if let Some(usage) = &body.usage {

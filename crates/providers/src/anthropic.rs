@@ -9,9 +9,10 @@
 //! `stop_sequences`, `user` → `metadata.user_id`; the usage (cache reads and writes count as
 //! prompt tokens) and the stop reason. Fields that do not change the answer's shape and have no
 //! Anthropic counterpart (`seed`, penalties, `store`, …) are dropped. Anything else — tools and
-//! tool messages, `response_format`, `n` > 1, log probabilities, fields this module does not
-//! know — is refused before the call, with a 400 naming it, rather than silently answered
-//! differently.
+//! tool messages, `response_format`, `n` > 1, log probabilities, `temperature` above 1, fields
+//! this module does not know — is refused before the call as [`LlmErrorKind::Unsupported`]
+//! rather than silently answered differently: a route falls back to its next target, and with
+//! none left the client gets a 400 naming the field.
 
 use std::sync::Arc;
 
@@ -54,7 +55,8 @@ pub struct AnthropicProvider {
 }
 
 impl AnthropicProvider {
-    /// `base_url` is the API root, e.g. `https://api.anthropic.com`.
+    /// `base_url` is the API root, e.g. `https://api.anthropic.com` (a trailing `/v1`, as
+    /// OpenAI base URLs have, is allowed).
     pub fn new(
         name: impl Into<String>,
         client: Arc<HttpClient>,
@@ -70,7 +72,9 @@ impl AnthropicProvider {
             let value = Upstream::secret_header(&name, key.expose().to_owned())?;
             headers.push((HeaderName::from_static("x-api-key"), value));
         }
-        let upstream = Upstream::new(name, client, base_url, "v1/messages", headers)?;
+        let root = base_url.trim_end_matches('/');
+        let root = root.strip_suffix("/v1").unwrap_or(root);
+        let upstream = Upstream::new(name, client, root, "v1/messages", headers)?;
         Ok(Self {
             upstream: Arc::new(upstream),
         })
@@ -81,10 +85,13 @@ impl AnthropicProvider {
         request: &ChatRequest,
         stream: bool,
     ) -> Result<http::Response<UpstreamBody>, LlmError> {
-        let body = messages_request(request, stream).map_err(|message| {
+        let body = messages_request(request, stream).map_err(|e| {
             LlmError::new(
-                LlmErrorKind::BadRequest,
-                format!("provider '{}' (Anthropic): {message}", self.upstream.name),
+                e.kind,
+                format!(
+                    "provider '{}' (Anthropic): {}",
+                    self.upstream.name, e.message
+                ),
             )
         })?;
         let body = serde_json::to_vec(&body).map_err(|e| {
@@ -120,13 +127,25 @@ impl Llm for AnthropicProvider {
     }
 }
 
-/// The Messages API body for `request`, or what cannot be translated.
-fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, String> {
+/// A valid request this API cannot serve: the next target may.
+fn unsupported(message: impl Into<String>) -> LlmError {
+    LlmError::new(LlmErrorKind::Unsupported, message)
+}
+
+/// A request no target can serve.
+fn invalid(message: impl Into<String>) -> LlmError {
+    LlmError::new(LlmErrorKind::BadRequest, message)
+}
+
+/// The Messages API body for `request`, or why it cannot be translated.
+fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmError> {
     let mut system = Vec::new();
     let mut messages = Vec::new();
     for (i, message) in request.messages.iter().enumerate() {
         if message.extra.contains_key("tool_calls") || message.extra.contains_key("function_call") {
-            return Err(format!("messages[{i}]: tool calls are not supported"));
+            return Err(unsupported(format!(
+                "messages[{i}]: tool calls are not supported"
+            )));
         }
         match message.role.as_str() {
             "system" | "developer" => system.push(system_text(i, message)?),
@@ -134,12 +153,12 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, String
                 messages.push(json!({"role": role, "content": content(i, message)?}));
             }
             "tool" | "function" => {
-                return Err(format!(
+                return Err(unsupported(format!(
                     "messages[{i}]: tool results (role '{}') are not supported",
                     message.role
-                ));
+                )));
             }
-            other => return Err(format!("messages[{i}]: unknown role '{other}'")),
+            other => return Err(invalid(format!("messages[{i}]: unknown role '{other}'"))),
         }
     }
     let mut body = Map::new();
@@ -159,6 +178,10 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, String
     for (field, value) in &request.extra {
         match field.as_str() {
             _ if value.is_null() || DROPPED.contains(&field.as_str()) => {}
+            // OpenAI's range is 0 to 2, Anthropic's 0 to 1.
+            "temperature" if value.as_f64().is_some_and(|t| t > 1.0) => {
+                return Err(unsupported("'temperature' above 1 is not supported"));
+            }
             "temperature" | "top_p" => {
                 body.insert(field.clone(), value.clone());
             }
@@ -166,7 +189,7 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, String
                 let stops = match value {
                     Value::String(stop) => vec![Value::String(stop.clone())],
                     Value::Array(stops) => stops.clone(),
-                    _ => return Err("'stop' must be a string or an array of strings".into()),
+                    _ => return Err(invalid("'stop' must be a string or an array of strings")),
                 };
                 body.insert("stop_sequences".into(), stops.into());
             }
@@ -175,14 +198,14 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, String
             }
             "n" if value.as_u64() == Some(1) => {}
             "logprobs" if value == &Value::Bool(false) => {}
-            other => return Err(format!("'{other}' is not supported")),
+            other => return Err(unsupported(format!("'{other}' is not supported"))),
         }
     }
     Ok(Value::Object(body))
 }
 
 /// The text of a system message (Anthropic's `system` is text only).
-fn system_text(i: usize, message: &Message) -> Result<String, String> {
+fn system_text(i: usize, message: &Message) -> Result<String, LlmError> {
     match &message.content {
         Some(Content::Text(text)) => Ok(text.clone()),
         Some(Content::Parts(parts))
@@ -192,18 +215,20 @@ fn system_text(i: usize, message: &Message) -> Result<String, String> {
         {
             Ok(message.text())
         }
-        _ => Err(format!(
+        _ => Err(unsupported(format!(
             "messages[{i}]: a system message must be text (a string or text parts)"
-        )),
+        ))),
     }
 }
 
 /// A user or assistant message's content: a string, or text and image blocks.
-fn content(i: usize, message: &Message) -> Result<Value, String> {
+fn content(i: usize, message: &Message) -> Result<Value, LlmError> {
     let parts = match &message.content {
         Some(Content::Text(text)) => return Ok(Value::String(text.clone())),
         Some(Content::Parts(parts)) => parts,
-        Some(Content::Null) | None => return Err(format!("messages[{i}]: content is missing")),
+        Some(Content::Null) | None => {
+            return Err(invalid(format!("messages[{i}]: content is missing")));
+        }
     };
     parts
         .iter()
@@ -217,12 +242,14 @@ fn content(i: usize, message: &Message) -> Result<Value, String> {
                     let url = part
                         .pointer("/image_url/url")
                         .and_then(Value::as_str)
-                        .ok_or_else(|| format!("messages[{i}]: an image_url part has no url"))?;
+                        .ok_or_else(|| {
+                            invalid(format!("messages[{i}]: an image_url part has no url"))
+                        })?;
                     Ok(json!({"type": "image", "source": image_source(url)}))
                 }
-                other => Err(format!(
+                other => Err(unsupported(format!(
                     "messages[{i}]: content parts of type '{other}' are not supported"
-                )),
+                ))),
             }
         })
         .collect::<Result<Vec<_>, _>>()
@@ -275,7 +302,7 @@ struct Block {
     text: String,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
 struct AnthropicUsage {
     #[serde(default)]
     input_tokens: Option<u64>,
@@ -288,6 +315,25 @@ struct AnthropicUsage {
 }
 
 impl AnthropicUsage {
+    /// Takes the counts `newer` has; keeps the others.
+    fn merge(&mut self, newer: AnthropicUsage) {
+        let take = |old: &mut Option<u64>, new: Option<u64>| {
+            if new.is_some() {
+                *old = new;
+            }
+        };
+        take(&mut self.input_tokens, newer.input_tokens);
+        take(&mut self.output_tokens, newer.output_tokens);
+        take(
+            &mut self.cache_creation_input_tokens,
+            newer.cache_creation_input_tokens,
+        );
+        take(
+            &mut self.cache_read_input_tokens,
+            newer.cache_read_input_tokens,
+        );
+    }
+
     /// Every input token, cached or not, as OpenAI counts prompt tokens.
     fn prompt_tokens(&self) -> Option<u64> {
         let input = self.input_tokens?;
@@ -325,14 +371,25 @@ struct StreamState {
     id: String,
     model: String,
     created: u64,
-    prompt_tokens: u64,
-    completion_tokens: u64,
+    /// Each count as last reported (`message_delta`'s are cumulative).
+    usage: AnthropicUsage,
+    /// Whether a chunk went out: the first carries the role.
+    started: bool,
     include_usage: bool,
     done: bool,
 }
 
 impl StreamState {
-    fn chunk(&self, delta: Delta, finish_reason: Option<&str>) -> ChatChunk {
+    /// A chunk with `content`, or the finish chunk. No chunk is made for `message_start`: a
+    /// route takes its first chunk as the answer begun (no retry or fallback after it), and an
+    /// overloaded Anthropic may still send an `error` event before any text.
+    fn chunk(&mut self, content: Option<&str>, finish_reason: Option<&str>) -> ChatChunk {
+        let delta = Delta {
+            role: (!self.started).then(|| "assistant".to_owned()),
+            content: content.map(str::to_owned),
+            ..Delta::default()
+        };
+        self.started = true;
         ChatChunk::delta(
             self.id.clone(),
             self.model.clone(),
@@ -342,11 +399,16 @@ impl StreamState {
         )
     }
 
-    /// The chunk an event becomes, if any; `Err` with a message for an event that ends the
-    /// stream with an error.
-    fn on_event(&mut self, data: &str) -> Result<Option<ChatChunk>, String> {
-        let event: Value = serde_json::from_str(data)
-            .map_err(|e| format!("sent an event that is not JSON ({e})"))?;
+    /// The chunk an event becomes, if any; `Err` for an event that ends the stream with an
+    /// error, classified (an `error` event is classified like the status Anthropic gives the
+    /// same error, so that before the first text a route retries an overloaded target).
+    fn on_event(&mut self, data: &str) -> Result<Option<ChatChunk>, (LlmErrorKind, String)> {
+        let event: Value = serde_json::from_str(data).map_err(|e| {
+            (
+                LlmErrorKind::StreamInterrupted,
+                format!("sent an event that is not JSON ({e})"),
+            )
+        })?;
         let kind = event
             .get("type")
             .and_then(Value::as_str)
@@ -356,36 +418,21 @@ impl StreamState {
             "message_start" => {
                 self.id = text("/message/id").unwrap_or_default().to_owned();
                 self.model = text("/message/model").unwrap_or_default().to_owned();
-                let usage = usage_of(event.pointer("/message/usage"));
-                self.prompt_tokens = usage.prompt_tokens().unwrap_or(0);
-                self.completion_tokens = usage.output_tokens.unwrap_or(0);
-                Some(self.chunk(
-                    Delta {
-                        role: Some("assistant".into()),
-                        content: Some(String::new()),
-                        ..Delta::default()
-                    },
-                    None,
-                ))
+                self.usage.merge(usage_of(event.pointer("/message/usage")));
+                None
             }
             "content_block_start" => text("/content_block/text")
                 .filter(|text| !text.is_empty())
-                .map(|text| self.chunk(Delta::content(text), None)),
-            "content_block_delta" if text("/delta/type") == Some("text_delta") => Some(self.chunk(
-                Delta::content(text("/delta/text").unwrap_or_default()),
-                None,
-            )),
+                .map(|text| text.to_owned())
+                .map(|text| self.chunk(Some(&text), None)),
+            "content_block_delta" if text("/delta/type") == Some("text_delta") => {
+                let delta = text("/delta/text").unwrap_or_default().to_owned();
+                Some(self.chunk(Some(&delta), None))
+            }
             "message_delta" => {
-                let usage = usage_of(event.get("usage"));
-                // Counts in `message_delta` are cumulative.
-                if let Some(prompt) = usage.prompt_tokens() {
-                    self.prompt_tokens = prompt;
-                }
-                if let Some(output) = usage.output_tokens {
-                    self.completion_tokens = output;
-                }
-                text("/delta/stop_reason")
-                    .map(|reason| self.chunk(Delta::default(), Some(finish_reason(reason))))
+                self.usage.merge(usage_of(event.get("usage")));
+                let reason = text("/delta/stop_reason").map(finish_reason);
+                reason.map(|reason| self.chunk(None, Some(reason)))
             }
             "message_stop" => {
                 self.done = true;
@@ -394,13 +441,28 @@ impl StreamState {
                         self.id.clone(),
                         self.model.clone(),
                         self.created,
-                        Usage::new(self.prompt_tokens, self.completion_tokens),
+                        Usage::new(
+                            self.usage.prompt_tokens().unwrap_or(0),
+                            self.usage.output_tokens.unwrap_or(0),
+                        ),
                     )
                 })
             }
             "error" => {
                 let message = text("/error/message").unwrap_or("(no message)");
-                return Err(format!("sent an error in the stream: {message}"));
+                let status = match text("/error/type") {
+                    Some("overloaded_error") => Some(529),
+                    Some("rate_limit_error") => Some(429),
+                    Some("api_error") => Some(500),
+                    _ => None,
+                };
+                let kind = status.map_or(LlmErrorKind::StreamInterrupted, |status| {
+                    LlmErrorKind::Status {
+                        status,
+                        retry_after: None,
+                    }
+                });
+                return Err((kind, format!("sent an error in the stream: {message}")));
             }
             // ping, content_block_stop, non-text deltas (thinking), and event types added later.
             _ => None,
@@ -414,8 +476,8 @@ fn usage_of(value: Option<&Value>) -> AnthropicUsage {
         .unwrap_or_default()
 }
 
-/// An Anthropic event stream as OpenAI chat chunks: a role chunk first, a chunk per text delta,
-/// a finish chunk, and a usage chunk if `include_usage`. It ends at `message_stop`; an `error`
+/// An Anthropic event stream as OpenAI chat chunks: a chunk per text delta (the first with the
+/// role), a finish chunk, and a usage chunk if `include_usage`. It ends at `message_stop`; an `error`
 /// event, a broken stream or one that ends before `message_stop` is an error item.
 fn chat_chunks(
     upstream: Arc<Upstream>,
@@ -427,8 +489,8 @@ fn chat_chunks(
         id: String::new(),
         model: String::new(),
         created: unix_now(),
-        prompt_tokens: 0,
-        completion_tokens: 0,
+        usage: AnthropicUsage::default(),
+        started: false,
         include_usage,
         done: false,
     };
@@ -444,7 +506,10 @@ fn chat_chunks(
                 Some(Ok(event)) => match state.on_event(&event.data) {
                     Ok(Some(chunk)) => Ok(chunk),
                     Ok(None) => continue,
-                    Err(message) => Err(upstream.interrupted(message)),
+                    Err((kind, message)) => Err(LlmError::new(
+                        kind,
+                        format!("provider '{}' {message}", upstream.name),
+                    )),
                 },
             };
             failed = item.is_err();
@@ -467,7 +532,7 @@ mod tests {
         let client = Arc::new(HttpClient::new().unwrap());
         let provider = AnthropicProvider::new(
             "claude",
-            client,
+            client.clone(),
             "https://api.anthropic.com/",
             Some(Secret::new("sk-ant-do-not-show".to_owned())),
         )
@@ -476,6 +541,9 @@ mod tests {
             provider.upstream.url,
             "https://api.anthropic.com/v1/messages"
         );
+        // A base URL written OpenAI's way, with /v1, means the same.
+        let with_v1 = AnthropicProvider::new("c", client, "http://127.0.0.1:9/v1/", None).unwrap();
+        assert_eq!(with_v1.upstream.url, "http://127.0.0.1:9/v1/messages");
         let key = provider
             .upstream
             .header(HeaderName::from_static("x-api-key"))
@@ -546,8 +614,17 @@ mod tests {
 
     #[test]
     fn what_cannot_be_translated_is_refused_by_name() {
-        let refused = |body: Value| messages_request(&request(body), false).unwrap_err();
+        // A valid request this API cannot serve: the next target of a route may.
+        let refused = |body: Value| {
+            let error = messages_request(&request(body), false).unwrap_err();
+            assert_eq!(error.kind, LlmErrorKind::Unsupported, "{}", error.message);
+            error.message
+        };
         let user = json!([{"role": "user", "content": "x"}]);
+        assert_eq!(
+            refused(json!({"model": "m", "messages": user, "temperature": 1.5})),
+            "'temperature' above 1 is not supported"
+        );
         assert_eq!(
             refused(json!({"model": "m", "messages": user, "tools": []})),
             "'tools' is not supported"
@@ -575,6 +652,13 @@ mod tests {
             ]})),
             "messages[0]: content parts of type 'input_audio' are not supported"
         );
+        // A request no target can serve is the client's error.
+        let bad = messages_request(
+            &request(json!({"model": "m", "messages": user, "stop": 5})),
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(bad.kind, LlmErrorKind::BadRequest);
     }
 
     #[test]
@@ -605,7 +689,7 @@ mod tests {
         let mut events = vec![
             (
                 "message_start",
-                r#"{"type":"message_start","message":{"id":"msg_2","type":"message","role":"assistant","model":"claude-test","content":[],"stop_reason":null,"usage":{"input_tokens":12,"output_tokens":1}}}"#,
+                r#"{"type":"message_start","message":{"id":"msg_2","type":"message","role":"assistant","model":"claude-test","content":[],"stop_reason":null,"usage":{"input_tokens":12,"output_tokens":1,"cache_read_input_tokens":3}}}"#,
             ),
             (
                 "content_block_start",
@@ -626,7 +710,7 @@ mod tests {
             ),
             (
                 "message_delta",
-                r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":2}}"#,
+                r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"input_tokens":12,"output_tokens":2}}"#,
             ),
         ];
         if with_stop {
@@ -661,19 +745,19 @@ mod tests {
         assert_eq!(
             encoded,
             [
-                chunk(json!({"role": "assistant", "content": ""}), Value::Null),
-                chunk(json!({"content": "Hel"}), Value::Null),
+                chunk(json!({"role": "assistant", "content": "Hel"}), Value::Null),
                 chunk(json!({"content": "lo"}), Value::Null),
                 chunk(json!({}), json!("stop")),
+                // 12 input + 3 cache reads from message_start; 2 output from message_delta.
                 json!({"id": "msg_2", "object": "chat.completion.chunk", "model": "claude-test",
-                       "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}}),
+                       "choices": [], "usage": {"prompt_tokens": 15, "completion_tokens": 2, "total_tokens": 17}}),
             ]
         );
 
         let without_usage: Vec<_> = chat_chunks(upstream(), anthropic_stream(true), false)
             .collect()
             .await;
-        assert_eq!(without_usage.len(), 4);
+        assert_eq!(without_usage.len(), 3);
     }
 
     #[tokio::test]
@@ -681,8 +765,8 @@ mod tests {
         let cut: Vec<_> = chat_chunks(upstream(), anthropic_stream(false), true)
             .collect()
             .await;
-        assert_eq!(cut.len(), 5);
-        let error = cut[4].as_ref().unwrap_err();
+        assert_eq!(cut.len(), 4);
+        let error = cut[3].as_ref().unwrap_err();
         assert_eq!(error.kind, LlmErrorKind::StreamInterrupted);
         assert_eq!(
             error.message,
@@ -699,11 +783,18 @@ mod tests {
                 r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
             ),
         ]);
+        // Before any text no chunk went out, so a route may still retry or fall back.
         let items: Vec<_> = chat_chunks(upstream(), overloaded, true).collect().await;
-        assert_eq!(items.len(), 2);
+        assert_eq!(items.len(), 1);
+        let error = items[0].as_ref().unwrap_err();
         assert_eq!(
-            items[1].as_ref().unwrap_err().message,
+            error.message,
             "provider 'claude' sent an error in the stream: Overloaded"
+        );
+        assert!(
+            error.is_retryable(),
+            "like Anthropic's 529: {:?}",
+            error.kind
         );
     }
 }

@@ -165,7 +165,9 @@ impl Upstream {
 }
 
 /// The SSE events of `response`. A transport failure, or more than `max_event` bytes received
-/// without completing an event, is an error item; the stream ends where the body does.
+/// without completing an event, is an error item; the stream ends where the body does. (The
+/// count restarts when an event comes out, so it is exact to within one read from the socket:
+/// far below the 64 MiB it guards.)
 pub(crate) fn sse_events(
     response: http::Response<UpstreamBody>,
     max_event: usize,
