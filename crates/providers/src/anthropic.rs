@@ -94,16 +94,7 @@ impl AnthropicProvider {
                 ),
             )
         })?;
-        let body = serde_json::to_vec(&body).map_err(|e| {
-            LlmError::new(
-                LlmErrorKind::BadRequest,
-                format!(
-                    "cannot encode the request for provider '{}': {e}",
-                    self.upstream.name
-                ),
-            )
-        })?;
-        self.upstream.post(body).await
+        self.upstream.post(&body).await
     }
 }
 

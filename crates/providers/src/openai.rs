@@ -7,7 +7,7 @@ use futures::StreamExt;
 use http::header::AUTHORIZATION;
 use switchyard_core::{
     ChatChunk, ChatRequest, ChatResponse, ChunkBody, ChunkBodyStream, ChunkStream, CompletionBody,
-    Llm, LlmError, LlmErrorKind, Secret,
+    Llm, LlmError, Secret,
 };
 
 use crate::http::{HttpClient, UpstreamBody};
@@ -42,16 +42,7 @@ impl OpenAiProvider {
     }
 
     async fn send(&self, request: &ChatRequest) -> Result<http::Response<UpstreamBody>, LlmError> {
-        let body = serde_json::to_vec(request).map_err(|e| {
-            LlmError::new(
-                LlmErrorKind::BadRequest,
-                format!(
-                    "cannot encode the request for provider '{}': {e}",
-                    self.upstream.name
-                ),
-            )
-        })?;
-        self.upstream.post(body).await
+        self.upstream.post(request).await
     }
 
     /// The body of a successful non-stream call.
@@ -143,6 +134,7 @@ fn sse_chunks<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_core::LlmErrorKind;
 
     /// An SSE response with these `data:` payloads.
     fn sse_response(events: &[&str]) -> http::Response<UpstreamBody> {

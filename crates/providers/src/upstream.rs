@@ -86,9 +86,21 @@ impl Upstream {
         Ok(value)
     }
 
-    /// POSTs `body` (JSON) and returns the response once its head arrived with a success status;
-    /// any other status is an error with the upstream's message.
-    pub async fn post(&self, body: Vec<u8>) -> Result<http::Response<UpstreamBody>, LlmError> {
+    /// POSTs `body` as JSON and returns the response once its head arrived with a success
+    /// status; any other status is an error with the upstream's message.
+    pub async fn post(
+        &self,
+        body: &impl serde::Serialize,
+    ) -> Result<http::Response<UpstreamBody>, LlmError> {
+        let body = serde_json::to_vec(body).map_err(|e| {
+            LlmError::new(
+                LlmErrorKind::BadRequest,
+                format!(
+                    "cannot encode the request for provider '{}': {e}",
+                    self.name
+                ),
+            )
+        })?;
         let mut builder =
             http::Request::post(self.url.clone()).header(CONTENT_TYPE, "application/json");
         for (name, value) in &self.headers {
