@@ -292,6 +292,21 @@ async fn mlflow_invocations_serve_chat_endpoints_with_mlflow_errors() {
     assert_eq!(not_json.status(), 400);
     let error: Value = not_json.json().await.unwrap();
     assert_eq!(error["error_code"], "BAD_REQUEST");
+    // CSV is for models; a chat endpoint says what it takes.
+    let csv = gateway
+        .client
+        .post(gateway.url("/endpoints/support/invocations"))
+        .header("content-type", "text/csv")
+        .body("role,content\nuser,hi\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.status(), 415);
+    let error: Value = csv.json().await.unwrap();
+    assert_eq!(
+        error["message"],
+        "endpoint 'support' takes application/json, not text/csv"
+    );
 }
 
 #[tokio::test]

@@ -123,8 +123,27 @@ fn every_format(inputs: &serde_json::Map<String, Value>) -> Vec<Value> {
     ]
 }
 
-/// Every fixture (`*.expected.json`), every case, every request format: the gateway's answer
-/// equals onnxruntime's (labels equal, floats within 1e-5).
+/// A `dataframe_split` body as MLflow's other content type, `text/csv`: a header row, then a
+/// line per row (strings quoted, missing values empty).
+fn as_csv(body: &Value) -> Option<String> {
+    let frame = body.get("dataframe_split")?;
+    let cell = |value: &Value| match value {
+        Value::String(text) => format!("\"{}\"", text.replace('"', "\"\"")),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let line = |values: &Vec<Value>| values.iter().map(cell).collect::<Vec<_>>().join(",");
+    let mut csv = line(frame["columns"].as_array()?);
+    for row in frame["data"].as_array()? {
+        csv.push('\n');
+        csv.push_str(&line(row.as_array()?));
+    }
+    Some(csv)
+}
+
+/// Every fixture (`*.expected.json`), every case, every request format (and the
+/// `dataframe_split` ones again as CSV): the gateway's answer equals onnxruntime's (labels
+/// equal, floats within 1e-5).
 #[tokio::test]
 async fn predictions_through_the_gateway_equal_onnxruntimes_in_every_format() {
     let mut models: Vec<String> = std::fs::read_dir(fixture(""))
@@ -149,6 +168,24 @@ async fn predictions_through_the_gateway_equal_onnxruntimes_in_every_format() {
                 let got: Value = response.json().await.unwrap();
                 assert_close(
                     &format!("{name}/{}", case["name"]),
+                    &got["predictions"],
+                    &case["outputs"],
+                );
+                let Some(csv) = as_csv(&body) else {
+                    continue;
+                };
+                let response = gateway
+                    .client
+                    .post(gateway.url(&format!("/endpoints/{name}/invocations")))
+                    .header("content-type", "text/csv; charset=utf-8")
+                    .body(csv.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200, "{name} {csv}");
+                let got: Value = response.json().await.unwrap();
+                assert_close(
+                    &format!("{name}/{} as CSV", case["name"]),
                     &got["predictions"],
                     &case["outputs"],
                 );
@@ -197,6 +234,38 @@ async fn bad_input_is_a_400_in_mlflows_shape_and_the_model_keeps_serving() {
     assert_eq!(not_json.status(), 400);
     let empty = gateway.client.post(gateway.url(url)).send().await.unwrap();
     assert_eq!(empty.status(), 400);
+    // MLflow's scoring protocol takes JSON and CSV; anything else is a 415 before the body is
+    // read, and CSV that is no table a 400.
+    let post_as = |content_type: &'static str, body: &'static str| {
+        gateway
+            .client
+            .post(gateway.url(url))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let form = post_as("application/x-www-form-urlencoded", "a=1")
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 415);
+    let error: Value = form.json().await.unwrap();
+    assert_eq!(error["error_code"], "BAD_REQUEST");
+    assert_eq!(
+        error["message"],
+        "endpoint 'logreg' takes application/json or text/csv, not application/x-www-form-urlencoded"
+    );
+    let ragged = post_as("text/csv", "a,b,c,d\n1,2,3,4\n5,6\n")
+        .await
+        .unwrap();
+    assert_eq!(ragged.status(), 400);
+    let error: Value = ragged.json().await.unwrap();
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the CSV body cannot be read"),
+        "{error}"
+    );
 
     let none = gateway.post(url, &json!({"inputs": []})).await;
     assert_eq!(none.status(), 200);

@@ -151,6 +151,16 @@ impl ApiError {
         .with_code("unknown_url")
     }
 
+    /// A body of a media type the path does not take.
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            message,
+        )
+        .with_code("unsupported_media_type")
+    }
+
     pub fn method_not_allowed(method: &http::Method, path: &str) -> Self {
         Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -177,7 +187,7 @@ impl ApiError {
 fn mlflow_error_code(error: &ApiError) -> &'static str {
     match error.status.as_u16() {
         400 if error.param.is_some() => "INVALID_PARAMETER_VALUE",
-        400 | 405 | 408 | 413 => "BAD_REQUEST",
+        400 | 405 | 408 | 413 | 415 => "BAD_REQUEST",
         404 => "RESOURCE_DOES_NOT_EXIST",
         401 => "UNAUTHENTICATED",
         403 => "PERMISSION_DENIED",

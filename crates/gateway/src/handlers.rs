@@ -24,7 +24,7 @@ use crate::extract::{from_value, parse_json, read_body};
 use crate::limits::{Admission, Caller};
 use crate::request_log::RequestRecord;
 use crate::{ApiKeyConfig, AppState, ChainEndpoint, Endpoint, Snapshot, auth};
-use switchyard_serving::{OnnxModel, ServingError};
+use switchyard_serving::{OnnxModel, ServingError, mlflow_csv_input};
 
 /// The end user's header (the OpenAI `user` field is the other way to name them).
 const USER: HeaderName = HeaderName::from_static("x-switchyard-user");
@@ -64,7 +64,29 @@ pub async fn invocations(
         Endpoint::Model(model) => Some(model.clone()),
         _ => None,
     };
-    let mut value: Value = parse_json(&read_body(request, &state).await?)?;
+    // MLflow's scoring protocol: JSON, or CSV for a model; no type at all is taken as JSON.
+    let csv = match media_type(&headers) {
+        None => false,
+        Some(media) if media.eq_ignore_ascii_case("application/json") => false,
+        Some(media) if media.eq_ignore_ascii_case("text/csv") && model.is_some() => true,
+        Some(other) => {
+            let accepted = if model.is_some() {
+                "application/json or text/csv"
+            } else {
+                "application/json"
+            };
+            return Err(ApiError::unsupported_media_type(format!(
+                "endpoint '{name}' takes {accepted}, not {other}"
+            ))
+            .into());
+        }
+    };
+    let body = read_body(request, &state).await?;
+    let mut value: Value = if csv {
+        mlflow_csv_input(&body).map_err(|e| ApiError::bad_request(e.to_string(), None))?
+    } else {
+        parse_json(&body)?
+    };
     let caller = Authorized { snapshot, key };
     if let Some(model) = model {
         return Ok(serve_model(&state, caller, &name, model, &value, &headers, &record).await?);
@@ -75,6 +97,13 @@ pub async fn invocations(
     object.insert("model".to_owned(), Value::String(name));
     let request: ChatRequest = from_value(value)?;
     Ok(serve_chat(&state, caller, request, &headers, record).await?)
+}
+
+/// The body's media type: `Content-Type` without its parameters.
+fn media_type(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(CONTENT_TYPE)?.to_str().unwrap_or_default();
+    let media = value.split(';').next().unwrap_or_default().trim();
+    (!media.is_empty()).then_some(media)
 }
 
 /// A request's view of the gateway: the state it started with (a reload while it runs does not

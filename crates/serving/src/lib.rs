@@ -9,10 +9,12 @@
 //!
 //! Scope: inputs of shape `[N, features]` in float32, float64, int64 or string.
 
+mod csv_input;
 mod input;
 mod ml;
 mod model;
 
+pub use csv_input::mlflow_csv_input;
 pub use input::{Batch, Dtype, InputSpec, parse_mlflow_input};
 pub use model::OnnxModel;
 
