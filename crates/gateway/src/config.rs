@@ -889,7 +889,8 @@ fn compile_limits_store(
             // name alone, `redis://user@host`, is no secret.)
             let user_info = url
                 .split_once("://")
-                .and_then(|(_, rest)| rest.split_once('@'))
+                .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or_default())
+                .and_then(|authority| authority.rsplit_once('@'))
                 .map(|(user_info, _)| user_info);
             let url = if url.starts_with("${") {
                 match resolve_secret(&url, env) {
@@ -1403,6 +1404,8 @@ mod tests {
         };
         assert_eq!(url.expose(), "redis://app@127.0.0.1:6379/2");
         assert_eq!(password.as_ref().unwrap().expose(), "sk-test-secret");
+        // An '@' after the host is no user information.
+        assert!(parse(&store("redis://127.0.0.1:6379/0?x=a@b", "${TEST_KEY}")).is_ok());
         // Every problem at once: the password's and the URL's.
         let found = problems(&store("rediss://127.0.0.1:6379", "hunter2-secret"));
         let paths: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();

@@ -83,7 +83,8 @@ pub async fn invocations(
     };
     let body = read_body(request, &state).await?;
     let mut value: Value = if csv {
-        mlflow_csv_input(&body).map_err(|e| ApiError::bad_request(e.to_string(), None))?
+        let inputs = model.as_ref().map_or(&[][..], |model| model.inputs());
+        mlflow_csv_input(&body, inputs).map_err(|e| ApiError::bad_request(e.to_string(), None))?
     } else {
         parse_json(&body)?
     };

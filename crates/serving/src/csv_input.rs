@@ -1,14 +1,22 @@
 //! `text/csv` scoring bodies, read the way MLflow's scoring server reads them (pandas
-//! `read_csv`): a header row names the columns, each further row is a row of the frame. A
-//! column whose every cell is a number holds numbers (an empty cell there is a missing value,
-//! `null`: NaN in a float input); any other column holds strings.
+//! `read_csv` with the model's input types): a header row names the columns, each further row
+//! is a row of the frame. A column that feeds a string input holds strings, whatever they look
+//! like (`02134` stays `02134`). Any other column whose every cell is a number or missing
+//! (empty, `NA`, `NaN`, `null`…, as pandas reads them) holds numbers, a missing one `null`
+//! (NaN in a float input); anything else holds strings.
 
 use serde_json::{Number, Value, json};
 
-use crate::ServingError;
+use crate::{Dtype, InputSpec, ServingError};
 
-/// The CSV `body` as the equivalent JSON request: `{"dataframe_split": {"columns", "data"}}`.
-pub fn mlflow_csv_input(body: &[u8]) -> Result<Value, ServingError> {
+/// What pandas reads as a missing value by default (besides the empty cell).
+const MISSING: &[&str] = &[
+    "NA", "N/A", "n/a", "NaN", "nan", "-NaN", "-nan", "NULL", "null", "None", "<NA>", "#N/A",
+];
+
+/// The CSV `body` for a model with `inputs`, as the equivalent JSON request:
+/// `{"dataframe_split": {"columns", "data"}}`.
+pub fn mlflow_csv_input(body: &[u8], inputs: &[InputSpec]) -> Result<Value, ServingError> {
     let bad = |e: csv::Error| ServingError::BadInput(format!("the CSV body cannot be read: {e}"));
     let mut reader = csv::ReaderBuilder::new().from_reader(body);
     let columns: Vec<String> = reader
@@ -26,12 +34,21 @@ pub fn mlflow_csv_input(body: &[u8]) -> Result<Value, ServingError> {
         .records()
         .collect::<Result<Vec<_>, _>>()
         .map_err(bad)?;
-    let numeric: Vec<bool> = (0..columns.len())
-        .map(|c| {
-            rows.iter().all(|row| {
-                let cell = row[c].trim();
-                cell.is_empty() || cell.parse::<f64>().is_ok()
-            })
+    // A model with one input takes the columns as its row, whatever their names.
+    let text_input = |column: &str| {
+        inputs
+            .iter()
+            .any(|i| i.dtype == Dtype::Str && (i.name == column || inputs.len() == 1))
+    };
+    let numeric: Vec<bool> = columns
+        .iter()
+        .enumerate()
+        .map(|(c, name)| {
+            !text_input(name)
+                && rows.iter().all(|row| {
+                    let cell = row[c].trim();
+                    is_missing(cell) || cell.parse::<f64>().is_ok()
+                })
         })
         .collect();
     let data: Vec<Value> = rows
@@ -46,6 +63,10 @@ pub fn mlflow_csv_input(body: &[u8]) -> Result<Value, ServingError> {
     Ok(json!({"dataframe_split": {"columns": columns, "data": data}}))
 }
 
+fn is_missing(cell: &str) -> bool {
+    cell.is_empty() || MISSING.contains(&cell)
+}
+
 fn cell_value(cell: &str, numeric: bool) -> Value {
     if !numeric {
         return Value::String(cell.to_owned());
@@ -54,7 +75,7 @@ fn cell_value(cell: &str, numeric: bool) -> Value {
     if let Ok(integer) = cell.parse::<i64>() {
         return integer.into();
     }
-    // Empty, `nan` and infinities have no JSON number: a missing value.
+    // Missing values, and infinities (JSON has no number for them; read as missing too).
     cell.parse::<f64>()
         .ok()
         .and_then(Number::from_f64)
@@ -65,11 +86,19 @@ fn cell_value(cell: &str, numeric: bool) -> Value {
 mod tests {
     use super::*;
 
+    fn input(name: &str, dtype: Dtype) -> InputSpec {
+        InputSpec {
+            name: name.to_owned(),
+            dtype,
+            width: 1,
+        }
+    }
+
     #[test]
     fn columns_of_numbers_are_numbers_and_the_others_strings() {
-        let csv = b"sepal length,color,count\n5.1,red,3\n,\"dark, blue\",-2\nnan,7,0\n";
+        let csv = b"sepal length,color,count\n5.1,red,3\n,\"dark, blue\",-2\nNA,7,0\n";
         assert_eq!(
-            mlflow_csv_input(csv).unwrap(),
+            mlflow_csv_input(csv, &[]).unwrap(),
             json!({"dataframe_split": {
                 "columns": ["sepal length", "color", "count"],
                 "data": [[5.1, "red", 3], [null, "dark, blue", -2], [null, "7", 0]]
@@ -78,9 +107,25 @@ mod tests {
     }
 
     #[test]
+    fn columns_of_string_inputs_stay_strings_however_they_look() {
+        let csv = b"zip,amount\n02134,1.5\n10001,2\n";
+        let inputs = [input("zip", Dtype::Str), input("amount", Dtype::Float32)];
+        assert_eq!(
+            mlflow_csv_input(csv, &inputs).unwrap()["dataframe_split"]["data"],
+            json!([["02134", 1.5], ["10001", 2]])
+        );
+        // One string input: every column is part of its row.
+        let one = [input("codes", Dtype::Str)];
+        assert_eq!(
+            mlflow_csv_input(b"a,b\n1,2\n", &one).unwrap()["dataframe_split"]["data"],
+            json!([["1", "2"]])
+        );
+    }
+
+    #[test]
     fn ragged_or_headless_csv_is_a_bad_input() {
         for csv in [&b"a,b\n1,2\n3\n"[..], b"", b"\n"] {
-            let error = mlflow_csv_input(csv).unwrap_err();
+            let error = mlflow_csv_input(csv, &[]).unwrap_err();
             assert!(matches!(error, ServingError::BadInput(_)), "{error}");
         }
     }
