@@ -66,10 +66,6 @@ impl ChainContext {
         self.tokens_used.load(Ordering::Relaxed)
     }
 
-    fn count_tokens(&self, tokens: u64) {
-        self.tokens_used.fetch_add(tokens, Ordering::Relaxed);
-    }
-
     /// A handle to the logical LLM `name` (mapped to a gateway route by `chain.toml`'s `[llms]`).
     /// Calls through the handle are traced as a step named after the LLM.
     pub fn llm(&self, name: &str) -> Result<LlmHandle<'_>, ChainError> {
@@ -147,7 +143,9 @@ impl LlmHandle<'_> {
                 .ok()
                 .and_then(|r| r.usage.clone())
                 .unwrap_or_default();
-            self.ctx.count_tokens(usage.total_tokens);
+            self.ctx
+                .tokens_used
+                .fetch_add(usage.total_tokens, Ordering::Relaxed);
             let span = tracing::Span::current();
             // As integers: tracing-opentelemetry exports unsigned values as strings.
             let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -197,7 +195,8 @@ impl LlmHandle<'_> {
             )
         });
         let step = self.name.clone();
-        let ctx = self.ctx.clone();
+        // The count only, not the whole context (its metadata's strings).
+        let tokens_used = self.ctx.tokens_used.clone();
         // Some servers report the usage so far on every chunk (vLLM's `continuous_usage_stats`):
         // only what a report adds to the last one is counted.
         let mut counted = 0;
@@ -206,7 +205,7 @@ impl LlmHandle<'_> {
             Ok(chunk) => {
                 if let Some(usage) = &chunk.usage {
                     let total = usage.total_tokens;
-                    ctx.count_tokens(total.saturating_sub(counted));
+                    tokens_used.fetch_add(total.saturating_sub(counted), Ordering::Relaxed);
                     counted = counted.max(total);
                 }
                 Ok(chunk)

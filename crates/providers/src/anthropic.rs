@@ -414,11 +414,9 @@ impl StreamState {
             }
             "content_block_start" => text("/content_block/text")
                 .filter(|text| !text.is_empty())
-                .map(|text| text.to_owned())
-                .map(|text| self.chunk(Some(&text), None)),
+                .map(|text| self.chunk(Some(text), None)),
             "content_block_delta" if text("/delta/type") == Some("text_delta") => {
-                let delta = text("/delta/text").unwrap_or_default().to_owned();
-                Some(self.chunk(Some(&delta), None))
+                Some(self.chunk(Some(text("/delta/text").unwrap_or_default()), None))
             }
             "message_delta" => {
                 self.usage.merge(usage_of(event.get("usage")));
@@ -711,8 +709,7 @@ mod tests {
     }
 
     fn upstream() -> Arc<Upstream> {
-        let client = Arc::new(HttpClient::new().unwrap());
-        Arc::new(Upstream::new("claude".into(), client, "http://127.0.0.1:1", "x", vec![]).unwrap())
+        crate::upstream::tests::test_upstream("claude")
     }
 
     #[tokio::test]

@@ -143,8 +143,7 @@ mod tests {
     }
 
     fn upstream() -> Arc<Upstream> {
-        let client = Arc::new(HttpClient::new().unwrap());
-        Arc::new(Upstream::new("p".into(), client, "http://127.0.0.1:1", "x", vec![]).unwrap())
+        crate::upstream::tests::test_upstream("p")
     }
 
     #[test]

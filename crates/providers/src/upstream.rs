@@ -252,6 +252,12 @@ pub(crate) fn upstream_error_message(body: &[u8]) -> String {
 pub(crate) mod tests {
     use super::*;
 
+    /// An upstream named `name` that no test calls (its streams are fed by hand).
+    pub(crate) fn test_upstream(name: &str) -> Arc<Upstream> {
+        let client = Arc::new(HttpClient::new().unwrap());
+        Arc::new(Upstream::new(name.into(), client, "http://127.0.0.1:1", "x", vec![]).unwrap())
+    }
+
     #[test]
     fn the_host_header_of_a_plain_http_upstream_is_built_once_with_its_port() {
         let client = Arc::new(HttpClient::new().unwrap());
