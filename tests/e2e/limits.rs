@@ -121,6 +121,24 @@ async fn keys_are_required_checked_and_restricted_to_their_endpoints() {
         call(&gateway, Some(TEAM_A), &other, None).await.status(),
         200
     );
+    // On MLflow's path too, and before anything else about the endpoint shows: a body it would
+    // refuse with 415 (a route takes JSON only) is still a 403 for a key that may not call it.
+    let forbidden_csv = gateway
+        .client
+        .post(gateway.url("/endpoints/other/invocations"))
+        .bearer_auth(TEAM_B)
+        .header("content-type", "text/csv")
+        .body("a\n1\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forbidden_csv.status(), 403);
+    let error: Value = forbidden_csv.json().await.unwrap();
+    assert_eq!(error["error_code"], "PERMISSION_DENIED");
+    assert_eq!(
+        error["message"],
+        "API key 'team-b' may not call endpoint 'other'"
+    );
 
     let models = |key: &'static str| {
         let request = gateway

@@ -64,6 +64,15 @@ pub async fn invocations(
         Endpoint::Model(model) => Some(model.clone()),
         _ => None,
     };
+    // A key that may not call the endpoint learns nothing more about it (not even what it takes).
+    if let Err(forbidden) = auth::check_endpoint(key.as_deref(), &name) {
+        record.update(|d| {
+            d.endpoint = Some(name.clone());
+            d.kind = endpoint.kind();
+            d.key_id = key.as_ref().map(|k| k.id.clone());
+        });
+        return Err(forbidden.into());
+    }
     // MLflow's scoring protocol: JSON, or CSV for a model; no type at all is taken as JSON.
     let csv = match media_type(&headers) {
         None => false,
@@ -130,28 +139,24 @@ async fn serve_chat(
     let Some(endpoint) = snapshot.endpoints.get(&endpoint_name).cloned() else {
         return Err(ApiError::unknown_model(&endpoint_name));
     };
-    let kind = match &endpoint {
-        Endpoint::Route(_) => "route",
-        Endpoint::Chain(_) => "chain",
-        Endpoint::Model(_) => {
-            return Err(ApiError::bad_request(
-                format!(
-                    "endpoint '{endpoint_name}' serves an ONNX model, not chat: POST /endpoints/{endpoint_name}/invocations \
-                     with MLflow's input formats"
-                ),
-                Some("model".to_owned()),
-            ));
-        }
-    };
     let user = end_user(headers, &request);
     let key_id = key.as_ref().map(|k| k.id.clone());
     record.update(|d| {
         d.endpoint = Some(endpoint_name.clone());
-        d.kind = kind;
+        d.kind = endpoint.kind();
         d.key_id.clone_from(&key_id);
         d.user.clone_from(&user);
     });
     auth::check_endpoint(key.as_deref(), &endpoint_name)?;
+    if matches!(endpoint, Endpoint::Model(_)) {
+        return Err(ApiError::bad_request(
+            format!(
+                "endpoint '{endpoint_name}' serves an ONNX model, not chat: POST /endpoints/{endpoint_name}/invocations \
+                 with MLflow's input formats"
+            ),
+            Some("model".to_owned()),
+        ));
+    }
     if request.messages.is_empty() {
         return Err(ApiError::bad_request(
             "'messages' must contain at least one message",

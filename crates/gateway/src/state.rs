@@ -51,6 +51,17 @@ pub(crate) enum Endpoint {
     Model(Arc<OnnxModel>),
 }
 
+impl Endpoint {
+    /// What the endpoint serves, as logs and metrics name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Route(_) => "route",
+            Self::Chain(_) => "chain",
+            Self::Model(_) => "model",
+        }
+    }
+}
+
 /// A loaded chain with its templates and logical LLMs bound to routes.
 pub(crate) struct ChainEndpoint {
     pub chain: Arc<dyn Chain>,
