@@ -439,12 +439,7 @@ impl StreamState {
             }
             "error" => {
                 let message = text("/error/message").unwrap_or("(no message)");
-                let status = match text("/error/type") {
-                    Some("overloaded_error") => Some(529),
-                    Some("rate_limit_error") => Some(429),
-                    Some("api_error") => Some(500),
-                    _ => None,
-                };
+                let status = text("/error/type").and_then(error_status);
                 let kind = status.map_or(LlmErrorKind::StreamInterrupted, |status| {
                     LlmErrorKind::Status {
                         status,
@@ -457,6 +452,22 @@ impl StreamState {
             _ => None,
         })
     }
+}
+
+/// The HTTP status Anthropic answers an error type with (its errors page), so an error inside
+/// a stream is treated like the same error before it: retried, fallen back from, or not.
+fn error_status(error_type: &str) -> Option<u16> {
+    Some(match error_type {
+        "invalid_request_error" => 400,
+        "authentication_error" => 401,
+        "permission_error" => 403,
+        "not_found_error" => 404,
+        "request_too_large" => 413,
+        "rate_limit_error" => 429,
+        "api_error" => 500,
+        "overloaded_error" => 529,
+        _ => return None,
+    })
 }
 
 fn usage_of(value: Option<&Value>) -> AnthropicUsage {
@@ -784,5 +795,20 @@ mod tests {
             "like Anthropic's 529: {:?}",
             error.kind
         );
+
+        let too_large = sse_response(&[(
+            "error",
+            r#"{"type":"error","error":{"type":"request_too_large","message":"Too large"}}"#,
+        )]);
+        let items: Vec<_> = chat_chunks(upstream(), too_large, true).collect().await;
+        let error = items[0].as_ref().unwrap_err();
+        assert_eq!(
+            error.kind,
+            LlmErrorKind::Status {
+                status: 413,
+                retry_after: None
+            }
+        );
+        assert!(!error.is_retryable(), "{:?}", error.kind);
     }
 }
