@@ -44,6 +44,11 @@ enum Command {
         /// Address to listen on; overrides `[server] listen`.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Serve logged chains whose code differs from the code compiled into this binary, as
+        /// if every chain endpoint said `allow_code_mismatch = true` (development only: a
+        /// warning names each such chain).
+        #[arg(long)]
+        allow_code_mismatch: bool,
     },
     /// Log a model into the store as a new version.
     #[command(subcommand)]
@@ -127,10 +132,15 @@ fn main() -> anyhow::Result<()> {
         )
     };
     match cli.command {
-        Command::Serve { config, listen } => {
+        Command::Serve {
+            config,
+            listen,
+            allow_code_mismatch,
+        } => {
             let source = ConfigSource {
                 path: config,
                 store_override: cli.store.clone(),
+                allow_code_mismatch,
             };
             let gateway = Gateway::from_file(source, &switchyard_chains::registry())?;
             let listen = listen.unwrap_or_else(|| gateway.listen_address());

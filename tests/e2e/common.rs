@@ -373,6 +373,7 @@ impl TestGateway {
         let source = switchyard_gateway::ConfigSource {
             path: path.to_owned(),
             store_override: None,
+            allow_code_mismatch: false,
         };
         let gateway = Gateway::from_file(source, &switchyard_chains::registry())
             .unwrap_or_else(|e| panic!("{e}"));

@@ -197,6 +197,7 @@ async fn log_alias_serve_then_relog_move_the_alias_and_reload_without_a_failed_r
     let source = switchyard_gateway::ConfigSource {
         path: config_path,
         store_override: None,
+        allow_code_mismatch: false,
     };
     let error = match switchyard_gateway::Gateway::from_file(source, &registry) {
         Ok(_) => panic!("a tampered version must not load"),
@@ -249,6 +250,19 @@ async fn logged_code_that_differs_from_the_compiled_code_is_refused_unless_allow
         "{error}"
     );
     assert!(error.contains("allow_code_mismatch = true"), "{error}");
+    assert!(error.contains("--allow-code-mismatch"), "{error}");
+
+    // `switchyard serve --allow-code-mismatch`: the same config file loads, every chain allowed.
+    let refused_file = work.join("refused.toml");
+    std::fs::write(&refused_file, &refused).unwrap();
+    let source = |allow_code_mismatch| switchyard_gateway::ConfigSource {
+        path: refused_file.clone(),
+        store_override: None,
+        allow_code_mismatch,
+    };
+    let registry = switchyard_chains::registry();
+    assert!(switchyard_gateway::Gateway::from_file(source(false), &registry).is_err());
+    assert!(switchyard_gateway::Gateway::from_file(source(true), &registry).is_ok());
 
     let allowed = gateway_config(
         &work.join("store"),
@@ -365,6 +379,7 @@ async fn the_logged_example_config_serves_the_production_alias() {
     let source = switchyard_gateway::ConfigSource {
         path: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/config/logged.toml")),
         store_override: Some(work.join("store")),
+        allow_code_mismatch: false,
     };
     let gateway =
         switchyard_gateway::Gateway::from_file(source, &switchyard_chains::registry()).unwrap();

@@ -30,6 +30,10 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
     pub endpoints: Vec<EndpointConfig>,
+    /// Every chain endpoint may serve logged code that differs from the compiled code, as if
+    /// each said `allow_code_mismatch = true`: `switchyard serve --allow-code-mismatch`
+    /// (development only). Not a config key.
+    pub allow_code_mismatch: bool,
 }
 
 /// `[auth]`: who may call what.
@@ -616,6 +620,7 @@ fn compile(
         providers,
         routes,
         endpoints,
+        allow_code_mismatch: false,
     })
 }
 

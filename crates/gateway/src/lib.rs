@@ -66,6 +66,8 @@ pub struct ConfigSource {
     pub path: PathBuf,
     /// Overrides `[store] path` (the `--store` flag / `SWITCHYARD_STORE`).
     pub store_override: Option<PathBuf>,
+    /// `serve --allow-code-mismatch`: see [`Config::allow_code_mismatch`].
+    pub allow_code_mismatch: bool,
 }
 
 impl ConfigSource {
@@ -75,6 +77,7 @@ impl ConfigSource {
         if let Some(store) = &self.store_override {
             config.store.clone_from(store);
         }
+        config.allow_code_mismatch |= self.allow_code_mismatch;
         Ok(config)
     }
 }

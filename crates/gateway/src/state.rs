@@ -219,6 +219,7 @@ pub(crate) fn build(
                     }
                     version => load_chain(
                         chain,
+                        config.allow_code_mismatch,
                         version.as_ref(),
                         registry,
                         &store,
@@ -306,6 +307,7 @@ fn load_onnx(
 
 fn load_chain(
     endpoint: &ChainEndpointConfig,
+    allow_any_mismatch: bool,
     version: Option<&ModelVersion>,
     registry: &Registry,
     store: &Store,
@@ -325,7 +327,11 @@ fn load_chain(
     let loaded = folder
         .instantiate(registry, endpoint.config.as_ref(), &endpoint.llms)
         .map_err(|problems| problems.into_iter().map(at).collect::<Vec<_>>())?;
-    check_code(&endpoint.source, &loaded, endpoint.allow_code_mismatch)?;
+    check_code(
+        &endpoint.source,
+        &loaded,
+        endpoint.allow_code_mismatch || allow_any_mismatch,
+    )?;
 
     let mut llms: HashMap<String, Arc<dyn Llm>> = HashMap::new();
     let mut problems = Vec::new();
@@ -405,7 +411,7 @@ fn check_code(
              code_sha256 {compiled}. Serve the logged code by rebuilding from it \
              (`switchyard models restore {uri} chains/{chain}`, then rebuild), log the current code \
              (`switchyard log chain chains/{chain} --name {name}`), or set `allow_code_mismatch = true` \
-             on the endpoint (development only)",
+             on the endpoint or start with `switchyard serve --allow-code-mismatch` (development only)",
             logged = loaded.folder_code_sha256,
             compiled = loaded.entry.code_sha256,
             name = uri.name,
