@@ -56,17 +56,19 @@ enum Command {
     /// Inspect and manage logged models.
     #[command(subcommand)]
     Models(ModelsCommand),
-    /// Run one prediction on an ONNX model without a server; prints MLflow's
-    /// `{"predictions": ...}`.
+    /// Run one request without a server, as `/endpoints/{name}/invocations` would: an ONNX
+    /// model's `{"predictions": ...}`, or a chain's or route's chat completion.
     Predict {
-        /// A model URI (`models:/iris@production`), an endpoint of --config, or an .onnx file
-        /// or MLflow model directory.
+        /// A model URI (`models:/iris@production`, `models:/support-bot/2`), an endpoint of
+        /// --config, or an .onnx file or MLflow model directory.
         target: String,
-        /// The request in an MLflow scoring format (`{"inputs": [[...]]}`, `dataframe_split`…):
-        /// JSON text, `@file`, or `-` for standard input.
+        /// For a model, an MLflow scoring request (`{"inputs": [[...]]}`, `dataframe_split`…);
+        /// for a chain or route, a chat request (`{"messages": [...]}`). JSON text, `@file`,
+        /// or `-` for standard input.
         #[arg(long)]
         input: String,
-        /// Gateway config whose endpoint names and [store] to use.
+        /// Gateway config: its endpoint names, its [store], and the routes and providers a
+        /// chain or route calls (needed for those; API keys and rate limits do not apply).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -217,13 +219,15 @@ fn report(
     Ok(())
 }
 
-/// `switchyard predict`: loads the target's ONNX model as the gateway would (logged versions are
-/// verified first), runs the request and prints the answer.
+/// `switchyard predict`: an ONNX model is loaded as the gateway would (logged versions are
+/// verified first) and run on the request; a chain or route endpoint (or a logged chain, bound to
+/// the config's routes) is loaded with the config's providers and sent the request in process.
+/// Prints the answer; an error answer is the command's error.
 fn predict(
     store: Option<PathBuf>,
     target: &str,
     input: &str,
-    config: Option<&std::path::Path>,
+    config_path: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     let text = match input {
         "-" => std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?,
@@ -236,50 +240,99 @@ fn predict(
     };
     let body: serde_json::Value =
         serde_json::from_str(&text).context("--input is not valid JSON")?;
-    // A prediction calls no provider, Redis or client: the config's `${VAR}` secrets need not
-    // be set, and are not read. The stand-in passes the config's checks (a Redis URL must start
-    // with redis://) and goes nowhere.
+    // Finding an ONNX model calls no provider, Redis or client: the config's `${VAR}` secrets
+    // need not be set, and are not read. The stand-in passes the config's checks (a Redis URL
+    // must start with redis://) and goes nowhere.
     let unused_secret = |_: &str| Some("redis://secret-unused-by-predict".to_owned());
-    let config = config
+    let config = config_path
         .map(|path| switchyard_gateway::Config::load_with_env(path, &unused_secret))
         .transpose()?;
-    let store = || {
-        Store::new(
-            store
-                .clone()
-                .or_else(|| config.as_ref().map(|c| c.store.clone()))
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE)),
-        )
-    };
-    let logged = |uri: &ModelUri| -> anyhow::Result<PathBuf> {
-        let store = store();
-        let version = store.resolve(uri)?;
-        Ok(store.verify_onnx(&version)?)
-    };
-    let path = if target.starts_with("models:/") {
-        logged(&target.parse::<ModelUri>()?)?
-    } else if let Some(endpoint) = config
+    let store = Store::new(
+        store
+            .clone()
+            .or_else(|| config.as_ref().map(|c| c.store.clone()))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE)),
+    );
+    let target_path = std::path::Path::new(target);
+    let endpoint = config
         .as_ref()
-        .and_then(|c| c.endpoints.iter().find(|e| e.name == target))
-    {
-        match &endpoint.kind {
-            switchyard_gateway::EndpointKind::Chain(switchyard_gateway::ChainEndpointConfig {
+        .and_then(|c| c.endpoints.iter().find(|e| e.name == target));
+    let logged = match endpoint.map(|e| &e.kind) {
+        _ if target.starts_with("models:/") => Some(target.parse::<ModelUri>()?),
+        Some(switchyard_gateway::EndpointKind::Chain(
+            switchyard_gateway::ChainEndpointConfig {
                 source: switchyard_gateway::ChainSource::Logged(uri),
                 ..
-            }) => logged(uri)?,
-            _ => anyhow::bail!("endpoint {target} does not serve a logged model"),
-        }
-    } else if std::path::Path::new(target).exists() {
-        switchyard_store::onnx_model_file(std::path::Path::new(target))?
-    } else {
-        anyhow::bail!(
+            },
+        )) => Some(uri.clone()),
+        _ => None,
+    };
+    let version = logged.as_ref().map(|uri| store.resolve(uri)).transpose()?;
+    let onnx = match &version {
+        Some(version) if version.mlmodel.onnx_data().is_some() => Some(store.verify_onnx(version)?),
+        Some(_) => None,
+        None if endpoint.is_some() => None,
+        None if target_path.exists() => Some(switchyard_store::onnx_model_file(target_path)?),
+        None => anyhow::bail!(
             "{target} is not a models:/ URI, an endpoint of the --config, or an existing file or directory"
+        ),
+    };
+    if let Some(path) = onnx {
+        let model = switchyard_serving::OnnxModel::load(&path)?;
+        let batch = model.parse_input(&body)?;
+        let predictions = model.predict(batch)?;
+        println!("{}", serde_json::json!({"predictions": predictions}));
+        return Ok(());
+    }
+
+    // A chain or a route: its LLM calls go through the config's routes and providers, whose
+    // secrets are read now.
+    let Some(config_path) = config_path else {
+        anyhow::bail!(
+            "{target} is a chain: its LLMs are routes of a gateway config, so give --config (e.g. config/quickstart.toml)"
         );
     };
-    let model = switchyard_serving::OnnxModel::load(&path)?;
-    let batch = model.parse_input(&body)?;
-    let predictions = model.predict(batch)?;
-    println!("{}", serde_json::json!({"predictions": predictions}));
+    let source = ConfigSource {
+        path: config_path.to_owned(),
+        store_override: Some(store.root().to_owned()),
+        allow_code_mismatch: false,
+    };
+    let mut config = source.load()?;
+    let name = match (endpoint, logged) {
+        (Some(endpoint), _) => endpoint.name.clone(),
+        // A logged chain that no endpoint serves: served as one named after its model.
+        (None, Some(uri)) => {
+            let name = uri.name.clone();
+            config.endpoints = vec![switchyard_gateway::EndpointConfig {
+                name: name.clone(),
+                kind: switchyard_gateway::EndpointKind::Chain(
+                    switchyard_gateway::ChainEndpointConfig {
+                        source: switchyard_gateway::ChainSource::Logged(uri),
+                        config: None,
+                        llms: Default::default(),
+                        allow_code_mismatch: false,
+                    },
+                ),
+                log_payloads: false,
+            }];
+            name
+        }
+        (None, None) => unreachable!("a target that is neither an endpoint nor a URI is a file"),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (status, answer) = runtime.block_on(switchyard_gateway::Gateway::call_once(
+        config,
+        &switchyard_chains::registry(),
+        &name,
+        text.into(),
+    ))?;
+    let answer = String::from_utf8_lossy(&answer);
+    if !status.is_success() {
+        anyhow::bail!("endpoint {name} answered {status}: {answer}");
+    }
+    println!("{}", answer.trim_end());
     Ok(())
 }
 

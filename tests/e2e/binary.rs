@@ -238,6 +238,63 @@ fn the_cli_logs_lists_aliases_shows_and_restores() {
 }
 
 #[test]
+fn predict_runs_a_chain_or_a_route_once_without_a_server() {
+    let work = crate::common::temp_dir("predict-chat");
+    let store = work.join("store");
+    let quickstart = concat!(env!("CARGO_MANIFEST_DIR"), "/config/quickstart.toml");
+    let predict = |target: &str, input: &str| {
+        switchyard(
+            &store,
+            &["predict", target, "--config", quickstart, "--input", input],
+        )
+    };
+    let answer =
+        |output: std::process::Output| -> Value { serde_json::from_str(&stdout(&output)).unwrap() };
+    let late = r#"{"messages":[{"role":"user","content":"my order is late"}]}"#;
+    let mock_answer = "Thanks for your message! This answer comes from the offline mock provider: \
+                       point the `chat` route at a real provider to get real answers.";
+
+    // A chain endpoint of the config (a chain folder), on the config's mock provider.
+    let support = answer(predict("support", late));
+    assert_eq!(support["object"], "chat.completion");
+    assert_eq!(support["choices"][0]["message"]["content"], mock_answer);
+    assert_eq!(support["usage"]["total_tokens"], 74);
+    // A route endpoint.
+    let echo = answer(predict(
+        "echo",
+        r#"{"messages":[{"role":"user","content":"echo me"}]}"#,
+    ));
+    assert_eq!(echo["choices"][0]["message"]["content"], "echo me");
+    // A logged chain no endpoint serves: its LLMs bound to the config's routes.
+    let chain = switchyard_chains::chain_dir("support_bot");
+    let logged = switchyard(
+        &store,
+        &["log", "chain", chain.to_str().unwrap(), "--name", "bot"],
+    );
+    assert_eq!(stdout(&logged), "models:/bot/1\n");
+    let bot = answer(predict("models:/bot/1", late));
+    assert_eq!(bot["choices"][0]["message"]["content"], mock_answer);
+
+    // The endpoint's error answer is the command's error.
+    let refused = predict("support", r#"{"messages":[]}"#);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("endpoint support answered 400 Bad Request")
+            && stderr.contains("'messages' must contain at least one message"),
+        "{stderr}"
+    );
+    // A chain's LLMs are routes of a config: without one it says so.
+    let no_config = switchyard(&store, &["predict", "models:/bot/1", "--input", late]);
+    assert!(!no_config.status.success());
+    assert!(
+        String::from_utf8_lossy(&no_config.stderr).contains("so give --config"),
+        "{}",
+        String::from_utf8_lossy(&no_config.stderr)
+    );
+}
+
+#[test]
 fn ten_concurrent_log_processes_get_ten_distinct_intact_versions() {
     let work = crate::common::temp_dir("cli-concurrent");
     let store = work.join("store");

@@ -58,6 +58,8 @@ pub enum GatewayError {
     NoConfigFile,
     #[error("the reload task failed: {0}")]
     ReloadTask(String),
+    #[error("cannot call endpoint '{0}': {1}")]
+    Call(String, String),
 }
 
 /// Where a gateway's config comes from, for reloads.
@@ -151,13 +153,50 @@ impl Gateway {
     /// loaded and checked against the compiled chains in `registry`, and every endpoint that
     /// fails is reported at once.
     pub fn new(config: Config, registry: &Registry) -> Result<Self, GatewayError> {
-        Self::build(config, registry, None)
+        let gateway = Self::build(config, registry, None)?;
+        gateway.warn_if_open();
+        Ok(gateway)
     }
 
     /// Like [`Gateway::new`], from a config file that [`Gateway::reload`] reads again.
     pub fn from_file(source: ConfigSource, registry: &Registry) -> Result<Self, GatewayError> {
         let config = source.load()?;
-        Self::build(config, registry, Some(source))
+        let gateway = Self::build(config, registry, Some(source))?;
+        gateway.warn_if_open();
+        Ok(gateway)
+    }
+
+    /// `switchyard predict` on a chain or route endpoint: loads only `endpoint` of `config`,
+    /// sends it one MLflow invocations request with `body` (a chat request) without a server, and
+    /// returns the answer's status and body once the work after it (its log line) is done. The
+    /// operator runs the config, so its API keys and rate limits do not apply.
+    pub async fn call_once(
+        mut config: Config,
+        registry: &Registry,
+        endpoint: &str,
+        body: bytes::Bytes,
+    ) -> Result<(http::StatusCode, bytes::Bytes), GatewayError> {
+        use tower::ServiceExt;
+        config.endpoints.retain(|e| e.name == endpoint);
+        config.auth = AuthConfig::default();
+        config.limits.clear();
+        config.limits_store = LimitsStoreConfig::Memory;
+        let gateway = Self::build(config, registry, None)?;
+        let request = http::Request::post(format!("/endpoints/{endpoint}/invocations"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(axum::body::Body::from(body))
+            .map_err(|e| GatewayError::Call(endpoint.to_owned(), e.to_string()))?;
+        let Ok(response) = gateway.router().oneshot(request).await;
+        let status = response.status();
+        // A stream's body is only produced as it is read: read it all before waiting for the
+        // work that follows it.
+        let answer = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .map_err(|e| GatewayError::Call(endpoint.to_owned(), e.to_string()))?;
+        let after_response = &gateway.state.0.after_response;
+        after_response.close();
+        after_response.wait().await;
+        Ok((status, answer))
     }
 
     fn build(
@@ -179,16 +218,6 @@ impl Gateway {
         let snapshot =
             state::build(&config, &lasting, backend.clone()).map_err(GatewayError::Endpoints)?;
         lasting.metrics.set_endpoints(&snapshot.endpoint_infos);
-        if snapshot.keys.is_empty() {
-            warn!("no [auth] keys: the gateway is open to anyone who can reach it");
-        }
-        if snapshot.admin_key.is_none() && snapshot.keys.is_empty() {
-            warn!(
-                "no [auth] admin_key: the admin API (/admin/*) is open to anyone who can reach the gateway"
-            );
-        } else if snapshot.admin_key.is_none() {
-            warn!("no [auth] admin_key: the admin API (/admin/*) is closed (403)");
-        }
         Ok(Self {
             state: AppState(Arc::new(Shared {
                 current: ArcSwap::from_pointee(snapshot),
@@ -200,6 +229,21 @@ impl Gateway {
                 after_response,
             })),
         })
+    }
+
+    /// Says at start-up what is open to anyone.
+    fn warn_if_open(&self) {
+        let snapshot = self.state.snapshot();
+        if snapshot.keys.is_empty() {
+            warn!("no [auth] keys: the gateway is open to anyone who can reach it");
+        }
+        if snapshot.admin_key.is_none() && snapshot.keys.is_empty() {
+            warn!(
+                "no [auth] admin_key: the admin API (/admin/*) is open to anyone who can reach the gateway"
+            );
+        } else if snapshot.admin_key.is_none() {
+            warn!("no [auth] admin_key: the admin API (/admin/*) is closed (403)");
+        }
     }
 
     /// Re-reads the config file, re-resolves `models:/` aliases and swaps the new state in.
