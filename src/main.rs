@@ -113,7 +113,8 @@ enum ModelsCommand {
         alias: String,
         version: u64,
     },
-    /// Write a logged chain folder back out (e.g. to rebuild from the logged code).
+    /// Write a logged version back out (checked intact first): a chain's folder, to rebuild
+    /// from the logged code, or an ONNX model's MLflow model directory.
     Restore { uri: String, dir: PathBuf },
 }
 

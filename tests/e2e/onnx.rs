@@ -369,6 +369,41 @@ fn the_cli_logs_onnx_files_and_refuses_models_it_cannot_run() {
         assert!(mlmodel.contains(kept), "{kept} in {mlmodel}");
     }
 
+    // Restored, a version is an MLflow model directory again: the same files, and logging it
+    // back is the same content.
+    let restored = work.join("restored");
+    let restore = run(&[
+        "models",
+        "restore",
+        "models:/pipeline/1",
+        restored.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        stdout(&restore),
+        format!("restored models:/pipeline/1 into {}\n", restored.display())
+    );
+    for file in [
+        "MLmodel",
+        "model.onnx",
+        "conda.yaml",
+        "python_env.yaml",
+        "requirements.txt",
+    ] {
+        assert_eq!(
+            std::fs::read(restored.join(file)).unwrap(),
+            std::fs::read(version.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    let relogged = run(&[
+        "log",
+        "onnx",
+        restored.to_str().unwrap(),
+        "--name",
+        "pipeline",
+    ]);
+    assert_eq!(stdout(&relogged), "models:/pipeline/1\n");
+
     // One prediction without a server, by URI, equals onnxruntime's.
     let expected = expected("scaler_logreg");
     let case = &expected["cases"][0];

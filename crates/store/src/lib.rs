@@ -539,19 +539,26 @@ impl Store {
             .collect()
     }
 
-    /// Writes the logged chain folder of `uri` to `dest` (which must not exist yet), e.g. to
-    /// rebuild the binary from the logged code.
+    /// Writes a logged version of `uri` out to `dest` (which must not exist yet), after checking
+    /// it is intact: a chain's folder (its `.rs` files, prompts and `chain.toml`, e.g. to rebuild
+    /// from), or an ONNX model's MLflow model directory (`MLmodel`, `model.onnx` and what an
+    /// imported directory held), which MLflow loads and `log onnx` takes back.
     pub fn restore(&self, uri: &ModelUri, dest: &Path) -> Result<ModelVersion, StoreError> {
         let version = self.resolve(uri)?;
-        let (_, code) = self.verify_chain(&version)?;
+        let source = if version.mlmodel.onnx_data().is_some() {
+            self.verify_onnx(&version)?;
+            version.dir.clone()
+        } else {
+            self.verify_chain(&version)?.1
+        };
         if dest.exists() {
             return Err(StoreError::Other(format!(
                 "{} already exists; restore into a new folder",
                 dest.display()
             )));
         }
-        for relative in all_files(&code).map_err(|e| StoreError::io(&code, e))? {
-            copy_file(&code.join(&relative), &dest.join(&relative))?;
+        for relative in all_files(&source).map_err(|e| StoreError::io(&source, e))? {
+            copy_file(&source.join(&relative), &dest.join(&relative))?;
         }
         Ok(version)
     }
