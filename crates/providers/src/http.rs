@@ -29,6 +29,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -189,15 +190,33 @@ fn transport_error(kind: LlmErrorKind, error: &(dyn std::error::Error + 'static)
 /// The whole body of a response, if it holds at most `limit` bytes (else an `InvalidResponse`
 /// error, once the body has passed the limit: the rest is not read).
 pub async fn read_body(body: UpstreamBody, limit: usize) -> Result<Bytes, LlmError> {
+    let over = || {
+        LlmError::new(
+            LlmErrorKind::InvalidResponse,
+            format!("its answer is over {limit} bytes"),
+        )
+    };
+    // A declared length (`Content-Length`) is all hyper reads: within the limit, the body needs
+    // no counting as it comes (what `Limited` costs per frame), and over it, no reading at all.
+    let declared = body.size_hint();
+    if declared.lower() > limit as u64 {
+        return Err(over());
+    }
+    if declared.upper().is_some_and(|upper| upper <= limit as u64) {
+        return match body.collect().await {
+            Ok(body) => Ok(body.to_bytes()),
+            Err(error) => Err(transport_error(
+                LlmErrorKind::StreamInterrupted,
+                error.as_ref(),
+            )),
+        };
+    }
     // Boxed, so that the future does not name `Limited`'s generic error conversion (which trips
     // rustc's `Send` check of the providers' async-trait futures).
     let body = http_body_util::Limited::new(body, limit).boxed_unsync();
     match body.collect().await {
         Ok(body) => Ok(body.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(LlmError::new(
-            LlmErrorKind::InvalidResponse,
-            format!("its answer is over {limit} bytes"),
-        )),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(over()),
         Err(error) => Err(transport_error(
             LlmErrorKind::StreamInterrupted,
             error.as_ref(),
@@ -221,14 +240,23 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_over_the_limit_is_an_invalid_response() {
-        let body = || {
+        // With its length declared up front (`Full`, like a `Content-Length`), and without
+        // (a stream of frames, like chunked encoding).
+        let declared = || {
             Full::new(Bytes::from(vec![b'x'; 100]))
                 .map_err(|never| match never {})
                 .boxed_unsync()
         };
-        assert_eq!(read_body(body(), 100).await.unwrap().len(), 100);
-        let error = read_body(body(), 99).await.unwrap_err();
-        assert_eq!(error.kind, LlmErrorKind::InvalidResponse);
-        assert_eq!(error.message, "its answer is over 99 bytes");
+        let undeclared = || {
+            let frames = (0..10).map(|_| Ok(hyper::body::Frame::data(Bytes::from(vec![b'x'; 10]))));
+            http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed_unsync()
+        };
+        assert_eq!(undeclared().size_hint().upper(), None);
+        for body in [declared, undeclared] {
+            assert_eq!(read_body(body(), 100).await.unwrap().len(), 100);
+            let error = read_body(body(), 99).await.unwrap_err();
+            assert_eq!(error.kind, LlmErrorKind::InvalidResponse);
+            assert_eq!(error.message, "its answer is over 99 bytes");
+        }
     }
 }
