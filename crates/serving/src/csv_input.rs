@@ -18,7 +18,9 @@ const MISSING: &[&str] = &[
 /// `{"dataframe_split": {"columns", "data"}}`.
 pub fn mlflow_csv_input(body: &[u8], inputs: &[InputSpec]) -> Result<Value, ServingError> {
     let bad = |e: csv::Error| ServingError::BadInput(format!("the CSV body cannot be read: {e}"));
-    let mut reader = csv::ReaderBuilder::new().from_reader(body);
+    // Flexible: a short row is padded with missing cells, as pandas does; a long one is refused
+    // below, as pandas does.
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(body);
     let columns: Vec<String> = reader
         .headers()
         .map_err(bad)?
@@ -30,10 +32,23 @@ pub fn mlflow_csv_input(body: &[u8], inputs: &[InputSpec]) -> Result<Value, Serv
             "the CSV body needs a header row naming its columns".to_owned(),
         ));
     }
-    let rows = reader
+    let mut rows = reader
         .records()
         .collect::<Result<Vec<_>, _>>()
         .map_err(bad)?;
+    for (i, row) in rows.iter_mut().enumerate() {
+        if row.len() > columns.len() {
+            return Err(ServingError::BadInput(format!(
+                "the CSV body cannot be read: row {} has {} fields, the header names {}",
+                i + 1,
+                row.len(),
+                columns.len()
+            )));
+        }
+        while row.len() < columns.len() {
+            row.push_field("");
+        }
+    }
     // A model with one input takes the columns as its row, whatever their names.
     let text_input = |column: &str| {
         inputs
@@ -123,8 +138,21 @@ mod tests {
     }
 
     #[test]
-    fn ragged_or_headless_csv_is_a_bad_input() {
-        for csv in [&b"a,b\n1,2\n3\n"[..], b"", b"\n"] {
+    fn short_rows_are_padded_with_missing_cells_as_pandas_does() {
+        assert_eq!(
+            mlflow_csv_input(b"a,b,c\n1,2,3\n5,6\n", &[]).unwrap()["dataframe_split"]["data"],
+            json!([[1, 2, 3], [5, 6, null]])
+        );
+    }
+
+    #[test]
+    fn long_rows_or_headless_csv_are_a_bad_input() {
+        let error = mlflow_csv_input(b"a,b\n1,2\n3,4,5\n", &[]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the CSV body cannot be read: row 2 has 3 fields, the header names 2"
+        );
+        for csv in [&b""[..], b"\n"] {
             let error = mlflow_csv_input(csv, &[]).unwrap_err();
             assert!(matches!(error, ServingError::BadInput(_)), "{error}");
         }
