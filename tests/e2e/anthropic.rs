@@ -21,6 +21,8 @@ enum Answer {
     Text(&'static str),
     /// An error status with Anthropic's error body.
     Status(u16, &'static str),
+    /// A call of the named tool with this input (streamed: the input in two pieces).
+    ToolUse(&'static str, Value),
 }
 
 /// One request the fake received: its body, `x-api-key` and `anthropic-version`.
@@ -67,6 +69,7 @@ async fn messages(
     let answer = fake.script.lock().unwrap().pop_front();
     let text = match answer {
         Some(Answer::Text(text)) => text,
+        Some(Answer::ToolUse(name, input)) => return tool_use(&body, name, &input),
         Some(Answer::Status(status, kind)) => {
             let error = json!({"type": "error", "error": {"type": kind, "message": format!("fake says {kind}")}});
             return (StatusCode::from_u16(status).unwrap(), axum::Json(error)).into_response();
@@ -119,6 +122,47 @@ async fn messages(
     let body: String = events
         .iter()
         .map(|(name, data)| format!("event: {name}\ndata: {data}\n\n"))
+        .collect();
+    ([("content-type", "text/event-stream")], body).into_response()
+}
+
+/// A `tool_use` answer, as a message or as a stream.
+fn tool_use(request: &Value, name: &str, input: &Value) -> Response {
+    let model = request["model"].clone();
+    let block = json!({"type": "tool_use", "id": "toolu_fake", "name": name, "input": input});
+    if request["stream"] != json!(true) {
+        return axum::Json(json!({
+            "id": "msg_tool", "type": "message", "role": "assistant", "model": model,
+            "content": [block], "stop_reason": "tool_use",
+            "usage": {"input_tokens": 20, "output_tokens": 7}
+        }))
+        .into_response();
+    }
+    let arguments = input.to_string();
+    let (first, second) = arguments.split_at(arguments.len() / 2);
+    let mut events = vec![
+        json!({"type": "message_start", "message": {"id": "msg_tool", "type": "message", "role": "assistant",
+               "model": model, "content": [], "usage": {"input_tokens": 20, "output_tokens": 1}}}),
+        json!({"type": "content_block_start", "index": 0,
+               "content_block": {"type": "tool_use", "id": "toolu_fake", "name": name, "input": {}}}),
+    ];
+    for piece in ["", first, second] {
+        events.push(json!({"type": "content_block_delta", "index": 0,
+                           "delta": {"type": "input_json_delta", "partial_json": piece}}));
+    }
+    events.extend([
+        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 7}}),
+        json!({"type": "message_stop"}),
+    ]);
+    let body: String = events
+        .iter()
+        .map(|data| {
+            format!(
+                "event: {}\ndata: {data}\n\n",
+                data["type"].as_str().unwrap()
+            )
+        })
         .collect();
     ([("content-type", "text/event-stream")], body).into_response()
 }
@@ -296,23 +340,23 @@ async fn overloaded_or_untranslatable_anthropic_calls_fall_back_and_are_400s_wit
     );
     assert_eq!(fake.received().len(), 1, "529 is Anthropic's overload");
 
-    // Tools cannot be translated: not sent to Anthropic, but the OpenAI target serves them.
-    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    // JSON mode cannot be translated: not sent to Anthropic, but the OpenAI target serves it.
+    let json_mode = json!({"type": "json_object"});
     let response = gateway
         .post(
             "/v1/chat/completions",
-            &json!({"model": "chat", "tools": tools, "messages": [{"role": "user", "content": "echo me"}]}),
+            &json!({"model": "chat", "response_format": json_mode, "messages": [{"role": "user", "content": "echo me"}]}),
         )
         .await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "echo me");
-    assert_eq!(openai.requests()[1].body["tools"], tools);
+    assert_eq!(openai.requests()[1].body["response_format"], json_mode);
     // With no other target, the client learns why, naming the field.
     let response = gateway
         .post(
             "/v1/chat/completions",
-            &json!({"model": "claude", "tools": tools, "messages": [{"role": "user", "content": "hi"}]}),
+            &json!({"model": "claude", "response_format": json_mode, "messages": [{"role": "user", "content": "hi"}]}),
         )
         .await;
     assert_eq!(response.status(), 400);
@@ -320,9 +364,100 @@ async fn overloaded_or_untranslatable_anthropic_calls_fall_back_and_are_400s_wit
     assert_eq!(body["error"]["type"], "invalid_request_error");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(
-        message.contains("provider 'claude' (Anthropic): 'tools' is not supported"),
+        message.contains("provider 'claude' (Anthropic): 'response_format' is not supported"),
         "{message}"
     );
     assert_eq!(fake.received().len(), 1, "nothing untranslatable was sent");
     assert_eq!(openai.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn tool_calls_go_to_anthropic_and_come_back_in_openai_shape() {
+    let weather = json!({"city": "Paris"});
+    let (fake, url) = FakeAnthropic::start(vec![
+        Answer::ToolUse("weather", weather.clone()),
+        Answer::ToolUse("weather", weather.clone()),
+        Answer::Text("18 C in Paris."),
+    ])
+    .await;
+    let gateway = gateway(&config(&url, "")).await;
+    let tools = json!([{"type": "function", "function": {"name": "weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let ask = json!({"role": "user", "content": "Weather in Paris?"});
+
+    let response = gateway
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "chat", "tools": tools, "tool_choice": "auto", "messages": [ask]}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let call = json!({"id": "toolu_fake", "type": "function",
+                      "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}});
+    assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(body["choices"][0]["message"]["content"], Value::Null);
+    assert_eq!(body["choices"][0]["message"]["tool_calls"], json!([call]));
+    let (sent, _, _) = fake.received()[0].clone();
+    assert_eq!(
+        sent["tools"],
+        json!([{"name": "weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}])
+    );
+    assert_eq!(sent["tool_choice"], json!({"type": "auto"}));
+
+    // Streamed: the call's id and name first, then its arguments in pieces, as OpenAI streams.
+    let response = gateway
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "chat", "stream": true, "tools": tools, "messages": [ask]}),
+        )
+        .await;
+    let frames = sse_data(&read_stream(response).await);
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = frames[..frames.len() - 1]
+        .iter()
+        .map(|f| serde_json::from_str(f).unwrap())
+        .collect();
+    let calls: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"].get("tool_calls"))
+        .collect();
+    assert_eq!(calls[0][0]["id"], "toolu_fake");
+    assert_eq!(calls[0][0]["function"]["name"], "weather");
+    let arguments: String = calls
+        .iter()
+        .map(|c| c[0]["function"]["arguments"].as_str().unwrap())
+        .collect();
+    assert_eq!(serde_json::from_str::<Value>(&arguments).unwrap(), weather);
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+
+    // The call and its result go back: as tool_use and tool_result blocks.
+    let response = gateway
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "chat", "tools": tools, "messages": [
+                ask,
+                {"role": "assistant", "content": null, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "toolu_fake", "content": "18 C"}
+            ]}),
+        )
+        .await;
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "18 C in Paris.");
+    let (sent, _, _) = fake.received()[2].clone();
+    assert_eq!(
+        sent["messages"],
+        json!([
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "toolu_fake", "name": "weather", "input": {"city": "Paris"}}
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_fake", "content": "18 C"}
+            ]}
+        ])
+    );
 }

@@ -7,12 +7,17 @@
 //! assistant messages with text and image parts; `max_completion_tokens` or `max_tokens` (else
 //! [`DEFAULT_MAX_TOKENS`]: Anthropic requires one); `temperature`, `top_p`, `stop` →
 //! `stop_sequences`, `user` → `metadata.user_id`; the usage (cache reads and writes count as
-//! prompt tokens) and the stop reason. Fields that do not change the answer's shape and have no
-//! Anthropic counterpart (`seed`, penalties, `store`, …) are dropped. Anything else — tools and
-//! tool messages, `response_format`, `n` > 1, log probabilities, `temperature` above 1, fields
-//! this module does not know — is refused before the call as [`LlmErrorKind::Unsupported`]
-//! rather than silently answered differently: a route falls back to its next target, and with
-//! none left the client gets a 400 naming the field.
+//! prompt tokens) and the stop reason. Tool calling: function `tools` → `tools` with an
+//! `input_schema`, `tool_choice` (`auto`, `none`, `required` → `any`, a named function → `tool`),
+//! `parallel_tool_calls: false` → `disable_parallel_tool_use`, an assistant message's
+//! `tool_calls` → `tool_use` blocks, `tool` messages → `tool_result` blocks (consecutive ones in
+//! one user turn), and back: `tool_use` blocks → `tool_calls` (streamed as OpenAI streams them:
+//! id and name first, then the arguments in pieces). Fields that do not change the answer's shape
+//! and have no Anthropic counterpart (`seed`, penalties, `store`, a function's `strict`, …) are
+//! dropped. Anything else — legacy `functions`, `response_format`, `n` > 1, log probabilities,
+//! `temperature` above 1, fields this module does not know — is refused before the call as
+//! [`LlmErrorKind::Unsupported`] rather than silently answered differently: a route falls back
+//! to its next target, and with none left the client gets a 400 naming the field.
 
 use std::sync::Arc;
 
@@ -43,7 +48,6 @@ const DROPPED: &[&str] = &[
     "store",
     "metadata",
     "service_tier",
-    "parallel_tool_calls",
     "prediction",
 ];
 
@@ -131,26 +135,41 @@ fn invalid(message: impl Into<String>) -> LlmError {
 /// The Messages API body for `request`, or why it cannot be translated.
 fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmError> {
     let mut system = Vec::new();
-    let mut messages = Vec::new();
+    let mut messages: Vec<Value> = Vec::new();
+    // Whether the last message is a user turn of tool results, which the next result joins.
+    let mut in_results = false;
     for (i, message) in request.messages.iter().enumerate() {
-        if message.extra.contains_key("tool_calls") || message.extra.contains_key("function_call") {
+        if message.extra.contains_key("function_call") {
             return Err(unsupported(format!(
-                "messages[{i}]: tool calls are not supported"
+                "messages[{i}]: legacy function calls are not supported (use tool_calls)"
             )));
         }
-        match message.role.as_str() {
+        let role = message.role.as_str();
+        match role {
             "system" | "developer" => system.push(system_text(i, message)?),
-            role @ ("user" | "assistant") => {
-                messages.push(json!({"role": role, "content": content(i, message)?}));
+            "user" => messages.push(json!({"role": role, "content": content(i, message)?})),
+            "assistant" => {
+                messages.push(json!({"role": role, "content": assistant_content(i, message)?}));
             }
-            "tool" | "function" => {
+            "tool" => {
+                let result = tool_result(i, message)?;
+                match messages.last_mut() {
+                    Some(Value::Object(turn)) if in_results => {
+                        if let Some(Value::Array(blocks)) = turn.get_mut("content") {
+                            blocks.push(result);
+                        }
+                    }
+                    _ => messages.push(json!({"role": "user", "content": [result]})),
+                }
+            }
+            "function" => {
                 return Err(unsupported(format!(
-                    "messages[{i}]: tool results (role '{}') are not supported",
-                    message.role
+                    "messages[{i}]: legacy function results (role 'function') are not supported"
                 )));
             }
             other => return Err(invalid(format!("messages[{i}]: unknown role '{other}'"))),
         }
+        in_results = role == "tool" || (in_results && matches!(role, "system" | "developer"));
     }
     let mut body = Map::new();
     body.insert("model".into(), request.model.clone().into());
@@ -166,9 +185,16 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
     if stream {
         body.insert("stream".into(), true.into());
     }
+    let mut tool_choice = None;
+    let mut parallel_tool_calls = true;
     for (field, value) in &request.extra {
         match field.as_str() {
             _ if value.is_null() || DROPPED.contains(&field.as_str()) => {}
+            "tools" => {
+                body.insert("tools".into(), tools(value)?);
+            }
+            "tool_choice" => tool_choice = Some(translate_tool_choice(value)?),
+            "parallel_tool_calls" => parallel_tool_calls = value.as_bool() != Some(false),
             // OpenAI's range is 0 to 2, Anthropic's 0 to 1.
             "temperature" if value.as_f64().is_some_and(|t| t > 1.0) => {
                 return Err(unsupported("'temperature' above 1 is not supported"));
@@ -192,7 +218,118 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
             other => return Err(unsupported(format!("'{other}' is not supported"))),
         }
     }
+    if !parallel_tool_calls && body.contains_key("tools") {
+        let choice = tool_choice.get_or_insert_with(|| json!({"type": "auto"}));
+        if choice["type"] != "none" {
+            choice["disable_parallel_tool_use"] = true.into();
+        }
+    }
+    if let Some(choice) = tool_choice {
+        body.insert("tool_choice".into(), choice);
+    }
     Ok(Value::Object(body))
+}
+
+/// OpenAI function tools as Anthropic tools.
+fn tools(value: &Value) -> Result<Value, LlmError> {
+    let tools = value
+        .as_array()
+        .ok_or_else(|| invalid("'tools' must be an array"))?;
+    tools
+        .iter()
+        .enumerate()
+        .map(|(k, tool)| {
+            let kind = tool.get("type").and_then(Value::as_str).unwrap_or_default();
+            if kind != "function" {
+                return Err(unsupported(format!(
+                    "tools[{k}]: tools of type '{kind}' are not supported"
+                )));
+            }
+            let function = &tool["function"];
+            let name = function["name"]
+                .as_str()
+                .ok_or_else(|| invalid(format!("tools[{k}]: function.name is missing")))?;
+            // Anthropic requires an object schema; OpenAI allows leaving it out.
+            let mut schema = function
+                .get("parameters")
+                .cloned()
+                .unwrap_or_else(|| json!({}));
+            if let Value::Object(schema) = &mut schema {
+                schema.entry("type").or_insert_with(|| "object".into());
+            }
+            let mut translated = json!({"name": name, "input_schema": schema});
+            if let Some(description) = function.get("description") {
+                translated["description"] = description.clone();
+            }
+            Ok(translated)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Value::Array)
+}
+
+/// OpenAI's `tool_choice` as Anthropic's.
+fn translate_tool_choice(value: &Value) -> Result<Value, LlmError> {
+    match value {
+        Value::String(choice) if choice == "auto" || choice == "none" => {
+            Ok(json!({"type": choice}))
+        }
+        Value::String(choice) if choice == "required" => Ok(json!({"type": "any"})),
+        _ => match value.pointer("/function/name").and_then(Value::as_str) {
+            Some(name) if value["type"] == "function" => Ok(json!({"type": "tool", "name": name})),
+            _ => Err(invalid(format!(
+                "'tool_choice' must be \"auto\", \"none\", \"required\" or a function, not {value}"
+            ))),
+        },
+    }
+}
+
+/// An assistant message's content: its text, and a `tool_use` block per tool call.
+fn assistant_content(i: usize, message: &Message) -> Result<Value, LlmError> {
+    let Some(calls) = message.extra.get("tool_calls") else {
+        return content(i, message);
+    };
+    let calls = calls
+        .as_array()
+        .ok_or_else(|| invalid(format!("messages[{i}].tool_calls must be an array")))?;
+    let text = message.text();
+    let mut blocks: Vec<Value> = Vec::new();
+    if !text.is_empty() {
+        blocks.push(json!({"type": "text", "text": text}));
+    }
+    for (j, call) in calls.iter().enumerate() {
+        let at = format!("messages[{i}].tool_calls[{j}]");
+        let kind = call["type"].as_str().unwrap_or("function");
+        if kind != "function" {
+            return Err(unsupported(format!(
+                "{at}: tool calls of type '{kind}' are not supported"
+            )));
+        }
+        let (Some(id), Some(name)) = (call["id"].as_str(), call["function"]["name"].as_str())
+        else {
+            return Err(invalid(format!("{at}: id and function.name are required")));
+        };
+        let arguments = call["function"]["arguments"].as_str().unwrap_or("{}");
+        let input: Value = serde_json::from_str(arguments)
+            .ok()
+            .filter(Value::is_object)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{at}: function.arguments must be a JSON object (Anthropic takes the input as one)"
+                ))
+            })?;
+        blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
+    }
+    Ok(Value::Array(blocks))
+}
+
+/// A `tool` message as a `tool_result` block.
+fn tool_result(i: usize, message: &Message) -> Result<Value, LlmError> {
+    let id = message
+        .extra
+        .get("tool_call_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid(format!("messages[{i}]: a tool message needs tool_call_id")))?;
+    Ok(json!({"type": "tool_result", "tool_use_id": id, "content": message.text()}))
 }
 
 /// The text of a system message (Anthropic's `system` is text only).
@@ -291,6 +428,18 @@ struct Block {
     kind: String,
     #[serde(default)]
     text: String,
+    /// A `tool_use` block's call id, tool name and input object.
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    input: Value,
+}
+
+/// An OpenAI tool call: `arguments` is the input as JSON text.
+fn tool_call(id: &str, name: &str, arguments: &str) -> Value {
+    json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -348,10 +497,26 @@ impl MessageResponse {
             self.usage.prompt_tokens().unwrap_or(0),
             self.usage.output_tokens.unwrap_or(0),
         );
+        let calls: Vec<Value> = self
+            .content
+            .iter()
+            .filter(|block| block.kind == "tool_use")
+            .map(|block| tool_call(&block.id, &block.name, &block.input.to_string()))
+            .collect();
         let mut response = ChatResponse::assistant(self.id, self.model, unix_now(), text, usage);
         if let Some(choice) = response.choices.first_mut() {
             choice.finish_reason =
                 Some(finish_reason(self.stop_reason.as_deref().unwrap_or("")).into());
+            if !calls.is_empty() {
+                // As OpenAI answers a call without text: `content: null`.
+                if choice.message.text().is_empty() {
+                    choice.message.content = Some(Content::Null);
+                }
+                choice
+                    .message
+                    .extra
+                    .insert("tool_calls".into(), calls.into());
+            }
         }
         response
     }
@@ -366,6 +531,9 @@ struct StreamState {
     usage: AnthropicUsage,
     /// Whether a chunk went out: the first carries the role.
     started: bool,
+    /// The content block index of each `tool_use` block so far: its position is the OpenAI
+    /// tool call's `index`.
+    tool_blocks: Vec<u64>,
     include_usage: bool,
     done: bool,
 }
@@ -376,10 +544,23 @@ impl StreamState {
     /// overloaded Anthropic may still send an `error` event before any text.
     fn chunk(&mut self, content: Option<&str>, finish_reason: Option<&str>) -> ChatChunk {
         let delta = Delta {
-            role: (!self.started).then(|| "assistant".to_owned()),
             content: content.map(str::to_owned),
             ..Delta::default()
         };
+        self.chunk_of(delta, finish_reason)
+    }
+
+    /// A chunk carrying one piece of a tool call (`call` holds its `index`).
+    fn tool_call_chunk(&mut self, call: Value) -> ChatChunk {
+        let mut delta = Delta::default();
+        delta.extra.insert("tool_calls".into(), json!([call]));
+        self.chunk_of(delta, None)
+    }
+
+    fn chunk_of(&mut self, mut delta: Delta, finish_reason: Option<&str>) -> ChatChunk {
+        if !self.started {
+            delta.role = Some("assistant".to_owned());
+        }
         self.started = true;
         ChatChunk::delta(
             self.id.clone(),
@@ -412,11 +593,34 @@ impl StreamState {
                 self.usage.merge(usage_of(event.pointer("/message/usage")));
                 None
             }
+            "content_block_start" if text("/content_block/type") == Some("tool_use") => {
+                let block = event["index"].as_u64().unwrap_or_default();
+                let index = self.tool_blocks.len();
+                self.tool_blocks.push(block);
+                let mut call = tool_call(
+                    text("/content_block/id").unwrap_or_default(),
+                    text("/content_block/name").unwrap_or_default(),
+                    "",
+                );
+                call["index"] = index.into();
+                Some(self.tool_call_chunk(call))
+            }
             "content_block_start" => text("/content_block/text")
                 .filter(|text| !text.is_empty())
                 .map(|text| self.chunk(Some(text), None)),
             "content_block_delta" if text("/delta/type") == Some("text_delta") => {
                 Some(self.chunk(Some(text("/delta/text").unwrap_or_default()), None))
+            }
+            "content_block_delta" if text("/delta/type") == Some("input_json_delta") => {
+                let block = event["index"].as_u64().unwrap_or_default();
+                let index = self.tool_blocks.iter().position(|&b| b == block);
+                let arguments = text("/delta/partial_json").unwrap_or_default();
+                match index {
+                    Some(index) if !arguments.is_empty() => Some(self.tool_call_chunk(
+                        json!({"index": index, "function": {"arguments": arguments}}),
+                    )),
+                    _ => None,
+                }
             }
             "message_delta" => {
                 self.usage.merge(usage_of(event.get("usage")));
@@ -491,6 +695,7 @@ fn chat_chunks(
         created: unix_now(),
         usage: AnthropicUsage::default(),
         started: false,
+        tool_blocks: Vec::new(),
         include_usage,
         done: false,
     };
@@ -626,8 +831,14 @@ mod tests {
             "'temperature' above 1 is not supported"
         );
         assert_eq!(
-            refused(json!({"model": "m", "messages": user, "tools": []})),
-            "'tools' is not supported"
+            refused(json!({"model": "m", "messages": user, "functions": []})),
+            "'functions' is not supported"
+        );
+        assert_eq!(
+            refused(
+                json!({"model": "m", "messages": user, "tools": [{"type": "custom", "custom": {"name": "c"}}]})
+            ),
+            "tools[0]: tools of type 'custom' are not supported"
         );
         assert_eq!(
             refused(json!({"model": "m", "messages": user, "n": 2})),
@@ -642,9 +853,9 @@ mod tests {
         assert_eq!(
             refused(json!({"model": "m", "messages": [
                 {"role": "user", "content": "x"},
-                {"role": "tool", "tool_call_id": "1", "content": "42"}
+                {"role": "function", "name": "f", "content": "42"}
             ]})),
-            "messages[1]: tool results (role 'tool') are not supported"
+            "messages[1]: legacy function results (role 'function') are not supported"
         );
         assert_eq!(
             refused(json!({"model": "m", "messages": [
@@ -659,6 +870,203 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(bad.kind, LlmErrorKind::BadRequest);
+    }
+
+    #[test]
+    fn tools_calls_and_results_are_translated() {
+        let body = messages_request(
+            &request(json!({
+                "model": "m",
+                "tools": [
+                    {"type": "function", "function": {"name": "weather", "description": "Weather in a city",
+                     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}, "strict": true}},
+                    {"type": "function", "function": {"name": "now"}}
+                ],
+                "tool_choice": "required",
+                "parallel_tool_calls": false,
+                "messages": [
+                    {"role": "user", "content": "Weather in Paris and Rome?"},
+                    {"role": "assistant", "content": null, "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}},
+                        {"id": "call_2", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Rome\"}"}}
+                    ]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+                    {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "24 C"}]},
+                    {"role": "assistant", "content": "Paris 18 C, Rome 24 C. Checking the time.", "tool_calls": [
+                        {"id": "call_3", "type": "function", "function": {"name": "now", "arguments": "{}"}}
+                    ]},
+                    {"role": "tool", "tool_call_id": "call_3", "content": "noon"}
+                ]
+            })),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            body["tools"],
+            json!([
+                {"name": "weather", "description": "Weather in a city",
+                 "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}},
+                {"name": "now", "input_schema": {"type": "object"}}
+            ])
+        );
+        assert_eq!(
+            body["tool_choice"],
+            json!({"type": "any", "disable_parallel_tool_use": true})
+        );
+        assert_eq!(
+            body["messages"],
+            json!([
+                {"role": "user", "content": "Weather in Paris and Rome?"},
+                {"role": "assistant", "content": [
+                    {"type": "tool_use", "id": "call_1", "name": "weather", "input": {"city": "Paris"}},
+                    {"type": "tool_use", "id": "call_2", "name": "weather", "input": {"city": "Rome"}}
+                ]},
+                // Both results in one user turn.
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "call_1", "content": "18 C"},
+                    {"type": "tool_result", "tool_use_id": "call_2", "content": "24 C"}
+                ]},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "Paris 18 C, Rome 24 C. Checking the time."},
+                    {"type": "tool_use", "id": "call_3", "name": "now", "input": {}}
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "call_3", "content": "noon"}
+                ]}
+            ])
+        );
+
+        let choice = |tool_choice: Value| {
+            let body = messages_request(
+                &request(
+                    json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                "tools": [{"type": "function", "function": {"name": "f"}}],
+                                "tool_choice": tool_choice}),
+                ),
+                false,
+            );
+            body.map(|b| b["tool_choice"].clone())
+        };
+        assert_eq!(choice(json!("auto")).unwrap(), json!({"type": "auto"}));
+        assert_eq!(choice(json!("none")).unwrap(), json!({"type": "none"}));
+        assert_eq!(
+            choice(json!({"type": "function", "function": {"name": "f"}})).unwrap(),
+            json!({"type": "tool", "name": "f"})
+        );
+        assert_eq!(
+            choice(json!("sometimes")).unwrap_err().kind,
+            LlmErrorKind::BadRequest
+        );
+        // Arguments Anthropic cannot take as an input object are the client's error.
+        let bad_arguments = messages_request(
+            &request(json!({"model": "m", "messages": [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}]}
+            ]})),
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(bad_arguments.kind, LlmErrorKind::BadRequest);
+        assert_eq!(
+            bad_arguments.message,
+            "messages[1].tool_calls[0]: function.arguments must be a JSON object (Anthropic takes the input as one)"
+        );
+    }
+
+    #[test]
+    fn tool_use_answers_become_tool_calls() {
+        let message: MessageResponse = serde_json::from_value(json!({
+            "id": "msg_t", "type": "message", "role": "assistant", "model": "claude-test",
+            "content": [
+                {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Paris"}}
+            ],
+            "stop_reason": "tool_use",
+            "usage": {"input_tokens": 10, "output_tokens": 5}
+        }))
+        .unwrap();
+        let response = serde_json::to_value(message.into_chat_response()).unwrap();
+        assert_eq!(
+            response["choices"][0],
+            json!({"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": null, "tool_calls": [
+                    {"id": "toolu_1", "type": "function",
+                     "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}}
+                ]
+            }})
+        );
+    }
+
+    #[tokio::test]
+    async fn streamed_tool_use_becomes_streamed_tool_calls() {
+        let stream = sse_response(&[
+            (
+                "message_start",
+                r#"{"type":"message_start","message":{"id":"msg_s","model":"c","usage":{"input_tokens":5}}}"#,
+            ),
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Checking."}}"#,
+            ),
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_9","name":"weather","input":{}}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":""}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"city\": "}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"\"Paris\"}"}}"#,
+            ),
+            (
+                "message_delta",
+                r#"{"type":"message_delta","delta":{"stop_reason":"tool_use"},"usage":{"output_tokens":9}}"#,
+            ),
+            ("message_stop", r#"{"type":"message_stop"}"#),
+        ]);
+        let deltas: Vec<(Value, Value)> = chat_chunks(upstream(), stream, false)
+            .map(|chunk| {
+                let chunk = serde_json::to_value(chunk.unwrap()).unwrap();
+                (
+                    chunk["choices"][0]["delta"].clone(),
+                    chunk["choices"][0]["finish_reason"].clone(),
+                )
+            })
+            .collect()
+            .await;
+        assert_eq!(
+            deltas,
+            [
+                (
+                    json!({"role": "assistant", "content": "Checking."}),
+                    Value::Null
+                ),
+                (
+                    json!({"tool_calls": [{"index": 0, "id": "toolu_9", "type": "function",
+                                           "function": {"name": "weather", "arguments": ""}}]}),
+                    Value::Null
+                ),
+                (
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\": "}}]}),
+                    Value::Null
+                ),
+                (
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}),
+                    Value::Null
+                ),
+                (json!({}), json!("tool_calls")),
+            ]
+        );
     }
 
     #[test]
