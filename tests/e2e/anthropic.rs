@@ -340,23 +340,23 @@ async fn overloaded_or_untranslatable_anthropic_calls_fall_back_and_are_400s_wit
     );
     assert_eq!(fake.received().len(), 1, "529 is Anthropic's overload");
 
-    // JSON mode cannot be translated: not sent to Anthropic, but the OpenAI target serves it.
-    let json_mode = json!({"type": "json_object"});
+    // Log probabilities cannot be translated: not sent to Anthropic, but the OpenAI target
+    // serves them.
     let response = gateway
         .post(
             "/v1/chat/completions",
-            &json!({"model": "chat", "response_format": json_mode, "messages": [{"role": "user", "content": "echo me"}]}),
+            &json!({"model": "chat", "logprobs": true, "messages": [{"role": "user", "content": "echo me"}]}),
         )
         .await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "echo me");
-    assert_eq!(openai.requests()[1].body["response_format"], json_mode);
+    assert_eq!(openai.requests()[1].body["logprobs"], true);
     // With no other target, the client learns why, naming the field.
     let response = gateway
         .post(
             "/v1/chat/completions",
-            &json!({"model": "claude", "response_format": json_mode, "messages": [{"role": "user", "content": "hi"}]}),
+            &json!({"model": "claude", "logprobs": true, "messages": [{"role": "user", "content": "hi"}]}),
         )
         .await;
     assert_eq!(response.status(), 400);
@@ -364,7 +364,7 @@ async fn overloaded_or_untranslatable_anthropic_calls_fall_back_and_are_400s_wit
     assert_eq!(body["error"]["type"], "invalid_request_error");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(
-        message.contains("provider 'claude' (Anthropic): 'response_format' is not supported"),
+        message.contains("provider 'claude' (Anthropic): 'logprobs' is not supported"),
         "{message}"
     );
     assert_eq!(fake.received().len(), 1, "nothing untranslatable was sent");
@@ -378,6 +378,8 @@ async fn tool_calls_go_to_anthropic_and_come_back_in_openai_shape() {
         Answer::ToolUse("weather", weather.clone()),
         Answer::ToolUse("weather", weather.clone()),
         Answer::Text("18 C in Paris."),
+        Answer::ToolUse("place", weather.clone()),
+        Answer::ToolUse("place", weather.clone()),
     ])
     .await;
     let gateway = gateway(&config(&url, "")).await;
@@ -459,5 +461,32 @@ async fn tool_calls_go_to_anthropic_and_come_back_in_openai_shape() {
                 {"type": "tool_result", "tool_use_id": "toolu_fake", "content": "18 C"}
             ]}
         ])
+    );
+
+    // JSON mode: a forced tool whose input is the answer's text.
+    let json_mode = json!({"model": "chat", "messages": [ask], "response_format": {"type": "json_schema",
+        "json_schema": {"name": "place", "schema": {"type": "object", "properties": {"city": {"type": "string"}}}}}});
+    let body: Value = gateway
+        .post("/v1/chat/completions", &json_mode)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(serde_json::from_str::<Value>(content).unwrap(), weather);
+    assert!(body["choices"][0]["message"].get("tool_calls").is_none());
+    let (sent, _, _) = fake.received()[3].clone();
+    assert_eq!(
+        sent["tool_choice"],
+        json!({"type": "tool", "name": "place"})
+    );
+    let mut streamed = json_mode.clone();
+    streamed["stream"] = json!(true);
+    let response = gateway.post("/v1/chat/completions", &streamed).await;
+    let frames = sse_data(&read_stream(response).await);
+    assert_eq!(
+        serde_json::from_str::<Value>(&stream_text(&frames)).unwrap(),
+        weather
     );
 }

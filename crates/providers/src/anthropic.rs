@@ -12,9 +12,13 @@
 //! `parallel_tool_calls: false` → `disable_parallel_tool_use`, an assistant message's
 //! `tool_calls` → `tool_use` blocks, `tool` messages → `tool_result` blocks (consecutive ones in
 //! one user turn), and back: `tool_use` blocks → `tool_calls` (streamed as OpenAI streams them:
-//! id and name first, then the arguments in pieces). Fields that do not change the answer's shape
+//! id and name first, then the arguments in pieces). JSON mode: `response_format` `json_schema`
+//! (or `json_object`, any object) becomes one tool whose input schema is the schema, forced with
+//! `tool_choice`, and its input comes back as the message's text — Anthropic's tools are how it
+//! is made to answer in a schema on every model. Fields that do not change the answer's shape
 //! and have no Anthropic counterpart (`seed`, penalties, `store`, a function's `strict`, …) are
-//! dropped. Anything else — legacy `functions`, `response_format`, `n` > 1, log probabilities,
+//! dropped. Anything else — legacy `functions`, `response_format` together with `tools` or with a
+//! schema that is not an object, `n` > 1, log probabilities,
 //! `temperature` above 1, fields this module does not know — is refused before the call as
 //! [`LlmErrorKind::Unsupported`] rather than silently answered differently: a route falls back
 //! to its next target, and with none left the client gets a 400 naming the field.
@@ -109,7 +113,7 @@ impl Llm for AnthropicProvider {
         let body = self.upstream.read_answer(response).await?;
         let message: MessageResponse = serde_json::from_slice(&body)
             .map_err(|e| self.upstream.invalid("a body that is not a message", &e))?;
-        Ok(message.into_chat_response())
+        Ok(message.into_chat_response(json_tool_name(&request).as_deref()))
     }
 
     async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
@@ -118,6 +122,7 @@ impl Llm for AnthropicProvider {
             self.upstream.clone(),
             response,
             request.wants_stream_usage(),
+            json_tool_name(&request),
         )))
     }
 }
@@ -187,6 +192,7 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
     }
     let mut tool_choice = None;
     let mut parallel_tool_calls = true;
+    let mut json_tool = None;
     for (field, value) in &request.extra {
         match field.as_str() {
             _ if value.is_null() || DROPPED.contains(&field.as_str()) => {}
@@ -194,6 +200,7 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
                 body.insert("tools".into(), tools(value)?);
             }
             "tool_choice" => tool_choice = Some(translate_tool_choice(value)?),
+            "response_format" => json_tool = response_format_tool(value)?,
             "parallel_tool_calls" => parallel_tool_calls = value.as_bool() != Some(false),
             // OpenAI's range is 0 to 2, Anthropic's 0 to 1.
             "temperature" if value.as_f64().is_some_and(|t| t > 1.0) => {
@@ -217,6 +224,15 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
             "logprobs" if value == &Value::Bool(false) => {}
             other => return Err(unsupported(format!("'{other}' is not supported"))),
         }
+    }
+    if let Some(tool) = json_tool {
+        if body.contains_key("tools") {
+            return Err(unsupported(
+                "'response_format' together with 'tools' is not supported",
+            ));
+        }
+        tool_choice = Some(json!({"type": "tool", "name": tool["name"]}));
+        body.insert("tools".into(), json!([tool]));
     }
     if !parallel_tool_calls && body.contains_key("tools") {
         let choice = tool_choice.get_or_insert_with(|| json!({"type": "auto"}));
@@ -265,6 +281,47 @@ fn tools(value: &Value) -> Result<Value, LlmError> {
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Value::Array)
+}
+
+/// The tool name JSON mode uses when the schema has none.
+const JSON_TOOL: &str = "json_response";
+
+/// The tool that makes Anthropic answer in JSON for a `response_format`; `None` for text.
+fn response_format_tool(format: &Value) -> Result<Option<Value>, LlmError> {
+    let (name, schema) = match format["type"].as_str() {
+        Some("text") => return Ok(None),
+        Some("json_object") => (JSON_TOOL, json!({"type": "object"})),
+        Some("json_schema") => {
+            let spec = &format["json_schema"];
+            let schema = spec
+                .get("schema")
+                .cloned()
+                .unwrap_or(json!({"type": "object"}));
+            if schema["type"] != "object" {
+                return Err(unsupported(
+                    "'response_format': a JSON schema whose top level is not an object is not supported",
+                ));
+            }
+            (spec["name"].as_str().unwrap_or(JSON_TOOL), schema)
+        }
+        _ => {
+            return Err(invalid(format!(
+                "'response_format' must have type \"text\", \"json_object\" or \"json_schema\", not {format}"
+            )));
+        }
+    };
+    Ok(Some(json!({
+        "name": name,
+        "description": "Answer with JSON that matches this schema.",
+        "input_schema": schema,
+    })))
+}
+
+/// The name of the tool JSON mode forces for `request`, if it asks for JSON.
+fn json_tool_name(request: &ChatRequest) -> Option<String> {
+    let format = request.extra.get("response_format")?;
+    let tool = response_format_tool(format).ok()??;
+    tool["name"].as_str().map(str::to_owned)
 }
 
 /// OpenAI's `tool_choice` as Anthropic's.
@@ -486,7 +543,20 @@ impl AnthropicUsage {
 }
 
 impl MessageResponse {
-    fn into_chat_response(self) -> ChatResponse {
+    /// The message as a chat completion; `json_tool` is the tool JSON mode forced, whose input
+    /// is the answer's text.
+    fn into_chat_response(mut self, json_tool: Option<&str>) -> ChatResponse {
+        if let Some(json_tool) = json_tool {
+            for block in &mut self.content {
+                if block.kind == "tool_use" && block.name == json_tool {
+                    block.kind = "text".to_owned();
+                    block.text = block.input.to_string();
+                }
+            }
+            if self.stop_reason.as_deref() == Some("tool_use") {
+                self.stop_reason = Some("end_turn".to_owned());
+            }
+        }
         let text: String = self
             .content
             .iter()
@@ -534,6 +604,9 @@ struct StreamState {
     /// The content block index of each `tool_use` block so far: its position is the OpenAI
     /// tool call's `index`.
     tool_blocks: Vec<u64>,
+    /// JSON mode: the forced tool's name, and the block of its input, streamed as text.
+    json_tool: Option<String>,
+    json_block: Option<u64>,
     include_usage: bool,
     done: bool,
 }
@@ -593,6 +666,23 @@ impl StreamState {
                 self.usage.merge(usage_of(event.pointer("/message/usage")));
                 None
             }
+            "content_block_start"
+                if text("/content_block/type") == Some("tool_use")
+                    && self.json_tool.is_some()
+                    && text("/content_block/name") == self.json_tool.as_deref() =>
+            {
+                self.json_block = event["index"].as_u64();
+                None
+            }
+            "content_block_delta"
+                if text("/delta/type") == Some("input_json_delta")
+                    && self.json_block.is_some()
+                    && event["index"].as_u64() == self.json_block =>
+            {
+                text("/delta/partial_json")
+                    .filter(|piece| !piece.is_empty())
+                    .map(|piece| self.chunk(Some(piece), None))
+            }
             "content_block_start" if text("/content_block/type") == Some("tool_use") => {
                 let block = event["index"].as_u64().unwrap_or_default();
                 let index = self.tool_blocks.len();
@@ -624,7 +714,11 @@ impl StreamState {
             }
             "message_delta" => {
                 self.usage.merge(usage_of(event.get("usage")));
-                let reason = text("/delta/stop_reason").map(finish_reason);
+                let reason = text("/delta/stop_reason").map(|reason| match reason {
+                    // JSON mode's forced tool is the answer, not a call.
+                    "tool_use" if self.json_block.is_some() => "stop",
+                    reason => finish_reason(reason),
+                });
                 reason.map(|reason| self.chunk(None, Some(reason)))
             }
             "message_stop" => {
@@ -687,6 +781,7 @@ fn chat_chunks(
     upstream: Arc<Upstream>,
     response: http::Response<UpstreamBody>,
     include_usage: bool,
+    json_tool: Option<String>,
 ) -> impl futures::Stream<Item = Result<ChatChunk, LlmError>> + Send + 'static {
     let mut events = Box::pin(sse_events(response, MAX_ANSWER));
     let mut state = StreamState {
@@ -696,6 +791,8 @@ fn chat_chunks(
         usage: AnthropicUsage::default(),
         started: false,
         tool_blocks: Vec::new(),
+        json_tool,
+        json_block: None,
         include_usage,
         done: false,
     };
@@ -846,9 +943,17 @@ mod tests {
         );
         assert_eq!(
             refused(
-                json!({"model": "m", "messages": user, "response_format": {"type": "json_object"}})
+                json!({"model": "m", "messages": user, "response_format": {"type": "json_object"},
+                           "tools": [{"type": "function", "function": {"name": "f"}}]})
             ),
-            "'response_format' is not supported"
+            "'response_format' together with 'tools' is not supported"
+        );
+        assert_eq!(
+            refused(
+                json!({"model": "m", "messages": user, "response_format": {"type": "json_schema",
+                           "json_schema": {"name": "list", "schema": {"type": "array"}}}})
+            ),
+            "'response_format': a JSON schema whose top level is not an object is not supported"
         );
         assert_eq!(
             refused(json!({"model": "m", "messages": [
@@ -975,6 +1080,108 @@ mod tests {
     }
 
     #[test]
+    fn json_mode_is_a_forced_tool_whose_input_is_the_answer() {
+        let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]});
+        let ask = |format: Value| {
+            request(
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                           "response_format": format}),
+            )
+        };
+        let with_schema = ask(json!({"type": "json_schema",
+            "json_schema": {"name": "place", "schema": schema, "strict": true}}));
+        let body = messages_request(&with_schema, false).unwrap();
+        assert_eq!(
+            body["tools"],
+            json!([{"name": "place", "description": "Answer with JSON that matches this schema.",
+                    "input_schema": schema}])
+        );
+        assert_eq!(
+            body["tool_choice"],
+            json!({"type": "tool", "name": "place"})
+        );
+        assert_eq!(json_tool_name(&with_schema).as_deref(), Some("place"));
+        let any_object = ask(json!({"type": "json_object"}));
+        let body = messages_request(&any_object, false).unwrap();
+        assert_eq!(body["tools"][0]["name"], "json_response");
+        assert_eq!(body["tools"][0]["input_schema"], json!({"type": "object"}));
+        let text = ask(json!({"type": "text"}));
+        assert!(
+            messages_request(&text, false)
+                .unwrap()
+                .get("tools")
+                .is_none()
+        );
+        assert_eq!(json_tool_name(&text), None);
+
+        let message: MessageResponse = serde_json::from_value(json!({
+            "id": "msg_j", "model": "c", "stop_reason": "tool_use",
+            "content": [{"type": "tool_use", "id": "toolu_j", "name": "place", "input": {"city": "Paris"}}],
+            "usage": {"input_tokens": 10, "output_tokens": 5}
+        }))
+        .unwrap();
+        let response = serde_json::to_value(message.into_chat_response(Some("place"))).unwrap();
+        assert_eq!(
+            response["choices"][0],
+            json!({"index": 0, "finish_reason": "stop",
+                   "message": {"role": "assistant", "content": "{\"city\":\"Paris\"}"}})
+        );
+    }
+
+    #[tokio::test]
+    async fn json_mode_streams_the_forced_tools_input_as_text() {
+        let stream = sse_response(&[
+            (
+                "message_start",
+                r#"{"type":"message_start","message":{"id":"msg_s","model":"c","usage":{"input_tokens":5}}}"#,
+            ),
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"toolu_j","name":"json_response","input":{}}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":""}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"city\": "}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"\"Paris\"}"}}"#,
+            ),
+            (
+                "message_delta",
+                r#"{"type":"message_delta","delta":{"stop_reason":"tool_use"},"usage":{"output_tokens":9}}"#,
+            ),
+            ("message_stop", r#"{"type":"message_stop"}"#),
+        ]);
+        let deltas: Vec<(Value, Value)> =
+            chat_chunks(upstream(), stream, false, Some(JSON_TOOL.to_owned()))
+                .map(|chunk| {
+                    let chunk = serde_json::to_value(chunk.unwrap()).unwrap();
+                    (
+                        chunk["choices"][0]["delta"].clone(),
+                        chunk["choices"][0]["finish_reason"].clone(),
+                    )
+                })
+                .collect()
+                .await;
+        assert_eq!(
+            deltas,
+            [
+                (
+                    json!({"role": "assistant", "content": "{\"city\": "}),
+                    Value::Null
+                ),
+                (json!({"content": "\"Paris\"}"}), Value::Null),
+                (json!({}), json!("stop")),
+            ]
+        );
+    }
+
+    #[test]
     fn tool_use_answers_become_tool_calls() {
         let message: MessageResponse = serde_json::from_value(json!({
             "id": "msg_t", "type": "message", "role": "assistant", "model": "claude-test",
@@ -985,7 +1192,7 @@ mod tests {
             "usage": {"input_tokens": 10, "output_tokens": 5}
         }))
         .unwrap();
-        let response = serde_json::to_value(message.into_chat_response()).unwrap();
+        let response = serde_json::to_value(message.into_chat_response(None)).unwrap();
         assert_eq!(
             response["choices"][0],
             json!({"index": 0, "finish_reason": "tool_calls", "message": {
@@ -1034,7 +1241,7 @@ mod tests {
             ),
             ("message_stop", r#"{"type":"message_stop"}"#),
         ]);
-        let deltas: Vec<(Value, Value)> = chat_chunks(upstream(), stream, false)
+        let deltas: Vec<(Value, Value)> = chat_chunks(upstream(), stream, false, None)
             .map(|chunk| {
                 let chunk = serde_json::to_value(chunk.unwrap()).unwrap();
                 (
@@ -1083,7 +1290,7 @@ mod tests {
                       "cache_creation_input_tokens": 2, "cache_read_input_tokens": 3}
         }))
         .unwrap();
-        let response = message.into_chat_response();
+        let response = message.into_chat_response(None);
         assert_eq!(response.id, "msg_1");
         assert_eq!(response.model, "claude-test");
         assert_eq!(response.object, "chat.completion");
@@ -1133,7 +1340,7 @@ mod tests {
 
     #[tokio::test]
     async fn streams_become_chat_chunks_with_usage_when_asked() {
-        let chunks: Vec<ChatChunk> = chat_chunks(upstream(), anthropic_stream(true), true)
+        let chunks: Vec<ChatChunk> = chat_chunks(upstream(), anthropic_stream(true), true, None)
             .map(Result::unwrap)
             .collect()
             .await;
@@ -1161,7 +1368,7 @@ mod tests {
             ]
         );
 
-        let without_usage: Vec<_> = chat_chunks(upstream(), anthropic_stream(true), false)
+        let without_usage: Vec<_> = chat_chunks(upstream(), anthropic_stream(true), false, None)
             .collect()
             .await;
         assert_eq!(without_usage.len(), 3);
@@ -1169,7 +1376,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_that_errs_or_ends_early_ends_with_an_error() {
-        let cut: Vec<_> = chat_chunks(upstream(), anthropic_stream(false), true)
+        let cut: Vec<_> = chat_chunks(upstream(), anthropic_stream(false), true, None)
             .collect()
             .await;
         assert_eq!(cut.len(), 4);
@@ -1191,7 +1398,9 @@ mod tests {
             ),
         ]);
         // Before any text no chunk went out, so a route may still retry or fall back.
-        let items: Vec<_> = chat_chunks(upstream(), overloaded, true).collect().await;
+        let items: Vec<_> = chat_chunks(upstream(), overloaded, true, None)
+            .collect()
+            .await;
         assert_eq!(items.len(), 1);
         let error = items[0].as_ref().unwrap_err();
         assert_eq!(
@@ -1208,7 +1417,9 @@ mod tests {
             "error",
             r#"{"type":"error","error":{"type":"request_too_large","message":"Too large"}}"#,
         )]);
-        let items: Vec<_> = chat_chunks(upstream(), too_large, true).collect().await;
+        let items: Vec<_> = chat_chunks(upstream(), too_large, true, None)
+            .collect()
+            .await;
         let error = items[0].as_ref().unwrap_err();
         assert_eq!(
             error.kind,
