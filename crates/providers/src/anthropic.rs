@@ -1128,48 +1128,71 @@ mod tests {
         );
     }
 
+    /// A stream whose answer is a call of tool `name` with input `{"city": "Paris"}`, after
+    /// some text if `text` is given.
+    fn tool_use_stream(text: Option<&str>, name: &str) -> http::Response<UpstreamBody> {
+        let event = |kind: &str, data: Value| (kind.to_owned(), data.to_string());
+        let mut events = vec![event(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_s", "model": "c", "usage": {"input_tokens": 5}}}),
+        )];
+        if let Some(text) = text {
+            events.push(event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ));
+            events.push(event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+            ));
+        }
+        let index = usize::from(text.is_some());
+        events.push(event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": index,
+                   "content_block": {"type": "tool_use", "id": "toolu_9", "name": name, "input": {}}}),
+        ));
+        for piece in ["", "{\"city\": ", "\"Paris\"}"] {
+            events.push(event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": index,
+                       "delta": {"type": "input_json_delta", "partial_json": piece}}),
+            ));
+        }
+        events.push(event(
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}}),
+        ));
+        events.push(event("message_stop", json!({"type": "message_stop"})));
+        let borrowed: Vec<(&str, &str)> = events
+            .iter()
+            .map(|(kind, data)| (kind.as_str(), data.as_str()))
+            .collect();
+        sse_response(&borrowed)
+    }
+
+    /// Each chunk's delta and finish reason.
+    async fn deltas(
+        response: http::Response<UpstreamBody>,
+        json_tool: Option<&str>,
+    ) -> Vec<(Value, Value)> {
+        chat_chunks(upstream(), response, false, json_tool.map(str::to_owned))
+            .map(|chunk| {
+                let chunk = serde_json::to_value(chunk.unwrap()).unwrap();
+                (
+                    chunk["choices"][0]["delta"].clone(),
+                    chunk["choices"][0]["finish_reason"].clone(),
+                )
+            })
+            .collect()
+            .await
+    }
+
     #[tokio::test]
     async fn json_mode_streams_the_forced_tools_input_as_text() {
-        let stream = sse_response(&[
-            (
-                "message_start",
-                r#"{"type":"message_start","message":{"id":"msg_s","model":"c","usage":{"input_tokens":5}}}"#,
-            ),
-            (
-                "content_block_start",
-                r#"{"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"toolu_j","name":"json_response","input":{}}}"#,
-            ),
-            (
-                "content_block_delta",
-                r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":""}}"#,
-            ),
-            (
-                "content_block_delta",
-                r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"city\": "}}"#,
-            ),
-            (
-                "content_block_delta",
-                r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"\"Paris\"}"}}"#,
-            ),
-            (
-                "message_delta",
-                r#"{"type":"message_delta","delta":{"stop_reason":"tool_use"},"usage":{"output_tokens":9}}"#,
-            ),
-            ("message_stop", r#"{"type":"message_stop"}"#),
-        ]);
-        let deltas: Vec<(Value, Value)> =
-            chat_chunks(upstream(), stream, false, Some(JSON_TOOL.to_owned()))
-                .map(|chunk| {
-                    let chunk = serde_json::to_value(chunk.unwrap()).unwrap();
-                    (
-                        chunk["choices"][0]["delta"].clone(),
-                        chunk["choices"][0]["finish_reason"].clone(),
-                    )
-                })
-                .collect()
-                .await;
+        let stream = tool_use_stream(None, JSON_TOOL);
         assert_eq!(
-            deltas,
+            deltas(stream, Some(JSON_TOOL)).await,
             [
                 (
                     json!({"role": "assistant", "content": "{\"city\": "}),
@@ -1206,53 +1229,9 @@ mod tests {
 
     #[tokio::test]
     async fn streamed_tool_use_becomes_streamed_tool_calls() {
-        let stream = sse_response(&[
-            (
-                "message_start",
-                r#"{"type":"message_start","message":{"id":"msg_s","model":"c","usage":{"input_tokens":5}}}"#,
-            ),
-            (
-                "content_block_start",
-                r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
-            ),
-            (
-                "content_block_delta",
-                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Checking."}}"#,
-            ),
-            (
-                "content_block_start",
-                r#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_9","name":"weather","input":{}}}"#,
-            ),
-            (
-                "content_block_delta",
-                r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":""}}"#,
-            ),
-            (
-                "content_block_delta",
-                r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"city\": "}}"#,
-            ),
-            (
-                "content_block_delta",
-                r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"\"Paris\"}"}}"#,
-            ),
-            (
-                "message_delta",
-                r#"{"type":"message_delta","delta":{"stop_reason":"tool_use"},"usage":{"output_tokens":9}}"#,
-            ),
-            ("message_stop", r#"{"type":"message_stop"}"#),
-        ]);
-        let deltas: Vec<(Value, Value)> = chat_chunks(upstream(), stream, false, None)
-            .map(|chunk| {
-                let chunk = serde_json::to_value(chunk.unwrap()).unwrap();
-                (
-                    chunk["choices"][0]["delta"].clone(),
-                    chunk["choices"][0]["finish_reason"].clone(),
-                )
-            })
-            .collect()
-            .await;
+        let stream = tool_use_stream(Some("Checking."), "weather");
         assert_eq!(
-            deltas,
+            deltas(stream, None).await,
             [
                 (
                     json!({"role": "assistant", "content": "Checking."}),
