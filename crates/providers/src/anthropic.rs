@@ -144,7 +144,11 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
     // Whether the last message is a user turn of tool results, which the next result joins.
     let mut in_results = false;
     for (i, message) in request.messages.iter().enumerate() {
-        if message.extra.contains_key("function_call") {
+        if message
+            .extra
+            .get("function_call")
+            .is_some_and(|v| !v.is_null())
+        {
             return Err(unsupported(format!(
                 "messages[{i}]: legacy function calls are not supported (use tool_calls)"
             )));
@@ -274,7 +278,7 @@ fn tools(value: &Value) -> Result<Value, LlmError> {
                 schema.entry("type").or_insert_with(|| "object".into());
             }
             let mut translated = json!({"name": name, "input_schema": schema});
-            if let Some(description) = function.get("description") {
+            if let Some(description) = function.get("description").filter(|d| !d.is_null()) {
                 translated["description"] = description.clone();
             }
             Ok(translated)
@@ -333,6 +337,10 @@ fn translate_tool_choice(value: &Value) -> Result<Value, LlmError> {
         Value::String(choice) if choice == "required" => Ok(json!({"type": "any"})),
         _ => match value.pointer("/function/name").and_then(Value::as_str) {
             Some(name) if value["type"] == "function" => Ok(json!({"type": "tool", "name": name})),
+            // A choice among tools OpenAI has and Anthropic does not (allowed_tools, custom).
+            _ if value["type"].is_string() && value["type"] != "function" => Err(unsupported(
+                format!("'tool_choice' of type {} is not supported", value["type"]),
+            )),
             _ => Err(invalid(format!(
                 "'tool_choice' must be \"auto\", \"none\", \"required\" or a function, not {value}"
             ))),
@@ -342,12 +350,17 @@ fn translate_tool_choice(value: &Value) -> Result<Value, LlmError> {
 
 /// An assistant message's content: its text, and a `tool_use` block per tool call.
 fn assistant_content(i: usize, message: &Message) -> Result<Value, LlmError> {
-    let Some(calls) = message.extra.get("tool_calls") else {
-        return content(i, message);
+    // `null` and `[]` are no calls (SDKs that dump every field send them).
+    let calls = match message.extra.get("tool_calls") {
+        None | Some(Value::Null) => return content(i, message),
+        Some(Value::Array(calls)) if calls.is_empty() => return content(i, message),
+        Some(Value::Array(calls)) => calls,
+        Some(_) => {
+            return Err(invalid(format!(
+                "messages[{i}].tool_calls must be an array"
+            )));
+        }
     };
-    let calls = calls
-        .as_array()
-        .ok_or_else(|| invalid(format!("messages[{i}].tool_calls must be an array")))?;
     let text = message.text();
     let mut blocks: Vec<Value> = Vec::new();
     if !text.is_empty() {
@@ -365,7 +378,11 @@ fn assistant_content(i: usize, message: &Message) -> Result<Value, LlmError> {
         else {
             return Err(invalid(format!("{at}: id and function.name are required")));
         };
-        let arguments = call["function"]["arguments"].as_str().unwrap_or("{}");
+        // No arguments at all (`""`, as some servers stream a call without parameters) is `{}`.
+        let arguments = call["function"]["arguments"]
+            .as_str()
+            .filter(|a| !a.trim().is_empty())
+            .unwrap_or("{}");
         let input: Value = serde_json::from_str(arguments)
             .ok()
             .filter(Value::is_object)
@@ -546,13 +563,17 @@ impl MessageResponse {
     /// The message as a chat completion; `json_tool` is the tool JSON mode forced, whose input
     /// is the answer's text.
     fn into_chat_response(mut self, json_tool: Option<&str>) -> ChatResponse {
-        if let Some(json_tool) = json_tool {
-            for block in &mut self.content {
-                if block.kind == "tool_use" && block.name == json_tool {
-                    block.kind = "text".to_owned();
-                    block.text = block.input.to_string();
-                }
-            }
+        if let Some(json_tool) = json_tool
+            && let Some(answer) = self
+                .content
+                .iter()
+                .position(|block| block.kind == "tool_use" && block.name == json_tool)
+        {
+            // The forced tool's input is the whole answer.
+            let mut block = self.content.swap_remove(answer);
+            block.kind = "text".to_owned();
+            block.text = block.input.to_string();
+            self.content = vec![block];
             if self.stop_reason.as_deref() == Some("tool_use") {
                 self.stop_reason = Some("end_turn".to_owned());
             }
@@ -603,10 +624,13 @@ struct StreamState {
     started: bool,
     /// The content block index of each `tool_use` block so far: its position is the OpenAI
     /// tool call's `index`.
-    tool_blocks: Vec<u64>,
-    /// JSON mode: the forced tool's name, and the block of its input, streamed as text.
+    /// With it, whether any of its arguments went out (a call without parameters streams none,
+    /// and gets `{}` when its block ends).
+    tool_blocks: Vec<(u64, bool)>,
+    /// JSON mode: the forced tool's name, and the block of its input, streamed as text (and
+    /// whether any of it went out).
     json_tool: Option<String>,
-    json_block: Option<u64>,
+    json_block: Option<(u64, bool)>,
     include_usage: bool,
     done: bool,
 }
@@ -644,6 +668,47 @@ impl StreamState {
         )
     }
 
+    /// A piece of JSON mode's answer, as text.
+    fn json_piece(&mut self, piece: &str) -> Option<ChatChunk> {
+        if piece.is_empty() {
+            return None;
+        }
+        self.json_block = self.json_block.map(|(block, _)| (block, true));
+        Some(self.chunk(Some(piece), None))
+    }
+
+    /// A piece of the arguments of the tool call in content block `block`.
+    fn arguments_piece(&mut self, block: Option<u64>, arguments: &str) -> Option<ChatChunk> {
+        let index = self
+            .tool_blocks
+            .iter()
+            .position(|&(b, _)| Some(b) == block)?;
+        if arguments.is_empty() {
+            return None;
+        }
+        self.tool_blocks[index].1 = true;
+        Some(self.tool_call_chunk(json!({"index": index, "function": {"arguments": arguments}})))
+    }
+
+    /// A tool block that ends without any arguments had an empty input: `{}`, as a complete
+    /// answer says it (and as OpenAI streams it).
+    fn block_stop(&mut self, block: Option<u64>) -> Option<ChatChunk> {
+        if let Some((json_block, false)) = self.json_block
+            && Some(json_block) == block
+        {
+            return self.json_piece("{}");
+        }
+        let silent = self
+            .tool_blocks
+            .iter()
+            .any(|&(b, sent)| Some(b) == block && !sent);
+        if silent {
+            self.arguments_piece(block, "{}")
+        } else {
+            None
+        }
+    }
+
     /// The chunk an event becomes, if any; `Err` for an event that ends the stream with an
     /// error, classified (an `error` event is classified like the status Anthropic gives the
     /// same error, so that before the first text a route retries an overloaded target).
@@ -671,22 +736,19 @@ impl StreamState {
                     && self.json_tool.is_some()
                     && text("/content_block/name") == self.json_tool.as_deref() =>
             {
-                self.json_block = event["index"].as_u64();
+                self.json_block = event["index"].as_u64().map(|block| (block, false));
                 None
             }
             "content_block_delta"
                 if text("/delta/type") == Some("input_json_delta")
-                    && self.json_block.is_some()
-                    && event["index"].as_u64() == self.json_block =>
+                    && self.json_block.map(|(block, _)| block) == event["index"].as_u64() =>
             {
-                text("/delta/partial_json")
-                    .filter(|piece| !piece.is_empty())
-                    .map(|piece| self.chunk(Some(piece), None))
+                self.json_piece(text("/delta/partial_json").unwrap_or_default())
             }
             "content_block_start" if text("/content_block/type") == Some("tool_use") => {
                 let block = event["index"].as_u64().unwrap_or_default();
                 let index = self.tool_blocks.len();
-                self.tool_blocks.push(block);
+                self.tool_blocks.push((block, false));
                 let mut call = tool_call(
                     text("/content_block/id").unwrap_or_default(),
                     text("/content_block/name").unwrap_or_default(),
@@ -701,17 +763,12 @@ impl StreamState {
             "content_block_delta" if text("/delta/type") == Some("text_delta") => {
                 Some(self.chunk(Some(text("/delta/text").unwrap_or_default()), None))
             }
-            "content_block_delta" if text("/delta/type") == Some("input_json_delta") => {
-                let block = event["index"].as_u64().unwrap_or_default();
-                let index = self.tool_blocks.iter().position(|&b| b == block);
-                let arguments = text("/delta/partial_json").unwrap_or_default();
-                match index {
-                    Some(index) if !arguments.is_empty() => Some(self.tool_call_chunk(
-                        json!({"index": index, "function": {"arguments": arguments}}),
-                    )),
-                    _ => None,
-                }
-            }
+            "content_block_delta" if text("/delta/type") == Some("input_json_delta") => self
+                .arguments_piece(
+                    event["index"].as_u64(),
+                    text("/delta/partial_json").unwrap_or_default(),
+                ),
+            "content_block_stop" => self.block_stop(event["index"].as_u64()),
             "message_delta" => {
                 self.usage.merge(usage_of(event.get("usage")));
                 let reason = text("/delta/stop_reason").map(|reason| match reason {
@@ -760,9 +817,11 @@ fn error_status(error_type: &str) -> Option<u16> {
         "authentication_error" => 401,
         "permission_error" => 403,
         "not_found_error" => 404,
+        "billing_error" => 402,
         "request_too_large" => 413,
         "rate_limit_error" => 429,
         "api_error" => 500,
+        "timeout_error" => 504,
         "overloaded_error" => 529,
         _ => return None,
     })
@@ -1116,7 +1175,8 @@ mod tests {
 
         let message: MessageResponse = serde_json::from_value(json!({
             "id": "msg_j", "model": "c", "stop_reason": "tool_use",
-            "content": [{"type": "tool_use", "id": "toolu_j", "name": "place", "input": {"city": "Paris"}}],
+            "content": [{"type": "text", "text": "Here it is:"},
+                        {"type": "tool_use", "id": "toolu_j", "name": "place", "input": {"city": "Paris"}}],
             "usage": {"input_tokens": 10, "output_tokens": 5}
         }))
         .unwrap();
@@ -1201,6 +1261,96 @@ mod tests {
                 (json!({"content": "\"Paris\"}"}), Value::Null),
                 (json!({}), json!("stop")),
             ]
+        );
+    }
+
+    #[test]
+    fn what_sdks_send_for_no_calls_or_no_arguments_is_taken_as_such() {
+        // openai-python's `model_dump()` writes every field; some servers stream a call without
+        // parameters as "" arguments.
+        let body = messages_request(
+            &request(json!({"model": "m",
+                "tools": [{"type": "function", "function": {"name": "now", "description": null}}],
+                "messages": [
+                    {"role": "user", "content": "x", "function_call": null, "tool_calls": null},
+                    {"role": "assistant", "content": "y", "tool_calls": []},
+                    {"role": "assistant", "content": null, "function_call": null, "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "now", "arguments": ""}}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "noon"}
+                ]})),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            body["tools"],
+            json!([{"name": "now", "input_schema": {"type": "object"}}])
+        );
+        assert_eq!(
+            body["messages"][1],
+            json!({"role": "assistant", "content": "y"})
+        );
+        assert_eq!(
+            body["messages"][2]["content"],
+            json!([{"type": "tool_use", "id": "c1", "name": "now", "input": {}}])
+        );
+        let allowed_tools = messages_request(
+            &request(json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}})),
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(allowed_tools.kind, LlmErrorKind::Unsupported);
+        assert_eq!(
+            allowed_tools.message,
+            "'tool_choice' of type \"allowed_tools\" is not supported"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_streamed_call_without_arguments_gets_an_empty_object() {
+        let events = |name: &str| {
+            let start = json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "tool_use", "id": "toolu_0", "name": name, "input": {}}});
+            let empty = json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "input_json_delta", "partial_json": ""}});
+            vec![
+                (
+                    "message_start",
+                    json!({"type": "message_start", "message": {"id": "m", "model": "c"}})
+                        .to_string(),
+                ),
+                ("content_block_start", start.to_string()),
+                ("content_block_delta", empty.to_string()),
+                (
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": 0}).to_string(),
+                ),
+                ("message_stop", json!({"type": "message_stop"}).to_string()),
+            ]
+        };
+        let stream = |name: &str| {
+            let events = events(name);
+            let borrowed: Vec<(&str, &str)> =
+                events.iter().map(|(k, d)| (*k, d.as_str())).collect();
+            sse_response(&borrowed)
+        };
+        assert_eq!(
+            deltas(stream("now"), None).await,
+            [
+                (
+                    json!({"role": "assistant", "tool_calls": [{"index": 0, "id": "toolu_0", "type": "function",
+                                                                "function": {"name": "now", "arguments": ""}}]}),
+                    Value::Null
+                ),
+                (
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
+                    Value::Null
+                ),
+            ]
+        );
+        assert_eq!(
+            deltas(stream(JSON_TOOL), Some(JSON_TOOL)).await,
+            [(json!({"role": "assistant", "content": "{}"}), Value::Null)]
         );
     }
 
@@ -1408,5 +1558,7 @@ mod tests {
             }
         );
         assert!(!error.is_retryable(), "{:?}", error.kind);
+        assert_eq!(error_status("timeout_error"), Some(504));
+        assert_eq!(error_status("billing_error"), Some(402));
     }
 }
