@@ -58,20 +58,28 @@ enum Command {
     Models(ModelsCommand),
     /// Run one request without a server, as `/endpoints/{name}/invocations` would: an ONNX
     /// model's `{"predictions": ...}`, or a chain's or route's chat completion.
-    Predict {
-        /// A model URI (`models:/iris@production`, `models:/support-bot/2`), an endpoint of
-        /// --config, or an .onnx file or MLflow model directory.
-        target: String,
-        /// For a model, an MLflow scoring request (`{"inputs": [[...]]}`, `dataframe_split`…);
-        /// for a chain or route, a chat request (`{"messages": [...]}`). JSON text, `@file`,
-        /// or `-` for standard input.
-        #[arg(long)]
-        input: String,
-        /// Gateway config: its endpoint names, its [store], and the routes and providers a
-        /// chain or route calls (needed for those; API keys and rate limits do not apply).
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
+    Predict(PredictArgs),
+}
+
+#[derive(clap::Args)]
+struct PredictArgs {
+    /// A model URI (`models:/iris@production`, `models:/support-bot/2`), an endpoint of
+    /// --config, or an .onnx file or MLflow model directory.
+    target: String,
+    /// For a model, an MLflow scoring request (`{"inputs": [[...]]}`, `dataframe_split`…); for
+    /// a chain or route, a chat request (`{"messages": [...]}`). JSON text, `@file`, or `-` for
+    /// standard input.
+    #[arg(long)]
+    input: String,
+    /// Gateway config: its endpoint names and overrides, its [store], and the routes and
+    /// providers a chain or route calls (needed for those; API keys and rate limits do not
+    /// apply).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// As `serve --allow-code-mismatch`: run a logged chain whose code differs from the code
+    /// compiled into this binary (development only).
+    #[arg(long)]
+    allow_code_mismatch: bool,
 }
 
 #[derive(Subcommand)]
@@ -169,11 +177,7 @@ fn main() -> anyhow::Result<()> {
             report(&store, &logged, &name, alias)?;
         }
         Command::Models(command) => models(&store(), command)?,
-        Command::Predict {
-            target,
-            input,
-            config,
-        } => predict(cli.store.clone(), &target, &input, config.as_deref())?,
+        Command::Predict(args) => predict(args, cli.store.clone())?,
     }
     Ok(())
 }
@@ -224,51 +228,68 @@ fn report(
 /// verified first) and run on the request; a chain or route endpoint (or a logged chain, bound to
 /// the config's routes) is loaded with the config's providers and sent the request in process.
 /// Prints the answer; an error answer is the command's error.
-fn predict(
-    store: Option<PathBuf>,
-    target: &str,
-    input: &str,
-    config_path: Option<&std::path::Path>,
-) -> anyhow::Result<()> {
-    let text = match input {
+fn predict(args: PredictArgs, store: Option<PathBuf>) -> anyhow::Result<()> {
+    let PredictArgs {
+        target,
+        input,
+        config: config_path,
+        allow_code_mismatch,
+    } = args;
+    let text = match input.as_str() {
         "-" => std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?,
         _ => match input.strip_prefix('@') {
             Some(file) => {
                 std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?
             }
-            None => input.to_owned(),
+            None => input.clone(),
         },
     };
     let body: serde_json::Value =
         serde_json::from_str(&text).context("--input is not valid JSON")?;
-    // Finding an ONNX model calls no provider, Redis or client: the config's `${VAR}` secrets
-    // need not be set, and are not read. The stand-in passes the config's checks (a Redis URL
-    // must start with redis://) and goes nowhere.
-    let unused_secret = |_: &str| Some("redis://secret-unused-by-predict".to_owned());
+    // One request needs few of the config's secrets (a model none, a chain only its providers'
+    // keys; API keys and the Redis store are not used): a `${VAR}` that is not set stands in as
+    // a value that passes the config's checks (a Redis URL must start with redis://) and opens
+    // nothing, and is named below if a provider may need it.
+    let unset = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    let env = |name: &str| {
+        std::env::var(name).ok().or_else(|| {
+            unset.borrow_mut().insert(name.to_owned());
+            Some("redis://unset-for-predict".to_owned())
+        })
+    };
     let config = config_path
-        .map(|path| switchyard_gateway::Config::load_with_env(path, &unused_secret))
+        .as_deref()
+        .map(|path| switchyard_gateway::Config::load_with_env(path, &env))
         .transpose()?;
     let store = Store::new(
         store
-            .clone()
             .or_else(|| config.as_ref().map(|c| c.store.clone()))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE)),
     );
-    let target_path = std::path::Path::new(target);
-    let endpoint = config
-        .as_ref()
-        .and_then(|c| c.endpoints.iter().find(|e| e.name == target));
-    let logged = match endpoint.map(|e| &e.kind) {
-        _ if target.starts_with("models:/") => Some(target.parse::<ModelUri>()?),
-        Some(switchyard_gateway::EndpointKind::Chain(
-            switchyard_gateway::ChainEndpointConfig {
-                source: switchyard_gateway::ChainSource::Logged(uri),
-                ..
-            },
-        )) => Some(uri.clone()),
+    let logged_uri = |endpoint: &switchyard_gateway::EndpointConfig| match &endpoint.kind {
+        switchyard_gateway::EndpointKind::Chain(switchyard_gateway::ChainEndpointConfig {
+            source: switchyard_gateway::ChainSource::Logged(uri),
+            ..
+        }) => Some(uri.clone()),
         _ => None,
     };
+    let endpoints = config.as_ref().map_or(&[][..], |c| &c.endpoints[..]);
+    let (endpoint, logged) = if target.starts_with("models:/") {
+        let uri = target.parse::<ModelUri>()?;
+        // An endpoint of the config that serves this URI lends it its overrides.
+        let serving = endpoints
+            .iter()
+            .find(|e| logged_uri(e) == Some(uri.clone()));
+        (serving.map(|e| e.name.clone()), Some(uri))
+    } else {
+        let endpoint = endpoints.iter().find(|e| e.name == target);
+        (
+            endpoint.map(|e| e.name.clone()),
+            endpoint.and_then(logged_uri),
+        )
+    };
     let version = logged.as_ref().map(|uri| store.resolve(uri)).transpose()?;
+    let target_path = std::path::Path::new(&target);
     let onnx = match &version {
         Some(version) if version.mlmodel.onnx_data().is_some() => Some(store.verify_onnx(version)?),
         Some(_) => None,
@@ -286,21 +307,16 @@ fn predict(
         return Ok(());
     }
 
-    // A chain or a route: its LLM calls go through the config's routes and providers, whose
-    // secrets are read now.
-    let Some(config_path) = config_path else {
+    // A chain or a route: its LLM calls go through the config's routes and providers.
+    let Some(mut config) = config else {
         anyhow::bail!(
             "{target} is a chain: its LLMs are routes of a gateway config, so give --config (e.g. config/quickstart.toml)"
         );
     };
-    let source = ConfigSource {
-        path: config_path.to_owned(),
-        store_override: Some(store.root().to_owned()),
-        allow_code_mismatch: false,
-    };
-    let mut config = source.load()?;
+    config.store = store.root().to_owned();
+    config.allow_code_mismatch = allow_code_mismatch;
     let name = match (endpoint, logged) {
-        (Some(endpoint), _) => endpoint.name.clone(),
+        (Some(endpoint), _) => endpoint,
         // A logged chain that no endpoint serves: served as one named after its model.
         (None, Some(uri)) => {
             let name = uri.name.clone();
@@ -320,6 +336,11 @@ fn predict(
         }
         (None, None) => unreachable!("a target that is neither an endpoint nor a URI is a file"),
     };
+    for variable in unset.take() {
+        eprintln!(
+            "warning: {variable} is not set: a provider whose key it is will refuse the call"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -284,6 +284,63 @@ fn predict_runs_a_chain_or_a_route_once_without_a_server() {
             && stderr.contains("'messages' must contain at least one message"),
         "{stderr}"
     );
+    // A production-style config whose keys, Redis store and unused providers are not set here:
+    // the request needs none of them. A logged chain an endpoint serves takes the endpoint's
+    // overrides (here its LLM bound to a route the chain's own chain.toml does not name).
+    let production = work.join("production.toml");
+    std::fs::write(
+        &production,
+        r#"
+        [auth]
+        admin_key = "${SWITCHYARD_TEST_UNSET_ADMIN_KEY}"
+        keys = [{ id = "team", key_env = "SWITCHYARD_TEST_UNSET_TEAM_KEY" }]
+        [[limits]]
+        scope = ["api_key"]
+        requests_per_minute = 1
+        [limits_store]
+        kind = "redis"
+        url = "${SWITCHYARD_TEST_UNSET_REDIS_URL}"
+        on_error = "deny"
+        [providers.openai]
+        kind = "openai"
+        api_key = "${SWITCHYARD_TEST_UNSET_OPENAI_KEY}"
+        [providers.offline]
+        kind = "mock"
+        reply = "from the production config"
+        [routes.assistant]
+        targets = [{ provider = "offline", model = "m" }]
+        [routes.gpt]
+        targets = [{ provider = "openai", model = "gpt-4o-mini" }]
+        [[endpoints]]
+        name = "bot"
+        model = "models:/bot/1"
+        llms = { default = "assistant" }
+        [[endpoints]]
+        name = "gpt"
+        route = "gpt"
+        "#,
+    )
+    .unwrap();
+    let production = production.to_str().unwrap();
+    for target in ["bot", "models:/bot/1"] {
+        let output = switchyard(
+            &store,
+            &["predict", target, "--config", production, "--input", late],
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(
+            answer(output)["choices"][0]["message"]["content"],
+            "from the production config",
+            "{target}"
+        );
+        assert!(
+            stderr.contains(
+                "warning: SWITCHYARD_TEST_UNSET_OPENAI_KEY is not set: a provider whose key it is will refuse the call"
+            ),
+            "{stderr}"
+        );
+    }
+
     // A chain's LLMs are routes of a config: without one it says so.
     let no_config = switchyard(&store, &["predict", "models:/bot/1", "--input", late]);
     assert!(!no_config.status.success());

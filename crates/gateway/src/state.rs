@@ -411,7 +411,7 @@ fn check_code(
              code_sha256 {compiled}. Serve the logged code by rebuilding from it \
              (`switchyard models restore {uri} chains/{chain}`, then rebuild), log the current code \
              (`switchyard log chain chains/{chain} --name {name}`), or set `allow_code_mismatch = true` \
-             on the endpoint or start with `switchyard serve --allow-code-mismatch` (development only)",
+             on the endpoint or pass `--allow-code-mismatch` to `switchyard serve` or `predict` (development only)",
             logged = loaded.folder_code_sha256,
             compiled = loaded.entry.code_sha256,
             name = uri.name,
