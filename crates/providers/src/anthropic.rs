@@ -632,6 +632,10 @@ struct StreamState {
     json_tool: Option<String>,
     json_block: Option<(u64, bool)>,
     include_usage: bool,
+    /// Whether the finish chunk went out.
+    finished: bool,
+    /// A chunk that follows the one just returned (one event can end the stream with two).
+    pending: Option<ChatChunk>,
     done: bool,
 }
 
@@ -659,6 +663,7 @@ impl StreamState {
             delta.role = Some("assistant".to_owned());
         }
         self.started = true;
+        self.finished |= finish_reason.is_some();
         ChatChunk::delta(
             self.id.clone(),
             self.model.clone(),
@@ -780,7 +785,7 @@ impl StreamState {
             }
             "message_stop" => {
                 self.done = true;
-                self.include_usage.then(|| {
+                let usage = self.include_usage.then(|| {
                     ChatChunk::usage(
                         self.id.clone(),
                         self.model.clone(),
@@ -790,7 +795,15 @@ impl StreamState {
                             self.usage.output_tokens.unwrap_or(0),
                         ),
                     )
-                })
+                });
+                if self.finished {
+                    usage
+                } else {
+                    // A stream that never said why it stopped still gets its finish chunk; the
+                    // usage chunk waits its turn.
+                    self.pending = usage;
+                    Some(self.chunk(None, Some("stop")))
+                }
             }
             "error" => {
                 let message = text("/error/message").unwrap_or("(no message)");
@@ -853,11 +866,16 @@ fn chat_chunks(
         json_tool,
         json_block: None,
         include_usage,
+        finished: false,
+        pending: None,
         done: false,
     };
     let mut failed = false;
     futures::stream::poll_fn(move |cx| {
         loop {
+            if let Some(chunk) = state.pending.take() {
+                return std::task::Poll::Ready(Some(Ok(chunk)));
+            }
             if state.done || failed {
                 return std::task::Poll::Ready(None);
             }
@@ -1346,11 +1364,29 @@ mod tests {
                     json!({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
                     Value::Null
                 ),
+                // No message_delta said why it stopped: message_stop still brings a finish.
+                (json!({}), json!("stop")),
             ]
         );
         assert_eq!(
             deltas(stream(JSON_TOOL), Some(JSON_TOOL)).await,
-            [(json!({"role": "assistant", "content": "{}"}), Value::Null)]
+            [
+                (json!({"role": "assistant", "content": "{}"}), Value::Null),
+                (json!({}), json!("stop")),
+            ]
+        );
+        // The usage chunk, asked for, comes after that finish.
+        let with_usage: Vec<ChatChunk> = chat_chunks(upstream(), stream("now"), true, None)
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        let [.., finish, usage] = &with_usage[..] else {
+            panic!("{with_usage:?}");
+        };
+        assert_eq!(finish.choices[0].finish_reason.as_deref(), Some("stop"));
+        assert!(
+            usage.choices.is_empty() && usage.usage.is_some(),
+            "{usage:?}"
         );
     }
 
