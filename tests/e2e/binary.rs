@@ -270,8 +270,8 @@ fn predict_runs_a_chain_or_a_route_once_without_a_server() {
         "echo",
         r#"{"stream": true, "messages": [{"role": "user", "content": "echo me"}]}"#,
     ));
-    let frames = crate::common::sse_data(&streamed);
-    assert_eq!(crate::common::stream_text(&frames), "echo me");
+    let frames = sse_data(&streamed);
+    assert_eq!(stream_text(&frames), "echo me");
     assert_eq!(frames.last().unwrap(), "[DONE]");
     // A logged chain no endpoint serves: its LLMs bound to the config's routes.
     let chain = switchyard_chains::chain_dir("support_bot");
