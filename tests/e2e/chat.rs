@@ -181,9 +181,25 @@ async fn models_lists_endpoints_in_config_order_and_health_answers() {
         [[endpoints]]
         name = "alpha"
         route = "r"
+        [[endpoints]]
+        name = "openai/gpt-4o-mini"
+        route = "r"
         "#,
     )
     .await;
+    // One model, as the OpenAI SDK's `models.retrieve` asks for it (names may hold slashes).
+    let one: Value = gateway.get_json("/v1/models/openai/gpt-4o-mini").await;
+    assert_eq!(one["id"], "openai/gpt-4o-mini");
+    assert_eq!(one["object"], "model");
+    let missing = gateway
+        .client
+        .get(gateway.url("/v1/models/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let error: Value = missing.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "model_not_found");
     let models: Value = gateway.get_json("/v1/models").await;
     assert_eq!(models["object"], "list");
     let ids: Vec<&str> = models["data"]
@@ -192,7 +208,7 @@ async fn models_lists_endpoints_in_config_order_and_health_answers() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["zeta", "alpha"]);
+    assert_eq!(ids, ["zeta", "alpha", "openai/gpt-4o-mini"]);
     assert_eq!(models["data"][0]["object"], "model");
     assert_eq!(models["data"][0]["owned_by"], "switchyard");
 
@@ -206,7 +222,7 @@ async fn models_lists_endpoints_in_config_order_and_health_answers() {
     let ready: Value = gateway.get_json("/ready").await;
     assert_eq!(
         ready,
-        json!({"status": "ready", "endpoints": 2, "rate_limiter": "ok"})
+        json!({"status": "ready", "endpoints": 3, "rate_limiter": "ok"})
     );
 }
 

@@ -157,6 +157,16 @@ async fn keys_are_required_checked_and_restricted_to_their_endpoints() {
     };
     assert_eq!(models(TEAM_A).await, ["chat", "other"]);
     assert_eq!(models(TEAM_B).await, ["chat"]);
+    // Retrieving one: a model the key may not call is as unknown as in the list.
+    let retrieve = |key: &'static str| {
+        let request = gateway
+            .client
+            .get(gateway.url("/v1/models/other"))
+            .bearer_auth(key);
+        async move { request.send().await.unwrap().status() }
+    };
+    assert_eq!(retrieve(TEAM_A).await, 200);
+    assert_eq!(retrieve(TEAM_B).await, 404);
     assert_eq!(
         gateway
             .client

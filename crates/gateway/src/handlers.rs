@@ -657,9 +657,31 @@ pub async fn list_models(
         .endpoint_order
         .iter()
         .filter(|name| auth::check_endpoint(key.map(|k| &**k), name).is_ok())
-        .map(|name| json!({"id": name, "object": "model", "created": snapshot.loaded_at, "owned_by": "switchyard"}))
+        .map(|name| model_object(name, snapshot.loaded_at))
         .collect();
     Ok(Json(json!({"object": "list", "data": data})))
+}
+
+/// `GET /v1/models/{model}` (the OpenAI SDK's `models.retrieve`): one endpoint, or 404 — also
+/// for an endpoint the caller's key may not call, as the list leaves it out.
+pub async fn retrieve_model(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let snapshot = state.snapshot();
+    let key = auth::authenticate(&snapshot.keys, &headers)?;
+    if !snapshot.endpoints.contains_key(&name)
+        || auth::check_endpoint(key.map(|k| &**k), &name).is_err()
+    {
+        return Err(ApiError::unknown_model(&name));
+    }
+    Ok(Json(model_object(&name, snapshot.loaded_at)))
+}
+
+/// An endpoint as OpenAI describes a model.
+fn model_object(name: &str, created: u64) -> Value {
+    json!({"id": name, "object": "model", "created": created, "owned_by": "switchyard"})
 }
 
 pub async fn health() -> Json<serde_json::Value> {

@@ -297,6 +297,7 @@ impl Gateway {
         let routes = Router::new()
             .route("/v1/chat/completions", post(handlers::chat_completions))
             .route("/v1/models", get(handlers::list_models))
+            .route("/v1/models/{*model}", get(handlers::retrieve_model))
             .route("/endpoints/{name}/invocations", post(handlers::invocations))
             .route("/health", get(handlers::health))
             .route("/ready", get(handlers::ready))
