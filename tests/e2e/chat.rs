@@ -200,6 +200,23 @@ async fn models_lists_endpoints_in_config_order_and_health_answers() {
     assert_eq!(missing.status(), 404);
     let error: Value = missing.json().await.unwrap();
     assert_eq!(error["error"]["code"], "model_not_found");
+    // MLflow's deployments client lists and gets endpoints at /api/2.0/endpoints/.
+    let mlflow: Value = gateway.get_json("/api/2.0/endpoints/").await;
+    let alpha = json!({"name": "alpha", "endpoint_type": "llm/v1/chat",
+        "model": {"name": "x", "provider": "m"},
+        "endpoint_url": "/endpoints/alpha/invocations", "limit": null});
+    assert_eq!(mlflow["endpoints"][1], alpha);
+    assert_eq!(mlflow["endpoints"].as_array().unwrap().len(), 3);
+    assert_eq!(gateway.get_json("/api/2.0/endpoints/alpha").await, alpha);
+    let missing = gateway
+        .client
+        .get(gateway.url("/api/2.0/endpoints/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let error: Value = missing.json().await.unwrap();
+    assert_eq!(error["error_code"], "RESOURCE_DOES_NOT_EXIST");
     let models: Value = gateway.get_json("/v1/models").await;
     assert_eq!(models["object"], "list");
     let ids: Vec<&str> = models["data"]

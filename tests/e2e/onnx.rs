@@ -198,6 +198,10 @@ async fn predictions_through_the_gateway_equal_onnxruntimes_in_every_format() {
 async fn bad_input_is_a_400_in_mlflows_shape_and_the_model_keeps_serving() {
     let gateway = serve(&["logreg"]).await;
     let url = "/endpoints/logreg/invocations";
+    // To MLflow's deployments client, a model endpoint is a type of its own at the same URL.
+    let described: Value = gateway.get_json("/api/2.0/endpoints/logreg").await;
+    assert_eq!(described["endpoint_type"], "model/v1/predict");
+    assert_eq!(described["endpoint_url"], url);
     for (body, says) in [
         (
             json!({"inputs": [[1.0, 2.0, 3.0]]}),

@@ -679,6 +679,68 @@ pub async fn retrieve_model(
     Ok(Json(model_object(&name, snapshot.loaded_at)))
 }
 
+/// `GET /api/2.0/endpoints/` (MLflow's deployments client: `list_endpoints`): every endpoint the
+/// caller's key may call, in one page.
+pub async fn mlflow_endpoints(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, MlflowError> {
+    let snapshot = state.snapshot();
+    let key = auth::authenticate(&snapshot.keys, &headers)?;
+    let endpoints: Vec<Value> = snapshot
+        .endpoint_order
+        .iter()
+        .filter(|name| auth::check_endpoint(key.map(|k| &**k), name).is_ok())
+        .filter_map(|name| Some(mlflow_endpoint(name, snapshot.endpoints.get(name)?)))
+        .collect();
+    Ok(Json(json!({"endpoints": endpoints})))
+}
+
+/// `GET /api/2.0/endpoints/{name}` (MLflow's deployments client: `get_endpoint`).
+pub async fn mlflow_get_endpoint(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, MlflowError> {
+    let snapshot = state.snapshot();
+    let key = auth::authenticate(&snapshot.keys, &headers)?;
+    match snapshot.endpoints.get(&name) {
+        Some(endpoint) if auth::check_endpoint(key.map(|k| &**k), &name).is_ok() => {
+            Ok(Json(mlflow_endpoint(&name, endpoint)))
+        }
+        _ => Err(ApiError::unknown_model(&name).into()),
+    }
+}
+
+/// An endpoint as MLflow's AI gateway describes one: chat endpoints are `llm/v1/chat` (a
+/// route's model is its first target's), an ONNX model `model/v1/predict` (a type MLflow's
+/// gateway does not have: its scoring protocol, at the same URL).
+fn mlflow_endpoint(name: &str, endpoint: &Endpoint) -> Value {
+    let (endpoint_type, model, provider) = match endpoint {
+        Endpoint::Route(route) => {
+            let first = route.targets().first();
+            (
+                "llm/v1/chat",
+                first.map(|t| t.model.clone()),
+                first.map_or_else(String::new, |t| t.provider_name.clone()),
+            )
+        }
+        Endpoint::Chain(chain) => (
+            "llm/v1/chat",
+            Some(chain.resources.chain.clone()),
+            "switchyard-chain".to_owned(),
+        ),
+        Endpoint::Model(_) => ("model/v1/predict", None, "onnx".to_owned()),
+    };
+    json!({
+        "name": name,
+        "endpoint_type": endpoint_type,
+        "model": {"name": model, "provider": provider},
+        "endpoint_url": format!("/endpoints/{name}/invocations"),
+        "limit": null,
+    })
+}
+
 /// An endpoint as OpenAI describes a model.
 fn model_object(name: &str, created: u64) -> Value {
     json!({"id": name, "object": "model", "created": created, "owned_by": "switchyard"})

@@ -299,6 +299,12 @@ impl Gateway {
             .route("/v1/models", get(handlers::list_models))
             .route("/v1/models/{*model}", get(handlers::retrieve_model))
             .route("/endpoints/{name}/invocations", post(handlers::invocations))
+            .route("/api/2.0/endpoints/", get(handlers::mlflow_endpoints))
+            .route("/api/2.0/endpoints", get(handlers::mlflow_endpoints))
+            .route(
+                "/api/2.0/endpoints/{*name}",
+                get(handlers::mlflow_get_endpoint),
+            )
             .route("/health", get(handlers::health))
             .route("/ready", get(handlers::ready))
             .route("/metrics", get(admin::metrics))
