@@ -646,36 +646,51 @@ async fn yield_once() {
     .await;
 }
 
+/// The endpoints the caller's key may call, in config order (401 without a valid key).
+fn visible_endpoints<'s>(
+    snapshot: &'s Snapshot,
+    headers: &HeaderMap,
+) -> Result<impl Iterator<Item = (&'s str, &'s Endpoint)>, ApiError> {
+    let key = auth::authenticate(&snapshot.keys, headers)?.cloned();
+    Ok(snapshot.endpoint_order.iter().filter_map(move |name| {
+        auth::check_endpoint(key.as_deref(), name).ok()?;
+        Some((name.as_str(), snapshot.endpoints.get(name)?))
+    }))
+}
+
+/// One endpoint the caller's key may call; 404 also for one it may not, as lists leave it out.
+fn visible_endpoint<'s>(
+    snapshot: &'s Snapshot,
+    headers: &HeaderMap,
+    name: &str,
+) -> Result<&'s Endpoint, ApiError> {
+    let key = auth::authenticate(&snapshot.keys, headers)?;
+    match snapshot.endpoints.get(name) {
+        Some(endpoint) if auth::check_endpoint(key.map(|k| &**k), name).is_ok() => Ok(endpoint),
+        _ => Err(ApiError::unknown_model(name)),
+    }
+}
+
 /// `GET /v1/models`: the endpoints the caller may use, in OpenAI's list format.
 pub async fn list_models(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let snapshot = state.snapshot();
-    let key = auth::authenticate(&snapshot.keys, &headers)?;
-    let data: Vec<_> = snapshot
-        .endpoint_order
-        .iter()
-        .filter(|name| auth::check_endpoint(key.map(|k| &**k), name).is_ok())
-        .map(|name| model_object(name, snapshot.loaded_at))
+    let data: Vec<_> = visible_endpoints(&snapshot, &headers)?
+        .map(|(name, _)| model_object(name, snapshot.loaded_at))
         .collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
-/// `GET /v1/models/{model}` (the OpenAI SDK's `models.retrieve`): one endpoint, or 404 — also
-/// for an endpoint the caller's key may not call, as the list leaves it out.
+/// `GET /v1/models/{model}` (the OpenAI SDK's `models.retrieve`).
 pub async fn retrieve_model(
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let snapshot = state.snapshot();
-    let key = auth::authenticate(&snapshot.keys, &headers)?;
-    if !snapshot.endpoints.contains_key(&name)
-        || auth::check_endpoint(key.map(|k| &**k), &name).is_err()
-    {
-        return Err(ApiError::unknown_model(&name));
-    }
+    visible_endpoint(&snapshot, &headers, &name)?;
     Ok(Json(model_object(&name, snapshot.loaded_at)))
 }
 
@@ -686,12 +701,8 @@ pub async fn mlflow_endpoints(
     headers: HeaderMap,
 ) -> Result<Json<Value>, MlflowError> {
     let snapshot = state.snapshot();
-    let key = auth::authenticate(&snapshot.keys, &headers)?;
-    let endpoints: Vec<Value> = snapshot
-        .endpoint_order
-        .iter()
-        .filter(|name| auth::check_endpoint(key.map(|k| &**k), name).is_ok())
-        .filter_map(|name| Some(mlflow_endpoint(name, snapshot.endpoints.get(name)?)))
+    let endpoints: Vec<Value> = visible_endpoints(&snapshot, &headers)?
+        .map(|(name, endpoint)| mlflow_endpoint(name, endpoint))
         .collect();
     Ok(Json(json!({"endpoints": endpoints})))
 }
@@ -703,13 +714,8 @@ pub async fn mlflow_get_endpoint(
     headers: HeaderMap,
 ) -> Result<Json<Value>, MlflowError> {
     let snapshot = state.snapshot();
-    let key = auth::authenticate(&snapshot.keys, &headers)?;
-    match snapshot.endpoints.get(&name) {
-        Some(endpoint) if auth::check_endpoint(key.map(|k| &**k), &name).is_ok() => {
-            Ok(Json(mlflow_endpoint(&name, endpoint)))
-        }
-        _ => Err(ApiError::unknown_model(&name).into()),
-    }
+    let endpoint = visible_endpoint(&snapshot, &headers, &name)?;
+    Ok(Json(mlflow_endpoint(&name, endpoint)))
 }
 
 /// An endpoint as MLflow's AI gateway describes one: chat endpoints are `llm/v1/chat` (a
