@@ -802,7 +802,12 @@ impl StreamState {
                     // A stream that never said why it stopped still gets its finish chunk; the
                     // usage chunk waits its turn.
                     self.pending = usage;
-                    Some(self.chunk(None, Some("stop")))
+                    let reason = if self.tool_blocks.is_empty() {
+                        "stop"
+                    } else {
+                        "tool_calls"
+                    };
+                    Some(self.chunk(None, Some(reason)))
                 }
             }
             "error" => {
@@ -1364,8 +1369,9 @@ mod tests {
                     json!({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
                     Value::Null
                 ),
-                // No message_delta said why it stopped: message_stop still brings a finish.
-                (json!({}), json!("stop")),
+                // No message_delta said why it stopped: message_stop still brings a finish,
+                // which says the calls are the answer.
+                (json!({}), json!("tool_calls")),
             ]
         );
         assert_eq!(
@@ -1383,7 +1389,10 @@ mod tests {
         let [.., finish, usage] = &with_usage[..] else {
             panic!("{with_usage:?}");
         };
-        assert_eq!(finish.choices[0].finish_reason.as_deref(), Some("stop"));
+        assert_eq!(
+            finish.choices[0].finish_reason.as_deref(),
+            Some("tool_calls")
+        );
         assert!(
             usage.choices.is_empty() && usage.usage.is_some(),
             "{usage:?}"
