@@ -208,6 +208,25 @@ async fn models_lists_endpoints_in_config_order_and_health_answers() {
     assert_eq!(mlflow["endpoints"][1], alpha);
     assert_eq!(mlflow["endpoints"].as_array().unwrap().len(), 3);
     assert_eq!(gateway.get_json("/api/2.0/endpoints/alpha").await, alpha);
+    // The URL an endpoint is given answers, slashes in its name included.
+    let slashed: Value = gateway
+        .get_json("/api/2.0/endpoints/openai/gpt-4o-mini")
+        .await;
+    let url = slashed["endpoint_url"].as_str().unwrap();
+    assert_eq!(url, "/endpoints/openai/gpt-4o-mini/invocations");
+    let answer = gateway
+        .post(
+            url,
+            &json!({"messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(answer.status(), 200);
+    let other = gateway
+        .post("/endpoints/alpha/other", &json!({"messages": []}))
+        .await;
+    assert_eq!(other.status(), 404);
+    let error: Value = other.json().await.unwrap();
+    assert_eq!(error["error_code"], "RESOURCE_DOES_NOT_EXIST");
     let missing = gateway
         .client
         .get(gateway.url("/api/2.0/endpoints/nope"))

@@ -46,13 +46,21 @@ pub async fn chat_completions(
 }
 
 /// `POST /endpoints/{name}/invocations` (MLflow): for chat endpoints the body is a chat request
-/// (`model` may be left out: the path names the endpoint); errors come in MLflow's shape.
+/// (`model` may be left out: the path names the endpoint); errors come in MLflow's shape. The
+/// name is what comes before `/invocations`, slashes included.
 pub async fn invocations(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    Path(path): Path<String>,
     Extension(record): Extension<Arc<RequestRecord>>,
     mut request: Request,
 ) -> Result<Response, MlflowError> {
+    let Some(name) = path
+        .strip_suffix("/invocations")
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+    else {
+        return Err(ApiError::not_found_path(request.uri().path()).into());
+    };
     let headers = std::mem::take(request.headers_mut());
     let snapshot = state.snapshot();
     // The key and the endpoint are checked before the body is read.

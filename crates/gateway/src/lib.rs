@@ -298,7 +298,8 @@ impl Gateway {
             .route("/v1/chat/completions", post(handlers::chat_completions))
             .route("/v1/models", get(handlers::list_models))
             .route("/v1/models/{*model}", get(handlers::retrieve_model))
-            .route("/endpoints/{name}/invocations", post(handlers::invocations))
+            // `{*path}`, not `{name}/invocations`: endpoint names may hold slashes.
+            .route("/endpoints/{*path}", post(handlers::invocations))
             .route("/api/2.0/endpoints/", get(handlers::mlflow_endpoints))
             .route("/api/2.0/endpoints", get(handlers::mlflow_endpoints))
             .route(
