@@ -266,26 +266,26 @@ fn predict(args: PredictArgs, store: Option<PathBuf>) -> anyhow::Result<()> {
             .or_else(|| config.as_ref().map(|c| c.store.clone()))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE)),
     );
-    let logged_uri = |endpoint: &switchyard_gateway::EndpointConfig| match &endpoint.kind {
-        switchyard_gateway::EndpointKind::Chain(switchyard_gateway::ChainEndpointConfig {
-            source: switchyard_gateway::ChainSource::Logged(uri),
-            ..
-        }) => Some(uri.clone()),
-        _ => None,
-    };
+    fn logged_uri(endpoint: &switchyard_gateway::EndpointConfig) -> Option<&ModelUri> {
+        match &endpoint.kind {
+            switchyard_gateway::EndpointKind::Chain(switchyard_gateway::ChainEndpointConfig {
+                source: switchyard_gateway::ChainSource::Logged(uri),
+                ..
+            }) => Some(uri),
+            _ => None,
+        }
+    }
     let endpoints = config.as_ref().map_or(&[][..], |c| &c.endpoints[..]);
     let (endpoint, logged) = if target.starts_with("models:/") {
         let uri = target.parse::<ModelUri>()?;
         // An endpoint of the config that serves this URI lends it its overrides.
-        let serving = endpoints
-            .iter()
-            .find(|e| logged_uri(e) == Some(uri.clone()));
+        let serving = endpoints.iter().find(|e| logged_uri(e) == Some(&uri));
         (serving.map(|e| e.name.clone()), Some(uri))
     } else {
         let endpoint = endpoints.iter().find(|e| e.name == target);
         (
             endpoint.map(|e| e.name.clone()),
-            endpoint.and_then(logged_uri),
+            endpoint.and_then(logged_uri).cloned(),
         )
     };
     let version = logged.as_ref().map(|uri| store.resolve(uri)).transpose()?;

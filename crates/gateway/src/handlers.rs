@@ -316,7 +316,8 @@ fn completion_text(body: &CompletionBody) -> String {
 /// Predictions expected to take less than this run on the async worker that received them.
 const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(50);
 
-/// Serves an MLflow scoring request on an ONNX model endpoint: `{"predictions": {...}}`.
+/// Serves an MLflow scoring request on an ONNX model endpoint: `{"predictions": {...}}`. The
+/// caller ([`invocations`]) has checked that the key may call it.
 async fn serve_model(
     state: &AppState,
     Authorized { snapshot, key }: Authorized,
@@ -337,7 +338,6 @@ async fn serve_model(
         d.key_id.clone_from(&key_id);
         d.user.clone_from(&user);
     });
-    auth::check_endpoint(key.as_deref(), name)?;
     let caller = Caller {
         endpoint: name,
         api_key: key_id.as_deref(),
