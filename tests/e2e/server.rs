@@ -176,10 +176,48 @@ async fn a_method_a_path_does_not_serve_is_a_405_in_the_path_s_error_shape() {
         .await
         .unwrap();
     assert_eq!(mlflow.status(), 405);
+    assert_eq!(mlflow.headers()["allow"], "POST");
     let body: Value = mlflow.json().await.unwrap();
     assert_eq!(body["error_code"], "BAD_REQUEST");
     assert_eq!(
         body["message"],
         "GET is not allowed on /endpoints/chat/invocations"
     );
+
+    // Under /endpoints/ only …/invocations exists: any other path is a 404 for every method.
+    let elsewhere = gateway
+        .client
+        .get(gateway.url("/endpoints/chat"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), 404);
+    assert!(!elsewhere.headers().contains_key("allow"));
+    let body: Value = elsewhere.json().await.unwrap();
+    assert_eq!(body["error_code"], "RESOURCE_DOES_NOT_EXIST");
+    assert_eq!(body["message"], "no such path: /endpoints/chat");
+
+    // MLflow's deployments API answers in MLflow's shape too.
+    let deployments = gateway
+        .client
+        .post(gateway.url("/api/2.0/endpoints/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deployments.status(), 405);
+    let body: Value = deployments.json().await.unwrap();
+    assert_eq!(body["error_code"], "BAD_REQUEST");
+    assert_eq!(
+        body["message"],
+        "POST is not allowed on /api/2.0/endpoints/"
+    );
+    let unknown = gateway
+        .client
+        .get(gateway.url("/api/2.0/gateway/routes"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let body: Value = unknown.json().await.unwrap();
+    assert_eq!(body["error_code"], "RESOURCE_DOES_NOT_EXIST");
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Extension, Path, Request, State};
-use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
-use axum::http::{HeaderMap, HeaderName, Method, Uri};
+use axum::http::header::{self, CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use futures::{FutureExt, StreamExt, stream};
 use serde_json::{Value, json};
@@ -61,6 +61,13 @@ pub async fn invocations(
     else {
         return Err(ApiError::not_found_path(request.uri().path()).into());
     };
+    if request.method() != Method::POST {
+        let error = ApiError::method_not_allowed(request.method(), request.uri().path());
+        let mut response = MlflowError(error).into_response();
+        let allow = HeaderValue::from_static("POST");
+        response.headers_mut().insert(header::ALLOW, allow);
+        return Ok(response);
+    }
     let headers = std::mem::take(request.headers_mut());
     let snapshot = state.snapshot();
     // The key and the endpoint are checked before the body is read.
@@ -776,14 +783,24 @@ pub async fn ready(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({"status": "ready", "endpoints": snapshot.endpoints.len(), "rate_limiter": limiter}))
 }
 
-pub async fn not_found(uri: Uri) -> ApiError {
-    ApiError::not_found_path(uri.path())
+/// Paths of MLflow's APIs (scoring and deployments), whose errors come in MLflow's shape.
+fn is_mlflow_path(path: &str) -> bool {
+    path.starts_with("/endpoints/") || path.starts_with("/api/2.0/")
 }
 
-/// A method a path does not serve: 405 in MLflow's shape under `/endpoints/`, OpenAI's elsewhere.
+pub async fn not_found(uri: Uri) -> Response {
+    let error = ApiError::not_found_path(uri.path());
+    if is_mlflow_path(uri.path()) {
+        MlflowError(error).into_response()
+    } else {
+        error.into_response()
+    }
+}
+
+/// A method a path does not serve: 405, in MLflow's shape under MLflow's paths.
 pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     let error = ApiError::method_not_allowed(&method, uri.path());
-    if uri.path().starts_with("/endpoints/") {
+    if is_mlflow_path(uri.path()) {
         MlflowError(error).into_response()
     } else {
         error.into_response()

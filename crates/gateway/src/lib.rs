@@ -27,7 +27,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use switchyard_core::Registry;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::{debug, error, info, warn};
@@ -298,8 +298,9 @@ impl Gateway {
             .route("/v1/chat/completions", post(handlers::chat_completions))
             .route("/v1/models", get(handlers::list_models))
             .route("/v1/models/{*model}", get(handlers::retrieve_model))
-            // `{*path}`, not `{name}/invocations`: endpoint names may hold slashes.
-            .route("/endpoints/{*path}", post(handlers::invocations))
+            // `{*path}`, not `{name}/invocations`: endpoint names may hold slashes. Every
+            // method, so that a path other than `…/invocations` is a 404 whatever the method.
+            .route("/endpoints/{*path}", any(handlers::invocations))
             .route("/api/2.0/endpoints/", get(handlers::mlflow_endpoints))
             .route("/api/2.0/endpoints", get(handlers::mlflow_endpoints))
             .route(
