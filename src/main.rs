@@ -166,8 +166,19 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Log(LogCommand::Onnx { path, name, alias }) => {
             let store = store();
-            let model =
-                switchyard_serving::OnnxModel::load(&switchyard_store::onnx_model_file(&path)?)?;
+            // Loading checks the model and can take a while for a large one: say what is going on.
+            let file = switchyard_store::onnx_model_file(&path)?;
+            let megabytes = std::fs::metadata(&file).map_or(0.0, |m| m.len() as f64 / 1e6);
+            eprintln!(
+                "loading {} ({megabytes:.1} MB) to check it…",
+                file.display()
+            );
+            let started = std::time::Instant::now();
+            let model = switchyard_serving::OnnxModel::load(&file)?;
+            eprintln!(
+                "loaded in {:.1} s; copying it into the store…",
+                started.elapsed().as_secs_f64()
+            );
             let logged = store.log_onnx(&path, &name, model.signature())?;
             report(&store, &logged, &name, alias)?;
         }

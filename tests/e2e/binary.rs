@@ -73,6 +73,16 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
         .unwrap_or_else(|| panic!("no request log line in {log:#?}"));
     assert_eq!(request_line["endpoint"], "chat");
     assert_eq!(request_line["status"], 200);
+    // Start-up says what each endpoint serves.
+    let loaded = log
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["message"] == "endpoint loaded")
+        .unwrap_or_else(|| panic!("no endpoint line in {log:#?}"));
+    assert_eq!(loaded["endpoint"], "chat");
+    assert_eq!(loaded["kind"], "route");
+    assert_eq!(loaded["source"], "main");
+    assert!(loaded["load_ms"].is_u64());
     assert!(request_line["upstream_ms"].as_f64().unwrap() >= 5000.0);
     assert!(log.iter().any(|l| l.contains("shutdown signal received")));
     assert!(log.iter().any(|l| l.contains("switchyard stopped")));

@@ -15,7 +15,7 @@ use switchyard_providers::{
 use switchyard_serving::OnnxModel;
 use switchyard_store::{ModelUri, ModelVersion, Store};
 use tokio::sync::Semaphore;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::config::{
     ApiKeyConfig, ChainEndpointConfig, ChainSource, Config, EndpointKind, ProviderKind,
@@ -190,6 +190,7 @@ pub(crate) fn build(
     let mut endpoints = HashMap::new();
     let mut infos = Vec::new();
     for endpoint in &config.endpoints {
+        let started = std::time::Instant::now();
         let built = match &endpoint.kind {
             EndpointKind::Route(route) => routes
                 .get(route.as_str())
@@ -232,6 +233,19 @@ pub(crate) fn build(
         };
         match built {
             Ok((built, mut info)) => {
+                // Start-up and reloads say what each endpoint serves as they go: loading a
+                // large ONNX model takes a while.
+                let source = ["resolved", "chain_dir", "route"]
+                    .into_iter()
+                    .find_map(|field| info.get(field).and_then(Value::as_str))
+                    .unwrap_or_default();
+                info!(
+                    endpoint = %endpoint.name,
+                    kind = built.kind(),
+                    source,
+                    load_ms = started.elapsed().as_millis() as u64,
+                    "endpoint loaded"
+                );
                 if let Some(object) = info.as_object_mut() {
                     object.insert("name".to_owned(), json!(endpoint.name));
                 }
