@@ -154,70 +154,70 @@ async fn a_method_a_path_does_not_serve_is_a_405_in_the_path_s_error_shape() {
     let upstream = FakeUpstream::start(vec![]).await;
     let gateway = gateway(&upstream, 60_000, 60_000).await;
 
-    let openai = gateway
-        .client
-        .get(gateway.url("/v1/chat/completions"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(openai.status(), 405);
-    assert_eq!(openai.headers()["allow"], "POST");
-    let body: Value = openai.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "method_not_allowed");
-    assert_eq!(
-        body["error"]["message"],
-        "GET is not allowed on /v1/chat/completions"
-    );
-
-    let mlflow = gateway
-        .client
-        .get(gateway.url("/endpoints/chat/invocations"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(mlflow.status(), 405);
-    assert_eq!(mlflow.headers()["allow"], "POST");
-    let body: Value = mlflow.json().await.unwrap();
-    assert_eq!(body["error_code"], "BAD_REQUEST");
-    assert_eq!(
-        body["message"],
-        "GET is not allowed on /endpoints/chat/invocations"
-    );
-
-    // Under /endpoints/ only …/invocations exists: any other path is a 404 for every method.
-    let elsewhere = gateway
-        .client
-        .get(gateway.url("/endpoints/chat"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(elsewhere.status(), 404);
-    assert!(!elsewhere.headers().contains_key("allow"));
-    let body: Value = elsewhere.json().await.unwrap();
-    assert_eq!(body["error_code"], "RESOURCE_DOES_NOT_EXIST");
-    assert_eq!(body["message"], "no such path: /endpoints/chat");
-
-    // MLflow's deployments API answers in MLflow's shape too.
-    let deployments = gateway
-        .client
-        .post(gateway.url("/api/2.0/endpoints/"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(deployments.status(), 405);
-    let body: Value = deployments.json().await.unwrap();
-    assert_eq!(body["error_code"], "BAD_REQUEST");
-    assert_eq!(
-        body["message"],
-        "POST is not allowed on /api/2.0/endpoints/"
-    );
-    let unknown = gateway
-        .client
-        .get(gateway.url("/api/2.0/gateway/routes"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(unknown.status(), 404);
-    let body: Value = unknown.json().await.unwrap();
-    assert_eq!(body["error_code"], "RESOURCE_DOES_NOT_EXIST");
+    // (method, path, status, `Allow`, error code, message): OpenAI's shape under /v1/, MLflow's
+    // under /endpoints/ and /api/2.0/. Under /endpoints/ only …/invocations exists, so any other
+    // path there is a 404 whatever the method.
+    let cases = [
+        (
+            "GET",
+            "/v1/chat/completions",
+            405,
+            Some("POST"),
+            "method_not_allowed",
+            "GET is not allowed on /v1/chat/completions",
+        ),
+        (
+            "GET",
+            "/endpoints/chat/invocations",
+            405,
+            Some("POST"),
+            "BAD_REQUEST",
+            "GET is not allowed on /endpoints/chat/invocations",
+        ),
+        (
+            "GET",
+            "/endpoints/chat",
+            404,
+            None,
+            "RESOURCE_DOES_NOT_EXIST",
+            "no such path: /endpoints/chat",
+        ),
+        (
+            "POST",
+            "/api/2.0/endpoints/",
+            405,
+            Some("GET,HEAD"),
+            "BAD_REQUEST",
+            "POST is not allowed on /api/2.0/endpoints/",
+        ),
+        (
+            "GET",
+            "/api/2.0/gateway/routes",
+            404,
+            None,
+            "RESOURCE_DOES_NOT_EXIST",
+            "no such path: /api/2.0/gateway/routes",
+        ),
+    ];
+    for (method, path, status, allow, code, message) in cases {
+        let response = gateway
+            .client
+            .request(method.parse().unwrap(), gateway.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{method} {path}");
+        let allowed = response.headers().get("allow").map(|v| v.to_str().unwrap());
+        assert_eq!(allowed, allow, "{method} {path}");
+        let body: Value = response.json().await.unwrap();
+        let (got_code, got_message) = if path.starts_with("/v1/") {
+            (&body["error"]["code"], &body["error"]["message"])
+        } else {
+            (&body["error_code"], &body["message"])
+        };
+        assert_eq!(
+            (got_code.as_str(), got_message.as_str()),
+            (Some(code), Some(message))
+        );
+    }
 }
