@@ -118,9 +118,8 @@ impl Chain for Router {
         });
 
         let system = ctx.render(topic.name(), &serde_json::json!({}))?;
-        let mut call = ChatRequest::new(&request.model, request.messages_with_system(system));
-        call.max_tokens = request.max_tokens;
-        call.max_completion_tokens = request.max_completion_tokens;
+        // `answer` carries the client's length cap and options over.
+        let call = ChatRequest::new(&request.model, request.messages_with_system(system));
         ctx.llm(topic.name())?.answer(call, &request).await
     }
 }

@@ -89,9 +89,8 @@ impl Chain for SummarizeThenAnswer {
         let system = ctx.render("answer", &AnswerVars { summary })?;
         let mut messages = vec![Message::system(system)];
         messages.extend(recent.iter().map(|m| (*m).clone()));
-        let mut call = ChatRequest::new(&request.model, messages);
-        call.max_tokens = request.max_tokens;
-        call.max_completion_tokens = request.max_completion_tokens;
+        // `answer` carries the client's length cap and options over.
+        let call = ChatRequest::new(&request.model, messages);
         let answer = ctx.llm("answerer")?.answer(call, &request).await?;
         // The usage (the response's, or the stream's usage chunk) covers both calls.
         Ok(match &summary_usage {

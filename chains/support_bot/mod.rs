@@ -62,7 +62,8 @@ impl Chain for SupportBot {
         )?;
         // Our system prompt replaces any the client sent; the conversation is kept as is.
         let mut call = ChatRequest::new(&request.model, request.messages_with_system(system));
-        call.max_tokens = self.config.max_tokens.or(request.max_tokens);
+        // The config's settings win; `answer` carries the client's over where it has none.
+        call.max_tokens = self.config.max_tokens;
         if let Some(temperature) = self.config.temperature {
             call.extra
                 .insert("temperature".to_owned(), json!(temperature));
@@ -143,6 +144,29 @@ mod tests {
         assert_eq!(sent.max_tokens, Some(50));
         assert!(sent.messages[0].text().contains("Your tone is formal."));
         assert!(!sent.messages[0].text().contains("- "), "no rules listed");
+    }
+
+    #[tokio::test]
+    async fn the_client_s_cap_and_options_reach_the_llm_where_the_config_sets_none() {
+        let llm = ScriptedLlm::new(["{}"]);
+        let chain = load(&llm);
+        let mut request = ChatRequest::new("support", vec![Message::user("JSON please")]);
+        request.max_completion_tokens = Some(40);
+        let options = json!({
+            "temperature": 1.5,
+            "seed": 7,
+            "response_format": {"type": "json_object"},
+            "tools": [{"type": "function", "function": {"name": "lookup"}}],
+        });
+        request.extra = options.as_object().unwrap().clone();
+        chain.chat(request).await.unwrap();
+
+        let sent = &llm.requests()[0];
+        assert_eq!((sent.max_tokens, sent.max_completion_tokens), (None, Some(40)));
+        assert_eq!(sent.extra["temperature"], json!(0.2), "the config's wins");
+        assert_eq!(sent.extra["seed"], json!(7));
+        assert_eq!(sent.extra["response_format"], options["response_format"]);
+        assert_eq!(sent.extra["tools"], options["tools"]);
     }
 
     #[test]

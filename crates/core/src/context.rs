@@ -166,12 +166,24 @@ impl LlmHandle<'_> {
     }
 
     /// Answers the client the way it asked: `call` streams (with the client's `stream_options`)
-    /// when `client` is a streaming request, and is a complete response otherwise.
+    /// when `client` is a streaming request, and is a complete response otherwise. What the
+    /// client asked of the answer and `call` leaves unset goes with it: its length cap
+    /// (`max_tokens` or `max_completion_tokens`, unless `call` has one) and every other option
+    /// (`temperature`, `tools`, `response_format`, `seed`, `n`, …). What `call` sets wins.
     pub async fn answer(
         &self,
         mut call: ChatRequest,
         client: &ChatRequest,
     ) -> Result<ChainOutput, ChainError> {
+        if call.max_tokens.is_none() && call.max_completion_tokens.is_none() {
+            call.max_tokens = client.max_tokens;
+            call.max_completion_tokens = client.max_completion_tokens;
+        }
+        for (field, value) in &client.extra {
+            if !call.extra.contains_key(field) {
+                call.extra.insert(field.clone(), value.clone());
+            }
+        }
         if client.is_stream() {
             call.stream_options.clone_from(&client.stream_options);
             Ok(ChainOutput::Stream(self.chat_stream(call).await?))
