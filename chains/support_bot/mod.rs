@@ -162,7 +162,10 @@ mod tests {
         chain.chat(request).await.unwrap();
 
         let sent = &llm.requests()[0];
-        assert_eq!((sent.max_tokens, sent.max_completion_tokens), (None, Some(40)));
+        assert_eq!(
+            (sent.max_tokens, sent.max_completion_tokens),
+            (None, Some(40))
+        );
         assert_eq!(sent.extra["temperature"], json!(0.2), "the config's wins");
         assert_eq!(sent.extra["seed"], json!(7));
         assert_eq!(sent.extra["response_format"], options["response_format"]);

@@ -125,6 +125,24 @@ async fn oversize_body_is_413() {
         .post("/v1/chat/completions", &chat_body(&"x".repeat(900)))
         .await;
     assert_eq!(ok.status(), 200);
+
+    // A body declared too large is refused at once, without waiting for it.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(gateway.address)
+        .await
+        .unwrap();
+    socket
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+              content-length: 999999999\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    socket.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("request_too_large"), "{answer}");
 }
 
 #[tokio::test]

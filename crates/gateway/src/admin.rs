@@ -73,11 +73,7 @@ fn authorize(snapshot: &Snapshot, headers: &HeaderMap) -> Result<(), ApiError> {
             "the admin API is closed: this gateway has [auth] keys but no [auth] admin_key",
         ));
     };
-    let given = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let given = crate::auth::bearer_token(headers).unwrap_or("");
     // Digests have one length, so the comparison says nothing about the key's length either.
     let (given, expected) = (
         crate::auth::sha256(given.as_bytes()),

@@ -33,6 +33,13 @@ pub fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
 const API_KEY: http::HeaderName = http::HeaderName::from_static("api-key");
 
 /// Who is calling. With no keys configured the gateway is open and every caller is anonymous.
+/// The token of `Authorization: Bearer <token>` (the scheme's name in any case, RFC 9110 §11.1).
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
 pub fn authenticate<'k>(
     keys: &'k [Arc<ApiKeyConfig>],
     headers: &HeaderMap,
@@ -40,10 +47,7 @@ pub fn authenticate<'k>(
     if keys.is_empty() {
         return Ok(None);
     }
-    let given = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+    let given = bearer_token(headers)
         .or_else(|| headers.get(API_KEY).and_then(|v| v.to_str().ok()))
         .map(str::trim)
         .filter(|key| !key.is_empty())
@@ -98,6 +102,10 @@ mod tests {
         assert_eq!(authenticate(&keys, &headers).unwrap_err().status, 401);
         headers.insert("authorization", HeaderValue::from_static("Bearer secret-b"));
         assert_eq!(authenticate(&keys, &headers).unwrap().unwrap().id, "b");
+        headers.insert("authorization", HeaderValue::from_static("bearer secret-b"));
+        assert_eq!(authenticate(&keys, &headers).unwrap().unwrap().id, "b");
+        headers.insert("authorization", HeaderValue::from_static("Basic secret-b"));
+        assert_eq!(authenticate(&keys, &headers).unwrap_err().status, 401);
         let mut headers = HeaderMap::new();
         headers.insert("api-key", HeaderValue::from_static("secret-a"));
         assert_eq!(authenticate(&keys, &headers).unwrap().unwrap().id, "a");

@@ -15,6 +15,11 @@ use crate::error::ApiError;
 /// Reads a request's whole body: too large is a 413, broken off a 400, not there within
 /// `[server] client_timeout_ms` a 408.
 pub async fn read_body(request: Request, state: &AppState) -> Result<Bytes, ApiError> {
+    // A body declared too large (`Content-Length`, which hyper gives as the body's size hint;
+    // the handlers may have taken the headers) is refused at once, not after waiting for it.
+    if axum::body::HttpBody::size_hint(request.body()).lower() > state.max_body_bytes() as u64 {
+        return Err(ApiError::payload_too_large(state.max_body_bytes()));
+    }
     let timeout = state.client_timeout();
     // A body that has already arrived (the usual case) is read without the timer ever being
     // registered: `timeout` polls the read first.
