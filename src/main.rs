@@ -400,9 +400,14 @@ fn models(store: &Store, command: ModelsCommand) -> anyhow::Result<()> {
             } else {
                 store.verify_chain(&version).map(|_| ())
             };
+            // The manifest is shown either way; files that are not what was logged fail the
+            // command, so that scripts can use `show` as an integrity check.
             match intact {
                 Ok(()) => println!("# files: intact (content_sha256 matches)"),
-                Err(error) => println!("# files: {error}"),
+                Err(error) => {
+                    println!("# files: {error}");
+                    anyhow::bail!("{} is not intact: {error}", version.uri());
+                }
             }
         }
         ModelsCommand::Alias {

@@ -239,6 +239,25 @@ fn the_cli_logs_lists_aliases_shows_and_restores() {
         std::fs::read_to_string(switchyard_chains::chain_dir("router").join("mod.rs")).unwrap()
     );
 
+    // A version whose files changed after logging fails `show` (its manifest is still shown).
+    let prompt = std::fs::read_dir(store.join("models/router/1/code/prompts"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut text = std::fs::read_to_string(&prompt).unwrap();
+    text.push_str("tampered\n");
+    std::fs::write(&prompt, text).unwrap();
+    let tampered = switchyard(&store, &["models", "show", "models:/router/1"]);
+    assert!(!tampered.status.success());
+    assert!(String::from_utf8_lossy(&tampered.stdout).contains("chain: router"));
+    let stderr = String::from_utf8_lossy(&tampered.stderr);
+    assert!(
+        stderr.contains("models:/router/1 is not intact"),
+        "{stderr}"
+    );
+
     let bad = switchyard(&store, &["models", "show", "models:/router/9"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("model 'router' has no version 9"));
