@@ -407,6 +407,32 @@ async fn token_limits_reserve_an_estimate_and_settle_with_the_real_usage() {
 }
 
 #[tokio::test]
+async fn an_admitted_request_that_fails_carries_the_limit_headers_and_gets_its_tokens_back() {
+    let upstream = FakeUpstream::start(vec![Reply::Status(500, vec![]), Reply::Echo]).await;
+    let gateway = gateway(
+        &upstream,
+        "[[limits]]\nscope = [\"global\"]\ntokens_per_minute = 1000\ndefault_max_tokens = 500\n",
+    )
+    .await;
+    let start = Instant::now();
+    let failed = call(&gateway, Some(TEAM_A), &chat_body("12345678"), None).await;
+    assert_eq!(failed.status(), 502);
+    assert_eq!(header(&failed, "x-ratelimit-limit-tokens"), "1000");
+    // Reserved: 2 (8 characters / 4) + 500 = 502, as for a request that succeeds.
+    assert_eq!(header(&failed, "x-ratelimit-remaining-tokens"), "498");
+    // Nothing was generated: the whole reservation came back.
+    let next = call(&gateway, Some(TEAM_A), &chat_body("12345678"), None).await;
+    assert_eq!(next.status(), 200);
+    let remaining: u64 = header(&next, "x-ratelimit-remaining-tokens")
+        .parse()
+        .unwrap();
+    assert!(
+        (498..=498 + refilled_since(start)).contains(&remaining),
+        "1000 - 502 (+ refill): {remaining}"
+    );
+}
+
+#[tokio::test]
 async fn streams_under_a_token_limit_report_usage_upstream_but_not_to_a_client_that_did_not_ask() {
     let upstream = FakeUpstream::start(vec![
         Reply::Text("streamed words here"),

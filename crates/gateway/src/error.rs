@@ -42,6 +42,14 @@ impl ApiError {
         }
     }
 
+    /// Adds response headers: the rate-limit state of a request that was admitted, then failed.
+    pub fn with_headers(mut self, headers: Vec<(http::HeaderName, HeaderValue)>) -> Self {
+        if !headers.is_empty() {
+            self.headers.get_or_insert_default().extend(headers);
+        }
+        self
+    }
+
     fn with_code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
         self

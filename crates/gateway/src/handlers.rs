@@ -233,6 +233,7 @@ async fn serve_chat(
     let answer = match answer {
         Ok(answer) => answer,
         Err(error) => {
+            let error = error.with_headers(admission.take_headers());
             // Give back the reserved tokens nothing was generated for.
             admission.settle(Some(used_by_chain()));
             return Err(error);
@@ -281,8 +282,9 @@ async fn serve_chat(
                     logs_payload.then(|| completion.text()),
                 ),
                 Err(error) => {
+                    let error = ApiError::from(error).with_headers(admission.take_headers());
                     admission.settle(Some(used_by_chain()));
-                    return Err(error.into());
+                    return Err(error);
                 }
             },
         };
@@ -351,8 +353,25 @@ async fn serve_model(
         user: user.as_deref(),
     };
     // A prediction uses no LLM tokens: only request rules count it.
-    let mut admission = snapshot.limits.admit(&caller, None).await?;
+    let rate_limit_headers = snapshot.limits.admit(&caller, None).await?.take_headers();
     drop(snapshot);
+    match predict(state, model, body, record).await {
+        Ok(predictions) => {
+            let mut response = Json(json!({"predictions": predictions})).into_response();
+            response.headers_mut().extend(rate_limit_headers);
+            Ok(response)
+        }
+        Err(error) => Err(error.with_headers(rate_limit_headers)),
+    }
+}
+
+/// Runs an ONNX model on a scoring request's body.
+async fn predict(
+    state: &AppState,
+    model: Arc<OnnxModel>,
+    body: &Value,
+    record: &RequestRecord,
+) -> Result<serde_json::Map<String, Value>, ApiError> {
     // MLflow's codes: a body that is no scoring request is BAD_REQUEST, values that do not fit
     // the model's inputs INVALID_PARAMETER_VALUE (an error with a `param`).
     let batch = model.parse_input(body).map_err(|e| match e {
@@ -398,13 +417,10 @@ async fn serve_model(
             ))
         })?
     };
-    let predictions = result.map_err(|e| match e {
+    result.map_err(|e| match e {
         ServingError::BadInput(message) => ApiError::bad_request(message, None),
         other => ApiError::internal(format!("{other} (request id {})", record.request_id)),
-    })?;
-    let mut response = Json(json!({"predictions": predictions})).into_response();
-    response.headers_mut().extend(admission.take_headers());
-    Ok(response)
+    })
 }
 
 /// The end user: the `x-switchyard-user` header, else the OpenAI `user` field.
