@@ -26,7 +26,8 @@ pub enum Reply {
     Echo,
     /// A completion (or stream) with this text.
     Text(&'static str),
-    /// An error status with an OpenAI error body and optional extra headers.
+    /// An error status with an OpenAI error body (naming `param` "messages" and a code
+    /// "fake_client_error" for a 4xx) and optional extra headers.
     Status(u16, Vec<(&'static str, &'static str)>),
     /// Waits, then does the inner reply.
     Delay(Duration, Box<Reply>),
@@ -212,7 +213,11 @@ async fn answer(reply: Reply, request: &Value) -> Response {
         Reply::Status(status, headers) => {
             let mut response = (
                 StatusCode::from_u16(status).unwrap(),
-                axum::Json(json!({"error": {"message": format!("fake upstream says {status}"), "type": "server_error"}})),
+                axum::Json(if status < 500 {
+                    json!({"error": {"message": format!("fake upstream says {status}"), "type": "invalid_request_error", "param": "messages", "code": "fake_client_error"}})
+                } else {
+                    json!({"error": {"message": format!("fake upstream says {status}"), "type": "server_error"}})
+                }),
             )
                 .into_response();
             for (name, value) in headers {

@@ -120,6 +120,9 @@ async fn upstream_client_errors_pass_through_without_retry() {
             .unwrap()
             .contains("fake upstream says 400")
     );
+    // The field at fault and the code, as the upstream named them.
+    assert_eq!(body["error"]["param"], "messages");
+    assert_eq!(body["error"]["code"], "fake_client_error");
     assert_eq!(upstream.requests().len(), 1);
     assert!(spare.requests().is_empty());
 }

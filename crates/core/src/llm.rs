@@ -77,6 +77,10 @@ pub enum LlmErrorKind {
 pub struct LlmError {
     pub kind: LlmErrorKind,
     pub message: String,
+    /// What an upstream that refused the request said of it in OpenAI's error shape: the
+    /// field at fault (`param`) and the error's `code`, for the client.
+    pub param: Option<String>,
+    pub code: Option<String>,
 }
 
 impl LlmError {
@@ -84,6 +88,8 @@ impl LlmError {
         Self {
             kind,
             message: message.into(),
+            param: None,
+            code: None,
         }
     }
 

@@ -5,6 +5,7 @@
 //! a client error the upstream reported (400, 404, 422…) is passed on with its status; an outage,
 //! a bad answer or a broken stream is 502; a deadline is 504.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use axum::Json;
@@ -21,7 +22,7 @@ pub struct ApiError {
     pub message: String,
     /// OpenAI's `type`: `invalid_request_error`, `rate_limit_error`, `api_error`, …
     pub error_type: &'static str,
-    pub code: Option<&'static str>,
+    pub code: Option<Cow<'static, str>>,
     /// The request field at fault, e.g. `messages[0].role`.
     pub param: Option<String>,
     pub retry_after: Option<Duration>,
@@ -51,7 +52,7 @@ impl ApiError {
     }
 
     fn with_code(mut self, code: &'static str) -> Self {
-        self.code = Some(code);
+        self.code = Some(Cow::Borrowed(code));
         self
     }
 
@@ -254,15 +255,20 @@ impl From<LlmError> for ApiError {
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
                     .with_code("upstream_rate_limited")
             },
-            // The client's request was at fault: pass the upstream's verdict on.
+            // The client's request was at fault: pass the upstream's verdict on, with the field
+            // at fault and the code it named.
             LlmErrorKind::Status {
                 status: status @ (400 | 404 | 413 | 422),
                 ..
-            } => Self::new(
-                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-                "invalid_request_error",
-                message,
-            ),
+            } => Self {
+                param: error.param,
+                code: error.code.map(Cow::Owned),
+                ..Self::new(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                    "invalid_request_error",
+                    message,
+                )
+            },
             LlmErrorKind::BadRequest | LlmErrorKind::Unsupported => {
                 Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
             }

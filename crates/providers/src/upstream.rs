@@ -122,23 +122,32 @@ impl Upstream {
         }
         let status = response.status().as_u16();
         let retry_after = retry_after(response.headers());
-        let detail = if matches!(status, 401 | 403) {
+        let (detail, body) = if matches!(status, 401 | 403) {
             // The body of an auth failure may quote part of the provider key ("Incorrect API key
             // provided: sk-…wxyz"): it must not reach clients or logs.
-            "the provider rejected the gateway's credentials for it".to_owned()
+            let detail = "the provider rejected the gateway's credentials for it";
+            (detail.to_owned(), None)
         } else {
             match read_body(response.into_body(), MAX_ERROR_BODY).await {
-                Ok(body) => upstream_error_message(&body),
-                Err(_) => format!("(its error body was cut off or over {MAX_ERROR_BODY} bytes)"),
+                Ok(body) => (upstream_error_message(&body), Some(body)),
+                Err(_) => (
+                    format!("(its error body was cut off or over {MAX_ERROR_BODY} bytes)"),
+                    None,
+                ),
             }
         };
-        Err(LlmError::new(
-            LlmErrorKind::Status {
-                status,
-                retry_after,
-            },
-            format!("provider '{}' returned HTTP {status}: {detail}", self.name),
-        ))
+        let (param, code) = body.map_or((None, None), |body| error_param_and_code(&body));
+        Err(LlmError {
+            param,
+            code,
+            ..LlmError::new(
+                LlmErrorKind::Status {
+                    status,
+                    retry_after,
+                },
+                format!("provider '{}' returned HTTP {status}: {detail}", self.name),
+            )
+        })
     }
 
     /// The whole body of a successful answer, up to [`MAX_ANSWER`].
@@ -153,10 +162,10 @@ impl Upstream {
 
     /// Puts the provider's name in a transport error.
     pub fn named(&self, error: LlmError) -> LlmError {
-        LlmError::new(
-            error.kind,
-            format!("provider '{}': {}", self.name, error.message),
-        )
+        LlmError {
+            message: format!("provider '{}': {}", self.name, error.message),
+            ..error
+        }
     }
 
     /// An answer that is not what the API promises.
@@ -248,6 +257,23 @@ pub(crate) fn upstream_error_message(body: &[u8]) -> String {
     text[..end].trim().to_owned()
 }
 
+/// `error.param` and `error.code` of an error body in OpenAI's shape (a numeric code as its
+/// digits), each only if it is short enough to be a field name or a code.
+fn error_param_and_code(body: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(parsed) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return (None, None);
+    };
+    let field = |name: &str| {
+        let text = match parsed.get("error")?.get(name)? {
+            serde_json::Value::String(text) => text.clone(),
+            serde_json::Value::Number(number) => number.to_string(),
+            _ => return None,
+        };
+        (!text.is_empty() && text.len() <= 256).then_some(text)
+    };
+    (field("param"), field("code"))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -304,6 +330,20 @@ pub(crate) mod tests {
             br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
         assert_eq!(upstream_error_message(body), "Overloaded");
         assert_eq!(upstream_error_message(b"Bad Gateway\n"), "Bad Gateway");
+        let openai = br#"{"error":{"message":"bad","type":"invalid_request_error","param":"temperature","code":"invalid_value"}}"#;
+        assert_eq!(
+            error_param_and_code(openai),
+            (
+                Some("temperature".to_owned()),
+                Some("invalid_value".to_owned())
+            )
+        );
+        let numeric = br#"{"error":{"message":"bad","param":null,"code":400}}"#;
+        assert_eq!(
+            error_param_and_code(numeric),
+            (None, Some("400".to_owned()))
+        );
+        assert_eq!(error_param_and_code(b"Bad Gateway"), (None, None));
         // Long ones are cut, on a character boundary.
         let long = format!(r#"{{"error":{{"message":"{}"}}}}"#, "é".repeat(400));
         assert_eq!(upstream_error_message(long.as_bytes()), "é".repeat(256));
