@@ -31,12 +31,32 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
     )
     .unwrap();
 
+    // One event-loop thread: connections are served in the order they came, so the two
+    // unfinished requests below have been read as far as they go once the third is upstream.
     let mut gateway = GatewayProcess::start(
         &config_path,
-        &[("TEST_OPENAI_KEY", "sk-test-key-must-not-be-logged")],
+        &[
+            ("TEST_OPENAI_KEY", "sk-test-key-must-not-be-logged"),
+            ("TOKIO_WORKER_THREADS", "1"),
+        ],
     );
     let address = gateway.address.clone();
     let mut log = gateway.startup_log.clone();
+
+    // A client that never finishes its request head, and one that never finishes its body:
+    // neither may hold the shutdown up (header_timeout_ms and client_timeout_ms are 120 s and
+    // 60 s here).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut partial_head = tokio::net::TcpStream::connect(&address).await.unwrap();
+    partial_head
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut partial_body = tokio::net::TcpStream::connect(&address).await.unwrap();
+    partial_body
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+        .await
+        .unwrap();
 
     let client = reqwest::Client::new();
     let url = format!("http://{address}/v1/chat/completions");
@@ -48,6 +68,16 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
         .status()
         .unwrap();
     assert!(status.success());
+    let killed = std::time::Instant::now();
+    // The request whose body had not arrived is refused at once; the other connection closes.
+    let mut refused = Vec::new();
+    partial_body.read_to_end(&mut refused).await.unwrap();
+    let refused = String::from_utf8_lossy(&refused);
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("\"code\":\"shutting_down\""), "{refused}");
+    let mut nothing = Vec::new();
+    partial_head.read_to_end(&mut nothing).await.unwrap();
+    assert!(nothing.is_empty());
     // New connections are refused while the in-flight request is still being served.
     wait_until_refused(&address).await;
     assert!(
@@ -62,17 +92,25 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
 
     let exit = gateway.child.wait().unwrap();
     assert!(exit.success(), "exit status {exit:?}");
+    // Gone once the in-flight request (5 s upstream) was answered, not after a client timeout.
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        killed.elapsed()
+    );
     // The reader thread ends at the end of stderr, after the last line the gateway wrote.
     log.extend(gateway.log.iter());
     std::fs::remove_file(&config_path).unwrap();
 
-    let request_line = log
+    let request_lines: Vec<Value> = log
         .iter()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|l| l["message"] == "request")
-        .unwrap_or_else(|| panic!("no request log line in {log:#?}"));
+        .filter(|l| l["message"] == "request")
+        .collect();
+    let statuses: Vec<&Value> = request_lines.iter().map(|l| &l["status"]).collect();
+    assert_eq!(statuses, [503, 200], "the refused body first");
+    let request_line = &request_lines[1];
     assert_eq!(request_line["endpoint"], "chat");
-    assert_eq!(request_line["status"], 200);
     // Start-up says what each endpoint serves.
     let loaded = log
         .iter()

@@ -109,6 +109,16 @@ impl ApiError {
         .with_code("request_too_large")
     }
 
+    /// A request whose body was still arriving when the gateway began to shut down.
+    pub fn shutting_down() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "the gateway is shutting down and the request body had not arrived yet: send it again",
+        )
+        .with_code("shutting_down")
+    }
+
     /// A request body that did not arrive in time (`[server] client_timeout_ms`).
     pub fn request_timeout(timeout: Duration) -> Self {
         Self::new(

@@ -22,10 +22,15 @@ pub async fn read_body(request: Request, state: &AppState) -> Result<Bytes, ApiE
     }
     let timeout = state.client_timeout();
     // A body that has already arrived (the usual case) is read without the timer ever being
-    // registered: `timeout` polls the read first.
-    tokio::time::timeout(timeout, Bytes::from_request(request, state))
-        .await
-        .map_err(|_| ApiError::request_timeout(timeout))?
+    // registered (`timeout` polls the read first) or the shutdown ever being looked at.
+    let read = tokio::time::timeout(timeout, Bytes::from_request(request, state));
+    let read = tokio::select! {
+        biased;
+        read = read => read,
+        // Nothing of the request has been done: the client can send it again elsewhere.
+        () = state.shutting_down() => return Err(ApiError::shutting_down()),
+    };
+    read.map_err(|_| ApiError::request_timeout(timeout))?
         .map_err(|rejection| body_rejection(&rejection, state))
 }
 

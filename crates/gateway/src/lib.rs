@@ -23,6 +23,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use axum::Router;
@@ -109,6 +110,9 @@ struct Shared {
     /// Work done after a response has gone out (its log line, a Redis token settlement):
     /// serving waits for it before it returns, so nothing is lost at shutdown.
     after_response: tokio_util::task::TaskTracker,
+    /// Cancelled when serving stops taking connections: requests still waiting for their body
+    /// then give up (503) instead of holding the shutdown up.
+    shutting_down: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
@@ -127,6 +131,11 @@ impl AppState {
 
     pub(crate) fn max_body_bytes(&self) -> usize {
         self.0.server.max_body_bytes
+    }
+
+    /// Completes once the gateway has begun to shut down.
+    pub(crate) fn shutting_down(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.0.shutting_down.cancelled()
     }
 
     /// `[server] client_timeout_ms`: how long to wait for a request body.
@@ -227,6 +236,7 @@ impl Gateway {
                 server: config.server.clone(),
                 reload_lock: tokio::sync::Mutex::new(()),
                 after_response,
+                shutting_down: tokio_util::sync::CancellationToken::new(),
             })),
         })
     }
@@ -576,6 +586,9 @@ async fn serve_connections<L>(
         .header_read_timeout(server.header_timeout);
     let service = hyper_util::service::TowerToHyperService::new(gateway.router());
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    // A token of this thread's own (cancelled with the gateway's): its connections' tasks look
+    // at it on every wake-up, which takes its lock.
+    let closing = gateway.state.0.shutting_down.child_token();
     tokio::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
@@ -584,22 +597,45 @@ async fn serve_connections<L>(
         };
         let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
         stream.set_write_timeout(Some(server.client_timeout));
-        let connection = http.serve_connection(
-            hyper_util::rt::TokioIo::new(Box::pin(stream)),
-            service.clone(),
-        );
+        // Whether a request has arrived whole on this connection (its head, at least).
+        let started = Arc::new(AtomicBool::new(false));
+        let service = {
+            let (service, started) = (service.clone(), started.clone());
+            hyper::service::service_fn(move |request| {
+                started.store(true, Ordering::Relaxed);
+                hyper::service::Service::call(&service, request)
+            })
+        };
+        let connection =
+            http.serve_connection(hyper_util::rt::TokioIo::new(Box::pin(stream)), service);
         let connection = connections.watch(connection);
+        let closing = closing.clone();
         tokio::spawn(async move {
-            // A connection's errors are the client's (it went away, timed out, sent garbage);
-            // its requests have their own log lines.
-            if let Err(error) = connection.await {
-                debug!(%error, "connection closed");
+            // At shutdown hyper closes a connection between two requests, but waits on one that
+            // has not finished its first request head (up to `header_timeout_ms`): such a
+            // connection has nothing to lose, so it is dropped.
+            let not_started_at_shutdown = async {
+                closing.cancelled().await;
+                if started.load(Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                biased;
+                // A connection's errors are the client's (it went away, timed out, sent
+                // garbage); its requests have their own log lines.
+                result = connection => if let Err(error) = result {
+                    debug!(%error, "connection closed");
+                },
+                () = not_started_at_shutdown => debug!("connection without a request closed at shutdown"),
             }
         });
     }
-    // No more connections: the listening socket closes, idle connections close now, busy ones
-    // after their response.
+    // No more connections: the listening socket closes, idle connections close now (and those
+    // that never finished a request head), busy ones after their response; requests still
+    // waiting for their body are refused.
     drop(listener);
+    gateway.state.0.shutting_down.cancel();
     connections.shutdown().await;
     timer.abort();
     let after_response = &gateway.state.0.after_response;
