@@ -7,7 +7,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{FakeUpstream, Reply, TestGateway, chat_body, config_over};
+use crate::common::{FakeUpstream, Reply, TestGateway, chat_body, config_over, temp_dir};
 
 /// A gateway over `upstream` whose `[server]` timeouts are `header_ms` and `client_ms`.
 async fn gateway(upstream: &FakeUpstream, header_ms: u64, client_ms: u64) -> TestGateway {
@@ -220,4 +220,38 @@ async fn a_method_a_path_does_not_serve_is_a_405_in_the_path_s_error_shape() {
             (Some(code), Some(message))
         );
     }
+}
+
+#[tokio::test]
+async fn a_reload_says_that_server_settings_wait_for_a_restart() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let path = temp_dir("server-reload").join("gateway.toml");
+    let config = |max: u32| {
+        format!(
+            "[server]\nmax_body_bytes = {max}\n[providers.fake]\nkind = \"openai\"\nbase_url = \"{}\"\n\
+             [routes.main]\ntargets = [{{ provider = \"fake\", model = \"m\" }}]\n\
+             [[endpoints]]\nname = \"chat\"\nroute = \"main\"\n",
+            upstream.base_url
+        )
+    };
+    std::fs::write(&path, config(1000)).unwrap();
+    let gateway = TestGateway::start_from_file(&path).await;
+    std::fs::write(&path, config(5000)).unwrap();
+    let reload = gateway
+        .client
+        .post(gateway.url("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200);
+    let answer: Value = reload.json().await.unwrap();
+    assert_eq!(
+        answer["warnings"][0],
+        "[server] changed in the config file: it applies at the next restart, not on reload"
+    );
+    // The old limit still holds.
+    let big = gateway
+        .post("/v1/chat/completions", &chat_body(&"x".repeat(2000)))
+        .await;
+    assert_eq!(big.status(), 413);
 }

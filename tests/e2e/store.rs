@@ -132,7 +132,7 @@ async fn log_alias_serve_then_relog_move_the_alias_and_reload_without_a_failed_r
     assert_eq!(reload.status(), 200);
     assert_eq!(
         reload.json::<Value>().await.unwrap(),
-        json!({"status": "reloaded", "endpoints": 1})
+        json!({"status": "reloaded", "endpoints": 1, "warnings": []})
     );
     let after_reload = upstream.requests().len();
     upstream.wait_for_requests(after_reload + 5).await;

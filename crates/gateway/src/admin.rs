@@ -50,7 +50,11 @@ pub async fn reload(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state.snapshot(), &headers)?;
     match state.gateway().reload().await {
-        Ok(endpoints) => Ok(Json(json!({"status": "reloaded", "endpoints": endpoints}))),
+        Ok(reloaded) => Ok(Json(json!({
+            "status": "reloaded",
+            "endpoints": reloaded.endpoints,
+            "warnings": reloaded.warnings,
+        }))),
         Err(error) => {
             tracing::error!(%error, "reload failed; still serving the previous config");
             Err(ApiError::bad_request(

@@ -117,7 +117,7 @@ pub struct ConcurrencyCap {
     pub queue_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Request bodies above this size get 413.

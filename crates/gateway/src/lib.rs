@@ -63,6 +63,15 @@ pub enum GatewayError {
     Call(String, String),
 }
 
+/// What a reload did.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// How many endpoints the new config serves.
+    pub endpoints: usize,
+    /// Changes of the config file that the reload did not apply.
+    pub warnings: Vec<String>,
+}
+
 /// Where a gateway's config comes from, for reloads.
 #[derive(Debug, Clone)]
 pub struct ConfigSource {
@@ -259,7 +268,7 @@ impl Gateway {
     /// Re-reads the config file, re-resolves `models:/` aliases and swaps the new state in.
     /// On any error the running state stays as it was. Returns the number of endpoints.
     /// (`[server]` settings need a restart.)
-    pub async fn reload(&self) -> Result<usize, GatewayError> {
+    pub async fn reload(&self) -> Result<Reloaded, GatewayError> {
         let shared = &self.state.0;
         let source = shared.source.clone().ok_or(GatewayError::NoConfigFile)?;
         let _one_at_a_time = shared.reload_lock.lock().await;
@@ -270,10 +279,12 @@ impl Gateway {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
+        let server = shared.server.clone();
         // Reading config, chain folders and the store is file IO: keep it off the async workers.
-        let (snapshot, limiter) =
+        let (snapshot, limiter, server_changed) =
             tokio::task::spawn_blocking(move || -> Result<_, GatewayError> {
                 let config = source.load()?;
+                let server_changed = config.server != server;
                 let limiter = if config.limits_store == current_limiter.0 {
                     current_limiter
                 } else {
@@ -283,7 +294,7 @@ impl Gateway {
                 };
                 let snapshot = state::build(&config, &lasting, limiter.1.clone())
                     .map_err(GatewayError::Endpoints)?;
-                Ok((snapshot, limiter))
+                Ok((snapshot, limiter, server_changed))
             })
             .await
             .map_err(|e| GatewayError::ReloadTask(e.to_string()))??;
@@ -298,7 +309,16 @@ impl Gateway {
             .set_endpoints(&snapshot.endpoint_infos);
         shared.current.store(Arc::new(snapshot));
         info!(endpoints, "config reloaded");
-        Ok(endpoints)
+        let mut warnings = Vec::new();
+        if server_changed {
+            let warning = "[server] changed in the config file: it applies at the next restart, not on reload";
+            warn!("{warning}");
+            warnings.push(warning.to_owned());
+        }
+        Ok(Reloaded {
+            endpoints,
+            warnings,
+        })
     }
 
     /// The axum app: all routes and middleware.
