@@ -165,6 +165,17 @@ async fn every_response_carries_a_request_id_and_a_client_id_is_kept() {
         .await
         .unwrap();
     assert_eq!(mine.headers()["x-request-id"], "req-from-client-1");
+
+    // One too long for a log line is replaced by one of ours.
+    let long = gateway
+        .client
+        .post(gateway.url("/v1/chat/completions"))
+        .header("x-request-id", "x".repeat(129))
+        .json(&chat_body("hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long.headers()["x-request-id"].len(), 36, "a UUID");
 }
 
 #[tokio::test]

@@ -355,6 +355,27 @@ async fn user_limits_isolate_users_and_rules_can_be_limited_to_endpoints() {
         call(&gateway, Some(TEAM_A), &as_field, None).await.status(),
         429
     );
+    // A name that is not ASCII is a user of its own, not one of the requests without a user.
+    let jose = || {
+        gateway
+            .client
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(TEAM_A)
+            .header(
+                "x-switchyard-user",
+                reqwest::header::HeaderValue::from_bytes("José".as_bytes()).unwrap(),
+            )
+            .json(&chat_body("x"))
+            .send()
+    };
+    assert_eq!(jose().await.unwrap().status(), 200);
+    assert_eq!(jose().await.unwrap().status(), 429);
+    assert_eq!(
+        call(&gateway, Some(TEAM_A), &chat_body("x"), None)
+            .await
+            .status(),
+        200
+    );
     // `other` is not under the rule.
     let mut other = chat_body("x");
     other["model"] = json!("other");

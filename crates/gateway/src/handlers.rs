@@ -161,6 +161,7 @@ async fn serve_chat(
         d.kind = endpoint.kind();
         d.key_id.clone_from(&key_id);
         d.user.clone_from(&user);
+        d.stream = request.is_stream();
     });
     auth::check_endpoint(key.as_deref(), &endpoint_name)?;
     if matches!(endpoint, Endpoint::Model(_)) {
@@ -336,10 +337,7 @@ async fn serve_model(
     headers: &HeaderMap,
     record: &RequestRecord,
 ) -> Result<Response, ApiError> {
-    let user = headers
-        .get(USER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let user = user_header(headers);
     let key_id = key.as_ref().map(|k| k.id.clone());
     record.update(|d| {
         d.endpoint = Some(name.to_owned());
@@ -425,17 +423,21 @@ async fn predict(
 
 /// The end user: the `x-switchyard-user` header, else the OpenAI `user` field.
 fn end_user(headers: &HeaderMap, request: &ChatRequest) -> Option<String> {
+    user_header(headers).or_else(|| {
+        request
+            .extra
+            .get("user")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    })
+}
+
+/// The `x-switchyard-user` header as text: UTF-8 (a name like "José" is not ASCII), with any
+/// invalid bytes replaced, so that no user falls into the bucket of requests without one.
+fn user_header(headers: &HeaderMap) -> Option<String> {
     headers
         .get(USER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| {
-            request
-                .extra
-                .get("user")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
 /// Runs a chain. A chain that fails or panics (while answering or while streaming) becomes an

@@ -348,6 +348,9 @@ impl Gateway {
         // The middleware wraps the router once rather than every route (`Router::layer`), which
         // would box and clone each layer again for every request.
         let app = tower::ServiceBuilder::new()
+            // A client's request id goes into every log line of the request: one that is not a
+            // short printable string is replaced by one of ours.
+            .map_request(request_log::drop_unfit_request_id)
             // Outermost: every response, errors included, carries the request id.
             .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
             .layer(PropagateRequestIdLayer::new(request_id))

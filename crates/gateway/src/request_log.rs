@@ -43,6 +43,9 @@ pub struct Details {
     pub user: Option<String>,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// The client asked for a stream (the log line's `stream`, also when it failed before
+    /// streaming).
+    pub stream: bool,
     /// The stream logs the request itself when it ends.
     pub streamed: bool,
     /// The request's messages (JSON) and the completion, for endpoints with `log_payloads`.
@@ -93,7 +96,7 @@ impl RequestRecord {
             key_id = details.key_id.as_deref().unwrap_or(""),
             user = details.user.as_deref().unwrap_or(""),
             status,
-            stream = details.streamed,
+            stream = details.stream,
             outcome,
             latency_ms = millis(elapsed),
             upstream_ms = millis(self.stats.upstream()),
@@ -206,6 +209,22 @@ impl Drop for Unfinished {
 /// The request id's header. Header names are constants on the request path: looking one up by
 /// `&str` parses the name on every call.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The longest `x-request-id` of a client's that is kept.
+const MAX_REQUEST_ID: usize = 128;
+
+/// Removes a client's `x-request-id` that is longer than [`MAX_REQUEST_ID`] or not printable
+/// ASCII, so that the request-id layer makes one.
+pub fn drop_unfit_request_id(mut request: Request) -> Request {
+    let unfit = request
+        .headers()
+        .get(REQUEST_ID)
+        .is_some_and(|id| id.len() > MAX_REQUEST_ID || id.to_str().is_err());
+    if unfit {
+        request.headers_mut().remove(REQUEST_ID);
+    }
+    request
+}
 
 /// The `x-request-id` the request-id layer set (or the client sent).
 pub fn request_id(headers: &axum::http::HeaderMap) -> String {
