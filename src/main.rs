@@ -373,7 +373,12 @@ fn models(store: &Store, command: ModelsCommand) -> anyhow::Result<()> {
     match command {
         ModelsCommand::List => {
             let models = store.list()?;
-            if models.is_empty() {
+            if !store.root().is_dir() {
+                eprintln!(
+                    "no store at {} (give --store or SWITCHYARD_STORE, or log a model to create it)",
+                    store.root().display()
+                );
+            } else if models.is_empty() {
                 eprintln!("no models in {}", store.root().display());
             }
             for model in models {

@@ -296,6 +296,9 @@ fn the_cli_logs_lists_aliases_shows_and_restores() {
         "{stderr}"
     );
 
+    let nowhere = switchyard(&work.join("nowhere"), &["models", "list"]);
+    assert!(String::from_utf8_lossy(&nowhere.stderr).starts_with("no store at "));
+
     let bad = switchyard(&store, &["models", "show", "models:/router/9"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("model 'router' has no version 9"));
