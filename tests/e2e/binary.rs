@@ -786,6 +786,26 @@ async fn upstream_calls_go_through_the_proxy_the_environment_names() {
         requests[0].authorization.as_deref(),
         Some("Bearer sk-test-key")
     );
+
+    // A proxy that cannot be reached: the error says the request went through a proxy.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_proxy = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let dead_env = proxy_env.map(|(name, value)| match name {
+        "HTTP_PROXY" | "http_proxy" => (name, dead_proxy.as_str()),
+        _ => (name, value),
+    });
+    let gateway = GatewayProcess::start(&config, &dead_env);
+    let response = reqwest::Client::new()
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&chat_body("nowhere"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("through the proxy"), "{message}");
 }
 
 /// A chat request and a streamed one to the gateway at `url`, each echoing `text`.

@@ -142,7 +142,13 @@ impl HttpClient {
             } else {
                 LlmErrorKind::StreamInterrupted
             };
-            transport_error(kind, &error)
+            // reqwest names the upstream's URL, not the proxy it could not get through.
+            let mut error = transport_error(kind, &error);
+            error.message = format!(
+                "{} (sent through the proxy that HTTPS_PROXY/HTTP_PROXY/ALL_PROXY name)",
+                error.message
+            );
+            error
         })?;
         let response: http::Response<reqwest::Body> = response.into();
         Ok(response.map(|body| body.map_err(Into::into).boxed_unsync()))
