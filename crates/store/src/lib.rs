@@ -206,6 +206,7 @@ impl Store {
         // Held from the duplicate check to the version claim, so that concurrent logs of the same
         // content end up as one version.
         let _lock = lock_model(model_dir)?;
+        self.check_same_kind(name, false)?;
         if let Some(existing) = self.find_by_content(name, &content_sha256)? {
             return Ok(Logged {
                 version: existing,
@@ -259,6 +260,26 @@ impl Store {
             }
         }
         Ok(None)
+    }
+
+    /// Refuses a version of the other kind (chain or ONNX model) than the model's versions so
+    /// far: an endpoint serving `models:/<name>/latest` would change kind at its next reload.
+    /// Called with the model's lock held.
+    fn check_same_kind(&self, name: &str, onnx: bool) -> Result<(), StoreError> {
+        let Some(&latest) = self.versions(name)?.last() else {
+            return Ok(());
+        };
+        if self.version(name, latest)?.mlmodel.onnx_data().is_some() == onnx {
+            return Ok(());
+        }
+        let (held, logged) = if onnx {
+            ("chains", "an ONNX model")
+        } else {
+            ("ONNX models", "a chain")
+        };
+        Err(StoreError::Other(format!(
+            "model '{name}' holds {held}: log {logged} under another name"
+        )))
     }
 
     /// The version numbers of `name`, ascending (empty if the model does not exist).
@@ -357,6 +378,7 @@ impl Store {
             let content_sha256 =
                 files_sha256(&temp, &files).map_err(|e| StoreError::io(&temp, e))?;
             let _lock = lock_model(&model_dir)?;
+            self.check_same_kind(name, true)?;
             // Same files, same data file: the same model (an MLflow dir with two .onnx files
             // and a different `data` is not).
             if let Some(existing) = self

@@ -447,6 +447,33 @@ fn an_mlflow_dir_imports_as_is_and_dedups_only_with_the_same_data_file() {
 }
 
 #[test]
+fn a_model_keeps_one_kind_chain_or_onnx() {
+    let work = tempfile::tempdir().unwrap();
+    let store = Store::new(work.path().join("store"));
+    let dir = copy_mlflow_dir(work.path());
+    store.log_onnx(&dir, "iris", signature()).unwrap();
+    let chain = store
+        .log_chain(&chain_dir("support_bot"), "iris", &registry())
+        .unwrap_err();
+    assert_eq!(
+        chain.to_string(),
+        "model 'iris' holds ONNX models: log a chain under another name"
+    );
+    store
+        .log_chain(&chain_dir("support_bot"), "support-bot", &registry())
+        .unwrap();
+    let onnx = store
+        .log_onnx(&dir, "support-bot", signature())
+        .unwrap_err();
+    assert_eq!(
+        onnx.to_string(),
+        "model 'support-bot' holds chains: log an ONNX model under another name"
+    );
+    assert_eq!(store.versions("iris").unwrap(), [1]);
+    assert_eq!(store.versions("support-bot").unwrap(), [1]);
+}
+
+#[test]
 fn an_mlflow_dir_with_a_secret_or_a_link_is_refused_without_echoing_the_secret() {
     let work = tempfile::tempdir().unwrap();
     let store = Store::new(work.path().join("store"));
