@@ -566,6 +566,44 @@ async fn a_provider_at_its_concurrency_cap_fails_excess_calls_after_the_queue_ti
 }
 
 #[tokio::test]
+async fn a_reload_that_raises_a_concurrency_cap_counts_the_calls_in_flight() {
+    let slow = || Reply::Delay(Duration::from_secs(2), Box::new(Reply::Echo));
+    let upstream = FakeUpstream::start(vec![slow(), slow()]).await;
+    let path = temp_dir("cap-reload").join("gateway.toml");
+    let config = |max: u32| {
+        format!(
+            "[providers.fake]\nkind = \"openai\"\nbase_url = \"{}\"\nmax_concurrency = {max}\nqueue_timeout_ms = 100\n\
+             [routes.main]\ntargets = [{{ provider = \"fake\", model = \"m\" }}]\nretries = 0\n\
+             [[endpoints]]\nname = \"chat\"\nroute = \"main\"\n",
+            upstream.base_url
+        )
+    };
+    std::fs::write(&path, config(1)).unwrap();
+    let gateway = TestGateway::start_from_file(&path).await;
+    let call = |text: &str| {
+        gateway
+            .client
+            .post(gateway.url("/v1/chat/completions"))
+            .json(&chat_body(text))
+            .send()
+    };
+    let first = tokio::spawn(call("first"));
+    upstream.wait_for_requests(1).await;
+
+    // 1 → 2 with one call in flight: one more call fits, a third does not.
+    std::fs::write(&path, config(2)).unwrap();
+    let reload = gateway.client.post(gateway.url("/admin/reload")).send();
+    assert_eq!(reload.await.unwrap().status(), 200);
+    let second = tokio::spawn(call("second"));
+    upstream.wait_for_requests(2).await;
+    let third = call("third").await.unwrap();
+    assert_eq!(third.status(), 503);
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert_eq!(second.await.unwrap().unwrap().status(), 200);
+    assert_eq!(upstream.requests().len(), 2);
+}
+
+#[tokio::test]
 async fn counters_survive_a_reload_of_an_unchanged_rule_and_reset_when_it_changes() {
     let upstream = FakeUpstream::start(vec![]).await;
     let dir = temp_dir("limits-reload");

@@ -307,6 +307,7 @@ impl Gateway {
             .lasting
             .metrics
             .set_endpoints(&snapshot.endpoint_infos);
+        snapshot.apply_caps();
         shared.current.store(Arc::new(snapshot));
         info!(endpoints, "config reloaded");
         let mut warnings = Vec::new();

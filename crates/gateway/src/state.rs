@@ -10,7 +10,7 @@ use switchyard_core::{
     Chain, ChainFolder, ChainResources, Llm, LoadedChain, Observer, Registry, Secret,
 };
 use switchyard_providers::{
-    AnthropicProvider, Capped, HttpClient, MockProvider, OpenAiProvider, Route, Target,
+    AnthropicProvider, Capped, HttpClient, MockProvider, OpenAiProvider, Route, Slots, Target,
 };
 use switchyard_serving::OnnxModel;
 use switchyard_store::{ModelUri, ModelVersion, Store};
@@ -40,6 +40,18 @@ pub(crate) struct Snapshot {
     pub log_payloads: std::collections::HashSet<String>,
     pub limits: Limits,
     pub loaded_at: u64,
+    /// Providers' concurrency caps as this generation sets them, applied when it goes live.
+    caps: Vec<(Arc<Slots>, usize)>,
+}
+
+impl Snapshot {
+    /// Sets the providers' caps this generation was built with (calls in flight keep their
+    /// slots and count against the new caps).
+    pub(crate) fn apply_caps(&self) {
+        for (slots, max) in &self.caps {
+            slots.resize(*max);
+        }
+    }
 }
 
 /// A servable endpoint.
@@ -73,9 +85,9 @@ pub(crate) struct Lasting {
     pub registry: Registry,
     pub client: Arc<HttpClient>,
     pub metrics: Arc<Metrics>,
-    /// Concurrency-cap slots per provider (and their number): a reload that keeps a provider's
-    /// `max_concurrency` keeps its slots, so calls in flight still count against the cap.
-    provider_slots: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
+    /// Concurrency-cap slots per provider: a reload keeps them (resized to a changed
+    /// `max_concurrency`), so calls in flight still count against the cap.
+    provider_slots: Mutex<HashMap<String, Arc<Slots>>>,
     /// Model inference runs on blocking threads, at most one per core at a time: more would only
     /// add threads (and their memory) competing for the same cores. Excess requests wait.
     pub inference_slots: Arc<Semaphore>,
@@ -93,19 +105,15 @@ impl Lasting {
         }
     }
 
-    fn slots(&self, provider: &str, max: usize) -> Arc<Semaphore> {
-        let mut slots = self
-            .provider_slots
+    /// The provider's slots, made with `max` if it has none yet (a reload resizes them when
+    /// its new snapshot goes live: [`Snapshot::apply_caps`]).
+    fn slots(&self, provider: &str, max: usize) -> Arc<Slots> {
+        self.provider_slots
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match slots.get(provider) {
-            Some((kept_max, semaphore)) if *kept_max == max => semaphore.clone(),
-            _ => {
-                let semaphore = Arc::new(Semaphore::new(max));
-                slots.insert(provider.to_owned(), (max, semaphore.clone()));
-                semaphore
-            }
-        }
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(provider.to_owned())
+            .or_insert_with(|| Slots::new(max))
+            .clone()
     }
 }
 
@@ -120,6 +128,7 @@ pub(crate) fn build(
     let observer: Arc<dyn Observer> = metrics.clone();
     let mut problems = Vec::new();
     let mut providers: HashMap<&str, Arc<dyn Llm>> = HashMap::new();
+    let mut caps = Vec::new();
     for (name, provider) in &config.providers {
         let mut llm: Arc<dyn Llm> = match &provider.kind {
             ProviderKind::OpenAi { base_url, api_key } => {
@@ -148,15 +157,11 @@ pub(crate) fn build(
             ProviderKind::Mock(mock) => Arc::new(MockProvider::new(mock.clone())),
         };
         if let Some(cap) = provider.concurrency {
+            let slots = lasting.slots(name, cap.max);
+            caps.push((slots.clone(), cap.max));
             llm = Arc::new(
-                Capped::with_slots(
-                    name.clone(),
-                    llm,
-                    lasting.slots(name, cap.max),
-                    cap.max,
-                    cap.queue_timeout,
-                )
-                .with_observer(observer.clone()),
+                Capped::with_slots(name.clone(), llm, slots.clone(), cap.queue_timeout)
+                    .with_observer(observer.clone()),
             );
         }
         providers.insert(name.as_str(), llm);
@@ -276,6 +281,7 @@ pub(crate) fn build(
             .map(|e| e.name.clone())
             .collect(),
         limits: Limits::new(&config.limits, limiter, metrics.clone()),
+        caps,
         loaded_at: switchyard_core::unix_now(),
     })
 }

@@ -1,6 +1,6 @@
 //! A provider's concurrency cap (`max_concurrency`): protects the provider's own quota.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -11,14 +11,75 @@ use switchyard_core::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// At most `max` calls in flight to the wrapped provider; a call beyond that waits for a slot up
-/// to `queue_timeout`, then fails with [`LlmErrorKind::Overloaded`] (a route then falls back to
-/// its next target). A stream holds its slot until it ends.
+/// A provider's slots: at most `max` calls in flight. Kept across config reloads, and resized
+/// by them while calls hold slots, so that those calls count against the new cap.
+pub struct Slots {
+    semaphore: Arc<Semaphore>,
+    cap: Mutex<Cap>,
+}
+
+struct Cap {
+    max: usize,
+    /// Slots too many after a cap was lowered while they were held: taken back as calls end.
+    owed: usize,
+}
+
+impl Slots {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            semaphore: Arc::new(Semaphore::new(max)),
+            cap: Mutex::new(Cap { max, owed: 0 }),
+        })
+    }
+
+    fn cap(&self) -> std::sync::MutexGuard<'_, Cap> {
+        self.cap.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The cap now.
+    pub fn max(&self) -> usize {
+        self.cap().max
+    }
+
+    /// Sets a new cap. A larger one frees its extra slots at once; a smaller one takes free
+    /// slots back now and held ones as their calls end.
+    pub fn resize(&self, max: usize) {
+        let mut cap = self.cap();
+        if max >= cap.max {
+            let more = max - cap.max;
+            let repaid = more.min(cap.owed);
+            cap.owed -= repaid;
+            self.semaphore.add_permits(more - repaid);
+        } else {
+            let fewer = cap.max - max;
+            cap.owed += fewer - self.semaphore.forget_permits(fewer);
+        }
+        cap.max = max;
+    }
+
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> usize {
+        let cap = self.cap();
+        (cap.max + cap.owed).saturating_sub(self.semaphore.available_permits())
+    }
+
+    /// Gives a call's slot back, or keeps it if the cap was lowered meanwhile.
+    fn release(&self, permit: OwnedSemaphorePermit) {
+        let mut cap = self.cap();
+        if cap.owed > 0 {
+            cap.owed -= 1;
+            permit.forget();
+        }
+    }
+}
+
+/// At most its [`Slots`]' cap of calls in flight to the wrapped provider; a call beyond that
+/// waits for a slot up to `queue_timeout`, then fails with [`LlmErrorKind::Overloaded`] (a route
+/// then falls back to its next target). A stream holds its slot until it ends.
 pub struct Capped {
     name: String,
     inner: Arc<dyn Llm>,
-    slots: Arc<Semaphore>,
-    max: usize,
+    slots: Arc<Slots>,
     queue_timeout: Duration,
     observer: Option<Arc<dyn Observer>>,
 }
@@ -30,29 +91,21 @@ impl Capped {
         max: usize,
         queue_timeout: Duration,
     ) -> Self {
-        Self::with_slots(
-            name,
-            inner,
-            Arc::new(Semaphore::new(max)),
-            max,
-            queue_timeout,
-        )
+        Self::with_slots(name, inner, Slots::new(max), queue_timeout)
     }
 
-    /// Like [`Capped::new`], sharing `slots` (a semaphore of `max` permits) with earlier
-    /// instances, so that rebuilding the provider (a config reload) does not reset the cap.
+    /// Like [`Capped::new`], sharing `slots` with earlier instances, so that rebuilding the
+    /// provider (a config reload) does not reset the count of calls in flight.
     pub fn with_slots(
         name: impl Into<String>,
         inner: Arc<dyn Llm>,
-        slots: Arc<Semaphore>,
-        max: usize,
+        slots: Arc<Slots>,
         queue_timeout: Duration,
     ) -> Self {
         Self {
             name: name.into(),
             inner,
             slots,
-            max,
             queue_timeout,
             observer: None,
         }
@@ -66,7 +119,7 @@ impl Capped {
 
     /// Calls in flight now.
     pub fn in_flight(&self) -> usize {
-        self.max - self.slots.available_permits()
+        self.slots.in_flight()
     }
 
     async fn slot(&self) -> Result<Slot, LlmError> {
@@ -76,7 +129,7 @@ impl Capped {
                 format!(
                     "provider '{}' is at its concurrency cap of {} and no call finished within {} ms",
                     self.name,
-                    self.max,
+                    self.slots.max(),
                     self.queue_timeout.as_millis()
                 ),
             )
@@ -84,14 +137,13 @@ impl Capped {
         let started = std::time::Instant::now();
         let slot = match tokio::time::timeout(
             self.queue_timeout,
-            self.slots.clone().acquire_owned(),
+            self.slots.semaphore.clone().acquire_owned(),
         )
         .await
         {
             Ok(Ok(permit)) => Ok(Slot {
                 permit: Some(permit),
                 slots: self.slots.clone(),
-                max: self.max,
                 provider: self.name.clone(),
                 observer: self.observer.clone(),
             }),
@@ -108,17 +160,18 @@ impl Capped {
 /// A held slot; reports the new in-flight count when released.
 struct Slot {
     permit: Option<OwnedSemaphorePermit>,
-    slots: Arc<Semaphore>,
-    max: usize,
+    slots: Arc<Slots>,
     provider: String,
     observer: Option<Arc<dyn Observer>>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        drop(self.permit.take());
+        if let Some(permit) = self.permit.take() {
+            self.slots.release(permit);
+        }
         if let Some(observer) = &self.observer {
-            observer.provider_in_flight(&self.provider, self.max - self.slots.available_permits());
+            observer.provider_in_flight(&self.provider, self.slots.in_flight());
         }
     }
 }
@@ -183,5 +236,43 @@ mod tests {
         assert!(chunks.iter().all(Result::is_ok));
         assert_eq!(capped.in_flight(), 0);
         assert_eq!(capped.chat(request).await.unwrap().text(), "hi");
+    }
+
+    #[tokio::test]
+    async fn a_new_cap_counts_the_calls_already_in_flight() {
+        let mock: Arc<dyn Llm> = Arc::new(MockProvider::new(MockConfig::default()));
+        let slots = Slots::new(2);
+        let capped = Capped::with_slots("m", mock, slots.clone(), Duration::from_millis(20));
+        let request = ChatRequest::new("m", vec![Message::user("hi")]);
+        let first = capped.chat_stream(request.clone()).await.unwrap();
+        let second = capped.chat_stream(request.clone()).await.unwrap();
+
+        // Raised to 3 with two held: one more call, not three.
+        slots.resize(3);
+        let third = capped.chat_stream(request.clone()).await.unwrap();
+        assert_eq!(capped.in_flight(), 3);
+        assert!(capped.chat(request.clone()).await.is_err());
+
+        // Lowered to 1 with three held: none until two of them have ended.
+        slots.resize(1);
+        assert_eq!(capped.in_flight(), 3);
+        drop(first);
+        assert!(capped.chat(request.clone()).await.is_err());
+        drop(second);
+        assert_eq!(capped.in_flight(), 1);
+        assert!(capped.chat(request.clone()).await.is_err());
+        drop(third);
+        assert_eq!(capped.in_flight(), 0);
+        assert_eq!(capped.chat(request.clone()).await.unwrap().text(), "hi");
+
+        // Raised again while slots are owed: the debt is paid first.
+        let held = capped.chat_stream(request.clone()).await.unwrap();
+        slots.resize(0);
+        slots.resize(2);
+        assert_eq!(capped.in_flight(), 1);
+        let one_more = capped.chat_stream(request.clone()).await.unwrap();
+        assert!(capped.chat(request.clone()).await.is_err());
+        drop((held, one_more));
+        assert_eq!(capped.in_flight(), 0);
     }
 }

@@ -16,7 +16,7 @@ pub mod testkit;
 mod upstream;
 
 pub use anthropic::AnthropicProvider;
-pub use capped::Capped;
+pub use capped::{Capped, Slots};
 pub use http::{HttpClient, HttpClientError};
 pub use mock::{MockConfig, MockProvider, count_tokens};
 pub use openai::OpenAiProvider;
