@@ -307,6 +307,33 @@ async fn bad_input_is_a_400_in_mlflows_shape_and_the_model_keeps_serving() {
         json!([{"name": "input", "dtype": "float32", "shape": [-1, 4]}])
     );
     assert_eq!(admin["endpoints"][0]["resolved"], "models:/logreg/1");
+
+    // Metrics name the endpoint for every request its path or body named, refused ones too
+    // (the 415 and the unparsable bodies above), with the model kind.
+    let metrics = gateway
+        .client
+        .get(gateway.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .contains(r#"switchyard_requests_total{endpoint="logreg",kind="model",status="4xx"}"#),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"switchyard_requests_total{endpoint="""#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"switchyard_endpoint_info{endpoint="logreg",kind="model",model="models:/logreg/1""#
+        ),
+        "{metrics}"
+    );
 }
 
 #[test]

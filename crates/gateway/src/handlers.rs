@@ -79,15 +79,15 @@ pub async fn invocations(
         Endpoint::Model(model) => Some(model.clone()),
         _ => None,
     };
+    // The path names a configured endpoint: its log line and metrics say which, whatever
+    // becomes of the request.
+    record.update(|d| {
+        d.endpoint = Some(name.clone());
+        d.kind = endpoint.kind();
+        d.key_id = key.as_ref().map(|k| k.id.clone());
+    });
     // A key that may not call the endpoint learns nothing more about it (not even what it takes).
-    if let Err(forbidden) = auth::check_endpoint(key.as_deref(), &name) {
-        record.update(|d| {
-            d.endpoint = Some(name.clone());
-            d.kind = endpoint.kind();
-            d.key_id = key.as_ref().map(|k| k.id.clone());
-        });
-        return Err(forbidden.into());
-    }
+    auth::check_endpoint(key.as_deref(), &name)?;
     // MLflow's scoring protocol: JSON, or CSV for a model; no type at all is taken as JSON.
     let csv = match media_type(&headers) {
         None => false,

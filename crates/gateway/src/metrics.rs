@@ -389,10 +389,10 @@ impl Metrics {
             self.endpoint_info
                 .get_or_create(&EndpointInfoLabels {
                     endpoint: text(info, "name"),
-                    kind: if info["kind"] == "chain" {
-                        "chain"
-                    } else {
-                        "route"
+                    kind: match info["kind"].as_str() {
+                        Some("chain") => "chain",
+                        Some("model") => "model",
+                        _ => "route",
                     },
                     model: text(info, "resolved"),
                     version: text(info, "version"),
