@@ -312,6 +312,14 @@ async fn request_limits_admit_limit_plus_burst_per_key_then_429_with_headers() {
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["type"], "rate_limit_error");
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    // The message says which budget ran out.
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "Rate limit reached for endpoint 'chat' (limits[0]: requests per API key); retry after"
+        ),
+        "{message}"
+    );
     // team-b has its own budget.
     assert_eq!(
         call(&gateway, Some(TEAM_B), &chat_body("x"), None)
@@ -354,6 +362,14 @@ async fn user_limits_isolate_users_and_rules_can_be_limited_to_endpoints() {
     assert_eq!(
         call(&gateway, Some(TEAM_A), &as_field, None).await.status(),
         429
+    );
+    // Requests without a user share one counter (so the request below uses it up); a user
+    // literally named "-" is not one of them.
+    assert_eq!(
+        call(&gateway, Some(TEAM_A), &chat_body("x"), Some("-"))
+            .await
+            .status(),
+        200
     );
     // A name that is not ASCII is a user of its own, not one of the requests without a user.
     let jose = || {

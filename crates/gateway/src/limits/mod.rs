@@ -196,7 +196,7 @@ impl Limits {
     ) -> Result<Admission, ApiError> {
         let mut cells = Vec::new();
         let mut kinds = Vec::new();
-        let mut owners: Vec<&str> = Vec::new();
+        let mut owners: Vec<&Rule> = Vec::new();
         let matching: Vec<&Rule> = self
             .rules
             .iter()
@@ -211,7 +211,7 @@ impl Limits {
                     cost: 1,
                 });
                 kinds.push(Kind::Requests);
-                owners.push(rule.label.as_str());
+                owners.push(rule);
             }
             if let Some(gcra) = rule.tokens {
                 // Only chat requests spend tokens.
@@ -222,7 +222,7 @@ impl Limits {
                     cost,
                 });
                 kinds.push(Kind::Tokens);
-                owners.push(rule.label.as_str());
+                owners.push(rule);
             }
         }
         if cells.is_empty() {
@@ -250,9 +250,15 @@ impl Limits {
                 retry_after,
                 states,
             } => {
+                // The first counter that refused says which budget ran out.
+                let refused = states
+                    .iter()
+                    .position(|state| state.refused)
+                    .map(|i| format!(" ({})", owners[i].describe(kinds[i])))
+                    .unwrap_or_default();
                 let mut error = ApiError::rate_limited(
                     format!(
-                        "Rate limit reached for endpoint '{}'; retry after {:.1} s",
+                        "Rate limit reached for endpoint '{}'{refused}; retry after {:.1} s",
                         caller.endpoint,
                         retry_after.as_secs_f64()
                     ),
@@ -272,7 +278,7 @@ impl Limits {
         &self,
         metrics: &Metrics,
         matching: &[&Rule],
-        owners: &[&str],
+        owners: &[&Rule],
         decision: &Result<Decision, ApiError>,
     ) {
         match decision {
@@ -287,7 +293,7 @@ impl Limits {
                     .iter()
                     .zip(states)
                     .filter(|(_, state)| state.refused)
-                    .map(|(owner, _)| *owner)
+                    .map(|(owner, _)| owner.label.as_str())
                     .collect();
                 refusing.dedup();
                 for label in refusing {
@@ -362,6 +368,32 @@ fn applies(rule: &LimitRule, endpoint: &str) -> bool {
         .is_none_or(|only| only.iter().any(|e| e == endpoint))
 }
 
+impl Rule {
+    /// The rule as a client may read it: `limits[1]: requests per API key and user`.
+    fn describe(&self, kind: Kind) -> String {
+        let what = match kind {
+            Kind::Requests => "requests",
+            Kind::Tokens => "tokens",
+        };
+        let per: Vec<&str> = self
+            .rule
+            .scope
+            .iter()
+            .filter_map(|scope| match scope {
+                LimitScope::Global => None,
+                LimitScope::Endpoint => Some("endpoint"),
+                LimitScope::ApiKey => Some("API key"),
+                LimitScope::User => Some("user"),
+            })
+            .collect();
+        if per.is_empty() {
+            format!("{}: {what} in total", self.label)
+        } else {
+            format!("{}: {what} per {}", self.label, per.join(" and "))
+        }
+    }
+}
+
 fn scope_key(scope: &[LimitScope], caller: &Caller<'_>) -> String {
     let mut key = String::with_capacity(64);
     for (i, s) in scope.iter().enumerate() {
@@ -372,8 +404,12 @@ fn scope_key(scope: &[LimitScope], caller: &Caller<'_>) -> String {
             LimitScope::Global => key.push_str("global"),
             LimitScope::Endpoint => key.extend(["e=", caller.endpoint]),
             LimitScope::ApiKey => key.extend(["k=", caller.api_key.unwrap_or("-")]),
-            // User values come from clients: hash them so keys stay short and printable.
-            LimitScope::User => key.extend(["u=", &short_hash(caller.user.unwrap_or("-"))]),
+            // User values come from clients: hash them so keys stay short and printable. The
+            // requests without a user share one counter, `u=-`, which no hash can be.
+            LimitScope::User => match caller.user {
+                Some(user) => key.extend(["u=", &short_hash(user)]),
+                None => key.push_str("u=-"),
+            },
         }
     }
     key
