@@ -375,6 +375,8 @@ struct RawRoute {
     timeout_ms: u64,
     #[serde(default)]
     first_token_timeout_ms: Option<u64>,
+    #[serde(default)]
+    attempt_timeout_ms: Option<u64>,
     #[serde(default = "default_retries")]
     retries: u32,
     #[serde(default = "default_backoff_ms")]
@@ -1053,13 +1055,18 @@ fn compile_route(name: &str, raw: RawRoute, problems: &mut Problems) -> Option<R
     if raw.timeout_ms == 0 {
         problems.add(format!("{path}.timeout_ms"), "must be greater than 0");
     }
-    let first_token_timeout_ms = raw.first_token_timeout_ms.unwrap_or(raw.timeout_ms);
-    if first_token_timeout_ms == 0 || first_token_timeout_ms > raw.timeout_ms {
-        problems.add(
-            format!("{path}.first_token_timeout_ms"),
-            format!("must be between 1 and timeout_ms ({})", raw.timeout_ms),
-        );
-    }
+    let mut within_timeout = |key: &str, value: Option<u64>| {
+        let value = value.unwrap_or(raw.timeout_ms);
+        if value == 0 || value > raw.timeout_ms {
+            problems.add(
+                format!("{path}.{key}"),
+                format!("must be between 1 and timeout_ms ({})", raw.timeout_ms),
+            );
+        }
+        Duration::from_millis(value)
+    };
+    let first_token_timeout = within_timeout("first_token_timeout_ms", raw.first_token_timeout_ms);
+    let attempt_timeout = within_timeout("attempt_timeout_ms", raw.attempt_timeout_ms);
     if problems.0.len() > before {
         return None;
     }
@@ -1068,7 +1075,8 @@ fn compile_route(name: &str, raw: RawRoute, problems: &mut Problems) -> Option<R
         targets: raw.targets,
         settings: RouteSettings {
             timeout: Duration::from_millis(raw.timeout_ms),
-            first_token_timeout: Duration::from_millis(first_token_timeout_ms),
+            first_token_timeout,
+            attempt_timeout,
             retries: raw.retries,
             backoff,
             max_backoff: RouteSettings::default().max_backoff.max(backoff),
@@ -1438,6 +1446,7 @@ mod tests {
             targets = []
             timeout_ms = 100
             first_token_timeout_ms = 200
+            attempt_timeout_ms = 0
         "#,
         );
         let paths: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
@@ -1449,7 +1458,8 @@ mod tests {
                 "providers.bad name",
                 "providers.m.chunks",
                 "routes.r.targets",
-                "routes.r.first_token_timeout_ms"
+                "routes.r.first_token_timeout_ms",
+                "routes.r.attempt_timeout_ms"
             ]
         );
     }

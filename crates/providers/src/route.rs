@@ -40,6 +40,9 @@ pub struct RouteSettings {
     pub timeout: Duration,
     /// For streams: how long one attempt may take to deliver its first chunk.
     pub first_token_timeout: Duration,
+    /// For complete (non-stream) calls: how long one attempt may take to answer; one that
+    /// takes longer is retried, or falls back, like a failed one.
+    pub attempt_timeout: Duration,
     /// Retries per target after the first attempt (on connect errors, timeouts, 429, 5xx).
     pub retries: u32,
     /// First backoff; doubles per retry, capped at `max_backoff`, with jitter.
@@ -52,6 +55,7 @@ impl Default for RouteSettings {
         Self {
             timeout: Duration::from_secs(30),
             first_token_timeout: Duration::from_secs(30),
+            attempt_timeout: Duration::from_secs(30),
             retries: 2,
             backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
@@ -111,8 +115,18 @@ impl Route {
             let mut last_attempt = Duration::ZERO;
             for attempt_number in 0..=self.settings.retries {
                 let started = Instant::now();
-                let outcome =
-                    timeout_at(deadline, attempt(target.provider.clone(), request.clone())).await;
+                // A complete call's attempt has its own deadline within the route's (one timer
+                // for both); a stream's attempt bounds its wait for the first chunk itself.
+                let attempt_deadline = if stream {
+                    deadline
+                } else {
+                    deadline.min(started + self.settings.attempt_timeout)
+                };
+                let outcome = timeout_at(
+                    attempt_deadline,
+                    attempt(target.provider.clone(), request.clone()),
+                )
+                .await;
                 last_attempt = started.elapsed();
                 RequestStats::record_upstream(last_attempt);
                 let error = match outcome {
@@ -124,6 +138,12 @@ impl Route {
                         return Ok(value);
                     }
                     Ok(Err(error)) => error,
+                    // Retried or fallen back from like a failure (and observed as such).
+                    Err(_elapsed) if attempt_deadline < deadline => LlmError::timeout(format!(
+                        "provider '{}' gave no answer within attempt_timeout_ms ({} ms)",
+                        target.provider_name,
+                        self.settings.attempt_timeout.as_millis()
+                    )),
                     Err(_elapsed) => {
                         self.observe(target, AttemptOutcome::Timeout, last_attempt);
                         return Err(LlmError::timeout(format!(
@@ -409,6 +429,67 @@ mod tests {
 
     fn request() -> ChatRequest {
         ChatRequest::new("endpoint", vec![Message::user("hi")])
+    }
+
+    /// Never answers.
+    struct Hung;
+
+    #[async_trait]
+    impl Llm for Hung {
+        async fn chat(&self, _: ChatRequest) -> Result<ChatResponse, LlmError> {
+            std::future::pending().await
+        }
+        async fn chat_stream(&self, _: ChatRequest) -> Result<ChunkStream, LlmError> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_complete_call_s_attempt_that_outlasts_attempt_timeout_falls_back() {
+        let spare = Flaky::new(vec![]);
+        let targets = vec![
+            Target {
+                provider_name: "hung".to_owned(),
+                provider: Arc::new(Hung),
+                model: "hung".to_owned(),
+            },
+            Target {
+                provider_name: "spare".to_owned(),
+                provider: spare.clone(),
+                model: "spare".to_owned(),
+            },
+        ];
+        let settings = RouteSettings {
+            timeout: Duration::from_secs(30),
+            attempt_timeout: Duration::from_secs(2),
+            retries: 1,
+            backoff: Duration::from_millis(1),
+            ..RouteSettings::default()
+        };
+        let started = tokio::time::Instant::now();
+        let answer = Route::new("r", targets.clone(), settings)
+            .chat(request())
+            .await
+            .unwrap();
+        assert_eq!(answer.model, "spare");
+        // Two attempts of 2 s on the hung target (and a backoff), not the route's 30 s.
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(4) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+
+        // Without a spare, the hung target's timeouts are the error, within the route's deadline.
+        let error = Route::new("r", targets[..1].to_vec(), settings)
+            .chat(request())
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind, LlmErrorKind::Timeout);
+        assert!(
+            error
+                .message
+                .contains("no answer within attempt_timeout_ms (2000 ms)")
+        );
     }
 
     #[tokio::test]
