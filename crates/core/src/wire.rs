@@ -282,6 +282,8 @@ pub struct ChunkBody {
     pub json: String,
     /// Whether it carries choices; the usage chunk at the end of a stream has none.
     pub has_choices: bool,
+    /// Whether a choice finishes in it (has a `finish_reason`).
+    pub finished: bool,
     pub usage: Option<Usage>,
 }
 
@@ -291,6 +293,7 @@ impl ChunkBody {
             // A `ChatChunk` is maps, strings and numbers: encoding it cannot fail.
             json: serde_json::to_string(chunk).unwrap_or_default(),
             has_choices: !chunk.choices.is_empty(),
+            finished: chunk.choices.iter().any(|c| c.finish_reason.is_some()),
             usage: chunk.usage.clone(),
         }
     }
@@ -302,15 +305,21 @@ impl ChunkBody {
         #[derive(Deserialize)]
         struct Chunk {
             #[serde(default)]
-            choices: Vec<serde::de::IgnoredAny>,
+            choices: Vec<Choice>,
             #[serde(default)]
             usage: Option<Counts>,
             #[serde(default)]
             error: Option<serde::de::IgnoredAny>,
         }
+        #[derive(Deserialize)]
+        struct Choice {
+            #[serde(default)]
+            finish_reason: Option<serde::de::IgnoredAny>,
+        }
         match serde_json::from_str::<Chunk>(&json) {
             Ok(chunk) if chunk.error.is_none() => Ok(Self {
                 has_choices: !chunk.choices.is_empty(),
+                finished: chunk.choices.iter().any(|c| c.finish_reason.is_some()),
                 usage: chunk.usage.map(Counts::into_usage),
                 json,
             }),

@@ -100,7 +100,7 @@ impl Llm for OpenAiProvider {
 /// sends something else than a chunk (some servers send an `{"error": ...}` object mid-stream),
 /// sends more than `max_event` bytes without completing an event, or closes the stream before
 /// `[DONE]`.
-fn sse_chunks<T>(
+fn sse_chunks<T: Chunk>(
     upstream: Arc<Upstream>,
     response: http::Response<UpstreamBody>,
     max_event: usize,
@@ -108,11 +108,17 @@ fn sse_chunks<T>(
 ) -> impl futures::Stream<Item = Result<T, LlmError>> + Send + 'static {
     let mut events = Box::pin(sse_events(response, max_event));
     let mut done = false;
+    // Once a choice has finished, a stream that closes without `[DONE]` has given its answer.
+    let mut finished = false;
     futures::stream::poll_fn(move |cx| {
         if done {
             return std::task::Poll::Ready(None);
         }
         let item = match futures::ready!(events.poll_next_unpin(cx)) {
+            None if finished => {
+                done = true;
+                return std::task::Poll::Ready(None);
+            }
             None => Err(upstream.interrupted("closed the stream before [DONE]")),
             Some(Err(e)) => Err(upstream.interrupted(format_args!("stream broke off: {e}"))),
             Some(Ok(event)) if event.data.trim() == "[DONE]" => {
@@ -120,15 +126,43 @@ fn sse_chunks<T>(
                 return std::task::Poll::Ready(None);
             }
             Some(Ok(event)) => parse(String::from(&*event.data)).map_err(|data| {
+                let is_error = serde_json::from_str::<serde_json::Value>(&data)
+                    .is_ok_and(|value| value.get("error").is_some());
+                let what = if is_error {
+                    "sent an error in the stream"
+                } else {
+                    "sent an event that is not a chat completion chunk"
+                };
                 upstream.interrupted(format_args!(
-                    "sent an error in the stream: {}",
+                    "{what}: {}",
                     upstream_error_message(data.as_bytes())
                 ))
             }),
         };
-        done = item.is_err();
+        match &item {
+            Ok(chunk) => finished |= chunk.finishes(),
+            Err(_) => done = true,
+        }
         std::task::Poll::Ready(Some(item))
     })
+}
+
+/// What [`sse_chunks`] needs to know of a chunk.
+trait Chunk {
+    /// Whether a choice finishes in it.
+    fn finishes(&self) -> bool;
+}
+
+impl Chunk for ChunkBody {
+    fn finishes(&self) -> bool {
+        self.finished
+    }
+}
+
+impl Chunk for ChatChunk {
+    fn finishes(&self) -> bool {
+        self.choices.iter().any(|c| c.finish_reason.is_some())
+    }
 }
 
 #[cfg(test)]
@@ -200,12 +234,12 @@ mod tests {
             assert_eq!(items.len(), 2, "the stream ends at the error");
             let error = items[1].as_ref().unwrap_err();
             assert_eq!(error.kind, LlmErrorKind::StreamInterrupted);
-            let quoted = if broken.contains("overloaded") {
-                "overloaded"
+            let said = if broken.contains("overloaded") {
+                "sent an error in the stream: overloaded"
             } else {
-                "not json"
+                "sent an event that is not a chat completion chunk: not json"
             };
-            assert!(error.message.contains(quoted), "{}", error.message);
+            assert!(error.message.contains(said), "{}", error.message);
         }
 
         let cut: Vec<_> = sse_chunks(upstream(), sse_response(&[first]), 1024, ChunkBody::parse)
@@ -218,6 +252,20 @@ mod tests {
                 .message
                 .contains("before [DONE]")
         );
+        // Closed without [DONE] after its answer finished: the answer is whole, no error.
+        let last = r#"{"id":"1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
+        let finished: Vec<_> = sse_chunks(
+            upstream(),
+            sse_response(&[first, last]),
+            1024,
+            ChunkBody::parse,
+        )
+        .collect()
+        .await;
+        assert_eq!(finished.len(), 2);
+        assert!(finished.iter().all(Result::is_ok));
+        assert!(finished[1].as_ref().unwrap().finished);
+        assert!(!finished[0].as_ref().unwrap().finished);
     }
 
     #[tokio::test]
