@@ -367,6 +367,7 @@ async fn overloaded_or_untranslatable_anthropic_calls_fall_back_and_are_400s_wit
         message.contains("provider 'claude' (Anthropic): 'logprobs' is not supported"),
         "{message}"
     );
+    assert_eq!(body["error"]["param"], "logprobs");
     assert_eq!(fake.received().len(), 1, "nothing untranslatable was sent");
     assert_eq!(openai.requests().len(), 2);
 }

@@ -279,9 +279,10 @@ impl From<LlmError> for ApiError {
                     message,
                 )
             },
-            LlmErrorKind::BadRequest | LlmErrorKind::Unsupported => {
-                Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
-            }
+            LlmErrorKind::BadRequest | LlmErrorKind::Unsupported => Self {
+                param: error.param,
+                ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+            },
             LlmErrorKind::Overloaded => Self {
                 retry_after: Some(Duration::from_secs(1)),
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", message)

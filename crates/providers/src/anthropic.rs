@@ -93,14 +93,12 @@ impl AnthropicProvider {
         request: &ChatRequest,
         stream: bool,
     ) -> Result<http::Response<UpstreamBody>, LlmError> {
-        let body = messages_request(request, stream).map_err(|e| {
-            LlmError::new(
-                e.kind,
-                format!(
-                    "provider '{}' (Anthropic): {}",
-                    self.upstream.name, e.message
-                ),
-            )
+        let body = messages_request(request, stream).map_err(|e| LlmError {
+            message: format!(
+                "provider '{}' (Anthropic): {}",
+                self.upstream.name, e.message
+            ),
+            ..e
         })?;
         self.upstream.post(&body).await
     }
@@ -127,9 +125,12 @@ impl Llm for AnthropicProvider {
     }
 }
 
-/// A valid request this API cannot serve: the next target may.
-fn unsupported(message: impl Into<String>) -> LlmError {
-    LlmError::new(LlmErrorKind::Unsupported, message)
+/// A valid request this API cannot serve (`param` is the field at fault): the next target may.
+fn unsupported(param: impl Into<String>, message: impl Into<String>) -> LlmError {
+    LlmError {
+        param: Some(param.into()),
+        ..LlmError::new(LlmErrorKind::Unsupported, message)
+    }
 }
 
 /// A request no target can serve.
@@ -149,9 +150,10 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
             .get("function_call")
             .is_some_and(|v| !v.is_null())
         {
-            return Err(unsupported(format!(
-                "messages[{i}]: legacy function calls are not supported (use tool_calls)"
-            )));
+            return Err(unsupported(
+                format!("messages[{i}].function_call"),
+                format!("messages[{i}]: legacy function calls are not supported (use tool_calls)"),
+            ));
         }
         let role = message.role.as_str();
         match role {
@@ -172,9 +174,12 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
                 }
             }
             "function" => {
-                return Err(unsupported(format!(
-                    "messages[{i}]: legacy function results (role 'function') are not supported"
-                )));
+                return Err(unsupported(
+                    format!("messages[{i}].role"),
+                    format!(
+                        "messages[{i}]: legacy function results (role 'function') are not supported"
+                    ),
+                ));
             }
             other => return Err(invalid(format!("messages[{i}]: unknown role '{other}'"))),
         }
@@ -208,7 +213,10 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
             "parallel_tool_calls" => parallel_tool_calls = value.as_bool() != Some(false),
             // OpenAI's range is 0 to 2, Anthropic's 0 to 1.
             "temperature" if value.as_f64().is_some_and(|t| t > 1.0) => {
-                return Err(unsupported("'temperature' above 1 is not supported"));
+                return Err(unsupported(
+                    "temperature",
+                    "'temperature' above 1 is not supported",
+                ));
             }
             "temperature" | "top_p" => {
                 body.insert(field.clone(), value.clone());
@@ -226,12 +234,13 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
             }
             "n" if value.as_u64() == Some(1) => {}
             "logprobs" if value == &Value::Bool(false) => {}
-            other => return Err(unsupported(format!("'{other}' is not supported"))),
+            other => return Err(unsupported(other, format!("'{other}' is not supported"))),
         }
     }
     if let Some(tool) = json_tool {
         if body.contains_key("tools") {
             return Err(unsupported(
+                "response_format",
                 "'response_format' together with 'tools' is not supported",
             ));
         }
@@ -261,9 +270,10 @@ fn tools(value: &Value) -> Result<Value, LlmError> {
         .map(|(k, tool)| {
             let kind = tool.get("type").and_then(Value::as_str).unwrap_or_default();
             if kind != "function" {
-                return Err(unsupported(format!(
-                    "tools[{k}]: tools of type '{kind}' are not supported"
-                )));
+                return Err(unsupported(
+                    format!("tools[{k}].type"),
+                    format!("tools[{k}]: tools of type '{kind}' are not supported"),
+                ));
             }
             let function = &tool["function"];
             let name = function["name"]
@@ -303,6 +313,7 @@ fn response_format_tool(format: &Value) -> Result<Option<Value>, LlmError> {
                 .unwrap_or(json!({"type": "object"}));
             if schema["type"] != "object" {
                 return Err(unsupported(
+                    "response_format",
                     "'response_format': a JSON schema whose top level is not an object is not supported",
                 ));
             }
@@ -339,6 +350,7 @@ fn translate_tool_choice(value: &Value) -> Result<Value, LlmError> {
             Some(name) if value["type"] == "function" => Ok(json!({"type": "tool", "name": name})),
             // A choice among tools OpenAI has and Anthropic does not (allowed_tools, custom).
             _ if value["type"].is_string() && value["type"] != "function" => Err(unsupported(
+                "tool_choice",
                 format!("'tool_choice' of type {} is not supported", value["type"]),
             )),
             _ => Err(invalid(format!(
@@ -370,9 +382,10 @@ fn assistant_content(i: usize, message: &Message) -> Result<Value, LlmError> {
         let at = format!("messages[{i}].tool_calls[{j}]");
         let kind = call["type"].as_str().unwrap_or("function");
         if kind != "function" {
-            return Err(unsupported(format!(
-                "{at}: tool calls of type '{kind}' are not supported"
-            )));
+            return Err(unsupported(
+                format!("{at}.type"),
+                format!("{at}: tool calls of type '{kind}' are not supported"),
+            ));
         }
         let (Some(id), Some(name)) = (call["id"].as_str(), call["function"]["name"].as_str())
         else {
@@ -417,9 +430,10 @@ fn system_text(i: usize, message: &Message) -> Result<String, LlmError> {
         {
             Ok(message.text())
         }
-        _ => Err(unsupported(format!(
-            "messages[{i}]: a system message must be text (a string or text parts)"
-        ))),
+        _ => Err(unsupported(
+            format!("messages[{i}].content"),
+            format!("messages[{i}]: a system message must be text (a string or text parts)"),
+        )),
     }
 }
 
@@ -449,9 +463,10 @@ fn content(i: usize, message: &Message) -> Result<Value, LlmError> {
                         })?;
                     Ok(json!({"type": "image", "source": image_source(url)}))
                 }
-                other => Err(unsupported(format!(
-                    "messages[{i}]: content parts of type '{other}' are not supported"
-                ))),
+                other => Err(unsupported(
+                    format!("messages[{i}].content"),
+                    format!("messages[{i}]: content parts of type '{other}' are not supported"),
+                )),
             }
         })
         .collect::<Result<Vec<_>, _>>()
@@ -1009,6 +1024,21 @@ mod tests {
             refused(json!({"model": "m", "messages": user, "temperature": 1.5})),
             "'temperature' above 1 is not supported"
         );
+        // Each refusal names the field at fault, for the client's `param`.
+        let param = |body: Value| messages_request(&request(body), false).unwrap_err().param;
+        for (body, field) in [
+            (json!({"model": "m", "messages": user, "n": 2}), "n"),
+            (
+                json!({"model": "m", "messages": user, "tools": [{"type": "custom"}]}),
+                "tools[0].type",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}),
+                "messages[0].content",
+            ),
+        ] {
+            assert_eq!(param(body).as_deref(), Some(field));
+        }
         assert_eq!(
             refused(json!({"model": "m", "messages": user, "functions": []})),
             "'functions' is not supported"
