@@ -632,6 +632,60 @@ async fn chain_steps_are_exported_over_otlp_as_children_of_the_request() {
 }
 
 #[tokio::test]
+async fn a_client_that_leaves_is_logged_with_the_upstream_time_it_waited() {
+    let dir = crate::common::temp_dir("left-log");
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[providers.slow]\nkind = \"mock\"\nlatency_ms = 5000\n\
+         [routes.r]\ntargets = [{ provider = \"slow\", model = \"m\" }]\n\
+         [[endpoints]]\nname = \"slow\"\nroute = \"r\"\n",
+    )
+    .unwrap();
+    let gateway = GatewayProcess::start(&config, &[]);
+    let client = reqwest::Client::new();
+    let mut slow = chat_body("x");
+    slow["model"] = "slow".into();
+    let left = client
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&slow)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(left.unwrap_err().is_timeout());
+    // A stream request refused before it streams is logged as a stream request.
+    let mut refused = chat_body("x");
+    refused["model"] = "slow".into();
+    refused["stream"] = true.into();
+    refused["messages"] = serde_json::json!([]);
+    let response = client
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&refused)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+
+    let mut lines = Vec::new();
+    while lines.len() < 2 {
+        let line = gateway
+            .log
+            .recv_timeout(Duration::from_secs(10))
+            .expect("request log lines");
+        let parsed: Value = serde_json::from_str(&line).unwrap();
+        if parsed["message"] == "request" {
+            lines.push(parsed);
+        }
+    }
+    let gone = lines.iter().find(|l| l["status"] == 499).unwrap();
+    assert_eq!(gone["outcome"], "client_closed");
+    let waited = gone["upstream_ms"].as_f64().unwrap();
+    assert!((250.0..5000.0).contains(&waited), "{waited}");
+    let stream = lines.iter().find(|l| l["status"] == 400).unwrap();
+    assert_eq!(stream["stream"], true);
+}
+
+#[tokio::test]
 async fn prompts_and_completions_are_logged_only_where_an_endpoint_asks_for_it() {
     let dir = crate::common::temp_dir("payload-log");
     let config = dir.join("gateway.toml");

@@ -114,7 +114,8 @@ impl Route {
             request.model.clone_from(&target.model);
             let mut last_attempt = Duration::ZERO;
             for attempt_number in 0..=self.settings.retries {
-                let started = Instant::now();
+                let timing = UpstreamTime(Instant::now());
+                let started = timing.0;
                 // A complete call's attempt has its own deadline within the route's (one timer
                 // for both); a stream's attempt bounds its wait for the first chunk itself.
                 let attempt_deadline = if stream {
@@ -128,7 +129,7 @@ impl Route {
                 )
                 .await;
                 last_attempt = started.elapsed();
-                RequestStats::record_upstream(last_attempt);
+                drop(timing);
                 let error = match outcome {
                     Ok(Ok(value)) => {
                         self.observe(target, AttemptOutcome::Ok, last_attempt);
@@ -283,6 +284,16 @@ impl Route {
 /// next target — a 404 too: it names a model or deployment this provider does not have (a
 /// retired model), which the next target may well have. So does a request a target's API cannot
 /// serve ([`LlmErrorKind::Unsupported`]): it is valid, only not for that target.
+/// Adds an attempt's time to the request's upstream time when the attempt ends, also when the
+/// request is dropped during it (its client went away).
+struct UpstreamTime(Instant);
+
+impl Drop for UpstreamTime {
+    fn drop(&mut self) {
+        RequestStats::record_upstream(self.0.elapsed());
+    }
+}
+
 fn is_worth_falling_back(error: &LlmError) -> bool {
     match error.kind {
         LlmErrorKind::Status { status, .. } => !matches!(status, 400 | 413 | 422),
