@@ -666,17 +666,7 @@ async fn a_client_that_leaves_is_logged_with_the_upstream_time_it_waited() {
         .unwrap();
     assert_eq!(response.status(), 400);
 
-    let mut lines = Vec::new();
-    while lines.len() < 2 {
-        let line = gateway
-            .log
-            .recv_timeout(Duration::from_secs(10))
-            .expect("request log lines");
-        let parsed: Value = serde_json::from_str(&line).unwrap();
-        if parsed["message"] == "request" {
-            lines.push(parsed);
-        }
-    }
+    let lines = gateway.request_lines(2);
     let gone = lines.iter().find(|l| l["status"] == 499).unwrap();
     assert_eq!(gone["outcome"], "client_closed");
     let waited = gone["upstream_ms"].as_f64().unwrap();
@@ -711,17 +701,7 @@ async fn prompts_and_completions_are_logged_only_where_an_endpoint_asks_for_it()
             .unwrap();
         assert_eq!(response.status(), 200);
     }
-    let mut lines = Vec::new();
-    while lines.len() < 2 {
-        let line = gateway
-            .log
-            .recv_timeout(Duration::from_secs(10))
-            .expect("request log lines");
-        let parsed: Value = serde_json::from_str(&line).unwrap();
-        if parsed["message"] == "request" {
-            lines.push(parsed);
-        }
-    }
+    let lines = gateway.request_lines(2);
     let private = lines.iter().find(|l| l["endpoint"] == "private").unwrap();
     assert_eq!(private.get("messages"), None);
     assert_eq!(private.get("completion"), None);

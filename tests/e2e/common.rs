@@ -418,6 +418,12 @@ impl TestGateway {
     }
 
     /// GETs `path` and parses the JSON answer.
+    /// The `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        let response = self.client.get(self.url("/metrics")).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
     pub async fn get_json(&self, path: &str) -> Value {
         self.client
             .get(self.url(path))
@@ -705,6 +711,22 @@ impl GatewayProcess {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.address)
+    }
+
+    /// The next `count` request log lines (JSON), waiting up to 10 s for each.
+    pub fn request_lines(&self, count: usize) -> Vec<Value> {
+        let mut lines = Vec::new();
+        while lines.len() < count {
+            let line = self
+                .log
+                .recv_timeout(Duration::from_secs(10))
+                .expect("request log lines");
+            let parsed: Value = serde_json::from_str(&line).unwrap();
+            if parsed["message"] == "request" {
+                lines.push(parsed);
+            }
+        }
+        lines
     }
 
     /// Stops the gateway with SIGTERM, waits for it to exit and returns its whole log.

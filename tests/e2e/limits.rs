@@ -1,9 +1,11 @@
 //! API keys, rate limits in requests and tokens (in memory), provider concurrency caps.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
 
 use crate::common::{
     FakeUpstream, Reply, TestGateway, chat_body, header, read_stream, refilled_since, sse_data,
@@ -562,15 +564,7 @@ async fn a_provider_at_its_concurrency_cap_fails_excess_calls_after_the_queue_ti
     assert_eq!(upstream.requests().len(), 1);
 
     // The cap shows in the metrics: nothing in flight now, two calls went through the queue.
-    let metrics = gateway
-        .client
-        .get(gateway.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gateway.metrics().await;
     assert!(
         metrics.contains("switchyard_provider_in_flight{provider=\"fake\"} 0\n"),
         "{metrics}"
@@ -583,8 +577,13 @@ async fn a_provider_at_its_concurrency_cap_fails_excess_calls_after_the_queue_ti
 
 #[tokio::test]
 async fn a_reload_that_raises_a_concurrency_cap_counts_the_calls_in_flight() {
-    let slow = || Reply::Delay(Duration::from_secs(2), Box::new(Reply::Echo));
-    let upstream = FakeUpstream::start(vec![slow(), slow()]).await;
+    // Two streams that hold their slots until released: no timing to race with.
+    let (hold_first, hold_second) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let upstream = FakeUpstream::start(vec![
+        Reply::StreamThenWait(vec!["first"], hold_first.clone()),
+        Reply::StreamThenWait(vec!["second"], hold_second.clone()),
+    ])
+    .await;
     let path = temp_dir("cap-reload").join("gateway.toml");
     let config = |max: u32| {
         format!(
@@ -596,26 +595,34 @@ async fn a_reload_that_raises_a_concurrency_cap_counts_the_calls_in_flight() {
     };
     std::fs::write(&path, config(1)).unwrap();
     let gateway = TestGateway::start_from_file(&path).await;
-    let call = |text: &str| {
+    let stream = |text: &str| {
+        let mut body = chat_body(text);
+        body["stream"] = json!(true);
         gateway
             .client
             .post(gateway.url("/v1/chat/completions"))
-            .json(&chat_body(text))
+            .json(&body)
             .send()
     };
-    let first = tokio::spawn(call("first"));
-    upstream.wait_for_requests(1).await;
+    let first = stream("first").await.unwrap();
+    assert_eq!(first.status(), 200);
 
     // 1 → 2 with one call in flight: one more call fits, a third does not.
     std::fs::write(&path, config(2)).unwrap();
     let reload = gateway.client.post(gateway.url("/admin/reload")).send();
     assert_eq!(reload.await.unwrap().status(), 200);
-    let second = tokio::spawn(call("second"));
-    upstream.wait_for_requests(2).await;
-    let third = call("third").await.unwrap();
+    let second = stream("second").await.unwrap();
+    assert_eq!(second.status(), 200);
+    let third = gateway
+        .post("/v1/chat/completions", &chat_body("third"))
+        .await;
     assert_eq!(third.status(), 503);
-    assert_eq!(first.await.unwrap().unwrap().status(), 200);
-    assert_eq!(second.await.unwrap().unwrap().status(), 200);
+
+    hold_first.notify_one();
+    hold_second.notify_one();
+    for (response, text) in [(first, "first"), (second, "second")] {
+        assert_eq!(stream_text(&sse_data(&read_stream(response).await)), text);
+    }
     assert_eq!(upstream.requests().len(), 2);
 }
 

@@ -310,15 +310,7 @@ async fn bad_input_is_a_400_in_mlflows_shape_and_the_model_keeps_serving() {
 
     // Metrics name the endpoint for every request its path or body named, refused ones too
     // (the 415 and the unparsable bodies above), with the model kind.
-    let metrics = gateway
-        .client
-        .get(gateway.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gateway.metrics().await;
     assert!(
         metrics
             .contains(r#"switchyard_requests_total{endpoint="logreg",kind="model",status="4xx"}"#),

@@ -305,21 +305,16 @@ impl ChunkBody {
         #[derive(Deserialize)]
         struct Chunk {
             #[serde(default)]
-            choices: Vec<Choice>,
+            choices: Choices,
             #[serde(default)]
             usage: Option<Counts>,
             #[serde(default)]
             error: Option<serde::de::IgnoredAny>,
         }
-        #[derive(Deserialize)]
-        struct Choice {
-            #[serde(default)]
-            finish_reason: Option<serde::de::IgnoredAny>,
-        }
         match serde_json::from_str::<Chunk>(&json) {
             Ok(chunk) if chunk.error.is_none() => Ok(Self {
-                has_choices: !chunk.choices.is_empty(),
-                finished: chunk.choices.iter().any(|c| c.finish_reason.is_some()),
+                has_choices: chunk.choices.any,
+                finished: chunk.choices.finished,
                 usage: chunk.usage.map(Counts::into_usage),
                 json,
             }),
@@ -333,6 +328,43 @@ impl ChunkBody {
         serde_json::from_str::<ChatChunk>(&self.json)
             .map(|chunk| chunk.text().to_owned())
             .unwrap_or_default()
+    }
+}
+
+/// What a chunk's `choices` array holds, read without keeping it (no allocation per chunk):
+/// whether it has any choice, and whether one of them has a `finish_reason`.
+#[derive(Default)]
+struct Choices {
+    any: bool,
+    finished: bool,
+}
+
+impl<'de> Deserialize<'de> for Choices {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Choice {
+            #[serde(default)]
+            finish_reason: Option<serde::de::IgnoredAny>,
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Choices;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Choices, A::Error> {
+                let mut choices = Choices::default();
+                while let Some(choice) = seq.next_element::<Choice>()? {
+                    choices.any = true;
+                    choices.finished |= choice.finish_reason.is_some();
+                }
+                Ok(choices)
+            }
+        }
+        deserializer.deserialize_seq(Visitor)
     }
 }
 

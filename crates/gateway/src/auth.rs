@@ -32,7 +32,6 @@ pub fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
 /// Azure OpenAI's key header, accepted as well as `Authorization: Bearer`.
 const API_KEY: http::HeaderName = http::HeaderName::from_static("api-key");
 
-/// Who is calling. With no keys configured the gateway is open and every caller is anonymous.
 /// The token of `Authorization: Bearer <token>` (the scheme's name in any case, RFC 9110 §11.1).
 pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
@@ -40,6 +39,7 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
+/// Who is calling. With no keys configured the gateway is open and every caller is anonymous.
 pub fn authenticate<'k>(
     keys: &'k [Arc<ApiKeyConfig>],
     headers: &HeaderMap,

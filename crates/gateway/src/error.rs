@@ -147,6 +147,8 @@ impl ApiError {
             ChainErrorKind::Llm(llm) => {
                 let mut api = Self::from(llm);
                 api.message = format!("chain '{chain}' step '{step}': {}", api.message);
+                // A field the upstream named is one of the chain's own request, not the client's.
+                api.param = None;
                 api
             }
             ChainErrorKind::InvalidRequest(message) => Self::bad_request(

@@ -352,7 +352,7 @@ impl Gateway {
             // A client's request id goes into every log line of the request: one that is not a
             // short printable string is replaced by one of ours.
             .map_request(request_log::drop_unfit_request_id)
-            // Outermost: every response, errors included, carries the request id.
+            // Every response, errors included, carries the request id.
             .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
             .layer(PropagateRequestIdLayer::new(request_id))
             .layer(axum::middleware::from_fn_with_state(
@@ -377,7 +377,8 @@ impl Gateway {
 
 /// Serves the gateway on `listener` until `shutdown` completes; then stops accepting and waits
 /// for in-flight requests (streams included) to finish. On Unix, SIGHUP reloads the config.
-/// Runs on the caller's runtime; the `switchyard` binary uses [`serve_on_threads`].
+/// Runs on the caller's runtime; the `switchyard` binary uses [`serve_on_threads`]. A gateway
+/// is served once: its shutdown is for good (requests still waiting for their body get 503).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     gateway: Gateway,
@@ -637,21 +638,26 @@ async fn serve_connections<L>(
         tokio::spawn(async move {
             // At shutdown hyper closes a connection between two requests, but waits on one that
             // has not finished its first request head (up to `header_timeout_ms`): such a
-            // connection has nothing to lose, so it is dropped.
-            let not_started_at_shutdown = async {
-                closing.cancelled().await;
-                if started.load(Ordering::Relaxed) {
-                    std::future::pending::<()>().await;
+            // connection has nothing to lose, so it is dropped. The shutdown is looked at only
+            // until the first request has come (a wake-up of the connection costs one atomic
+            // load after that, not the token's locks).
+            let mut connection = std::pin::pin!(connection);
+            let mut shutdown = std::pin::pin!(closing.cancelled());
+            let closed = std::future::poll_fn(|cx| {
+                if let std::task::Poll::Ready(result) = connection.as_mut().poll(cx) {
+                    return std::task::Poll::Ready(Some(result));
                 }
-            };
-            tokio::select! {
-                biased;
+                if !started.load(Ordering::Relaxed) && shutdown.as_mut().poll(cx).is_ready() {
+                    return std::task::Poll::Ready(None);
+                }
+                std::task::Poll::Pending
+            });
+            match closed.await {
                 // A connection's errors are the client's (it went away, timed out, sent
                 // garbage); its requests have their own log lines.
-                result = connection => if let Err(error) = result {
-                    debug!(%error, "connection closed");
-                },
-                () = not_started_at_shutdown => debug!("connection without a request closed at shutdown"),
+                Some(Err(error)) => debug!(%error, "connection closed"),
+                Some(Ok(())) => {}
+                None => debug!("connection without a request closed at shutdown"),
             }
         });
     }

@@ -63,13 +63,17 @@ impl Slots {
         (cap.max + cap.owed).saturating_sub(self.semaphore.available_permits())
     }
 
-    /// Gives a call's slot back, or keeps it if the cap was lowered meanwhile.
-    fn release(&self, permit: OwnedSemaphorePermit) {
+    /// Gives a call's slot back, or keeps it if the cap was lowered meanwhile (under the lock,
+    /// so a resize cannot slip in between); returns the calls then in flight.
+    fn release(&self, permit: OwnedSemaphorePermit) -> usize {
         let mut cap = self.cap();
         if cap.owed > 0 {
             cap.owed -= 1;
             permit.forget();
+        } else {
+            drop(permit);
         }
+        (cap.max + cap.owed).saturating_sub(self.semaphore.available_permits())
     }
 }
 
@@ -168,10 +172,10 @@ struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(permit) = self.permit.take() {
-            self.slots.release(permit);
-        }
-        if let Some(observer) = &self.observer {
-            observer.provider_in_flight(&self.provider, self.slots.in_flight());
+            let in_flight = self.slots.release(permit);
+            if let Some(observer) = &self.observer {
+                observer.provider_in_flight(&self.provider, in_flight);
+            }
         }
     }
 }

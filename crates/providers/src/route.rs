@@ -279,11 +279,6 @@ impl Route {
     }
 }
 
-/// A client error (400, 413, 422) would fail the same way on every target, so it is returned at
-/// once; anything else (outages, rate limits, auth problems of one provider) may be fixed by the
-/// next target — a 404 too: it names a model or deployment this provider does not have (a
-/// retired model), which the next target may well have. So does a request a target's API cannot
-/// serve ([`LlmErrorKind::Unsupported`]): it is valid, only not for that target.
 /// Adds an attempt's time to the request's upstream time when the attempt ends, also when the
 /// request is dropped during it (its client went away).
 struct UpstreamTime(Instant);
@@ -294,6 +289,11 @@ impl Drop for UpstreamTime {
     }
 }
 
+/// A client error (400, 413, 422) would fail the same way on every target, so it is returned at
+/// once; anything else (outages, rate limits, auth problems of one provider) may be fixed by the
+/// next target — a 404 too: it names a model or deployment this provider does not have (a
+/// retired model), which the next target may well have. So does a request a target's API cannot
+/// serve ([`LlmErrorKind::Unsupported`]): it is valid, only not for that target.
 fn is_worth_falling_back(error: &LlmError) -> bool {
     match error.kind {
         LlmErrorKind::Status { status, .. } => !matches!(status, 400 | 413 | 422),

@@ -354,6 +354,8 @@ impl Store {
         signature: (String, Option<String>),
     ) -> Result<Logged, StoreError> {
         check_name("model name", name).map_err(StoreError::InvalidName)?;
+        // Checked before the copy too, which can be large (and again under the lock).
+        self.check_same_kind(name, true)?;
         let imported = if source.is_dir() {
             Some(read_mlflow_onnx_dir(source)?)
         } else {
