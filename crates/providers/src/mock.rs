@@ -60,8 +60,10 @@ impl MockProvider {
         }
     }
 
-    fn reply_for(&self, request: &ChatRequest) -> String {
-        match &self.config.reply {
+    /// The reply and its finish reason: cut to the request's `max_completion_tokens` (or
+    /// `max_tokens`) and then `length`, as a real model stops.
+    fn reply_for(&self, request: &ChatRequest) -> (String, &'static str) {
+        let reply = match &self.config.reply {
             Some(reply) => reply.clone(),
             None => request
                 .messages
@@ -70,6 +72,13 @@ impl MockProvider {
                 .find(|m| m.role == "user")
                 .map(|m| m.text())
                 .unwrap_or_default(),
+        };
+        let cap = request.max_completion_tokens.or(request.max_tokens);
+        match cap.and_then(|cap| usize::try_from(cap).ok()) {
+            Some(cap) if token_pieces(&reply).nth(cap).is_some() => {
+                (token_pieces(&reply).take(cap).collect(), "length")
+            }
+            _ => (reply, "stop"),
         }
     }
 
@@ -100,20 +109,19 @@ impl MockProvider {
 impl Llm for MockProvider {
     async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
         self.wait().await;
-        let reply = self.reply_for(&request);
+        let (reply, finish) = self.reply_for(&request);
         let usage = Self::usage_for(&request, &reply);
-        Ok(ChatResponse::assistant(
-            self.next_id(),
-            request.model,
-            unix_now(),
-            reply,
-            usage,
-        ))
+        let mut response =
+            ChatResponse::assistant(self.next_id(), request.model, unix_now(), reply, usage);
+        if let Some(choice) = response.choices.first_mut() {
+            choice.finish_reason = Some(finish.to_owned());
+        }
+        Ok(response)
     }
 
     async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
         self.wait().await;
-        let reply = self.reply_for(&request);
+        let (reply, finish) = self.reply_for(&request);
         let usage = Self::usage_for(&request, &reply);
         let (id, model, created) = (self.next_id(), request.model.clone(), unix_now());
         let chunk =
@@ -125,7 +133,7 @@ impl Llm for MockProvider {
                 .into_iter()
                 .map(|piece| chunk(Delta::content(piece), None)),
         );
-        chunks.push(chunk(Delta::default(), Some("stop")));
+        chunks.push(chunk(Delta::default(), Some(finish)));
         if request.wants_stream_usage() {
             chunks.push(ChatChunk::usage(id.clone(), model.clone(), created, usage));
         }
@@ -255,5 +263,35 @@ mod tests {
         assert_eq!(chunks[4].choices[0].finish_reason.as_deref(), Some("stop"));
         assert!(chunks[5].choices.is_empty());
         assert_eq!(chunks[5].usage, Some(Usage::new(9, 6)));
+    }
+
+    #[tokio::test]
+    async fn stops_at_the_request_s_token_cap() {
+        let mock = MockProvider::new(MockConfig::default());
+        let mut request = ChatRequest::new("m", vec![Message::user("one, two three")]);
+        request.max_completion_tokens = Some(3);
+        let cut = mock.chat(request.clone()).await.unwrap();
+        assert_eq!(cut.text(), "one, two");
+        assert_eq!(cut.choices[0].finish_reason.as_deref(), Some("length"));
+        assert_eq!(cut.usage.unwrap().completion_tokens, 3);
+        request.max_completion_tokens = None;
+        request.max_tokens = Some(4);
+        let whole = mock.chat(request.clone()).await.unwrap();
+        assert_eq!(whole.text(), "one, two three");
+        assert_eq!(whole.choices[0].finish_reason.as_deref(), Some("stop"));
+
+        request.max_tokens = Some(1);
+        request.stream = Some(true);
+        let chunks: Vec<ChatChunk> = mock
+            .chat_stream(request)
+            .await
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        let text: String = chunks.iter().map(ChatChunk::text).collect();
+        assert_eq!(text, "one");
+        let last = chunks.last().unwrap();
+        assert_eq!(last.choices[0].finish_reason.as_deref(), Some("length"));
     }
 }
