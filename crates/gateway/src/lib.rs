@@ -266,8 +266,8 @@ impl Gateway {
     }
 
     /// Re-reads the config file, re-resolves `models:/` aliases and swaps the new state in.
-    /// On any error the running state stays as it was. Returns the number of endpoints.
-    /// (`[server]` settings need a restart.)
+    /// On any error the running state stays as it was. Returns the number of endpoints, and a
+    /// warning if `[server]` changed (it needs a restart).
     pub async fn reload(&self) -> Result<Reloaded, GatewayError> {
         let shared = &self.state.0;
         let source = shared.source.clone().ok_or(GatewayError::NoConfigFile)?;
@@ -612,7 +612,7 @@ async fn serve_connections<L>(
     let service = hyper_util::service::TowerToHyperService::new(gateway.router());
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
     // A token of this thread's own (cancelled with the gateway's): its connections' tasks look
-    // at it on every wake-up, which takes its lock.
+    // at it, which takes its lock, on every wake-up until their first request.
     let closing = gateway.state.0.shutting_down.child_token();
     tokio::pin!(shutdown);
     loop {
