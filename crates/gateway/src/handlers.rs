@@ -327,7 +327,7 @@ fn completion_text(body: &CompletionBody) -> String {
 const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// Serves an MLflow scoring request on an ONNX model endpoint: `{"predictions": {...}}`. The
-/// caller ([`invocations`]) has checked that the key may call it.
+/// caller ([`invocations`]) has checked that the key may call it and recorded the endpoint.
 async fn serve_model(
     state: &AppState,
     Authorized { snapshot, key }: Authorized,
@@ -339,12 +339,8 @@ async fn serve_model(
 ) -> Result<Response, ApiError> {
     let user = user_header(headers);
     let key_id = key.as_ref().map(|k| k.id.clone());
-    record.update(|d| {
-        d.endpoint = Some(name.to_owned());
-        d.kind = "model";
-        d.key_id.clone_from(&key_id);
-        d.user.clone_from(&user);
-    });
+    // The endpoint, its kind and the key are on the record already.
+    record.update(|d| d.user.clone_from(&user));
     let caller = Caller {
         endpoint: name,
         api_key: key_id.as_deref(),

@@ -24,6 +24,13 @@ struct Cap {
     owed: usize,
 }
 
+impl Cap {
+    /// Calls in flight, with `free` permits left: the semaphore holds `max + owed` in all.
+    fn in_flight(&self, free: usize) -> usize {
+        (self.max + self.owed).saturating_sub(free)
+    }
+}
+
 impl Slots {
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
@@ -59,8 +66,7 @@ impl Slots {
 
     /// Calls in flight now.
     pub fn in_flight(&self) -> usize {
-        let cap = self.cap();
-        (cap.max + cap.owed).saturating_sub(self.semaphore.available_permits())
+        self.cap().in_flight(self.semaphore.available_permits())
     }
 
     /// Gives a call's slot back, or keeps it if the cap was lowered meanwhile (under the lock,
@@ -73,7 +79,7 @@ impl Slots {
         } else {
             drop(permit);
         }
-        (cap.max + cap.owed).saturating_sub(self.semaphore.available_permits())
+        cap.in_flight(self.semaphore.available_permits())
     }
 }
 

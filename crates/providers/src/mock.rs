@@ -198,6 +198,12 @@ mod tests {
     use futures::StreamExt;
     use switchyard_core::{Message, StreamOptions};
 
+    /// Every chunk of the mock's stream for `request`.
+    async fn stream_of(mock: &MockProvider, request: ChatRequest) -> Vec<ChatChunk> {
+        let stream = mock.chat_stream(request).await.unwrap();
+        stream.map(Result::unwrap).collect().await
+    }
+
     #[test]
     fn counts_words_and_punctuation() {
         assert_eq!(count_tokens(""), 0);
@@ -245,13 +251,7 @@ mod tests {
             include_usage: Some(true),
             ..Default::default()
         });
-        let chunks: Vec<ChatChunk> = mock
-            .chat_stream(request)
-            .await
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
-            .await;
+        let chunks = stream_of(&mock, request).await;
         // role chunk, 3 content chunks, finish chunk, usage chunk
         assert_eq!(chunks.len(), 6);
         assert_eq!(
@@ -282,13 +282,7 @@ mod tests {
 
         request.max_tokens = Some(1);
         request.stream = Some(true);
-        let chunks: Vec<ChatChunk> = mock
-            .chat_stream(request)
-            .await
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
-            .await;
+        let chunks = stream_of(&mock, request).await;
         let text: String = chunks.iter().map(ChatChunk::text).collect();
         assert_eq!(text, "one");
         let last = chunks.last().unwrap();
