@@ -1,6 +1,8 @@
 //! Rate limits shared through Redis: several gateway processes, one budget; Redis going away
 //! and coming back.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -167,6 +169,44 @@ async fn a_redis_restarted_while_idle_costs_no_request() {
         "a new, empty Redis: 2 per minute again"
     );
     assert_eq!(status(&gateway).await, 429);
+}
+
+#[tokio::test]
+async fn a_redis_that_stops_answering_holds_one_request_not_every_one() {
+    // A "Redis" that accepts connections and never answers: hung, or its packets dropped.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", silent.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    let upstream = FakeUpstream::start(vec![]).await;
+    let rule = "scope = [\"global\"]\nrequests_per_minute = 600";
+    let config = limited_config(&upstream.base_url, &url, "allow", rule)
+        .replace("timeout_ms = 2000", "timeout_ms = 300");
+    let gateway = TestGateway::start(&config).await;
+
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(status(&gateway).await, 200, "on_error = allow");
+    }
+    let elapsed = started.elapsed();
+    // The first request waited out `timeout_ms`; the next ones found the limiter degraded and
+    // went on at once, one of them trying Redis again every 500 ms. (Waiting on Redis each,
+    // the 20 would have opened 20 connections in 6 s.)
+    let tries_allowed = 2 + elapsed.as_millis() / 500;
+    let tries = accepted.load(Ordering::SeqCst) as u128;
+    assert!(
+        (1..=tries_allowed).contains(&tries),
+        "{tries} connections in {elapsed:?}"
+    );
+    assert_eq!(upstream.requests().len(), 20);
+    holder.abort();
 }
 
 async fn limited_gateway(

@@ -162,15 +162,18 @@ pub struct RedisStore {
     /// complete exchange, so a connection in an unknown state (timeout, cancelled request) is
     /// dropped.
     idle: ThreadLocal<Mutex<Vec<Connection>>>,
-    /// When the last connection attempt failed: do not hammer a Redis that is down.
+    /// When the last exchange with Redis failed, or the last retry after one began: while
+    /// degraded, decisions go to `on_error` at once, and one request retries every
+    /// [`RETRY_EVERY`] (a Redis that is down or hangs neither gets hammered nor holds every
+    /// request for `timeout_ms`).
     last_failure: Mutex<Option<Instant>>,
     script: redis::Script,
     timeout: Duration,
     degraded: AtomicBool,
 }
 
-/// Retry connecting at most this often while Redis is down.
-const RECONNECT_EVERY: Duration = Duration::from_millis(500);
+/// While Redis fails, one request tries it again this often; the others do not wait for it.
+const RETRY_EVERY: Duration = Duration::from_millis(500);
 
 /// Idle connections kept per thread; more are opened under load and closed when handed back.
 /// (Per thread: a replica keeps up to this many times its number of threads.)
@@ -235,22 +238,31 @@ impl RedisStore {
         let reused = self.idle().pop();
         match reused {
             Some(connection) => Ok((connection, true)),
-            None => Ok((self.open().await?, false)),
+            None => Ok((Connection::open(&self.server).await?, false)),
         }
     }
 
-    async fn open(&self) -> Result<Connection, String> {
-        let last_failure = || {
-            self.last_failure
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-        };
-        if last_failure().is_some_and(|at| at.elapsed() < RECONNECT_EVERY) {
-            return Err("Redis is unreachable".to_owned());
+    fn last_failure(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether this decision skips Redis: it failed less than [`RETRY_EVERY`] ago. Past that,
+    /// this decision is the retry, and the others keep skipping while it runs.
+    fn skips_redis(&self) -> bool {
+        // The atomic first: a healthy limiter takes no lock here.
+        if !self.is_degraded() {
+            return false;
         }
-        let opened = Connection::open(&self.server).await;
-        *last_failure() = opened.is_err().then(Instant::now);
-        opened
+        let mut last_failure = self.last_failure();
+        match *last_failure {
+            Some(at) if at.elapsed() < RETRY_EVERY => true,
+            _ => {
+                *last_failure = Some(Instant::now());
+                false
+            }
+        }
     }
 
     fn record(&self, ok: bool, why: &str) {
@@ -312,6 +324,12 @@ impl RedisStore {
             args.push(capacity.to_string().into_bytes());
             args.push(cost.to_string().into_bytes());
         }
+        if self.skips_redis() {
+            return Err(format!(
+                "Redis is unreachable: it failed less than {} ms ago",
+                RETRY_EVERY.as_millis()
+            ));
+        }
         let exchange = async {
             let (mut connection, reused) = self.connection().await?;
             let values = match self.invoke(&mut connection, &args).await {
@@ -320,7 +338,7 @@ impl RedisStore {
                 // request counts twice: the safe side for a limiter.)
                 Err(_) if reused => {
                     self.drop_idle();
-                    connection = self.open().await?;
+                    connection = Connection::open(&self.server).await?;
                     self.invoke(&mut connection, &args).await?
                 }
                 result => result?,
@@ -338,6 +356,7 @@ impl RedisStore {
         match &result {
             Ok(_) => self.record(true, ""),
             Err(why) => {
+                *self.last_failure() = Some(Instant::now());
                 self.drop_idle();
                 self.record(false, why);
             }
