@@ -446,28 +446,45 @@ async fn token_limits_reserve_an_estimate_and_settle_with_the_real_usage() {
 }
 
 #[tokio::test]
-async fn an_admitted_request_that_fails_carries_the_limit_headers_and_gets_its_tokens_back() {
-    let upstream = FakeUpstream::start(vec![Reply::Status(500, vec![]), Reply::Echo]).await;
+async fn a_failed_request_keeps_the_limit_headers_and_gets_back_tokens_nothing_was_generated_for() {
+    let upstream = FakeUpstream::start(vec![
+        Reply::Status(500, vec![]),
+        // 200 but not a completion: the upstream may have generated (and billed) it.
+        Reply::Body("{}"),
+        Reply::Echo,
+    ])
+    .await;
     let gateway = gateway(
         &upstream,
-        "[[limits]]\nscope = [\"global\"]\ntokens_per_minute = 1000\ndefault_max_tokens = 500\n",
+        "[[limits]]\nscope = [\"global\"]\ntokens_per_minute = 1000\ndefault_max_tokens = 300\n",
     )
     .await;
     let start = Instant::now();
     let failed = call(&gateway, Some(TEAM_A), &chat_body("12345678"), None).await;
     assert_eq!(failed.status(), 502);
     assert_eq!(header(&failed, "x-ratelimit-limit-tokens"), "1000");
-    // Reserved: 2 (8 characters / 4) + 500 = 502, as for a request that succeeds.
-    assert_eq!(header(&failed, "x-ratelimit-remaining-tokens"), "498");
-    // Nothing was generated: the whole reservation came back.
+    // Reserved: 2 (8 characters / 4) + 300 = 302, as for a request that succeeds.
+    assert_eq!(header(&failed, "x-ratelimit-remaining-tokens"), "698");
+    // An upstream 500: nothing was generated, the whole reservation came back. An unreadable
+    // answer (like a timeout or a stream that broke off) keeps it.
+    let unreadable = call(&gateway, Some(TEAM_A), &chat_body("12345678"), None).await;
+    assert_eq!(unreadable.status(), 502);
+    let remaining = |response: &reqwest::Response| -> u64 {
+        header(response, "x-ratelimit-remaining-tokens")
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        (698..=698 + refilled_since(start)).contains(&remaining(&unreadable)),
+        "1000 - 302 (+ refill): {}",
+        remaining(&unreadable)
+    );
     let next = call(&gateway, Some(TEAM_A), &chat_body("12345678"), None).await;
     assert_eq!(next.status(), 200);
-    let remaining: u64 = header(&next, "x-ratelimit-remaining-tokens")
-        .parse()
-        .unwrap();
     assert!(
-        (498..=498 + refilled_since(start)).contains(&remaining),
-        "1000 - 502 (+ refill): {remaining}"
+        (396..=396 + refilled_since(start)).contains(&remaining(&next)),
+        "1000 - 302 kept - 302 (+ refill): {}",
+        remaining(&next)
     );
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures::StreamExt;
@@ -43,6 +43,8 @@ pub struct ChainContext {
     resources: Arc<ChainResources>,
     meta: RequestMeta,
     tokens_used: Arc<AtomicU64>,
+    /// Set when a call failed after the upstream may have generated tokens it never reported.
+    usage_unknown: Arc<AtomicBool>,
 }
 
 impl ChainContext {
@@ -51,6 +53,7 @@ impl ChainContext {
             resources,
             meta,
             tokens_used: Arc::default(),
+            usage_unknown: Arc::default(),
         }
     }
 
@@ -64,6 +67,12 @@ impl ChainContext {
     /// reports less usage than its calls had.
     pub fn tokens_used(&self) -> u64 {
         self.tokens_used.load(Ordering::Relaxed)
+    }
+
+    /// Whether a call failed after the upstream may have generated tokens (it timed out or broke
+    /// off, see [`crate::LlmError::may_have_generated`]): [`Self::tokens_used`] is then a lower bound.
+    pub fn usage_unknown(&self) -> bool {
+        self.usage_unknown.load(Ordering::Relaxed)
     }
 
     /// A handle to the logical LLM `name` (mapped to a gateway route by `chain.toml`'s `[llms]`).
@@ -130,6 +139,9 @@ impl LlmHandle<'_> {
     }
 
     fn error(&self, error: crate::LlmError) -> ChainError {
+        if error.may_have_generated() {
+            self.ctx.usage_unknown.store(true, Ordering::Relaxed);
+        }
         ChainError::new(self.name.clone(), ChainErrorKind::Llm(error))
     }
 
@@ -209,6 +221,7 @@ impl LlmHandle<'_> {
         let step = self.name.clone();
         // The count only, not the whole context (its metadata's strings).
         let tokens_used = self.ctx.tokens_used.clone();
+        let usage_unknown = self.ctx.usage_unknown.clone();
         // Some servers report the usage so far on every chunk (vLLM's `continuous_usage_stats`):
         // only what a report adds to the last one is counted.
         let mut counted = 0;
@@ -223,6 +236,9 @@ impl LlmHandle<'_> {
                 Ok(chunk)
             }
             Err(mut e) => {
+                if e.may_have_generated() {
+                    usage_unknown.store(true, Ordering::Relaxed);
+                }
                 e.message = format!("chain step '{step}': {}", e.message);
                 Err(e)
             }

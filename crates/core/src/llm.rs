@@ -97,6 +97,15 @@ impl LlmError {
         Self::new(LlmErrorKind::Timeout, message)
     }
 
+    /// Whether the upstream may have generated (and billed) tokens for the failed call: it
+    /// timed out, broke off mid-answer, or answered with something unreadable.
+    pub fn may_have_generated(&self) -> bool {
+        matches!(
+            self.kind,
+            LlmErrorKind::Timeout | LlmErrorKind::StreamInterrupted | LlmErrorKind::InvalidResponse
+        )
+    }
+
     /// Whether trying the same target again may succeed: connect errors, timeouts of a single
     /// attempt, 408, 409, 429 and 5xx.
     pub fn is_retryable(&self) -> bool {

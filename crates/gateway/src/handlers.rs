@@ -21,7 +21,7 @@ use tracing::{error, warn};
 
 use crate::error::{ApiError, MlflowError};
 use crate::extract::{from_value, parse_json, read_body};
-use crate::limits::{Admission, Caller};
+use crate::limits::{Admission, Caller, Spent};
 use crate::request_log::RequestRecord;
 use crate::{ApiKeyConfig, AppState, ChainEndpoint, Endpoint, Snapshot, auth};
 use switchyard_serving::{OnnxModel, ServingError, mlflow_csv_input};
@@ -202,17 +202,23 @@ async fn serve_chat(
         request.stream_options.get_or_insert_default().include_usage = Some(true);
     }
     let mut chain_tokens = None;
+    // Whether the route's call failed after the upstream may have generated tokens.
+    let mut maybe_generated = false;
+    let mut route_error = |error: LlmError| {
+        maybe_generated = error.may_have_generated();
+        ApiError::from(error)
+    };
     let answer = match &endpoint {
         Endpoint::Route(route) if stream => route
             .chat_stream_body(request)
             .await
             .map(Answer::Stream)
-            .map_err(ApiError::from),
+            .map_err(&mut route_error),
         Endpoint::Route(route) => route
             .chat_body(request)
             .await
             .map(Answer::Body)
-            .map_err(ApiError::from),
+            .map_err(&mut route_error),
         Endpoint::Chain(chain) => {
             let meta = RequestMeta {
                 endpoint: endpoint_name.clone(),
@@ -231,12 +237,24 @@ async fn serve_chat(
     };
     // What a chain's LLM calls used, whatever the chain reports or however it ends.
     let used_by_chain = || chain_tokens.as_ref().map_or(0, ChainContext::tokens_used);
+    // What a failed request spent: the reserved tokens nothing was generated for go back, but
+    // a call that timed out or broke off may have been generated (and billed) all the same.
+    let spent_on_failure = || {
+        let unknown = maybe_generated
+            || chain_tokens
+                .as_ref()
+                .is_some_and(ChainContext::usage_unknown);
+        if unknown {
+            Spent::AtLeast(used_by_chain())
+        } else {
+            Spent::Exactly(used_by_chain())
+        }
+    };
     let answer = match answer {
         Ok(answer) => answer,
         Err(error) => {
             let error = error.with_headers(admission.take_headers());
-            // Give back the reserved tokens nothing was generated for.
-            admission.settle(Some(used_by_chain()));
+            admission.settle(spent_on_failure());
             return Err(error);
         }
     };
@@ -248,7 +266,7 @@ async fn serve_chat(
                 Box::pin(chunks.map(|chunk| chunk.map(|chunk| ChunkBody::encode(&chunk))))
             }
             Answer::Body(_) => {
-                admission.settle(Some(0));
+                admission.settle(Spent::Exactly(0));
                 return Err(ApiError::internal("a complete body on the stream path"));
             }
         };
@@ -274,7 +292,7 @@ async fn serve_chat(
                 (body, text)
             }
             Answer::Stream(_) => {
-                admission.settle(Some(0));
+                admission.settle(Spent::Exactly(0));
                 return Err(ApiError::internal("a stream on the complete path"));
             }
             Answer::Chain(output) => match output.collect().await {
@@ -284,7 +302,7 @@ async fn serve_chat(
                 ),
                 Err(error) => {
                     let error = ApiError::from(error).with_headers(admission.take_headers());
-                    admission.settle(Some(used_by_chain()));
+                    admission.settle(spent_on_failure());
                     return Err(error);
                 }
             },
@@ -292,10 +310,11 @@ async fn serve_chat(
         let mut response = ([(CONTENT_TYPE, "application/json")], body.json).into_response();
         response.headers_mut().extend(admission.take_headers());
         let reported = body.usage.as_ref().map(|u| u.total_tokens);
-        // No usage anywhere (an upstream that reports none): the estimate stands.
-        admission.settle(match (reported, used_by_chain()) {
-            (None, 0) => None,
-            (reported, used) => Some(reported.unwrap_or(0).max(used)),
+        // No usage in the answer (an upstream that reports none): the estimate stands, or
+        // what a chain's calls reported if that is more.
+        admission.settle(match reported {
+            Some(reported) => Spent::Exactly(reported.max(used_by_chain())),
+            None => Spent::AtLeast(used_by_chain()),
         });
         record.update(|d| {
             if let Some(usage) = &body.usage {
@@ -507,11 +526,11 @@ impl StreamLog {
         if let Some(admission) = self.admission.take() {
             // A stream without its usage chunk (it broke off) keeps its estimate; a chain
             // counts at least what its LLM calls used.
-            let used = self.usage.as_ref().map(|u| {
-                let used_by_chain = self.chain.as_ref().map_or(0, ChainContext::tokens_used);
-                u.total_tokens.max(used_by_chain)
+            let used_by_chain = self.chain.as_ref().map_or(0, ChainContext::tokens_used);
+            admission.settle(match &self.usage {
+                Some(usage) => Spent::Exactly(usage.total_tokens.max(used_by_chain)),
+                None => Spent::AtLeast(used_by_chain),
             });
-            admission.settle(used);
         }
         let payload = self.payload.take();
         self.record.update(|d| {

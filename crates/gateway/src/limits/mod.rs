@@ -197,12 +197,19 @@ impl Limits {
         let mut cells = Vec::new();
         let mut kinds = Vec::new();
         let mut owners: Vec<&Rule> = Vec::new();
-        let matching: Vec<&Rule> = self
+        let mut matching: Vec<&Rule> = Vec::new();
+        for rule in self
             .rules
             .iter()
             .filter(|r| applies(&r.rule, caller.endpoint))
-            .collect();
-        for rule in &matching {
+        {
+            // Only chat requests spend tokens: a model's prediction is not held back by a
+            // token budget (one a long answer overdrew, say).
+            let tokens = rule.tokens.zip(request);
+            if rule.requests.is_none() && tokens.is_none() {
+                continue;
+            }
+            matching.push(rule);
             let scope = scope_key(&rule.rule.scope, caller);
             if let Some(gcra) = rule.requests {
                 cells.push(Cell {
@@ -213,13 +220,11 @@ impl Limits {
                 kinds.push(Kind::Requests);
                 owners.push(rule);
             }
-            if let Some(gcra) = rule.tokens {
-                // Only chat requests spend tokens.
-                let cost = request.map_or(0, |r| estimate_tokens(r, rule.rule.default_max_tokens));
+            if let Some((gcra, request)) = tokens {
                 cells.push(Cell {
                     key: cell_key(&rule.id, "tok", &scope),
                     gcra,
-                    cost,
+                    cost: estimate_tokens(request, rule.rule.default_max_tokens),
                 });
                 kinds.push(Kind::Tokens);
                 owners.push(rule);
@@ -321,18 +326,23 @@ impl Admission {
         !self.reservations.is_empty()
     }
 
-    /// Replaces the token estimate with the real usage (`None`: unknown, keep the estimate).
+    /// Settles the token reservations: replaces the estimate with what was spent.
     /// In memory this happens at once; with Redis it runs in the background.
-    pub fn settle(self, used_tokens: Option<u64>) {
-        let (Some(used), Some(backend)) = (used_tokens, self.backend) else {
+    pub fn settle(self, spent: Spent) {
+        let Some(backend) = self.backend else {
             return;
         };
         let deltas: Vec<(String, Gcra, i64)> = self
             .reservations
             .into_iter()
             .map(|(key, gcra, reserved)| {
-                let delta = i64::try_from(used).unwrap_or(i64::MAX)
-                    - i64::try_from(reserved).unwrap_or(i64::MAX);
+                let reserved = i64::try_from(reserved).unwrap_or(i64::MAX);
+                let delta = match spent {
+                    Spent::Exactly(used) => i64::try_from(used).unwrap_or(i64::MAX) - reserved,
+                    Spent::AtLeast(used) => {
+                        (i64::try_from(used).unwrap_or(i64::MAX) - reserved).max(0)
+                    }
+                };
                 (key, gcra, delta)
             })
             .filter(|(_, _, delta)| *delta != 0)
@@ -354,6 +364,16 @@ impl Admission {
             Backend::Redis { .. } => {}
         }
     }
+}
+
+/// The tokens a request spent, for settling its reservations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spent {
+    /// Known: the upstream reported it, or nothing was generated (`Exactly(0)`).
+    Exactly(u64),
+    /// Unknown, at least this much (an answer that broke off, a timeout: the upstream may
+    /// have generated, and billed, up to the estimate): the estimate stands unless this is more.
+    AtLeast(u64),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -610,55 +630,78 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn token_rules_reserve_an_estimate_and_settle_with_usage() {
+    fn token_limits(tokens_per_minute: u64, default_max_tokens: u64) -> Limits {
         let token_rule = LimitRule {
             scope: vec![LimitScope::Global],
             endpoints: None,
             requests: None,
-            tokens_per_minute: Some(1000),
-            default_max_tokens: 400,
+            tokens_per_minute: Some(tokens_per_minute),
+            default_max_tokens,
         };
-        let limits = Limits::new(
+        Limits::new(
             &[token_rule],
             Arc::new(Backend::new(&LimitsStoreConfig::Memory, &TaskTracker::new()).unwrap()),
             None,
-        );
+        )
+    }
+
+    fn remaining_tokens(admission: &Admission) -> u64 {
+        admission
+            .headers
+            .iter()
+            .find(|(n, _)| n == "x-ratelimit-remaining-tokens")
+            .unwrap()
+            .1
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn token_rules_reserve_an_estimate_and_settle_with_what_was_spent() {
+        let limits = token_limits(1000, 400);
+        let (caller, request) = (caller("a", "u"), request());
+        let admit = || limits.admit(&caller, Some(&request));
         // 8 characters = 2 prompt tokens + 400 completion = 402 reserved.
-        let first = limits
-            .admit(&caller("a", "u"), Some(&request()))
-            .await
-            .unwrap();
-        let remaining = |a: &Admission| {
-            a.headers
-                .iter()
-                .find(|(n, _)| n == "x-ratelimit-remaining-tokens")
-                .unwrap()
-                .1
-                .to_str()
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-        };
-        assert_eq!(remaining(&first), 598);
-        let backend = first.backend.clone().unwrap();
+        let first = admit().await.unwrap();
+        assert_eq!(remaining_tokens(&first), 598);
         // The call used 12 tokens: 390 go back.
-        let Backend::Memory(store) = &*backend else {
-            panic!("memory")
-        };
-        for (key, gcra, reserved) in &first.reservations {
-            store.adjust(key, *gcra, 12 - i64::try_from(*reserved).unwrap());
-        }
-        let second = limits
+        first.settle(Spent::Exactly(12));
+        let second = admit().await.unwrap();
+        // 598 + 390 - 402 = 586, give or take what refilled meanwhile.
+        let remaining = remaining_tokens(&second);
+        assert!((586..=590).contains(&remaining), "{remaining}");
+        // Unknown but at least 12 (a call that timed out): the estimate stands.
+        second.settle(Spent::AtLeast(12));
+        let third = admit().await.unwrap();
+        let remaining = remaining_tokens(&third);
+        assert!((184..=190).contains(&remaining), "586 - 402: {remaining}");
+        // At least 500, more than the 402 reserved: 98 more are charged.
+        third.settle(Spent::AtLeast(500));
+        let refused = admit().await.map(|_| ()).unwrap_err();
+        assert_eq!(refused.status.as_u16(), 429);
+    }
+
+    #[tokio::test]
+    async fn a_token_budget_overdrawn_by_a_long_answer_holds_back_chat_but_not_predictions() {
+        let limits = token_limits(100, 50);
+        let chat = limits
             .admit(&caller("a", "u"), Some(&request()))
             .await
             .unwrap();
-        // 598 + 390 (refund) - 402 = 586, give or take what refilled meanwhile.
-        assert!(
-            (586..=590).contains(&remaining(&second)),
-            "{}",
-            remaining(&second)
-        );
+        assert_eq!(remaining_tokens(&chat), 48);
+        chat.settle(Spent::Exactly(500));
+        let refused = limits
+            .admit(&caller("a", "u"), Some(&request()))
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(refused.status.as_u16(), 429);
+        // A model's prediction spends no tokens: the token rule does not apply to it.
+        let prediction = limits.admit(&caller("a", "u"), None).await.unwrap();
+        assert!(prediction.headers.is_empty());
+        assert!(!prediction.has_reservations());
     }
 
     #[test]
