@@ -257,15 +257,15 @@ mod tests {
     /// `cumulative` stream reports the usage so far on its content chunk too.
     struct Fixed {
         usage: Usage,
-        fail: bool,
+        fail: Option<LlmErrorKind>,
         cumulative: bool,
     }
 
     #[async_trait]
     impl Llm for Fixed {
         async fn chat(&self, _: ChatRequest) -> Result<ChatResponse, LlmError> {
-            if self.fail {
-                return Err(LlmError::new(LlmErrorKind::BadRequest, "no"));
+            if let Some(kind) = &self.fail {
+                return Err(LlmError::new(kind.clone(), "no"));
             }
             Ok(ChatResponse::assistant(
                 "1",
@@ -302,10 +302,17 @@ mod tests {
             chain: "c".to_owned(),
             prompts: Prompts::from_sources([]).unwrap(),
             llms: HashMap::from([
-                ("a".to_owned(), llm(10, 4, false, false)),
-                ("b".to_owned(), llm(20, 3, false, false)),
-                ("c".to_owned(), llm(5, 2, false, true)),
-                ("broken".to_owned(), llm(1, 1, true, false)),
+                ("a".to_owned(), llm(10, 4, None, false)),
+                ("b".to_owned(), llm(20, 3, None, false)),
+                ("c".to_owned(), llm(5, 2, None, true)),
+                (
+                    "broken".to_owned(),
+                    llm(1, 1, Some(LlmErrorKind::BadRequest), false),
+                ),
+                (
+                    "slow".to_owned(),
+                    llm(1, 1, Some(LlmErrorKind::Timeout), false),
+                ),
             ]),
             observer: None,
         };
@@ -316,6 +323,7 @@ mod tests {
         assert_eq!(ctx.tokens_used(), 14);
         assert!(ctx.llm("broken").unwrap().chat(request()).await.is_err());
         assert_eq!(ctx.tokens_used(), 14, "a failed call reports no usage");
+        assert!(!ctx.usage_unknown(), "a refused call generated nothing");
 
         let mut stream = ctx.llm("b").unwrap().chat_stream(request()).await.unwrap();
         stream.next().await.unwrap().unwrap();
@@ -330,5 +338,10 @@ mod tests {
         assert_eq!(ctx.tokens_used(), 37 + 6);
         stream.next().await.unwrap().unwrap();
         assert_eq!(ctx.tokens_used(), 37 + 7);
+
+        // A call that timed out may have been generated and billed: the count is a lower bound.
+        assert!(ctx.llm("slow").unwrap().chat(request()).await.is_err());
+        assert_eq!(ctx.tokens_used(), 37 + 7);
+        assert!(ctx.usage_unknown());
     }
 }
