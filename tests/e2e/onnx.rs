@@ -73,19 +73,16 @@ fn every_format(inputs: &serde_json::Map<String, Value>) -> Vec<Value> {
     let rows_of = |name: &str| inputs[name].as_array().unwrap().clone();
     let count = inputs.values().next().unwrap().as_array().unwrap().len();
     if let [(name, rows)] = &inputs.iter().collect::<Vec<_>>()[..] {
-        // One input: the columns are the row, in order, whatever their names.
+        // One input: the columns are the row, in order.
         let width = rows[0].as_array().unwrap().len();
         let columns: Vec<String> = (0..width).map(|i| format!("f{i}")).collect();
+        // Records name the columns by position, here written last to first: JSON objects keep
+        // no key order, and none is read from them.
         let records: Vec<Value> = rows_of(name)
             .iter()
             .map(|row| {
-                Value::Object(
-                    columns
-                        .iter()
-                        .cloned()
-                        .zip(row.as_array().unwrap().iter().cloned())
-                        .collect(),
-                )
+                let cells = row.as_array().unwrap().iter().cloned().enumerate().rev();
+                Value::Object(cells.map(|(i, cell)| (i.to_string(), cell)).collect())
             })
             .collect();
         return vec![
@@ -215,8 +212,15 @@ async fn bad_input_is_a_400_in_mlflows_shape_and_the_model_keeps_serving() {
             json!({"inputs": [[1, 2, 3, 4]], "instances": [[1, 2, 3, 4]]}),
             "exactly one of",
         ),
-        (json!({"rows": [[1, 2, 3, 4]]}), "unknown key 'rows'"),
+        (
+            json!({"rows": [[1, 2, 3, 4]]}),
+            "it has none (its keys: rows)",
+        ),
         (json!({}), "it has none"),
+        (
+            json!({"dataframe_records": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}]}),
+            "JSON objects do not keep the order of their keys",
+        ),
     ] {
         let response = gateway.post(url, &body).await;
         assert_eq!(response.status(), 400, "{body}");

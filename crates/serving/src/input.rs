@@ -96,7 +96,8 @@ fn bad(message: impl Into<String>) -> ServingError {
 ///   holding each input's rows (exactly the model's inputs); or a list of objects, one per row,
 ///   each holding every input's row (TF-serving's row format; other keys ignored).
 /// - `dataframe_split` / `dataframe_records`: for a model with one input, the columns in order
-///   are the row; for a model with one input per column, columns go to inputs **by name**, in
+///   are the row (`dataframe_records` names them by position, "0", "1", …: JSON objects have no
+///   key order); for a model with one input per column, columns go to inputs **by name**, in
 ///   any order (other columns are ignored, as MLflow does).
 ///
 /// A `null` in a float input is NaN (a missing value, as pandas reads it).
@@ -104,28 +105,21 @@ pub fn parse_mlflow_input(body: &Value, inputs: &[InputSpec]) -> Result<Batch, S
     let Some(object) = body.as_object() else {
         return Err(bad("the body must be a JSON object"));
     };
-    if let Some(unknown) = object
-        .keys()
-        .find(|k| !FORMATS.contains(&k.as_str()) && k.as_str() != "params")
-    {
-        return Err(bad(format!(
-            "unknown key '{unknown}': the body takes exactly one of {} (and optionally params)",
-            FORMATS.join(", ")
-        )));
-    }
+    // Other keys are ignored, as MLflow does (clients add metadata).
     let given: Vec<&str> = FORMATS
         .into_iter()
         .filter(|k| object.contains_key(*k))
         .collect();
     let [format] = given[..] else {
+        let has = if given.is_empty() {
+            let keys: Vec<&str> = object.keys().map(String::as_str).take(5).collect();
+            format!("none (its keys: {})", keys.join(", "))
+        } else {
+            given.join(" and ")
+        };
         return Err(bad(format!(
-            "the body must have exactly one of {}; it has {}",
-            FORMATS.join(", "),
-            if given.is_empty() {
-                "none".to_owned()
-            } else {
-                given.join(" and ")
-            }
+            "the body must have exactly one of {}; it has {has}",
+            FORMATS.join(", ")
         )));
     };
     let value = &object[format];
@@ -291,18 +285,12 @@ fn rows_of<'a>(
     })
 }
 
-/// `{"<input>": rows, ...}`: exactly the model's inputs.
+/// `{"<input>": rows, ...}`: every input of the model (other keys are ignored, as MLflow does).
 fn by_input_name<'a>(
     what: &str,
     named: &'a Map<String, Value>,
     inputs: &'a [InputSpec],
 ) -> Result<Vec<Column<'a>>, ServingError> {
-    if let Some(unknown) = named.keys().find(|k| !inputs.iter().any(|i| &i.name == *k)) {
-        return Err(bad(format!(
-            "{what} has '{unknown}', which is not an input of the model (its inputs: {})",
-            names(inputs)
-        )));
-    }
     inputs
         .iter()
         .map(|input| match named.get(&input.name) {
@@ -313,9 +301,10 @@ fn by_input_name<'a>(
                 input.expects()
             ))),
             None => Err(bad(format!(
-                "{what} is missing input '{}': {}",
+                "{what} is missing input '{}': {} (the model's inputs: {})",
                 input.name,
-                input.expects()
+                input.expects(),
+                names(inputs)
             ))),
         })
         .collect()
@@ -445,8 +434,8 @@ fn instance_records<'a>(
         .collect()
 }
 
-/// A list of objects, one per row. One-input models: the first record's keys, in order, are the
-/// columns. Otherwise keys are input names.
+/// A list of objects, one per row. One-input models: the keys are the columns' positions ("0",
+/// "1", …; a one-column input takes any name). Otherwise keys are input names.
 fn records<'a>(
     what: &str,
     records: &'a [Value],
@@ -465,7 +454,29 @@ fn records<'a>(
     let Some(first) = first.as_object() else {
         return Err(bad(format!("{what}[0] is not an object")));
     };
-    let columns: Vec<&str> = first.keys().map(String::as_str).collect();
+    let mut columns: Vec<&str> = first.keys().map(String::as_str).collect();
+    if let [only] = inputs
+        && only.width > 1
+    {
+        // The order of an object's keys is not part of JSON (a body re-serialised on its way,
+        // with sorted keys say, changes it): the columns of one wide input are placed by their
+        // names "0", "1", …, never by where they stand in the record.
+        let mut indexed: Vec<(usize, &str)> = columns
+            .iter()
+            .map(|c| c.parse::<usize>().map(|i| (i, *c)))
+            .collect::<Result<_, _>>()
+            .unwrap_or_default();
+        indexed.sort_unstable();
+        if !indexed.iter().map(|(i, _)| *i).eq(0..only.width) {
+            return Err(bad(format!(
+                "{what}: input '{}' takes {} values per row, and JSON objects do not keep the order of their keys: name the columns \"0\" to \"{}\" (their positions), or send dataframe_split (\"columns\" in order) or inputs",
+                only.name,
+                only.width,
+                only.width - 1
+            )));
+        }
+        columns = indexed.into_iter().map(|(_, c)| c).collect();
+    }
     let object = |i: usize, record: &'a Value| {
         record
             .as_object()
@@ -556,7 +567,7 @@ mod tests {
             json!({"instances": [[1, 2], [3, 4]], "params": {}}),
             json!({"instances": [{"x": [1, 2]}, {"x": [3, 4], "other": 0}]}),
             json!({"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2], [3, 4]]}}),
-            json!({"dataframe_records": [{"b": 1, "a": 2}, {"a": 4, "b": 3}]}),
+            json!({"dataframe_records": [{"1": 2, "0": 1}, {"0": 3, "1": 4}]}),
         ] {
             let batch = parse_mlflow_input(&body, &one(2)).unwrap();
             assert_eq!(batch.rows(), 2, "{body}");
@@ -564,6 +575,21 @@ mod tests {
         }
         let empty = parse_mlflow_input(&json!({"inputs": []}), &one(2)).unwrap();
         assert_eq!((empty.rows(), empty.tensors[0].shape()), (0, &[0, 2][..]));
+    }
+
+    #[test]
+    fn ignores_keys_that_are_not_the_models_as_mlflow_does() {
+        for body in [
+            json!({"inputs": [[1, 2]], "client": "batch-7"}),
+            json!({"inputs": {"x": [[1, 2]], "extra": [[0]]}}),
+            json!({"dataframe_records": [{"0": 1, "1": 2}]}),
+        ] {
+            let batch = parse_mlflow_input(&body, &one(2)).unwrap();
+            assert_eq!(values(&batch), [vec![1.0, 2.0]], "{body}");
+        }
+        // One column: its name says nothing and needs to say nothing.
+        let batch = parse_mlflow_input(&json!({"dataframe_records": [{"v": 7}]}), &one(1)).unwrap();
+        assert_eq!(values(&batch), [vec![7.0]]);
     }
 
     #[test]
@@ -640,13 +666,21 @@ mod tests {
             error(json!({"inputs": [[1, 2]], "instances": [[1, 2]]}))
                 .contains("inputs and instances")
         );
-        assert!(error(json!({"input": [[1, 2]]})).contains("unknown key 'input'"));
+        assert!(error(json!({"input": [[1, 2]]})).contains("it has none (its keys: input)"));
         assert!(
             error(json!({"inputs": [[1, 2, 3]]}))
                 .contains("row 0 has 3 values: input 'x' expects float32 rows of shape [-1, 2]")
         );
         assert!(error(json!({"inputs": [[1, "a"]]})).contains("row 0, column 1 is not a number"));
-        assert!(error(json!({"inputs": {"y": [[1, 2]]}})).contains("'y', which is not an input"));
+        assert!(
+            error(json!({"inputs": {"y": [[1, 2]]}}))
+                .contains("missing input 'x': input 'x' expects float32 rows of shape [-1, 2] (the model's inputs: 'x')")
+        );
+        assert!(
+            error(json!({"dataframe_records": [{"b": 1, "a": 2}]}))
+                .contains("name the columns \"0\" to \"1\"")
+        );
+        assert!(error(json!({"dataframe_records": [{"0": 1, "2": 2}]})).contains("\"0\" to \"1\""));
         assert!(error(json!([1, 2])).contains("JSON object"));
 
         let inputs = per_column(&["a", "b"]);
