@@ -191,6 +191,75 @@ async fn predictions_through_the_gateway_equal_onnxruntimes_in_every_format() {
     }
 }
 
+/// A batch of over 256 KiB is read, run and answered on a blocking thread (so that parsing it
+/// does not stall the event loop): the same answers as a small one, the same errors.
+#[tokio::test]
+async fn a_large_batch_is_answered_like_a_small_one() {
+    let gateway = serve(&["logreg_zipmap", "multi_input"]).await;
+    for name in ["logreg_zipmap", "multi_input"] {
+        let case = &expected(name)["cases"][0];
+        let repeat = |rows: &Value, times: usize| -> Value {
+            let rows = rows.as_array().unwrap();
+            Value::Array(
+                rows.iter()
+                    .cycle()
+                    .take(rows.len() * times)
+                    .cloned()
+                    .collect(),
+            )
+        };
+        let times = 1000;
+        let inputs: serde_json::Map<String, Value> = case["inputs"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(input, rows)| (input.clone(), repeat(rows, times)))
+            .collect();
+        let outputs: serde_json::Map<String, Value> = case["outputs"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(output, rows)| (output.clone(), repeat(rows, times)))
+            .collect();
+        let body = json!({"inputs": inputs});
+        assert!(body.to_string().len() > 256 * 1024, "{name}: a large body");
+        let url = format!("/endpoints/{name}/invocations");
+        let response = gateway.post(&url, &body).await;
+        assert_eq!(response.status(), 200, "{name}");
+        let got: Value = response.json().await.unwrap();
+        assert_close(name, &got["predictions"], &Value::Object(outputs));
+
+        // A bad value deep in it, and a body cut short: the errors of a small batch.
+        let mut bad = inputs.clone();
+        let rows = bad.values_mut().next().unwrap().as_array_mut().unwrap();
+        let last = rows.len() - 1;
+        rows[last] = json!({"not": "a row"});
+        let response = gateway.post(&url, &json!({"inputs": bad})).await;
+        assert_eq!(response.status(), 400, "{name}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error_code"], "INVALID_PARAMETER_VALUE", "{error}");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("row {last}")),
+            "{error}"
+        );
+        let text = body.to_string();
+        let cut = gateway
+            .client
+            .post(gateway.url(&url))
+            .header("content-type", "application/json")
+            .body(text[..text.len() - 10].to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(cut.status(), 400, "{name}");
+        let error: Value = cut.json().await.unwrap();
+        assert_eq!(error["error_code"], "BAD_REQUEST", "{error}");
+    }
+}
+
 #[tokio::test]
 async fn bad_input_is_a_400_in_mlflows_shape_and_the_model_keeps_serving() {
     let gateway = serve(&["logreg"]).await;
