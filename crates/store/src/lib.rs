@@ -22,7 +22,8 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use switchyard_core::code_hash::{all_files, code_sha256, files_sha256, rs_files};
+use sha2::{Digest, Sha256};
+use switchyard_core::code_hash::{self, all_files, code_sha256, files_sha256, rs_files};
 use switchyard_core::{ChainFolder, Registry};
 
 pub use mlmodel::{CHAIN_FLAVOR, ChainFlavor, MlModel, ONNX_FLAVOR};
@@ -59,6 +60,11 @@ pub enum StoreError {
         expected: String,
         actual: String,
     },
+    /// A stored version's MLmodel changed after it was logged.
+    #[error(
+        "{uri} was modified after it was logged: its MLmodel is not the one it was logged with (the mlmodel_sha256 on its last line does not match); the store must not be edited by hand — log a new version instead"
+    )]
+    MlModelEdited { uri: String },
     /// The chain folder cannot be logged; every reason is listed.
     #[error("cannot log {}:{}", dir.display(), problems.iter().map(|p| format!("\n  - {p}")).collect::<String>())]
     Invalid { dir: PathBuf, problems: Vec<String> },
@@ -231,7 +237,7 @@ impl Store {
             yaml_serde::Value::from(folder.dir.display().to_string()),
         );
         let mlmodel_path = temp.join("MLmodel");
-        std::fs::write(&mlmodel_path, mlmodel.to_yaml()?)
+        std::fs::write(&mlmodel_path, sealed(mlmodel.to_yaml()?))
             .map_err(|e| StoreError::io(&mlmodel_path, e))?;
 
         let version = claim_next_version(model_dir, temp)?;
@@ -411,7 +417,7 @@ impl Store {
                     .insert(key.to_owned(), yaml_serde::Value::from(value));
             }
             let mlmodel_path = temp.join("MLmodel");
-            std::fs::write(&mlmodel_path, mlmodel.to_yaml()?)
+            std::fs::write(&mlmodel_path, sealed(mlmodel.to_yaml()?))
                 .map_err(|e| StoreError::io(&mlmodel_path, e))?;
             let version = claim_next_version(&model_dir, &temp)?;
             Ok(Logged {
@@ -433,6 +439,7 @@ impl Store {
 
     /// Checks that a stored ONNX version's file is what was logged, and returns its path.
     pub fn verify_onnx(&self, version: &ModelVersion) -> Result<PathBuf, StoreError> {
+        check_sealed(version)?;
         let data = version.mlmodel.onnx_data().ok_or_else(|| {
             StoreError::Other(format!(
                 "{} is not an ONNX model (its MLmodel has no onnx flavor)",
@@ -469,6 +476,7 @@ impl Store {
         &self,
         version: &ModelVersion,
     ) -> Result<(ChainFlavor, PathBuf), StoreError> {
+        check_sealed(version)?;
         let flavor = version
             .mlmodel
             .chain_flavor()
@@ -639,6 +647,35 @@ fn onnx_mlmodel() -> Result<MlModel, StoreError> {
         yaml(serde_json::json!({"loader_module": "mlflow.onnx", "data": ONNX_DATA}))?,
     );
     Ok(mlmodel)
+}
+
+/// The last line of an MLmodel the store wrote: a YAML comment (MLflow reads past it) with
+/// the SHA-256 of the text above it, so that an edit of the MLmodel itself (its `data` file,
+/// its signature, its content hash) shows as one. Hashed as written, not as re-serialised: a
+/// newer YAML library must not make old versions look edited.
+const SEAL: &str = "# switchyard mlmodel_sha256: ";
+
+fn sealed(yaml: String) -> String {
+    let digest = code_hash::hex(&Sha256::digest(yaml.as_bytes()));
+    format!("{yaml}{SEAL}{digest}\n")
+}
+
+/// Checks the seal of a version's MLmodel. Versions logged before seals existed have none and
+/// pass (their files are still checked against `content_sha256`).
+fn check_sealed(version: &ModelVersion) -> Result<(), StoreError> {
+    let path = version.dir.join("MLmodel");
+    let text = std::fs::read_to_string(&path).map_err(|e| StoreError::io(&path, e))?;
+    let body = text.strip_suffix('\n').unwrap_or(&text);
+    let Some(at) = body.rfind(SEAL) else {
+        return Ok(());
+    };
+    let (yaml, seal) = body.split_at(at);
+    let digest = code_hash::hex(&Sha256::digest(yaml.as_bytes()));
+    if seal[SEAL.len()..] == digest {
+        Ok(())
+    } else {
+        Err(StoreError::MlModelEdited { uri: version.uri() })
+    }
 }
 
 /// Every file of a version except its MLmodel: what the content hash covers.

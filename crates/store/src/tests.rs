@@ -180,6 +180,22 @@ fn an_edited_file_inside_a_version_is_detected() {
         store.verify_chain(&version),
         Err(StoreError::Tampered { .. })
     ));
+    std::fs::remove_file(code.join("extra.rs")).unwrap();
+    store.verify_chain(&version).unwrap();
+
+    // And the MLmodel itself.
+    let mlmodel = version.dir.join("MLmodel");
+    let text = std::fs::read_to_string(&mlmodel).unwrap();
+    std::fs::write(
+        &mlmodel,
+        text.replacen("chain: router", "chain: support_bot", 1),
+    )
+    .unwrap();
+    assert_ne!(std::fs::read_to_string(&mlmodel).unwrap(), text);
+    assert!(matches!(
+        store.verify_chain(&version),
+        Err(StoreError::MlModelEdited { .. })
+    ));
 }
 
 #[test]
@@ -444,6 +460,41 @@ fn an_mlflow_dir_imports_as_is_and_dedups_only_with_the_same_data_file() {
         store.verify_onnx(&switched.version).unwrap(),
         switched.version.dir.join("other.onnx")
     );
+
+    // Editing a stored MLmodel to serve the other file leaves every file's hash as it was, but
+    // not the MLmodel's own.
+    let stored = with_other.version.dir.join("MLmodel");
+    let text = std::fs::read_to_string(&stored).unwrap();
+    assert!(
+        text.lines()
+            .last()
+            .unwrap()
+            .starts_with("# switchyard mlmodel_sha256: "),
+        "{text}"
+    );
+    store.verify_onnx(&with_other.version).unwrap();
+    std::fs::write(
+        &stored,
+        text.replace("data: model.onnx", "data: other.onnx"),
+    )
+    .unwrap();
+    let edited = store.resolve(&uri("models:/iris/2")).unwrap();
+    let error = store.verify_onnx(&edited).unwrap_err();
+    assert!(matches!(error, StoreError::MlModelEdited { .. }), "{error}");
+    assert!(
+        error
+            .to_string()
+            .starts_with("models:/iris/2 was modified after it was logged: its MLmodel"),
+        "{error}"
+    );
+    // A version logged before MLmodels were sealed (no last line) is still served.
+    let unsealed: String = text
+        .lines()
+        .filter(|l| !l.starts_with("# switchyard"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&stored, unsealed).unwrap();
+    store.verify_onnx(&edited).unwrap();
 }
 
 #[test]
