@@ -309,6 +309,15 @@ async fn bad_input_is_a_400_in_mlflows_shape_and_the_model_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(not_json.status(), 400);
+    // Python's bare NaN, as MLflow's own helpers write it, is a missing value.
+    let python = gateway
+        .client
+        .post(gateway.url(url))
+        .body(r#"{"inputs": [[NaN, 3.5, 1.4, 0.2]]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(python.status(), 200);
     let empty = gateway.client.post(gateway.url(url)).send().await.unwrap();
     assert_eq!(empty.status(), 400);
     // MLflow's scoring protocol takes JSON and CSV; anything else is a 415 before the body is

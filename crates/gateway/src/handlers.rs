@@ -24,7 +24,7 @@ use crate::extract::{from_value, parse_json, read_body};
 use crate::limits::{Admission, Caller, Spent};
 use crate::request_log::RequestRecord;
 use crate::{ApiKeyConfig, AppState, ChainEndpoint, Endpoint, Snapshot, auth};
-use switchyard_serving::{Batch, OnnxModel, ServingError, mlflow_csv_input};
+use switchyard_serving::{Batch, OnnxModel, ServingError, mlflow_csv_input, python_json};
 
 /// The end user's header (the OpenAI `user` field is the other way to name them).
 const USER: HeaderName = HeaderName::from_static("x-switchyard-user");
@@ -392,7 +392,11 @@ impl ScoringRequest {
             mlflow_csv_input(&self.body, model.inputs())
                 .map_err(|e| ApiError::bad_request(e.to_string(), None))?
         } else {
-            parse_json(&self.body)?
+            // Python's bare NaN and Infinity (what MLflow's own helpers write) are read too.
+            parse_json(&self.body).or_else(|error| match python_json(&self.body) {
+                Some(fixed) => parse_json(&fixed).map_err(|_| error),
+                None => Err(error),
+            })?
         };
         // MLflow's codes: a body that is no scoring request is BAD_REQUEST, values that do not
         // fit the model's inputs INVALID_PARAMETER_VALUE (an error with a `param`).

@@ -215,6 +215,9 @@ impl Column<'_> {
                     .enumerate()
                     .map(|(i, v)| match v {
                         Value::Null => Ok(f64::NAN),
+                        // What `python_json` makes of Python's bare `Infinity`.
+                        Value::String(s) if s == "Infinity" => Ok(f64::INFINITY),
+                        Value::String(s) if s == "-Infinity" => Ok(f64::NEG_INFINITY),
                         v => v.as_f64().ok_or_else(|| bad(at(i))),
                     })
                     .collect::<Result<Vec<f64>, _>>()?;
@@ -521,6 +524,48 @@ fn records<'a>(
         .collect())
 }
 
+/// Python's `json.dumps` (and so MLflow's own `convert_input_example_to_serving_input`) writes
+/// missing and infinite floats as bare `NaN`, `Infinity` and `-Infinity`, which are not JSON.
+/// Rewrites them outside strings as `null` (a missing value) and the strings `"Infinity"` and
+/// `"-Infinity"` (which float inputs read as such); `None` when there is none to rewrite.
+pub fn python_json(body: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(body.len() + 16);
+    let (mut in_string, mut escaped, mut rewritten) = (false, false, false);
+    let mut i = 0;
+    while i < body.len() {
+        let byte = body[i];
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            let rest = &body[i..];
+            let replacement: Option<(&[u8], usize)> = if rest.starts_with(b"NaN") {
+                Some((b"null", 3))
+            } else if rest.starts_with(b"Infinity") {
+                Some((b"\"Infinity\"", 8))
+            } else if rest.starts_with(b"-Infinity") {
+                Some((b"\"-Infinity\"", 9))
+            } else {
+                None
+            };
+            if let Some((text, consumed)) = replacement {
+                out.extend_from_slice(text);
+                i += consumed;
+                rewritten = true;
+                continue;
+            }
+            in_string = byte == b'"';
+        }
+        out.push(byte);
+        i += 1;
+    }
+    rewritten.then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -608,6 +653,21 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    #[test]
+    fn reads_pythons_nan_and_infinity_outside_strings() {
+        let body = br#"{"inputs": [[NaN, -Infinity, Infinity, 1.5]], "note": "NaN \" Infinity"}"#;
+        let fixed = python_json(body).unwrap();
+        assert_eq!(
+            String::from_utf8(fixed.clone()).unwrap(),
+            r#"{"inputs": [[null, "-Infinity", "Infinity", 1.5]], "note": "NaN \" Infinity"}"#
+        );
+        let value: Value = serde_json::from_slice(&fixed).unwrap();
+        let got = values(&parse_mlflow_input(&value, &one(4)).unwrap());
+        assert!(got[0][0].is_nan());
+        assert_eq!(got[0][1..], [f32::NEG_INFINITY, f32::INFINITY, 1.5]);
+        assert_eq!(python_json(br#"{"inputs": [[1, "NaN"]]}"#), None);
     }
 
     #[test]

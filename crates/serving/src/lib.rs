@@ -15,7 +15,7 @@ mod ml;
 mod model;
 
 pub use csv_input::mlflow_csv_input;
-pub use input::{Batch, Dtype, InputSpec, parse_mlflow_input};
+pub use input::{Batch, Dtype, InputSpec, parse_mlflow_input, python_json};
 pub use model::OnnxModel;
 
 /// Why a model cannot be loaded or a request cannot be served.
