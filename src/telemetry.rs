@@ -241,17 +241,18 @@ impl Visit for PlainVisitor<'_> {
         self.result = match name {
             // Messages may quote outside input: no terminal control characters get through.
             "message" => write!(EscapeControl(&mut self.writer), "{value:?}"),
-            name => write!(
-                self.writer,
-                "{}={value:?}",
-                name.strip_prefix("r#").unwrap_or(name)
-            ),
+            // `%value` fields (an error's `Display`) may span lines: one event, one line.
+            name => self
+                .writer
+                .write_str(name.strip_prefix("r#").unwrap_or(name))
+                .and_then(|()| self.writer.write_char('='))
+                .and_then(|()| write!(EscapeControl(&mut self.writer), "{value:?}")),
         };
     }
 }
 
 /// Writes control characters that could drive a terminal (ESC, BEL, BS, FF, DEL, C1) escaped, as
-/// tracing-subscriber does for messages.
+/// tracing-subscriber does for messages, and line breaks as `\n` and `\r`: one event, one line.
 struct EscapeControl<'a, 'writer>(&'a mut Writer<'writer>);
 
 impl fmt::Write for EscapeControl<'_, '_> {
@@ -259,7 +260,7 @@ impl fmt::Write for EscapeControl<'_, '_> {
         let is_control = |c: char| {
             matches!(
                 c,
-                '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' | '\u{80}'..='\u{9f}'
+                '\n' | '\r' | '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' | '\u{80}'..='\u{9f}'
             )
         };
         let mut rest = s;
@@ -267,6 +268,8 @@ impl fmt::Write for EscapeControl<'_, '_> {
             self.0.write_str(&rest[..at])?;
             let c = rest[at..].chars().next().unwrap_or_default();
             match c as u32 {
+                0x0a => self.0.write_str("\\n")?,
+                0x0d => self.0.write_str("\\r")?,
                 code @ ..0x80 => write!(self.0, "\\x{code:02x}")?,
                 code => write!(self.0, "\\u{{{code:x}}}")?,
             }
@@ -481,6 +484,26 @@ mod tests {
         assert!(
             plain.contains(r"upstream said \x1b[31mno\u{9b} twice attempt=2"),
             "{plain}"
+        );
+    }
+
+    #[test]
+    fn an_event_is_one_line_whatever_its_fields_hold() {
+        let plain = Buffer::default();
+        let layer = tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_ansi(false)
+            .without_time()
+            .fmt_fields(PlainFields)
+            .with_writer(plain.clone());
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
+            let error = "cannot load config:\n  - endpoints[1]: unknown route\r";
+            tracing::error!(%error, "reload failed;\nstill serving");
+        });
+        let plain = String::from_utf8(plain.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            plain,
+            "ERROR reload failed;\\nstill serving error=cannot load config:\\n  - endpoints[1]: unknown route\\r\n"
         );
     }
 }

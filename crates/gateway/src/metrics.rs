@@ -197,7 +197,7 @@ impl Metrics {
         };
         registry.register(
             "switchyard_requests",
-            "Chat requests by endpoint, kind and status class",
+            "Requests (chat and model) by endpoint, kind and status class",
             metrics.requests.clone(),
         );
         registry.register(
