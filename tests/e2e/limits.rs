@@ -698,6 +698,21 @@ async fn counters_survive_a_reload_of_an_unchanged_rule_and_reset_when_it_change
         200,
         "a changed rule starts afresh"
     );
+    for _ in 0..4 {
+        let response = gateway.post("/v1/chat/completions", &chat_body("x")).await;
+        assert_eq!(response.status(), 200);
+    }
+    // A token limit added to the rule leaves its request counter as it was.
+    std::fs::write(&path, config(5) + "tokens_per_minute = 100000\n").unwrap();
+    assert_eq!(reload().await.unwrap().status(), 200);
+    assert_eq!(
+        gateway
+            .post("/v1/chat/completions", &chat_body("x"))
+            .await
+            .status(),
+        429,
+        "5 of 5 still spent"
+    );
 }
 
 #[tokio::test]

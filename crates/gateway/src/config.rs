@@ -57,7 +57,7 @@ pub struct ApiKeyConfig {
 }
 
 /// What a rate-limit rule counts by. Rules key their counters by the values of their scopes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LimitScope {
     Global,
@@ -1006,11 +1006,18 @@ fn compile_limits(
         if problems.0.len() > before {
             continue;
         }
+        // In one order, so that `[user, api_key]` and `[api_key, user]` count alike.
         let mut scope = raw.scope;
+        scope.sort_unstable();
         scope.dedup();
+        let endpoints = raw.endpoints.map(|mut endpoints| {
+            endpoints.sort_unstable();
+            endpoints.dedup();
+            endpoints
+        });
         rules.push(LimitRule {
             scope,
-            endpoints: raw.endpoints,
+            endpoints,
             requests: requests.map(|(count, period)| RateConfig {
                 count,
                 period,
@@ -1270,6 +1277,21 @@ mod tests {
         assert_eq!(api_key.as_ref().unwrap().expose(), "sk-test-secret");
         // The secret never shows in Debug output.
         assert!(!format!("{config:?}").contains("sk-test-secret"));
+    }
+
+    #[test]
+    fn a_limit_rule_is_read_in_one_order() {
+        let rule = "[[endpoints]]\nname = \"b\"\nroute = \"default\"\n[[limits]]\nscope = [\"user\", \"api_key\", \"user\"]\nendpoints = [\"chat\", \"b\", \"chat\"]\nrequests_per_minute = 5\n";
+        let config = parse(&format!("{VALID}{rule}")).unwrap();
+        // `[user, api_key]` and `[api_key, user]` are one rule, with the same counters.
+        assert_eq!(
+            config.limits[0].scope,
+            [LimitScope::ApiKey, LimitScope::User]
+        );
+        assert_eq!(
+            config.limits[0].endpoints.as_deref(),
+            Some(&["b".to_owned(), "chat".to_owned()][..])
+        );
     }
 
     #[test]

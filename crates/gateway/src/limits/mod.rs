@@ -10,6 +10,7 @@ mod gcra;
 mod memory;
 mod redis;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -117,14 +118,21 @@ pub enum Decision {
 struct Rule {
     /// `limits[<index>]`, the metrics label.
     label: String,
-    /// Identifies the rule's counters: a hash of its definition, so that an unchanged rule keeps
-    /// its counters across a reload and a changed one starts afresh.
-    id: String,
     rule: LimitRule,
-    requests: Option<Gcra>,
-    tokens: Option<Gcra>,
+    requests: Option<Budget>,
+    tokens: Option<Budget>,
     /// Its `admitted` decisions counter, looked up once (the per-request path).
     admitted: Option<Counter>,
+}
+
+/// One of a rule's two budgets, requests or tokens.
+struct Budget {
+    gcra: Gcra,
+    /// Identifies its counters across reloads: a hash of what it counts and its limit, so that
+    /// a counter whose definition is unchanged keeps counting across a reload (even when the
+    /// rule's other budget, its `default_max_tokens` or its position changed) and a changed one
+    /// starts afresh.
+    id: String,
 }
 
 /// The rules of one config generation, over a backend that outlives it.
@@ -156,21 +164,38 @@ impl Limits {
         metrics: impl Into<Option<Arc<Metrics>>>,
     ) -> Self {
         let metrics: Option<Arc<Metrics>> = metrics.into();
+        // Two rules may define the same budget (a copy, or one that differs in the other
+        // budget only): each keeps its own counters, told apart by their order.
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut budget = |definition: String, gcra: Gcra| {
+            let copies = seen.entry(definition.clone()).or_default();
+            *copies += 1;
+            let id = short_hash(&format!("{definition} #{copies}"));
+            Budget { gcra, id }
+        };
         let rules = rules
             .iter()
             .enumerate()
             .map(|(index, rule)| {
                 let label = format!("limits[{index}]");
+                let (scope, endpoints) = (&rule.scope, &rule.endpoints);
                 Rule {
                     admitted: metrics
                         .as_ref()
                         .map(|m| m.ratelimit_counter(&label, "admitted")),
                     label,
-                    id: fingerprint(rule),
-                    requests: rule.requests.map(|r| Gcra::new(r.count, r.period, r.burst)),
-                    tokens: rule
-                        .tokens_per_minute
-                        .map(|t| Gcra::new(t, Duration::from_secs(60), 0)),
+                    requests: rule.requests.map(|r| {
+                        budget(
+                            format!("requests {r:?} by {scope:?} on {endpoints:?}"),
+                            Gcra::new(r.count, r.period, r.burst),
+                        )
+                    }),
+                    tokens: rule.tokens_per_minute.map(|t| {
+                        budget(
+                            format!("tokens {t} per minute by {scope:?} on {endpoints:?}"),
+                            Gcra::new(t, Duration::from_secs(60), 0),
+                        )
+                    }),
                     rule: rule.clone(),
                 }
             })
@@ -205,25 +230,25 @@ impl Limits {
         {
             // Only chat requests spend tokens: a model's prediction is not held back by a
             // token budget (one a long answer overdrew, say).
-            let tokens = rule.tokens.zip(request);
+            let tokens = rule.tokens.as_ref().zip(request);
             if rule.requests.is_none() && tokens.is_none() {
                 continue;
             }
             matching.push(rule);
             let scope = scope_key(&rule.rule.scope, caller);
-            if let Some(gcra) = rule.requests {
+            if let Some(budget) = &rule.requests {
                 cells.push(Cell {
-                    key: cell_key(&rule.id, "req", &scope),
-                    gcra,
+                    key: cell_key(&budget.id, &scope),
+                    gcra: budget.gcra,
                     cost: 1,
                 });
                 kinds.push(Kind::Requests);
                 owners.push(rule);
             }
-            if let Some((gcra, request)) = tokens {
+            if let Some((budget, request)) = tokens {
                 cells.push(Cell {
-                    key: cell_key(&rule.id, "tok", &scope),
-                    gcra,
+                    key: cell_key(&budget.id, &scope),
+                    gcra: budget.gcra,
                     cost: estimate_tokens(request, rule.rule.default_max_tokens),
                 });
                 kinds.push(Kind::Tokens);
@@ -435,17 +460,13 @@ fn scope_key(scope: &[LimitScope], caller: &Caller<'_>) -> String {
     key
 }
 
-/// A counter's key: `<rule id>:<req|tok>:<scope key>`.
-fn cell_key(rule_id: &str, kind: &str, scope: &str) -> String {
-    [rule_id, ":", kind, ":", scope].concat()
+/// A counter's key: `<budget id>:<scope key>`.
+fn cell_key(budget_id: &str, scope: &str) -> String {
+    [budget_id, ":", scope].concat()
 }
 
 fn short_hash(text: &str) -> String {
     switchyard_core::code_hash::hex(&Sha256::digest(text.as_bytes())[..8])
-}
-
-fn fingerprint(rule: &LimitRule) -> String {
-    short_hash(&format!("{rule:?}"))
 }
 
 /// Prompt tokens (about four characters a token) plus the completion budget.
@@ -702,6 +723,44 @@ mod tests {
         let prediction = limits.admit(&caller("a", "u"), None).await.unwrap();
         assert!(prediction.headers.is_empty());
         assert!(!prediction.has_reservations());
+    }
+
+    #[tokio::test]
+    async fn a_budget_keeps_its_counters_while_its_own_definition_stays_the_same() {
+        let backend =
+            Arc::new(Backend::new(&LimitsStoreConfig::Memory, &TaskTracker::new()).unwrap());
+        // Each `Limits` is a config generation over the one backend, as a reload makes.
+        let admitted = |rules: Vec<LimitRule>, count: usize| {
+            let limits = Limits::new(&rules, backend.clone(), None);
+            async move {
+                let mut admitted = 0;
+                for _ in 0..count {
+                    if limits
+                        .admit(&caller("a", "u"), Some(&request()))
+                        .await
+                        .is_ok()
+                    {
+                        admitted += 1;
+                    }
+                }
+                admitted
+            }
+        };
+        let two = rule(vec![LimitScope::Global], 2, 0);
+        assert_eq!(admitted(vec![two.clone()], 3).await, 2);
+        // A token budget added to the rule, and a rule before it: the request counter stays.
+        let mut with_tokens = two.clone();
+        with_tokens.tokens_per_minute = Some(100_000);
+        let other = rule(vec![LimitScope::User], 100, 0);
+        assert_eq!(admitted(vec![other, with_tokens], 1).await, 0);
+        // Its limit changed: a new counter.
+        assert_eq!(
+            admitted(vec![rule(vec![LimitScope::Global], 3, 0)], 4).await,
+            3
+        );
+        // Two rules alike keep a counter each: every request takes one from both.
+        let five = rule(vec![LimitScope::Global], 5, 0);
+        assert_eq!(admitted(vec![five.clone(), five], 6).await, 5);
     }
 
     #[test]
