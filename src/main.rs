@@ -166,9 +166,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Log(LogCommand::Onnx { path, name, alias }) => {
             let store = store();
+            // What would refuse the log anyway is checked before a long load.
+            switchyard_store::check_name("model name", &name).map_err(anyhow::Error::msg)?;
             // Loading checks the model and can take a while for a large one: say what is going on.
             let file = switchyard_store::onnx_model_file(&path)?;
-            let megabytes = std::fs::metadata(&file).map_or(0.0, |m| m.len() as f64 / 1e6);
+            let megabytes = std::fs::metadata(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?
+                .len() as f64
+                / 1e6;
             eprintln!(
                 "loading {} ({megabytes:.1} MB) to check it…",
                 file.display()

@@ -104,7 +104,9 @@ impl ApiError {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
-            format!("request body is larger than the gateway's limit of {limit} bytes"),
+            format!(
+                "request body is larger than the gateway's limit of {limit} bytes ([server] max_body_bytes)"
+            ),
         )
         .with_code("request_too_large")
     }

@@ -295,7 +295,14 @@ impl Store {
     }
 
     fn version(&self, name: &str, version: u64) -> Result<ModelVersion, StoreError> {
-        let dir = self.model_dir(name).join(version.to_string());
+        let model_dir = self.model_dir(name);
+        if !model_dir.is_dir() {
+            return Err(StoreError::NoSuchModel {
+                name: name.to_owned(),
+                store: self.root.clone(),
+            });
+        }
+        let dir = model_dir.join(version.to_string());
         if !dir.is_dir() {
             return Err(StoreError::NoSuchVersion {
                 name: name.to_owned(),

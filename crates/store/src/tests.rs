@@ -113,6 +113,10 @@ fn a_changed_prompt_is_a_new_version_and_latest_and_aliases_resolve() {
         Err(StoreError::NoSuchVersion { .. })
     ));
     assert!(matches!(
+        store.set_alias("nope", "staging", 1),
+        Err(StoreError::NoSuchModel { .. })
+    ));
+    assert!(matches!(
         store.set_alias("bot", "../x", 1),
         Err(StoreError::InvalidName(_))
     ));
