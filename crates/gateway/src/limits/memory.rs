@@ -24,10 +24,15 @@ struct Counters {
     /// [`SWEEP_ABOVE`], and twice what the last sweep left, so that many live counters (one per
     /// user of a per-user rule) cost one sweep per doubling, not one per request.
     sweep_above: usize,
+    /// And on the first write after this time (ns of the store's clock): without it, the
+    /// counters of a spike (a million users once) would stay until twice as many came.
+    sweep_at: u64,
 }
 
 /// The fewest counters worth a sweep.
 const SWEEP_ABOVE: usize = 10_000;
+/// The longest time between two sweeps.
+const SWEEP_EVERY_NS: u64 = 60_000_000_000;
 
 impl MemoryStore {
     pub fn new() -> Self {
@@ -36,6 +41,7 @@ impl MemoryStore {
             counters: Mutex::new(Counters {
                 tats: HashMap::default(),
                 sweep_above: SWEEP_ABOVE,
+                sweep_at: SWEEP_EVERY_NS,
             }),
         }
     }
@@ -45,21 +51,33 @@ impl MemoryStore {
     }
 
     pub fn acquire(&self, cells: &[Cell]) -> Decision {
-        let now = self.now();
+        self.acquire_at(self.now(), cells)
+    }
+
+    fn acquire_at(&self, now: u64, cells: &[Cell]) -> Decision {
         let mut counters = self
             .counters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Counters { tats, sweep_above } = &mut *counters;
+        let Counters {
+            tats,
+            sweep_above,
+            sweep_at,
+        } = &mut *counters;
         let inputs: Vec<(Gcra, u64, u64)> = cells
             .iter()
             .map(|c| (c.gcra, tats.get(&c.key).copied().unwrap_or(0), c.cost))
             .collect();
         match gcra::decide(now, &inputs) {
             Ok(admitted) => {
-                if tats.len() > *sweep_above {
+                if tats.len() > *sweep_above || now >= *sweep_at {
                     tats.retain(|_, tat| *tat > now);
                     *sweep_above = SWEEP_ABOVE.max(2 * tats.len());
+                    *sweep_at = now.saturating_add(SWEEP_EVERY_NS);
+                    // What a spike grew is given back once it has passed.
+                    if tats.capacity() > 4 * *sweep_above {
+                        tats.shrink_to(*sweep_above);
+                    }
                 }
                 let states: Vec<CellState> = admitted.iter().map(|(_, s)| *s).collect();
                 for (cell, (tat, _)) in cells.iter().zip(admitted) {
@@ -130,5 +148,42 @@ mod tests {
         let counters = store.counters.lock().unwrap();
         assert!(counters.tats.len() < SWEEP_ABOVE, "{}", counters.tats.len());
         assert_eq!(counters.sweep_above, SWEEP_ABOVE);
+    }
+
+    #[test]
+    fn the_counters_of_a_spike_go_within_a_minute_of_refilling() {
+        let store = MemoryStore::new();
+        let per_second = Gcra {
+            interval_ns: 1_000_000_000,
+            capacity: 1,
+        };
+        let cell = |user: usize| Cell {
+            key: format!("user:{user}"),
+            gcra: per_second,
+            cost: 1,
+        };
+        // Many users within a second, then quiet: the sweep bar rose to twice the spike.
+        let spike = 4 * SWEEP_ABOVE;
+        for user in 0..spike {
+            assert!(matches!(
+                store.acquire_at(1, &[cell(user)]),
+                Decision::Allowed(_)
+            ));
+        }
+        let grown = store.counters.lock().unwrap().tats.capacity();
+        assert!(grown >= spike);
+        // A minute later one more request sweeps the refilled counters and gives the memory back.
+        assert!(matches!(
+            store.acquire_at(1 + SWEEP_EVERY_NS, &[cell(0)]),
+            Decision::Allowed(_)
+        ));
+        let counters = store.counters.lock().unwrap();
+        assert_eq!(counters.tats.len(), 1);
+        assert_eq!(counters.sweep_above, SWEEP_ABOVE);
+        assert!(
+            counters.tats.capacity() < grown / 2,
+            "{}",
+            counters.tats.capacity()
+        );
     }
 }
