@@ -367,6 +367,22 @@ fn dataframe_split<'a>(
         Some(_) => return Err(bad("dataframe_split columns must be a list of names")),
     };
     if let [only] = inputs {
+        if let Some([_]) = columns.as_deref()
+            && only.width > 1
+        {
+            // One column holding each row's values as a list (a DataFrame of arrays).
+            let rows = data
+                .iter()
+                .enumerate()
+                .map(|(i, row)| match row.as_array().map(Vec::as_slice) {
+                    Some([cell]) => Ok(cell),
+                    _ => Err(bad(format!(
+                        "{what}: row {i} must hold one value, the list of its column"
+                    ))),
+                })
+                .collect::<Result<Vec<&Value>, _>>()?;
+            return Ok(vec![rows_of(what, rows.into_iter(), only)?]);
+        }
         if let Some(columns) = &columns
             && columns.len() != only.width
         {
@@ -458,6 +474,23 @@ fn records<'a>(
         return Err(bad(format!("{what}[0] is not an object")));
     };
     let mut columns: Vec<&str> = first.keys().map(String::as_str).collect();
+    if let ([only], [column]) = (inputs, &columns[..])
+        && only.width > 1
+    {
+        // One column holding each row's values as a list (a DataFrame of arrays).
+        let rows = records
+            .iter()
+            .enumerate()
+            .map(|(i, record)| {
+                record
+                    .as_object()
+                    .filter(|o| o.len() == 1)
+                    .and_then(|o| o.get(*column))
+                    .ok_or_else(|| bad(format!("{what}[{i}] must have the one column '{column}'")))
+            })
+            .collect::<Result<Vec<&Value>, _>>()?;
+        return Ok(vec![rows_of(what, rows.into_iter(), only)?]);
+    }
     if let [only] = inputs
         && only.width > 1
     {
@@ -623,7 +656,7 @@ mod tests {
     }
 
     #[test]
-    fn ignores_keys_that_are_not_the_models_as_mlflow_does() {
+    fn reads_what_mlflow_reads_beside_the_plain_formats() {
         for body in [
             json!({"inputs": [[1, 2]], "client": "batch-7"}),
             json!({"inputs": {"x": [[1, 2]], "extra": [[0]]}}),
@@ -631,6 +664,14 @@ mod tests {
         ] {
             let batch = parse_mlflow_input(&body, &one(2)).unwrap();
             assert_eq!(values(&batch), [vec![1.0, 2.0]], "{body}");
+        }
+        // One column holding lists, as a DataFrame of arrays sends it.
+        for body in [
+            json!({"dataframe_split": {"columns": ["input"], "data": [[[1, 2]], [[3, 4]]]}}),
+            json!({"dataframe_records": [{"input": [1, 2]}, {"input": [3, 4]}]}),
+        ] {
+            let batch = parse_mlflow_input(&body, &one(2)).unwrap();
+            assert_eq!(values(&batch), [vec![1.0, 2.0, 3.0, 4.0]], "{body}");
         }
         // One column: its name says nothing and needs to say nothing.
         let batch = parse_mlflow_input(&json!({"dataframe_records": [{"v": 7}]}), &one(1)).unwrap();
