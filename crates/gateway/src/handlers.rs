@@ -416,8 +416,8 @@ async fn predict(
     request: ScoringRequest,
     record: &RequestRecord,
 ) -> Result<Vec<u8>, ApiError> {
-    let request_id = record.request_id.clone();
     if request.body.len() > LARGE_BODY {
+        let request_id = record.request_id.clone();
         return on_blocking_thread(state, record, move || {
             let batch = request.batch(&model)?;
             model
@@ -439,14 +439,19 @@ async fn predict(
         // A panic in the model (tract's code included) is this request's 500, as on a blocking
         // thread, not a dropped connection.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.predict(batch))).map_err(
-            |_| ApiError::internal(format!("inference panicked (request id {request_id})")),
+            |_| {
+                ApiError::internal(format!(
+                    "inference panicked (request id {})",
+                    record.request_id
+                ))
+            },
         )?
     } else {
         on_blocking_thread(state, record, move || model.predict(batch)).await?
     };
     result
         .map(|predictions| predictions_json(&predictions))
-        .map_err(|e| inference_error(e, &request_id))
+        .map_err(|e| inference_error(e, &record.request_id))
 }
 
 /// Runs `work` on a blocking thread, one per core at most (so that big batches also bound the
