@@ -31,6 +31,9 @@ pub enum Reply {
     Status(u16, Vec<(&'static str, &'static str)>),
     /// Waits, then does the inner reply.
     Delay(Duration, Box<Reply>),
+    /// An error status whose message quotes the `Authorization` header received (as some
+    /// servers' errors do).
+    QuoteAuthorization(u16),
     /// 200 with exactly this body, as `application/json`.
     Body(&'static str),
     /// 200 with an SSE stream of exactly these `data:` payloads (`[DONE]` only if listed).
@@ -199,16 +202,24 @@ async fn fake_completions(
         .unwrap()
         .pop_front()
         .unwrap_or(Reply::Echo);
-    answer(reply, &body).await
+    answer(reply, &body, &header("authorization").unwrap_or_default()).await
 }
 
-async fn answer(reply: Reply, request: &Value) -> Response {
+async fn answer(reply: Reply, request: &Value, authorization: &str) -> Response {
     let text = match reply {
         Reply::Echo => last_user_text(request),
         Reply::Text(text) => text.to_owned(),
         Reply::Delay(wait, inner) => {
             tokio::time::sleep(wait).await;
-            return Box::pin(answer(*inner, request)).await;
+            return Box::pin(answer(*inner, request, authorization)).await;
+        }
+        Reply::QuoteAuthorization(status) => {
+            let message = format!("no quota left for {authorization}");
+            return (
+                StatusCode::from_u16(status).unwrap(),
+                axum::Json(json!({"error": {"message": message, "type": "server_error", "param": authorization, "code": null}})),
+            )
+                .into_response();
         }
         Reply::Status(status, headers) => {
             let mut response = (

@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::common::{FakeUpstream, TestGateway, chat_body};
+use crate::common::{FakeUpstream, Reply, TestGateway, chat_body};
 
 async fn error_of(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
@@ -158,4 +158,27 @@ async fn unknown_path_is_404_in_openai_shape() {
     let (status, error) = error_of(response).await;
     assert_eq!(status, 404);
     assert_eq!(error["code"], "unknown_url");
+}
+
+#[tokio::test]
+async fn an_upstream_that_quotes_the_gateways_key_back_does_not_reveal_it() {
+    let upstream = FakeUpstream::start(vec![
+        Reply::QuoteAuthorization(500),
+        Reply::QuoteAuthorization(400),
+    ])
+    .await;
+    let gateway = TestGateway::over(&[&upstream.base_url], "retries = 0").await;
+    for status in [502, 400] {
+        let response = gateway.post("/v1/chat/completions", &chat_body("x")).await;
+        let (got, error) = error_of(response).await;
+        assert_eq!(got, status);
+        let text = error.to_string();
+        assert!(text.contains("no quota left for [redacted]"), "{text}");
+        // `${TEST_OPENAI_KEY}` is `sk-test-key`.
+        assert!(!text.contains("sk-test-key"), "{text}");
+    }
+    assert_eq!(
+        upstream.requests()[0].authorization.as_deref(),
+        Some("Bearer sk-test-key")
+    );
 }

@@ -39,6 +39,10 @@ pub(crate) struct Upstream {
     /// request that has none. (HTTPS may negotiate HTTP/2, which names the host in `:authority`
     /// instead; the client adds `Host` for HTTP/1 there.)
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// The credentials those headers carry, to be cut out of whatever the upstream says: a
+    /// server may quote the request's `Authorization` in an error message, which the gateway
+    /// passes on to its client, its logs and its traces.
+    secrets: Vec<String>,
 }
 
 impl Upstream {
@@ -59,12 +63,34 @@ impl Upstream {
         if path == Path::Direct && url.scheme() == Some(&http::uri::Scheme::HTTP) {
             headers.extend(host_header(&url).map(|host| (HOST, host)));
         }
+        let secrets = headers
+            .iter()
+            .filter(|(_, value)| value.is_sensitive())
+            .filter_map(|(_, value)| value.to_str().ok())
+            .flat_map(|value| [Some(value), value.strip_prefix("Bearer ")])
+            .flatten()
+            // Long enough never to match ordinary text.
+            .filter(|secret| secret.len() >= 8)
+            .map(str::to_owned)
+            .collect();
         Ok(Self {
             name,
             client,
             url,
             path,
             headers,
+            secrets,
+        })
+    }
+
+    /// `text` (something the upstream said) without this upstream's credentials.
+    fn redact(&self, text: String) -> String {
+        self.secrets.iter().fold(text, |text, secret| {
+            if text.contains(secret.as_str()) {
+                text.replace(secret.as_str(), "[redacted]")
+            } else {
+                text
+            }
         })
     }
 
@@ -138,14 +164,18 @@ impl Upstream {
         };
         let (param, code) = body.map_or((None, None), |body| error_param_and_code(&body));
         Err(LlmError {
-            param,
-            code,
+            param: param.map(|param| self.redact(param)),
+            code: code.map(|code| self.redact(code)),
             ..LlmError::new(
                 LlmErrorKind::Status {
                     status,
                     retry_after,
                 },
-                format!("provider '{}' returned HTTP {status}: {detail}", self.name),
+                format!(
+                    "provider '{}' returned HTTP {status}: {}",
+                    self.name,
+                    self.redact(detail)
+                ),
             )
         })
     }
@@ -163,7 +193,7 @@ impl Upstream {
     /// Puts the provider's name in a transport error.
     pub fn named(&self, error: LlmError) -> LlmError {
         LlmError {
-            message: format!("provider '{}': {}", self.name, error.message),
+            message: self.redact(format!("provider '{}': {}", self.name, error.message)),
             ..error
         }
     }
@@ -172,7 +202,7 @@ impl Upstream {
     pub fn invalid(&self, what: &str, error: &dyn std::fmt::Display) -> LlmError {
         LlmError::new(
             LlmErrorKind::InvalidResponse,
-            format!("provider '{}' sent {what}: {error}", self.name),
+            self.redact(format!("provider '{}' sent {what}: {error}", self.name)),
         )
     }
 
@@ -180,7 +210,7 @@ impl Upstream {
     pub fn interrupted(&self, message: impl std::fmt::Display) -> LlmError {
         LlmError::new(
             LlmErrorKind::StreamInterrupted,
-            format!("provider '{}' {message}", self.name),
+            self.redact(format!("provider '{}' {message}", self.name)),
         )
     }
 }
@@ -282,6 +312,21 @@ pub(crate) mod tests {
     pub(crate) fn test_upstream(name: &str) -> Arc<Upstream> {
         let client = Arc::new(HttpClient::new().unwrap());
         Arc::new(Upstream::new(name.into(), client, "http://127.0.0.1:1", "x", vec![]).unwrap())
+    }
+
+    #[test]
+    fn what_the_upstream_says_loses_the_credentials_sent_to_it() {
+        let client = Arc::new(HttpClient::new().unwrap());
+        let key = Upstream::secret_header("p", "Bearer sk-abcdef123456".to_owned()).unwrap();
+        let headers = vec![(http::header::AUTHORIZATION, key)];
+        let upstream =
+            Upstream::new("p".into(), client, "http://127.0.0.1:1", "x", headers).unwrap();
+        let error = upstream
+            .interrupted("sent an error: bad key Bearer sk-abcdef123456 (or sk-abcdef123456)");
+        assert_eq!(
+            error.message,
+            "provider 'p' sent an error: bad key [redacted] (or [redacted])"
+        );
     }
 
     #[test]
