@@ -200,8 +200,12 @@ impl Visit for PlainVisitor<'_> {
                     .and_then(|()| self.writer.write_str(value))
                     .and_then(|()| self.writer.write_char('"'));
             }
-        } else {
-            self.record_debug(field, &value);
+        } else if self.start(name) {
+            // Quoted and escaped, as `Debug` writes a string.
+            let writer = &mut self.writer;
+            self.result = writer
+                .write_str(name.strip_prefix("r#").unwrap_or(name))
+                .and_then(|()| write!(writer, "={value:?}"));
         }
     }
 
@@ -241,12 +245,28 @@ impl Visit for PlainVisitor<'_> {
         self.result = match name {
             // Messages may quote outside input: no terminal control characters get through.
             "message" => write!(EscapeControl(&mut self.writer), "{value:?}"),
-            // `%value` fields (an error's `Display`) may span lines: one event, one line.
-            name => self
-                .writer
-                .write_str(name.strip_prefix("r#").unwrap_or(name))
-                .and_then(|()| self.writer.write_char('='))
-                .and_then(|()| write!(EscapeControl(&mut self.writer), "{value:?}")),
+            // `%value` and `?value` fields: a single token as is (`kind=route`, `1.5ms`);
+            // anything else quoted and escaped like a string, so that a value from outside (an
+            // upstream's error, a client's request id) can neither break the line nor pass for
+            // more fields.
+            name => {
+                let text = format!("{value:?}");
+                let token = !text.is_empty()
+                    && text
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b'='));
+                let writer = &mut self.writer;
+                writer
+                    .write_str(name.strip_prefix("r#").unwrap_or(name))
+                    .and_then(|()| writer.write_char('='))
+                    .and_then(|()| {
+                        if token {
+                            writer.write_str(&text)
+                        } else {
+                            write!(writer, "{text:?}")
+                        }
+                    })
+            }
         };
     }
 }
@@ -343,7 +363,7 @@ mod tests {
             let _entered = span.enter();
             tracing::info!(
                 method = "POST",
-                display = %"shown by Display",
+                display = %"shown_by_Display",
                 endpoint = "support \"bot\"",
                 status = 200u16,
                 stream = false,
@@ -477,7 +497,7 @@ mod tests {
         assert_eq!(plain.lines().count(), 4, "{plain}");
         assert!(
             plain.contains(
-                r#"request{request_id="1b2c" url.path="/v1/chat/completions" endpoint="echo"}: request method="POST" display=shown by Display endpoint="support \"bot\"" status=200 stream=false latency_ms=0.07 upstream_ms=1.0 tiny=1e-5 small=-0.0001 zero=0.0 negative_zero=-0.0 below_plain=9.99e-5 infinite=inf large=9999999999999998.0 huge=1e16 nan=NaN retries=0 offset=-3 quoted="tab\there" unicode="café" prompt_tokens=8 type="x""#
+                r#"request{request_id="1b2c" url.path="/v1/chat/completions" endpoint="echo"}: request method="POST" display=shown_by_Display endpoint="support \"bot\"" status=200 stream=false latency_ms=0.07 upstream_ms=1.0 tiny=1e-5 small=-0.0001 zero=0.0 negative_zero=-0.0 below_plain=9.99e-5 infinite=inf large=9999999999999998.0 huge=1e16 nan=NaN retries=0 offset=-3 quoted="tab\there" unicode="café" prompt_tokens=8 type="x""#
             ),
             "{plain}"
         );
@@ -498,12 +518,13 @@ mod tests {
             .with_writer(plain.clone());
         tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
             let error = "cannot load config:\n  - endpoints[1]: unknown route\r";
-            tracing::error!(%error, "reload failed;\nstill serving");
+            let request_id = "zz status=200";
+            tracing::error!(%error, request_id = %request_id, kind = %"route", "reload failed;\nstill serving");
         });
         let plain = String::from_utf8(plain.0.lock().unwrap().clone()).unwrap();
         assert_eq!(
             plain,
-            "ERROR reload failed;\\nstill serving error=cannot load config:\\n  - endpoints[1]: unknown route\\r\n"
+            "ERROR reload failed;\\nstill serving error=\"cannot load config:\\n  - endpoints[1]: unknown route\\r\" request_id=\"zz status=200\" kind=route\n"
         );
     }
 }
