@@ -676,6 +676,37 @@ async fn a_client_that_leaves_is_logged_with_the_upstream_time_it_waited() {
 }
 
 #[tokio::test]
+async fn a_refused_request_is_logged_with_the_key_it_came_with() {
+    let dir = crate::common::temp_dir("key-log");
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[auth]\nkeys = [{ id = \"team-a\", key_env = \"TEAM_A_KEY\" }]\n\
+         [providers.mock]\nkind = \"mock\"\n[routes.r]\ntargets = [{ provider = \"mock\", model = \"m\" }]\n\
+         [[endpoints]]\nname = \"chat\"\nroute = \"r\"\n",
+    )
+    .unwrap();
+    let gateway = GatewayProcess::start(&config, &[("TEAM_A_KEY", "sk-team-a-secret")]);
+    let client = reqwest::Client::new();
+    let post = |body: &'static str| {
+        client
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth("sk-team-a-secret")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    assert_eq!(post("{\"model\": ").await.unwrap().status(), 400);
+    let unknown = r#"{"model": "nope", "messages": [{"role": "user", "content": "x"}]}"#;
+    assert_eq!(post(unknown).await.unwrap().status(), 404);
+    let lines = gateway.request_lines(2);
+    for line in &lines {
+        assert_eq!(line["key_id"], "team-a", "{line}");
+        assert!(!line.to_string().contains("sk-team-a-secret"));
+    }
+}
+
+#[tokio::test]
 async fn prompts_and_completions_are_logged_only_where_an_endpoint_asks_for_it() {
     let dir = crate::common::temp_dir("payload-log");
     let config = dir.join("gateway.toml");

@@ -41,6 +41,11 @@ pub async fn chat_completions(
     let snapshot = state.snapshot();
     // The key is checked before the body is read: a caller without one costs no parsing.
     let key = auth::authenticate(&snapshot.keys, &headers)?.cloned();
+    // Whatever becomes of the request (a body that does not parse, an unknown model), its log
+    // line says whose it was.
+    if let Some(key) = &key {
+        record.update(|d| d.key_id = Some(key.id.clone()));
+    }
     let chat = parse_json(&read_body(request, &state).await?)?;
     serve_chat(&state, Authorized { snapshot, key }, chat, &headers, record).await
 }
@@ -152,10 +157,10 @@ async fn serve_chat(
     };
     let user = end_user(headers, &request);
     let key_id = key.as_ref().map(|k| k.id.clone());
+    // The key is on the record already.
     record.update(|d| {
         d.endpoint = Some(endpoint_name.clone());
         d.kind = endpoint.kind();
-        d.key_id.clone_from(&key_id);
         d.user.clone_from(&user);
         d.stream = request.is_stream();
     });
