@@ -102,9 +102,10 @@ pub enum LimitsStoreConfig {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnError {
+    #[default]
     Deny,
     Allow,
 }
@@ -511,6 +512,8 @@ enum RawLimitsStore {
     Redis {
         url: String,
         password: Option<String>,
+        /// Fail closed unless told otherwise: the provider's quota is what limits protect.
+        #[serde(default)]
         on_error: OnError,
         #[serde(default = "default_redis_timeout_ms")]
         timeout_ms: u64,
@@ -1416,7 +1419,7 @@ mod tests {
             "unix:///run/redis.sock?pass=hunter2-secret",
         ] {
             let found = problems(&format!(
-                "[limits_store]\nkind = \"redis\"\non_error = \"deny\"\nurl = \"{url}\"\n{VALID}"
+                "[limits_store]\nkind = \"redis\"\nurl = \"{url}\"\n{VALID}"
             ));
             assert_eq!(found.len(), 1, "{found:#?}");
             assert_eq!(found[0].0, "limits_store.url", "{found:#?}");
@@ -1429,15 +1432,22 @@ mod tests {
         // (A user name in the URL is no secret.)
         let store = |url: &str, password: &str| {
             format!(
-                "[limits_store]\nkind = \"redis\"\non_error = \"deny\"\n\
+                "[limits_store]\nkind = \"redis\"\n\
                  url = \"{url}\"\npassword = \"{password}\"\n{VALID}"
             )
         };
         let config = parse(&store("redis://app@127.0.0.1:6379/2", "${TEST_KEY}")).unwrap();
-        let LimitsStoreConfig::Redis { url, password, .. } = &config.limits_store else {
+        let LimitsStoreConfig::Redis {
+            url,
+            password,
+            on_error,
+            ..
+        } = &config.limits_store
+        else {
             panic!("{:?}", config.limits_store);
         };
         assert_eq!(url.expose(), "redis://app@127.0.0.1:6379/2");
+        assert_eq!(*on_error, OnError::Deny);
         assert_eq!(password.as_ref().unwrap().expose(), "sk-test-secret");
         // An '@' after the host is no user information.
         assert!(parse(&store("redis://127.0.0.1:6379/0?x=a@b", "${TEST_KEY}")).is_ok());
