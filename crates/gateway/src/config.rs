@@ -262,7 +262,16 @@ impl Config {
         let config = match text.parse::<toml::Table>() {
             Ok(table) => compile(table, env, &mut problems),
             Err(e) => {
-                problems.add("", e.to_string().trim_end());
+                // Not the error's `Display`: it quotes the line, which may hold a secret (an
+                // `api_key = "sk-…` missing its closing quote).
+                let at = e.span().map_or(0, |span| span.start).min(text.len());
+                let before = text.get(..at).unwrap_or_default();
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                problems.add(
+                    "",
+                    format!("TOML syntax, line {line}, column {column}: {}", e.message()),
+                );
                 None
             }
         };
@@ -1362,6 +1371,11 @@ mod tests {
         let error = parse("[server\nlisten = 1").unwrap_err();
         assert_eq!(error.problems.len(), 1);
         assert!(error.to_string().contains("line 1"), "{error}");
+        // The line itself is not quoted: it may hold a secret.
+        let error = parse("[server]\n\n  api_key = \"sk-BROKEN-SECRET\n").unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("TOML syntax, line 3, column "), "{text}");
+        assert!(!text.contains("sk-BROKEN"), "{text}");
     }
 
     #[test]
