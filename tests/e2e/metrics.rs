@@ -277,3 +277,40 @@ async fn metrics_can_require_the_admin_key() {
             .contains("# TYPE switchyard_endpoint_info gauge")
     );
 }
+
+#[tokio::test]
+async fn streams_that_break_off_after_their_200_are_counted_by_reason() {
+    let upstream = FakeUpstream::start(vec![
+        Reply::StreamThenDrop(vec!["one", "two"]),
+        Reply::StreamThenStall(vec!["three"]),
+    ])
+    .await;
+    let gateway = TestGateway::start(&format!(
+        "[providers.fake]\nkind = \"openai\"\nbase_url = \"{}\"\n\
+         [routes.main]\ntargets = [{{ provider = \"fake\", model = \"m\" }}]\nretries = 0\ntimeout_ms = 300\n\
+         [[endpoints]]\nname = \"chat\"\nroute = \"main\"\n",
+        upstream.base_url
+    ))
+    .await;
+    let stream =
+        json!({"model": "chat", "stream": true, "messages": [{"role": "user", "content": "x"}]});
+    for _ in 0..2 {
+        let response = gateway.post("/v1/chat/completions", &stream).await;
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.unwrap();
+        assert!(text.contains("\"error\""), "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
+    let samples = samples(&gateway.metrics().await);
+    let count = |reason: &str| {
+        samples[&format!(
+            r#"switchyard_stream_errors_total{{endpoint="chat",kind="route",reason="{reason}"}}"#
+        )]
+    };
+    assert_eq!(count("upstream_error"), 1.0);
+    assert_eq!(count("timeout"), 1.0);
+    assert_eq!(
+        samples[r#"switchyard_requests_total{endpoint="chat",kind="route",status="2xx"}"#],
+        2.0
+    );
+}

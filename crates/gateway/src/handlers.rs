@@ -717,8 +717,18 @@ impl SseEvents {
                     return true;
                 }
                 Some(Err(error)) => {
-                    warn!(request_id = %self.log.record.request_id, %error, "stream ended by an upstream error");
-                    self.log.finish("upstream_error");
+                    let reason = match error.kind {
+                        LlmErrorKind::Timeout => "timeout",
+                        _ => "upstream_error",
+                    };
+                    warn!(request_id = %self.log.record.request_id, %error, reason, "stream ended by an upstream error");
+                    let details = self.log.record.details();
+                    let endpoint = details.endpoint.as_deref().unwrap_or("");
+                    self.log
+                        .state
+                        .metrics()
+                        .stream_error(endpoint, details.kind, reason);
+                    self.log.finish(reason);
                     push_event(frame, &ApiError::from(error).openai_body().to_string());
                     self.phase = Phase::Closing;
                     return true;

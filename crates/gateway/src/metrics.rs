@@ -30,6 +30,13 @@ struct EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamErrorLabels {
+    endpoint: String,
+    kind: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
     route: String,
     provider: String,
@@ -158,6 +165,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     overhead: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    stream_errors: Family<StreamErrorLabels, Counter>,
     upstream_attempts: Family<AttemptLabels, Counter>,
     upstream_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     first_token: Family<RouteLabels, Histogram, fn() -> Histogram>,
@@ -182,6 +190,7 @@ impl Metrics {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency),
             overhead: Family::new_with_constructor(overhead_constructor),
+            stream_errors: Family::default(),
             upstream_attempts: Family::default(),
             upstream_duration: Family::new_with_constructor(latency),
             first_token: Family::new_with_constructor(latency),
@@ -209,6 +218,11 @@ impl Metrics {
             "switchyard_gateway_overhead_seconds",
             "Time a request spent in the gateway itself: until the response started, minus the time waiting on upstreams",
             metrics.overhead.clone(),
+        );
+        registry.register(
+            "switchyard_stream_errors",
+            "Streams that ended with an error event after their 200 (reason: timeout, upstream_error), by endpoint and kind",
+            metrics.stream_errors.clone(),
         );
         registry.register(
             "switchyard_upstream_attempts",
@@ -278,6 +292,17 @@ impl Metrics {
             text.clear();
         }
         text
+    }
+
+    /// A stream that broke off after its response had started (the request counts as a 2xx).
+    pub fn stream_error(&self, endpoint: &str, kind: &'static str, reason: &'static str) {
+        self.stream_errors
+            .get_or_create(&StreamErrorLabels {
+                endpoint: endpoint.to_owned(),
+                kind,
+                reason,
+            })
+            .inc();
     }
 
     pub fn request(&self, endpoint: &str, kind: &'static str, status: u16, duration: Duration) {
