@@ -184,7 +184,11 @@ pub async fn log_request(
         // is on its way (the metrics are counted before, so a client that reads /metrics next
         // finds its request there).
         state.after_response(move || {
-            let outcome = if status.is_success() { "ok" } else { "error" };
+            let outcome = match status.as_u16() {
+                200..=299 => "ok",
+                429 => "rate_limited",
+                _ => "error",
+            };
             record.log(&details, status.as_u16(), outcome, elapsed);
         });
     }
