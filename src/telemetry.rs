@@ -151,8 +151,9 @@ struct PlainVisitor<'writer> {
 impl PlainVisitor<'_> {
     /// Starts the field: a space unless it is the first. False for fields not written.
     fn start(&mut self, name: &str) -> bool {
-        // `log.*`: metadata of records from the `log` crate, already in the line's header.
-        if self.result.is_err() || name.starts_with("log.") {
+        // `log.*`: metadata of records from the `log` crate, already in the line's header;
+        // `otel.*`: instructions to the OpenTelemetry layer (a span's kind, its status).
+        if self.result.is_err() || name.starts_with("log.") || name.starts_with("otel.") {
             return false;
         }
         if !std::mem::take(&mut self.empty) {
@@ -309,9 +310,15 @@ fn otlp_provider() -> anyhow::Result<SdkTracerProvider> {
         .with_http()
         .with_protocol(protocol)
         .build()?;
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name("switchyard")
-        .build();
+    // `OTEL_SERVICE_NAME` (or `service.name` in `OTEL_RESOURCE_ATTRIBUTES`) names the service
+    // when set: the builder reads both.
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    let named = std::env::var_os("OTEL_SERVICE_NAME").is_some()
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|a| a.contains("service.name="));
+    if !named {
+        resource = resource.with_service_name("switchyard");
+    }
+    let resource = resource.build();
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(resource)

@@ -507,7 +507,7 @@ fn attribute<'a>(span: &'a Value, key: &str) -> Option<&'a Value> {
 }
 
 #[tokio::test]
-async fn chain_steps_are_exported_over_otlp_as_children_of_the_request() {
+async fn traces_join_the_callers_and_carry_chain_steps_as_children_of_the_request() {
     let (collector, received) = otlp_receiver().await;
     let dir = crate::common::temp_dir("otlp");
     let config = dir.join("gateway.toml");
@@ -515,8 +515,12 @@ async fn chain_steps_are_exported_over_otlp_as_children_of_the_request() {
         &config,
         format!(
             "[providers.mock]\nkind = \"mock\"\n[routes.chat]\ntargets = [{{ provider = \"mock\", model = \"m\" }}]\n\
-             [[endpoints]]\nname = \"summarize\"\nchain_dir = \"{}\"\nconfig = {{ keep_last = 1 }}\n",
-            switchyard_chains::chain_dir("summarize_then_answer").display()
+             [[endpoints]]\nname = \"summarize\"\nchain_dir = \"{}\"\nconfig = {{ keep_last = 1 }}\n\
+             [providers.down]\nkind = \"openai\"\nbase_url = \"{}\"\n\
+             [routes.down]\ntargets = [{{ provider = \"down\", model = \"m\" }}]\nretries = 0\n\
+             [[endpoints]]\nname = \"broken\"\nroute = \"down\"\n",
+            switchyard_chains::chain_dir("summarize_then_answer").display(),
+            crate::common::closed_port_url().await
         ),
     )
     .unwrap();
@@ -525,12 +529,16 @@ async fn chain_steps_are_exported_over_otlp_as_children_of_the_request() {
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_SERVICE_NAME", "support-gateway"),
         ],
     );
     let conversation = serde_json::json!({"model": "summarize", "messages": [
         {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]});
+    // The caller's trace: the request joins it, as a child of the caller's span.
+    let (caller_trace, caller_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
     let response = reqwest::Client::new()
         .post(gateway.url("/v1/chat/completions"))
+        .header("traceparent", format!("00-{caller_trace}-{caller_span}-01"))
         .json(&conversation)
         .send()
         .await
@@ -540,7 +548,17 @@ async fn chain_steps_are_exported_over_otlp_as_children_of_the_request() {
         .to_str()
         .unwrap()
         .to_owned();
-    assert_eq!(trace_id.len(), 32);
+    assert_eq!(trace_id, caller_trace);
+    let mut broken = chat_body("x");
+    broken["model"] = "broken".into();
+    let failed = reqwest::Client::new()
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&broken)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), 502);
+    let failed_trace = failed.headers()["x-trace-id"].to_str().unwrap().to_owned();
 
     // Spans are flushed when the process exits; the collector runs on this test's runtime, so
     // wait for the exit off it.
@@ -559,7 +577,7 @@ async fn chain_steps_are_exported_over_otlp_as_children_of_the_request() {
     .await
     .unwrap();
     assert!(exit.success());
-    let spans: Vec<Value> = received
+    let all_spans: Vec<Value> = received
         .lock()
         .unwrap()
         .iter()
@@ -571,12 +589,47 @@ async fn chain_steps_are_exported_over_otlp_as_children_of_the_request() {
         })
         .flat_map(|rs| rs["scopeSpans"].as_array().cloned().unwrap_or_default())
         .flat_map(|ss| ss["spans"].as_array().cloned().unwrap_or_default())
+        .collect();
+    // A request that failed upstream: its span's status is an error (STATUS_CODE_ERROR).
+    let failed = all_spans
+        .iter()
+        .find(|s| s["traceId"] == failed_trace.as_str() && s["name"] == "request")
+        .unwrap_or_else(|| panic!("{all_spans:#?}"));
+    assert_eq!(failed["status"]["code"], 2, "{failed}");
+    let spans: Vec<Value> = all_spans
+        .into_iter()
         .filter(|span| span["traceId"] == trace_id.as_str())
         .collect();
     let request = spans
         .iter()
         .find(|s| s["name"] == "request")
         .unwrap_or_else(|| panic!("{spans:#?}"));
+    assert_eq!(request["parentSpanId"], caller_span);
+    // SPAN_KIND_SERVER.
+    assert_eq!(request["kind"], 2, "{request}");
+    let service: Vec<Value> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|body| {
+            body["resourceSpans"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|rs| {
+            rs["resource"]["attributes"]
+                .as_array()?
+                .iter()
+                .find(|a| a["key"] == "service.name")
+                .map(|a| a["value"]["stringValue"].clone())
+        })
+        .collect();
+    assert!(!service.is_empty());
+    assert!(
+        service.iter().all(|name| name == "support-gateway"),
+        "{service:?}"
+    );
     assert_eq!(
         attribute(request, "endpoint").unwrap()["stringValue"],
         "summarize"

@@ -14,7 +14,9 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TraceId};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use switchyard_core::RequestStats;
 use tracing::{Instrument, info, info_span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -144,7 +146,18 @@ pub async fn log_request(
         "url.path" = tracing::field::Empty,
         endpoint = tracing::field::Empty,
         "http.response.status_code" = tracing::field::Empty,
+        // Read by the OpenTelemetry layer only when the span is made; the log lines leave
+        // `otel.*` fields out.
+        "otel.kind" = "server",
+        "otel.status_code" = tracing::field::Empty,
     );
+    // A caller's W3C `traceparent` makes the request part of its trace (a no-op without
+    // OpenTelemetry export).
+    if request.headers().contains_key("traceparent") {
+        let parent = TraceContextPropagator::new().extract(&Headers(request.headers()));
+        // An unreadable traceparent yields no parent, and the request starts its own trace.
+        let _ = span.set_parent(parent);
+    }
     let mut response = RequestStats::scope(record.stats.clone(), next.run(request))
         .instrument(span.clone())
         .await;
@@ -154,6 +167,9 @@ pub async fn log_request(
     // instructions each).
     let trace_id = span.context().span().span_context().trace_id();
     if trace_id != TraceId::INVALID {
+        if response.status().is_server_error() {
+            span.record("otel.status_code", "error");
+        }
         span.record("http.request.method", record.method.as_str());
         span.record("url.path", record.path.as_str());
         // An integer attribute (tracing-opentelemetry exports unsigned values as strings).
@@ -193,6 +209,19 @@ pub async fn log_request(
         });
     }
     response
+}
+
+/// A request's headers as OpenTelemetry's propagators read them.
+struct Headers<'a>(&'a axum::http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
 }
 
 /// Logs a request whose handler was dropped before it answered (the client went away), with
