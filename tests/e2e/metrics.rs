@@ -314,3 +314,36 @@ async fn streams_that_break_off_after_their_200_are_counted_by_reason() {
         2.0
     );
 }
+
+#[tokio::test]
+async fn waiting_out_an_upstreams_retry_after_is_not_gateway_overhead() {
+    let upstream = FakeUpstream::start(vec![
+        Reply::Status(429, vec![("retry-after-ms", "300")]),
+        Reply::Echo,
+    ])
+    .await;
+    let gateway = TestGateway::start(&config(&upstream.base_url)).await;
+    let mut body = chat_body("x");
+    body["model"] = json!("flaky");
+    let started = std::time::Instant::now();
+    assert_eq!(
+        gateway.post("/v1/chat/completions", &body).await.status(),
+        200
+    );
+    assert!(started.elapsed().as_secs_f64() >= 0.3);
+    let text = gateway.metrics().await;
+    let overhead: f64 = text
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(
+                r#"switchyard_gateway_overhead_seconds_sum{endpoint="flaky",kind="route"} "#,
+            )
+        })
+        .unwrap_or_else(|| panic!("{text}"))
+        .parse()
+        .unwrap();
+    assert!(
+        overhead < 0.2,
+        "the 300 ms backoff counted as overhead: {overhead}"
+    );
+}

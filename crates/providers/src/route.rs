@@ -179,6 +179,9 @@ impl Route {
                 }
                 self.observe(target, AttemptOutcome::Retry, last_attempt);
                 RequestStats::record_retry();
+                // Waiting out the backoff (an upstream's `Retry-After`) is waiting on the
+                // upstream, not time the gateway spent.
+                let _waiting = UpstreamTime(Instant::now());
                 tokio::time::sleep(wait).await;
             }
             let falls_back = last_error.as_ref().is_some_and(is_worth_falling_back)
@@ -279,8 +282,8 @@ impl Route {
     }
 }
 
-/// Adds an attempt's time to the request's upstream time when the attempt ends, also when the
-/// request is dropped during it (its client went away).
+/// Adds an attempt's time (or a backoff's) to the request's upstream time when it ends, also
+/// when the request is dropped during it (its client went away).
 struct UpstreamTime(Instant);
 
 impl Drop for UpstreamTime {
