@@ -195,6 +195,67 @@ async fn sigterm_lets_a_stream_in_flight_finish() {
     std::fs::remove_dir_all(&work).unwrap();
 }
 
+#[tokio::test]
+async fn a_stream_still_running_at_the_shutdown_deadline_is_cut_off_logged_and_the_gateway_exits() {
+    let upstream = FakeUpstream::start(vec![Reply::StreamThenStall(vec!["never ", "ends"])]).await;
+    let work = temp_dir("sigterm-deadline");
+    let config = work.join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[server]\nshutdown_timeout_ms = 300\n".to_owned()
+            + &config_over(&[&upstream.base_url], "timeout_ms = 600000"),
+    )
+    .unwrap();
+    let mut gateway = GatewayProcess::start(&config, &[("TEST_OPENAI_KEY", "sk-test")]);
+    let mut body = chat_body("x");
+    body["stream"] = true.into();
+    let response = reqwest::Client::new()
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut chunks = response.bytes_stream();
+    let mut received = String::new();
+    while !received.contains("ends") {
+        let piece = chunks
+            .next()
+            .await
+            .expect("the stream ended early")
+            .unwrap();
+        received.push_str(std::str::from_utf8(&piece).unwrap());
+    }
+    // The upstream stalls (its route would wait 10 minutes): SIGTERM, and 300 ms later the
+    // gateway closes the connection and exits.
+    let terminated = Command::new("kill")
+        .args(["-TERM", &gateway.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    while let Some(Ok(piece)) = chunks.next().await {
+        received.push_str(std::str::from_utf8(&piece).unwrap());
+    }
+    assert!(!received.contains("[DONE]"), "{received}");
+    let exit = gateway.child.wait().unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+    let log: Vec<Value> = gateway
+        .log
+        .iter()
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect();
+    let request = log.iter().find(|l| l["message"] == "request").unwrap();
+    assert_eq!(request["status"], 200);
+    assert_eq!(request["outcome"], "shutdown");
+    assert!(
+        log.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("shutdown_timeout_ms"))),
+        "{log:#?}"
+    );
+    std::fs::remove_dir_all(&work).unwrap();
+}
+
 /// Waits (10 s at most) until `address` refuses connections: the gateway has stopped accepting.
 async fn wait_until_refused(address: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -129,6 +129,9 @@ pub struct ServerConfig {
     /// How long the gateway waits on a client mid-request: for the whole request body, and for
     /// a write of the response to make progress (a reader that stopped reading).
     pub client_timeout: Duration,
+    /// How long a shutdown waits for requests in flight; then their connections are closed
+    /// (each still logged and its tokens settled) and the process exits.
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -298,6 +301,8 @@ struct RawServer {
     header_timeout_ms: u64,
     #[serde(default = "default_client_timeout_ms")]
     client_timeout_ms: u64,
+    #[serde(default = "default_shutdown_timeout_ms")]
+    shutdown_timeout_ms: u64,
 }
 
 impl Default for RawServer {
@@ -307,6 +312,7 @@ impl Default for RawServer {
             max_body_bytes: default_max_body_bytes(),
             header_timeout_ms: default_header_timeout_ms(),
             client_timeout_ms: default_client_timeout_ms(),
+            shutdown_timeout_ms: default_shutdown_timeout_ms(),
         }
     }
 }
@@ -329,6 +335,12 @@ fn default_header_timeout_ms() -> u64 {
 
 fn default_client_timeout_ms() -> u64 {
     60_000
+}
+
+/// Under Kubernetes' default grace period (30 s) before its SIGKILL, with time to spare for
+/// writing the last log lines and settling tokens.
+fn default_shutdown_timeout_ms() -> u64 {
+    25_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -699,6 +711,7 @@ fn compile_server(raw: RawServer, problems: &mut Problems) -> Option<ServerConfi
         max_body_bytes: raw.max_body_bytes,
         header_timeout: Duration::from_millis(raw.header_timeout_ms),
         client_timeout: Duration::from_millis(raw.client_timeout_ms),
+        shutdown_timeout: Duration::from_millis(raw.shutdown_timeout_ms),
     })
 }
 

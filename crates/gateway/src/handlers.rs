@@ -613,7 +613,8 @@ impl StreamLog {
 impl Drop for StreamLog {
     fn drop(&mut self) {
         if !self.logged {
-            self.finish("client_closed");
+            let outcome = self.state.unfinished_outcome();
+            self.finish(outcome);
         }
     }
 }

@@ -122,6 +122,9 @@ struct Shared {
     /// Cancelled when serving stops taking connections: requests still waiting for their body
     /// then give up (503) instead of holding the shutdown up.
     shutting_down: tokio_util::sync::CancellationToken,
+    /// Set when `shutdown_timeout_ms` has passed and the connections still busy are closed:
+    /// their requests are logged as cut by the shutdown, not by their clients.
+    cut_off: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
@@ -145,6 +148,16 @@ impl AppState {
     /// Completes once the gateway has begun to shut down.
     pub(crate) fn shutting_down(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.0.shutting_down.cancelled()
+    }
+
+    /// Why a request that never finished did not: its client left, or the shutdown's deadline
+    /// closed its connection.
+    pub(crate) fn unfinished_outcome(&self) -> &'static str {
+        if self.0.cut_off.load(Ordering::Relaxed) {
+            "shutdown"
+        } else {
+            "client_closed"
+        }
     }
 
     /// `[server] client_timeout_ms`: how long to wait for a request body.
@@ -246,6 +259,7 @@ impl Gateway {
                 reload_lock: tokio::sync::Mutex::new(()),
                 after_response,
                 shutting_down: tokio_util::sync::CancellationToken::new(),
+                cut_off: std::sync::atomic::AtomicBool::new(false),
             })),
         })
     }
@@ -614,12 +628,15 @@ async fn serve_connections<L>(
     // A token of this thread's own (cancelled with the gateway's): its connections' tasks look
     // at it, which takes its lock, on every wake-up until their first request.
     let closing = gateway.state.0.shutting_down.child_token();
+    // The connections' tasks, to close those still busy when the shutdown's time is up.
+    let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
+        while tasks.try_join_next().is_some() {}
         let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
         stream.set_write_timeout(Some(server.client_timeout));
         // Whether a request has arrived whole on this connection (its head, at least).
@@ -635,7 +652,7 @@ async fn serve_connections<L>(
             http.serve_connection(hyper_util::rt::TokioIo::new(Box::pin(stream)), service);
         let connection = connections.watch(connection);
         let closing = closing.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             // At shutdown hyper closes a connection between two requests, but waits on one that
             // has not finished its first request head (up to `header_timeout_ms`): such a
             // connection has nothing to lose, so it is dropped. The shutdown is looked at only
@@ -666,7 +683,22 @@ async fn serve_connections<L>(
     // waiting for their body are refused.
     drop(listener);
     gateway.state.0.shutting_down.cancel();
-    connections.shutdown().await;
+    let deadline = server.shutdown_timeout;
+    if tokio::time::timeout(deadline, connections.shutdown())
+        .await
+        .is_err()
+    {
+        // Dropping a connection's task drops its request: a stream is cut off, and each is
+        // still logged and settles its tokens (below) before the process exits.
+        gateway.state.0.cut_off.store(true, Ordering::Relaxed);
+        warn!(
+            connections = tasks.len(),
+            "shutdown_timeout_ms ({} ms) passed: closing the connections still busy",
+            deadline.as_millis()
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
     timer.abort();
     let after_response = &gateway.state.0.after_response;
     after_response.close();

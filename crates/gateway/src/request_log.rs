@@ -234,7 +234,7 @@ struct Unfinished {
 impl Drop for Unfinished {
     fn drop(&mut self) {
         if let Some(record) = self.record.take() {
-            record.finish(&self.state, 499, "client_closed");
+            record.finish(&self.state, 499, self.state.unfinished_outcome());
         }
     }
 }
