@@ -907,7 +907,7 @@ fn chat_chunks(
                     Ok(None) => continue,
                     Err((kind, message)) => Err(LlmError::new(
                         kind,
-                        format!("provider '{}' {message}", upstream.name),
+                        upstream.redact(format!("provider '{}' {message}", upstream.name)),
                     )),
                 },
             };
@@ -1615,6 +1615,22 @@ mod tests {
             error.is_retryable(),
             "like Anthropic's 529: {:?}",
             error.kind
+        );
+
+        // An error event that quotes the key the gateway sent: cut out.
+        let quoting = sse_response(&[(
+            "error",
+            r#"{"type":"error","error":{"type":"api_error","message":"bad x-api-key sk-ant-secret-123"}}"#,
+        )]);
+        let keyed = crate::upstream::tests::test_upstream_with_key(
+            "claude",
+            http::HeaderName::from_static("x-api-key"),
+            "sk-ant-secret-123",
+        );
+        let items: Vec<_> = chat_chunks(keyed, quoting, true, None).collect().await;
+        assert_eq!(
+            items[0].as_ref().unwrap_err().message,
+            "provider 'claude' sent an error in the stream: bad x-api-key [redacted]"
         );
 
         let too_large = sse_response(&[(

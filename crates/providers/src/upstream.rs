@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use http::header::{CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use http_body_util::BodyExt;
-use switchyard_core::{LlmError, LlmErrorKind};
+use switchyard_core::{LlmError, LlmErrorKind, Secret};
 
 use crate::http::{HttpClient, Path, UpstreamBody, read_body};
 
@@ -42,7 +42,7 @@ pub(crate) struct Upstream {
     /// The credentials those headers carry, to be cut out of whatever the upstream says: a
     /// server may quote the request's `Authorization` in an error message, which the gateway
     /// passes on to its client, its logs and its traces.
-    secrets: Vec<String>,
+    secrets: Vec<Secret>,
 }
 
 impl Upstream {
@@ -71,7 +71,7 @@ impl Upstream {
             .flatten()
             // Long enough never to match ordinary text.
             .filter(|secret| secret.len() >= 8)
-            .map(str::to_owned)
+            .map(Secret::new)
             .collect();
         Ok(Self {
             name,
@@ -84,10 +84,10 @@ impl Upstream {
     }
 
     /// `text` (something the upstream said) without this upstream's credentials.
-    fn redact(&self, text: String) -> String {
+    pub(crate) fn redact(&self, text: String) -> String {
         self.secrets.iter().fold(text, |text, secret| {
-            if text.contains(secret.as_str()) {
-                text.replace(secret.as_str(), "[redacted]")
+            if text.contains(secret.expose()) {
+                text.replace(secret.expose(), "[redacted]")
             } else {
                 text
             }
@@ -314,13 +314,22 @@ pub(crate) mod tests {
         Arc::new(Upstream::new(name.into(), client, "http://127.0.0.1:1", "x", vec![]).unwrap())
     }
 
+    /// An upstream named `name` that sends `value` in the secret header `header`.
+    pub(crate) fn test_upstream_with_key(
+        name: &str,
+        header: HeaderName,
+        value: &str,
+    ) -> Arc<Upstream> {
+        let client = Arc::new(HttpClient::new().unwrap());
+        let key = Upstream::secret_header(name, value.to_owned()).unwrap();
+        let headers = vec![(header, key)];
+        Arc::new(Upstream::new(name.into(), client, "http://127.0.0.1:1", "x", headers).unwrap())
+    }
+
     #[test]
     fn what_the_upstream_says_loses_the_credentials_sent_to_it() {
-        let client = Arc::new(HttpClient::new().unwrap());
-        let key = Upstream::secret_header("p", "Bearer sk-abcdef123456".to_owned()).unwrap();
-        let headers = vec![(http::header::AUTHORIZATION, key)];
         let upstream =
-            Upstream::new("p".into(), client, "http://127.0.0.1:1", "x", headers).unwrap();
+            test_upstream_with_key("p", http::header::AUTHORIZATION, "Bearer sk-abcdef123456");
         let error = upstream
             .interrupted("sent an error: bad key Bearer sk-abcdef123456 (or sk-abcdef123456)");
         assert_eq!(
