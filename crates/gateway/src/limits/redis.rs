@@ -162,18 +162,20 @@ pub struct RedisStore {
     /// complete exchange, so a connection in an unknown state (timeout, cancelled request) is
     /// dropped.
     idle: ThreadLocal<Mutex<Vec<Connection>>>,
-    /// When the last exchange with Redis failed, or the last retry after one began: while
-    /// degraded, decisions go to `on_error` at once, and one request retries every
-    /// [`RETRY_EVERY`] (a Redis that is down or hangs neither gets hammered nor holds every
-    /// request for `timeout_ms`).
-    last_failure: Mutex<Option<Instant>>,
+    /// Set when Redis could not be reached (no connection, or no answer within `timeout_ms`):
+    /// decisions then go to `on_error` at once, and one request tries Redis again every
+    /// [`RETRY_EVERY`], so a Redis that is down or hangs neither gets hammered nor holds every
+    /// request for `timeout_ms`. (An error Redis answers with costs no wait: not counted.)
+    unreachable: AtomicBool,
+    /// When it was found unreachable, or when the last try after that began.
+    unreachable_at: Mutex<Option<Instant>>,
     script: redis::Script,
     timeout: Duration,
     degraded: AtomicBool,
 }
 
-/// While Redis fails, one request tries it again this often; the others do not wait for it.
-const RETRY_EVERY: Duration = Duration::from_millis(500);
+/// While Redis is unreachable, one request tries it again this often; the others do not wait.
+const RETRY_EVERY: Duration = Duration::from_millis(100);
 
 /// Idle connections kept per thread; more are opened under load and closed when handed back.
 /// (Per thread: a replica keeps up to this many times its number of threads.)
@@ -205,7 +207,8 @@ impl RedisStore {
         Ok(Self {
             server: Server { address, handshake },
             idle: ThreadLocal::new(),
-            last_failure: Mutex::new(None),
+            unreachable: AtomicBool::new(false),
+            unreachable_at: Mutex::new(None),
             script: redis::Script::new(SCRIPT),
             timeout,
             degraded: AtomicBool::new(false),
@@ -242,27 +245,42 @@ impl RedisStore {
         }
     }
 
-    fn last_failure(&self) -> MutexGuard<'_, Option<Instant>> {
-        self.last_failure
+    fn unreachable_at(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.unreachable_at
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether this decision skips Redis: it failed less than [`RETRY_EVERY`] ago. Past that,
-    /// this decision is the retry, and the others keep skipping while it runs.
+    /// Whether this decision skips Redis: it was unreachable less than [`RETRY_EVERY`] ago.
+    /// Past that, this decision is the retry, and the others keep skipping while it runs.
     fn skips_redis(&self) -> bool {
         // The atomic first: a healthy limiter takes no lock here.
-        if !self.is_degraded() {
+        if !self.unreachable.load(Ordering::Relaxed) {
             return false;
         }
-        let mut last_failure = self.last_failure();
-        match *last_failure {
-            Some(at) if at.elapsed() < RETRY_EVERY => true,
+        let mut at = self.unreachable_at();
+        match *at {
+            Some(since) if since.elapsed() < RETRY_EVERY => true,
             _ => {
-                *last_failure = Some(Instant::now());
+                *at = Some(Instant::now());
                 false
             }
         }
+    }
+
+    /// Whether an exchange that began at `started` and succeeded says Redis is back: one that
+    /// began before Redis was found unreachable says nothing of now.
+    fn answered_since(&self, started: Instant) -> bool {
+        if !self.unreachable.load(Ordering::Relaxed) {
+            return true;
+        }
+        let mut at = self.unreachable_at();
+        if at.is_some_and(|since| started < since) {
+            return false;
+        }
+        *at = None;
+        self.unreachable.store(false, Ordering::Relaxed);
+        true
     }
 
     fn record(&self, ok: bool, why: &str) {
@@ -326,19 +344,27 @@ impl RedisStore {
         }
         if self.skips_redis() {
             return Err(format!(
-                "Redis is unreachable: it failed less than {} ms ago",
+                "Redis is unreachable (tried again every {} ms)",
                 RETRY_EVERY.as_millis()
             ));
         }
+        let started = Instant::now();
+        // Whether the failure was Redis out of reach (no connection), rather than an answer.
+        let mut no_connection = false;
         let exchange = async {
-            let (mut connection, reused) = self.connection().await?;
+            let (mut connection, reused) = self
+                .connection()
+                .await
+                .inspect_err(|_| no_connection = true)?;
             let values = match self.invoke(&mut connection, &args).await {
                 // An idle connection may have died with a Redis that restarted since: once more
                 // on a new one. (Should the script have run before the connection broke, this
                 // request counts twice: the safe side for a limiter.)
                 Err(_) if reused => {
                     self.drop_idle();
-                    connection = Connection::open(&self.server).await?;
+                    connection = Connection::open(&self.server)
+                        .await
+                        .inspect_err(|_| no_connection = true)?;
                     self.invoke(&mut connection, &args).await?
                 }
                 result => result?,
@@ -349,14 +375,24 @@ impl RedisStore {
             }
             Ok(values)
         };
-        let result = match tokio::time::timeout(self.timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(format!("no answer within {} ms", self.timeout.as_millis())),
+        let (result, unreachable) = match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(result) => (result, no_connection),
+            Err(_) => (
+                Err(format!("no answer within {} ms", self.timeout.as_millis())),
+                true,
+            ),
         };
         match &result {
-            Ok(_) => self.record(true, ""),
+            Ok(_) => {
+                if self.answered_since(started) {
+                    self.record(true, "");
+                }
+            }
             Err(why) => {
-                *self.last_failure() = Some(Instant::now());
+                if unreachable {
+                    *self.unreachable_at() = Some(Instant::now());
+                    self.unreachable.store(true, Ordering::Relaxed);
+                }
                 self.drop_idle();
                 self.record(false, why);
             }
