@@ -237,7 +237,7 @@ impl Store {
             yaml_serde::Value::from(folder.dir.display().to_string()),
         );
         let mlmodel_path = temp.join("MLmodel");
-        std::fs::write(&mlmodel_path, sealed(mlmodel.to_yaml()?))
+        std::fs::write(&mlmodel_path, sealed(&mut mlmodel)?)
             .map_err(|e| StoreError::io(&mlmodel_path, e))?;
 
         let version = claim_next_version(model_dir, temp)?;
@@ -424,7 +424,7 @@ impl Store {
                     .insert(key.to_owned(), yaml_serde::Value::from(value));
             }
             let mlmodel_path = temp.join("MLmodel");
-            std::fs::write(&mlmodel_path, sealed(mlmodel.to_yaml()?))
+            std::fs::write(&mlmodel_path, sealed(&mut mlmodel)?)
                 .map_err(|e| StoreError::io(&mlmodel_path, e))?;
             let version = claim_next_version(&model_dir, &temp)?;
             Ok(Logged {
@@ -662,26 +662,43 @@ fn onnx_mlmodel() -> Result<MlModel, StoreError> {
 /// newer YAML library must not make old versions look edited.
 const SEAL: &str = "# switchyard mlmodel_sha256: ";
 
-fn sealed(yaml: String) -> String {
+/// And a key in its `metadata` saying the file was sealed: a YAML tool that rewrites the file
+/// (`yq -i`, a `yaml.safe_load`/`dump` round trip) drops comments but keeps keys.
+const SEALED_KEY: &str = "mlmodel_sealed";
+
+/// `mlmodel` as the store writes it: marked as sealed, then sealed.
+fn sealed(mlmodel: &mut MlModel) -> Result<String, StoreError> {
+    mlmodel
+        .metadata
+        .insert(SEALED_KEY.to_owned(), yaml_serde::Value::from(true));
+    let yaml = mlmodel.to_yaml()?;
     let digest = code_hash::hex(&Sha256::digest(yaml.as_bytes()));
-    format!("{yaml}{SEAL}{digest}\n")
+    Ok(format!("{yaml}{SEAL}{digest}\n"))
 }
 
-/// Checks the seal of a version's MLmodel. Versions logged before seals existed have none and
-/// pass (their files are still checked against `content_sha256`).
+/// Checks the seal on the last line of a version's MLmodel. A version logged before seals
+/// existed has neither seal nor mark, and passes (its files are still checked against
+/// `content_sha256`); a marked one without its seal was rewritten.
 fn check_sealed(version: &ModelVersion) -> Result<(), StoreError> {
     let path = version.dir.join("MLmodel");
     let text = std::fs::read_to_string(&path).map_err(|e| StoreError::io(&path, e))?;
     let body = text.strip_suffix('\n').unwrap_or(&text);
-    let Some(at) = body.rfind(SEAL) else {
-        return Ok(());
+    let (yaml, last) = body
+        .rsplit_once('\n')
+        .map_or(("", body), |(yaml, last)| (yaml, last));
+    let edited = || StoreError::MlModelEdited { uri: version.uri() };
+    let Some(seal) = last.strip_prefix(SEAL) else {
+        return match version.mlmodel.metadata.contains_key(SEALED_KEY) {
+            true => Err(edited()),
+            false => Ok(()),
+        };
     };
-    let (yaml, seal) = body.split_at(at);
-    let digest = code_hash::hex(&Sha256::digest(yaml.as_bytes()));
-    if seal[SEAL.len()..] == digest {
+    // The hashed text ends with the newline before the seal.
+    let digest = code_hash::hex(&Sha256::digest(&text.as_bytes()[..yaml.len() + 1]));
+    if seal == digest {
         Ok(())
     } else {
-        Err(StoreError::MlModelEdited { uri: version.uri() })
+        Err(edited())
     }
 }
 

@@ -491,14 +491,22 @@ fn an_mlflow_dir_imports_as_is_and_dedups_only_with_the_same_data_file() {
             .starts_with("models:/iris/2 was modified after it was logged: its MLmodel"),
         "{error}"
     );
-    // A version logged before MLmodels were sealed (no last line) is still served.
-    let unsealed: String = text
+    // Rewritten by a YAML tool, which drops the comment but keeps the mark: refused too.
+    let rewritten: String = text
         .lines()
         .filter(|l| !l.starts_with("# switchyard"))
         .map(|l| format!("{l}\n"))
         .collect();
-    std::fs::write(&stored, unsealed).unwrap();
-    store.verify_onnx(&edited).unwrap();
+    std::fs::write(&stored, &rewritten).unwrap();
+    let error = store.verify_onnx(&store.resolve(&uri("models:/iris/2")).unwrap());
+    assert!(matches!(error, Err(StoreError::MlModelEdited { .. })));
+    // A version logged before MLmodels were sealed (no mark, no seal) is still served.
+    let before_seals = rewritten.replace("  mlmodel_sealed: true\n", "");
+    assert_ne!(before_seals, rewritten);
+    std::fs::write(&stored, before_seals).unwrap();
+    store
+        .verify_onnx(&store.resolve(&uri("models:/iris/2")).unwrap())
+        .unwrap();
 }
 
 #[test]
