@@ -752,3 +752,39 @@ async fn oversized_max_tokens_neither_panic_nor_slip_past_a_token_limit() {
         "1000 - 11 - 501: {remaining}"
     );
 }
+
+#[tokio::test]
+async fn an_answer_after_an_attempt_that_timed_out_keeps_the_estimate() {
+    // The first attempt times out (the upstream may still generate, and bill, it); the retry
+    // answers with a usage of 11 tokens.
+    let upstream = FakeUpstream::start(vec![
+        Reply::Delay(Duration::from_secs(2), Box::new(Reply::Echo)),
+        Reply::Echo,
+    ])
+    .await;
+    let gateway = TestGateway::start(&format!(
+        "[providers.fake]\nkind = \"openai\"\nbase_url = \"{}\"\n\
+         [routes.main]\ntargets = [{{ provider = \"fake\", model = \"m\" }}]\n\
+         retries = 1\nbackoff_ms = 1\nattempt_timeout_ms = 200\ntimeout_ms = 10000\n\
+         [[endpoints]]\nname = \"chat\"\nroute = \"main\"\n\
+         [[limits]]\nscope = [\"global\"]\ntokens_per_minute = 1000\ndefault_max_tokens = 300\n",
+        upstream.base_url
+    ))
+    .await;
+    let start = Instant::now();
+    let first = gateway
+        .post("/v1/chat/completions", &chat_body("12345678"))
+        .await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "x-ratelimit-remaining-tokens"), "698");
+    let next = gateway
+        .post("/v1/chat/completions", &chat_body("12345678"))
+        .await;
+    let remaining: u64 = header(&next, "x-ratelimit-remaining-tokens")
+        .parse()
+        .unwrap();
+    assert!(
+        (396..=396 + refilled_since(start)).contains(&remaining),
+        "1000 - 302 kept - 302 (+ refill), not 1000 - 11 - 302: {remaining}"
+    );
+}

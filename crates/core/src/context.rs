@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures::StreamExt;
@@ -11,7 +11,7 @@ use tracing::{Instrument, debug, info_span};
 
 use crate::chain::{ChainError, ChainErrorKind, ChainOutput};
 use crate::llm::{ChunkStream, Llm};
-use crate::observe::Observer;
+use crate::observe::{Observer, RequestStats};
 use crate::prompts::Prompts;
 use crate::wire::{ChatRequest, ChatResponse};
 
@@ -43,8 +43,6 @@ pub struct ChainContext {
     resources: Arc<ChainResources>,
     meta: RequestMeta,
     tokens_used: Arc<AtomicU64>,
-    /// Set when a call failed after the upstream may have generated tokens it never reported.
-    usage_unknown: Arc<AtomicBool>,
 }
 
 impl ChainContext {
@@ -53,7 +51,6 @@ impl ChainContext {
             resources,
             meta,
             tokens_used: Arc::default(),
-            usage_unknown: Arc::default(),
         }
     }
 
@@ -67,12 +64,6 @@ impl ChainContext {
     /// reports less usage than its calls had.
     pub fn tokens_used(&self) -> u64 {
         self.tokens_used.load(Ordering::Relaxed)
-    }
-
-    /// Whether a call failed after the upstream may have generated tokens (it timed out or broke
-    /// off, see [`crate::LlmError::may_have_generated`]): [`Self::tokens_used`] is then a lower bound.
-    pub fn usage_unknown(&self) -> bool {
-        self.usage_unknown.load(Ordering::Relaxed)
     }
 
     /// A handle to the logical LLM `name` (mapped to a gateway route by `chain.toml`'s `[llms]`).
@@ -139,9 +130,8 @@ impl LlmHandle<'_> {
     }
 
     fn error(&self, error: crate::LlmError) -> ChainError {
-        if error.may_have_generated() {
-            self.ctx.usage_unknown.store(true, Ordering::Relaxed);
-        }
+        // (A route notes its own failures; this covers any other `Llm`.)
+        RequestStats::record_failure(&error);
         ChainError::new(self.name.clone(), ChainErrorKind::Llm(error))
     }
 
@@ -221,7 +211,6 @@ impl LlmHandle<'_> {
         let step = self.name.clone();
         // The count only, not the whole context (its metadata's strings).
         let tokens_used = self.ctx.tokens_used.clone();
-        let usage_unknown = self.ctx.usage_unknown.clone();
         // Some servers report the usage so far on every chunk (vLLM's `continuous_usage_stats`):
         // only what a report adds to the last one is counted.
         let mut counted = 0;
@@ -236,9 +225,8 @@ impl LlmHandle<'_> {
                 Ok(chunk)
             }
             Err(mut e) => {
-                if e.may_have_generated() {
-                    usage_unknown.store(true, Ordering::Relaxed);
-                }
+                // A step's stream that broke off: what it generated is not reported.
+                RequestStats::record_failure(&e);
                 e.message = format!("chain step '{step}': {}", e.message);
                 Err(e)
             }
@@ -323,7 +311,6 @@ mod tests {
         assert_eq!(ctx.tokens_used(), 14);
         assert!(ctx.llm("broken").unwrap().chat(request()).await.is_err());
         assert_eq!(ctx.tokens_used(), 14, "a failed call reports no usage");
-        assert!(!ctx.usage_unknown(), "a refused call generated nothing");
 
         let mut stream = ctx.llm("b").unwrap().chat_stream(request()).await.unwrap();
         stream.next().await.unwrap().unwrap();
@@ -339,9 +326,19 @@ mod tests {
         stream.next().await.unwrap().unwrap();
         assert_eq!(ctx.tokens_used(), 37 + 7);
 
-        // A call that timed out may have been generated and billed: the count is a lower bound.
-        assert!(ctx.llm("slow").unwrap().chat(request()).await.is_err());
+        // A call that timed out may have been generated and billed: the request's count is a
+        // lower bound. One that was refused generated nothing.
+        let stats = Arc::new(RequestStats::default());
+        RequestStats::scope(stats.clone(), async {
+            assert!(ctx.llm("broken").unwrap().chat(request()).await.is_err());
+        })
+        .await;
+        assert!(!stats.maybe_generated());
+        RequestStats::scope(stats.clone(), async {
+            assert!(ctx.llm("slow").unwrap().chat(request()).await.is_err());
+        })
+        .await;
         assert_eq!(ctx.tokens_used(), 37 + 7);
-        assert!(ctx.usage_unknown());
+        assert!(stats.maybe_generated());
     }
 }

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// What became of one attempt of a route at one target.
@@ -63,6 +63,9 @@ pub struct RequestStats {
     upstream_nanos: AtomicU64,
     retries: AtomicU32,
     fallbacks: AtomicU32,
+    /// An upstream call failed after it may have generated tokens (it timed out, broke off,
+    /// answered something unreadable): the usage reported is then a lower bound.
+    maybe_generated: AtomicBool,
 }
 
 tokio::task_local! {
@@ -88,6 +91,11 @@ impl RequestStats {
         self.fallbacks.load(Ordering::Relaxed)
     }
 
+    /// Whether a call failed after the upstream may have generated tokens.
+    pub fn maybe_generated(&self) -> bool {
+        self.maybe_generated.load(Ordering::Relaxed)
+    }
+
     fn with(update: impl FnOnce(&RequestStats)) {
         // Outside a request (tests, background work) there is nothing to record into.
         let _ = CURRENT.try_with(|stats| update(stats));
@@ -111,6 +119,13 @@ impl RequestStats {
         Self::with(|s| {
             s.fallbacks.fetch_add(1, Ordering::Relaxed);
         });
+    }
+
+    /// Notes a failed call, if the upstream may have generated tokens for it.
+    pub fn record_failure(error: &crate::LlmError) {
+        if error.may_have_generated() {
+            Self::with(|s| s.maybe_generated.store(true, Ordering::Relaxed));
+        }
     }
 }
 

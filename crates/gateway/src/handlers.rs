@@ -41,12 +41,17 @@ pub async fn chat_completions(
     let snapshot = state.snapshot();
     // The key is checked before the body is read: a caller without one costs no parsing.
     let key = auth::authenticate(&snapshot.keys, &headers)?.cloned();
-    // Whatever becomes of the request (a body that does not parse, an unknown model), its log
-    // line says whose it was.
-    if let Some(key) = &key {
-        record.update(|d| d.key_id = Some(key.id.clone()));
-    }
-    let chat = parse_json(&read_body(request, &state).await?)?;
+    let chat = match read_body(request, &state)
+        .await
+        .and_then(|body| parse_json(&body))
+    {
+        Ok(chat) => chat,
+        Err(error) => {
+            // A request refused before it reached an endpoint is still logged as the key's.
+            record.update(|d| d.key_id = key.as_ref().map(|k| k.id.clone()));
+            return Err(error);
+        }
+    };
     serve_chat(&state, Authorized { snapshot, key }, chat, &headers, record).await
 }
 
@@ -113,7 +118,13 @@ pub async fn invocations(
     let body = read_body(request, &state).await?;
     let caller = Authorized { snapshot, key };
     if let Some(model) = model {
-        let request = ScoringRequest { body, csv };
+        // A small body is read now, so that one that is no scoring request is refused before
+        // it counts against a rate limit; a large one is read off the event loop, later.
+        let request = if body.len() > LARGE_BODY {
+            ScoringRequest::Large { body, csv }
+        } else {
+            ScoringRequest::Read(scoring_value(&body, csv, &model)?)
+        };
         return Ok(serve_model(&state, caller, &name, model, request, &headers, &record).await?);
     }
     let mut value: Value = parse_json(&body)?;
@@ -152,15 +163,16 @@ async fn serve_chat(
     record: Arc<RequestRecord>,
 ) -> Result<Response, ApiError> {
     let endpoint_name = request.model.clone();
+    let key_id = key.as_ref().map(|k| k.id.clone());
     let Some(endpoint) = snapshot.endpoints.get(&endpoint_name).cloned() else {
+        record.update(|d| d.key_id.clone_from(&key_id));
         return Err(ApiError::unknown_model(&endpoint_name));
     };
     let user = end_user(headers, &request);
-    let key_id = key.as_ref().map(|k| k.id.clone());
-    // The key is on the record already.
     record.update(|d| {
         d.endpoint = Some(endpoint_name.clone());
         d.kind = endpoint.kind();
+        d.key_id.clone_from(&key_id);
         d.user.clone_from(&user);
         d.stream = request.is_stream();
     });
@@ -203,23 +215,17 @@ async fn serve_chat(
         request.stream_options.get_or_insert_default().include_usage = Some(true);
     }
     let mut chain_tokens = None;
-    // Whether the route's call failed after the upstream may have generated tokens.
-    let mut maybe_generated = false;
-    let mut route_error = |error: LlmError| {
-        maybe_generated = error.may_have_generated();
-        ApiError::from(error)
-    };
     let answer = match &endpoint {
         Endpoint::Route(route) if stream => route
             .chat_stream_body(request)
             .await
             .map(Answer::Stream)
-            .map_err(&mut route_error),
+            .map_err(ApiError::from),
         Endpoint::Route(route) => route
             .chat_body(request)
             .await
             .map(Answer::Body)
-            .map_err(&mut route_error),
+            .map_err(ApiError::from),
         Endpoint::Chain(chain) => {
             let meta = RequestMeta {
                 endpoint: endpoint_name.clone(),
@@ -238,19 +244,18 @@ async fn serve_chat(
     };
     // What a chain's LLM calls used, whatever the chain reports or however it ends.
     let used_by_chain = || chain_tokens.as_ref().map_or(0, ChainContext::tokens_used);
-    // What a failed request spent: the reserved tokens nothing was generated for go back, but
-    // a call that timed out or broke off may have been generated (and billed) all the same.
-    let spent_on_failure = || {
-        let unknown = maybe_generated
-            || chain_tokens
-                .as_ref()
-                .is_some_and(ChainContext::usage_unknown);
-        if unknown {
-            Spent::AtLeast(used_by_chain())
+    // What the request spent, `used` as reported: exactly that, unless a call (an attempt of a
+    // route, a step of a chain) failed after the upstream may have generated tokens (a timeout,
+    // an answer that broke off), billed all the same: then the estimate stands if it is more.
+    let spent = |used: u64| {
+        if record.stats.maybe_generated() {
+            Spent::AtLeast(used)
         } else {
-            Spent::Exactly(used_by_chain())
+            Spent::Exactly(used)
         }
     };
+    // A failed request: the reserved tokens nothing was generated for go back.
+    let spent_on_failure = || spent(used_by_chain());
     let answer = match answer {
         Ok(answer) => answer,
         Err(error) => {
@@ -314,7 +319,7 @@ async fn serve_chat(
         // No usage in the answer (an upstream that reports none): the estimate stands, or
         // what a chain's calls reported if that is more.
         admission.settle(match reported {
-            Some(reported) => Spent::Exactly(reported.max(used_by_chain())),
+            Some(reported) => spent(reported.max(used_by_chain())),
             None => Spent::AtLeast(used_by_chain()),
         });
         record.update(|d| {
@@ -379,10 +384,10 @@ async fn serve_model(
     }
 }
 
-/// A scoring request's body, JSON or CSV, not read yet.
-struct ScoringRequest {
-    body: bytes::Bytes,
-    csv: bool,
+/// A scoring request: read, or a large body (JSON or CSV) to read on a blocking thread.
+enum ScoringRequest {
+    Read(Value),
+    Large { body: bytes::Bytes, csv: bool },
 }
 
 /// Bodies larger than this are read on a blocking thread, with the prediction and its answer:
@@ -390,18 +395,25 @@ struct ScoringRequest {
 /// 24 MB batch held chat requests for 0.2 s).
 const LARGE_BODY: usize = 256 * 1024;
 
+/// A scoring body as JSON: CSV read as MLflow reads it, and JSON with Python's bare `NaN` and
+/// `Infinity` (what MLflow's own helpers write) too.
+fn scoring_value(body: &[u8], csv: bool, model: &OnnxModel) -> Result<Value, ApiError> {
+    if csv {
+        return mlflow_csv_input(body, model.inputs())
+            .map_err(|e| ApiError::bad_request(e.to_string(), None));
+    }
+    parse_json(body).or_else(|error| match python_json(body) {
+        Some(fixed) => parse_json(&fixed).map_err(|_| error),
+        None => Err(error),
+    })
+}
+
 impl ScoringRequest {
     /// The request's rows, one tensor per model input.
-    fn batch(&self, model: &OnnxModel) -> Result<Batch, ApiError> {
-        let value: Value = if self.csv {
-            mlflow_csv_input(&self.body, model.inputs())
-                .map_err(|e| ApiError::bad_request(e.to_string(), None))?
-        } else {
-            // Python's bare NaN and Infinity (what MLflow's own helpers write) are read too.
-            parse_json(&self.body).or_else(|error| match python_json(&self.body) {
-                Some(fixed) => parse_json(&fixed).map_err(|_| error),
-                None => Err(error),
-            })?
+    fn batch(self, model: &OnnxModel) -> Result<Batch, ApiError> {
+        let value = match self {
+            Self::Read(value) => value,
+            Self::Large { body, csv } => scoring_value(&body, csv, model)?,
         };
         // MLflow's codes: a body that is no scoring request is BAD_REQUEST, values that do not
         // fit the model's inputs INVALID_PARAMETER_VALUE (an error with a `param`).
@@ -421,7 +433,7 @@ async fn predict(
     request: ScoringRequest,
     record: &RequestRecord,
 ) -> Result<Vec<u8>, ApiError> {
-    if request.body.len() > LARGE_BODY {
+    if matches!(request, ScoringRequest::Large { .. }) {
         let request_id = record.request_id.clone();
         return on_blocking_thread(state, record, move || {
             let batch = request.batch(&model)?;
@@ -593,9 +605,13 @@ impl StreamLog {
             // A stream without its usage chunk (it broke off) keeps its estimate; a chain
             // counts at least what its LLM calls used.
             let used_by_chain = self.chain.as_ref().map_or(0, ChainContext::tokens_used);
-            admission.settle(match &self.usage {
-                Some(usage) => Spent::Exactly(usage.total_tokens.max(used_by_chain)),
-                None => Spent::AtLeast(used_by_chain),
+            let used = self
+                .usage
+                .as_ref()
+                .map(|u| u.total_tokens.max(used_by_chain));
+            admission.settle(match used {
+                Some(used) if !self.record.stats.maybe_generated() => Spent::Exactly(used),
+                used => Spent::AtLeast(used.unwrap_or(used_by_chain)),
             });
         }
         let payload = self.payload.take();

@@ -155,6 +155,7 @@ impl Route {
                         )));
                     }
                 };
+                RequestStats::record_failure(&error);
                 let retryable = error.is_retryable();
                 warn!(
                     route = %self.name,
