@@ -134,7 +134,7 @@ enum LogFormat {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _telemetry = telemetry::init(matches!(cli.log_format, LogFormat::Json))?;
+    let telemetry = telemetry::init(matches!(cli.log_format, LogFormat::Json))?;
     let store = || {
         Store::new(
             cli.store
@@ -154,6 +154,9 @@ fn main() -> anyhow::Result<()> {
                 allow_code_mismatch,
             };
             let gateway = Gateway::from_file(source, &switchyard_chains::registry())?;
+            if telemetry.exports_traces() {
+                gateway.export_traces();
+            }
             let listen = listen.unwrap_or_else(|| gateway.listen_address());
             let listener = std::net::TcpListener::bind(listen)
                 .with_context(|| format!("cannot listen on {listen}"))?;

@@ -25,6 +25,13 @@ pub struct Telemetry {
     _log_writer: crate::log_writer::Guard,
 }
 
+impl Telemetry {
+    /// Whether spans go out over OTLP.
+    pub fn exports_traces(&self) -> bool {
+        self.provider.is_some()
+    }
+}
+
 impl Drop for Telemetry {
     fn drop(&mut self) {
         if let Some(provider) = self.provider.take()
@@ -313,7 +320,7 @@ fn otlp_provider() -> anyhow::Result<SdkTracerProvider> {
     // `OTEL_SERVICE_NAME` (or `service.name` in `OTEL_RESOURCE_ATTRIBUTES`) names the service
     // when set: the builder reads both.
     let mut resource = opentelemetry_sdk::Resource::builder();
-    let named = std::env::var_os("OTEL_SERVICE_NAME").is_some()
+    let named = std::env::var_os("OTEL_SERVICE_NAME").is_some_and(|name| !name.is_empty())
         || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|a| a.contains("service.name="));
     if !named {
         resource = resource.with_service_name("switchyard");

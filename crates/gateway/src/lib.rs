@@ -122,6 +122,9 @@ struct Shared {
     /// Cancelled when serving stops taking connections: requests still waiting for their body
     /// then give up (503) instead of holding the shutdown up.
     shutting_down: tokio_util::sync::CancellationToken,
+    /// Whether spans are exported (OpenTelemetry): requests then join a caller's trace and
+    /// their spans get the attributes only a trace reads.
+    traces: std::sync::atomic::AtomicBool,
     /// Set when `shutdown_timeout_ms` has passed and the connections still busy are closed:
     /// their requests are logged as cut by the shutdown, not by their clients.
     cut_off: std::sync::atomic::AtomicBool,
@@ -148,6 +151,10 @@ impl AppState {
     /// Completes once the gateway has begun to shut down.
     pub(crate) fn shutting_down(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.0.shutting_down.cancelled()
+    }
+
+    pub(crate) fn exports_traces(&self) -> bool {
+        self.0.traces.load(Ordering::Relaxed)
     }
 
     /// Why a request that never finished did not: its client left, or the shutdown's deadline
@@ -259,6 +266,7 @@ impl Gateway {
                 reload_lock: tokio::sync::Mutex::new(()),
                 after_response,
                 shutting_down: tokio_util::sync::CancellationToken::new(),
+                traces: std::sync::atomic::AtomicBool::new(false),
                 cut_off: std::sync::atomic::AtomicBool::new(false),
             })),
         })
@@ -376,6 +384,13 @@ impl Gateway {
             .layer(DefaultBodyLimit::max(self.state.max_body_bytes()))
             .service(routes);
         Router::new().fallback_service(app)
+    }
+
+    /// Says that spans are exported (the binary sets up OpenTelemetry when
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set): requests then join a caller's `traceparent` and
+    /// their spans carry the HTTP attributes, and responses the trace id.
+    pub fn export_traces(&self) {
+        self.state.0.traces.store(true, Ordering::Relaxed);
     }
 
     /// `[server] listen` of the config the gateway started with.

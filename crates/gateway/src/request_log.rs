@@ -138,22 +138,28 @@ pub async fn log_request(
         state: state.clone(),
     };
     // The request's span: chain steps and upstream calls are its children in a trace, and log
-    // lines written inside it start with `request{request_id="…"}`.
-    let span = info_span!(
-        "request",
-        request_id = record.request_id.as_str(),
-        "http.request.method" = tracing::field::Empty,
-        "url.path" = tracing::field::Empty,
-        endpoint = tracing::field::Empty,
-        "http.response.status_code" = tracing::field::Empty,
-        // Read by the OpenTelemetry layer only when the span is made; the log lines leave
-        // `otel.*` fields out.
-        "otel.kind" = "server",
-        "otel.status_code" = tracing::field::Empty,
-    );
-    // A caller's W3C `traceparent` makes the request part of its trace (a no-op without
-    // OpenTelemetry export).
-    if request.headers().contains_key("traceparent") {
+    // lines written inside it start with `request{request_id="…"}`. The fields only a trace
+    // reads are declared only when traces are exported: the log layer visits every field a
+    // span is made with.
+    let traced = state.exports_traces();
+    let span = if traced {
+        info_span!(
+            "request",
+            request_id = record.request_id.as_str(),
+            "http.request.method" = tracing::field::Empty,
+            "url.path" = tracing::field::Empty,
+            endpoint = tracing::field::Empty,
+            "http.response.status_code" = tracing::field::Empty,
+            // Read by the OpenTelemetry layer when the span is made (log lines leave `otel.*`
+            // fields out).
+            "otel.kind" = "server",
+            "otel.status_code" = tracing::field::Empty,
+        )
+    } else {
+        info_span!("request", request_id = record.request_id.as_str())
+    };
+    // A caller's W3C `traceparent` makes the request part of its trace.
+    if traced && request.headers().contains_key(TRACEPARENT) {
         let parent = TraceContextPropagator::new().extract(&Headers(request.headers()));
         // An unreadable traceparent yields no parent, and the request starts its own trace.
         let _ = span.set_parent(parent);
@@ -161,11 +167,13 @@ pub async fn log_request(
     let mut response = RequestStats::scope(record.stats.clone(), next.run(request))
         .instrument(span.clone())
         .await;
-    // With OpenTelemetry export on, the span gets the request's attributes and outcome, and the
-    // response says which trace to look for. Without it nothing would read those fields (the
-    // log line has them), and the log layer formats every field a span gets (~0.7 k
-    // instructions each).
-    let trace_id = span.context().span().span_context().trace_id();
+    // A trace gets the request's attributes and outcome, and the response says which trace to
+    // look for.
+    let trace_id = if traced {
+        span.context().span().span_context().trace_id()
+    } else {
+        TraceId::INVALID
+    };
     if trace_id != TraceId::INVALID {
         if response.status().is_server_error() {
             span.record("otel.status_code", "error");
@@ -242,6 +250,9 @@ impl Drop for Unfinished {
 /// The request id's header. Header names are constants on the request path: looking one up by
 /// `&str` parses the name on every call.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// W3C Trace Context's header.
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// The longest `x-request-id` of a client's that is kept.
 const MAX_REQUEST_ID: usize = 128;

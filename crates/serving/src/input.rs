@@ -89,11 +89,11 @@ fn bad(message: impl Into<String>) -> ServingError {
     ServingError::BadInput(message.into())
 }
 
-/// Reads an MLflow scoring request for a model with `inputs`: exactly one format key, plus an
-/// optional `params` (accepted and unused: ONNX models take none).
+/// Reads an MLflow scoring request for a model with `inputs`: exactly one format key (`params`
+/// and any other key are ignored, as MLflow does: ONNX models take no params).
 ///
 /// - `inputs` / `instances`: a list of rows (one-input models); an object keyed by input name
-///   holding each input's rows (exactly the model's inputs); or a list of objects, one per row,
+///   holding each input's rows (every input of the model; other keys ignored); or a list of objects, one per row,
 ///   each holding every input's row (TF-serving's row format; other keys ignored).
 /// - `dataframe_split` / `dataframe_records`: for a model with one input, the columns in order
 ///   are the row (`dataframe_records` names them by position, "0", "1", …: JSON objects have no
@@ -499,8 +499,14 @@ fn records<'a>(
         // names "0", "1", …, never by where they stand in the record.
         let mut indexed: Vec<(usize, &str)> = columns
             .iter()
-            .map(|c| c.parse::<usize>().map(|i| (i, *c)))
-            .collect::<Result<_, _>>()
+            // Written as positions are ("1", not "01" or "+1").
+            .map(|c| {
+                c.parse::<usize>()
+                    .ok()
+                    .filter(|i| i.to_string() == *c)
+                    .map(|i| (i, *c))
+            })
+            .collect::<Option<_>>()
             .unwrap_or_default();
         indexed.sort_unstable();
         if !indexed.iter().map(|(i, _)| *i).eq(0..only.width) {
