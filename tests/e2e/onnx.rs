@@ -318,6 +318,12 @@ async fn bad_input_is_a_400_in_mlflows_shape_and_the_model_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(python.status(), 200);
+    let python: Value = python.json().await.unwrap();
+    let null = gateway
+        .post(url, &json!({"inputs": [[null, 3.5, 1.4, 0.2]]}))
+        .await;
+    let null: Value = null.json().await.unwrap();
+    assert_eq!(python, null);
     let empty = gateway.client.post(gateway.url(url)).send().await.unwrap();
     assert_eq!(empty.status(), 400);
     // MLflow's scoring protocol takes JSON and CSV; anything else is a 415 before the body is
