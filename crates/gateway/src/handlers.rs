@@ -392,7 +392,7 @@ enum ScoringRequest {
 
 /// Bodies larger than this are read on a blocking thread, with the prediction and its answer:
 /// parsing megabytes of JSON on the event loop stalled every other request of its thread (a
-/// 24 MB batch held chat requests for 0.2 s).
+/// 24 MB batch held small requests for up to 0.97 s; BENCHMARKS.md).
 const LARGE_BODY: usize = 256 * 1024;
 
 /// A scoring body as JSON: CSV read as MLflow reads it, and JSON with Python's bare `NaN` and
