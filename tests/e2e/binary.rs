@@ -147,33 +147,10 @@ async fn sigterm_lets_a_stream_in_flight_finish() {
     )
     .unwrap();
     let mut gateway = GatewayProcess::start(&config, &[("TEST_OPENAI_KEY", "sk-test")]);
-
-    let mut body = chat_body("x");
-    body["stream"] = true.into();
-    let response = reqwest::Client::new()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut chunks = response.bytes_stream();
-    let mut received = String::new();
-    while !received.contains("shutdown, ") {
-        let piece = chunks
-            .next()
-            .await
-            .expect("the stream ended early")
-            .unwrap();
-        received.push_str(std::str::from_utf8(&piece).unwrap());
-    }
+    let (mut chunks, mut received) = stream_until(&gateway, "shutdown, ").await;
 
     // Mid-stream: SIGTERM, and the gateway stops accepting; the stream goes on to its end.
-    let terminated = Command::new("kill")
-        .args(["-TERM", &gateway.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(terminated.success());
+    sigterm(&gateway);
     wait_until_refused(&gateway.address).await;
     release.notify_one();
     while let Some(piece) = chunks.next().await {
@@ -207,32 +184,10 @@ async fn a_stream_still_running_at_the_shutdown_deadline_is_cut_off_logged_and_t
     )
     .unwrap();
     let mut gateway = GatewayProcess::start(&config, &[("TEST_OPENAI_KEY", "sk-test")]);
-    let mut body = chat_body("x");
-    body["stream"] = true.into();
-    let response = reqwest::Client::new()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut chunks = response.bytes_stream();
-    let mut received = String::new();
-    while !received.contains("ends") {
-        let piece = chunks
-            .next()
-            .await
-            .expect("the stream ended early")
-            .unwrap();
-        received.push_str(std::str::from_utf8(&piece).unwrap());
-    }
+    let (mut chunks, mut received) = stream_until(&gateway, "ends").await;
     // The upstream stalls (its route would wait 10 minutes): SIGTERM, and 300 ms later the
     // gateway closes the connection and exits.
-    let terminated = Command::new("kill")
-        .args(["-TERM", &gateway.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(terminated.success());
+    sigterm(&gateway);
     while let Some(Ok(piece)) = chunks.next().await {
         received.push_str(std::str::from_utf8(&piece).unwrap());
     }
@@ -254,6 +209,45 @@ async fn a_stream_still_running_at_the_shutdown_deadline_is_cut_off_logged_and_t
         "{log:#?}"
     );
     std::fs::remove_dir_all(&work).unwrap();
+}
+
+/// Starts a stream through `gateway` and reads it until it holds `text`: the open stream, and
+/// what was read.
+async fn stream_until(
+    gateway: &GatewayProcess,
+    text: &str,
+) -> (
+    impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + use<>,
+    String,
+) {
+    let mut body = chat_body("x");
+    body["stream"] = true.into();
+    let response = reqwest::Client::new()
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut chunks = Box::pin(response.bytes_stream());
+    let mut received = String::new();
+    while !received.contains(text) {
+        let piece = chunks
+            .next()
+            .await
+            .expect("the stream ended early")
+            .unwrap();
+        received.push_str(std::str::from_utf8(&piece).unwrap());
+    }
+    (chunks, received)
+}
+
+fn sigterm(gateway: &GatewayProcess) {
+    let terminated = Command::new("kill")
+        .args(["-TERM", &gateway.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
 }
 
 /// Waits (10 s at most) until `address` refuses connections: the gateway has stopped accepting.
