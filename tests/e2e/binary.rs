@@ -159,13 +159,7 @@ async fn sigterm_lets_a_stream_in_flight_finish() {
     let frames = sse_data(&received);
     assert_eq!(stream_text(&frames), "before shutdown, ");
     assert_eq!(frames.last().unwrap(), "[DONE]");
-    let exit = gateway.child.wait().unwrap();
-    assert!(exit.success(), "exit status {exit:?}");
-    let log: Vec<Value> = gateway
-        .log
-        .iter()
-        .filter_map(|l| serde_json::from_str(&l).ok())
-        .collect();
+    let log = exit_log(&mut gateway);
     let request = log.iter().find(|l| l["message"] == "request").unwrap();
     assert_eq!(request["status"], 200);
     assert_eq!(request["stream"], true);
@@ -192,13 +186,7 @@ async fn a_stream_still_running_at_the_shutdown_deadline_is_cut_off_logged_and_t
         received.push_str(std::str::from_utf8(&piece).unwrap());
     }
     assert!(!received.contains("[DONE]"), "{received}");
-    let exit = gateway.child.wait().unwrap();
-    assert!(exit.success(), "exit status {exit:?}");
-    let log: Vec<Value> = gateway
-        .log
-        .iter()
-        .filter_map(|l| serde_json::from_str(&l).ok())
-        .collect();
+    let log = exit_log(&mut gateway);
     let request = log.iter().find(|l| l["message"] == "request").unwrap();
     assert_eq!(request["status"], 200);
     assert_eq!(request["outcome"], "shutdown");
@@ -240,6 +228,17 @@ async fn stream_until(
         received.push_str(std::str::from_utf8(&piece).unwrap());
     }
     (chunks, received)
+}
+
+/// Waits for the gateway to exit, successfully; its JSON log lines after start-up.
+fn exit_log(gateway: &mut GatewayProcess) -> Vec<Value> {
+    let exit = gateway.child.wait().unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+    gateway
+        .log
+        .iter()
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect()
 }
 
 fn sigterm(gateway: &GatewayProcess) {
