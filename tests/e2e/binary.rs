@@ -631,7 +631,7 @@ async fn traces_join_the_callers_and_carry_chain_steps_as_children_of_the_reques
     .await
     .unwrap();
     assert!(exit.success());
-    let all_spans: Vec<Value> = received
+    let resource_spans: Vec<Value> = received
         .lock()
         .unwrap()
         .iter()
@@ -641,6 +641,9 @@ async fn traces_join_the_callers_and_carry_chain_steps_as_children_of_the_reques
                 .cloned()
                 .unwrap_or_default()
         })
+        .collect();
+    let all_spans: Vec<Value> = resource_spans
+        .iter()
         .flat_map(|rs| rs["scopeSpans"].as_array().cloned().unwrap_or_default())
         .flat_map(|ss| ss["spans"].as_array().cloned().unwrap_or_default())
         .collect();
@@ -661,16 +664,8 @@ async fn traces_join_the_callers_and_carry_chain_steps_as_children_of_the_reques
     assert_eq!(request["parentSpanId"], caller_span);
     // SPAN_KIND_SERVER.
     assert_eq!(request["kind"], 2, "{request}");
-    let service: Vec<Value> = received
-        .lock()
-        .unwrap()
+    let service: Vec<Value> = resource_spans
         .iter()
-        .flat_map(|body| {
-            body["resourceSpans"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
         .filter_map(|rs| {
             rs["resource"]["attributes"]
                 .as_array()?
