@@ -30,7 +30,6 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{any, get, post};
 use switchyard_core::Registry;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::{debug, error, info, warn};
 
 use config::LimitsStoreConfig;
@@ -346,7 +345,6 @@ impl Gateway {
 
     /// The axum app: all routes and middleware.
     pub fn router(&self) -> Router {
-        let request_id = request_log::REQUEST_ID;
         let routes = Router::new()
             .route("/v1/chat/completions", post(handlers::chat_completions))
             .route("/v1/models", get(handlers::list_models))
@@ -370,13 +368,9 @@ impl Gateway {
             .with_state(self.state.clone());
         // The middleware wraps the router once rather than every route (`Router::layer`), which
         // would box and clone each layer again for every request.
+        // The request log also gives every request its id (the client's `x-request-id` if it
+        // is fit for log lines, else a UUID) and every response, errors included, carries it.
         let app = tower::ServiceBuilder::new()
-            // A client's request id goes into every log line of the request: one that is not a
-            // short printable string is replaced by one of ours.
-            .map_request(request_log::drop_unfit_request_id)
-            // Every response, errors included, carries the request id.
-            .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
-            .layer(PropagateRequestIdLayer::new(request_id))
             .layer(axum::middleware::from_fn_with_state(
                 self.state.clone(),
                 request_log::log_request,

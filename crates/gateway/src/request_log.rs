@@ -123,9 +123,23 @@ pub async fn log_request(
     mut request: Request,
     next: Next,
 ) -> Response {
+    let start = Instant::now();
+    // The client's `x-request-id` if it is fit to go into log lines, else one of ours; the
+    // response carries it either way.
+    let (request_id, request_id_header) = match request.headers().get(REQUEST_ID) {
+        Some(id) if fits_a_log_line(id.as_bytes()) => (
+            String::from_utf8_lossy(id.as_bytes()).into_owned(),
+            id.clone(),
+        ),
+        _ => {
+            let id = uuid::Uuid::new_v4().hyphenated().to_string();
+            let header = HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("-"));
+            (id, header)
+        }
+    };
     let record = Arc::new(RequestRecord {
-        start: Instant::now(),
-        request_id: request_id(request.headers()),
+        start,
+        request_id,
         method: request.method().to_string(),
         path: request.uri().path().to_owned(),
         stats: Arc::new(RequestStats::default()),
@@ -167,6 +181,10 @@ pub async fn log_request(
     let mut response = RequestStats::scope(record.stats.clone(), next.run(request))
         .instrument(span.clone())
         .await;
+    response
+        .headers_mut()
+        .entry(REQUEST_ID)
+        .or_insert(request_id_header);
     // A trace gets the request's attributes and outcome, and the response says which trace to
     // look for.
     let trace_id = if traced {
@@ -257,26 +275,10 @@ const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// The longest `x-request-id` of a client's that is kept.
 const MAX_REQUEST_ID: usize = 128;
 
-/// Removes a client's `x-request-id` that is longer than [`MAX_REQUEST_ID`] or not printable
-/// ASCII, so that the request-id layer makes one.
-pub fn drop_unfit_request_id(mut request: Request) -> Request {
-    let unfit = request
-        .headers()
-        .get(REQUEST_ID)
-        .is_some_and(|id| id.len() > MAX_REQUEST_ID || id.to_str().is_err());
-    if unfit {
-        request.headers_mut().remove(REQUEST_ID);
-    }
-    request
-}
-
-/// The `x-request-id` the request-id layer set (or the client sent).
-pub fn request_id(headers: &axum::http::HeaderMap) -> String {
-    headers
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_owned()
+/// Whether a client's `x-request-id` may go into log lines as it is: at most
+/// [`MAX_REQUEST_ID`] printable ASCII characters.
+fn fits_a_log_line(id: &[u8]) -> bool {
+    id.len() <= MAX_REQUEST_ID && id.iter().all(|b| (b' '..=b'~').contains(b))
 }
 
 pub fn millis(duration: Duration) -> f64 {
