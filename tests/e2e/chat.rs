@@ -166,16 +166,18 @@ async fn every_response_carries_a_request_id_and_a_client_id_is_kept() {
         .unwrap();
     assert_eq!(mine.headers()["x-request-id"], "req-from-client-1");
 
-    // One too long for a log line is replaced by one of ours.
-    let long = gateway
-        .client
-        .post(gateway.url("/v1/chat/completions"))
-        .header("x-request-id", "x".repeat(129))
-        .json(&chat_body("hi"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(long.headers()["x-request-id"].len(), 36, "a UUID");
+    // One too long for a log line, empty, or with a tab is replaced by one of ours.
+    for unfit in ["x".repeat(129), String::new(), "a\tb".to_owned()] {
+        let replaced = gateway
+            .client
+            .post(gateway.url("/v1/chat/completions"))
+            .header("x-request-id", &unfit)
+            .json(&chat_body("hi"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(replaced.headers()["x-request-id"].len(), 36, "a UUID");
+    }
 }
 
 #[tokio::test]

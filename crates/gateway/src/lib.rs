@@ -700,6 +700,7 @@ async fn serve_connections<L>(
         // Dropping a connection's task drops its request: a stream is cut off, and each is
         // still logged and settles its tokens (below) before the process exits.
         gateway.state.0.cut_off.store(true, Ordering::Relaxed);
+        while tasks.try_join_next().is_some() {}
         warn!(
             connections = tasks.len(),
             "shutdown_timeout_ms ({} ms) passed: closing the connections still busy",

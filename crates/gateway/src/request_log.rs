@@ -275,10 +275,10 @@ const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// The longest `x-request-id` of a client's that is kept.
 const MAX_REQUEST_ID: usize = 128;
 
-/// Whether a client's `x-request-id` may go into log lines as it is: at most
-/// [`MAX_REQUEST_ID`] printable ASCII characters.
+/// Whether a client's `x-request-id` may go into log lines as it is: 1 to [`MAX_REQUEST_ID`]
+/// printable ASCII characters.
 fn fits_a_log_line(id: &[u8]) -> bool {
-    id.len() <= MAX_REQUEST_ID && id.iter().all(|b| (b' '..=b'~').contains(b))
+    (1..=MAX_REQUEST_ID).contains(&id.len()) && id.iter().all(|b| (b' '..=b'~').contains(b))
 }
 
 pub fn millis(duration: Duration) -> f64 {
