@@ -96,7 +96,7 @@ impl RequestRecord {
             path = self.path.as_str(),
             endpoint = details.endpoint.as_deref().unwrap_or(""),
             key_id = details.key_id.as_deref().unwrap_or(""),
-            user = details.user.as_deref().unwrap_or(""),
+            user = &*fit_for_a_log_line(details.user.as_deref().unwrap_or("")),
             status,
             stream = details.stream,
             outcome,
@@ -281,6 +281,36 @@ fn fits_a_log_line(id: &[u8]) -> bool {
     (1..=MAX_REQUEST_ID).contains(&id.len()) && id.iter().all(|b| (b' '..=b'~').contains(b))
 }
 
+/// The longest end-user name a log line quotes whole.
+const MAX_LOGGED_USER: usize = 256;
+
+/// `user` as a log line quotes it: a name from a client (a header, or the `user` field of a
+/// body of up to `max_body_bytes`) is cut at [`MAX_LOGGED_USER`] bytes, marked with `…`.
+fn fit_for_a_log_line(user: &str) -> std::borrow::Cow<'_, str> {
+    if user.len() <= MAX_LOGGED_USER {
+        return user.into();
+    }
+    let mut end = MAX_LOGGED_USER;
+    while !user.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &user[..end]).into()
+}
+
 pub fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_user_names_are_cut_for_log_lines() {
+        assert_eq!(fit_for_a_log_line("alice"), "alice");
+        let long = "é".repeat(200);
+        let cut = fit_for_a_log_line(&long);
+        assert_eq!(cut, format!("{}…", "é".repeat(128)));
+        assert_eq!(fit_for_a_log_line(&"x".repeat(256)), "x".repeat(256));
+    }
 }
