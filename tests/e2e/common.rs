@@ -428,13 +428,22 @@ impl TestGateway {
             .unwrap()
     }
 
-    /// GETs `path` and parses the JSON answer.
+    /// `POST /admin/reload` without an admin key.
+    pub async fn reload(&self) -> reqwest::Response {
+        self.client
+            .post(self.url("/admin/reload"))
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// The `/metrics` page.
     pub async fn metrics(&self) -> String {
         let response = self.client.get(self.url("/metrics")).send().await.unwrap();
         response.text().await.unwrap()
     }
 
+    /// GETs `path` and parses the JSON answer.
     pub async fn get_json(&self, path: &str) -> Value {
         self.client
             .get(self.url(path))

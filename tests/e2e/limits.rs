@@ -626,8 +626,7 @@ async fn a_reload_that_raises_a_concurrency_cap_counts_the_calls_in_flight() {
 
     // 1 → 2 with one call in flight: one more call fits, a third does not.
     std::fs::write(&path, config(2)).unwrap();
-    let reload = gateway.client.post(gateway.url("/admin/reload")).send();
-    assert_eq!(reload.await.unwrap().status(), 200);
+    assert_eq!(gateway.reload().await.status(), 200);
     let second = stream("second").await.unwrap();
     assert_eq!(second.status(), 200);
     let third = gateway
@@ -657,7 +656,6 @@ async fn counters_survive_a_reload_of_an_unchanged_rule_and_reset_when_it_change
     };
     std::fs::write(&path, config(2)).unwrap();
     let gateway = TestGateway::start_from_file(&path).await;
-    let reload = || gateway.client.post(gateway.url("/admin/reload")).send();
     let status = || async {
         gateway
             .post("/v1/chat/completions", &chat_body("x"))
@@ -668,17 +666,17 @@ async fn counters_survive_a_reload_of_an_unchanged_rule_and_reset_when_it_change
     assert_eq!(status().await, 200);
     assert_eq!(status().await, 200);
     assert_eq!(status().await, 429);
-    assert_eq!(reload().await.unwrap().status(), 200);
+    assert_eq!(gateway.reload().await.status(), 200);
     assert_eq!(status().await, 429, "same rule, same counter");
     std::fs::write(&path, config(5)).unwrap();
-    assert_eq!(reload().await.unwrap().status(), 200);
+    assert_eq!(gateway.reload().await.status(), 200);
     assert_eq!(status().await, 200, "a changed rule starts afresh");
     for _ in 0..4 {
         assert_eq!(status().await, 200);
     }
     // A token limit added to the rule leaves its request counter as it was.
     std::fs::write(&path, config(5) + "tokens_per_minute = 100000\n").unwrap();
-    assert_eq!(reload().await.unwrap().status(), 200);
+    assert_eq!(gateway.reload().await.status(), 200);
     assert_eq!(status().await, 429, "5 of 5 still spent");
 }
 

@@ -237,12 +237,7 @@ async fn a_reload_says_that_server_settings_wait_for_a_restart() {
     std::fs::write(&path, config(1000)).unwrap();
     let gateway = TestGateway::start_from_file(&path).await;
     std::fs::write(&path, config(5000)).unwrap();
-    let reload = gateway
-        .client
-        .post(gateway.url("/admin/reload"))
-        .send()
-        .await
-        .unwrap();
+    let reload = gateway.reload().await;
     assert_eq!(reload.status(), 200);
     let answer: Value = reload.json().await.unwrap();
     assert_eq!(
