@@ -244,23 +244,13 @@ async fn serve_chat(
     };
     // What a chain's LLM calls used, whatever the chain reports or however it ends.
     let used_by_chain = || chain_tokens.as_ref().map_or(0, ChainContext::tokens_used);
-    // What the request spent, `used` as reported: exactly that, unless a call (an attempt of a
-    // route, a step of a chain) failed after the upstream may have generated tokens (a timeout,
-    // an answer that broke off), billed all the same: then the estimate stands if it is more.
-    let spent = |used: u64| {
-        if record.stats.maybe_generated() {
-            Spent::AtLeast(used)
-        } else {
-            Spent::Exactly(used)
-        }
-    };
-    // A failed request: the reserved tokens nothing was generated for go back.
-    let spent_on_failure = || spent(used_by_chain());
+    // What the request spent, given the usage its answer reported (`Some(0)` for a failure).
+    let spent = |reported| Spent::of(reported, used_by_chain(), record.stats.maybe_generated());
     let answer = match answer {
         Ok(answer) => answer,
         Err(error) => {
             let error = error.with_headers(admission.take_headers());
-            admission.settle(spent_on_failure());
+            admission.settle(spent(Some(0)));
             return Err(error);
         }
     };
@@ -308,20 +298,14 @@ async fn serve_chat(
                 ),
                 Err(error) => {
                     let error = ApiError::from(error).with_headers(admission.take_headers());
-                    admission.settle(spent_on_failure());
+                    admission.settle(spent(Some(0)));
                     return Err(error);
                 }
             },
         };
         let mut response = ([(CONTENT_TYPE, "application/json")], body.json).into_response();
         response.headers_mut().extend(admission.take_headers());
-        let reported = body.usage.as_ref().map(|u| u.total_tokens);
-        // No usage in the answer (an upstream that reports none): the estimate stands, or
-        // what a chain's calls reported if that is more.
-        admission.settle(match reported {
-            Some(reported) => spent(reported.max(used_by_chain())),
-            None => Spent::AtLeast(used_by_chain()),
-        });
+        admission.settle(spent(body.usage.as_ref().map(|u| u.total_tokens)));
         record.update(|d| {
             if let Some(usage) = &body.usage {
                 d.prompt_tokens = Some(usage.prompt_tokens);
@@ -604,15 +588,11 @@ impl StreamLog {
         if let Some(admission) = self.admission.take() {
             // A stream without its usage chunk (it broke off) keeps its estimate; a chain
             // counts at least what its LLM calls used.
-            let used_by_chain = self.chain.as_ref().map_or(0, ChainContext::tokens_used);
-            let used = self
-                .usage
-                .as_ref()
-                .map(|u| u.total_tokens.max(used_by_chain));
-            admission.settle(match used {
-                Some(used) if !self.record.stats.maybe_generated() => Spent::Exactly(used),
-                used => Spent::AtLeast(used.unwrap_or(used_by_chain)),
-            });
+            admission.settle(Spent::of(
+                self.usage.as_ref().map(|u| u.total_tokens),
+                self.chain.as_ref().map_or(0, ChainContext::tokens_used),
+                self.record.stats.maybe_generated(),
+            ));
         }
         let payload = self.payload.take();
         self.record.update(|d| {

@@ -401,6 +401,21 @@ pub enum Spent {
     AtLeast(u64),
 }
 
+impl Spent {
+    /// What a request spent: the usage its answer `reported` (`None`: no usage, as from a
+    /// stream that broke off) or what its chain's calls reported, whichever is more. Exactly
+    /// that, unless it is unknown, or a call failed after the upstream may have generated
+    /// tokens (`maybe_generated`: a timeout, an answer that broke off, billed all the same):
+    /// then the estimate stands if it is more. A failed request reports `Some(0)`: the tokens
+    /// nothing was generated for go back.
+    pub fn of(reported: Option<u64>, used_by_chain: u64, maybe_generated: bool) -> Self {
+        match reported {
+            Some(reported) if !maybe_generated => Self::Exactly(reported.max(used_by_chain)),
+            reported => Self::AtLeast(reported.unwrap_or(0).max(used_by_chain)),
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Requests,
@@ -761,6 +776,19 @@ mod tests {
         // Two rules alike keep a counter each: every request takes one from both.
         let five = rule(vec![LimitScope::Global], 5, 0);
         assert_eq!(admitted(vec![five.clone(), five], 6).await, 5);
+    }
+
+    #[test]
+    fn what_a_request_spent_is_exact_only_when_known() {
+        assert_eq!(Spent::of(Some(12), 0, false), Spent::Exactly(12));
+        // A chain whose calls reported more than its answer: the calls count.
+        assert_eq!(Spent::of(Some(12), 40, false), Spent::Exactly(40));
+        // A failure (`Some(0)`): what the chain's calls used, or nothing.
+        assert_eq!(Spent::of(Some(0), 0, false), Spent::Exactly(0));
+        // No usage, or a call that may have generated unreported tokens: at least.
+        assert_eq!(Spent::of(None, 7, false), Spent::AtLeast(7));
+        assert_eq!(Spent::of(Some(12), 0, true), Spent::AtLeast(12));
+        assert_eq!(Spent::of(Some(0), 5, true), Spent::AtLeast(5));
     }
 
     #[test]
