@@ -88,6 +88,20 @@ pub struct ModelVersion {
     pub version: u64,
     pub dir: PathBuf,
     pub mlmodel: MlModel,
+    /// Whether `mlmodel` was parsed from a text that still carries its seal (checked on the
+    /// bytes parsed, not on a second read that a concurrent edit could slip between).
+    pub seal: Seal,
+}
+
+/// What the last line of a version's MLmodel says about the text above it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seal {
+    /// Sealed, and the text is what was sealed.
+    Intact,
+    /// Neither sealed nor marked as sealed: logged before seals existed.
+    Absent,
+    /// Edited since it was sealed, or rewritten without its seal.
+    Broken,
 }
 
 impl ModelVersion {
@@ -248,6 +262,7 @@ impl Store {
                 version,
                 dir,
                 mlmodel,
+                seal: Seal::Intact,
             },
             created: true,
             warnings,
@@ -309,12 +324,16 @@ impl Store {
                 version,
             });
         }
-        let mlmodel = MlModel::read(&dir.join("MLmodel"))?;
+        let path = dir.join("MLmodel");
+        let text = std::fs::read_to_string(&path).map_err(|e| StoreError::io(&path, e))?;
+        let mlmodel = MlModel::parse(&text, &path)?;
+        let seal = seal_of(&text, &mlmodel);
         Ok(ModelVersion {
             name: name.to_owned(),
             version,
             dir,
             mlmodel,
+            seal,
         })
     }
 
@@ -433,6 +452,7 @@ impl Store {
                     version,
                     dir: model_dir.join(version.to_string()),
                     mlmodel,
+                    seal: Seal::Intact,
                 },
                 created: true,
                 warnings: Vec::new(),
@@ -676,29 +696,33 @@ fn sealed(mlmodel: &mut MlModel) -> Result<String, StoreError> {
     Ok(format!("{yaml}{SEAL}{digest}\n"))
 }
 
-/// Checks the seal on the last line of a version's MLmodel. A version logged before seals
-/// existed has neither seal nor mark, and passes (its files are still checked against
-/// `content_sha256`); a marked one without its seal was rewritten.
-fn check_sealed(version: &ModelVersion) -> Result<(), StoreError> {
-    let path = version.dir.join("MLmodel");
-    let text = std::fs::read_to_string(&path).map_err(|e| StoreError::io(&path, e))?;
-    let body = text.strip_suffix('\n').unwrap_or(&text);
+/// Reads the seal on the last line of an MLmodel's `text` (which `mlmodel` was parsed from). A
+/// version logged before seals existed has neither seal nor mark (its files are still checked
+/// against `content_sha256`); a marked one without its seal was rewritten.
+fn seal_of(text: &str, mlmodel: &MlModel) -> Seal {
+    let body = text.strip_suffix('\n').unwrap_or(text);
     let (yaml, last) = body
         .rsplit_once('\n')
         .map_or(("", body), |(yaml, last)| (yaml, last));
-    let edited = || StoreError::MlModelEdited { uri: version.uri() };
     let Some(seal) = last.strip_prefix(SEAL) else {
-        return match version.mlmodel.metadata.contains_key(SEALED_KEY) {
-            true => Err(edited()),
-            false => Ok(()),
+        return match mlmodel.metadata.contains_key(SEALED_KEY) {
+            true => Seal::Broken,
+            false => Seal::Absent,
         };
     };
     // The hashed text ends with the newline before the seal.
     let digest = code_hash::hex(&Sha256::digest(&text.as_bytes()[..yaml.len() + 1]));
-    if seal == digest {
-        Ok(())
-    } else {
-        Err(edited())
+    match seal == digest {
+        true => Seal::Intact,
+        false => Seal::Broken,
+    }
+}
+
+/// Refuses a version whose MLmodel was edited after the store wrote it.
+fn check_sealed(version: &ModelVersion) -> Result<(), StoreError> {
+    match version.seal {
+        Seal::Intact | Seal::Absent => Ok(()),
+        Seal::Broken => Err(StoreError::MlModelEdited { uri: version.uri() }),
     }
 }
 

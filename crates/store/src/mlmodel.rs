@@ -66,7 +66,12 @@ impl MlModel {
 
     pub fn read(path: &Path) -> Result<Self, StoreError> {
         let text = std::fs::read_to_string(path).map_err(|e| StoreError::io(path, e))?;
-        yaml_serde::from_str(&text).map_err(|e| StoreError::Corrupt {
+        Self::parse(&text, path)
+    }
+
+    /// `text`, read from `path` (named in the error).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, StoreError> {
+        yaml_serde::from_str(text).map_err(|e| StoreError::Corrupt {
             path: path.to_owned(),
             why: e.to_string(),
         })

@@ -196,8 +196,13 @@ fn an_edited_file_inside_a_version_is_detected() {
     )
     .unwrap();
     assert_ne!(std::fs::read_to_string(&mlmodel).unwrap(), text);
+    // The version read before the edit was checked on what it read (intact); read again, it
+    // is refused.
+    store.verify_chain(&version).unwrap();
+    let edited = store.resolve(&uri("models:/router/1")).unwrap();
+    assert_eq!(edited.seal, Seal::Broken);
     assert!(matches!(
-        store.verify_chain(&version),
+        store.verify_chain(&edited),
         Err(StoreError::MlModelEdited { .. })
     ));
 }
