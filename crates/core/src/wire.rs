@@ -42,6 +42,15 @@ impl ChatRequest {
         self.stream == Some(true)
     }
 
+    /// How many choices the client asked for (`n`, 1 when absent or not a positive number).
+    pub fn choices_asked(&self) -> u64 {
+        self.extra
+            .get("n")
+            .and_then(Value::as_u64)
+            .unwrap_or(1)
+            .max(1)
+    }
+
     /// The conversation with `system` as its system prompt: the client's own system messages
     /// are replaced, every other message is kept in order.
     pub fn messages_with_system(&self, system: impl Into<String>) -> Vec<Message> {
@@ -282,8 +291,8 @@ pub struct ChunkBody {
     pub json: String,
     /// Whether it carries choices; the usage chunk at the end of a stream has none.
     pub has_choices: bool,
-    /// Whether a choice finishes in it (has a `finish_reason`).
-    pub finished: bool,
+    /// How many choices finish in it (have a `finish_reason`).
+    pub finished: u32,
     pub usage: Option<Usage>,
 }
 
@@ -293,7 +302,7 @@ impl ChunkBody {
             // A `ChatChunk` is maps, strings and numbers: encoding it cannot fail.
             json: serde_json::to_string(chunk).unwrap_or_default(),
             has_choices: !chunk.choices.is_empty(),
-            finished: chunk.choices.iter().any(|c| c.finish_reason.is_some()),
+            finished: chunk.finished_choices(),
             usage: chunk.usage.clone(),
         }
     }
@@ -332,11 +341,11 @@ impl ChunkBody {
 }
 
 /// What a chunk's `choices` array holds, read without keeping it (no allocation per chunk):
-/// whether it has any choice, and whether one of them has a `finish_reason`.
+/// whether it has any choice, and how many of them have a `finish_reason`.
 #[derive(Default)]
 struct Choices {
     any: bool,
-    finished: bool,
+    finished: u32,
 }
 
 impl<'de> Deserialize<'de> for Choices {
@@ -359,7 +368,7 @@ impl<'de> Deserialize<'de> for Choices {
                 let mut choices = Choices::default();
                 while let Some(choice) = seq.next_element::<Choice>()? {
                     choices.any = true;
-                    choices.finished |= choice.finish_reason.is_some();
+                    choices.finished += u32::from(choice.finish_reason.is_some());
                 }
                 Ok(choices)
             }
@@ -467,6 +476,12 @@ impl ChatChunk {
             usage: Some(usage),
             extra: Map::new(),
         }
+    }
+
+    /// How many choices finish in this chunk (have a `finish_reason`).
+    pub fn finished_choices(&self) -> u32 {
+        let finished = self.choices.iter().filter(|c| c.finish_reason.is_some());
+        u32::try_from(finished.count()).unwrap_or(u32::MAX)
     }
 
     /// The content text this chunk adds to the first choice.

@@ -75,6 +75,7 @@ impl Llm for OpenAiProvider {
             self.upstream.clone(),
             response,
             MAX_ANSWER,
+            request.choices_asked(),
             |data| {
                 serde_json::from_str::<ChatChunk>(&data)
                     .ok()
@@ -90,6 +91,7 @@ impl Llm for OpenAiProvider {
             self.upstream.clone(),
             response,
             MAX_ANSWER,
+            request.choices_asked(),
             ChunkBody::parse,
         )))
     }
@@ -99,23 +101,25 @@ impl Llm for OpenAiProvider {
 /// cannot read, to be quoted). The stream ends at `[DONE]`, and with an error if the upstream
 /// sends something else than a chunk (some servers send an `{"error": ...}` object mid-stream),
 /// sends more than `max_event` bytes without completing an event, or closes the stream before
-/// `[DONE]`.
+/// `[DONE]` while one of the `choices` asked for has not finished.
 fn sse_chunks<T: Chunk>(
     upstream: Arc<Upstream>,
     response: http::Response<UpstreamBody>,
     max_event: usize,
+    choices: u64,
     parse: impl Fn(String) -> Result<T, String> + Send + 'static,
 ) -> impl futures::Stream<Item = Result<T, LlmError>> + Send + 'static {
     let mut events = Box::pin(sse_events(response, max_event));
     let mut done = false;
-    // Once a choice has finished, a stream that closes without `[DONE]` has given its answer.
-    let mut finished = false;
+    // Once every choice has finished, a stream that closes without `[DONE]` has given its
+    // answer (some servers never send it).
+    let mut finished = 0u64;
     futures::stream::poll_fn(move |cx| {
         if done {
             return std::task::Poll::Ready(None);
         }
         let item = match futures::ready!(events.poll_next_unpin(cx)) {
-            None if finished => {
+            None if finished >= choices => {
                 done = true;
                 return std::task::Poll::Ready(None);
             }
@@ -140,7 +144,7 @@ fn sse_chunks<T: Chunk>(
             }),
         };
         match &item {
-            Ok(chunk) => finished |= chunk.finishes(),
+            Ok(chunk) => finished += u64::from(chunk.finished_choices()),
             Err(_) => done = true,
         }
         std::task::Poll::Ready(Some(item))
@@ -149,19 +153,19 @@ fn sse_chunks<T: Chunk>(
 
 /// What [`sse_chunks`] needs to know of a chunk.
 trait Chunk {
-    /// Whether a choice finishes in it.
-    fn finishes(&self) -> bool;
+    /// How many choices finish in it.
+    fn finished_choices(&self) -> u32;
 }
 
 impl Chunk for ChunkBody {
-    fn finishes(&self) -> bool {
+    fn finished_choices(&self) -> u32 {
         self.finished
     }
 }
 
 impl Chunk for ChatChunk {
-    fn finishes(&self) -> bool {
-        self.choices.iter().any(|c| c.finish_reason.is_some())
+    fn finished_choices(&self) -> u32 {
+        ChatChunk::finished_choices(self)
     }
 }
 
@@ -209,6 +213,7 @@ mod tests {
             upstream(),
             sse_response(&[first, usage, "[DONE]", after_done]),
             1024,
+            1,
             ChunkBody::parse,
         )
         .collect()
@@ -227,6 +232,7 @@ mod tests {
                 upstream(),
                 sse_response(&[first, broken, usage]),
                 1024,
+                1,
                 ChunkBody::parse,
             )
             .collect()
@@ -242,9 +248,15 @@ mod tests {
             assert!(error.message.contains(said), "{}", error.message);
         }
 
-        let cut: Vec<_> = sse_chunks(upstream(), sse_response(&[first]), 1024, ChunkBody::parse)
-            .collect()
-            .await;
+        let cut: Vec<_> = sse_chunks(
+            upstream(),
+            sse_response(&[first]),
+            1024,
+            1,
+            ChunkBody::parse,
+        )
+        .collect()
+        .await;
         assert!(
             cut[1]
                 .as_ref()
@@ -258,14 +270,36 @@ mod tests {
             upstream(),
             sse_response(&[first, last]),
             1024,
+            1,
             ChunkBody::parse,
         )
         .collect()
         .await;
         assert_eq!(finished.len(), 2);
         assert!(finished.iter().all(Result::is_ok));
-        assert!(finished[1].as_ref().unwrap().finished);
-        assert!(!finished[0].as_ref().unwrap().finished);
+        assert_eq!(finished[1].as_ref().unwrap().finished, 1);
+        assert_eq!(finished[0].as_ref().unwrap().finished, 0);
+        // With `n = 2`, one finished choice is not the whole answer; two (in one chunk or in
+        // two) are.
+        let second = r#"{"id":"1","choices":[{"index":1,"delta":{},"finish_reason":"length"}]}"#;
+        let both = r#"{"id":"1","choices":[{"index":0,"delta":{},"finish_reason":"stop"},{"index":1,"delta":{},"finish_reason":"stop"}]}"#;
+        for (events, whole) in [
+            (vec![first, last], false),
+            (vec![first, last, second], true),
+            (vec![first, both], true),
+        ] {
+            let items: Vec<_> =
+                sse_chunks(upstream(), sse_response(&events), 1024, 2, ChunkBody::parse)
+                    .collect()
+                    .await;
+            let cut_off = items
+                .last()
+                .unwrap()
+                .as_ref()
+                .is_err_and(|e| e.message.contains("before [DONE]"));
+            assert_eq!(cut_off, !whole, "{events:?}");
+            assert_eq!(items.len(), events.len() + usize::from(!whole));
+        }
     }
 
     #[tokio::test]
@@ -276,7 +310,7 @@ mod tests {
         // Twenty events of ~56 bytes each, over 1 KB in all: the limit is per event.
         let mut all = small.clone();
         all.push("[DONE]");
-        let items: Vec<_> = sse_chunks(upstream(), sse_response(&all), 100, ChunkBody::parse)
+        let items: Vec<_> = sse_chunks(upstream(), sse_response(&all), 100, 1, ChunkBody::parse)
             .collect()
             .await;
         assert_eq!(items.len(), 20);
@@ -287,6 +321,7 @@ mod tests {
             upstream(),
             sse_response(&[small[0], &big, "[DONE]"]),
             100,
+            1,
             ChunkBody::parse,
         )
         .collect()
