@@ -561,8 +561,9 @@ fn attribute<'a>(span: &'a Value, key: &str) -> Option<&'a Value> {
 }
 
 #[tokio::test]
-async fn traces_join_the_callers_and_carry_chain_steps_as_children_of_the_request() {
+async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_children() {
     let (collector, received) = otlp_receiver().await;
+    let upstream = FakeUpstream::start(vec![]).await;
     let dir = crate::common::temp_dir("otlp");
     let config = dir.join("gateway.toml");
     std::fs::write(
@@ -572,9 +573,13 @@ async fn traces_join_the_callers_and_carry_chain_steps_as_children_of_the_reques
              [[endpoints]]\nname = \"summarize\"\nchain_dir = \"{}\"\nconfig = {{ keep_last = 1 }}\n\
              [providers.down]\nkind = \"openai\"\nbase_url = \"{}\"\n\
              [routes.down]\ntargets = [{{ provider = \"down\", model = \"m\" }}]\nretries = 0\n\
-             [[endpoints]]\nname = \"broken\"\nroute = \"down\"\n",
+             [[endpoints]]\nname = \"broken\"\nroute = \"down\"\n\
+             [providers.up]\nkind = \"openai\"\nbase_url = \"{}\"\n\
+             [routes.up]\ntargets = [{{ provider = \"up\", model = \"gpt-up\" }}]\n\
+             [[endpoints]]\nname = \"proxied\"\nroute = \"up\"\n",
             switchyard_chains::chain_dir("summarize_then_answer").display(),
-            crate::common::closed_port_url().await
+            crate::common::closed_port_url().await,
+            upstream.base_url,
         ),
     )
     .unwrap();
@@ -613,6 +618,28 @@ async fn traces_join_the_callers_and_carry_chain_steps_as_children_of_the_reques
         .unwrap();
     assert_eq!(failed.status(), 502);
     let failed_trace = failed.headers()["x-trace-id"].to_str().unwrap().to_owned();
+    let mut proxied = chat_body("x");
+    proxied["model"] = "proxied".into();
+    let answered = reqwest::Client::new()
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&proxied)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 200);
+    let proxied_trace = answered.headers()["x-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    // The provider is sent the trace context of the call: `00-<trace>-<the call's span>-01`.
+    let sent = upstream.requests()[0].traceparent.clone().unwrap();
+    let sent: Vec<&str> = sent.split('-').collect();
+    assert_eq!(sent.len(), 4, "{sent:?}");
+    assert_eq!(
+        (sent[0], sent[1], sent[3]),
+        ("00", proxied_trace.as_str(), "01")
+    );
+    let call_span = sent[2].to_owned();
 
     // Spans are flushed when the process exits; the collector runs on this test's runtime, so
     // wait for the exit off it.
@@ -653,8 +680,46 @@ async fn traces_join_the_callers_and_carry_chain_steps_as_children_of_the_reques
         .find(|s| s["traceId"] == failed_trace.as_str() && s["name"] == "request")
         .unwrap_or_else(|| panic!("{all_spans:#?}"));
     assert_eq!(failed["status"]["code"], 2, "{failed}");
-    let spans: Vec<Value> = all_spans
-        .into_iter()
+    // Its upstream call (a refused connection) too, with the reason.
+    let failed_call = all_spans
+        .iter()
+        .find(|s| s["traceId"] == failed_trace.as_str() && s["name"] == "chat m")
+        .unwrap_or_else(|| panic!("{all_spans:#?}"));
+    assert_eq!(failed_call["status"]["code"], 2, "{failed_call}");
+    assert_eq!(
+        attribute(failed_call, "error.type").unwrap()["stringValue"],
+        "connect"
+    );
+    // An upstream call is a client span, child of its request, named by OpenTelemetry's GenAI
+    // conventions, and the span whose context the provider was sent.
+    let proxied_spans: Vec<&Value> = all_spans
+        .iter()
+        .filter(|s| s["traceId"] == proxied_trace.as_str())
+        .collect();
+    let call = proxied_spans
+        .iter()
+        .find(|s| s["name"] == "chat gpt-up")
+        .unwrap_or_else(|| panic!("{proxied_spans:#?}"));
+    let proxied_request = proxied_spans
+        .iter()
+        .find(|s| s["name"] == "request")
+        .unwrap();
+    assert_eq!(call["spanId"], call_span.as_str());
+    assert_eq!(call["parentSpanId"], proxied_request["spanId"]);
+    // SPAN_KIND_CLIENT.
+    assert_eq!(call["kind"], 3, "{call}");
+    for (key, value) in [
+        ("gen_ai.operation.name", "chat"),
+        ("gen_ai.provider.name", "openai"),
+        ("gen_ai.request.model", "gpt-up"),
+        ("provider", "up"),
+        ("server.address", "127.0.0.1"),
+        ("http.request.method", "POST"),
+    ] {
+        assert_eq!(attribute(call, key).unwrap()["stringValue"], value, "{key}");
+    }
+    let spans: Vec<&Value> = all_spans
+        .iter()
         .filter(|span| span["traceId"] == trace_id.as_str())
         .collect();
     let request = spans
@@ -701,7 +766,21 @@ async fn traces_join_the_callers_and_carry_chain_steps_as_children_of_the_reques
             .unwrap_or_else(|_| panic!("{name} is not an integer: {value}"))
     };
     assert_eq!(integer(request, "http.response.status_code"), 200);
-    let steps: Vec<&Value> = spans.iter().filter(|s| s["name"] == "chain.llm").collect();
+    assert_eq!(integer(call, "http.response.status_code"), 200);
+    assert_eq!(
+        integer(call, "server.port"),
+        u64::from(
+            reqwest::Url::parse(&upstream.base_url)
+                .unwrap()
+                .port()
+                .unwrap()
+        )
+    );
+    let steps: Vec<&Value> = spans
+        .iter()
+        .copied()
+        .filter(|s| s["name"] == "chain.llm")
+        .collect();
     let names: Vec<&str> = steps
         .iter()
         .map(|s| {

@@ -65,6 +65,7 @@ pub struct Recorded {
     pub body: Value,
     pub authorization: Option<String>,
     pub host: Option<String>,
+    pub traceparent: Option<String>,
     pub version: axum::http::Version,
 }
 
@@ -193,6 +194,7 @@ async fn fake_completions(
         body: body.clone(),
         authorization: header("authorization"),
         host: header("host"),
+        traceparent: header("traceparent"),
         version,
     });
     state.received.notify_waiters();

@@ -131,6 +131,22 @@ impl LlmError {
     }
 }
 
+impl LlmErrorKind {
+    /// A short name for traces (`error.type`): an upstream's status code, else the kind.
+    pub fn error_type(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            LlmErrorKind::Connect => "connect".into(),
+            LlmErrorKind::Timeout => "timeout".into(),
+            LlmErrorKind::Status { status, .. } => status.to_string().into(),
+            LlmErrorKind::InvalidResponse => "invalid_response".into(),
+            LlmErrorKind::StreamInterrupted => "stream_interrupted".into(),
+            LlmErrorKind::BadRequest => "bad_request".into(),
+            LlmErrorKind::Unsupported => "unsupported".into(),
+            LlmErrorKind::Overloaded => "overloaded".into(),
+        }
+    }
+}
+
 impl fmt::Display for LlmErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

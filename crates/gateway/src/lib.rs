@@ -382,9 +382,15 @@ impl Gateway {
 
     /// Says that spans are exported (the binary sets up OpenTelemetry when
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set): requests then join a caller's `traceparent` and
-    /// their spans carry the HTTP attributes, and responses the trace id.
+    /// their spans carry the HTTP attributes, responses the trace id, and every upstream call
+    /// is a client span whose `traceparent` the provider receives.
     pub fn export_traces(&self) {
         self.state.0.traces.store(true, Ordering::Relaxed);
+        self.state
+            .0
+            .lasting
+            .client
+            .trace_calls(request_log::write_traceparent);
     }
 
     /// `[server] listen` of the config the gateway started with.

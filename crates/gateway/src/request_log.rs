@@ -14,7 +14,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TraceId};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use switchyard_core::RequestStats;
@@ -235,6 +235,23 @@ pub async fn log_request(
         });
     }
     response
+}
+
+/// Writes the trace context of an upstream call's span into its request (W3C `traceparent`),
+/// for [`switchyard_providers::HttpClient::trace_calls`]: the provider's own spans, if it
+/// traces, become children of the gateway's.
+pub(crate) fn write_traceparent(span: &tracing::Span, headers: &mut axum::http::HeaderMap) {
+    TraceContextPropagator::new().inject_context(&span.context(), &mut HeadersMut(headers));
+}
+
+struct HeadersMut<'a>(&'a mut axum::http::HeaderMap);
+
+impl Injector for HeadersMut<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(key), HeaderValue::try_from(value)) {
+            self.0.insert(name, value);
+        }
+    }
 }
 
 /// A request's headers as OpenTelemetry's propagators read them.

@@ -82,7 +82,7 @@ impl AnthropicProvider {
         }
         let root = base_url.trim_end_matches('/');
         let root = root.strip_suffix("/v1").unwrap_or(root);
-        let upstream = Upstream::new(name, client, root, "v1/messages", headers)?;
+        let upstream = Upstream::new(name, "anthropic", client, root, "v1/messages", headers)?;
         Ok(Self {
             upstream: Arc::new(upstream),
         })
@@ -100,7 +100,7 @@ impl AnthropicProvider {
             ),
             ..e
         })?;
-        self.upstream.post(&body).await
+        self.upstream.post(&request.model, &body).await
     }
 }
 

@@ -23,7 +23,7 @@
 //! that exits leaves its client to the next new thread; if the runtime behind its pooled
 //! connections is gone by then, the pool drops them at checkout and connects anew.)
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -67,7 +67,13 @@ pub struct HttpClient {
     proxied: ThreadLocal<reqwest::Client>,
     /// The environment's proxy settings, read once.
     proxies: Matcher,
+    /// Set when spans are exported: calls are traced, and carry their span's context.
+    trace_headers: OnceLock<TraceHeaders>,
 }
+
+/// Writes the trace context of a call's span into its request headers (W3C `traceparent`):
+/// given by the gateway, which owns the OpenTelemetry setup.
+pub type TraceHeaders = fn(&tracing::Span, &mut http::HeaderMap);
 
 impl std::fmt::Debug for HttpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,9 +91,21 @@ impl HttpClient {
             direct: ThreadLocal::new(),
             proxied: ThreadLocal::new(),
             proxies: Matcher::from_env(),
+            trace_headers: OnceLock::new(),
         };
         clients.proxied()?;
         Ok(clients)
+    }
+
+    /// Traces every call from now on: each gets a client span, whose context `trace_headers`
+    /// sends to the upstream. (Set once, when the gateway starts exporting spans.)
+    pub fn trace_calls(&self, trace_headers: TraceHeaders) {
+        let _ = self.trace_headers.set(trace_headers);
+    }
+
+    /// How a call's trace context gets into its headers, if calls are traced.
+    pub(crate) fn trace_headers(&self) -> Option<TraceHeaders> {
+        self.trace_headers.get().copied()
     }
 
     /// How requests to `url` go: through a proxy if the environment names one for it.

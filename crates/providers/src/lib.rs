@@ -17,7 +17,7 @@ mod upstream;
 
 pub use anthropic::AnthropicProvider;
 pub use capped::{Capped, Slots};
-pub use http::{HttpClient, HttpClientError};
+pub use http::{HttpClient, HttpClientError, TraceHeaders};
 pub use mock::{MockConfig, MockProvider, count_tokens};
 pub use openai::OpenAiProvider;
 pub use route::{Route, RouteSettings, Target};

@@ -35,14 +35,21 @@ impl OpenAiProvider {
             let value = Upstream::secret_header(&name, format!("Bearer {}", key.expose()))?;
             headers.push((AUTHORIZATION, value));
         }
-        let upstream = Upstream::new(name, client, base_url, "chat/completions", headers)?;
+        let upstream = Upstream::new(
+            name,
+            "openai",
+            client,
+            base_url,
+            "chat/completions",
+            headers,
+        )?;
         Ok(Self {
             upstream: Arc::new(upstream),
         })
     }
 
     async fn send(&self, request: &ChatRequest) -> Result<http::Response<UpstreamBody>, LlmError> {
-        self.upstream.post(request).await
+        self.upstream.post(&request.model, request).await
     }
 
     /// The body of a successful non-stream call.

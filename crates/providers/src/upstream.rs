@@ -12,6 +12,7 @@ use futures::{Stream, StreamExt};
 use http::header::{CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use http_body_util::BodyExt;
 use switchyard_core::{LlmError, LlmErrorKind, Secret};
+use tracing::Instrument;
 
 use crate::http::{HttpClient, Path, UpstreamBody, read_body};
 
@@ -29,6 +30,9 @@ pub(crate) const MAX_ANSWER: usize = 64 * 1024 * 1024;
 pub(crate) struct Upstream {
     /// The provider's name, which every error of its calls starts with.
     pub name: String,
+    /// The API it speaks, as OpenTelemetry's `gen_ai.provider.name` says it (`openai`,
+    /// `anthropic`).
+    api: &'static str,
     client: Arc<HttpClient>,
     /// Parsed once: parsing it per request showed up in profiles.
     pub url: http::Uri,
@@ -49,6 +53,7 @@ impl Upstream {
     /// Calls go to `url` (`base_url` joined with the API's path) with `headers`.
     pub fn new(
         name: String,
+        api: &'static str,
         client: Arc<HttpClient>,
         base_url: &str,
         api_path: &str,
@@ -75,6 +80,7 @@ impl Upstream {
             .collect();
         Ok(Self {
             name,
+            api,
             client,
             url,
             path,
@@ -112,11 +118,71 @@ impl Upstream {
         Ok(value)
     }
 
-    /// POSTs `body` as JSON and returns the response once its head arrived with a success
-    /// status; any other status is an error with the upstream's message.
+    /// POSTs `body` (a chat request for `model`) as JSON and returns the response once its head
+    /// arrived with a success status; any other status is an error with the upstream's message.
+    /// When calls are traced, the call is a client span (until the answer's head, or the error
+    /// body, has arrived) whose context the upstream receives as `traceparent`.
     pub async fn post(
         &self,
+        model: &str,
         body: &impl serde::Serialize,
+    ) -> Result<http::Response<UpstreamBody>, LlmError> {
+        let Some(trace_headers) = self.client.trace_headers() else {
+            return self.call(body, |_| {}).await;
+        };
+        let span = self.call_span(model);
+        let result = self
+            .call(body, |headers| trace_headers(&span, headers))
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(response) => {
+                // Integers as i64: tracing-opentelemetry exports unsigned values as strings.
+                span.record(
+                    "http.response.status_code",
+                    i64::from(response.status().as_u16()),
+                );
+            }
+            Err(error) => {
+                if let LlmErrorKind::Status { status, .. } = error.kind {
+                    span.record("http.response.status_code", i64::from(status));
+                }
+                span.record("error.type", error.kind.error_type().as_ref());
+                span.record("otel.status_code", "error");
+            }
+        }
+        result
+    }
+
+    /// The span of one call, with OpenTelemetry's GenAI and HTTP client attributes.
+    fn call_span(&self, model: &str) -> tracing::Span {
+        let host = self.url.host().unwrap_or_default();
+        let port = self.url.port_u16().unwrap_or(match self.url.scheme_str() {
+            Some("http") => 80,
+            _ => 443,
+        });
+        tracing::info_span!(
+            "upstream",
+            "otel.name" = format!("chat {model}"),
+            "otel.kind" = "client",
+            "otel.status_code" = tracing::field::Empty,
+            provider = self.name.as_str(),
+            "gen_ai.operation.name" = "chat",
+            "gen_ai.provider.name" = self.api,
+            "gen_ai.request.model" = model,
+            "server.address" = host,
+            "server.port" = i64::from(port),
+            "http.request.method" = "POST",
+            "http.response.status_code" = tracing::field::Empty,
+            "error.type" = tracing::field::Empty,
+        )
+    }
+
+    /// One call: `body` POSTed with the provider's headers and what `more_headers` adds.
+    async fn call(
+        &self,
+        body: &impl serde::Serialize,
+        more_headers: impl FnOnce(&mut HeaderMap),
     ) -> Result<http::Response<UpstreamBody>, LlmError> {
         let body = serde_json::to_vec(body).map_err(|e| {
             LlmError::new(
@@ -132,12 +198,13 @@ impl Upstream {
         for (name, value) in &self.headers {
             builder = builder.header(name, value.clone());
         }
-        let request = builder.body(Bytes::from(body)).map_err(|e| {
+        let mut request = builder.body(Bytes::from(body)).map_err(|e| {
             LlmError::new(
                 LlmErrorKind::BadRequest,
                 format!("provider '{}': {e}", self.name),
             )
         })?;
+        more_headers(request.headers_mut());
         let response = self
             .client
             .send(self.path, request)
@@ -311,7 +378,17 @@ pub(crate) mod tests {
     /// An upstream named `name` that no test calls (its streams are fed by hand).
     pub(crate) fn test_upstream(name: &str) -> Arc<Upstream> {
         let client = Arc::new(HttpClient::new().unwrap());
-        Arc::new(Upstream::new(name.into(), client, "http://127.0.0.1:1", "x", vec![]).unwrap())
+        Arc::new(
+            Upstream::new(
+                name.into(),
+                "openai",
+                client,
+                "http://127.0.0.1:1",
+                "x",
+                vec![],
+            )
+            .unwrap(),
+        )
     }
 
     /// An upstream named `name` that sends `value` in the secret header `header`.
@@ -323,7 +400,17 @@ pub(crate) mod tests {
         let client = Arc::new(HttpClient::new().unwrap());
         let key = Upstream::secret_header(name, value.to_owned()).unwrap();
         let headers = vec![(header, key)];
-        Arc::new(Upstream::new(name.into(), client, "http://127.0.0.1:1", "x", headers).unwrap())
+        Arc::new(
+            Upstream::new(
+                name.into(),
+                "openai",
+                client,
+                "http://127.0.0.1:1",
+                "x",
+                headers,
+            )
+            .unwrap(),
+        )
     }
 
     #[test]
@@ -342,7 +429,8 @@ pub(crate) mod tests {
     fn the_host_header_of_a_plain_http_upstream_is_built_once_with_its_port() {
         let client = Arc::new(HttpClient::new().unwrap());
         let host = |url: &str| {
-            let upstream = Upstream::new("p".into(), client.clone(), url, "x", vec![]).unwrap();
+            let upstream =
+                Upstream::new("p".into(), "openai", client.clone(), url, "x", vec![]).unwrap();
             upstream
                 .header(HOST)
                 .map(|value| value.to_str().unwrap().to_owned())
