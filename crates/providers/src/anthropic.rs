@@ -53,6 +53,7 @@ const DROPPED: &[&str] = &[
     "metadata",
     "service_tier",
     "prediction",
+    "prompt_cache_key",
 ];
 
 /// One Anthropic upstream. Cheap to clone: the HTTP clients are shared.
@@ -133,9 +134,12 @@ fn unsupported(param: impl Into<String>, message: impl Into<String>) -> LlmError
     }
 }
 
-/// A request no target can serve.
-fn invalid(message: impl Into<String>) -> LlmError {
-    LlmError::new(LlmErrorKind::BadRequest, message)
+/// A request no target can serve (`param` is the field at fault).
+fn invalid(param: impl Into<String>, message: impl Into<String>) -> LlmError {
+    LlmError {
+        param: Some(param.into()),
+        ..LlmError::new(LlmErrorKind::BadRequest, message)
+    }
 }
 
 /// The Messages API body for `request`, or why it cannot be translated.
@@ -158,9 +162,16 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
         let role = message.role.as_str();
         match role {
             "system" | "developer" => system.push(system_text(i, message)?),
-            "user" => messages.push(json!({"role": role, "content": content(i, message)?})),
+            // Anthropic refuses empty text (OpenAI takes it): an empty turn is left out.
+            "user" => {
+                if let Some(content) = non_empty(content(i, message)?) {
+                    messages.push(json!({"role": role, "content": content}));
+                }
+            }
             "assistant" => {
-                messages.push(json!({"role": role, "content": assistant_content(i, message)?}));
+                if let Some(content) = non_empty(assistant_content(i, message)?) {
+                    messages.push(json!({"role": role, "content": content}));
+                }
             }
             "tool" => {
                 let result = tool_result(i, message)?;
@@ -181,9 +192,20 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
                     ),
                 ));
             }
-            other => return Err(invalid(format!("messages[{i}]: unknown role '{other}'"))),
+            other => {
+                return Err(invalid(
+                    format!("messages[{i}].role"),
+                    format!("messages[{i}]: unknown role '{other}'"),
+                ));
+            }
         }
         in_results = role == "tool" || (in_results && matches!(role, "system" | "developer"));
+    }
+    if messages.is_empty() {
+        return Err(unsupported(
+            "messages",
+            "a conversation without a user or assistant message with content is not supported",
+        ));
     }
     let mut body = Map::new();
     body.insert("model".into(), request.model.clone().into());
@@ -218,6 +240,12 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
                     "'temperature' above 1 is not supported",
                 ));
             }
+            // Anthropic's newer models refuse both at once ("use only one"): temperature wins.
+            "top_p"
+                if request
+                    .extra
+                    .get("temperature")
+                    .is_some_and(|t| !t.is_null()) => {}
             "temperature" | "top_p" => {
                 body.insert(field.clone(), value.clone());
             }
@@ -225,13 +253,25 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
                 let stops = match value {
                     Value::String(stop) => vec![Value::String(stop.clone())],
                     Value::Array(stops) => stops.clone(),
-                    _ => return Err(invalid("'stop' must be a string or an array of strings")),
+                    _ => {
+                        return Err(invalid(
+                            "stop",
+                            "'stop' must be a string or an array of strings",
+                        ));
+                    }
                 };
                 body.insert("stop_sequences".into(), stops.into());
             }
-            "user" => {
-                body.insert("metadata".into(), json!({"user_id": value}));
+            // OpenAI's end-user id (`safety_identifier` succeeds `user`; `user` wins if both).
+            "user" | "safety_identifier"
+                if field == "user" || request.extra.get("user").is_none_or(Value::is_null) =>
+            {
+                let user = value.as_str().ok_or_else(|| {
+                    invalid(field.as_str(), format!("'{field}' must be a string"))
+                })?;
+                body.insert("metadata".into(), json!({"user_id": user}));
             }
+            "safety_identifier" => {}
             "n" if value.as_u64() == Some(1) => {}
             "logprobs" if value == &Value::Bool(false) => {}
             other => return Err(unsupported(other, format!("'{other}' is not supported"))),
@@ -263,7 +303,7 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
 fn tools(value: &Value) -> Result<Value, LlmError> {
     let tools = value
         .as_array()
-        .ok_or_else(|| invalid("'tools' must be an array"))?;
+        .ok_or_else(|| invalid("tools", "'tools' must be an array"))?;
     tools
         .iter()
         .enumerate()
@@ -276,9 +316,12 @@ fn tools(value: &Value) -> Result<Value, LlmError> {
                 ));
             }
             let function = &tool["function"];
-            let name = function["name"]
-                .as_str()
-                .ok_or_else(|| invalid(format!("tools[{k}]: function.name is missing")))?;
+            let name = function["name"].as_str().ok_or_else(|| {
+                invalid(
+                    format!("tools[{k}].function.name"),
+                    format!("tools[{k}]: function.name is missing"),
+                )
+            })?;
             // Anthropic requires an object schema; OpenAI allows leaving it out.
             let mut schema = function
                 .get("parameters")
@@ -320,9 +363,12 @@ fn response_format_tool(format: &Value) -> Result<Option<Value>, LlmError> {
             (spec["name"].as_str().unwrap_or(JSON_TOOL), schema)
         }
         _ => {
-            return Err(invalid(format!(
-                "'response_format' must have type \"text\", \"json_object\" or \"json_schema\", not {format}"
-            )));
+            return Err(invalid(
+                "response_format",
+                format!(
+                    "'response_format' must have type \"text\", \"json_object\" or \"json_schema\", not {format}"
+                ),
+            ));
         }
     };
     Ok(Some(json!({
@@ -353,9 +399,12 @@ fn translate_tool_choice(value: &Value) -> Result<Value, LlmError> {
                 "tool_choice",
                 format!("'tool_choice' of type {} is not supported", value["type"]),
             )),
-            _ => Err(invalid(format!(
-                "'tool_choice' must be \"auto\", \"none\", \"required\" or a function, not {value}"
-            ))),
+            _ => Err(invalid(
+                "tool_choice",
+                format!(
+                    "'tool_choice' must be \"auto\", \"none\", \"required\" or a function, not {value}"
+                ),
+            )),
         },
     }
 }
@@ -368,9 +417,10 @@ fn assistant_content(i: usize, message: &Message) -> Result<Value, LlmError> {
         Some(Value::Array(calls)) if calls.is_empty() => return content(i, message),
         Some(Value::Array(calls)) => calls,
         Some(_) => {
-            return Err(invalid(format!(
-                "messages[{i}].tool_calls must be an array"
-            )));
+            return Err(invalid(
+                format!("messages[{i}].tool_calls"),
+                format!("messages[{i}].tool_calls must be an array"),
+            ));
         }
     };
     let text = message.text();
@@ -389,21 +439,31 @@ fn assistant_content(i: usize, message: &Message) -> Result<Value, LlmError> {
         }
         let (Some(id), Some(name)) = (call["id"].as_str(), call["function"]["name"].as_str())
         else {
-            return Err(invalid(format!("{at}: id and function.name are required")));
+            return Err(invalid(
+                at.as_str(),
+                format!("{at}: id and function.name are required"),
+            ));
         };
-        // No arguments at all (`""`, as some servers stream a call without parameters) is `{}`.
-        let arguments = call["function"]["arguments"]
-            .as_str()
-            .filter(|a| !a.trim().is_empty())
-            .unwrap_or("{}");
-        let input: Value = serde_json::from_str(arguments)
-            .ok()
-            .filter(Value::is_object)
-            .ok_or_else(|| {
-                invalid(format!(
+        let not_an_object = || {
+            invalid(
+                format!("{at}.function.arguments"),
+                format!(
                     "{at}: function.arguments must be a JSON object (Anthropic takes the input as one)"
-                ))
-            })?;
+                ),
+            )
+        };
+        let input = match &call["function"]["arguments"] {
+            // No arguments at all (`""`, as some servers stream a call without parameters).
+            Value::Null => json!({}),
+            Value::String(arguments) if arguments.trim().is_empty() => json!({}),
+            Value::String(arguments) => serde_json::from_str(arguments)
+                .ok()
+                .filter(Value::is_object)
+                .ok_or_else(not_an_object)?,
+            // OpenAI sends a string; an object is taken as what that string would hold.
+            object @ Value::Object(_) => object.clone(),
+            _ => return Err(not_an_object()),
+        };
         blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
     }
     Ok(Value::Array(blocks))
@@ -415,8 +475,18 @@ fn tool_result(i: usize, message: &Message) -> Result<Value, LlmError> {
         .extra
         .get("tool_call_id")
         .and_then(Value::as_str)
-        .ok_or_else(|| invalid(format!("messages[{i}]: a tool message needs tool_call_id")))?;
-    Ok(json!({"type": "tool_result", "tool_use_id": id, "content": message.text()}))
+        .ok_or_else(|| {
+            invalid(
+                format!("messages[{i}].tool_call_id"),
+                format!("messages[{i}]: a tool message needs tool_call_id"),
+            )
+        })?;
+    // Parts (text and images) go as blocks, which a tool result may hold.
+    let content = match &message.content {
+        Some(Content::Parts(_)) => content(i, message)?,
+        _ => Value::String(message.text()),
+    };
+    Ok(json!({"type": "tool_result", "tool_use_id": id, "content": content}))
 }
 
 /// The text of a system message (Anthropic's `system` is text only).
@@ -428,7 +498,12 @@ fn system_text(i: usize, message: &Message) -> Result<String, LlmError> {
                 .iter()
                 .all(|p| p.get("type").and_then(Value::as_str) == Some("text")) =>
         {
-            Ok(message.text())
+            // Parts are kept apart as separate system messages are.
+            let texts: Vec<&str> = parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect();
+            Ok(texts.join("\n\n"))
         }
         _ => Err(unsupported(
             format!("messages[{i}].content"),
@@ -443,7 +518,10 @@ fn content(i: usize, message: &Message) -> Result<Value, LlmError> {
         Some(Content::Text(text)) => return Ok(Value::String(text.clone())),
         Some(Content::Parts(parts)) => parts,
         Some(Content::Null) | None => {
-            return Err(invalid(format!("messages[{i}]: content is missing")));
+            return Err(invalid(
+                format!("messages[{i}].content"),
+                format!("messages[{i}]: content is missing"),
+            ));
         }
     };
     parts
@@ -459,7 +537,10 @@ fn content(i: usize, message: &Message) -> Result<Value, LlmError> {
                         .pointer("/image_url/url")
                         .and_then(Value::as_str)
                         .ok_or_else(|| {
-                            invalid(format!("messages[{i}]: an image_url part has no url"))
+                            invalid(
+                                format!("messages[{i}].content"),
+                                format!("messages[{i}]: an image_url part has no url"),
+                            )
                         })?;
                     Ok(json!({"type": "image", "source": image_source(url)}))
                 }
@@ -471,6 +552,22 @@ fn content(i: usize, message: &Message) -> Result<Value, LlmError> {
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Value::Array)
+}
+
+/// `content` without its empty text blocks, or `None` if nothing is left (Anthropic refuses
+/// empty text).
+fn non_empty(content: Value) -> Option<Value> {
+    match content {
+        Value::String(text) if text.is_empty() => None,
+        Value::Array(blocks) => {
+            let blocks: Vec<Value> = blocks
+                .into_iter()
+                .filter(|block| block["type"] != "text" || block["text"] != "")
+                .collect();
+            (!blocks.is_empty()).then_some(Value::Array(blocks))
+        }
+        content => Some(content),
+    }
 }
 
 /// An image given as a `data:` URL (sent inline) or a link (fetched by Anthropic).
@@ -563,6 +660,22 @@ impl AnthropicUsage {
         );
     }
 
+    /// As OpenAI counts: every input token, cached or not, is a prompt token, and those read
+    /// from the cache are `prompt_tokens_details.cached_tokens`.
+    fn into_usage(self) -> Usage {
+        let mut usage = Usage::new(
+            self.prompt_tokens().unwrap_or(0),
+            self.output_tokens.unwrap_or(0),
+        );
+        if let Some(cached) = self.cache_read_input_tokens {
+            usage.extra.insert(
+                "prompt_tokens_details".into(),
+                json!({ "cached_tokens": cached }),
+            );
+        }
+        usage
+    }
+
     /// Every input token, cached or not, as OpenAI counts prompt tokens.
     fn prompt_tokens(&self) -> Option<u64> {
         let input = self.input_tokens?;
@@ -599,10 +712,7 @@ impl MessageResponse {
             .filter(|block| block.kind == "text")
             .map(|block| block.text.as_str())
             .collect();
-        let usage = Usage::new(
-            self.usage.prompt_tokens().unwrap_or(0),
-            self.usage.output_tokens.unwrap_or(0),
-        );
+        let usage = self.usage.into_usage();
         let calls: Vec<Value> = self
             .content
             .iter()
@@ -729,6 +839,33 @@ impl StreamState {
         }
     }
 
+    /// The end of the stream: the finish chunk if none went out yet, and the usage chunk if
+    /// asked for.
+    fn stop(&mut self) -> Option<ChatChunk> {
+        self.done = true;
+        let usage = self.include_usage.then(|| {
+            ChatChunk::usage(
+                self.id.clone(),
+                self.model.clone(),
+                self.created,
+                self.usage.into_usage(),
+            )
+        });
+        if self.finished {
+            usage
+        } else {
+            // A stream that never said why it stopped still gets its finish chunk; the usage
+            // chunk waits its turn.
+            self.pending = usage;
+            let reason = if self.tool_blocks.is_empty() {
+                "stop"
+            } else {
+                "tool_calls"
+            };
+            Some(self.chunk(None, Some(reason)))
+        }
+    }
+
     /// The chunk an event becomes, if any; `Err` for an event that ends the stream with an
     /// error, classified (an `error` event is classified like the status Anthropic gives the
     /// same error, so that before the first text a route retries an overloaded target).
@@ -798,33 +935,7 @@ impl StreamState {
                 });
                 reason.map(|reason| self.chunk(None, Some(reason)))
             }
-            "message_stop" => {
-                self.done = true;
-                let usage = self.include_usage.then(|| {
-                    ChatChunk::usage(
-                        self.id.clone(),
-                        self.model.clone(),
-                        self.created,
-                        Usage::new(
-                            self.usage.prompt_tokens().unwrap_or(0),
-                            self.usage.output_tokens.unwrap_or(0),
-                        ),
-                    )
-                });
-                if self.finished {
-                    usage
-                } else {
-                    // A stream that never said why it stopped still gets its finish chunk; the
-                    // usage chunk waits its turn.
-                    self.pending = usage;
-                    let reason = if self.tool_blocks.is_empty() {
-                        "stop"
-                    } else {
-                        "tool_calls"
-                    };
-                    Some(self.chunk(None, Some(reason)))
-                }
-            }
+            "message_stop" => self.stop(),
             "error" => {
                 let message = text("/error/message").unwrap_or("(no message)");
                 let status = text("/error/type").and_then(error_status);
@@ -900,6 +1011,11 @@ fn chat_chunks(
                 return std::task::Poll::Ready(None);
             }
             let item = match futures::ready!(events.poll_next_unpin(cx)) {
+                // Closed after its finish reason but before `message_stop`: the answer is whole.
+                None if state.finished => match state.stop() {
+                    Some(usage) => Ok(usage),
+                    None => continue,
+                },
                 None => Err(upstream.interrupted("closed the stream before message_stop")),
                 Some(Err(e)) => Err(upstream.interrupted(format_args!("stream broke off: {e}"))),
                 Some(Ok(event)) => match state.on_event(&event.data) {
@@ -1009,6 +1125,100 @@ mod tests {
             messages_request(&plain, false).unwrap()["max_tokens"],
             DEFAULT_MAX_TOKENS
         );
+    }
+
+    #[test]
+    fn what_anthropic_would_refuse_is_mended_where_the_meaning_stays() {
+        let translated = |body: Value| messages_request(&request(body), false).unwrap();
+        // Both sampling knobs: newer models take only one, and temperature wins.
+        let both = translated(
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                     "temperature": 0.3, "top_p": 0.9}),
+        );
+        assert_eq!(
+            (&both["temperature"], both.get("top_p")),
+            (&json!(0.3), None)
+        );
+        let top_p = translated(
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                      "temperature": null, "top_p": 0.9}),
+        );
+        assert_eq!(top_p["top_p"], 0.9);
+        // Empty text is left out (an empty refusal the gateway itself answered comes back so),
+        // and system parts stay apart.
+        let body = translated(json!({"model": "m", "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "A."}, {"type": "text", "text": "B."}]},
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": ""},
+            {"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "y"}]},
+            {"role": "user", "content": []}
+        ]}));
+        assert_eq!(body["system"], "A.\n\nB.");
+        assert_eq!(
+            body["messages"],
+            json!([{"role": "user", "content": "x"},
+                   {"role": "user", "content": [{"type": "text", "text": "y"}]}])
+        );
+        let error = messages_request(
+            &request(json!({"model": "m", "messages": [{"role": "system", "content": "s"}]})),
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (error.kind, error.param.as_deref()),
+            (LlmErrorKind::Unsupported, Some("messages"))
+        );
+        // Tool-call arguments sent as an object are the input; the successor of `user` is
+        // the user id too; a prompt-cache hint OpenAI keeps is dropped.
+        let body = translated(json!({"model": "m", "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"city": "Paris"}}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "r"}
+        ], "safety_identifier": "u-7", "prompt_cache_key": "k"}));
+        assert_eq!(
+            body["messages"][1]["content"][0]["input"],
+            json!({"city": "Paris"})
+        );
+        assert_eq!(body["metadata"], json!({"user_id": "u-7"}));
+        assert_eq!(body.get("prompt_cache_key"), None);
+    }
+
+    #[test]
+    fn a_request_no_target_can_serve_names_the_field_at_fault() {
+        let user = json!({"role": "user", "content": "x"});
+        for (body, field) in [
+            (json!({"model": "m", "messages": [user], "stop": 5}), "stop"),
+            (
+                json!({"model": "m", "messages": [user], "tool_choice": "bogus"}),
+                "tool_choice",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "user": 123}),
+                "user",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "bot", "content": "x"}]}),
+                "messages[0].role",
+            ),
+            (
+                json!({"model": "m", "messages": [user, {"role": "tool", "content": "r"}]}),
+                "messages[1].tool_call_id",
+            ),
+            (
+                json!({"model": "m", "messages": [user, {"role": "assistant", "content": null,
+                    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]}),
+                "messages[1].tool_calls[0].function.arguments",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "u"}]}]}),
+                "messages[0].content",
+            ),
+        ] {
+            let error = messages_request(&request(body.clone()), false).unwrap_err();
+            assert_eq!(error.kind, LlmErrorKind::BadRequest, "{body}");
+            assert_eq!(error.param.as_deref(), Some(field), "{body}");
+        }
     }
 
     #[test]
@@ -1141,7 +1351,7 @@ mod tests {
                 // Both results in one user turn.
                 {"role": "user", "content": [
                     {"type": "tool_result", "tool_use_id": "call_1", "content": "18 C"},
-                    {"type": "tool_result", "tool_use_id": "call_2", "content": "24 C"}
+                    {"type": "tool_result", "tool_use_id": "call_2", "content": [{"type": "text", "text": "24 C"}]}
                 ]},
                 {"role": "assistant", "content": [
                     {"type": "text", "text": "Paris 18 C, Rome 24 C. Checking the time."},
@@ -1500,12 +1710,25 @@ mod tests {
         assert_eq!(response.object, "chat.completion");
         assert_eq!(response.text(), "Bonjour !");
         assert_eq!(response.choices[0].finish_reason.as_deref(), Some("length"));
-        assert_eq!(response.usage, Some(Usage::new(15, 5)));
+        let mut usage = Usage::new(15, 5);
+        usage
+            .extra
+            .insert("prompt_tokens_details".into(), json!({"cached_tokens": 3}));
+        assert_eq!(response.usage, Some(usage));
     }
 
     /// A stream as Anthropic sends it, `event:` lines included.
     fn anthropic_stream(with_stop: bool) -> http::Response<UpstreamBody> {
-        let mut events = vec![
+        let mut events = anthropic_events();
+        if !with_stop {
+            events.pop();
+        }
+        sse_response(&events)
+    }
+
+    /// The events of [`anthropic_stream`], ending with `message_stop`.
+    fn anthropic_events() -> Vec<(&'static str, &'static str)> {
+        vec![
             (
                 "message_start",
                 r#"{"type":"message_start","message":{"id":"msg_2","type":"message","role":"assistant","model":"claude-test","content":[],"stop_reason":null,"usage":{"input_tokens":12,"output_tokens":1,"cache_read_input_tokens":3}}}"#,
@@ -1531,11 +1754,8 @@ mod tests {
                 "message_delta",
                 r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"input_tokens":12,"output_tokens":2}}"#,
             ),
-        ];
-        if with_stop {
-            events.push(("message_stop", r#"{"type":"message_stop"}"#));
-        }
-        sse_response(&events)
+            ("message_stop", r#"{"type":"message_stop"}"#),
+        ]
     }
 
     fn upstream() -> Arc<Upstream> {
@@ -1568,9 +1788,17 @@ mod tests {
                 chunk(json!({}), json!("stop")),
                 // 12 input + 3 cache reads from message_start; 2 output from message_delta.
                 json!({"id": "msg_2", "object": "chat.completion.chunk", "model": "claude-test",
-                       "choices": [], "usage": {"prompt_tokens": 15, "completion_tokens": 2, "total_tokens": 17}}),
+                       "choices": [], "usage": {"prompt_tokens": 15, "completion_tokens": 2, "total_tokens": 17,
+                                                "prompt_tokens_details": {"cached_tokens": 3}}}),
             ]
         );
+        // Closed after the finish reason but before `message_stop`: the same answer, whole.
+        let unstopped: Vec<ChatChunk> =
+            chat_chunks(upstream(), anthropic_stream(false), true, None)
+                .map(Result::unwrap)
+                .collect()
+                .await;
+        assert_eq!(unstopped, chunks);
 
         let without_usage: Vec<_> = chat_chunks(upstream(), anthropic_stream(true), false, None)
             .collect()
@@ -1580,11 +1808,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_that_errs_or_ends_early_ends_with_an_error() {
-        let cut: Vec<_> = chat_chunks(upstream(), anthropic_stream(false), true, None)
-            .collect()
-            .await;
-        assert_eq!(cut.len(), 4);
-        let error = cut[3].as_ref().unwrap_err();
+        // Cut before its finish reason.
+        let events = anthropic_events();
+        let cut_at = events.iter().position(|(kind, _)| *kind == "message_delta");
+        let cut = sse_response(&events[..cut_at.unwrap()]);
+        let cut: Vec<_> = chat_chunks(upstream(), cut, true, None).collect().await;
+        assert_eq!(cut.len(), 3);
+        assert!(cut[..2].iter().all(Result::is_ok));
+        let error = cut[2].as_ref().unwrap_err();
         assert_eq!(error.kind, LlmErrorKind::StreamInterrupted);
         assert_eq!(
             error.message,
