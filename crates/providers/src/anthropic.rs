@@ -918,7 +918,11 @@ impl StreamState {
                 .filter(|text| !text.is_empty())
                 .map(|text| self.chunk(Some(text), None)),
             "content_block_delta" if text("/delta/type") == Some("text_delta") => {
-                Some(self.chunk(Some(text("/delta/text").unwrap_or_default()), None))
+                // An empty delta is no chunk: a route takes the first chunk as the answer
+                // begun.
+                text("/delta/text")
+                    .filter(|text| !text.is_empty())
+                    .map(|text| self.chunk(Some(text), None))
             }
             "content_block_delta" if text("/delta/type") == Some("input_json_delta") => self
                 .arguments_piece(
@@ -1738,6 +1742,11 @@ mod tests {
                 r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
             ),
             ("ping", r#"{"type":"ping"}"#),
+            // An empty delta makes no chunk.
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":""}}"#,
+            ),
             (
                 "content_block_delta",
                 r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hel"}}"#,
