@@ -5,8 +5,9 @@
 //! `code_sha256` of their code as compiled, which the gateway compares with the code of the
 //! chain folder (or logged version) it is asked to serve.
 //!
-//! To add a chain: create the folder, implement `Chain` + `ChainDefinition` in its `mod.rs`,
-//! declare the module below and add it to [`registry`]. See `docs/chains.md`.
+//! To add a chain: create the folder (named as the chain's `NAME`), implement `Chain` +
+//! `ChainDefinition` in its `mod.rs`, declare the module below and add it to [`registry`]. See
+//! `chains/README.md`.
 
 pub mod router;
 pub mod summarize_then_answer;
@@ -28,11 +29,42 @@ pub fn registry() -> Registry {
 }
 
 fn entry<C: ChainDefinition>() -> ChainEntry {
-    let hash = CODE_SHA256
-        .iter()
-        .find(|(name, _)| *name == C::NAME)
-        .map_or("", |(_, hash)| *hash);
+    const {
+        assert!(
+            folder_of(C::NAME).is_some(),
+            "a registered chain's NAME must be the name of its folder in chains/ (the folder \
+             whose code hash the gateway checks logged versions against)"
+        );
+    }
+    let hash = folder_of(C::NAME).map_or("", |index| CODE_SHA256[index].1);
     ChainEntry::of::<C>(hash)
+}
+
+/// The index of the chain folder called `name` in [`CODE_SHA256`] (a `const fn`, so that a
+/// chain registered under another name than its folder's fails to compile).
+const fn folder_of(name: &str) -> Option<usize> {
+    let mut index = 0;
+    while index < CODE_SHA256.len() {
+        if same(CODE_SHA256[index].0.as_bytes(), name.as_bytes()) {
+            return Some(index);
+        }
+        index += 1;
+    }
+    None
+}
+
+const fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// The folder of a chain in this source tree (for tests and examples).
@@ -47,10 +79,12 @@ mod tests {
     #[test]
     fn every_chain_has_a_folder_and_the_build_time_hash_matches_the_folder() {
         let registry = registry();
-        assert_eq!(
-            registry.names(),
-            ["support_bot", "summarize_then_answer", "router"]
-        );
+        // Every chain folder is registered (a chain's NAME is its folder's name: checked when
+        // this crate compiles).
+        let mut registered = registry.names();
+        registered.sort_unstable();
+        let folders: Vec<&str> = CODE_SHA256.iter().map(|(name, _)| *name).collect();
+        assert_eq!(registered, folders);
         for entry in registry.entries() {
             let dir = chain_dir(entry.name);
             let at_run_time = switchyard_core::code_hash::code_sha256(&dir).unwrap();

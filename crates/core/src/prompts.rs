@@ -24,16 +24,35 @@ impl Prompts {
     pub fn from_sources<'a>(
         sources: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<Self, String> {
-        let mut tera = tera::Tera::new();
-        // Prompts are text for an LLM, not HTML: never escape.
-        tera.autoescape_on(Vec::<&str>::new());
-        let mut names = Vec::new();
-        for (name, source) in sources {
-            tera.add_raw_template(name, source)
-                .map_err(|e| format!("template '{name}': {}", crate::error_chain(&e)))?;
-            names.push(name.to_owned());
+        let new_tera = || {
+            let mut tera = tera::Tera::new();
+            // Prompts are text for an LLM, not HTML: never escape.
+            tera.autoescape_on(Vec::<&str>::new());
+            tera
+        };
+        let mut sources: Vec<(&str, &str)> = sources.into_iter().collect();
+        sources.sort_unstable();
+        // Every template's syntax on its own, so that all errors are listed at once (a child
+        // whose parent is elsewhere is checked below, with the others).
+        let syntax_errors: Vec<String> = sources
+            .iter()
+            .filter_map(
+                |&(name, source)| match new_tera().add_raw_template(name, source) {
+                    Err(e) if !matches!(e.kind(), tera::ErrorKind::MissingParent { .. }) => {
+                        Some(format!("template '{name}': {}", crate::error_chain(&e)))
+                    }
+                    _ => None,
+                },
+            )
+            .collect();
+        if !syntax_errors.is_empty() {
+            return Err(syntax_errors.join("; "));
         }
-        names.sort();
+        // All at once: a template may extend one that comes after it.
+        let mut tera = new_tera();
+        tera.add_raw_templates(sources.iter().copied())
+            .map_err(|e| crate::error_chain(&e))?;
+        let names = sources.iter().map(|(name, _)| (*name).to_owned()).collect();
         Ok(Self { tera, names })
     }
 
@@ -120,5 +139,29 @@ mod tests {
     fn a_syntax_error_fails_at_compile_time() {
         let error = Prompts::from_sources([("broken", "Hello {{ name")]).unwrap_err();
         assert!(error.starts_with("template 'broken'"), "{error}");
+        // Every broken template is named, not only the first.
+        let error =
+            Prompts::from_sources([("b", "{% if x %}"), ("fine", "ok"), ("a", "Hello {{ name")])
+                .unwrap_err();
+        assert!(
+            error.starts_with("template 'a'") && error.contains("; template 'b'"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_template_may_extend_one_given_after_it() {
+        let base = ("base", "B[{% block body %}{% endblock body %}]");
+        let child = (
+            "child",
+            "{% extends \"base\" %}{% block body %}{{ x }}{% endblock body %}",
+        );
+        for sources in [[base, child], [child, base]] {
+            let prompts = Prompts::from_sources(sources).unwrap();
+            assert_eq!(prompts.render("child", &json!({"x": 1})).unwrap(), "B[1]");
+            assert_eq!(prompts.names(), ["base", "child"]);
+        }
+        let orphan = Prompts::from_sources([child]).unwrap_err();
+        assert!(orphan.contains("base"), "{orphan}");
     }
 }

@@ -142,7 +142,9 @@ impl ApiError {
     }
 
     /// A chain's failure: upstream step failures keep the upstream classification (502/504/…),
-    /// bad client input is 400, anything else is a 500 naming the request id.
+    /// bad client input is 400, anything else is a 500 naming the step and the request id, not
+    /// the error: a template's error quotes its source (the prompt), a chain's own error may
+    /// hold anything. The caller logs it.
     pub fn from_chain(error: ChainError, chain: &str, request_id: &str) -> Self {
         let step = error.step;
         match error.kind {
@@ -157,11 +159,10 @@ impl ApiError {
                 format!("chain '{chain}' cannot serve this request: {message}"),
                 None,
             ),
-            ChainErrorKind::Template(message) | ChainErrorKind::Internal(message) => {
-                Self::internal(format!(
-                    "chain '{chain}' failed in step '{step}': {message} (request id {request_id})"
-                ))
-            }
+            ChainErrorKind::Template(_) | ChainErrorKind::Internal(_) => Self::internal(format!(
+                "chain '{chain}' failed in step '{step}' (request id {request_id}; the gateway's \
+                 log has the error)"
+            )),
         }
     }
 
@@ -387,10 +388,12 @@ mod tests {
         let error = ApiError::from_chain(bug, "bot", "req-2");
         assert_eq!(error.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert!(
-            error.message.contains("(request id req-2)"),
+            error.message.contains("step 'parse' (request id req-2;"),
             "{}",
             error.message
         );
+        // What went wrong stays in the log: a template's error quotes the prompt.
+        assert!(!error.message.contains("index out of range"));
     }
 
     #[test]

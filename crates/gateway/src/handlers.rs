@@ -534,12 +534,12 @@ async fn run_chain(
             let (chain, id) = (chain_name.clone(), request_id.clone());
             let guarded = AssertUnwindSafe(stream).catch_unwind().map(move |item| {
                 item.unwrap_or_else(|panic| {
+                    // What panicked goes to the log; the client gets the request id to ask with.
+                    let message = panic_message(&*panic);
+                    error!(request_id = %id, chain = %chain, panic = %message, "chain panicked while streaming");
                     Err(LlmError::new(
                         LlmErrorKind::StreamInterrupted,
-                        format!(
-                            "chain '{chain}' panicked while streaming: {} (request id {id})",
-                            panic_message(&*panic)
-                        ),
+                        format!("chain '{chain}' panicked while streaming (request id {id})"),
                     ))
                 })
             });
@@ -554,7 +554,8 @@ async fn run_chain(
             let message = panic_message(&*panic);
             error!(request_id = %request_id, chain = %chain_name, panic = %message, "chain panicked");
             Err(ApiError::internal(format!(
-                "chain '{chain_name}' panicked: {message} (request id {request_id})"
+                "chain '{chain_name}' panicked (request id {request_id}; the gateway's log has \
+                 what happened)"
             )))
         }
     }
