@@ -106,6 +106,10 @@ enum LogCommand {
         /// Point this alias (e.g. production) at the logged version.
         #[arg(long)]
         alias: Option<String>,
+        /// Move the alias even if the chain's code is not the code compiled into this binary
+        /// (which would refuse to serve it), e.g. when the serving binary is built elsewhere.
+        #[arg(long)]
+        allow_code_mismatch: bool,
     },
 }
 
@@ -190,9 +194,26 @@ fn main() -> anyhow::Result<()> {
             let logged = store.log_onnx(&path, &name, model.signature())?;
             report(&store, &logged, &name, alias)?;
         }
-        Command::Log(LogCommand::Chain { dir, name, alias }) => {
+        Command::Log(LogCommand::Chain {
+            dir,
+            name,
+            alias,
+            allow_code_mismatch,
+        }) => {
             let store = store();
             let logged = store.log_chain(&dir, &name, &switchyard_chains::registry())?;
+            if let Some(alias) = &alias
+                && logged.code_differs
+                && !allow_code_mismatch
+            {
+                report(&store, &logged, &name, None)?;
+                anyhow::bail!(
+                    "models:/{name}@{alias} was not moved: a gateway built like this binary would \
+                     refuse {} (its code is not the code compiled in; see the warning). Build the \
+                     gateway from this code first, or pass --allow-code-mismatch",
+                    logged.version.uri()
+                );
+            }
             report(&store, &logged, &name, alias)?;
         }
         Command::Models(command) => models(&store(), command)?,

@@ -331,6 +331,49 @@ fn the_cli_logs_lists_aliases_shows_and_restores() {
         std::fs::read_to_string(switchyard_chains::chain_dir("router").join("mod.rs")).unwrap()
     );
 
+    // Code this binary was not built from is logged, but an alias is not moved to it (a gateway
+    // built like this one would refuse it), unless asked to.
+    let mut code = std::fs::read_to_string(restored.join("mod.rs")).unwrap();
+    code.push_str("// an edit that was never compiled\n");
+    std::fs::write(restored.join("mod.rs"), code).unwrap();
+    let restored = restored.to_str().unwrap();
+    let log_edited = |extra: &[&str]| {
+        let mut args = vec![
+            "log",
+            "chain",
+            restored,
+            "--name",
+            "router",
+            "--alias",
+            "production",
+        ];
+        args.extend(extra);
+        switchyard(&store, &args)
+    };
+    let refused = log_edited(&[]);
+    assert!(!refused.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&refused.stdout),
+        "models:/router/2\n"
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("models:/router@production was not moved")
+            && stderr.contains("--allow-code-mismatch"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stdout(&switchyard(&store, &["models", "list"])),
+        "router\tversions: 1,2\taliases: production=1,staging=1\n"
+    );
+    let forced = log_edited(&["--allow-code-mismatch"]);
+    assert!(forced.status.success());
+    assert!(String::from_utf8_lossy(&forced.stderr).contains("content unchanged"));
+    assert_eq!(
+        stdout(&switchyard(&store, &["models", "list"])),
+        "router\tversions: 1,2\taliases: production=2,staging=1\n"
+    );
+
     // A version whose files changed after logging fails `show` (its manifest is still shown).
     let prompt = std::fs::read_dir(store.join("models/router/1/code/prompts"))
         .unwrap()

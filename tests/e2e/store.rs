@@ -236,7 +236,7 @@ async fn logged_code_that_differs_from_the_compiled_code_is_refused_unless_allow
         .code_sha256;
     assert!(error.contains(compiled), "{error}");
     assert!(
-        error.contains("switchyard models restore models:/bot/1 chains/support_bot"),
+        error.contains("switchyard models restore models:/bot/1 <a new folder>`, copy its `.rs` files over chains/support_bot/"),
         "{error}"
     );
     assert!(error.contains("allow_code_mismatch = true"), "{error}");

@@ -429,7 +429,8 @@ fn check_code(
         ChainSource::Logged(uri) if !allow_mismatch => Err(vec![format!(
             "{uri} was logged with code_sha256 {logged}, but the '{chain}' chain compiled into this binary has \
              code_sha256 {compiled}. Serve the logged code by rebuilding from it \
-             (`switchyard models restore {uri} chains/{chain}`, then rebuild), log the current code \
+             (`switchyard models restore {uri} <a new folder>`, copy its `.rs` files over \
+             chains/{chain}/, rebuild), log the code this binary was built from \
              (`switchyard log chain chains/{chain} --name {name}`), or set `allow_code_mismatch = true` \
              on the endpoint or pass `--allow-code-mismatch` to `switchyard serve` or `predict` (development only)",
             logged = loaded.folder_code_sha256,

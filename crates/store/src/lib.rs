@@ -118,6 +118,9 @@ pub struct Logged {
     pub created: bool,
     /// Things worth telling the user that do not stop the log.
     pub warnings: Vec<String>,
+    /// A chain whose code is not the code compiled into this binary: a gateway built like this
+    /// one refuses to serve it.
+    pub code_differs: bool,
 }
 
 /// A model's versions and aliases, for `models list`.
@@ -169,7 +172,11 @@ impl Store {
         })?;
         let mut problems = Vec::new();
         let mut warnings = Vec::new();
-        match folder.instantiate(registry, None, &BTreeMap::new()) {
+        let instantiated = folder.instantiate(registry, None, &BTreeMap::new());
+        let code_differs = instantiated
+            .as_ref()
+            .is_ok_and(|loaded| !loaded.code_matches);
+        match instantiated {
             Ok(loaded) if !loaded.code_matches => warnings.push(format!(
                 "the code in {} differs from the '{}' chain compiled into this binary \
                  (code_sha256 {} vs {}): the gateway will refuse to serve this version until it is rebuilt from it",
@@ -187,7 +194,7 @@ impl Store {
             .chain(find_secrets("[llms]", &llms))
         {
             problems.push(format!(
-                "chain.toml: {path} {why}; secrets must not be logged — keep them in the gateway config as ${{ENV}} references"
+                "chain.toml: {path} {why}; secrets must not be logged with a model (upstream keys belong in the gateway config's providers, as ${{ENV}} references)"
             ));
         }
         if !problems.is_empty() {
@@ -205,7 +212,10 @@ impl Store {
             // Best effort: a leftover temp directory is invisible anyway.
             let _ = std::fs::remove_dir_all(&temp);
         }
-        result
+        result.map(|logged| Logged {
+            code_differs,
+            ..logged
+        })
     }
 
     fn write_chain_version(
@@ -232,6 +242,7 @@ impl Store {
                 version: existing,
                 created: false,
                 warnings,
+                code_differs: false,
             });
         }
         let flavor = ChainFlavor {
@@ -266,6 +277,7 @@ impl Store {
             },
             created: true,
             warnings,
+            code_differs: false,
         })
     }
 
@@ -423,6 +435,7 @@ impl Store {
                     version: existing,
                     created: false,
                     warnings: Vec::new(),
+                    code_differs: false,
                 });
             }
             if mlmodel.signature.is_none() {
@@ -456,6 +469,7 @@ impl Store {
                 },
                 created: true,
                 warnings: Vec::new(),
+                code_differs: false,
             })
         })();
         if temp.exists() {

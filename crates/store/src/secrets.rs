@@ -54,6 +54,7 @@ fn walk(path: &str, key: Option<&str>, value: &Value, found: &mut Vec<(String, S
             } else if let Some(key) = key.filter(|k| is_secret_name(k))
                 && !text.is_empty()
                 && !(text.starts_with("${") && text.ends_with('}'))
+                && !is_model_token(key, text)
             {
                 found.push((path.to_owned(), format!("`{key}` holds a literal value")));
             }
@@ -98,6 +99,18 @@ fn is_secret_name(key: &str) -> bool {
         .any(|name| key == *name || key.ends_with(&format!("_{name}")))
 }
 
+/// A `*_token` key is also what LLMs call the markers of their vocabulary (`stop_token =
+/// "</answer>"`, `eos_token = "<|im_end|>"`): taken as a credential only if the value could be
+/// one (16 characters or more, none of them markup or whitespace).
+fn is_model_token(key: &str, text: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    (key == "token" || key.ends_with("_token"))
+        && (text.len() < 16
+            || text
+                .chars()
+                .any(|c| c.is_whitespace() || "<>|[]{}".contains(c)))
+}
+
 fn looks_like_key(text: &str) -> Option<&'static str> {
     let text = text.trim();
     if text.contains(char::is_whitespace) {
@@ -121,6 +134,10 @@ mod tests {
             "rules": ["Never share sk- prefixed keys.", "sk-proj-abcdefghijklmnopqrstu"],
             "nested": {"openai_api_key": "hunter2", "token": "${TOKEN}", "aws": "AKIAABCDEFGHIJKLMNOP"},
             "password": "",
+            // An LLM's vocabulary marker, and a token that is a credential.
+            "stop_token": "</translation>",
+            "eos_token": "<|im_end|>",
+            "hub_token": "abcdefghijklmnopqrstuvwx",
         });
         let found = find_secrets("config", &config);
         // In the config's own order.
@@ -130,7 +147,8 @@ mod tests {
             [
                 "config.rules[1]",
                 "config.nested.openai_api_key",
-                "config.nested.aws"
+                "config.nested.aws",
+                "config.hub_token"
             ]
         );
         assert!(
