@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            warn_of_code_outside(&path, &name)?;
             chains.push((name, code_hash::code_sha256(&path)?));
         }
     }
@@ -34,5 +35,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     out.push_str("];\n");
     let out_dir = std::env::var("OUT_DIR")?;
     std::fs::write(Path::new(&out_dir).join("code_hashes.rs"), out)?;
+    Ok(())
+}
+
+/// A chain's code hash covers its folder only: a `crate::` path into the rest of the crate
+/// (a shared module, another chain) is code a logged version does not hold, which may change
+/// without its hash changing. Said at build time, since nothing else would say it.
+fn warn_of_code_outside(dir: &Path, chain: &str) -> Result<(), Box<dyn std::error::Error>> {
+    for file in code_hash::rs_files(dir)? {
+        let text = std::fs::read_to_string(dir.join(&file))?;
+        for (n, line) in text.lines().enumerate() {
+            let outside = line.match_indices("crate::").any(|(at, _)| {
+                let rest = &line[at + "crate::".len()..];
+                let own = rest.strip_prefix(chain).is_some_and(|r| r.starts_with("::"));
+                !(own || rest.starts_with("chain_dir("))
+                    // `switchyard_core::…` and the like are other crates, not this one.
+                    && !line[..at].ends_with(|c: char| c == '_' || c.is_alphanumeric())
+            });
+            if outside {
+                println!(
+                    "cargo:warning=chains/{chain}/{file}:{}: uses code outside the chain's folder, \
+                     which its code_sha256 does not cover (a logged version would not hold it)",
+                    n + 1
+                );
+            }
+        }
+    }
     Ok(())
 }
