@@ -47,10 +47,12 @@ fn warn_of_code_outside(dir: &Path, chain: &str) -> Result<(), Box<dyn std::erro
         for (n, line) in text.lines().enumerate() {
             let outside = line.match_indices("crate::").any(|(at, _)| {
                 let rest = &line[at + "crate::".len()..];
-                let own = rest.strip_prefix(chain).is_some_and(|r| r.starts_with("::"));
-                !(own || rest.starts_with("chain_dir("))
-                    // `switchyard_core::…` and the like are other crates, not this one.
-                    && !line[..at].ends_with(|c: char| c == '_' || c.is_alphanumeric())
+                let own = rest
+                    .strip_prefix(chain)
+                    .is_some_and(|r| r.starts_with("::"));
+                // `switchyard_core::…` and the like are other crates, not this one.
+                let other_crate = line[..at].ends_with(|c: char| c == '_' || c.is_alphanumeric());
+                !(own || other_crate || rest.starts_with("chain_dir("))
             });
             if outside {
                 println!(
