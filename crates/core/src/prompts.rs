@@ -32,13 +32,13 @@ impl Prompts {
         };
         let mut sources: Vec<(&str, &str)> = sources.into_iter().collect();
         sources.sort_unstable();
-        // Every template's syntax on its own, so that all errors are listed at once (a child
-        // whose parent is elsewhere is checked below, with the others).
+        // Every template's syntax on its own, so that all errors are listed at once (what one
+        // template refers to in another — extends, include — is checked below, with all).
         let syntax_errors: Vec<String> = sources
             .iter()
             .filter_map(
                 |&(name, source)| match new_tera().add_raw_template(name, source) {
-                    Err(e) if !matches!(e.kind(), tera::ErrorKind::MissingParent { .. }) => {
+                    Err(e) if matches!(e.kind(), tera::ErrorKind::SyntaxError(_)) => {
                         Some(format!("template '{name}': {}", crate::error_chain(&e)))
                     }
                     _ => None,
@@ -48,7 +48,7 @@ impl Prompts {
         if !syntax_errors.is_empty() {
             return Err(syntax_errors.join("; "));
         }
-        // All at once: a template may extend one that comes after it.
+        // All at once: a template may extend or include one that comes after it.
         let mut tera = new_tera();
         tera.add_raw_templates(sources.iter().copied())
             .map_err(|e| crate::error_chain(&e))?;
@@ -163,5 +163,14 @@ mod tests {
         }
         let orphan = Prompts::from_sources([child]).unwrap_err();
         assert!(orphan.contains("base"), "{orphan}");
+        // And include one, in either order.
+        let part = ("part", "[{{ x }}]");
+        let whole = ("whole", "A{% include \"part\" %}B");
+        for sources in [[part, whole], [whole, part]] {
+            let prompts = Prompts::from_sources(sources).unwrap();
+            assert_eq!(prompts.render("whole", &json!({"x": 2})).unwrap(), "A[2]B");
+        }
+        let missing = Prompts::from_sources([whole]).unwrap_err();
+        assert!(missing.contains("part"), "{missing}");
     }
 }
