@@ -156,10 +156,7 @@ impl Route {
                     }
                 };
                 RequestStats::record_failure(&error);
-                // Nothing reached the client yet: an answer (or a stream) that broke off before
-                // it was whole (before its first chunk) is tried again too.
-                let retryable =
-                    error.is_retryable() || error.kind == LlmErrorKind::StreamInterrupted;
+                let retryable = error.is_retryable();
                 warn!(
                     route = %self.name,
                     provider = %target.provider_name,
@@ -519,18 +516,6 @@ mod tests {
             .unwrap();
         assert_eq!(answer.model, "a");
         assert_eq!(*first.calls.lock().unwrap(), vec!["a", "a", "a"]);
-    }
-
-    #[tokio::test]
-    async fn a_stream_that_broke_off_before_its_first_chunk_is_retried() {
-        let broken = LlmError::new(LlmErrorKind::StreamInterrupted, "closed before [DONE]");
-        let first = Flaky::new(vec![broken]);
-        let mut stream = route(vec![("a", first.clone())], 1)
-            .chat_stream(request())
-            .await
-            .unwrap();
-        assert_eq!(stream.next().await.unwrap().unwrap().text(), "ok");
-        assert_eq!(*first.calls.lock().unwrap(), vec!["a", "a"]);
     }
 
     #[tokio::test]
