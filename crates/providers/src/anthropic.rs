@@ -148,6 +148,9 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
     let mut messages: Vec<Value> = Vec::new();
     // Whether the last message is a user turn of tool results, which the next result joins.
     let mut in_results = false;
+    // Empty turns left out, and whose turns the conversation began and ended with.
+    let mut dropped = false;
+    let (mut first_turn, mut last_turn) = (None, None);
     for (i, message) in request.messages.iter().enumerate() {
         if message
             .extra
@@ -160,17 +163,24 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
             ));
         }
         let role = message.role.as_str();
+        let turn = match role {
+            "assistant" => Some("assistant"),
+            "user" | "tool" => Some("user"),
+            _ => None,
+        };
+        first_turn = first_turn.or(turn);
+        last_turn = turn.or(last_turn);
         match role {
             "system" | "developer" => system.push(system_text(i, message)?),
             // Anthropic refuses empty text (OpenAI takes it): an empty turn is left out.
-            "user" => {
-                if let Some(content) = non_empty(content(i, message)?) {
-                    messages.push(json!({"role": role, "content": content}));
-                }
-            }
-            "assistant" => {
-                if let Some(content) = non_empty(assistant_content(i, message)?) {
-                    messages.push(json!({"role": role, "content": content}));
+            "user" | "assistant" => {
+                let content = match role {
+                    "user" => content(i, message)?,
+                    _ => assistant_content(i, message)?,
+                };
+                match non_empty(content) {
+                    Some(content) => messages.push(json!({"role": role, "content": content})),
+                    None => dropped = true,
                 }
             }
             "tool" => {
@@ -205,6 +215,17 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
         return Err(unsupported(
             "messages",
             "a conversation without a user or assistant message with content is not supported",
+        ));
+    }
+    // Leaving an empty turn out must not change whose turn the conversation begins or ends
+    // with: ending on an assistant turn asks Anthropic to continue that answer.
+    let first = messages.first().and_then(|m| m["role"].as_str());
+    let last = messages.last().and_then(|m| m["role"].as_str());
+    if dropped && (first != first_turn || last != last_turn) {
+        return Err(unsupported(
+            "messages",
+            "an empty message that begins or ends the conversation is not supported (Anthropic \
+             refuses empty text)",
         ));
     }
     let mut body = Map::new();
@@ -481,9 +502,9 @@ fn tool_result(i: usize, message: &Message) -> Result<Value, LlmError> {
                 format!("messages[{i}]: a tool message needs tool_call_id"),
             )
         })?;
-    // Parts (text and images) go as blocks, which a tool result may hold.
+    // Parts (text and images) go as blocks, which a tool result may hold (not empty ones).
     let content = match &message.content {
-        Some(Content::Parts(_)) => content(i, message)?,
+        Some(Content::Parts(_)) => non_empty(content(i, message)?).unwrap_or_else(|| "".into()),
         _ => Value::String(message.text()),
     };
     Ok(json!({"type": "tool_result", "tool_use_id": id, "content": content}))
@@ -554,15 +575,18 @@ fn content(i: usize, message: &Message) -> Result<Value, LlmError> {
         .map(Value::Array)
 }
 
-/// `content` without its empty text blocks, or `None` if nothing is left (Anthropic refuses
-/// empty text).
+/// `content` without its empty (or blank) text blocks, or `None` if nothing is left (Anthropic
+/// refuses text without a non-whitespace character).
 fn non_empty(content: Value) -> Option<Value> {
+    let blank = |text: &str| text.trim().is_empty();
     match content {
-        Value::String(text) if text.is_empty() => None,
+        Value::String(text) if blank(&text) => None,
         Value::Array(blocks) => {
             let blocks: Vec<Value> = blocks
                 .into_iter()
-                .filter(|block| block["type"] != "text" || block["text"] != "")
+                .filter(|block| {
+                    block["type"] != "text" || !block["text"].as_str().is_some_and(blank)
+                })
                 .collect();
             (!blocks.is_empty()).then_some(Value::Array(blocks))
         }
@@ -1163,15 +1187,32 @@ mod tests {
             json!([{"role": "user", "content": "x"},
                    {"role": "user", "content": [{"type": "text", "text": "y"}]}])
         );
-        let error = messages_request(
-            &request(json!({"model": "m", "messages": [{"role": "system", "content": "s"}]})),
-            false,
-        )
-        .unwrap_err();
-        assert_eq!(
-            (error.kind, error.param.as_deref()),
-            (LlmErrorKind::Unsupported, Some("messages"))
-        );
+        // Not when leaving a turn out would change whose turn begins or ends the conversation
+        // (ending on the assistant's asks Anthropic to continue its answer), or leaves none.
+        for messages in [
+            json!([{"role": "system", "content": "s"}]),
+            json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"},
+                   {"role": "user", "content": "  "}]),
+            json!([{"role": "user", "content": ""}, {"role": "assistant", "content": "Hello"},
+                   {"role": "user", "content": "hi"}]),
+        ] {
+            let error =
+                messages_request(&request(json!({"model": "m", "messages": messages})), false)
+                    .unwrap_err();
+            assert_eq!(
+                (error.kind, error.param.as_deref()),
+                (LlmErrorKind::Unsupported, Some("messages")),
+                "{messages}"
+            );
+        }
+        // A tool result of empty parts is an empty result.
+        let body = translated(json!({"model": "m", "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": ""}]}
+        ]}));
+        assert_eq!(body["messages"][2]["content"][0]["content"], "");
         // Tool-call arguments sent as an object are the input; the successor of `user` is
         // the user id too; a prompt-cache hint OpenAI keeps is dropped.
         let body = translated(json!({"model": "m", "messages": [
