@@ -53,10 +53,15 @@ fn walk(path: &str, key: Option<&str>, value: &Value, found: &mut Vec<(String, S
                 found.push((path.to_owned(), format!("looks like {why}")));
             } else if let Some(key) = key.filter(|k| is_secret_name(k))
                 && !text.is_empty()
-                && !(text.starts_with("${") && text.ends_with('}'))
-                && !is_model_token(key, text)
             {
-                found.push((path.to_owned(), format!("`{key}` holds a literal value")));
+                // A chain's config is not expanded: `${VAR}` would reach the chain as written.
+                let why = match text.starts_with("${") && text.ends_with('}') {
+                    true => format!(
+                        "`{key}` holds an ${{ENV}} reference, which a chain's config does not expand"
+                    ),
+                    false => format!("`{key}` holds a literal value"),
+                };
+                found.push((path.to_owned(), why));
             }
         }
         _ => {}
@@ -92,23 +97,29 @@ fn url_has_password(word: &str) -> bool {
         .is_some_and(|(credentials, _)| credentials.contains(':'))
 }
 
+/// Keys named like credentials that name the markers of an LLM's vocabulary instead
+/// (`stop_token = "</answer>"`, `eos_token = "<|im_end|>"`).
+const VOCABULARY_TOKENS: &[&str] = &[
+    "bos_token",
+    "eos_token",
+    "pad_token",
+    "unk_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+    "stop_token",
+    "start_token",
+    "end_token",
+];
+
 fn is_secret_name(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
+    if VOCABULARY_TOKENS.contains(&key.as_str()) || key.contains("special_token") {
+        return false;
+    }
     SECRET_KEY_NAMES
         .iter()
         .any(|name| key == *name || key.ends_with(&format!("_{name}")))
-}
-
-/// A `*_token` key is also what LLMs call the markers of their vocabulary (`stop_token =
-/// "</answer>"`, `eos_token = "<|im_end|>"`): taken as a credential only if the value could be
-/// one (16 characters or more, none of them markup or whitespace).
-fn is_model_token(key: &str, text: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    (key == "token" || key.ends_with("_token"))
-        && (text.len() < 16
-            || text
-                .chars()
-                .any(|c| c.is_whitespace() || "<>|[]{}".contains(c)))
 }
 
 fn looks_like_key(text: &str) -> Option<&'static str> {
@@ -134,10 +145,13 @@ mod tests {
             "rules": ["Never share sk- prefixed keys.", "sk-proj-abcdefghijklmnopqrstu"],
             "nested": {"openai_api_key": "hunter2", "token": "${TOKEN}", "aws": "AKIAABCDEFGHIJKLMNOP"},
             "password": "",
-            // An LLM's vocabulary marker, and a token that is a credential.
+            // An LLM's vocabulary markers; tokens that are credentials, whatever they look like.
             "stop_token": "</translation>",
             "eos_token": "<|im_end|>",
+            "additional_special_tokens": ["<tool>"],
             "hub_token": "abcdefghijklmnopqrstuvwx",
+            "auth_token": "Bearer abc def",
+            "api_token": "12|abc",
         });
         let found = find_secrets("config", &config);
         // In the config's own order.
@@ -147,8 +161,11 @@ mod tests {
             [
                 "config.rules[1]",
                 "config.nested.openai_api_key",
+                "config.nested.token",
                 "config.nested.aws",
-                "config.hub_token"
+                "config.hub_token",
+                "config.auth_token",
+                "config.api_token"
             ]
         );
         assert!(
@@ -156,5 +173,6 @@ mod tests {
                 .iter()
                 .all(|(_, why)| !why.contains("hunter2") && !why.contains("abcdefgh"))
         );
+        assert!(found[2].1.contains("does not expand"), "{:?}", found[2]);
     }
 }
