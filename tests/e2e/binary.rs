@@ -607,6 +607,11 @@ fn attribute<'a>(span: &'a Value, key: &str) -> Option<&'a Value> {
 async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_children() {
     let (collector, received) = otlp_receiver().await;
     let upstream = FakeUpstream::start(vec![]).await;
+    let slow = FakeUpstream::start(vec![Reply::Delay(
+        Duration::from_secs(10),
+        Box::new(Reply::Echo),
+    )])
+    .await;
     let dir = crate::common::temp_dir("otlp");
     let config = dir.join("gateway.toml");
     std::fs::write(
@@ -619,10 +624,15 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
              [[endpoints]]\nname = \"broken\"\nroute = \"down\"\n\
              [providers.up]\nkind = \"openai\"\nbase_url = \"{}\"\n\
              [routes.up]\ntargets = [{{ provider = \"up\", model = \"gpt-up\" }}]\n\
-             [[endpoints]]\nname = \"proxied\"\nroute = \"up\"\n",
+             [[endpoints]]\nname = \"proxied\"\nroute = \"up\"\n\
+             [providers.slow]\nkind = \"openai\"\nbase_url = \"{}\"\n\
+             [routes.slow]\ntargets = [{{ provider = \"slow\", model = \"gpt-slow\" }}]\n\
+             attempt_timeout_ms = 100\nretries = 0\n\
+             [[endpoints]]\nname = \"slow\"\nroute = \"slow\"\n",
             switchyard_chains::chain_dir("summarize_then_answer").display(),
             crate::common::closed_port_url().await,
             upstream.base_url,
+            slow.base_url,
         ),
     )
     .unwrap();
@@ -683,6 +693,20 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
         ("00", proxied_trace.as_str(), "01")
     );
     let call_span = sent[2].to_owned();
+    // A call the route's deadline cut off.
+    let mut slow_request = chat_body("x");
+    slow_request["model"] = "slow".into();
+    let timed_out = reqwest::Client::new()
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&slow_request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(timed_out.status(), 504);
+    let timed_out_trace = timed_out.headers()["x-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
 
     // Spans are flushed when the process exits; the collector runs on this test's runtime, so
     // wait for the exit off it.
@@ -732,6 +756,15 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
     assert_eq!(
         attribute(failed_call, "error.type").unwrap()["stringValue"],
         "connect"
+    );
+    let cut_off = all_spans
+        .iter()
+        .find(|s| s["traceId"] == timed_out_trace.as_str() && s["name"] == "chat gpt-slow")
+        .unwrap_or_else(|| panic!("{all_spans:#?}"));
+    assert_eq!(cut_off["status"]["code"], 2, "{cut_off}");
+    assert_eq!(
+        attribute(cut_off, "error.type").unwrap()["stringValue"],
+        "cancelled"
     );
     // An upstream call is a client span, child of its request, named by OpenTelemetry's GenAI
     // conventions, and the span whose context the provider was sent.

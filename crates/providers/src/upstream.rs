@@ -25,6 +25,46 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// 16k-token completion with 20 `top_logprobs` per token is ~20 MB.
 pub(crate) const MAX_ANSWER: usize = 64 * 1024 * 1024;
 
+/// The span of one traced call, which says how the call ended — also when it never did: a
+/// route's deadline drops the call mid-way.
+struct CallSpan {
+    span: tracing::Span,
+    ended: bool,
+}
+
+impl CallSpan {
+    fn end(&mut self, result: &Result<http::Response<UpstreamBody>, LlmError>) {
+        self.ended = true;
+        match result {
+            Ok(response) => {
+                // Integers as i64: tracing-opentelemetry exports unsigned values as strings.
+                let status = i64::from(response.status().as_u16());
+                self.span.record("http.response.status_code", status);
+            }
+            Err(error) => {
+                if let LlmErrorKind::Status { status, .. } = error.kind {
+                    self.span
+                        .record("http.response.status_code", i64::from(status));
+                }
+                self.fail(&error.kind.error_type());
+            }
+        }
+    }
+
+    fn fail(&self, error_type: &str) {
+        self.span.record("error.type", error_type);
+        self.span.record("otel.status_code", "error");
+    }
+}
+
+impl Drop for CallSpan {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.fail("cancelled");
+        }
+    }
+}
+
 /// Where a provider's calls go. Cheap to clone: the HTTP clients are shared.
 #[derive(Debug, Clone)]
 pub(crate) struct Upstream {
@@ -130,27 +170,16 @@ impl Upstream {
         let Some(trace_headers) = self.client.trace_headers() else {
             return self.call(body, |_| {}).await;
         };
-        let span = self.call_span(model);
+        let mut call = CallSpan {
+            span: self.call_span(model),
+            ended: false,
+        };
+        let span = call.span.clone();
         let result = self
             .call(body, |headers| trace_headers(&span, headers))
             .instrument(span.clone())
             .await;
-        match &result {
-            Ok(response) => {
-                // Integers as i64: tracing-opentelemetry exports unsigned values as strings.
-                span.record(
-                    "http.response.status_code",
-                    i64::from(response.status().as_u16()),
-                );
-            }
-            Err(error) => {
-                if let LlmErrorKind::Status { status, .. } = error.kind {
-                    span.record("http.response.status_code", i64::from(status));
-                }
-                span.record("error.type", error.kind.error_type().as_ref());
-                span.record("otel.status_code", "error");
-            }
-        }
+        call.end(&result);
         result
     }
 
