@@ -291,8 +291,9 @@ pub struct ChunkBody {
     pub json: String,
     /// Whether it carries choices; the usage chunk at the end of a stream has none.
     pub has_choices: bool,
-    /// How many choices finish in it (have a `finish_reason`).
-    pub finished: u32,
+    /// The choices that finish in it (have a `finish_reason`), as a set of their indexes:
+    /// bit `i` for choice `i` (indexes 0 to 63).
+    pub finished: u64,
     pub usage: Option<Usage>,
 }
 
@@ -341,17 +342,19 @@ impl ChunkBody {
 }
 
 /// What a chunk's `choices` array holds, read without keeping it (no allocation per chunk):
-/// whether it has any choice, and how many of them have a `finish_reason`.
+/// whether it has any choice, and which of them have a `finish_reason` (bit `i` for index `i`).
 #[derive(Default)]
 struct Choices {
     any: bool,
-    finished: u32,
+    finished: u64,
 }
 
 impl<'de> Deserialize<'de> for Choices {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
         struct Choice {
+            #[serde(default)]
+            index: u64,
             #[serde(default)]
             finish_reason: Option<serde::de::IgnoredAny>,
         }
@@ -368,7 +371,9 @@ impl<'de> Deserialize<'de> for Choices {
                 let mut choices = Choices::default();
                 while let Some(choice) = seq.next_element::<Choice>()? {
                     choices.any = true;
-                    choices.finished += u32::from(choice.finish_reason.is_some());
+                    if choice.finish_reason.is_some() {
+                        choices.finished |= index_bit(choice.index);
+                    }
                 }
                 Ok(choices)
             }
@@ -435,6 +440,11 @@ pub struct ChatChunk {
     pub extra: Map<String, Value>,
 }
 
+/// Choice `index` in a set of choices (indexes past 63 share the last bit).
+fn index_bit(index: u64) -> u64 {
+    1 << index.min(63)
+}
+
 impl ChatChunk {
     /// A chunk carrying one choice's delta.
     pub fn delta(
@@ -478,10 +488,13 @@ impl ChatChunk {
         }
     }
 
-    /// How many choices finish in this chunk (have a `finish_reason`).
-    pub fn finished_choices(&self) -> u32 {
-        let finished = self.choices.iter().filter(|c| c.finish_reason.is_some());
-        u32::try_from(finished.count()).unwrap_or(u32::MAX)
+    /// The choices that finish in this chunk (have a `finish_reason`), as a set of their
+    /// indexes: bit `i` for choice `i` (indexes 0 to 63).
+    pub fn finished_choices(&self) -> u64 {
+        self.choices
+            .iter()
+            .filter(|c| c.finish_reason.is_some())
+            .fold(0, |set, c| set | index_bit(u64::from(c.index)))
     }
 
     /// The content text this chunk adds to the first choice.

@@ -119,14 +119,15 @@ fn sse_chunks<T: Chunk>(
     let mut events = Box::pin(sse_events(response, max_event));
     let mut done = false;
     // Once every choice has finished, a stream that closes without `[DONE]` has given its
-    // answer (some servers never send it).
+    // answer (some servers never send it). The set of finished choices, bit `i` for index `i`.
     let mut finished = 0u64;
+    let choices = choices.min(64);
     futures::stream::poll_fn(move |cx| {
         if done {
             return std::task::Poll::Ready(None);
         }
         let item = match futures::ready!(events.poll_next_unpin(cx)) {
-            None if finished >= choices => {
+            None if u64::from(finished.count_ones()) >= choices => {
                 done = true;
                 return std::task::Poll::Ready(None);
             }
@@ -151,7 +152,7 @@ fn sse_chunks<T: Chunk>(
             }),
         };
         match &item {
-            Ok(chunk) => finished += u64::from(chunk.finished_choices()),
+            Ok(chunk) => finished |= chunk.finished_choices(),
             Err(_) => done = true,
         }
         std::task::Poll::Ready(Some(item))
@@ -160,18 +161,18 @@ fn sse_chunks<T: Chunk>(
 
 /// What [`sse_chunks`] needs to know of a chunk.
 trait Chunk {
-    /// How many choices finish in it.
-    fn finished_choices(&self) -> u32;
+    /// The choices that finish in it, bit `i` for index `i`.
+    fn finished_choices(&self) -> u64;
 }
 
 impl Chunk for ChunkBody {
-    fn finished_choices(&self) -> u32 {
+    fn finished_choices(&self) -> u64 {
         self.finished
     }
 }
 
 impl Chunk for ChatChunk {
-    fn finished_choices(&self) -> u32 {
+    fn finished_choices(&self) -> u64 {
         ChatChunk::finished_choices(self)
     }
 }
@@ -292,6 +293,8 @@ mod tests {
         let both = r#"{"id":"1","choices":[{"index":0,"delta":{},"finish_reason":"stop"},{"index":1,"delta":{},"finish_reason":"stop"}]}"#;
         for (events, whole) in [
             (vec![first, last], false),
+            // The same choice finishing twice is still one choice.
+            (vec![first, last, last], false),
             (vec![first, last, second], true),
             (vec![first, both], true),
         ] {
