@@ -365,6 +365,15 @@ async fn user_limits_isolate_users_and_rules_can_be_limited_to_endpoints() {
         call(&gateway, Some(TEAM_A), &as_field, None).await.status(),
         429
     );
+    // So does its successor `safety_identifier`.
+    let mut as_identifier = chat_body("x");
+    as_identifier["safety_identifier"] = json!("bob");
+    assert_eq!(
+        call(&gateway, Some(TEAM_A), &as_identifier, None)
+            .await
+            .status(),
+        429
+    );
     // Requests without a user share one counter (so the request below uses it up); a user
     // literally named "-" is not one of them.
     assert_eq!(

@@ -500,11 +500,11 @@ fn inference_error(error: ServingError, request_id: &str) -> ApiError {
 
 /// The end user: the `x-switchyard-user` header, else the OpenAI `user` field.
 fn end_user(headers: &HeaderMap, request: &ChatRequest) -> Option<String> {
+    // `safety_identifier` is OpenAI's successor to `user`.
+    let field = |name| request.extra.get(name).and_then(Value::as_str);
     user_header(headers).or_else(|| {
-        request
-            .extra
-            .get("user")
-            .and_then(Value::as_str)
+        field("user")
+            .or_else(|| field("safety_identifier"))
             .map(str::to_owned)
     })
 }

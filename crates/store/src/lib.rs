@@ -172,19 +172,19 @@ impl Store {
         })?;
         let mut problems = Vec::new();
         let mut warnings = Vec::new();
-        let instantiated = folder.instantiate(registry, None, &BTreeMap::new());
-        let code_differs = instantiated
-            .as_ref()
-            .is_ok_and(|loaded| !loaded.code_matches);
-        match instantiated {
-            Ok(loaded) if !loaded.code_matches => warnings.push(format!(
-                "the code in {} differs from the '{}' chain compiled into this binary \
-                 (code_sha256 {} vs {}): the gateway will refuse to serve this version until it is rebuilt from it",
-                dir.display(),
-                folder.chain,
-                folder.code_sha256,
-                loaded.entry.code_sha256
-            )),
+        let mut code_differs = false;
+        match folder.instantiate(registry, None, &BTreeMap::new()) {
+            Ok(loaded) if !loaded.code_matches => {
+                code_differs = true;
+                warnings.push(format!(
+                    "the code in {} differs from the '{}' chain compiled into this binary \
+                     (code_sha256 {} vs {}): the gateway will refuse to serve this version until it is rebuilt from it",
+                    dir.display(),
+                    folder.chain,
+                    folder.code_sha256,
+                    loaded.entry.code_sha256
+                ));
+            }
             Ok(_) => {}
             Err(found) => problems.extend(found.into_iter().map(|p| format!("chain.toml: {p}"))),
         }
@@ -207,25 +207,28 @@ impl Store {
         let model_dir = self.model_dir(name);
         std::fs::create_dir_all(&model_dir).map_err(|e| StoreError::io(&model_dir, e))?;
         let temp = model_dir.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
-        let result = self.write_chain_version(&folder, &model_dir, &temp, name, warnings);
+        let result = self.write_chain_version(&folder, &model_dir, &temp, name);
         if temp.exists() {
             // Best effort: a leftover temp directory is invisible anyway.
             let _ = std::fs::remove_dir_all(&temp);
         }
-        result.map(|logged| Logged {
+        let (version, created) = result?;
+        Ok(Logged {
+            version,
+            created,
+            warnings,
             code_differs,
-            ..logged
         })
     }
 
+    /// The version `folder` is now: a new one, or (`false`) one with the same content.
     fn write_chain_version(
         &self,
         folder: &ChainFolder,
         model_dir: &Path,
         temp: &Path,
         name: &str,
-        warnings: Vec<String>,
-    ) -> Result<Logged, StoreError> {
+    ) -> Result<(ModelVersion, bool), StoreError> {
         let code = temp.join(CODE_DIR);
         snapshot_chain(&folder.dir, &code)?;
         let content_sha256 = files_sha256(
@@ -238,12 +241,7 @@ impl Store {
         let _lock = lock_model(model_dir)?;
         self.check_same_kind(name, false)?;
         if let Some(existing) = self.find_by_content(name, &content_sha256)? {
-            return Ok(Logged {
-                version: existing,
-                created: false,
-                warnings,
-                code_differs: false,
-            });
+            return Ok((existing, false));
         }
         let flavor = ChainFlavor {
             chain: folder.chain.clone(),
@@ -267,18 +265,14 @@ impl Store {
 
         let version = claim_next_version(model_dir, temp)?;
         let dir = model_dir.join(version.to_string());
-        Ok(Logged {
-            version: ModelVersion {
-                name: name.to_owned(),
-                version,
-                dir,
-                mlmodel,
-                seal: Seal::Intact,
-            },
-            created: true,
-            warnings,
-            code_differs: false,
-        })
+        let version = ModelVersion {
+            name: name.to_owned(),
+            version,
+            dir,
+            mlmodel,
+            seal: Seal::Intact,
+        };
+        Ok((version, true))
     }
 
     fn find_by_content(

@@ -509,9 +509,12 @@ fn an_mlflow_dir_imports_as_is_and_dedups_only_with_the_same_data_file() {
     let before_seals = rewritten.replace("  mlmodel_sealed: true\n", "");
     assert_ne!(before_seals, rewritten);
     std::fs::write(&stored, before_seals).unwrap();
-    store
-        .verify_onnx(&store.resolve(&uri("models:/iris/2")).unwrap())
-        .unwrap();
+    let unsealed = store.resolve(&uri("models:/iris/2")).unwrap();
+    assert_eq!(unsealed.seal, Seal::Absent);
+    store.verify_onnx(&unsealed).unwrap();
+    // What the store writes is intact when read back.
+    let logged = store.resolve(&uri("models:/iris/1")).unwrap();
+    assert_eq!(logged.seal, Seal::Intact);
 }
 
 #[test]
