@@ -259,7 +259,9 @@ async fn logged_code_that_differs_from_the_compiled_code_is_refused_unless_allow
         &upstream.base_url,
         "model = \"models:/bot/1\"\nallow_code_mismatch = true\nconfig = { product = \"Acme\" }",
     );
-    let gateway = TestGateway::start(&allowed).await;
+    let allowed_file = work.join("allowed.toml");
+    std::fs::write(&allowed_file, &allowed).unwrap();
+    let gateway = TestGateway::start_from_file(&allowed_file).await;
     assert_eq!(
         gateway.post("/v1/chat/completions", &ask()).await.status(),
         200
@@ -267,6 +269,13 @@ async fn logged_code_that_differs_from_the_compiled_code_is_refused_unless_allow
     assert!(system_prompt(&upstream.requests()[0].body).contains("support assistant for Acme"));
     let admin: Value = gateway.get_json("/admin/endpoints").await;
     assert_eq!(admin["endpoints"][0]["code_matches"], false);
+    // A reload says so too, not only the log.
+    let reloaded: Value = gateway.reload().await.json().await.unwrap();
+    let warning = reloaded["warnings"][0].as_str().unwrap_or_default();
+    assert!(
+        warning.starts_with("endpoint 'support' serves chain 'support_bot' with code that differs"),
+        "{reloaded}"
+    );
 }
 
 #[tokio::test]

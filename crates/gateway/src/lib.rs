@@ -329,9 +329,11 @@ impl Gateway {
             .metrics
             .set_endpoints(&snapshot.endpoint_infos);
         snapshot.apply_caps();
+        // What the log said while loading that the caller of a reload should see too.
+        let code_warnings = snapshot.code_warnings();
         shared.current.store(Arc::new(snapshot));
         info!(endpoints, "config reloaded");
-        let mut warnings = Vec::new();
+        let mut warnings = code_warnings;
         if server_changed {
             let warning = "[server] changed in the config file: it applies at the next restart, not on reload";
             warn!("{warning}");

@@ -45,6 +45,23 @@ pub(crate) struct Snapshot {
 }
 
 impl Snapshot {
+    /// One line per endpoint that serves a chain whose code is not the code compiled into this
+    /// binary (a chain folder under development, or a logged version allowed to differ).
+    pub(crate) fn code_warnings(&self) -> Vec<String> {
+        self.endpoint_infos
+            .iter()
+            .filter(|info| info["code_matches"] == false)
+            .map(|info| {
+                format!(
+                    "endpoint '{}' serves chain '{}' with code that differs from the code \
+                     compiled into this binary (rebuild to serve it as it is now)",
+                    info["name"].as_str().unwrap_or_default(),
+                    info["chain"].as_str().unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
     /// Sets the providers' caps this generation was built with (calls in flight keep their
     /// slots and count against the new caps).
     pub(crate) fn apply_caps(&self) {
