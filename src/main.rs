@@ -96,7 +96,7 @@ enum LogCommand {
         #[arg(long)]
         alias: Option<String>,
     },
-    /// Log a chain folder (its .rs files, prompts/ and chain.toml) as a code model.
+    /// Log a chain folder (its .rs files, prompts/*.tera and chain.toml) as a code model.
     Chain {
         /// The chain folder, e.g. chains/support_bot.
         dir: PathBuf,

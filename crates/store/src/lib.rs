@@ -648,12 +648,15 @@ fn lock_model(model_dir: &Path) -> Result<std::fs::File, StoreError> {
 fn snapshot_chain(source: &Path, code: &Path) -> Result<(), StoreError> {
     let mut files = rs_files(source).map_err(|e| StoreError::io(source, e))?;
     files.push("chain.toml".to_owned());
+    // The templates, as the loader reads them (`prompts/*.tera`): not an editor's backup
+    // (`system.tera~`) or notes lying next to them, which would make a new version.
     let prompts = source.join("prompts");
     if prompts.is_dir() {
         files.extend(
             all_files(&prompts)
                 .map_err(|e| StoreError::io(&prompts, e))?
                 .into_iter()
+                .filter(|f| !f.contains('/') && f.ends_with(".tera"))
                 .map(|f| format!("prompts/{f}")),
         );
     }

@@ -78,6 +78,11 @@ fn a_changed_prompt_is_a_new_version_and_latest_and_aliases_resolve() {
     let store = Store::new(work.path().join("store"));
     let folder = copy_chain("support_bot", work.path());
     store.log_chain(&folder, "bot", &registry()).unwrap();
+    // What is not a template (an editor's backup, notes) is not part of the version.
+    std::fs::write(folder.join("prompts/system.tera~"), "an old draft").unwrap();
+    std::fs::write(folder.join("prompts/NOTES.md"), "ideas").unwrap();
+    let same = store.log_chain(&folder, "bot", &registry()).unwrap();
+    assert_eq!((same.version.version, same.created), (1, false));
     std::fs::write(
         folder.join("prompts/system.tera"),
         "You support {{ product }} ({{ tone }}).",
