@@ -406,18 +406,7 @@ pub(crate) mod tests {
 
     /// An upstream named `name` that no test calls (its streams are fed by hand).
     pub(crate) fn test_upstream(name: &str) -> Arc<Upstream> {
-        let client = Arc::new(HttpClient::new().unwrap());
-        Arc::new(
-            Upstream::new(
-                name.into(),
-                "openai",
-                client,
-                "http://127.0.0.1:1",
-                "x",
-                vec![],
-            )
-            .unwrap(),
-        )
+        upstream_with_headers(name, vec![])
     }
 
     /// An upstream named `name` that sends `value` in the secret header `header`.
@@ -426,20 +415,14 @@ pub(crate) mod tests {
         header: HeaderName,
         value: &str,
     ) -> Arc<Upstream> {
-        let client = Arc::new(HttpClient::new().unwrap());
         let key = Upstream::secret_header(name, value.to_owned()).unwrap();
-        let headers = vec![(header, key)];
-        Arc::new(
-            Upstream::new(
-                name.into(),
-                "openai",
-                client,
-                "http://127.0.0.1:1",
-                "x",
-                headers,
-            )
-            .unwrap(),
-        )
+        upstream_with_headers(name, vec![(header, key)])
+    }
+
+    fn upstream_with_headers(name: &str, headers: Vec<(HeaderName, HeaderValue)>) -> Arc<Upstream> {
+        let client = Arc::new(HttpClient::new().unwrap());
+        let url = "http://127.0.0.1:1";
+        Arc::new(Upstream::new(name.into(), "openai", client, url, "x", headers).unwrap())
     }
 
     #[test]
