@@ -39,13 +39,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// A chain's code hash covers its folder only: a `crate::` path into the rest of the crate
-/// (a shared module, another chain) is code a logged version does not hold, which may change
-/// without its hash changing. Said at build time, since nothing else would say it.
+/// (a shared module, another chain) or a file pulled in from outside the folder (`#[path]`,
+/// `include!` with `..`) is code a logged version does not hold, which may change without its
+/// hash changing. Said at build time, since nothing else would say it. (A `super::` out of the
+/// chain's module is not caught: telling it from one out of an inline `mod tests` needs a parser.)
 fn warn_of_code_outside(dir: &Path, chain: &str) -> Result<(), Box<dyn std::error::Error>> {
     for file in code_hash::rs_files(dir)? {
         let text = std::fs::read_to_string(dir.join(&file))?;
         for (n, line) in text.lines().enumerate() {
-            let outside = line.match_indices("crate::").any(|(at, _)| {
+            let via_crate = line.match_indices("crate::").any(|(at, _)| {
                 let rest = &line[at + "crate::".len()..];
                 let own = rest
                     .strip_prefix(chain)
@@ -54,7 +56,9 @@ fn warn_of_code_outside(dir: &Path, chain: &str) -> Result<(), Box<dyn std::erro
                 let other_crate = line[..at].ends_with(|c: char| c == '_' || c.is_alphanumeric());
                 !(own || other_crate || rest.starts_with("chain_dir("))
             });
-            if outside {
+            let via_file =
+                (line.contains("#[path") || line.contains("include")) && line.contains("..");
+            if via_crate || via_file {
                 println!(
                     "cargo:warning=chains/{chain}/{file}:{}: uses code outside the chain's folder, \
                      which its code_sha256 does not cover (a logged version would not hold it)",
