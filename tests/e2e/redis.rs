@@ -95,6 +95,28 @@ async fn three_gateway_processes_share_one_budget() {
 }
 
 #[tokio::test]
+async fn remaining_requests_are_whole_with_an_interval_of_a_fraction_of_a_microsecond() {
+    let redis = RedisServer::start();
+    let upstream = FakeUpstream::start(vec![]).await;
+    // 6 per second: one request every 166 666.67 µs, on a clock near 1.8e15 µs.
+    let gateway = TestGateway::start(&limited_config(
+        &upstream.base_url,
+        &redis.url(),
+        "deny",
+        "scope = [\"global\"]\nrequests_per_second = 6\nburst = 5",
+    ))
+    .await;
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        let response = gateway.post("/v1/chat/completions", &chat_body("x")).await;
+        assert_eq!(response.status(), 200);
+        remaining.push(header(&response, "x-ratelimit-remaining-requests"));
+    }
+    // 11 in all; a few ms between requests refill less than one.
+    assert_eq!(remaining, ["10", "9", "8"]);
+}
+
+#[tokio::test]
 async fn while_redis_is_down_the_policy_holds_and_limits_return_with_it() {
     let mut redis = RedisServer::start();
     let upstream = FakeUpstream::start(vec![]).await;
