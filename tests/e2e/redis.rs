@@ -132,6 +132,8 @@ async fn while_redis_is_down_the_policy_holds_and_limits_return_with_it() {
     assert_eq!(ready(&deny).await, json!("ok"));
 
     redis.stop();
+    // `/ready` asks Redis itself: it knows before any request does.
+    assert_eq!(ready(&deny).await, json!("degraded"));
     let refused = deny.post("/v1/chat/completions", &chat_body("x")).await;
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.headers()["retry-after"], "1");
@@ -152,15 +154,11 @@ async fn while_redis_is_down_the_policy_holds_and_limits_return_with_it() {
         200
     );
 
-    // Redis comes back (empty): the deny gateway recovers by itself, and limits hold again.
+    // Redis comes back (empty): `/ready` sees it without any request, the deny gateway
+    // recovers by itself, and limits hold again.
     redis.restart();
     let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let answer = status(&deny).await;
-        if answer == 200 {
-            break;
-        }
-        assert_eq!(answer, 503);
+    while ready(&deny).await != json!("ok") {
         assert!(
             Instant::now() < deadline,
             "the gateway did not reconnect to Redis"
@@ -169,8 +167,8 @@ async fn while_redis_is_down_the_policy_holds_and_limits_return_with_it() {
     }
     assert_eq!(status(&deny).await, 200);
     assert_eq!(status(&deny).await, 200);
+    assert_eq!(status(&deny).await, 200);
     assert_eq!(status(&deny).await, 429, "3 per minute again");
-    assert_eq!(ready(&deny).await, json!("ok"));
 }
 
 #[tokio::test]
@@ -300,15 +298,21 @@ async fn a_password_a_database_and_a_unix_socket_reach_one_budget() {
         "the one counter is in database 3"
     );
 
-    // Same database, other password: refused by Redis, so on_error = deny answers 503, and the
-    // password is not in the answer.
+    // Same database, other password: refused by Redis, so on_error = deny answers 503 (what
+    // Redis said goes to the log, not to the client), and `/ready` says so before that.
     let wrong = format!("redis://:not-the-pw@127.0.0.1:{}/3", redis.port);
     let wrong = with_url(wrong).await;
+    let ready: Value = wrong.get_json("/ready").await;
+    assert_eq!(ready["rate_limiter"], "degraded");
     let refused = wrong.post("/v1/chat/completions", &chat_body("x")).await;
     assert_eq!(refused.status(), 503);
-    let body = refused.text().await.unwrap();
-    assert!(body.contains("WRONGPASS"), "{body}");
-    assert!(!body.contains("not-the-pw"), "{body}");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limiter_unavailable");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        !message.contains("not-the-pw") && !message.contains("WRONGPASS"),
+        "{message}"
+    );
     assert_eq!(upstream.requests().len(), 2);
 }
 

@@ -882,7 +882,7 @@ pub async fn health() -> Json<serde_json::Value> {
 /// guarantees before the server starts.
 pub async fn ready(State(state): State<AppState>) -> Json<serde_json::Value> {
     let snapshot = state.snapshot();
-    let limiter = if snapshot.limits.is_degraded() {
+    let limiter = if snapshot.limits.probe_degraded().await {
         "degraded"
     } else {
         "ok"

@@ -424,10 +424,17 @@ pub async fn serve(
         }
     });
     let reloader = tokio::spawn(reload_on_sighup(gateway.clone()));
+    tokio::spawn(probe_limits_store(gateway.clone()));
     serve_connections(listener, &gateway, shutdown).await;
     reloader.abort();
     info!("switchyard stopped");
     Ok(())
+}
+
+/// Asks the rate limiter's store (Redis) whether it answers, once at start-up: a Redis that is
+/// out of reach or refuses the password shows in the log (and `/ready`) before any request.
+async fn probe_limits_store(gateway: Gateway) {
+    gateway.state.snapshot().limits.probe_degraded().await;
 }
 
 /// Like [`serve`], on `threads` event-loop threads of its own: each runs a single-threaded
@@ -471,6 +478,7 @@ pub fn serve_on_threads(
         info!(%address, threads, endpoints = gateway.state.snapshot().endpoints.len(), "switchyard listening");
         event_loop_runtime()?.block_on(async {
             let reloader = tokio::spawn(reload_on_sighup(gateway.clone()));
+            tokio::spawn(probe_limits_store(gateway.clone()));
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let acceptor = tokio::spawn(hand_out(listener, hand_to, StopOnExit(stop.clone())));
             let signal = {

@@ -251,7 +251,7 @@ impl Metrics {
         );
         registry.register(
             "switchyard_ratelimit_backend_errors",
-            "Rate-limiter store (Redis) errors: the limiter was degraded",
+            "Rate-limit decisions the store (Redis) did not make: it failed, or was out of reach and skipped; on_error applied",
             metrics.limiter_errors.clone(),
         );
         registry.register(

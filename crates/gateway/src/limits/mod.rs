@@ -67,11 +67,13 @@ impl Backend {
                 store, on_error, ..
             } => match store.acquire(cells).await {
                 Ok(decision) => Ok(decision),
-                Err(why) => match on_error {
+                // What Redis said is in the log (the degraded line), not for the client.
+                Err(_) => match on_error {
                     OnError::Allow => Ok(Decision::Degraded),
-                    OnError::Deny => Err(ApiError::limiter_unavailable(format!(
-                        "the rate limiter cannot reach Redis ({why}) and limits_store.on_error = \"deny\""
-                    ))),
+                    OnError::Deny => Err(ApiError::limiter_unavailable(
+                        "the rate limiter's store (Redis) is unavailable and \
+                         limits_store.on_error = \"deny\" (the gateway's log says why)",
+                    )),
                 },
             },
         }
@@ -93,6 +95,14 @@ impl Backend {
         match self {
             Backend::Memory(_) => false,
             Backend::Redis { store, .. } => store.is_degraded(),
+        }
+    }
+
+    /// Asks the store whether it answers now (Redis: a `PING`), so that [`Backend::is_degraded`]
+    /// tells how it is, not how the last decision found it.
+    pub async fn probe(&self) {
+        if let Backend::Redis { store, .. } = self {
+            store.probe().await;
         }
     }
 }
@@ -207,8 +217,10 @@ impl Limits {
         }
     }
 
-    /// Whether the limiter cannot reach its store right now (Redis down).
-    pub fn is_degraded(&self) -> bool {
+    /// Whether the limiter cannot use its store right now (Redis down, or refusing us), asked
+    /// of the store itself (see [`Backend::probe`]).
+    pub async fn probe_degraded(&self) -> bool {
+        self.backend.probe().await;
         self.backend.is_degraded()
     }
 

@@ -217,7 +217,7 @@ impl RedisStore {
         })
     }
 
-    /// Whether the last operation failed.
+    /// Whether the last exchange with Redis (a decision, or a [`RedisStore::probe`]) failed.
     pub fn is_degraded(&self) -> bool {
         self.degraded.load(Ordering::Relaxed)
     }
@@ -290,7 +290,7 @@ impl RedisStore {
         if !ok && !was_degraded {
             warn!(
                 error = why,
-                "rate limiter degraded: Redis is unreachable; applying limits_store.on_error"
+                "rate limiter degraded: Redis failed; applying limits_store.on_error"
             );
         } else if ok && was_degraded {
             info!("rate limiter recovered: Redis answers again");
@@ -352,12 +352,12 @@ impl RedisStore {
         }
         let started = Instant::now();
         // Whether the failure was Redis out of reach (no connection), rather than an answer.
-        let mut no_connection = false;
+        let no_connection = AtomicBool::new(false);
         let exchange = async {
             let (mut connection, reused) = self
                 .connection()
                 .await
-                .inspect_err(|_| no_connection = true)?;
+                .inspect_err(|_| no_connection.store(true, Ordering::Relaxed))?;
             let values = match self.invoke(&mut connection, &args).await {
                 // An idle connection may have died with a Redis that restarted since: once more
                 // on a new one. (Should the script have run before the connection broke, this
@@ -366,7 +366,7 @@ impl RedisStore {
                     self.drop_idle();
                     connection = Connection::open(&self.server)
                         .await
-                        .inspect_err(|_| no_connection = true)?;
+                        .inspect_err(|_| no_connection.store(true, Ordering::Relaxed))?;
                     self.invoke(&mut connection, &args).await?
                 }
                 result => result?,
@@ -377,8 +377,19 @@ impl RedisStore {
             }
             Ok(values)
         };
+        self.finish(started, exchange, &no_connection).await
+    }
+
+    /// Runs `exchange` within `timeout_ms` and records what it says of Redis (`no_connection`:
+    /// set by the exchange when it could not get a connection).
+    async fn finish<T>(
+        &self,
+        started: Instant,
+        exchange: impl Future<Output = Result<T, String>>,
+        no_connection: &AtomicBool,
+    ) -> Result<T, String> {
         let (result, unreachable) = match tokio::time::timeout(self.timeout, exchange).await {
-            Ok(result) => (result, no_connection),
+            Ok(result) => (result, no_connection.load(Ordering::Relaxed)),
             Err(_) => (
                 Err(format!("no answer within {} ms", self.timeout.as_millis())),
                 true,
@@ -400,6 +411,35 @@ impl RedisStore {
             }
         }
         result
+    }
+
+    /// Asks Redis whether it answers (`PING`) and records what it says, as a decision would: at
+    /// start-up (an unreachable Redis or a wrong password shows in the log before the first
+    /// request does) and for `/ready` (which then tells how Redis is now, without traffic).
+    pub async fn probe(&self) {
+        let started = Instant::now();
+        let no_connection = AtomicBool::new(false);
+        let exchange = async {
+            let (mut connection, _) = self
+                .connection()
+                .await
+                .inspect_err(|_| no_connection.store(true, Ordering::Relaxed))?;
+            match connection
+                .call(&redis::cmd("PING").get_packed_command())
+                .await?
+            {
+                OwnedFrame::Error(e) => Err(format!("PING failed: {e}")),
+                _ => {
+                    let mut idle = self.idle();
+                    if idle.len() < MAX_IDLE {
+                        idle.push(connection);
+                    }
+                    Ok(())
+                }
+            }
+        };
+        // The outcome is recorded; the caller reads it with `is_degraded`.
+        let _ = self.finish(started, exchange, &no_connection).await;
     }
 
     pub async fn acquire(&self, cells: &[Cell]) -> Result<Decision, String> {
