@@ -518,13 +518,13 @@ struct RawLimit {
     burst: u64,
     #[serde(default)]
     tokens_per_minute: Option<u64>,
-    #[serde(default = "default_max_tokens_estimate")]
-    default_max_tokens: u64,
+    /// 1024 when not given.
+    #[serde(default)]
+    default_max_tokens: Option<u64>,
 }
 
-fn default_max_tokens_estimate() -> u64 {
-    1024
-}
+/// A token rule's estimate of the completion when the request sets no `max_tokens`.
+const DEFAULT_MAX_TOKENS_ESTIMATE: u64 = 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
@@ -876,12 +876,33 @@ fn compile_auth(
             }
         };
         if let Some(sha256) = sha256 {
+            // One key is one caller: a second id for it would never be seen (its endpoints
+            // and limits would silently not apply).
+            if let Some(first) = keys.iter().find(|k: &&ApiKeyConfig| k.sha256 == sha256) {
+                problems.add(
+                    format!("{path}.id"),
+                    format!("'{}' has the same key as '{}'", key.id, first.id),
+                );
+            }
             keys.push(ApiKeyConfig {
                 id: key.id,
                 sha256,
                 endpoints: key.endpoints,
             });
         }
+    }
+    if let Some(admin) = &admin_key
+        && let Some(key) = keys
+            .iter()
+            .find(|k| k.sha256 == crate::auth::sha256(admin.expose().as_bytes()))
+    {
+        problems.add(
+            "auth.admin_key",
+            format!(
+                "is the key of '{}': the admin key must be a key of its own",
+                key.id
+            ),
+        );
     }
     if raw.protect_metrics && admin_key.is_none() {
         problems.add(
@@ -1019,14 +1040,22 @@ fn compile_limits(
                 "a limit of 0 would refuse everything; remove the endpoint instead",
             );
         }
-        if requests.is_none() && raw.tokens_per_minute.is_none() {
+        let both_request_rates =
+            raw.requests_per_second.is_some() && raw.requests_per_minute.is_some();
+        if requests.is_none() && raw.tokens_per_minute.is_none() && !both_request_rates {
             problems.add(
                 &path,
                 "a rule needs requests_per_second, requests_per_minute or tokens_per_minute",
             );
         }
-        if requests.is_none() && raw.burst > 0 {
+        if requests.is_none() && raw.burst > 0 && !both_request_rates {
             problems.add(format!("{path}.burst"), "applies to request limits only");
+        }
+        if raw.tokens_per_minute.is_none() && raw.default_max_tokens.is_some() {
+            problems.add(
+                format!("{path}.default_max_tokens"),
+                "applies to token limits only (tokens_per_minute)",
+            );
         }
         if problems.0.len() > before {
             continue;
@@ -1049,7 +1078,9 @@ fn compile_limits(
                 burst: raw.burst,
             }),
             tokens_per_minute: raw.tokens_per_minute,
-            default_max_tokens: raw.default_max_tokens,
+            default_max_tokens: raw
+                .default_max_tokens
+                .unwrap_or(DEFAULT_MAX_TOKENS_ESTIMATE),
         });
     }
     rules
@@ -1320,6 +1351,27 @@ mod tests {
     }
 
     #[test]
+    fn a_limit_rule_says_what_is_wrong_with_it_once() {
+        let found = problems(&format!(
+            "{VALID}[[limits]]\nscope = [\"global\"]\nrequests_per_second = 1\nrequests_per_minute = 60\nburst = 2\n\
+             [[limits]]\nscope = [\"global\"]\nrequests_per_minute = 6\ndefault_max_tokens = 10\n"
+        ));
+        assert_eq!(
+            found,
+            [
+                (
+                    "limits[0]".to_owned(),
+                    "give requests_per_second or requests_per_minute, not both".to_owned()
+                ),
+                (
+                    "limits[1].default_max_tokens".to_owned(),
+                    "applies to token limits only (tokens_per_minute)".to_owned()
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn reports_every_problem_with_its_path() {
         let found = problems(
             r#"
@@ -1377,6 +1429,33 @@ mod tests {
         );
         // The literal key is not echoed back.
         assert!(!found.iter().any(|(_, m)| m.contains("sk-literal-key")));
+    }
+
+    #[test]
+    fn a_key_is_one_caller_and_not_the_admin_key() {
+        // TEST_KEY's value, as a digest.
+        let digest: String = crate::auth::sha256(b"sk-test-secret")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let found = problems(&format!(
+            "{VALID}\n[auth]\nadmin_key = \"${{TEST_KEY}}\"\n\
+             [[auth.keys]]\nid = \"team-a\"\nkey_env = \"TEST_KEY\"\n\
+             [[auth.keys]]\nid = \"team-b\"\nkey_sha256 = \"{digest}\"\n"
+        ));
+        assert_eq!(
+            found,
+            [
+                (
+                    "auth.keys[1].id".to_owned(),
+                    "'team-b' has the same key as 'team-a'".to_owned()
+                ),
+                (
+                    "auth.admin_key".to_owned(),
+                    "is the key of 'team-a': the admin key must be a key of its own".to_owned()
+                ),
+            ]
+        );
     }
 
     #[test]
