@@ -137,7 +137,7 @@ impl Capped {
             LlmError::new(
                 LlmErrorKind::Overloaded,
                 format!(
-                    "provider '{}' is at its concurrency cap of {} and no call finished within {} ms",
+                    "provider '{}' is at its concurrency cap of {}: this call waited {} ms (queue_timeout_ms) without getting a slot",
                     self.name,
                     self.slots.max(),
                     self.queue_timeout.as_millis()

@@ -292,12 +292,19 @@ impl Limits {
                 retry_after,
                 states,
             } => {
-                // The first counter that refused says which budget ran out.
-                let refused = states
+                // The counters that refused say which budgets ran out (the wait is the
+                // longest of theirs).
+                let mut refused: Vec<String> = states
                     .iter()
-                    .position(|state| state.refused)
-                    .map(|i| format!(" ({})", owners[i].describe(kinds[i])))
-                    .unwrap_or_default();
+                    .enumerate()
+                    .filter(|(_, state)| state.refused)
+                    .map(|(i, _)| owners[i].describe(kinds[i]))
+                    .collect();
+                refused.dedup();
+                let refused = match refused.is_empty() {
+                    true => String::new(),
+                    false => format!(" ({})", refused.join("; ")),
+                };
                 let mut error = ApiError::rate_limited(
                     format!(
                         "Rate limit reached for endpoint '{}'{refused}; retry after {:.1} s",
@@ -565,7 +572,9 @@ fn format_reset(reset: Duration) -> String {
         let text = format!("{:.3}", reset.as_secs_f64());
         format!("{}s", text.trim_end_matches('0').trim_end_matches('.'))
     } else {
-        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+        // Whole seconds, rounded up: a client waiting this long finds the budget back.
+        let secs = ms.div_ceil(1000);
+        format!("{}m{}s", secs / 60, secs % 60)
     }
 }
 
@@ -675,6 +684,37 @@ mod tests {
         assert_eq!(
             global.1, "0",
             "the tightest counter (bob's own) is reported"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refusal_names_every_rule_that_refused() {
+        let rules = [
+            rule(vec![LimitScope::ApiKey], 1, 0),
+            rule(vec![LimitScope::Global], 100, 0),
+            rule(vec![LimitScope::User], 1, 0),
+        ];
+        let limits = Limits::new(
+            &rules,
+            Arc::new(Backend::new(&LimitsStoreConfig::Memory, &TaskTracker::new()).unwrap()),
+            None,
+        );
+        limits
+            .admit(&caller("a", "ann"), Some(&request()))
+            .await
+            .unwrap();
+        let refused = limits
+            .admit(&caller("a", "ann"), Some(&request()))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            refused.message.starts_with(
+                "Rate limit reached for endpoint 'e' (limits[0]: requests per API key; \
+                 limits[2]: requests per user); retry after"
+            ),
+            "{}",
+            refused.message
         );
     }
 
@@ -809,5 +849,8 @@ mod tests {
         assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
         assert_eq!(format_reset(Duration::from_secs(2)), "2s");
         assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
+        // Rounded up, never early.
+        assert_eq!(format_reset(Duration::from_millis(69_990)), "1m10s");
+        assert_eq!(format_reset(Duration::from_millis(119_001)), "2m0s");
     }
 }
