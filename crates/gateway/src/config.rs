@@ -849,10 +849,11 @@ fn compile_auth(
         let sha256 = match (key.key_env, key.key_sha256) {
             (Some(var), None) => match env(&var) {
                 Some(value) if !value.is_empty() => Some(crate::auth::sha256(value.as_bytes())),
-                _ => {
+                value => {
+                    let what = if value.is_some() { "empty" } else { "not set" };
                     problems.add(
                         format!("{path}.key_env"),
-                        format!("environment variable {var} is not set"),
+                        format!("environment variable {var} is {what}"),
                     );
                     None
                 }
@@ -1102,7 +1103,8 @@ fn resolve_secret(reference: &str, env: &dyn Fn(&str) -> Option<String>) -> Resu
     };
     match env(var) {
         Some(value) if !value.is_empty() => Ok(Secret::new(value)),
-        _ => Err(format!("environment variable {var} is not set")),
+        Some(_) => Err(format!("environment variable {var} is empty")),
+        None => Err(format!("environment variable {var} is not set")),
     }
 }
 
