@@ -288,13 +288,13 @@ fn predict(args: PredictArgs, store: Option<PathBuf>) -> anyhow::Result<()> {
         serde_json::from_str(&text).context("--input is not valid JSON")?;
     // One request needs few of the config's secrets (a model none, a chain only its providers'
     // keys; API keys and the Redis store are not used): a `${VAR}` that is not set stands in as
-    // a value that passes the config's checks (a Redis URL must start with redis://) and opens
-    // nothing, and is named below if a provider may need it.
+    // a value that passes the config's checks (a Redis URL must start with redis://; two keys
+    // must differ) and opens nothing, and is named below if a provider may need it.
     let unset = std::cell::RefCell::new(std::collections::BTreeSet::new());
     let env = |name: &str| {
         std::env::var(name).ok().or_else(|| {
             unset.borrow_mut().insert(name.to_owned());
-            Some("redis://unset-for-predict".to_owned())
+            Some(format!("redis://unset-for-predict/{name}"))
         })
     };
     let config = config_path
