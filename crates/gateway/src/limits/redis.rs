@@ -59,7 +59,7 @@ for i = 1, #KEYS do
   local new_tat = tat + cost * interval
   local allow_at = new_tat - capacity * interval
   if allow_at - now > wait then wait = allow_at - now end
-    tats[i] = {tat, new_tat, interval, capacity, allow_at > now}
+  tats[i] = {tat, new_tat, interval, capacity, allow_at > now}
 end
 local admitted = wait <= 0
 local result = {admitted and 1 or 0, math.ceil(wait)}
@@ -72,7 +72,7 @@ for i = 1, #KEYS do
   local interval, capacity = tats[i][3], tats[i][4]
   -- Times near 1.8e15 us carry ~0.25 us of float rounding: within half a microsecond of a
   -- whole request counts as one (it showed one request too few from a full bucket).
-  table.insert(result, math.floor((now - tat + capacity * interval + 0.5) / interval))
+  table.insert(result, math.min(capacity, math.floor((now - tat + capacity * interval + 0.5) / interval)))
   table.insert(result, math.ceil(tat - now))
   table.insert(result, (not admitted and tats[i][5]) and 1 or 0)
 end
@@ -166,15 +166,21 @@ pub struct RedisStore {
     idle: ThreadLocal<Mutex<Vec<Connection>>>,
     /// Set when Redis could not be reached (no connection, or no answer within `timeout_ms`):
     /// decisions then go to `on_error` at once, and one request tries Redis again every
-    /// [`RETRY_EVERY`], so a Redis that is down or hangs neither gets hammered nor holds every
-    /// request for `timeout_ms`. (An error Redis answers with costs no wait: not counted.)
+    /// [`RETRY_EVERY`] after the last try failed, so a Redis that is down or hangs neither gets
+    /// hammered nor holds every request for `timeout_ms`. (An error Redis answers with costs no
+    /// wait: not counted.)
     unreachable: AtomicBool,
     /// When it was found unreachable, or when the last try after that began.
     unreachable_at: Mutex<Option<Instant>>,
     script: redis::Script,
     timeout: Duration,
     degraded: AtomicBool,
+    /// When the last [`RedisStore::probe`] began.
+    last_probe: Mutex<Option<Instant>>,
 }
+
+/// `/ready` probes Redis at most this often.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// While Redis is unreachable, one request tries it again this often; the others do not wait.
 const RETRY_EVERY: Duration = Duration::from_millis(100);
@@ -214,6 +220,7 @@ impl RedisStore {
             script: redis::Script::new(SCRIPT),
             timeout,
             degraded: AtomicBool::new(false),
+            last_probe: Mutex::new(None),
         })
     }
 
@@ -377,12 +384,12 @@ impl RedisStore {
             }
             Ok(values)
         };
-        self.finish(started, exchange, &no_connection).await
+        self.run_and_record(started, exchange, &no_connection).await
     }
 
     /// Runs `exchange` within `timeout_ms` and records what it says of Redis (`no_connection`:
     /// set by the exchange when it could not get a connection).
-    async fn finish<T>(
+    async fn run_and_record<T>(
         &self,
         started: Instant,
         exchange: impl Future<Output = Result<T, String>>,
@@ -401,11 +408,8 @@ impl RedisStore {
                     self.record(true, "");
                 }
             }
+            Err(why) if unreachable => self.mark_unreachable(why),
             Err(why) => {
-                if unreachable {
-                    *self.unreachable_at() = Some(Instant::now());
-                    self.unreachable.store(true, Ordering::Relaxed);
-                }
                 self.drop_idle();
                 self.record(false, why);
             }
@@ -413,33 +417,61 @@ impl RedisStore {
         result
     }
 
-    /// Asks Redis whether it answers (`PING`) and records what it says, as a decision would: at
-    /// start-up (an unreachable Redis or a wrong password shows in the log before the first
-    /// request does) and for `/ready` (which then tells how Redis is now, without traffic).
+    /// Redis could not be reached: decisions skip it for [`RETRY_EVERY`].
+    fn mark_unreachable(&self, why: &str) {
+        *self.unreachable_at() = Some(Instant::now());
+        self.unreachable.store(true, Ordering::Relaxed);
+        self.drop_idle();
+        self.record(false, why);
+    }
+
+    /// Asks Redis whether it answers (`PING`) and records what it says: at start-up (an
+    /// unreachable Redis or a wrong password shows in the log without waiting for a request) and
+    /// for `/ready` (which then tells how Redis is now, without traffic). At most one probe a
+    /// [`PROBE_EVERY`]: `/ready` is public, and a probe opens a connection. Calls in between
+    /// leave the last outcome as it is.
     pub async fn probe(&self) {
+        {
+            let mut last = self
+                .last_probe
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < PROBE_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
         let started = Instant::now();
-        let no_connection = AtomicBool::new(false);
-        let exchange = async {
-            let (mut connection, _) = self
-                .connection()
-                .await
-                .inspect_err(|_| no_connection.store(true, Ordering::Relaxed))?;
+        // On a new connection: a pooled one may have died quietly (an idle timeout), which says
+        // nothing of Redis now.
+        let ping = async {
+            let mut connection = Connection::open(&self.server).await?;
             match connection
                 .call(&redis::cmd("PING").get_packed_command())
                 .await?
             {
                 OwnedFrame::Error(e) => Err(format!("PING failed: {e}")),
-                _ => {
-                    let mut idle = self.idle();
-                    if idle.len() < MAX_IDLE {
-                        idle.push(connection);
-                    }
-                    Ok(())
-                }
+                _ => Ok(connection),
             }
         };
-        // The outcome is recorded; the caller reads it with `is_degraded`.
-        let _ = self.finish(started, exchange, &no_connection).await;
+        match tokio::time::timeout(self.timeout, ping).await {
+            Ok(Ok(connection)) => {
+                let mut idle = self.idle();
+                if idle.len() < MAX_IDLE {
+                    idle.push(connection);
+                }
+                drop(idle);
+                // A PING answers for a Redis out of reach, not for the errors Redis answers a
+                // decision with (READONLY, OOM): those stay until a decision succeeds.
+                if self.unreachable.load(Ordering::Relaxed) && self.answered_since(started) {
+                    self.record(true, "");
+                }
+            }
+            Ok(Err(why)) => self.mark_unreachable(&why),
+            Err(_) => {
+                self.mark_unreachable(&format!("no answer within {} ms", self.timeout.as_millis()))
+            }
+        }
     }
 
     pub async fn acquire(&self, cells: &[Cell]) -> Result<Decision, String> {
