@@ -300,6 +300,7 @@ impl Gateway {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
+        let current_backend = current_limiter.1.clone();
         let server = shared.server.clone();
         // Reading config, chain folders and the store is file IO: keep it off the async workers.
         let (snapshot, limiter, server_changed) =
@@ -332,6 +333,17 @@ impl Gateway {
         // What the log said while loading that the caller of a reload should see too.
         let code_warnings = snapshot.code_warnings();
         shared.current.store(Arc::new(snapshot));
+        // A new limits store is asked at once whether it answers, as at start-up.
+        if !Arc::ptr_eq(
+            &current_backend,
+            &shared
+                .limiter
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .1,
+        ) {
+            tokio::spawn(probe_limits_store(self.clone()));
+        }
         info!(endpoints, "config reloaded");
         let mut warnings = code_warnings;
         if server_changed {
@@ -431,8 +443,9 @@ pub async fn serve(
     Ok(())
 }
 
-/// Asks the rate limiter's store (Redis) whether it answers, once at start-up: a Redis that is
-/// out of reach or refuses the password shows in the log (and `/ready`) before any request.
+/// Asks the rate limiter's store (Redis) whether it answers, at start-up and when a reload
+/// changes it: a Redis that is out of reach or refuses the password shows in the log (and
+/// `/ready`) without waiting for a request.
 async fn probe_limits_store(gateway: Gateway) {
     gateway.state.snapshot().limits.probe_degraded().await;
 }

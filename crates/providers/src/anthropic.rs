@@ -217,11 +217,14 @@ fn messages_request(request: &ChatRequest, stream: bool) -> Result<Value, LlmErr
             "a conversation without a user or assistant message with content is not supported",
         ));
     }
-    // Leaving an empty turn out must not change whose turn the conversation begins or ends
-    // with: ending on an assistant turn asks Anthropic to continue that answer.
+    // Leaving an empty turn out must not make a conversation that ended on the user end on
+    // the assistant (which asks Anthropic to continue that answer), nor one that began with the
+    // user begin with the assistant.
     let first = messages.first().and_then(|m| m["role"].as_str());
     let last = messages.last().and_then(|m| m["role"].as_str());
-    if dropped && (first != first_turn || last != last_turn) {
+    let now_assistant =
+        |turn: Option<&str>, was: Option<&str>| turn == Some("assistant") && was == Some("user");
+    if dropped && (now_assistant(last, last_turn) || now_assistant(first, first_turn)) {
         return Err(unsupported(
             "messages",
             "an empty message that begins or ends the conversation is not supported (Anthropic \
@@ -1205,6 +1208,14 @@ mod tests {
                 "{messages}"
             );
         }
+        // An empty assistant turn at either end is simply left out.
+        for messages in [
+            json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]),
+            json!([{"role": "assistant", "content": ""}, {"role": "user", "content": "hi"}]),
+        ] {
+            let body = translated(json!({"model": "m", "messages": messages}));
+            assert_eq!(body["messages"], json!([{"role": "user", "content": "hi"}]));
+        }
         // A tool result of empty parts is an empty result.
         let body = translated(json!({"model": "m", "messages": [
             {"role": "user", "content": "x"},
@@ -1842,10 +1853,14 @@ mod tests {
                                                 "prompt_tokens_details": {"cached_tokens": 3}}}),
             ]
         );
-        // Closed after the finish reason but before `message_stop`: the same answer, whole.
+        // Closed after the finish reason but before `message_stop`: the same answer, whole
+        // (`created` aside: the clock may have ticked).
         let unstopped: Vec<ChatChunk> =
             chat_chunks(upstream(), anthropic_stream(false), true, None)
-                .map(Result::unwrap)
+                .map(|chunk| ChatChunk {
+                    created: chunks[0].created,
+                    ..chunk.unwrap()
+                })
                 .collect()
                 .await;
         assert_eq!(unstopped, chunks);
