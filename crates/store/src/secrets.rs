@@ -53,6 +53,7 @@ fn walk(path: &str, key: Option<&str>, value: &Value, found: &mut Vec<(String, S
                 found.push((path.to_owned(), format!("looks like {why}")));
             } else if let Some(key) = key.filter(|k| is_secret_name(k))
                 && !text.is_empty()
+                && !is_vocabulary_marker(key, text)
             {
                 // A chain's config is not expanded: `${VAR}` would reach the chain as written.
                 let why = match text.starts_with("${") && text.ends_with('}') {
@@ -112,6 +113,17 @@ const VOCABULARY_TOKENS: &[&str] = &[
     "end_token",
 ];
 
+/// A `*_token` whose value is a marker in an LLM's vocabulary (`<|eot_id|>`, `</answer>`,
+/// `[INST]`): markup no credential looks like.
+fn is_vocabulary_marker(key: &str, text: &str) -> bool {
+    let wrapped = |open: char, close: char| {
+        text.len() > 2 && text.starts_with(open) && text.ends_with(close)
+    };
+    key.to_ascii_lowercase().ends_with("_token")
+        && !text.contains(char::is_whitespace)
+        && (wrapped('<', '>') || wrapped('[', ']'))
+}
+
 fn is_secret_name(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     if VOCABULARY_TOKENS.contains(&key.as_str()) || key.contains("special_token") {
@@ -148,7 +160,9 @@ mod tests {
             // An LLM's vocabulary markers; tokens that are credentials, whatever they look like.
             "stop_token": "</translation>",
             "eos_token": "<|im_end|>",
-            "additional_special_tokens": ["<tool>"],
+            "image_special_token": "IMG",
+            "eot_token": "<|eot_id|>",
+            "inst_token": "[INST]",
             "hub_token": "abcdefghijklmnopqrstuvwx",
             "auth_token": "Bearer abc def",
             "api_token": "12|abc",
