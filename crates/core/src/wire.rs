@@ -292,8 +292,8 @@ pub struct ChunkBody {
     /// Whether it carries choices; the usage chunk at the end of a stream has none.
     pub has_choices: bool,
     /// The choices that finish in it (have a `finish_reason`), as a set of their indexes:
-    /// bit `i` for choice `i` (indexes 0 to 63).
-    pub finished: u64,
+    /// bit `i` for choice `i` (OpenAI's `n` goes to 128).
+    pub finished: u128,
     pub usage: Option<Usage>,
 }
 
@@ -346,15 +346,16 @@ impl ChunkBody {
 #[derive(Default)]
 struct Choices {
     any: bool,
-    finished: u64,
+    finished: u128,
 }
 
 impl<'de> Deserialize<'de> for Choices {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
         struct Choice {
+            // Absent or `null` is choice 0 (what the one choice of most streams is).
             #[serde(default)]
-            index: u64,
+            index: Option<u64>,
             #[serde(default)]
             finish_reason: Option<serde::de::IgnoredAny>,
         }
@@ -372,7 +373,7 @@ impl<'de> Deserialize<'de> for Choices {
                 while let Some(choice) = seq.next_element::<Choice>()? {
                     choices.any = true;
                     if choice.finish_reason.is_some() {
-                        choices.finished |= index_bit(choice.index);
+                        choices.finished |= index_bit(choice.index.unwrap_or(0));
                     }
                 }
                 Ok(choices)
@@ -440,9 +441,9 @@ pub struct ChatChunk {
     pub extra: Map<String, Value>,
 }
 
-/// Choice `index` in a set of choices (indexes past 63 share the last bit).
-fn index_bit(index: u64) -> u64 {
-    1 << index.min(63)
+/// Choice `index` in a set of choices (indexes past 127 share the last bit).
+fn index_bit(index: u64) -> u128 {
+    1 << index.min(127)
 }
 
 impl ChatChunk {
@@ -489,8 +490,8 @@ impl ChatChunk {
     }
 
     /// The choices that finish in this chunk (have a `finish_reason`), as a set of their
-    /// indexes: bit `i` for choice `i` (indexes 0 to 63).
-    pub fn finished_choices(&self) -> u64 {
+    /// indexes: bit `i` for choice `i`.
+    pub fn finished_choices(&self) -> u128 {
         self.choices
             .iter()
             .filter(|c| c.finish_reason.is_some())

@@ -120,8 +120,8 @@ fn sse_chunks<T: Chunk>(
     let mut done = false;
     // Once every choice has finished, a stream that closes without `[DONE]` has given its
     // answer (some servers never send it). The set of finished choices, bit `i` for index `i`.
-    let mut finished = 0u64;
-    let choices = choices.min(64);
+    let mut finished = 0u128;
+    let choices = choices.min(128);
     futures::stream::poll_fn(move |cx| {
         if done {
             return std::task::Poll::Ready(None);
@@ -162,17 +162,17 @@ fn sse_chunks<T: Chunk>(
 /// What [`sse_chunks`] needs to know of a chunk.
 trait Chunk {
     /// The choices that finish in it, bit `i` for index `i`.
-    fn finished_choices(&self) -> u64;
+    fn finished_choices(&self) -> u128;
 }
 
 impl Chunk for ChunkBody {
-    fn finished_choices(&self) -> u64 {
+    fn finished_choices(&self) -> u128 {
         self.finished
     }
 }
 
 impl Chunk for ChatChunk {
-    fn finished_choices(&self) -> u64 {
+    fn finished_choices(&self) -> u128 {
         ChatChunk::finished_choices(self)
     }
 }
@@ -310,6 +310,19 @@ mod tests {
             assert_eq!(cut_off, !whole, "{events:?}");
             assert_eq!(items.len(), events.len() + usize::from(!whole));
         }
+        // A choice without an index (or a null one) is choice 0.
+        let null_index = r#"{"choices":[{"index":null,"delta":{},"finish_reason":"stop"}]}"#;
+        let items: Vec<_> = sse_chunks(
+            upstream(),
+            sse_response(&[first, null_index]),
+            1024,
+            1,
+            ChunkBody::parse,
+        )
+        .collect()
+        .await;
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[1].as_ref().unwrap().finished, 1);
     }
 
     #[tokio::test]

@@ -116,9 +116,8 @@ const VOCABULARY_TOKENS: &[&str] = &[
 /// A `*_token` whose value is a marker in an LLM's vocabulary (`<|eot_id|>`, `</answer>`,
 /// `[INST]`): markup no credential looks like.
 fn is_vocabulary_marker(key: &str, text: &str) -> bool {
-    let wrapped = |open: char, close: char| {
-        text.len() > 2 && text.starts_with(open) && text.ends_with(close)
-    };
+    let wrapped =
+        |open: char, close: char| text.len() > 2 && text.starts_with(open) && text.ends_with(close);
     key.to_ascii_lowercase().ends_with("_token")
         && !text.contains(char::is_whitespace)
         && (wrapped('<', '>') || wrapped('[', ']'))
