@@ -56,8 +56,10 @@ fn warn_of_code_outside(dir: &Path, chain: &str) -> Result<(), Box<dyn std::erro
                 let other_crate = line[..at].ends_with(|c: char| c == '_' || c.is_alphanumeric());
                 !(own || other_crate || rest.starts_with("chain_dir("))
             });
-            let via_file =
-                (line.contains("#[path") || line.contains("include")) && line.contains("..");
+            let pulls_a_file = ["#[path", "include!(", "include_str!(", "include_bytes!("]
+                .iter()
+                .any(|form| line.contains(form));
+            let via_file = pulls_a_file && (line.contains("\"..") || line.contains("../"));
             if via_crate || via_file {
                 println!(
                     "cargo:warning=chains/{chain}/{file}:{}: uses code outside the chain's folder, \

@@ -207,12 +207,14 @@ fn main() -> anyhow::Result<()> {
                 && !allow_code_mismatch
             {
                 report(&store, &logged, &name, None)?;
-                anyhow::bail!(
-                    "models:/{name}@{alias} was not moved: a gateway built like this binary would \
-                     refuse {} (its code is not the code compiled in; see the warning). Build the \
-                     gateway from this code first, or pass --allow-code-mismatch",
+                eprintln!(
+                    "error: models:/{name}@{alias} was not moved: a gateway built like this binary \
+                     would refuse {} (its code is not the code compiled in; see the warning). \
+                     Build the gateway from this code first, or pass --allow-code-mismatch",
                     logged.version.uri()
                 );
+                // Logged, alias kept: not the failure that status 1 means.
+                std::process::exit(ALIAS_NOT_MOVED);
             }
             report(&store, &logged, &name, alias)?;
         }
@@ -221,6 +223,9 @@ fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The exit status of `log chain --alias` when the version was logged but the alias kept.
+const ALIAS_NOT_MOVED: i32 = 2;
 
 /// One event-loop thread per core, or `TOKIO_WORKER_THREADS` of them.
 fn event_loop_threads() -> std::num::NonZeroUsize {

@@ -351,7 +351,7 @@ fn the_cli_logs_lists_aliases_shows_and_restores() {
         switchyard(&store, &args)
     };
     let refused = log_edited(&[]);
-    assert!(!refused.status.success());
+    assert_eq!(refused.status.code(), Some(2), "logged, alias kept");
     assert_eq!(
         String::from_utf8_lossy(&refused.stdout),
         "models:/router/2\n"

@@ -892,10 +892,11 @@ fn compile_auth(
             });
         }
     }
-    if let Some(admin) = &admin_key
-        && let Some(key) = keys
-            .iter()
-            .find(|k| k.sha256 == crate::auth::sha256(admin.expose().as_bytes()))
+    let admin_digest = admin_key
+        .as_ref()
+        .map(|admin| crate::auth::sha256(admin.expose().as_bytes()));
+    if let Some(digest) = admin_digest
+        && let Some(key) = keys.iter().find(|k| k.sha256 == digest)
     {
         problems.add(
             "auth.admin_key",
@@ -1023,26 +1024,25 @@ fn compile_limits(
                 );
             }
         }
+        let both_request_rates =
+            raw.requests_per_second.is_some() && raw.requests_per_minute.is_some();
         let requests = match (raw.requests_per_second, raw.requests_per_minute) {
             (Some(count), None) => Some((count, Duration::from_secs(1))),
             (None, Some(count)) => Some((count, Duration::from_secs(60))),
-            (None, None) => None,
-            (Some(_), Some(_)) => {
-                problems.add(
-                    &path,
-                    "give requests_per_second or requests_per_minute, not both",
-                );
-                None
-            }
+            _ => None,
         };
+        if both_request_rates {
+            problems.add(
+                &path,
+                "give requests_per_second or requests_per_minute, not both",
+            );
+        }
         if requests.is_some_and(|(count, _)| count == 0) || raw.tokens_per_minute == Some(0) {
             problems.add(
                 &path,
                 "a limit of 0 would refuse everything; remove the endpoint instead",
             );
         }
-        let both_request_rates =
-            raw.requests_per_second.is_some() && raw.requests_per_minute.is_some();
         if requests.is_none() && raw.tokens_per_minute.is_none() && !both_request_rates {
             problems.add(
                 &path,

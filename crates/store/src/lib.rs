@@ -644,7 +644,7 @@ fn lock_model(model_dir: &Path) -> Result<std::fs::File, StoreError> {
     Ok(file)
 }
 
-/// Copies what a chain snapshot holds: every `.rs` file, `prompts/` and `chain.toml`.
+/// Copies what a chain snapshot holds: every `.rs` file, `prompts/*.tera` and `chain.toml`.
 fn snapshot_chain(source: &Path, code: &Path) -> Result<(), StoreError> {
     let mut files = rs_files(source).map_err(|e| StoreError::io(source, e))?;
     files.push("chain.toml".to_owned());
