@@ -598,6 +598,11 @@ mod tests {
         }
     }
 
+    fn memory_limits(rules: &[LimitRule]) -> Limits {
+        let backend = Backend::new(&LimitsStoreConfig::Memory, &TaskTracker::new()).unwrap();
+        Limits::new(rules, Arc::new(backend), None)
+    }
+
     fn request() -> ChatRequest {
         ChatRequest::new("e", vec![Message::user("12345678")])
     }
@@ -612,11 +617,7 @@ mod tests {
 
     #[tokio::test]
     async fn admits_limit_plus_burst_per_key_then_refuses_with_retry_after() {
-        let limits = Limits::new(
-            &[rule(vec![LimitScope::ApiKey], 3, 2)],
-            Arc::new(Backend::new(&LimitsStoreConfig::Memory, &TaskTracker::new()).unwrap()),
-            None,
-        );
+        let limits = memory_limits(&[rule(vec![LimitScope::ApiKey], 3, 2)]);
         for i in 0..5 {
             let admission = limits
                 .admit(&caller("a", "u"), Some(&request()))
@@ -655,11 +656,7 @@ mod tests {
             rule(vec![LimitScope::Global], 100, 0),
             rule(vec![LimitScope::User], 1, 0),
         ];
-        let limits = Limits::new(
-            &rules,
-            Arc::new(Backend::new(&LimitsStoreConfig::Memory, &TaskTracker::new()).unwrap()),
-            None,
-        );
+        let limits = memory_limits(&rules);
         limits
             .admit(&caller("a", "ann"), Some(&request()))
             .await
@@ -694,11 +691,7 @@ mod tests {
             rule(vec![LimitScope::Global], 100, 0),
             rule(vec![LimitScope::User], 1, 0),
         ];
-        let limits = Limits::new(
-            &rules,
-            Arc::new(Backend::new(&LimitsStoreConfig::Memory, &TaskTracker::new()).unwrap()),
-            None,
-        );
+        let limits = memory_limits(&rules);
         limits
             .admit(&caller("a", "ann"), Some(&request()))
             .await
@@ -726,11 +719,7 @@ mod tests {
             tokens_per_minute: Some(tokens_per_minute),
             default_max_tokens,
         };
-        Limits::new(
-            &[token_rule],
-            Arc::new(Backend::new(&LimitsStoreConfig::Memory, &TaskTracker::new()).unwrap()),
-            None,
-        )
+        memory_limits(&[token_rule])
     }
 
     fn remaining_tokens(admission: &Admission) -> u64 {
