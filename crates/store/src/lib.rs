@@ -204,6 +204,7 @@ impl Store {
             });
         }
 
+        self.check_no_case_twin(name)?;
         let model_dir = self.model_dir(name);
         std::fs::create_dir_all(&model_dir).map_err(|e| StoreError::io(&model_dir, e))?;
         let temp = model_dir.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
@@ -309,6 +310,24 @@ impl Store {
         )))
     }
 
+    /// Refuses `name` if another model's name differs from it in case only: on a file system
+    /// that ignores case (macOS, Windows) the two would be one folder.
+    fn check_no_case_twin(&self, name: &str) -> Result<(), StoreError> {
+        let Ok(entries) = std::fs::read_dir(self.root.join("models")) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let other = entry.file_name().to_string_lossy().into_owned();
+            if other != name && other.eq_ignore_ascii_case(name) {
+                return Err(StoreError::Other(format!(
+                    "model '{name}' differs from model '{other}' in case only (one folder on \
+                     macOS or Windows): log it as '{other}', or under another name"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The version numbers of `name`, ascending (empty if the model does not exist).
     pub fn versions(&self, name: &str) -> Result<Vec<u64>, StoreError> {
         check_name("model name", name).map_err(StoreError::InvalidName)?;
@@ -399,6 +418,7 @@ impl Store {
         } else {
             None
         };
+        self.check_no_case_twin(name)?;
         let model_dir = self.model_dir(name);
         std::fs::create_dir_all(&model_dir).map_err(|e| StoreError::io(&model_dir, e))?;
         let temp = model_dir.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));

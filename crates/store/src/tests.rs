@@ -90,6 +90,14 @@ fn a_changed_prompt_is_a_new_version_and_latest_and_aliases_resolve() {
     .unwrap();
     let second = store.log_chain(&folder, "bot", &registry()).unwrap();
     assert_eq!((second.version.version, second.created), (2, true));
+    // A name that differs in case only would be the same folder on macOS or Windows.
+    let twin = store.log_chain(&folder, "Bot", &registry()).unwrap_err();
+    assert!(
+        twin.to_string()
+            .contains("differs from model 'bot' in case only"),
+        "{twin}"
+    );
+    assert!(!work.path().join("store/models/Bot").exists());
 
     assert_eq!(
         store.resolve(&uri("models:/bot/latest")).unwrap().version,
