@@ -323,9 +323,20 @@ fn predict(args: PredictArgs, store: Option<PathBuf>) -> anyhow::Result<()> {
     let endpoints = config.as_ref().map_or(&[][..], |c| &c.endpoints[..]);
     let (endpoint, logged) = if target.starts_with("models:/") {
         let uri = target.parse::<ModelUri>()?;
-        // An endpoint of the config that serves this URI lends it its overrides.
-        let serving = endpoints.iter().find(|e| logged_uri(e) == Some(&uri));
-        (serving.map(|e| e.name.clone()), Some(uri))
+        // An endpoint of the config that serves this URI lends it its overrides; with several,
+        // the first, and the command says which.
+        let mut serving = endpoints.iter().filter(|e| logged_uri(e) == Some(&uri));
+        let first = serving.next();
+        if let Some(first) = first
+            && serving.next().is_some()
+        {
+            eprintln!(
+                "note: several endpoints serve {uri}; running it as endpoint '{}' (name the \
+                 endpoint instead of the URI to choose)",
+                first.name
+            );
+        }
+        (first.map(|e| e.name.clone()), Some(uri))
     } else {
         let endpoint = endpoints.iter().find(|e| e.name == target);
         (
