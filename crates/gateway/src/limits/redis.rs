@@ -359,12 +359,12 @@ impl RedisStore {
         }
         let started = Instant::now();
         // Whether the failure was Redis out of reach (no connection), rather than an answer.
-        let no_connection = AtomicBool::new(false);
+        let mut no_connection = false;
         let exchange = async {
             let (mut connection, reused) = self
                 .connection()
                 .await
-                .inspect_err(|_| no_connection.store(true, Ordering::Relaxed))?;
+                .inspect_err(|_| no_connection = true)?;
             let values = match self.invoke(&mut connection, &args).await {
                 // An idle connection may have died with a Redis that restarted since: once more
                 // on a new one. (Should the script have run before the connection broke, this
@@ -373,7 +373,7 @@ impl RedisStore {
                     self.drop_idle();
                     connection = Connection::open(&self.server)
                         .await
-                        .inspect_err(|_| no_connection.store(true, Ordering::Relaxed))?;
+                        .inspect_err(|_| no_connection = true)?;
                     self.invoke(&mut connection, &args).await?
                 }
                 result => result?,
@@ -384,19 +384,8 @@ impl RedisStore {
             }
             Ok(values)
         };
-        self.run_and_record(started, exchange, &no_connection).await
-    }
-
-    /// Runs `exchange` within `timeout_ms` and records what it says of Redis (`no_connection`:
-    /// set by the exchange when it could not get a connection).
-    async fn run_and_record<T>(
-        &self,
-        started: Instant,
-        exchange: impl Future<Output = Result<T, String>>,
-        no_connection: &AtomicBool,
-    ) -> Result<T, String> {
         let (result, unreachable) = match tokio::time::timeout(self.timeout, exchange).await {
-            Ok(result) => (result, no_connection.load(Ordering::Relaxed)),
+            Ok(result) => (result, no_connection),
             Err(_) => (
                 Err(format!("no answer within {} ms", self.timeout.as_millis())),
                 true,
