@@ -847,14 +847,10 @@ fn compile_auth(
             );
         }
         let sha256 = match (key.key_env, key.key_sha256) {
-            (Some(var), None) => match env(&var) {
-                Some(value) if !value.is_empty() => Some(crate::auth::sha256(value.as_bytes())),
-                value => {
-                    let what = if value.is_some() { "empty" } else { "not set" };
-                    problems.add(
-                        format!("{path}.key_env"),
-                        format!("environment variable {var} is {what}"),
-                    );
+            (Some(var), None) => match env_value(&var, env) {
+                Ok(value) => Some(crate::auth::sha256(value.as_bytes())),
+                Err(message) => {
+                    problems.add(format!("{path}.key_env"), message);
                     None
                 }
             },
@@ -1101,8 +1097,13 @@ fn resolve_secret(reference: &str, env: &dyn Fn(&str) -> Option<String>) -> Resu
                 .to_owned(),
         );
     };
+    env_value(var, env).map(Secret::new)
+}
+
+/// The value of environment variable `var`, which must be set and not empty.
+fn env_value(var: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     match env(var) {
-        Some(value) if !value.is_empty() => Ok(Secret::new(value)),
+        Some(value) if !value.is_empty() => Ok(value),
         Some(_) => Err(format!("environment variable {var} is empty")),
         None => Err(format!("environment variable {var} is not set")),
     }

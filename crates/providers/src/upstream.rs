@@ -174,10 +174,9 @@ impl Upstream {
             span: self.call_span(model),
             ended: false,
         };
-        let span = call.span.clone();
         let result = self
-            .call(body, |headers| trace_headers(&span, headers))
-            .instrument(span.clone())
+            .call(body, |headers| trace_headers(&call.span, headers))
+            .instrument(call.span.clone())
             .await;
         call.end(&result);
         result
