@@ -182,6 +182,18 @@ mod tests {
     use super::*;
     use switchyard_core::LlmErrorKind;
 
+    /// What [`sse_chunks`] makes of a response with these `data:` payloads.
+    async fn chunks_of(
+        events: &[&str],
+        max_event: usize,
+        choices: u64,
+    ) -> Vec<Result<ChunkBody, LlmError>> {
+        let response = sse_response(events);
+        sse_chunks(upstream(), response, max_event, choices, ChunkBody::parse)
+            .collect()
+            .await
+    }
+
     /// An SSE response with these `data:` payloads.
     fn sse_response(events: &[&str]) -> http::Response<UpstreamBody> {
         let events: Vec<(&str, &str)> = events.iter().map(|data| ("", *data)).collect();
@@ -217,15 +229,7 @@ mod tests {
         let first = r#"{"id":"1","choices":[{"index":0,"delta":{"content":"x"}}],"x_vendor":1}"#;
         let usage = r#"{"id":"1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
         let after_done = r#"{"choices":[]}"#;
-        let chunks: Vec<_> = sse_chunks(
-            upstream(),
-            sse_response(&[first, usage, "[DONE]", after_done]),
-            1024,
-            1,
-            ChunkBody::parse,
-        )
-        .collect()
-        .await;
+        let chunks: Vec<_> = chunks_of(&[first, usage, "[DONE]", after_done], 1024, 1).await;
         let chunks: Vec<ChunkBody> = chunks.into_iter().map(Result::unwrap).collect();
         assert_eq!(chunks.len(), 2);
         assert_eq!(chunks[0].json, first);
@@ -236,15 +240,7 @@ mod tests {
         assert_eq!(chunks[1].usage, Some(switchyard_core::Usage::new(3, 1)));
 
         for broken in [r#"{"error":{"message":"overloaded"}}"#, "not json"] {
-            let items: Vec<_> = sse_chunks(
-                upstream(),
-                sse_response(&[first, broken, usage]),
-                1024,
-                1,
-                ChunkBody::parse,
-            )
-            .collect()
-            .await;
+            let items: Vec<_> = chunks_of(&[first, broken, usage], 1024, 1).await;
             assert_eq!(items.len(), 2, "the stream ends at the error");
             let error = items[1].as_ref().unwrap_err();
             assert_eq!(error.kind, LlmErrorKind::StreamInterrupted);
@@ -256,15 +252,7 @@ mod tests {
             assert!(error.message.contains(said), "{}", error.message);
         }
 
-        let cut: Vec<_> = sse_chunks(
-            upstream(),
-            sse_response(&[first]),
-            1024,
-            1,
-            ChunkBody::parse,
-        )
-        .collect()
-        .await;
+        let cut: Vec<_> = chunks_of(&[first], 1024, 1).await;
         assert!(
             cut[1]
                 .as_ref()
@@ -274,15 +262,7 @@ mod tests {
         );
         // Closed without [DONE] after its answer finished: the answer is whole, no error.
         let last = r#"{"id":"1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
-        let finished: Vec<_> = sse_chunks(
-            upstream(),
-            sse_response(&[first, last]),
-            1024,
-            1,
-            ChunkBody::parse,
-        )
-        .collect()
-        .await;
+        let finished: Vec<_> = chunks_of(&[first, last], 1024, 1).await;
         assert_eq!(finished.len(), 2);
         assert!(finished.iter().all(Result::is_ok));
         assert_eq!(finished[1].as_ref().unwrap().finished, 1);
@@ -298,10 +278,7 @@ mod tests {
             (vec![first, last, second], true),
             (vec![first, both], true),
         ] {
-            let items: Vec<_> =
-                sse_chunks(upstream(), sse_response(&events), 1024, 2, ChunkBody::parse)
-                    .collect()
-                    .await;
+            let items: Vec<_> = chunks_of(&events, 1024, 2).await;
             let cut_off = items
                 .last()
                 .unwrap()
@@ -312,15 +289,7 @@ mod tests {
         }
         // A choice without an index (or a null one) is choice 0.
         let null_index = r#"{"choices":[{"index":null,"delta":{},"finish_reason":"stop"}]}"#;
-        let items: Vec<_> = sse_chunks(
-            upstream(),
-            sse_response(&[first, null_index]),
-            1024,
-            1,
-            ChunkBody::parse,
-        )
-        .collect()
-        .await;
+        let items: Vec<_> = chunks_of(&[first, null_index], 1024, 1).await;
         assert_eq!(items.len(), 2);
         assert_eq!(items[1].as_ref().unwrap().finished, 1);
     }
@@ -333,22 +302,12 @@ mod tests {
         // Twenty events of ~56 bytes each, over 1 KB in all: the limit is per event.
         let mut all = small.clone();
         all.push("[DONE]");
-        let items: Vec<_> = sse_chunks(upstream(), sse_response(&all), 100, 1, ChunkBody::parse)
-            .collect()
-            .await;
+        let items: Vec<_> = chunks_of(&all, 100, 1).await;
         assert_eq!(items.len(), 20);
         assert!(items.iter().all(Result::is_ok));
 
         let big = event(7).repeat(3);
-        let items: Vec<_> = sse_chunks(
-            upstream(),
-            sse_response(&[small[0], &big, "[DONE]"]),
-            100,
-            1,
-            ChunkBody::parse,
-        )
-        .collect()
-        .await;
+        let items: Vec<_> = chunks_of(&[small[0], &big, "[DONE]"], 100, 1).await;
         assert_eq!(items.len(), 2, "the stream ends at the big event");
         assert_eq!(items[0].as_ref().unwrap().text(), "0");
         let error = items[1].as_ref().unwrap_err();

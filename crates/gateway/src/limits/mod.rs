@@ -623,12 +623,7 @@ mod tests {
                 .admit(&caller("a", "u"), Some(&request()))
                 .await
                 .unwrap();
-            let remaining = admission
-                .headers
-                .iter()
-                .find(|(n, _)| n == "x-ratelimit-remaining-requests")
-                .unwrap();
-            assert_eq!(remaining.1, (4 - i).to_string().as_str());
+            assert_eq!(remaining(&admission, "requests"), 4 - i);
         }
         let refused = limits
             .admit(&caller("a", "u"), Some(&request()))
@@ -673,13 +668,9 @@ mod tests {
             .admit(&caller("a", "bob"), Some(&request()))
             .await
             .unwrap();
-        let global = bob
-            .headers
-            .iter()
-            .find(|(n, _)| n == "x-ratelimit-remaining-requests")
-            .unwrap();
         assert_eq!(
-            global.1, "0",
+            remaining(&bob, "requests"),
+            0,
             "the tightest counter (bob's own) is reported"
         );
     }
@@ -723,10 +714,16 @@ mod tests {
     }
 
     fn remaining_tokens(admission: &Admission) -> u64 {
+        remaining(admission, "tokens")
+    }
+
+    /// The `x-ratelimit-remaining-{unit}` header of an admission.
+    fn remaining(admission: &Admission, unit: &str) -> u64 {
+        let name = format!("x-ratelimit-remaining-{unit}");
         admission
             .headers
             .iter()
-            .find(|(n, _)| n == "x-ratelimit-remaining-tokens")
+            .find(|(n, _)| n == name.as_str())
             .unwrap()
             .1
             .to_str()
