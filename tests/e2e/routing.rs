@@ -316,6 +316,43 @@ async fn a_route_streams_the_upstream_chunks_as_they_came_and_ends_at_an_error_o
 }
 
 #[tokio::test]
+async fn an_error_object_before_the_first_chunk_is_retried_or_passed_on_by_its_status() {
+    // Some servers answer 200 and then say in the stream what they would have said with a
+    // status: a server error is retried like a 500, a vLLM-style 400 goes to the client as one.
+    const SERVER_ERROR: &str = r#"{"error": {"message": "try again", "type": "server_error"}}"#;
+    const TOO_LONG: &str = r#"{"error": {"object": "error", "message": "prompt too long", "type": "BadRequestError", "param": "messages", "code": 400}}"#;
+    let upstream = FakeUpstream::start(vec![
+        Reply::Sse(vec![SERVER_ERROR]),
+        Reply::Echo,
+        Reply::Sse(vec![TOO_LONG]),
+    ])
+    .await;
+    let gateway = TestGateway::over(&[&upstream.base_url], "retries = 2").await;
+    let response = gateway
+        .post("/v1/chat/completions", &stream_body("retried"))
+        .await;
+    assert_eq!(response.status(), 200);
+    let frames = sse_data(&read_stream(response).await);
+    assert_eq!(stream_text(&frames), "retried");
+    assert_eq!(upstream.requests().len(), 2);
+
+    let response = gateway
+        .post("/v1/chat/completions", &stream_body("long"))
+        .await;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["param"], "messages");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("prompt too long"), "{message}");
+    assert_eq!(
+        upstream.requests().len(),
+        3,
+        "a client error is not retried"
+    );
+}
+
+#[tokio::test]
 async fn an_upstream_429_without_retry_after_still_gives_the_client_one() {
     let upstream = FakeUpstream::start(vec![Reply::Status(429, vec![])]).await;
     let gateway = TestGateway::over(&[&upstream.base_url], "retries = 0").await;

@@ -36,7 +36,7 @@ use switchyard_core::{
 };
 
 use crate::http::{HttpClient, UpstreamBody};
-use crate::upstream::{MAX_ANSWER, Upstream, sse_events};
+use crate::upstream::{MAX_ANSWER, Upstream, sse_events, stream_error};
 
 /// The Messages API version this module speaks.
 const API_VERSION: &str = "2023-06-01";
@@ -967,39 +967,11 @@ impl StreamState {
                 reason.map(|reason| self.chunk(None, Some(reason)))
             }
             "message_stop" => self.stop(),
-            "error" => {
-                let message = text("/error/message").unwrap_or("(no message)");
-                let status = text("/error/type").and_then(error_status);
-                let kind = status.map_or(LlmErrorKind::StreamInterrupted, |status| {
-                    LlmErrorKind::Status {
-                        status,
-                        retry_after: None,
-                    }
-                });
-                return Err((kind, format!("sent an error in the stream: {message}")));
-            }
+            "error" => return Err(stream_error(&event["error"])),
             // ping, content_block_stop, non-text deltas (thinking), and event types added later.
             _ => None,
         })
     }
-}
-
-/// The HTTP status Anthropic answers an error type with (its errors page), so an error inside
-/// a stream is treated like the same error before it: retried, fallen back from, or not.
-fn error_status(error_type: &str) -> Option<u16> {
-    Some(match error_type {
-        "invalid_request_error" => 400,
-        "authentication_error" => 401,
-        "permission_error" => 403,
-        "not_found_error" => 404,
-        "billing_error" => 402,
-        "request_too_large" => 413,
-        "rate_limit_error" => 429,
-        "api_error" => 500,
-        "timeout_error" => 504,
-        "overloaded_error" => 529,
-        _ => return None,
-    })
 }
 
 fn usage_of(value: Option<&Value>) -> AnthropicUsage {
@@ -1052,10 +1024,7 @@ fn chat_chunks(
                 Some(Ok(event)) => match state.on_event(&event.data) {
                     Ok(Some(chunk)) => Ok(chunk),
                     Ok(None) => continue,
-                    Err((kind, message)) => Err(LlmError::new(
-                        kind,
-                        upstream.redact(format!("provider '{}' {message}", upstream.name)),
-                    )),
+                    Err((kind, message)) => Err(upstream.stream_fault(kind, message)),
                 },
             };
             failed = item.is_err();
@@ -1945,7 +1914,13 @@ mod tests {
             }
         );
         assert!(!error.is_retryable(), "{:?}", error.kind);
-        assert_eq!(error_status("timeout_error"), Some(504));
-        assert_eq!(error_status("billing_error"), Some(402));
+        for (error_type, status) in [("timeout_error", 504), ("billing_error", 402)] {
+            let (kind, _) = stream_error(&json!({ "type": error_type }));
+            let expected = LlmErrorKind::Status {
+                status,
+                retry_after: None,
+            };
+            assert_eq!(kind, expected);
+        }
     }
 }

@@ -11,7 +11,7 @@ use switchyard_core::{
 };
 
 use crate::http::{HttpClient, UpstreamBody};
-use crate::upstream::{MAX_ANSWER, Upstream, sse_events, upstream_error_message};
+use crate::upstream::{MAX_ANSWER, Upstream, sse_events, stream_error, upstream_error_message};
 
 /// One OpenAI-compatible upstream. Cheap to clone: the HTTP clients are shared.
 #[derive(Debug, Clone)]
@@ -106,7 +106,8 @@ impl Llm for OpenAiProvider {
 
 /// The chunks of an SSE response, each `data:` payload read by `parse` (which hands back what it
 /// cannot read, to be quoted). The stream ends at `[DONE]`, and with an error if the upstream
-/// sends something else than a chunk (some servers send an `{"error": ...}` object mid-stream),
+/// sends something else than a chunk (some servers send an `{"error": ...}` object mid-stream:
+/// classified by [`stream_error`], with its `param` and `code`),
 /// sends more than `max_event` bytes without completing an event, or closes the stream before
 /// `[DONE]` while one of the `choices` asked for has not finished.
 fn sse_chunks<T: Chunk>(
@@ -138,17 +139,21 @@ fn sse_chunks<T: Chunk>(
                 return std::task::Poll::Ready(None);
             }
             Some(Ok(event)) => parse(String::from(&*event.data)).map_err(|data| {
-                let is_error = serde_json::from_str::<serde_json::Value>(&data)
-                    .is_ok_and(|value| value.get("error").is_some());
-                let what = if is_error {
-                    "sent an error in the stream"
-                } else {
-                    "sent an event that is not a chat completion chunk"
-                };
-                upstream.interrupted(format_args!(
-                    "{what}: {}",
-                    upstream_error_message(data.as_bytes())
-                ))
+                match serde_json::from_str::<serde_json::Value>(&data) {
+                    Ok(value) if value.get("error").is_some() => {
+                        let (kind, message) = stream_error(&value["error"]);
+                        let (param, code) = upstream.param_and_code(data.as_bytes());
+                        LlmError {
+                            param,
+                            code,
+                            ..upstream.stream_fault(kind, message)
+                        }
+                    }
+                    _ => upstream.interrupted(format_args!(
+                        "sent an event that is not a chat completion chunk: {}",
+                        upstream_error_message(data.as_bytes())
+                    )),
+                }
             }),
         };
         match &item {
@@ -292,6 +297,66 @@ mod tests {
         let items: Vec<_> = chunks_of(&[first, null_index], 1024, 1).await;
         assert_eq!(items.len(), 2);
         assert_eq!(items[1].as_ref().unwrap().finished, 1);
+    }
+
+    #[tokio::test]
+    async fn an_error_object_in_a_stream_is_the_error_its_status_would_be() {
+        let status = |status| LlmErrorKind::Status {
+            status,
+            retry_after: None,
+        };
+        let cases = [
+            // vLLM puts the status in `code`.
+            (
+                r#"{"error":{"object":"error","message":"too long","type":"BadRequestError","param":"messages","code":400}}"#,
+                status(400),
+                "too long",
+                Some("messages"),
+            ),
+            (
+                r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#,
+                status(429),
+                "Rate limit reached",
+                None,
+            ),
+            (
+                r#"{"error":{"message":"The server had an error","type":"server_error","code":"503"}}"#,
+                status(503),
+                "The server had an error",
+                None,
+            ),
+            (
+                r#"{"error":{"message":"Overloaded","type":"overloaded_error"}}"#,
+                status(529),
+                "Overloaded",
+                None,
+            ),
+            // An auth failure's message may quote the key: not repeated.
+            (
+                r#"{"error":{"message":"Incorrect API key provided: sk-abc123","type":"invalid_request_error","code":"invalid_api_key"}}"#,
+                status(401),
+                "the provider rejected the gateway's credentials for it",
+                None,
+            ),
+            (
+                r#"{"error":{"message":"odd","type":"something_new","code":7}}"#,
+                LlmErrorKind::StreamInterrupted,
+                "odd",
+                None,
+            ),
+        ];
+        for (event, kind, said, param) in cases {
+            let items: Vec<_> = chunks_of(&[event], 1024, 1).await;
+            assert_eq!(items.len(), 1, "{event}");
+            let error = items[0].as_ref().unwrap_err();
+            assert_eq!(error.kind, kind, "{event}");
+            assert_eq!(
+                error.message,
+                format!("provider 'p' sent an error in the stream: {said}")
+            );
+            assert_eq!(error.param.as_deref(), param);
+            assert!(!format!("{error:?}").contains("sk-abc123"));
+        }
     }
 
     #[tokio::test]

@@ -18,6 +18,9 @@ use crate::http::{HttpClient, Path, UpstreamBody, read_body};
 
 /// Upstream error bodies are quoted in our errors, cut to this many bytes.
 const MAX_QUOTED_ERROR: usize = 512;
+/// What an auth failure's error says instead of the upstream's message, which may quote part of
+/// the provider key ("Incorrect API key provided: sk-…wxyz").
+const CREDENTIALS_REJECTED: &str = "the provider rejected the gateway's credentials for it";
 /// An error answer's body is read up to this much (only its message is quoted).
 const MAX_ERROR_BODY: usize = 64 * 1024;
 /// The most a complete answer, or one event of a stream, may hold, so that a misbehaving
@@ -246,8 +249,7 @@ impl Upstream {
         let (detail, body) = if matches!(status, 401 | 403) {
             // The body of an auth failure may quote part of the provider key ("Incorrect API key
             // provided: sk-…wxyz"): it must not reach clients or logs.
-            let detail = "the provider rejected the gateway's credentials for it";
-            (detail.to_owned(), None)
+            (CREDENTIALS_REJECTED.to_owned(), None)
         } else {
             match read_body(response.into_body(), MAX_ERROR_BODY).await {
                 Ok(body) => (upstream_error_message(&body), Some(body)),
@@ -257,10 +259,10 @@ impl Upstream {
                 ),
             }
         };
-        let (param, code) = body.map_or((None, None), |body| error_param_and_code(&body));
+        let (param, code) = body.map_or((None, None), |body| self.param_and_code(&body));
         Err(LlmError {
-            param: param.map(|param| self.redact(param)),
-            code: code.map(|code| self.redact(code)),
+            param,
+            code,
             ..LlmError::new(
                 LlmErrorKind::Status {
                     status,
@@ -301,13 +303,88 @@ impl Upstream {
         )
     }
 
+    /// `error.param` and `error.code` of an error body in OpenAI's shape, redacted.
+    pub(crate) fn param_and_code(&self, body: &[u8]) -> (Option<String>, Option<String>) {
+        let (param, code) = error_param_and_code(body);
+        (
+            param.map(|param| self.redact(param)),
+            code.map(|code| self.redact(code)),
+        )
+    }
+
     /// A stream that broke off or carried something else than the API's events.
     pub fn interrupted(&self, message: impl std::fmt::Display) -> LlmError {
+        self.stream_fault(LlmErrorKind::StreamInterrupted, message)
+    }
+
+    /// A stream that ended with an error of this kind: `message` says what this upstream did.
+    pub fn stream_fault(&self, kind: LlmErrorKind, message: impl std::fmt::Display) -> LlmError {
         LlmError::new(
-            LlmErrorKind::StreamInterrupted,
+            kind,
             self.redact(format!("provider '{}' {message}", self.name)),
         )
     }
+}
+
+/// What an error object (`{"message", "type", "code"}`) sent inside a 200 stream says: the error
+/// the same failure would have been before the stream, by the status the API answers it with —
+/// a numeric `code` (vLLM and other OpenAI-compatible servers send the status there), else its
+/// `code` or `type` by name — so a route retries, falls back from or passes it on as it would
+/// that status; an unknown error is a stream that broke off. An auth failure's message is not
+/// quoted (see [`CREDENTIALS_REJECTED`]).
+pub(crate) fn stream_error(error: &serde_json::Value) -> (LlmErrorKind, String) {
+    let field = |name| error.get(name);
+    let numeric = field("code").and_then(|code| match code {
+        serde_json::Value::Number(number) => number.as_u64(),
+        serde_json::Value::String(text) => text.parse().ok(),
+        _ => None,
+    });
+    let status = numeric
+        .and_then(|status| u16::try_from(status).ok())
+        .filter(|status| (400..=599).contains(status))
+        .or_else(|| {
+            ["code", "type"]
+                .into_iter()
+                .find_map(|name| field(name)?.as_str().and_then(error_type_status))
+        });
+    let kind = status.map_or(LlmErrorKind::StreamInterrupted, |status| {
+        LlmErrorKind::Status {
+            status,
+            retry_after: None,
+        }
+    });
+    let message = match status {
+        Some(401 | 403) => CREDENTIALS_REJECTED,
+        _ => field("message")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("(no message)"),
+    };
+    (
+        kind,
+        format!("sent an error in the stream: {}", quoted(message)),
+    )
+}
+
+/// The HTTP status an API answers an error of this `type` (or OpenAI `code`) with: Anthropic's
+/// error types (its errors page) and OpenAI's.
+fn error_type_status(error_type: &str) -> Option<u16> {
+    Some(match error_type {
+        "invalid_request_error" => 400,
+        "authentication_error" | "invalid_api_key" => 401,
+        "billing_error" => 402,
+        "permission_error" => 403,
+        "not_found_error" | "model_not_found" => 404,
+        "request_too_large" => 413,
+        "rate_limit_error"
+        | "rate_limit_exceeded"
+        | "insufficient_quota"
+        | "tokens"
+        | "requests" => 429,
+        "api_error" | "server_error" => 500,
+        "timeout_error" => 504,
+        "overloaded_error" => 529,
+        _ => return None,
+    })
 }
 
 /// The SSE events of `response`. A transport failure, or more than `max_event` bytes received
@@ -375,6 +452,11 @@ pub(crate) fn upstream_error_message(body: &[u8]) -> String {
         Some(message) => std::borrow::Cow::Borrowed(message),
         None => String::from_utf8_lossy(body),
     };
+    quoted(&text)
+}
+
+/// `text` cut to [`MAX_QUOTED_ERROR`] bytes (at a character boundary) and trimmed.
+fn quoted(text: &str) -> String {
     let mut end = text.len().min(MAX_QUOTED_ERROR);
     while !text.is_char_boundary(end) {
         end -= 1;
