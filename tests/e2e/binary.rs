@@ -493,6 +493,10 @@ fn predict_runs_a_chain_or_a_route_once_without_a_server() {
         [[endpoints]]
         name = "gpt"
         route = "gpt"
+        [[endpoints]]
+        name = "bot-on-gpt"
+        model = "models:/bot/1"
+        llms = { default = "gpt" }
         "#,
     )
     .unwrap();
@@ -512,6 +516,13 @@ fn predict_runs_a_chain_or_a_route_once_without_a_server() {
             stderr.contains(
                 "warning: SWITCHYARD_TEST_UNSET_OPENAI_KEY is not set: a provider whose key it is will refuse the call"
             ),
+            "{stderr}"
+        );
+        // Two endpoints serve the URI: the first one's overrides, and the command says so.
+        let note = "note: several endpoints serve models:/bot/1; running it as endpoint 'bot'";
+        assert_eq!(
+            stderr.contains(note),
+            target.starts_with("models:/"),
             "{stderr}"
         );
     }
