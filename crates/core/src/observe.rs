@@ -61,6 +61,8 @@ pub trait Observer: Send + Sync {
 #[derive(Debug, Default)]
 pub struct RequestStats {
     upstream_nanos: AtomicU64,
+    /// Of that, time spent waiting for a provider's concurrency slot (`max_concurrency`).
+    queue_nanos: AtomicU64,
     retries: AtomicU32,
     fallbacks: AtomicU32,
     /// An upstream call failed after it may have generated tokens (it timed out, broke off,
@@ -78,9 +80,16 @@ impl RequestStats {
         CURRENT.scope(stats, future).await
     }
 
-    /// Time spent waiting on upstream attempts (for streams: until their first chunk).
+    /// Time spent waiting on upstream attempts (for streams: until their first chunk) and the
+    /// backoff between them, but not in a provider's queue: see [`RequestStats::queue`].
     pub fn upstream(&self) -> Duration {
-        Duration::from_nanos(self.upstream_nanos.load(Ordering::Relaxed))
+        let nanos = self.upstream_nanos.load(Ordering::Relaxed);
+        Duration::from_nanos(nanos.saturating_sub(self.queue_nanos.load(Ordering::Relaxed)))
+    }
+
+    /// Time spent waiting for a slot of a provider with a concurrency cap.
+    pub fn queue(&self) -> Duration {
+        Duration::from_nanos(self.queue_nanos.load(Ordering::Relaxed))
     }
 
     pub fn retries(&self) -> u32 {
@@ -106,6 +115,15 @@ impl RequestStats {
         Self::with(|s| {
             let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
             s.upstream_nanos.fetch_add(nanos, Ordering::Relaxed);
+        });
+    }
+
+    /// Adds time an attempt spent in a provider's queue (it counts as upstream time too, until
+    /// [`RequestStats::upstream`] takes it out).
+    pub fn record_queue_wait(duration: Duration) {
+        Self::with(|s| {
+            let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+            s.queue_nanos.fetch_add(nanos, Ordering::Relaxed);
         });
     }
 
@@ -140,11 +158,13 @@ mod tests {
         RequestStats::scope(stats.clone(), async {
             RequestStats::record_upstream(Duration::from_millis(3));
             RequestStats::record_upstream(Duration::from_millis(4));
+            RequestStats::record_queue_wait(Duration::from_millis(2));
             RequestStats::record_retry();
             RequestStats::record_fallback();
         })
         .await;
-        assert_eq!(stats.upstream(), Duration::from_millis(7));
+        assert_eq!(stats.upstream(), Duration::from_millis(5));
+        assert_eq!(stats.queue(), Duration::from_millis(2));
         assert_eq!((stats.retries(), stats.fallbacks()), (1, 1));
     }
 }

@@ -102,6 +102,7 @@ impl RequestRecord {
             outcome,
             latency_ms = millis(elapsed),
             upstream_ms = millis(self.stats.upstream()),
+            queue_ms = (!self.stats.queue().is_zero()).then(|| millis(self.stats.queue())),
             retries = self.stats.retries(),
             fallbacks = self.stats.fallbacks(),
             prompt_tokens = details.prompt_tokens,

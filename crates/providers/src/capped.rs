@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use futures::{Stream, StreamExt};
 use switchyard_core::{
     ChatRequest, ChatResponse, ChunkBodyStream, ChunkStream, CompletionBody, Llm, LlmError,
-    LlmErrorKind, Observer,
+    LlmErrorKind, Observer, RequestStats,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -159,8 +159,10 @@ impl Capped {
             }),
             Ok(Err(_)) | Err(_) => Err(overloaded()),
         };
+        let waited = started.elapsed();
+        RequestStats::record_queue_wait(waited);
         if let Some(observer) = &self.observer {
-            observer.provider_queue_wait(&self.name, started.elapsed());
+            observer.provider_queue_wait(&self.name, waited);
             observer.provider_in_flight(&self.name, self.in_flight());
         }
         slot
@@ -235,7 +237,12 @@ mod tests {
         let request = ChatRequest::new("m", vec![Message::user("hi")]);
         let stream = capped.chat_stream(request.clone()).await.unwrap();
         assert_eq!(capped.in_flight(), 1);
-        let error = capped.chat(request.clone()).await.unwrap_err();
+        // The wait is the request's queue time, which its upstream time leaves out.
+        let stats = Arc::new(RequestStats::default());
+        let error = RequestStats::scope(stats.clone(), capped.chat(request.clone()))
+            .await
+            .unwrap_err();
+        assert!(stats.queue() >= Duration::from_millis(50), "{stats:?}");
         assert_eq!(error.kind, LlmErrorKind::Overloaded);
         assert!(
             error.message.contains("concurrency cap of 1"),
