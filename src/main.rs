@@ -191,7 +191,7 @@ fn main() -> anyhow::Result<()> {
                 "loaded in {:.1} s; copying it into the store…",
                 started.elapsed().as_secs_f64()
             );
-            let logged = store.log_onnx(&path, &name, model.signature())?;
+            let logged = store.log_onnx(&path, &name, model.signature(), model.external_data())?;
             report(&store, &logged, &name, alias)?;
         }
         Command::Log(LogCommand::Chain {

@@ -59,7 +59,7 @@ async fn serve(fixtures: &[&str]) -> TestGateway {
     for name in fixtures {
         let path = fixture(&format!("{name}.onnx"));
         let signature = OnnxModel::load(&path).unwrap().signature();
-        let logged = store.log_onnx(&path, name, signature).unwrap();
+        let logged = store.log_onnx(&path, name, signature, &[]).unwrap();
         assert_eq!(logged.version.uri(), format!("models:/{name}/1"));
         config.push_str(&format!(
             "[[endpoints]]\nname = \"{name}\"\nmodel = \"models:/{name}/1\"\n"
@@ -594,6 +594,56 @@ fn the_cli_logs_onnx_files_and_refuses_models_it_cannot_run() {
         String::from_utf8_lossy(&listed.stdout),
         "pipeline\tversions: 1\taliases: \nridge\tversions: 1\taliases: production=1\n"
     );
+}
+
+#[test]
+fn a_model_file_with_external_data_is_logged_with_its_data() {
+    // The tensors of a model saved with external data live in files next to it: logged
+    // without them, the version could not be loaded, restored or served.
+    let work = temp_dir("onnx-external");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .env("SWITCHYARD_STORE", work.join("store"))
+            .output()
+            .unwrap()
+    };
+    let source = fixture("external_data");
+    let model = source.join("mlp_clf.onnx");
+    let logged = run(&["log", "onnx", model.to_str().unwrap(), "--name", "mlp"]);
+    assert_eq!(stdout(&logged), "models:/mlp/1\n");
+    let version = work.join("store/models/mlp/1");
+    assert_eq!(
+        std::fs::read(version.join("mlp_clf.weights")).unwrap(),
+        std::fs::read(source.join("mlp_clf.weights")).unwrap()
+    );
+    let mlmodel = std::fs::read_to_string(version.join("MLmodel")).unwrap();
+    assert!(
+        mlmodel.contains(&format!("source: {}", model.display())),
+        "{mlmodel}"
+    );
+
+    let expected = fixture_json("external_data/expected.json");
+    let body = json!({"inputs": expected["inputs"]["input"]}).to_string();
+    let predicted = run(&["predict", "models:/mlp/1", "--input", &body]);
+    let got: Value = serde_json::from_str(&stdout(&predicted)).unwrap();
+    assert_close("predict", &got["predictions"], &expected["outputs"]);
+
+    let restored = work.join("restored");
+    stdout(&run(&[
+        "models",
+        "restore",
+        "models:/mlp/1",
+        restored.to_str().unwrap(),
+    ]));
+    assert!(restored.join("mlp_clf.weights").is_file());
+
+    // The data file is part of the version's content: changed, the version is refused.
+    std::fs::write(version.join("mlp_clf.weights"), [0u8; 268]).unwrap();
+    let tampered = run(&["predict", "models:/mlp/1", "--input", &body]);
+    assert!(!tampered.status.success());
+    let stderr = String::from_utf8_lossy(&tampered.stderr);
+    assert!(stderr.contains("content_sha256"), "{stderr}");
 }
 
 /// Every request the fixtures recorded against MLflow 3.17.2's scoring server

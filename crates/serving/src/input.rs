@@ -1,6 +1,8 @@
 //! MLflow's scoring request formats (`inputs`, `instances`, `dataframe_split`,
 //! `dataframe_records`), read into one tensor per model input.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 use tract_onnx::prelude::*;
 
@@ -316,7 +318,7 @@ fn by_input_name<'a>(
 /// Where each input's column is, for a model with one input per column.
 fn column_inputs(
     what: &str,
-    columns: &[&str],
+    columns: &[impl AsRef<str>],
     inputs: &[InputSpec],
 ) -> Result<Vec<usize>, ServingError> {
     if let Some(wide) = inputs.iter().find(|i| i.width != 1) {
@@ -333,7 +335,7 @@ fn column_inputs(
         .map(|input| {
             columns
                 .iter()
-                .position(|c| *c == input.name)
+                .position(|c| c.as_ref() == input.name)
                 .ok_or_else(|| {
                     bad(format!(
                         "{what} is missing column '{}': {}",
@@ -353,14 +355,19 @@ fn dataframe_split<'a>(
     let Some(Value::Array(data)) = value.get("data") else {
         return Err(bad("dataframe_split needs \"data\": a list of rows"));
     };
-    let columns: Option<Vec<&str>> = match value.get("columns") {
+    // Names, or numbers: a DataFrame made from an array has the column labels 0, 1, …, and
+    // `df.to_dict(orient="split")` writes them as numbers.
+    let columns: Option<Vec<Cow<'_, str>>> = match value.get("columns") {
         None => None,
         Some(Value::Array(columns)) => Some(
             columns
                 .iter()
-                .map(|c| {
-                    c.as_str()
-                        .ok_or_else(|| bad("dataframe_split columns must be strings"))
+                .map(|c| match c {
+                    Value::String(name) => Ok(Cow::Borrowed(name.as_str())),
+                    Value::Number(label) => Ok(Cow::Owned(label.to_string())),
+                    _ => Err(bad(
+                        "dataframe_split columns must be names (strings) or numbers",
+                    )),
                 })
                 .collect::<Result<_, _>>()?,
         ),
@@ -383,14 +390,32 @@ fn dataframe_split<'a>(
                 .collect::<Result<Vec<&Value>, _>>()?;
             return Ok(vec![rows_of(what, rows.into_iter(), only)?]);
         }
-        if let Some(columns) = &columns
-            && columns.len() != only.width
-        {
-            return Err(bad(format!(
-                "dataframe_split has {} columns: {} (the columns in order)",
-                columns.len(),
-                only.expects()
-            )));
+        if let Some(columns) = &columns {
+            if columns.len() != only.width {
+                return Err(bad(format!(
+                    "dataframe_split has {} columns: {} (the columns in order)",
+                    columns.len(),
+                    only.expects()
+                )));
+            }
+            // Read by position, as MLflow does; but columns named by position in another order
+            // would feed each value to another column than `dataframe_records` (which goes by
+            // those names) does with the same frame.
+            let named_by_position = |name: &str, at: usize| name == at.to_string();
+            let out_of_order = columns
+                .iter()
+                .enumerate()
+                .any(|(at, c)| !named_by_position(c, at));
+            let all_positions =
+                (0..columns.len()).all(|at| columns.iter().any(|c| named_by_position(c, at)));
+            if out_of_order && all_positions {
+                return Err(bad(format!(
+                    "dataframe_split columns are named by position but not in order ({}): \
+                     values are read by position, so put the columns in order 0..{}",
+                    columns.join(", "),
+                    columns.len() - 1
+                )));
+            }
         }
         return Ok(vec![rows_of(what, data.iter(), only)?]);
     }
@@ -651,6 +676,8 @@ mod tests {
             json!({"instances": [[1, 2], [3, 4]], "params": {}}),
             json!({"instances": [{"x": [1, 2]}, {"x": [3, 4], "other": 0}]}),
             json!({"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2], [3, 4]]}}),
+            // A DataFrame made from an array: its column labels are the numbers 0, 1, …
+            json!({"dataframe_split": {"columns": [0, 1], "data": [[1, 2], [3, 4]]}}),
             json!({"dataframe_records": [{"1": 2, "0": 1}, {"0": 3, "1": 4}]}),
         ] {
             let batch = parse_mlflow_input(&body, &one(2)).unwrap();
@@ -659,6 +686,32 @@ mod tests {
         }
         let empty = parse_mlflow_input(&json!({"inputs": []}), &one(2)).unwrap();
         assert_eq!((empty.rows(), empty.tensors[0].shape()), (0, &[0, 2][..]));
+    }
+
+    #[test]
+    fn columns_named_by_position_out_of_order_are_refused_not_misread() {
+        // By position these would be read as [2, 1]; `dataframe_records` reads the same names
+        // as positions, [1, 2]. Neither silently: a 400.
+        for columns in [json!(["1", "0"]), json!([1, 0])] {
+            let body = json!({"dataframe_split": {"columns": columns, "data": [[2, 1]]}});
+            let error = parse_mlflow_input(&body, &one(2)).unwrap_err().to_string();
+            assert!(
+                error.contains("columns are named by position but not in order (1, 0)"),
+                "{error}"
+            );
+        }
+        // Other names, or positions that are not all there, go by position as in MLflow.
+        for columns in [json!(["b", "a"]), json!(["1", "2"])] {
+            let body = json!({"dataframe_split": {"columns": columns, "data": [[2, 1]]}});
+            let batch = parse_mlflow_input(&body, &one(2)).unwrap();
+            assert_eq!(values(&batch), [vec![2.0, 1.0]], "{body}");
+        }
+        let bad = json!({"dataframe_split": {"columns": [true, null], "data": [[2, 1]]}});
+        let error = parse_mlflow_input(&bad, &one(2)).unwrap_err().to_string();
+        assert!(
+            error.contains("columns must be names (strings) or numbers"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct OnnxModel {
     /// What a row has cost lately, in nanoseconds (a moving average over `predict` calls; 0
     /// until the first): lets the caller run cheap predictions inline.
     nanos_per_row: AtomicU64,
+    /// The files next to the model its tensors' external data was read from.
+    external_data: Vec<String>,
 }
 
 impl std::fmt::Debug for OnnxModel {
@@ -53,6 +55,7 @@ impl OnnxModel {
         let mut onnx = tract_onnx::onnx();
         ml::register(&mut onnx);
         let mut proto = onnx.proto_model_for_path(path).map_err(tract)?;
+        let external_data = external_data_files(&proto);
         ml::relabel_string_classifiers(&mut proto);
         let zipmaps = ml::zipmaps(&proto).map_err(tract)?;
         let dir = path.parent().and_then(Path::to_str);
@@ -141,7 +144,15 @@ impl OnnxModel {
             inputs,
             outputs,
             nanos_per_row: AtomicU64::new(0),
+            external_data,
         })
+    }
+
+    /// The files, relative to the model's directory, that hold its tensors' external data
+    /// (what `onnx.save_model(..., save_as_external_data=True)` writes next to the model): a
+    /// copy of the model needs them too.
+    pub fn external_data(&self) -> &[String] {
+        &self.external_data
     }
 
     /// How long `rows` rows are expected to take, from the calls so far; `None` before the first.
@@ -323,4 +334,16 @@ fn zipmap_json(tensor: &Tensor, labels: &[Value]) -> Result<Value, ServingError>
             })
             .collect(),
     ))
+}
+
+/// The `location`s of the initializers whose data is in external files, each once.
+fn external_data_files(proto: &tract_onnx::pb::ModelProto) -> Vec<String> {
+    let mut files: Vec<String> = Vec::new();
+    let initializers = proto.graph.iter().flat_map(|graph| &graph.initializer);
+    for entry in initializers.flat_map(|tensor| &tensor.external_data) {
+        if entry.key == "location" && !files.contains(&entry.value) {
+            files.push(entry.value.clone());
+        }
+    }
+    files
 }

@@ -258,7 +258,7 @@ impl Store {
         let mut mlmodel = MlModel::new(CHAIN_FLAVOR, flavor_value);
         mlmodel.metadata.insert(
             "source".to_owned(),
-            yaml_serde::Value::from(folder.dir.display().to_string()),
+            yaml_serde::Value::from(absolute(&folder.dir).display().to_string()),
         );
         let mlmodel_path = temp.join("MLmodel");
         std::fs::write(&mlmodel_path, sealed(&mut mlmodel)?)
@@ -397,10 +397,13 @@ impl Store {
     /// Logs an ONNX model as a new version of `name`. `source` is either
     /// - an `.onnx` file: stored as `model.onnx` with MLflow's `onnx` and `python_function`
     ///   flavors (so `mlflow.pyfunc.load_model` can load it) and `signature` (`inputs`, and
-    ///   `outputs` when the model has a describable one, as MLflow's JSON strings); or
+    ///   `outputs` when the model has a describable one, as MLflow's JSON strings), and next
+    ///   to it the files of `external_data` (the model's tensors kept outside it, by their
+    ///   locations relative to the file's directory); or
     /// - an MLflow model directory with an `onnx` flavor (what `mlflow.onnx.save_model` writes):
-    ///   imported as is — every file (external tensor data too) and every MLmodel key; only
-    ///   `metadata.content_sha256`/`source` are added, and `signature` when it has none.
+    ///   imported with every file (external tensor data too) and every MLmodel key; only
+    ///   `metadata.content_sha256`/`source` are added, and `signature` when it has none (then
+    ///   it is sealed, as every MLmodel the store writes).
     ///
     /// The caller has checked that the model loads. Identical content returns the existing
     /// version.
@@ -409,6 +412,7 @@ impl Store {
         source: &Path,
         name: &str,
         signature: (String, Option<String>),
+        external_data: &[String],
     ) -> Result<Logged, StoreError> {
         check_name("model name", name).map_err(StoreError::InvalidName)?;
         // Checked before the copy too, which can be large (and again under the lock).
@@ -432,7 +436,13 @@ impl Store {
                 }
                 None => {
                     copy_file(source, &temp.join(ONNX_DATA))?;
-                    (onnx_mlmodel()?, vec![ONNX_DATA.to_owned()])
+                    let from = source.parent().unwrap_or(Path::new(""));
+                    for location in external_data {
+                        let file = external_data_file(location)?;
+                        copy_file(&from.join(&file), &temp.join(&file))?;
+                    }
+                    let files = content_files(&temp).map_err(|e| StoreError::io(&temp, e))?;
+                    (onnx_mlmodel()?, files)
                 }
             };
             let content_sha256 =
@@ -463,7 +473,7 @@ impl Store {
             }
             for (key, value) in [
                 ("content_sha256", content_sha256),
-                ("source", source.display().to_string()),
+                ("source", absolute(source).display().to_string()),
             ] {
                 mlmodel
                     .metadata
@@ -842,6 +852,12 @@ fn find_symlinks(root: &Path, dir: &Path, problems: &mut Vec<String>) -> io::Res
     Ok(())
 }
 
+/// `path` as an absolute path (for `metadata.source`: where a version came from), or as given
+/// if the working directory is gone.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
 fn copy_file(from: &Path, to: &Path) -> Result<(), StoreError> {
     if let Some(parent) = to.parent() {
         std::fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
@@ -888,6 +904,24 @@ fn claim_next_version(model_dir: &Path, temp: &Path) -> Result<u64, StoreError> 
 }
 
 /// A path inside a version must stay inside it.
+/// Where an ONNX file's external data `location` goes in a version: the same path relative to
+/// the model (tract has checked that it stays inside the model's directory), but neither the
+/// model's file nor the MLmodel.
+fn external_data_file(location: &str) -> Result<PathBuf, StoreError> {
+    let file: PathBuf = Path::new(location)
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect();
+    let plain = file.to_str().is_some_and(|f| check_relative(f).is_ok());
+    if !plain || file == Path::new(ONNX_DATA) || file == Path::new("MLmodel") {
+        return Err(StoreError::Other(format!(
+            "the model's external data file '{location}' cannot be stored next to it: \
+             save the model with its data inside, or as an MLflow model directory"
+        )));
+    }
+    Ok(file)
+}
+
 fn check_relative(path: &str) -> Result<(), String> {
     let p = Path::new(path);
     if path.is_empty()

@@ -458,16 +458,21 @@ fn an_mlflow_dir_imports_as_is_and_dedups_only_with_the_same_data_file() {
     let work = tempfile::tempdir().unwrap();
     let store = Store::new(work.path().join("store"));
     let dir = copy_mlflow_dir(work.path());
-    let first = store.log_onnx(&dir, "iris", signature()).unwrap();
+    let first = store.log_onnx(&dir, "iris", signature(), &[]).unwrap();
     assert!(first.created);
     // Its own signature is kept, not replaced by ours.
     let kept = std::fs::read_to_string(first.version.dir.join("MLmodel")).unwrap();
     assert!(kept.contains(r#""name": "input""#), "{kept}");
-    assert!(!store.log_onnx(&dir, "iris", signature()).unwrap().created);
+    assert!(
+        !store
+            .log_onnx(&dir, "iris", signature(), &[])
+            .unwrap()
+            .created
+    );
 
     // The same files, but the flavor now serves another file: a new version.
     std::fs::copy(dir.join("model.onnx"), dir.join("other.onnx")).unwrap();
-    let with_other = store.log_onnx(&dir, "iris", signature()).unwrap();
+    let with_other = store.log_onnx(&dir, "iris", signature(), &[]).unwrap();
     assert!(with_other.created);
     let mlmodel = std::fs::read_to_string(dir.join("MLmodel")).unwrap();
     std::fs::write(
@@ -475,7 +480,7 @@ fn an_mlflow_dir_imports_as_is_and_dedups_only_with_the_same_data_file() {
         mlmodel.replace("data: model.onnx", "data: other.onnx"),
     )
     .unwrap();
-    let switched = store.log_onnx(&dir, "iris", signature()).unwrap();
+    let switched = store.log_onnx(&dir, "iris", signature(), &[]).unwrap();
     assert!(switched.created);
     assert_eq!(switched.version.version, 3);
     assert_eq!(
@@ -535,7 +540,7 @@ fn a_model_keeps_one_kind_chain_or_onnx() {
     let work = tempfile::tempdir().unwrap();
     let store = Store::new(work.path().join("store"));
     let dir = copy_mlflow_dir(work.path());
-    store.log_onnx(&dir, "iris", signature()).unwrap();
+    store.log_onnx(&dir, "iris", signature(), &[]).unwrap();
     let chain = store
         .log_chain(&chain_dir("support_bot"), "iris", &registry())
         .unwrap_err();
@@ -547,7 +552,7 @@ fn a_model_keeps_one_kind_chain_or_onnx() {
         .log_chain(&chain_dir("support_bot"), "support-bot", &registry())
         .unwrap();
     let onnx = store
-        .log_onnx(&dir, "support-bot", signature())
+        .log_onnx(&dir, "support-bot", signature(), &[])
         .unwrap_err();
     assert_eq!(
         onnx.to_string(),
@@ -569,7 +574,7 @@ fn an_mlflow_dir_with_a_secret_or_a_link_is_refused_without_echoing_the_secret()
     )
     .unwrap();
     let error = store
-        .log_onnx(&dir, "iris", signature())
+        .log_onnx(&dir, "iris", signature(), &[])
         .unwrap_err()
         .to_string();
     assert!(error.contains("requirements.txt:"), "{error}");
@@ -579,9 +584,34 @@ fn an_mlflow_dir_with_a_secret_or_a_link_is_refused_without_echoing_the_secret()
     std::fs::write(dir.join("requirements.txt"), requirements).unwrap();
     std::os::unix::fs::symlink(dir.join("model.onnx"), dir.join("weights.onnx")).unwrap();
     let error = store
-        .log_onnx(&dir, "iris", signature())
+        .log_onnx(&dir, "iris", signature(), &[])
         .unwrap_err()
         .to_string();
     assert!(error.contains("weights.onnx is a symbolic link"), "{error}");
     assert!(store.versions("iris").unwrap().is_empty());
+}
+
+#[test]
+fn external_data_goes_where_the_model_expects_it_but_never_over_the_versions_own_files() {
+    assert_eq!(
+        external_data_file("./weights.bin").unwrap(),
+        Path::new("weights.bin")
+    );
+    assert_eq!(
+        external_data_file("data/weights.bin").unwrap(),
+        Path::new("data/weights.bin")
+    );
+    for clash in [
+        "model.onnx",
+        "./MLmodel",
+        "../weights.bin",
+        "/tmp/weights.bin",
+        "",
+    ] {
+        let error = external_data_file(clash).unwrap_err().to_string();
+        assert!(
+            error.contains("cannot be stored next to it"),
+            "{clash}: {error}"
+        );
+    }
 }

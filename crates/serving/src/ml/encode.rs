@@ -264,10 +264,13 @@ impl Kernel for FeatureVectorizer {
 
 /// Picks columns of the last axis by index. Unlike a gather, the picked axis stays: a scalar
 /// index on `[N, C]` gives `[N, 1]`, as onnxruntime does (skl2onnx's SVC graphs rely on it).
-/// The indices must be a constant of the graph.
+/// The indices are a constant of the graph (columns picked from a batch) or computed (skl2onnx
+/// maps each row's `ArgMax` to its class label by picking from the constant list of classes:
+/// `[C]` and `N` indices give `[1, N]`).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ArrayFeatureExtractor {
-    count: usize,
+    /// How many indices, when they are a constant.
+    count: Option<usize>,
 }
 
 impl ArrayFeatureExtractor {
@@ -290,13 +293,11 @@ impl ArrayFeatureExtractor {
                     .and_then(|n| n.attribute.iter().find(|a| a.name == "value"))
                     .and_then(|a| a.t.as_ref())
             });
-        let Some(constant) = constant else {
-            bail!("ArrayFeatureExtractor: indices '{indices}' must be a constant of the graph");
-        };
-        let count = constant.dims.iter().product::<i64>();
-        Ok(Self {
-            count: usize::try_from(count).unwrap_or(0),
-        })
+        let count = constant.map(|constant| {
+            let count = constant.dims.iter().product::<i64>();
+            usize::try_from(count).unwrap_or(0)
+        });
+        Ok(Self { count })
     }
 }
 

@@ -330,8 +330,9 @@ pub(crate) enum Shape {
     LikeInput,
     /// The first input's shape with one more axis of `k` at the end.
     Append(usize),
-    /// The first input's shape with its last axis resized to `k`.
-    LastAxis(usize),
+    /// The first input's shape with its last axis resized to `k` (a vector `[C]` gives `[1, k]`);
+    /// `None`: to as many as the second input has elements.
+    LastAxis(Option<usize>),
 }
 
 /// One output of a kernel.
@@ -414,20 +415,30 @@ impl<K: Kernel> Expansion for Custom<K> {
                 }
                 // onnxruntime: a vector [C] gives [1, k].
                 Shape::LastAxis(k) => {
-                    s.given(&inputs[0].rank, move |s, rank| {
+                    let last_axis = move |s: &mut Solver<'r>, rank: i64, k: TDim| {
                         ensure!(rank > 0, "{} needs an input of rank 1 or more", K::NAME);
                         let rank = rank as usize;
                         if rank == 1 {
                             s.equals(&output.rank, 2)?;
                             s.equals(&output.shape[0], 1.to_dim())?;
-                            return s.equals(&output.shape[1], k.to_dim());
+                            return s.equals(&output.shape[1], k);
                         }
                         s.equals(&output.rank, rank as i64)?;
                         for axis in 0..rank - 1 {
                             s.equals(&output.shape[axis], &inputs[0].shape[axis])?;
                         }
-                        s.equals(&output.shape[rank - 1], k.to_dim())
-                    })?;
+                        s.equals(&output.shape[rank - 1], k)
+                    };
+                    match k {
+                        Some(k) => s.given(&inputs[0].rank, move |s, rank| {
+                            last_axis(s, rank, k.to_dim())
+                        })?,
+                        None => {
+                            s.given_2(&inputs[0].rank, &inputs[1].shape, move |s, rank, picked| {
+                                last_axis(s, rank, picked.iter().product())
+                            })?
+                        }
+                    }
                 }
             }
         }
@@ -471,8 +482,7 @@ impl<K: Kernel> TypedOp for Custom<K> {
             bail!("{} needs at least one input", K::NAME);
         };
         let rows = first.iter().next().cloned().unwrap_or_else(|| 1.to_dim());
-        Ok(self
-            .0
+        self.0
             .outputs()
             .into_iter()
             .map(|out| {
@@ -481,20 +491,23 @@ impl<K: Kernel> TypedOp for Custom<K> {
                     Shape::Matrix(k) => tvec![rows.clone(), k.to_dim()],
                     Shape::LikeInput => first.iter().cloned().collect(),
                     Shape::Append(k) => first.iter().cloned().chain([k.to_dim()]).collect(),
-                    Shape::LastAxis(k) if first.len() == 1 => tvec![1.to_dim(), k.to_dim()],
                     Shape::LastAxis(k) => {
+                        let k = match (k, inputs.get(1)) {
+                            (Some(k), _) => k.to_dim(),
+                            (None, Some(picked)) => picked.shape.iter().product(),
+                            (None, None) => bail!("{} needs its indices", K::NAME),
+                        };
                         let keep = first.len().saturating_sub(1);
-                        first
-                            .iter()
-                            .take(keep)
-                            .cloned()
-                            .chain([k.to_dim()])
-                            .collect()
+                        if first.len() == 1 {
+                            tvec![1.to_dim(), k]
+                        } else {
+                            first.iter().take(keep).cloned().chain([k]).collect()
+                        }
                     }
                 };
-                out.dt.unwrap_or(inputs[0].datum_type).fact(shape)
+                Ok(out.dt.unwrap_or(inputs[0].datum_type).fact(shape))
             })
-            .collect())
+            .collect()
     }
 
     as_op!();
