@@ -373,6 +373,17 @@ fn dataframe_split<'a>(
         ),
         Some(_) => return Err(bad("dataframe_split columns must be a list of names")),
     };
+    // As pandas' DataFrame, which MLflow builds, refuses them: which of two would be meant?
+    if let Some(columns) = &columns
+        && let Some(twice) = columns
+            .iter()
+            .enumerate()
+            .find_map(|(at, c)| columns[..at].contains(c).then_some(c))
+    {
+        return Err(bad(format!(
+            "dataframe_split has the column '{twice}' twice"
+        )));
+    }
     if let [only] = inputs {
         if let Some([_]) = columns.as_deref()
             && only.width > 1
@@ -689,7 +700,7 @@ mod tests {
     }
 
     #[test]
-    fn columns_named_by_position_out_of_order_are_refused_not_misread() {
+    fn columns_named_by_position_out_of_order_or_twice_are_refused_not_misread() {
         // By position these would be read as [2, 1]; `dataframe_records` reads the same names
         // as positions, [1, 2]. Neither silently: a 400.
         for columns in [json!(["1", "0"]), json!([1, 0])] {
@@ -706,6 +717,9 @@ mod tests {
             let batch = parse_mlflow_input(&body, &one(2)).unwrap();
             assert_eq!(values(&batch), [vec![2.0, 1.0]], "{body}");
         }
+        let twice = json!({"dataframe_split": {"columns": ["a", "a"], "data": [[2, 1]]}});
+        let error = parse_mlflow_input(&twice, &one(2)).unwrap_err().to_string();
+        assert!(error.contains("has the column 'a' twice"), "{error}");
         let bad = json!({"dataframe_split": {"columns": [true, null], "data": [[2, 1]]}});
         let error = parse_mlflow_input(&bad, &one(2)).unwrap_err().to_string();
         assert!(
