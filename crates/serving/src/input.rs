@@ -197,17 +197,18 @@ impl Column<'_> {
         let spec = self.input;
         let shape = [self.rows, spec.width];
         let at = |i: usize| {
-            format!(
-                "row {}, column {} is not {}: {}",
-                i / spec.width.max(1),
-                i % spec.width.max(1),
-                match spec.dtype {
-                    Dtype::Str => "a string",
-                    Dtype::Int64 => "an integer",
-                    _ => "a number",
-                },
-                spec.expects()
-            )
+            let width = spec.width.max(1);
+            // A one-value input is one column of the request: the input names it.
+            let cell = match width {
+                1 => format!("row {i}"),
+                _ => format!("row {}, column {}", i / width, i % width),
+            };
+            let kind = match spec.dtype {
+                Dtype::Str => "a string",
+                Dtype::Int64 => "an integer",
+                _ => "a number",
+            };
+            format!("{cell} is not {kind}: {}", spec.expects())
         };
         let tensor = match spec.dtype {
             Dtype::Float32 | Dtype::Float64 => {
@@ -858,6 +859,12 @@ mod tests {
         assert!(error(json!([1, 2])).contains("JSON object"));
 
         let inputs = per_column(&["a", "b"]);
+        let body = json!({"dataframe_records": [{"a": 1, "b": 2}, {"a": 3, "b": "x"}]});
+        let error = parse_mlflow_input(&body, &inputs).unwrap_err().to_string();
+        assert!(
+            error.contains("row 1 is not a number: input 'b' expects float32"),
+            "{error}"
+        );
         let error = |body: Value| parse_mlflow_input(&body, &inputs).unwrap_err().to_string();
         assert!(
             error(json!({"dataframe_split": {"columns": ["a"], "data": [[1]]}}))
