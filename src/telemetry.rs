@@ -45,10 +45,14 @@ impl Drop for Telemetry {
 pub fn init(json: bool) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Logs go to stderr, coloured only on a terminal, written in batches by a background thread,
-    // so a slow stderr does not stall requests until 4 MB of lines are pending. Not lossy: past
-    // that, writers (the event loops) wait rather than drop lines, so a stderr nobody reads
-    // stops the gateway as a blocking write would.
-    let (writer, log_writer) = crate::log_writer::batched(std::io::stderr())?;
+    // so a slow stderr never stalls requests: past 4 MB of pending lines, lines are dropped (a
+    // stderr nobody reads would otherwise stop every event loop) and the loss is logged.
+    let (writer, log_writer) = crate::log_writer::batched(std::io::stderr(), |dropped| {
+        tracing::warn!(
+            dropped,
+            "log lines dropped: stderr took nothing while 4 MB of lines were pending"
+        );
+    })?;
     let logs = tracing_subscriber::fmt::layer()
         .fmt_fields(PlainFields)
         .with_timer(Timestamp)
