@@ -109,7 +109,10 @@ async fn metrics_count_exactly_what_happened() {
     );
     let stream =
         json!({"model": "chat", "stream": true, "messages": [{"role": "user", "content": "ten"}]});
-    read_stream(gateway.post("/v1/chat/completions", &stream).await).await;
+    // The client does not ask for the stream's usage: the gateway asks for it (to count its
+    // tokens) and keeps the usage chunk from the client.
+    let streamed = read_stream(gateway.post("/v1/chat/completions", &stream).await).await;
+    assert!(!streamed.contains("\"usage\""), "{streamed}");
 
     let response = gateway
         .client
@@ -210,14 +213,15 @@ async fn metrics_count_exactly_what_happened() {
         );
         assert_eq!(value(&key), 1.0, "{step}");
     }
-    // Tokens from the non-streamed replies (the fake: 10 per prompt message, 1 per word).
+    // Tokens of the non-streamed reply and of the stream (the fake: 10 per prompt message, 1
+    // per word).
     assert_eq!(
         value(r#"switchyard_tokens_total{direction="prompt",endpoint="chat"}"#),
-        10.0
+        20.0
     );
     assert_eq!(
         value(r#"switchyard_tokens_total{direction="completion",endpoint="chat"}"#),
-        1.0
+        2.0
     );
     let overhead_count: f64 = samples
         .iter()

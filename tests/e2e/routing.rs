@@ -291,16 +291,14 @@ async fn a_route_streams_the_upstream_chunks_as_they_came_and_ends_at_an_error_o
     ])
     .await;
     let gateway = TestGateway::over(&[&upstream.base_url], "retries = 2").await;
-    let response = gateway
-        .post("/v1/chat/completions", &stream_body("x"))
-        .await;
+    let mut with_usage = stream_body("x");
+    with_usage["stream_options"] = json!({"include_usage": true});
+    let response = gateway.post("/v1/chat/completions", &with_usage).await;
     assert_eq!(response.status(), 200);
     let frames = sse_data(&read_stream(response).await);
     assert_eq!(frames, [FIRST, USAGE, "[DONE]"]);
 
-    let response = gateway
-        .post("/v1/chat/completions", &stream_body("x"))
-        .await;
+    let response = gateway.post("/v1/chat/completions", &with_usage).await;
     let frames = sse_data(&read_stream(response).await);
     assert_eq!(frames.len(), 3, "{frames:?}");
     assert_eq!(frames[0], FIRST);

@@ -208,9 +208,10 @@ async fn serve_chat(
 
     let stream = request.is_stream();
     let client_wants_usage = request.wants_stream_usage();
-    // Token limits settle with the real usage, so a stream must report it; the client gets the
-    // usage chunk only if it asked for it.
-    let strip_usage = stream && admission.has_reservations() && !client_wants_usage;
+    // A stream is asked for its usage: the log line, the token metrics and token limits count
+    // it (without it, most SDK streams would count no tokens). The client gets the usage chunk
+    // only if it asked for it.
+    let strip_usage = stream && !client_wants_usage;
     if strip_usage {
         request.stream_options.get_or_insert_default().include_usage = Some(true);
     }

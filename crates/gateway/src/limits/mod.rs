@@ -365,11 +365,6 @@ impl Admission {
         std::mem::take(&mut self.headers)
     }
 
-    /// Whether token usage must be reported back by [`Admission::settle`].
-    pub fn has_reservations(&self) -> bool {
-        !self.reservations.is_empty()
-    }
-
     /// Settles the token reservations: replaces the estimate with what was spent.
     /// In memory this happens at once; with Redis it runs in the background.
     pub fn settle(self, spent: Spent) {
@@ -775,7 +770,7 @@ mod tests {
         // A model's prediction spends no tokens: the token rule does not apply to it.
         let prediction = limits.admit(&caller("a", "u"), None).await.unwrap();
         assert!(prediction.headers.is_empty());
-        assert!(!prediction.has_reservations());
+        assert!(prediction.reservations.is_empty());
     }
 
     #[tokio::test]
