@@ -167,8 +167,13 @@ async fn sigterm_lets_a_stream_in_flight_finish() {
 }
 
 #[tokio::test]
-async fn a_stream_still_running_at_the_shutdown_deadline_is_cut_off_logged_and_the_gateway_exits() {
-    let upstream = FakeUpstream::start(vec![Reply::StreamThenStall(vec!["never ", "ends"])]).await;
+async fn requests_still_running_at_the_shutdown_deadline_are_cut_off_logged_and_the_gateway_exits()
+{
+    let upstream = FakeUpstream::start(vec![
+        Reply::StreamThenStall(vec!["never ", "ends"]),
+        Reply::Delay(Duration::from_secs(600), Box::new(Reply::Echo)),
+    ])
+    .await;
     let work = temp_dir("sigterm-deadline");
     let config = work.join("gateway.toml");
     std::fs::write(
@@ -179,17 +184,45 @@ async fn a_stream_still_running_at_the_shutdown_deadline_is_cut_off_logged_and_t
     .unwrap();
     let mut gateway = GatewayProcess::start(&config, &[("TEST_OPENAI_KEY", "sk-test")]);
     let (mut chunks, mut received) = stream_until(&gateway, "ends").await;
-    // The upstream stalls (its route would wait 10 minutes): SIGTERM, and 300 ms later the
-    // gateway closes the connection and exits.
+    let waiting = tokio::spawn(
+        reqwest::Client::new()
+            .post(gateway.url("/v1/chat/completions"))
+            .json(&chat_body("slow"))
+            .send(),
+    );
+    upstream.wait_for_requests(2).await;
+    // Both upstream calls stall (their route would wait 10 minutes): SIGTERM, and 300 ms later
+    // the stream ends with an error frame and [DONE], the other request's connection is closed,
+    // and the gateway exits.
     sigterm(&gateway);
     while let Some(Ok(piece)) = chunks.next().await {
         received.push_str(std::str::from_utf8(&piece).unwrap());
     }
-    assert!(!received.contains("[DONE]"), "{received}");
+    let frames = sse_data(&received);
+    assert_eq!(frames.last().unwrap(), "[DONE]", "{received}");
+    let error: Value = serde_json::from_str(&frames[frames.len() - 2]).unwrap();
+    assert_eq!(error["error"]["code"], "shutting_down");
+    assert!(waiting.await.unwrap().is_err(), "closed without an answer");
     let log = exit_log(&mut gateway);
-    let request = log.iter().find(|l| l["message"] == "request").unwrap();
-    assert_eq!(request["status"], 200);
-    assert_eq!(request["outcome"], "shutdown");
+    let requests: Vec<&Value> = log.iter().filter(|l| l["message"] == "request").collect();
+    let statuses: Vec<(bool, u64)> = requests
+        .iter()
+        .map(|r| {
+            (
+                r["stream"].as_bool().unwrap(),
+                r["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(statuses.len(), 2, "{requests:?}");
+    assert!(
+        statuses.contains(&(true, 200)) && statuses.contains(&(false, 503)),
+        "{statuses:?}"
+    );
+    assert!(
+        requests.iter().all(|r| r["outcome"] == "shutdown"),
+        "{requests:?}"
+    );
     assert!(
         log.iter().any(|l| l["message"]
             .as_str()

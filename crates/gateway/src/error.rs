@@ -121,6 +121,16 @@ impl ApiError {
         .with_code("shutting_down")
     }
 
+    /// A stream still running when the shutdown's deadline (`shutdown_timeout_ms`) passed.
+    pub fn cut_off_by_shutdown() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "the gateway is shutting down and could not wait for the end of this stream: send the request again",
+        )
+        .with_code("shutting_down")
+    }
+
     /// A request body that did not arrive in time (`[server] client_timeout_ms`).
     pub fn request_timeout(timeout: Duration) -> Self {
         Self::new(

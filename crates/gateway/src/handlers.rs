@@ -643,6 +643,7 @@ const GATHER_TURNS: usize = 2;
 fn sse_body(chunks: ChunkBodyStream, log: StreamLog, strip_usage: bool) -> Response {
     let events = SseEvents {
         phase: Phase::Streaming(chunks),
+        cut_off: Box::pin(log.state.cut_off()),
         log,
         strip_usage,
         started: false,
@@ -682,6 +683,8 @@ fn sse_body(chunks: ChunkBodyStream, log: StreamLog, strip_usage: bool) -> Respo
 
 struct SseEvents {
     phase: Phase,
+    /// The shutdown's deadline: the stream then ends with an error frame and `[DONE]`.
+    cut_off: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     log: StreamLog,
     strip_usage: bool,
     /// Whether the first event went out.
@@ -701,7 +704,17 @@ impl SseEvents {
             Phase::Streaming(chunks) => chunks,
         };
         loop {
-            match chunks.next().await {
+            let next = tokio::select! {
+                biased;
+                next = chunks.next() => next,
+                () = self.cut_off.as_mut() => {
+                    self.log.finish("shutdown");
+                    push_event(frame, &ApiError::cut_off_by_shutdown().openai_body().to_string());
+                    self.phase = Phase::Closing;
+                    return true;
+                }
+            };
+            match next {
                 Some(Ok(chunk)) => {
                     if let Some((_, completion)) = self.log.payload.as_mut() {
                         completion.push_str(&chunk.text());

@@ -124,9 +124,10 @@ struct Shared {
     /// Whether spans are exported (OpenTelemetry): requests then join a caller's trace and
     /// their spans get the attributes only a trace reads.
     traces: std::sync::atomic::AtomicBool,
-    /// Set when `shutdown_timeout_ms` has passed and the connections still busy are closed:
-    /// their requests are logged as cut by the shutdown, not by their clients.
-    cut_off: std::sync::atomic::AtomicBool,
+    /// Cancelled when `shutdown_timeout_ms` has passed and the connections still busy are
+    /// closed: streams end with an error frame and `[DONE]` first, and requests are logged as cut
+    /// by the shutdown, not by their clients.
+    cut_off: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
@@ -159,11 +160,21 @@ impl AppState {
     /// Why a request that never finished did not: its client left, or the shutdown's deadline
     /// closed its connection.
     pub(crate) fn unfinished_outcome(&self) -> &'static str {
-        if self.0.cut_off.load(Ordering::Relaxed) {
+        if self.is_cut_off() {
             "shutdown"
         } else {
             "client_closed"
         }
+    }
+
+    /// Whether the shutdown's deadline has passed (requests still running are being closed).
+    pub(crate) fn is_cut_off(&self) -> bool {
+        self.0.cut_off.is_cancelled()
+    }
+
+    /// Completes when the shutdown's deadline has passed: a stream then ends at once.
+    pub(crate) fn cut_off(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.0.cut_off.clone().cancelled_owned()
     }
 
     /// `[server] client_timeout_ms`: how long to wait for a request body.
@@ -266,7 +277,7 @@ impl Gateway {
                 after_response,
                 shutting_down: tokio_util::sync::CancellationToken::new(),
                 traces: std::sync::atomic::AtomicBool::new(false),
-                cut_off: std::sync::atomic::AtomicBool::new(false),
+                cut_off: tokio_util::sync::CancellationToken::new(),
             })),
         })
     }
@@ -643,6 +654,9 @@ impl axum::serve::Listener for HandedOut {
     }
 }
 
+/// How long streams still running at the shutdown's deadline have to write their last frames.
+const FINAL_FRAMES: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Serves the connections `listener` accepts until `shutdown`, then waits for in-flight
 /// requests. Each connection is HTTP/1 with `[server]`'s timeouts: its request heads must arrive
 /// within `header_timeout` (hyper closes the connection otherwise, idle keep-alive connections
@@ -726,15 +740,20 @@ async fn serve_connections<L>(
         .await
         .is_err()
     {
-        // Dropping a connection's task drops its request: a stream is cut off, and each is
-        // still logged and settles its tokens (below) before the process exits.
-        gateway.state.0.cut_off.store(true, Ordering::Relaxed);
+        // Streams end with an error frame and `[DONE]`, and get a moment to write them; then
+        // dropping a connection's task drops its request. Each request is still logged and
+        // settles its tokens (below) before the process exits.
+        gateway.state.0.cut_off.cancel();
         while tasks.try_join_next().is_some() {}
         warn!(
             connections = tasks.len(),
-            "shutdown_timeout_ms ({} ms) passed: closing the connections still busy",
+            "shutdown_timeout_ms ({} ms) passed: closing the connections still busy on this thread",
             deadline.as_millis()
         );
+        let _ = tokio::time::timeout(FINAL_FRAMES, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }

@@ -268,8 +268,8 @@ impl Extractor for Headers<'_> {
     }
 }
 
-/// Logs a request whose handler was dropped before it answered (the client went away), with
-/// nginx's 499.
+/// Logs a request whose handler was dropped before it answered: the client went away (nginx's
+/// 499), or the shutdown's deadline closed the connection (503).
 struct Unfinished {
     record: Option<Arc<RequestRecord>>,
     state: AppState,
@@ -278,7 +278,8 @@ struct Unfinished {
 impl Drop for Unfinished {
     fn drop(&mut self) {
         if let Some(record) = self.record.take() {
-            record.finish(&self.state, 499, self.state.unfinished_outcome());
+            let status = if self.state.is_cut_off() { 503 } else { 499 };
+            record.finish(&self.state, status, self.state.unfinished_outcome());
         }
     }
 }
