@@ -22,6 +22,9 @@ pub enum AttemptOutcome {
     Timeout,
     /// Failed, and nothing is left to try.
     Error,
+    /// Dropped while it ran: its request went away (the client left, the shutdown's deadline
+    /// passed). The upstream may have worked on it all the same.
+    Cancelled,
 }
 
 impl AttemptOutcome {
@@ -32,6 +35,7 @@ impl AttemptOutcome {
             AttemptOutcome::Fallback => "fallback",
             AttemptOutcome::Timeout => "timeout",
             AttemptOutcome::Error => "error",
+            AttemptOutcome::Cancelled => "cancelled",
         }
     }
 }

@@ -113,7 +113,7 @@ struct EndpointSeries {
 #[derive(Default)]
 struct RouteSeries {
     /// By [`AttemptOutcome`]: ok, retry, fallback, timeout, error.
-    attempts: [OnceLock<Counter>; 5],
+    attempts: [OnceLock<Counter>; 6],
     duration: OnceLock<Histogram>,
     first_token: OnceLock<Histogram>,
 }
@@ -443,6 +443,7 @@ impl Observer for Metrics {
             AttemptOutcome::Fallback => 2,
             AttemptOutcome::Timeout => 3,
             AttemptOutcome::Error => 4,
+            AttemptOutcome::Cancelled => 5,
         };
         series.attempts[index]
             .get_or_init(|| {

@@ -116,6 +116,12 @@ impl Route {
             for attempt_number in 0..=self.settings.retries {
                 let timing = UpstreamTime(Instant::now());
                 let started = timing.0;
+                let mut running = RunningAttempt {
+                    route: self,
+                    target,
+                    started,
+                    ended: false,
+                };
                 // A complete call's attempt has its own deadline within the route's (one timer
                 // for both); a stream's attempt bounds its wait for the first chunk itself.
                 let attempt_deadline = if stream {
@@ -128,6 +134,7 @@ impl Route {
                     attempt(target.provider.clone(), request.clone()),
                 )
                 .await;
+                running.ended = true;
                 last_attempt = started.elapsed();
                 drop(timing);
                 let error = match outcome {
@@ -280,6 +287,24 @@ impl Route {
             .min(self.settings.max_backoff);
         let jittered = exponential.mul_f64(0.5 + fastrand::f64() / 2.0);
         retry_after.map_or(jittered, |after| after.max(jittered))
+    }
+}
+
+/// Counts an attempt as [`AttemptOutcome::Cancelled`] if its request drops it while it runs.
+struct RunningAttempt<'a> {
+    route: &'a Route,
+    target: &'a Target,
+    started: Instant,
+    ended: bool,
+}
+
+impl Drop for RunningAttempt<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            let elapsed = self.started.elapsed();
+            self.route
+                .observe(self.target, AttemptOutcome::Cancelled, elapsed);
+        }
     }
 }
 
@@ -457,6 +482,42 @@ mod tests {
         async fn chat_stream(&self, _: ChatRequest) -> Result<ChunkStream, LlmError> {
             std::future::pending().await
         }
+    }
+
+    #[test]
+    fn an_attempt_its_request_drops_is_counted_as_cancelled() {
+        #[derive(Default)]
+        struct Attempts(Mutex<Vec<(String, AttemptOutcome)>>);
+        impl Observer for Attempts {
+            fn upstream_attempt(
+                &self,
+                _: &str,
+                provider: &str,
+                outcome: AttemptOutcome,
+                _: Duration,
+            ) {
+                self.0.lock().unwrap().push((provider.to_owned(), outcome));
+            }
+        }
+        let attempts = Arc::new(Attempts::default());
+        let target = Target {
+            provider_name: "hung".to_owned(),
+            provider: Arc::new(Hung),
+            model: "m".to_owned(),
+        };
+        let route =
+            Route::new("r", vec![target], RouteSettings::default()).with_observer(attempts.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // The call runs until the upstream would answer; then its client goes away.
+        let _guard = runtime.enter();
+        assert!(futures::FutureExt::now_or_never(route.chat(request())).is_none());
+        assert_eq!(
+            *attempts.0.lock().unwrap(),
+            [("hung".to_owned(), AttemptOutcome::Cancelled)]
+        );
     }
 
     #[tokio::test(start_paused = true)]
