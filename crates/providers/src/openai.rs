@@ -117,7 +117,13 @@ fn sse_chunks<T: Chunk>(
     choices: u64,
     parse: impl Fn(String) -> Result<T, String> + Send + 'static,
 ) -> impl futures::Stream<Item = Result<T, LlmError>> + Send + 'static {
+    // For an answer that is no event stream at all (a JSON error, an HTML page), to say so.
+    let content_type = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
     let mut events = Box::pin(sse_events(response, max_event));
+    let mut seen_events = false;
     let mut done = false;
     // Once every choice has finished, a stream that closes without `[DONE]` has given its
     // answer (some servers never send it). The set of finished choices, bit `i` for index `i`.
@@ -132,6 +138,10 @@ fn sse_chunks<T: Chunk>(
                 done = true;
                 return std::task::Poll::Ready(None);
             }
+            None if !seen_events => Err(upstream.invalid(
+                "no events",
+                &format_args!("content-type {}", content_type.as_deref().unwrap_or("none")),
+            )),
             None => Err(upstream.interrupted("closed the stream before [DONE]")),
             Some(Err(e)) => Err(upstream.interrupted(format_args!("stream broke off: {e}"))),
             Some(Ok(event)) if event.data.trim() == "[DONE]" => {
@@ -157,7 +167,10 @@ fn sse_chunks<T: Chunk>(
             }),
         };
         match &item {
-            Ok(chunk) => finished |= chunk.finished_choices(),
+            Ok(chunk) => {
+                seen_events = true;
+                finished |= chunk.finished_choices();
+            }
             Err(_) => done = true,
         }
         std::task::Poll::Ready(Some(item))
@@ -297,6 +310,30 @@ mod tests {
         let items: Vec<_> = chunks_of(&[first, null_index], 1024, 1).await;
         assert_eq!(items.len(), 2);
         assert_eq!(items[1].as_ref().unwrap().finished, 1);
+    }
+
+    #[tokio::test]
+    async fn a_200_that_is_no_event_stream_says_so() {
+        // The body of a JSON answer holds no `data:` line: not one event.
+        use http_body_util::BodyExt;
+        let json = bytes::Bytes::from_static(b"{\"error\": \"nope\"}");
+        let body = http_body_util::Full::new(json)
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let mut response = http::Response::new(body);
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        let items: Vec<_> = sse_chunks(upstream(), response, 1024, 1, ChunkBody::parse)
+            .collect()
+            .await;
+        let error = items[0].as_ref().unwrap_err();
+        assert_eq!(error.kind, LlmErrorKind::InvalidResponse);
+        assert_eq!(
+            error.message,
+            "provider 'p' sent no events: content-type application/json"
+        );
     }
 
     #[tokio::test]
