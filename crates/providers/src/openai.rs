@@ -7,7 +7,7 @@ use futures::StreamExt;
 use http::header::AUTHORIZATION;
 use switchyard_core::{
     ChatChunk, ChatRequest, ChatResponse, ChunkBody, ChunkBodyStream, ChunkStream, CompletionBody,
-    Llm, LlmError, Secret,
+    Llm, LlmError, LlmErrorKind, Secret,
 };
 
 use crate::http::{HttpClient, UpstreamBody};
@@ -151,12 +151,23 @@ fn sse_chunks<T: Chunk>(
             Some(Ok(event)) => parse(String::from(&*event.data)).map_err(|data| {
                 match serde_json::from_str::<serde_json::Value>(&data) {
                     Ok(value) if value.get("error").is_some() => {
-                        let (kind, message) = stream_error(&value["error"]);
+                        let (kind, message) = stream_error(&value["error"], &data);
+                        let error = upstream.stream_fault(kind, message);
+                        // As for an error status: nothing of an auth failure's body.
+                        if matches!(
+                            error.kind,
+                            LlmErrorKind::Status {
+                                status: 401 | 403,
+                                ..
+                            }
+                        ) {
+                            return error;
+                        }
                         let (param, code) = upstream.param_and_code(data.as_bytes());
                         LlmError {
                             param,
                             code,
-                            ..upstream.stream_fault(kind, message)
+                            ..error
                         }
                     }
                     _ => upstream.interrupted(format_args!(
@@ -366,6 +377,13 @@ mod tests {
                 r#"{"error":{"message":"Overloaded","type":"overloaded_error"}}"#,
                 status(529),
                 "Overloaded",
+                None,
+            ),
+            // TGI sends the message as the error itself.
+            (
+                r#"{"error":"Input validation error: inputs too long","error_type":"validation"}"#,
+                LlmErrorKind::StreamInterrupted,
+                "Input validation error: inputs too long",
                 None,
             ),
             // An auth failure's message may quote the key: not repeated.

@@ -330,9 +330,10 @@ impl Upstream {
 /// the same failure would have been before the stream, by the status the API answers it with —
 /// a numeric `code` (vLLM and other OpenAI-compatible servers send the status there), else its
 /// `code` or `type` by name — so a route retries, falls back from or passes it on as it would
-/// that status; an unknown error is a stream that broke off. An auth failure's message is not
-/// quoted (see [`CREDENTIALS_REJECTED`]).
-pub(crate) fn stream_error(error: &serde_json::Value) -> (LlmErrorKind, String) {
+/// that status; an unknown error is a stream that broke off. Its `message` is quoted (or the
+/// error itself when it is a string, as Hugging Face's TGI sends it; else the whole `event`),
+/// but not an auth failure's (see [`CREDENTIALS_REJECTED`]).
+pub(crate) fn stream_error(error: &serde_json::Value, event: &str) -> (LlmErrorKind, String) {
     let field = |name| error.get(name);
     let numeric = field("code").and_then(|code| match code {
         serde_json::Value::Number(number) => number.as_u64(),
@@ -355,9 +356,7 @@ pub(crate) fn stream_error(error: &serde_json::Value) -> (LlmErrorKind, String) 
     });
     let message = match status {
         Some(401 | 403) => CREDENTIALS_REJECTED,
-        _ => field("message")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or("(no message)"),
+        _ => field("message").unwrap_or(error).as_str().unwrap_or(event),
     };
     (
         kind,

@@ -14,6 +14,39 @@ const MISSING: &[&str] = &[
     "NA", "N/A", "n/a", "NaN", "nan", "-NaN", "-nan", "NULL", "null", "None", "<NA>", "#N/A",
 ];
 
+/// Column names as pandas' `read_csv` gives them: an empty one is `Unnamed: <position>`, and a
+/// repeated one gets the first of `.1`, `.2`, … that no column has (so the columns stay
+/// distinct).
+fn pandas_column_names(header: Vec<String>) -> Vec<String> {
+    let names: Vec<String> = header
+        .into_iter()
+        .enumerate()
+        .map(|(at, name)| match name.is_empty() {
+            true => format!("Unnamed: {at}"),
+            false => name,
+        })
+        .collect();
+    let mut taken: std::collections::HashSet<String> = names.iter().cloned().collect();
+    let mut seen = std::collections::HashSet::with_capacity(names.len());
+    let mut suffixes = std::collections::HashMap::new();
+    names
+        .into_iter()
+        .map(|name| {
+            if seen.insert(name.clone()) {
+                return name;
+            }
+            let suffix = suffixes.entry(name.clone()).or_insert(0);
+            loop {
+                *suffix += 1;
+                let renamed = format!("{name}.{suffix}");
+                if taken.insert(renamed.clone()) {
+                    return renamed;
+                }
+            }
+        })
+        .collect()
+}
+
 /// The CSV `body` for a model with `inputs`, as the equivalent JSON request:
 /// `{"dataframe_split": {"columns", "data"}}`.
 pub fn mlflow_csv_input(body: &[u8], inputs: &[InputSpec]) -> Result<Value, ServingError> {
@@ -21,17 +54,18 @@ pub fn mlflow_csv_input(body: &[u8], inputs: &[InputSpec]) -> Result<Value, Serv
     // Flexible: a short row is padded with missing cells, as pandas does; a long one is refused
     // below, as pandas does.
     let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(body);
-    let columns: Vec<String> = reader
+    let header: Vec<String> = reader
         .headers()
         .map_err(bad)?
         .iter()
         .map(|name| name.trim().to_owned())
         .collect();
-    if columns.iter().all(String::is_empty) {
+    if header.iter().all(String::is_empty) {
         return Err(ServingError::BadInput(
             "the CSV body needs a header row naming its columns".to_owned(),
         ));
     }
+    let columns = pandas_column_names(header);
     let mut rows = reader
         .records()
         .collect::<Result<Vec<_>, _>>()
@@ -135,6 +169,21 @@ mod tests {
             mlflow_csv_input(b"a,b\n1,2\n", &one).unwrap()["dataframe_split"]["data"],
             json!([["1", "2"]])
         );
+    }
+
+    #[test]
+    fn empty_and_repeated_column_names_are_named_as_pandas_does() {
+        let csv = b"a,,a,a.1,a\n1,2,3,4,5\n";
+        assert_eq!(
+            mlflow_csv_input(csv, &[]).unwrap()["dataframe_split"]["columns"],
+            // pandas 3.1.1: ['a', 'Unnamed: 1', 'a.2', 'a.1', 'a.3']
+            json!(["a", "Unnamed: 1", "a.2", "a.1", "a.3"])
+        );
+        let names = |header: &[&str]| {
+            pandas_column_names(header.iter().map(|name| (*name).to_owned()).collect())
+        };
+        assert_eq!(names(&["x", "x.1", "x", "x"]), ["x", "x.1", "x.2", "x.3"]);
+        assert_eq!(names(&["", "", "a"]), ["Unnamed: 0", "Unnamed: 1", "a"]);
     }
 
     #[test]

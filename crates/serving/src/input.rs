@@ -375,15 +375,13 @@ fn dataframe_split<'a>(
         Some(_) => return Err(bad("dataframe_split columns must be a list of names")),
     };
     // As pandas' DataFrame, which MLflow builds, refuses them: which of two would be meant?
-    if let Some(columns) = &columns
-        && let Some(twice) = columns
-            .iter()
-            .enumerate()
-            .find_map(|(at, c)| columns[..at].contains(c).then_some(c))
-    {
-        return Err(bad(format!(
-            "dataframe_split has the column '{twice}' twice"
-        )));
+    if let Some(columns) = &columns {
+        let mut seen = std::collections::HashSet::with_capacity(columns.len());
+        if let Some(twice) = columns.iter().find(|&c| !seen.insert(c)) {
+            return Err(bad(format!(
+                "dataframe_split has the column '{twice}' twice"
+            )));
+        }
     }
     if let [only] = inputs {
         if let Some([_]) = columns.as_deref()
@@ -412,15 +410,17 @@ fn dataframe_split<'a>(
             }
             // Read by position, as MLflow does; but columns named by position in another order
             // would feed each value to another column than `dataframe_records` (which goes by
-            // those names) does with the same frame.
-            let named_by_position = |name: &str, at: usize| name == at.to_string();
-            let out_of_order = columns
-                .iter()
-                .enumerate()
-                .any(|(at, c)| !named_by_position(c, at));
-            let all_positions =
-                (0..columns.len()).all(|at| columns.iter().any(|c| named_by_position(c, at)));
-            if out_of_order && all_positions {
+            // those names) does with the same frame. Names are distinct (above), so n names
+            // that are all positions below n are each position once.
+            let position = |name: &str| {
+                name.parse::<usize>()
+                    .ok()
+                    .filter(|at| *at < columns.len() && at.to_string() == name)
+            };
+            let positions: Option<Vec<usize>> = columns.iter().map(|c| position(c)).collect();
+            let out_of_order = positions
+                .is_some_and(|positions| positions.iter().enumerate().any(|(at, p)| at != *p));
+            if out_of_order {
                 return Err(bad(format!(
                     "dataframe_split columns are named by position but not in order ({}): \
                      values are read by position, so put the columns in order 0..{}",

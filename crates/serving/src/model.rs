@@ -336,11 +336,29 @@ fn zipmap_json(tensor: &Tensor, labels: &[Value]) -> Result<Value, ServingError>
     ))
 }
 
-/// The `location`s of the initializers whose data is in external files, each once.
+/// The `location`s of the tensors whose data is in external files (initializers and constant
+/// attributes, in subgraphs too), each once.
 fn external_data_files(proto: &tract_onnx::pb::ModelProto) -> Vec<String> {
+    use tract_onnx::pb::tensor_proto::DataLocation;
+    use tract_onnx::pb::{GraphProto, TensorProto};
+    fn tensors_of<'a>(graph: &'a GraphProto, found: &mut Vec<&'a TensorProto>) {
+        found.extend(&graph.initializer);
+        for attribute in graph.node.iter().flat_map(|node| &node.attribute) {
+            found.extend(attribute.t.iter().chain(&attribute.tensors));
+            for subgraph in attribute.g.iter().chain(&attribute.graphs) {
+                tensors_of(subgraph, found);
+            }
+        }
+    }
+    let mut tensors = Vec::new();
+    if let Some(graph) = &proto.graph {
+        tensors_of(graph, &mut tensors);
+    }
     let mut files: Vec<String> = Vec::new();
-    let initializers = proto.graph.iter().flat_map(|graph| &graph.initializer);
-    for entry in initializers.flat_map(|tensor| &tensor.external_data) {
+    let external = tensors
+        .into_iter()
+        .filter(|tensor| tensor.data_location == Some(DataLocation::External as i32));
+    for entry in external.flat_map(|tensor| &tensor.external_data) {
         if entry.key == "location" && !files.contains(&entry.value) {
             files.push(entry.value.clone());
         }

@@ -439,6 +439,7 @@ impl Store {
                     let from = source.parent().unwrap_or(Path::new(""));
                     for location in external_data {
                         let file = external_data_file(location)?;
+                        check_no_symlink(from, &file)?;
                         copy_file(&from.join(&file), &temp.join(&file))?;
                     }
                     let files = content_files(&temp).map_err(|e| StoreError::io(&temp, e))?;
@@ -903,10 +904,8 @@ fn claim_next_version(model_dir: &Path, temp: &Path) -> Result<u64, StoreError> 
     }
 }
 
-/// A path inside a version must stay inside it.
-/// Where an ONNX file's external data `location` goes in a version: the same path relative to
-/// the model (tract has checked that it stays inside the model's directory), but neither the
-/// model's file nor the MLmodel.
+/// Where an ONNX file's external data `location` goes in a version: the same plain path
+/// relative to the model, but neither the model's file nor the MLmodel.
 fn external_data_file(location: &str) -> Result<PathBuf, StoreError> {
     let file: PathBuf = Path::new(location)
         .components()
@@ -922,6 +921,24 @@ fn external_data_file(location: &str) -> Result<PathBuf, StoreError> {
     Ok(file)
 }
 
+/// Refuses `file` (relative to `dir`) if it or a folder on its way is a symbolic link: what it
+/// points to may be anywhere (as for an imported directory, whose links are refused too).
+fn check_no_symlink(dir: &Path, file: &Path) -> Result<(), StoreError> {
+    let mut path = dir.to_owned();
+    for component in file.components() {
+        path.push(component);
+        let metadata = std::fs::symlink_metadata(&path).map_err(|e| StoreError::io(&path, e))?;
+        if metadata.file_type().is_symlink() {
+            return Err(StoreError::Other(format!(
+                "{} is a symbolic link: copy the model's external data file next to it",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `path` is a plain relative path: a path inside a version must stay inside it.
 fn check_relative(path: &str) -> Result<(), String> {
     let p = Path::new(path);
     if path.is_empty()

@@ -614,4 +614,35 @@ fn external_data_goes_where_the_model_expects_it_but_never_over_the_versions_own
             "{clash}: {error}"
         );
     }
+
+    // A data file that is a link (to anything: a key file, say) is not copied in.
+    let work = tempfile::tempdir().unwrap();
+    let store = Store::new(work.path().join("store"));
+    let model = work.path().join("m.onnx");
+    std::fs::write(&model, b"model").unwrap();
+    std::fs::write(work.path().join("secret"), b"not weights").unwrap();
+    std::os::unix::fs::symlink(work.path().join("secret"), work.path().join("w.bin")).unwrap();
+    let error = store
+        .log_onnx(&model, "m", signature(), &["w.bin".to_owned()])
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("w.bin is a symbolic link"), "{error}");
+    assert!(
+        store
+            .list()
+            .unwrap()
+            .iter()
+            .all(|model| model.versions.is_empty())
+    );
+    // A plain one is, and is part of the version's content.
+    std::fs::remove_file(work.path().join("w.bin")).unwrap();
+    std::fs::write(work.path().join("w.bin"), b"weights").unwrap();
+    let logged = store
+        .log_onnx(&model, "m", signature(), &["w.bin".to_owned()])
+        .unwrap();
+    assert_eq!(
+        std::fs::read(logged.version.dir.join("w.bin")).unwrap(),
+        b"weights"
+    );
+    assert!(store.verify_onnx(&logged.version).is_ok());
 }
