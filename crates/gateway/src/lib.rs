@@ -172,9 +172,13 @@ impl AppState {
         self.0.cut_off.is_cancelled()
     }
 
-    /// Completes when the shutdown's deadline has passed: a stream then ends at once.
+    /// Completes when the shutdown's deadline has passed: a stream then ends at once. Waits on
+    /// the serving thread's own token where there is one (its lock is taken on every poll).
     pub(crate) fn cut_off(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
-        self.0.cut_off.clone().cancelled_owned()
+        THREAD_CUT_OFF
+            .try_with(tokio_util::sync::CancellationToken::clone)
+            .unwrap_or_else(|_| self.0.cut_off.clone())
+            .cancelled_owned()
     }
 
     /// `[server] client_timeout_ms`: how long to wait for a request body.
@@ -654,6 +658,12 @@ impl axum::serve::Listener for HandedOut {
     }
 }
 
+tokio::task_local! {
+    /// The shutdown's cut-off as one serving thread's connections see it: a child of the
+    /// gateway's token, so that the streams of two threads do not share its lock.
+    static THREAD_CUT_OFF: tokio_util::sync::CancellationToken;
+}
+
 /// How long streams still running at the shutdown's deadline have to write their last frames.
 const FINAL_FRAMES: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -680,6 +690,7 @@ async fn serve_connections<L>(
     // A token of this thread's own (cancelled with the gateway's): its connections' tasks look
     // at it, which takes its lock, on every wake-up until their first request.
     let closing = gateway.state.0.shutting_down.child_token();
+    let cut_off = gateway.state.0.cut_off.child_token();
     // The connections' tasks, to close those still busy when the shutdown's time is up.
     let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -704,7 +715,7 @@ async fn serve_connections<L>(
             http.serve_connection(hyper_util::rt::TokioIo::new(Box::pin(stream)), service);
         let connection = connections.watch(connection);
         let closing = closing.clone();
-        tasks.spawn(async move {
+        tasks.spawn(THREAD_CUT_OFF.scope(cut_off.clone(), async move {
             // At shutdown hyper closes a connection between two requests, but waits on one that
             // has not finished its first request head (up to `header_timeout_ms`): such a
             // connection has nothing to lose, so it is dropped. The shutdown is looked at only
@@ -728,7 +739,7 @@ async fn serve_connections<L>(
                 Some(Ok(())) => {}
                 None => debug!("connection without a request closed at shutdown"),
             }
-        });
+        }));
     }
     // No more connections: the listening socket closes, idle connections close now (and those
     // that never finished a request head), busy ones after their response; requests still
