@@ -102,6 +102,33 @@ async fn include_usage_gives_a_final_usage_chunk() {
 }
 
 #[tokio::test]
+async fn a_stream_asks_for_its_usage_unless_its_provider_says_the_server_refuses_that() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let mut body = chat_body("count");
+    body["stream"] = json!(true);
+    // The client did not ask: the gateway does (for the tokens it counts), and keeps the usage
+    // chunk from the client.
+    let gateway = TestGateway::over(&[&upstream.base_url], "").await;
+    let frames = sse_data(&read_stream(gateway.post("/v1/chat/completions", &body).await).await);
+    assert!(
+        frames.iter().all(|frame| !frame.contains("\"usage\"")),
+        "{frames:?}"
+    );
+    assert_eq!(
+        upstream.requests()[0].body["stream_options"],
+        json!({"include_usage": true})
+    );
+    // `stream_usage = false`: no `stream_options` at all, not even the client's own.
+    let config = config_over(&[&upstream.base_url], "")
+        .replace("[routes.main]", "stream_usage = false\n[routes.main]");
+    let gateway = TestGateway::start(&config).await;
+    body["stream_options"] = json!({"include_usage": true});
+    let frames = sse_data(&read_stream(gateway.post("/v1/chat/completions", &body).await).await);
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    assert_eq!(upstream.requests()[1].body.get("stream_options"), None);
+}
+
+#[tokio::test]
 async fn fields_the_gateway_does_not_interpret_reach_the_upstream_unchanged() {
     let upstream = FakeUpstream::start(vec![]).await;
     let gateway = TestGateway::over(&[&upstream.base_url], "").await;

@@ -145,6 +145,9 @@ pub enum ProviderKind {
     OpenAi {
         base_url: String,
         api_key: Option<Secret>,
+        /// Whether streams ask for their usage (`stream_options.include_usage`); off for a
+        /// server that refuses `stream_options`.
+        stream_usage: bool,
     },
     /// Anthropic's Messages API, translated to and from OpenAI's chat format.
     Anthropic {
@@ -337,6 +340,10 @@ fn default_client_timeout_ms() -> u64 {
     60_000
 }
 
+fn default_stream_usage() -> bool {
+    true
+}
+
 /// Under Kubernetes' default grace period (30 s) before its SIGKILL, with time to spare for
 /// writing the last log lines and settling tokens.
 fn default_shutdown_timeout_ms() -> u64 {
@@ -352,6 +359,8 @@ enum RawProvider {
         base_url: String,
         #[serde(default)]
         api_key: Option<String>,
+        #[serde(default = "default_stream_usage")]
+        stream_usage: bool,
         #[serde(default)]
         max_concurrency: Option<usize>,
         #[serde(default)]
@@ -751,12 +760,17 @@ fn compile_provider(
         RawProvider::OpenAi {
             base_url,
             api_key,
+            stream_usage,
             max_concurrency,
             queue_timeout_ms,
         } => {
             let api_key = check_http_provider(name, &base_url, api_key, env, problems);
             (
-                ProviderKind::OpenAi { base_url, api_key },
+                ProviderKind::OpenAi {
+                    base_url,
+                    api_key,
+                    stream_usage,
+                },
                 max_concurrency,
                 queue_timeout_ms,
             )

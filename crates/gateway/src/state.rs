@@ -148,9 +148,13 @@ pub(crate) fn build(
     let mut caps = Vec::new();
     for (name, provider) in &config.providers {
         let mut llm: Arc<dyn Llm> = match &provider.kind {
-            ProviderKind::OpenAi { base_url, api_key } => {
+            ProviderKind::OpenAi {
+                base_url,
+                api_key,
+                stream_usage,
+            } => {
                 match OpenAiProvider::new(name.clone(), client.clone(), base_url, api_key.clone()) {
-                    Ok(openai) => Arc::new(openai),
+                    Ok(openai) => Arc::new(openai.with_stream_usage(*stream_usage)),
                     Err(e) => {
                         problems.push(format!("provider '{name}': {e}"));
                         continue;

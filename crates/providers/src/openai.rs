@@ -19,6 +19,9 @@ pub struct OpenAiProvider {
     /// `<base_url>/chat/completions`, with `Authorization: Bearer <key>` (sensitive: its `Debug`
     /// shows no key). Shared with the streams of its calls.
     upstream: Arc<Upstream>,
+    /// Whether a stream may carry `stream_options` (the gateway asks every stream for its
+    /// usage); false for servers that refuse the field.
+    stream_usage: bool,
 }
 
 impl OpenAiProvider {
@@ -45,7 +48,27 @@ impl OpenAiProvider {
         )?;
         Ok(Self {
             upstream: Arc::new(upstream),
+            stream_usage: true,
         })
+    }
+
+    /// With `false`, streams go out without `stream_options` (a server that refuses the field
+    /// then still streams, without usage).
+    pub fn with_stream_usage(mut self, stream_usage: bool) -> Self {
+        self.stream_usage = stream_usage;
+        self
+    }
+
+    /// Opens a stream: `request` as this server takes it.
+    async fn send_stream(
+        &self,
+        mut request: ChatRequest,
+    ) -> Result<(http::Response<UpstreamBody>, u64), LlmError> {
+        if !self.stream_usage {
+            request.stream_options = None;
+        }
+        let response = self.send(&request).await?;
+        Ok((response, request.choices_asked()))
     }
 
     async fn send(&self, request: &ChatRequest) -> Result<http::Response<UpstreamBody>, LlmError> {
@@ -77,12 +100,12 @@ impl Llm for OpenAiProvider {
     }
 
     async fn chat_stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
-        let response = self.send(&request).await?;
+        let (response, choices) = self.send_stream(request).await?;
         Ok(Box::pin(sse_chunks(
             self.upstream.clone(),
             response,
             MAX_ANSWER,
-            request.choices_asked(),
+            choices,
             |data| {
                 serde_json::from_str::<ChatChunk>(&data)
                     .ok()
@@ -93,12 +116,12 @@ impl Llm for OpenAiProvider {
     }
 
     async fn chat_stream_body(&self, request: ChatRequest) -> Result<ChunkBodyStream, LlmError> {
-        let response = self.send(&request).await?;
+        let (response, choices) = self.send_stream(request).await?;
         Ok(Box::pin(sse_chunks(
             self.upstream.clone(),
             response,
             MAX_ANSWER,
-            request.choices_asked(),
+            choices,
             ChunkBody::parse,
         )))
     }
