@@ -245,7 +245,8 @@ mod tests {
         // The first line goes out to the sink and sticks there; the rest fill the buffer, then
         // are dropped: every write returns at once.
         let line = vec![b'x'; MAX_PENDING / 4];
-        let written = std::thread::spawn(move || {
+        let (written, wrote) = mpsc::channel();
+        std::thread::spawn(move || {
             writer.write_all(b"first\n").unwrap();
             // Until the thread has taken the first line, it would count as pending.
             while !writer.shared.lock().bytes.is_empty() {
@@ -254,8 +255,11 @@ mod tests {
             for _ in 0..10 {
                 writer.write_all(&line).unwrap();
             }
+            written.send(()).unwrap();
         });
-        written.join().unwrap();
+        wrote
+            .recv_timeout(Duration::from_secs(30))
+            .expect("writes never wait for the sink");
         for _ in 0..3 {
             release.send(()).unwrap();
         }

@@ -617,10 +617,10 @@ fn a_model_file_with_external_data_is_logged_with_its_data() {
         std::fs::read(version.join("mlp_clf.weights")).unwrap(),
         std::fs::read(source.join("mlp_clf.weights")).unwrap()
     );
-    let mlmodel = std::fs::read_to_string(version.join("MLmodel")).unwrap();
-    assert!(
-        mlmodel.contains(&format!("source: {}", model.display())),
-        "{mlmodel}"
+    let mlmodel = switchyard_store::MlModel::read(&version.join("MLmodel")).unwrap();
+    assert_eq!(
+        mlmodel.metadata["source"].as_str(),
+        Some(model.to_str().unwrap())
     );
 
     let expected = fixture_json("external_data/expected.json");

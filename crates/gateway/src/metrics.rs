@@ -112,7 +112,7 @@ struct EndpointSeries {
 /// Handles to the series of one route and provider (see [`EndpointSeries`]).
 #[derive(Default)]
 struct RouteSeries {
-    /// By [`AttemptOutcome`]: ok, retry, fallback, timeout, error.
+    /// By [`AttemptOutcome`]: ok, retry, fallback, timeout, error, cancelled.
     attempts: [OnceLock<Counter>; 6],
     duration: OnceLock<Histogram>,
     first_token: OnceLock<Histogram>,
@@ -226,7 +226,7 @@ impl Metrics {
         );
         registry.register(
             "switchyard_upstream_attempts",
-            "Upstream attempts by route, provider and outcome (ok, retry, fallback, timeout, error)",
+            "Upstream attempts by route, provider and outcome (ok, retry, fallback, timeout, error, cancelled)",
             metrics.upstream_attempts.clone(),
         );
         registry.register(

@@ -144,7 +144,7 @@ impl Capped {
                 ),
             )
         };
-        let started = std::time::Instant::now();
+        let waiting = QueueWait(std::time::Instant::now());
         let slot = match tokio::time::timeout(
             self.queue_timeout,
             self.slots.semaphore.clone().acquire_owned(),
@@ -159,13 +159,23 @@ impl Capped {
             }),
             Ok(Err(_)) | Err(_) => Err(overloaded()),
         };
-        let waited = started.elapsed();
-        RequestStats::record_queue_wait(waited);
+        let waited = waiting.0.elapsed();
+        drop(waiting);
         if let Some(observer) = &self.observer {
             observer.provider_queue_wait(&self.name, waited);
             observer.provider_in_flight(&self.name, self.in_flight());
         }
         slot
+    }
+}
+
+/// A wait for a slot: the request's queue time when it ends, also when the request drops it
+/// (its client left, an attempt deadline passed).
+struct QueueWait(std::time::Instant);
+
+impl Drop for QueueWait {
+    fn drop(&mut self) {
+        RequestStats::record_queue_wait(self.0.elapsed());
     }
 }
 
