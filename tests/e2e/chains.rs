@@ -418,8 +418,10 @@ async fn broken_chain_folders_fail_at_start_up_with_every_reason() {
         &format!(
             "[[endpoints]]\nname = \"a\"\nchain_dir = \"{}\"\n\
              [[endpoints]]\nname = \"b\"\nchain_dir = \"{}\"\nconfig = {{ tonne = \"x\" }}\n\
-             [[endpoints]]\nname = \"c\"\nchain_dir = \"/nonexistent/chain\"\n",
+             [[endpoints]]\nname = \"c\"\nchain_dir = \"/nonexistent/chain\"\n\
+             [[endpoints]]\nname = \"d\"\nchain_dir = \"{}\"\nllms = {{ defualt = \"chat\" }}\n",
             broken.display(),
+            repo_path("chains/support_bot"),
             repo_path("chains/support_bot")
         ),
     );
@@ -430,7 +432,7 @@ async fn broken_chain_folders_fail_at_start_up_with_every_reason() {
         Err(error) => error.to_string(),
     };
     assert!(
-        error.starts_with("3 endpoint(s) could not be loaded"),
+        error.starts_with("4 endpoint(s) could not be loaded"),
         "{error}"
     );
     assert!(
@@ -443,6 +445,12 @@ async fn broken_chain_folders_fail_at_start_up_with_every_reason() {
     );
     assert!(
         error.contains("endpoint 'c'") && error.contains("/nonexistent/chain/chain.toml"),
+        "{error}"
+    );
+    // A misspelt LLM override would have left `default` on chain.toml's route.
+    assert!(
+        error.contains("endpoint 'd'")
+            && error.contains("llms: the chain has no LLM 'defualt' (its LLMs: default)"),
         "{error}"
     );
 }

@@ -122,6 +122,15 @@ impl ChainFolder {
                 problems.push(format!("missing template prompts/{template}.tera"));
             }
         }
+        // A misspelt override would leave the LLM it meant on its chain.toml route, silently.
+        for name in llm_override.keys() {
+            if !entry.llms.contains(&name.as_str()) {
+                problems.push(format!(
+                    "llms: the chain has no LLM '{name}' (its LLMs: {})",
+                    entry.llms.join(", ")
+                ));
+            }
+        }
         let mut llms = self.llms.clone();
         llms.extend(llm_override.iter().map(|(k, v)| (k.clone(), v.clone())));
         for llm in entry.llms {

@@ -474,7 +474,20 @@ impl Problems {
                 };
                 // toml appends "\nin `<key>`" lines that repeat the path we already give.
                 let message = e.into_inner().to_string();
-                self.add(full, message.lines().next().unwrap_or_default());
+                let message = message.lines().next().unwrap_or_default();
+                // Inside a `kind`-tagged table serde loses the path: the unknown key is only in
+                // the message.
+                let unknown = message
+                    .strip_prefix("unknown field `")
+                    .and_then(|rest| rest.split_once('`'))
+                    .map(|(key, _)| key);
+                let full = match unknown {
+                    Some(key) if full != key && !full.ends_with(&format!(".{key}")) => {
+                        format!("{full}.{key}")
+                    }
+                    _ => full,
+                };
+                self.add(full, message);
                 None
             }
         }
@@ -1135,9 +1148,10 @@ fn compile_route(name: &str, raw: RawRoute, problems: &mut Problems) -> Option<R
     if raw.timeout_ms == 0 {
         problems.add(format!("{path}.timeout_ms"), "must be greater than 0");
     }
+    // Unset, they are `timeout_ms` (whose own problem is said above).
     let mut within_timeout = |key: &str, value: Option<u64>| {
         let value = value.unwrap_or(raw.timeout_ms);
-        if value == 0 || value > raw.timeout_ms {
+        if value != raw.timeout_ms && (value == 0 || value > raw.timeout_ms) {
             problems.add(
                 format!("{path}.{key}"),
                 format!("must be between 1 and timeout_ms ({})", raw.timeout_ms),
@@ -1423,7 +1437,7 @@ mod tests {
             vec![
                 "extra",
                 "server.listen",
-                "providers.typo",
+                "providers.typo.replay",
                 "providers.openai.api_key",
                 "providers.other.api_key",
                 "routes.broken.targets[0].modle",
@@ -1602,6 +1616,9 @@ mod tests {
             timeout_ms = 100
             first_token_timeout_ms = 200
             attempt_timeout_ms = 0
+            [routes.zero]
+            targets = [{ provider = "m", model = "x" }]
+            timeout_ms = 0
         "#,
         );
         let paths: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
@@ -1614,7 +1631,9 @@ mod tests {
                 "providers.m.chunks",
                 "routes.r.targets",
                 "routes.r.first_token_timeout_ms",
-                "routes.r.attempt_timeout_ms"
+                "routes.r.attempt_timeout_ms",
+                // Not also the two timeouts it was not given (they default to it).
+                "routes.zero.timeout_ms",
             ]
         );
     }
