@@ -295,12 +295,10 @@ fn predict(args: PredictArgs, store: Option<PathBuf>) -> anyhow::Result<()> {
     // keys; API keys and the Redis store are not used): a `${VAR}` that is not set stands in as
     // a value that passes the config's checks (a Redis URL must start with redis://; two keys
     // must differ) and opens nothing, and is named below if a provider may need it.
-    let unset = std::cell::RefCell::new(std::collections::BTreeSet::new());
     let env = |name: &str| {
-        std::env::var(name).ok().or_else(|| {
-            unset.borrow_mut().insert(name.to_owned());
-            Some(format!("redis://unset-for-predict/{name}"))
-        })
+        std::env::var(name)
+            .ok()
+            .or_else(|| Some(format!("redis://unset-for-predict/{name}")))
     };
     let config = config_path
         .as_deref()
@@ -392,10 +390,23 @@ fn predict(args: PredictArgs, store: Option<PathBuf>) -> anyhow::Result<()> {
         }
         (None, None) => unreachable!("a target that is neither an endpoint nor a URI is a file"),
     };
-    for variable in unset.take() {
-        eprintln!(
-            "warning: {variable} is not set: a provider whose key it is will refuse the call"
-        );
+    // Only a provider's key matters to one request (keys, limits and the Redis store do not).
+    const PLACEHOLDER: &str = "redis://unset-for-predict/";
+    for (name, provider) in &config.providers {
+        let (switchyard_gateway::ProviderKind::OpenAi { api_key, .. }
+        | switchyard_gateway::ProviderKind::Anthropic { api_key, .. }) = &provider.kind
+        else {
+            continue;
+        };
+        if let Some(variable) = api_key
+            .as_ref()
+            .and_then(|key| key.expose().strip_prefix(PLACEHOLDER))
+        {
+            eprintln!(
+                "warning: {variable} is not set: provider '{name}', whose key it is, will refuse \
+                 the call"
+            );
+        }
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -547,10 +547,12 @@ fn predict_runs_a_chain_or_a_route_once_without_a_server() {
         );
         assert!(
             stderr.contains(
-                "warning: SWITCHYARD_TEST_UNSET_OPENAI_KEY is not set: a provider whose key it is will refuse the call"
+                "warning: SWITCHYARD_TEST_UNSET_OPENAI_KEY is not set: provider 'openai', whose key it is, will refuse the call"
             ),
             "{stderr}"
         );
+        // The keys and the Redis store are not used: no warning of theirs.
+        assert_eq!(stderr.matches("warning:").count(), 1, "{stderr}");
         // Two endpoints serve the URI: the first one's overrides, and the command says so.
         let note = "note: several endpoints serve models:/bot/1; running it as endpoint 'bot'";
         assert_eq!(

@@ -35,8 +35,8 @@ use tracing::{debug, error, info, warn};
 use config::LimitsStoreConfig;
 pub use config::{
     ApiKeyConfig, AuthConfig, ChainEndpointConfig, ChainSource, Config, ConfigError, ConfigProblem,
-    EndpointConfig, EndpointKind, LimitRule, LimitScope, OnError, ProviderConfig, RateConfig,
-    RouteConfig, ServerConfig,
+    EndpointConfig, EndpointKind, LimitRule, LimitScope, OnError, ProviderConfig, ProviderKind,
+    RateConfig, RouteConfig, ServerConfig,
 };
 pub use error::{ApiError, MlflowError};
 use limits::Backend;
