@@ -248,6 +248,14 @@ async fn an_upstream_auth_failure_is_502_without_quoting_the_upstream_body() {
         "{body}"
     );
     assert!(!body.contains("fake upstream says"), "{body}");
+
+    // A 407 comes from an HTTP proxy in between (HTTP_PROXY): said so, whatever its body.
+    let upstream = FakeUpstream::start(vec![Reply::Status(407, vec![])]).await;
+    let gateway = TestGateway::over(&[&upstream.base_url], "retries = 0").await;
+    let response = gateway.post("/v1/chat/completions", &chat_body("x")).await;
+    assert_eq!(response.status(), 502);
+    let body = response.text().await.unwrap();
+    assert!(body.contains("proxy authorization required"), "{body}");
 }
 
 #[tokio::test]

@@ -250,6 +250,12 @@ impl Upstream {
             // The body of an auth failure may quote part of the provider key ("Incorrect API key
             // provided: sk-…wxyz"): it must not reach clients or logs.
             (CREDENTIALS_REJECTED.to_owned(), None)
+        } else if status == 407 {
+            // Only a proxy says this: a plain-HTTP upstream behind `HTTP_PROXY`. (An HTTPS one's
+            // tunnel refused says the same through the proxy client.)
+            let detail = "proxy authorization required: the egress proxy refused the \
+                          credentials in HTTP_PROXY/ALL_PROXY";
+            (detail.to_owned(), None)
         } else {
             match read_body(response.into_body(), MAX_ERROR_BODY).await {
                 Ok(body) => (upstream_error_message(&body), Some(body)),
