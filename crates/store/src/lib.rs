@@ -597,6 +597,11 @@ impl Store {
                     .to_owned(),
             ));
         }
+        if alias.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(StoreError::InvalidName(format!(
+                "`{alias}` is not an alias: a number reads as a version (models:/<name>/{alias})"
+            )));
+        }
         self.version(name, version)?;
         // Read-modify-write of aliases.toml: one writer at a time, or an alias can be lost.
         let _lock = lock_model(&self.model_dir(name))?;

@@ -137,6 +137,11 @@ fn a_changed_prompt_is_a_new_version_and_latest_and_aliases_resolve() {
         store.set_alias("bot", "latest", 1),
         Err(StoreError::InvalidName(_))
     ));
+    // `@2` meaning version 1 next to `/2` meaning version 2 would be a trap.
+    assert!(matches!(
+        store.set_alias("bot", "2", 1),
+        Err(StoreError::InvalidName(_))
+    ));
     assert!(matches!(
         store.resolve(&uri("models:/bot@staging")),
         Err(StoreError::NoSuchAlias { .. })
