@@ -650,7 +650,7 @@ fn sse_body(chunks: ChunkBodyStream, log: StreamLog, strip_usage: bool) -> Respo
     };
     let frames = stream::unfold(events, |mut events| async move {
         let mut frame = String::new();
-        if !events.next(&mut frame).await {
+        if !events.next(&mut frame, true).await {
             return None;
         }
         if events.started {
@@ -659,7 +659,7 @@ fn sse_body(chunks: ChunkBodyStream, log: StreamLog, strip_usage: bool) -> Respo
                     yield_once().await;
                     // `next` only waits for the upstream's next chunk: dropping it then loses
                     // nothing.
-                    match events.next(&mut frame).now_or_never() {
+                    match events.next(&mut frame, false).now_or_never() {
                         Some(true) => continue 'gather,
                         Some(false) => break 'gather,
                         None => {}
@@ -692,8 +692,10 @@ struct SseEvents {
 }
 
 impl SseEvents {
-    /// Appends the next event to `frame`; false once the stream has ended.
-    async fn next(&mut self, frame: &mut String) -> bool {
+    /// Appends the next event to `frame`; false once the stream has ended. With `waiting`, also
+    /// ends the stream at the shutdown's cut-off (a look that takes two locks: not done for the
+    /// events gathered without waiting, which the next wait follows anyway).
+    async fn next(&mut self, frame: &mut String, waiting: bool) -> bool {
         let chunks = match &mut self.phase {
             Phase::Done => return false,
             Phase::Closing => {
@@ -707,7 +709,7 @@ impl SseEvents {
             let next = tokio::select! {
                 biased;
                 next = chunks.next() => next,
-                () = self.cut_off.as_mut() => {
+                () = self.cut_off.as_mut(), if waiting => {
                     self.log.finish("shutdown");
                     push_event(frame, &ApiError::cut_off_by_shutdown().openai_body().to_string());
                     self.phase = Phase::Closing;
