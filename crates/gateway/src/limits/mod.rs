@@ -382,6 +382,10 @@ impl Admission {
                         (i64::try_from(used).unwrap_or(i64::MAX) - reserved).max(0)
                     }
                 };
+                // The usage is the upstream's word: however much it says (a broken server's
+                // 2^64), one answer costs at most a full counter, so it blocks its rule for at
+                // most one period.
+                let delta = delta.min(i64::try_from(gcra.capacity).unwrap_or(i64::MAX));
                 (key, gcra, delta)
             })
             .filter(|(_, _, delta)| *delta != 0)
@@ -498,16 +502,18 @@ fn short_hash(text: &str) -> String {
     switchyard_core::code_hash::hex(&Sha256::digest(text.as_bytes())[..8])
 }
 
-/// Prompt tokens (about four characters a token) plus the completion budget.
+/// Prompt tokens (about four characters a token) plus the completion budget of each of the `n`
+/// choices asked for: the larger of `max_tokens` and `max_completion_tokens` (a server may
+/// honour either), or the rule's default.
 fn estimate_tokens(request: &ChatRequest, default_max_tokens: u64) -> u64 {
     let characters: usize = request.messages.iter().map(|m| m.text().len()).sum();
     let prompt = (characters as u64).div_ceil(4);
-    let completion = request
-        .max_completion_tokens
-        .or(request.max_tokens)
-        .unwrap_or(default_max_tokens);
-    // `max_tokens` comes from the client: never let it overflow.
-    prompt.saturating_add(completion)
+    let completion = match (request.max_completion_tokens, request.max_tokens) {
+        (None, None) => default_max_tokens,
+        (a, b) => a.max(b).unwrap_or_default(),
+    };
+    // These come from the client: never let them overflow.
+    prompt.saturating_add(completion.saturating_mul(request.choices_asked()))
 }
 
 /// The `x-ratelimit-*` headers of the tightest request counter and the tightest token counter.
@@ -750,6 +756,35 @@ mod tests {
         third.settle(Spent::AtLeast(500));
         let refused = admit().await.map(|_| ()).unwrap_err();
         assert_eq!(refused.status.as_u16(), 429);
+    }
+
+    #[test]
+    fn the_estimate_reserves_the_larger_completion_budget_for_every_choice() {
+        let mut request = request(); // 8 characters: 2 prompt tokens
+        assert_eq!(estimate_tokens(&request, 400), 402);
+        request.max_completion_tokens = Some(1);
+        request.max_tokens = Some(100);
+        request.extra.insert("n".to_owned(), serde_json::json!(3));
+        assert_eq!(estimate_tokens(&request, 400), 2 + 100 * 3);
+        request.max_tokens = Some(u64::MAX);
+        assert_eq!(estimate_tokens(&request, 400), u64::MAX);
+    }
+
+    #[tokio::test]
+    async fn an_upstreams_absurd_usage_blocks_a_token_rule_for_one_period_at_most() {
+        let limits = token_limits(1000, 400);
+        let (caller, request) = (caller("a", "u"), request());
+        let first = limits.admit(&caller, Some(&request)).await.unwrap();
+        first.settle(Spent::Exactly(u64::MAX));
+        let refused = limits
+            .admit(&caller, Some(&request))
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        let wait = refused.retry_after.unwrap();
+        // A full counter (1000 tokens = 60 s) on top of the 402 reserved, less the 1000 a full
+        // counter holds, plus this request's 402: 48.2 s (2^64 tokens would be 35 trillion years).
+        assert!(wait <= Duration::from_secs(49), "{wait:?}");
     }
 
     #[tokio::test]
