@@ -157,6 +157,7 @@ fn main() -> anyhow::Result<()> {
                 store_override: cli.store.clone(),
                 allow_code_mismatch,
             };
+            raise_open_files_limit();
             let gateway = Gateway::from_file(source, &switchyard_chains::registry())?;
             if telemetry.exports_traces() {
                 gateway.export_traces();
@@ -485,4 +486,14 @@ fn models(store: &Store, command: ModelsCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one, as servers do: every connection is a
+/// file, and the usual soft default of 1024 let ~1000 idle connections lock out every client
+/// (`accept` failing with "too many open files").
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open files limit"),
+        Err(error) => tracing::warn!(%error, "could not raise the open files limit"),
+    }
 }
