@@ -335,6 +335,9 @@ fn completion_text(body: &CompletionBody) -> String {
 
 /// Predictions expected to take less than this run on the async worker that received them.
 const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(50);
+/// Predictions expected to take up to this long run on a blocking thread without waiting for
+/// one of the per-core slots that large batches queue for.
+const UNQUEUED_BUDGET: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Serves an MLflow scoring request on an ONNX model endpoint: `{"predictions": {...}}`. The
 /// caller ([`invocations`]) has checked that the key may call it and recorded the endpoint.
@@ -434,10 +437,8 @@ async fn predict(
     // right here: handing it to a blocking thread costs more than the work (a thread wake-up).
     // Anything else — the first call, large batches, slow models — runs on a blocking thread, one
     // per core at most, so a large batch never stalls chat traffic.
-    let result = if model
-        .expected_time(batch.rows())
-        .is_some_and(|time| time <= INLINE_BUDGET)
-    {
+    let expected = model.expected_time(batch.rows());
+    let result = if expected.is_some_and(|time| time <= INLINE_BUDGET) {
         // A panic in the model (tract's code included) is this request's 500, as on a blocking
         // thread, not a dropped connection.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.predict(batch))).map_err(
@@ -448,6 +449,18 @@ async fn predict(
                 ))
             },
         )?
+    } else if expected.is_some_and(|time| time <= UNQUEUED_BUDGET) {
+        // A small prediction does not wait behind large batches for a slot (8 batches of 3 s
+        // each held a 1-row prediction of another model for 11 s): its parsed body is small,
+        // and it shares the cores with them for a few milliseconds.
+        tokio::task::spawn_blocking(move || model.predict(batch))
+            .await
+            .map_err(|e| {
+                ApiError::internal(format!(
+                    "inference task failed: {e} (request id {})",
+                    record.request_id
+                ))
+            })?
     } else {
         on_blocking_thread(state, record, move || model.predict(batch)).await?
     };

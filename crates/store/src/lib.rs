@@ -197,6 +197,17 @@ impl Store {
                 "chain.toml: {path} {why}; secrets must not be logged with a model (upstream keys belong in the gateway config's providers, as ${{ENV}} references)"
             ));
         }
+        // The templates are logged too, and sent to the upstream with every request.
+        for template in folder.prompts.names() {
+            let file = format!("prompts/{template}.tera");
+            if let Ok(text) = std::fs::read_to_string(folder.dir.join(&file)) {
+                for (at, why) in find_secrets_in_text(&file, &text) {
+                    problems.push(format!(
+                        "{at} {why}; secrets must not be logged with a model"
+                    ));
+                }
+            }
+        }
         if !problems.is_empty() {
             return Err(StoreError::Invalid {
                 dir: dir.to_owned(),

@@ -15,6 +15,7 @@ const KEY_PREFIXES: &[(&str, usize, &str)] = &[
     ("AIza", 30, "a Google API key"),
     ("hf_", 30, "a Hugging Face token"),
     ("gsk_", 30, "a Groq API key"),
+    ("glpat-", 20, "a GitLab token"),
 ];
 
 /// Key names whose literal value is a credential whatever it looks like.
@@ -49,8 +50,8 @@ fn walk(path: &str, key: Option<&str>, value: &Value, found: &mut Vec<(String, S
             }
         }
         Value::String(text) => {
-            if let Some(why) = looks_like_key(text) {
-                found.push((path.to_owned(), format!("looks like {why}")));
+            if let Some(why) = looks_like_secret(text) {
+                found.push((path.to_owned(), why));
             } else if let Some(key) = key.filter(|k| is_secret_name(k))
                 && !text.is_empty()
                 && !is_vocabulary_marker(key, text)
@@ -75,16 +76,54 @@ pub fn find_secrets_in_text(file: &str, text: &str) -> Vec<(String, String)> {
     let mut found = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let at = format!("{file}:{}", n + 1);
+        if is_private_key(line) {
+            found.push((at.clone(), PRIVATE_KEY.to_owned()));
+        }
         let words = line.split(|c: char| c.is_whitespace() || "\"'=,;()[]{}".contains(c));
         for word in words.filter(|w| !w.is_empty()) {
-            if let Some(why) = looks_like_key(word) {
-                found.push((at.clone(), format!("looks like {why}")));
-            } else if url_has_password(word) {
-                found.push((at.clone(), "is a URL with a password".to_owned()));
+            if let Some(why) = looks_like_secret(word) {
+                found.push((at.clone(), why));
             }
         }
     }
     found
+}
+
+const PRIVATE_KEY: &str = "holds a private key";
+
+/// Why `text` (a config value, or one word of a text file) is a secret whatever its key, if it
+/// is one: a known key shape, a JSON web token, a URL with a password, a PEM private key.
+fn looks_like_secret(text: &str) -> Option<String> {
+    if let Some(what) = looks_like_key(text) {
+        return Some(format!("looks like {what}"));
+    }
+    let why = if is_jwt(text.trim()) {
+        "looks like a JSON web token"
+    } else if url_has_password(text.trim()) {
+        "is a URL with a password"
+    } else if is_private_key(text) {
+        PRIVATE_KEY
+    } else {
+        return None;
+    };
+    Some(why.to_owned())
+}
+
+/// `eyJ…` (a JSON header, base64url) `.` payload `.` signature.
+fn is_jwt(text: &str) -> bool {
+    let parts: Vec<&str> = text.split('.').collect();
+    text.starts_with("eyJ")
+        && parts.len() == 3
+        && parts[..2].iter().all(|part| part.len() >= 10)
+        && parts.iter().all(|part| {
+            part.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// A PEM private key's armour (`-----BEGIN RSA PRIVATE KEY-----`, …).
+fn is_private_key(text: &str) -> bool {
+    text.contains("-----BEGIN") && text.contains("PRIVATE KEY-----")
 }
 
 /// `scheme://user:password@host…`
@@ -187,5 +226,37 @@ mod tests {
                 .all(|(_, why)| !why.contains("hunter2") && !why.contains("abcdefgh"))
         );
         assert!(found[2].1.contains("does not expand"), "{:?}", found[2]);
+    }
+
+    #[test]
+    fn finds_tokens_urls_and_private_keys_under_any_name() {
+        let config = json!({
+            "header": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+            "db": "postgres://admin:hunter2@db.internal:5432/app",
+            "ci": "glpat-abcdefghij0123456789",
+            "pem": "-----BEGIN RSA PRIVATE KEY-----\nMIIEow...",
+            // Not secrets: a version string, a URL without a password, prose about keys.
+            "version": "eyJ.1.2",
+            "docs": "https://user@example.com/docs",
+            "note": "never paste a private key here",
+        });
+        let found = find_secrets("config", &config);
+        let why: Vec<(&str, &str)> = found
+            .iter()
+            .map(|(path, why)| (path.as_str(), why.as_str()))
+            .collect();
+        assert_eq!(
+            why,
+            [
+                ("config.header", "looks like a JSON web token"),
+                ("config.db", "is a URL with a password"),
+                ("config.ci", "looks like a GitLab token"),
+                ("config.pem", "holds a private key"),
+            ]
+        );
+        let text = "You are helpful.\nAuthorization: Bearer sk-proj-abcdefghijklmnopqrstu\n";
+        let found = find_secrets_in_text("prompts/system.tera", text);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, "prompts/system.tera:2");
     }
 }

@@ -320,6 +320,23 @@ fn refuses_secrets_unknown_chains_broken_templates_and_bad_config_before_writing
         !error.contains("0123456789abcdefghij"),
         "the secret is not echoed: {error}"
     );
+    // A template is logged too.
+    let prompted = copy_chain("support_bot", &work.path().join("prompted"));
+    let system = std::fs::read_to_string(prompted.join("prompts/system.tera")).unwrap();
+    std::fs::write(
+        prompted.join("prompts/system.tera"),
+        format!("{system}\nUse the key sk-proj-0123456789abcdefghij for lookups.\n"),
+    )
+    .unwrap();
+    let error = store
+        .log_chain(&prompted, "bot", &registry())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("prompts/system.tera:") && error.contains("looks like an OpenAI"),
+        "{error}"
+    );
+    assert!(!error.contains("0123456789abcdefghij"), "{error}");
 
     let unknown = copy_chain("router", &work.path().join("unknown"));
     let manifest = std::fs::read_to_string(unknown.join("chain.toml")).unwrap();
