@@ -1127,10 +1127,11 @@ fn resolve_secret(reference: &str, env: &dyn Fn(&str) -> Option<String>) -> Resu
     env_value(var, env).map(Secret::new)
 }
 
-/// The value of environment variable `var`, which must be set and not empty.
+/// The value of environment variable `var`, which must be set and not empty or blank (a key of
+/// spaces would match nothing a client can send: a blank admin key locked the admin API).
 fn env_value(var: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     match env(var) {
-        Some(value) if !value.is_empty() => Ok(value),
+        Some(value) if !value.trim().is_empty() => Ok(value),
         Some(_) => Err(format!("environment variable {var} is empty")),
         None => Err(format!("environment variable {var} is not set")),
     }
@@ -1486,6 +1487,28 @@ mod tests {
                     "is the key of 'team-a': the admin key must be a key of its own".to_owned()
                 ),
             ]
+        );
+    }
+
+    #[test]
+    fn a_blank_secret_is_an_empty_one() {
+        let env = |name: &str| match name {
+            "BLANK" => Some("  ".to_owned()),
+            other => env(other),
+        };
+        let text = format!("{VALID}\n[auth]\nadmin_key = \"${{BLANK}}\"\n");
+        let error = Config::parse("test.toml", &text, &env).unwrap_err();
+        let found: Vec<(String, String)> = error
+            .problems
+            .into_iter()
+            .map(|p| (p.path, p.message))
+            .collect();
+        assert_eq!(
+            found,
+            [(
+                "auth.admin_key".to_owned(),
+                "environment variable BLANK is empty".to_owned()
+            )]
         );
     }
 
