@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::common::{
     FakeUpstream, GatewayProcess, Reply, chat_body, config_over, read_stream, sse_data, stdout,
-    stream_text, temp_dir,
+    stream_text, switchyard, temp_dir,
 };
 
 #[tokio::test]
@@ -292,14 +292,6 @@ async fn wait_until_refused(address: &str) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn switchyard(store: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(args)
-        .env("SWITCHYARD_STORE", store)
-        .output()
-        .unwrap()
 }
 
 #[test]

@@ -788,6 +788,15 @@ pub fn header(response: &reqwest::Response, name: &str) -> String {
 }
 
 /// A finished command's standard output; panics with its standard error if it failed.
+/// Runs the `switchyard` CLI with `args` on the model store at `store`.
+pub fn switchyard(store: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env("SWITCHYARD_STORE", store)
+        .output()
+        .unwrap()
+}
+
 pub fn stdout(output: &std::process::Output) -> String {
     assert!(
         output.status.success(),

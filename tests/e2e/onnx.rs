@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use switchyard_serving::OnnxModel;
 use switchyard_store::Store;
 
-use crate::common::{TestGateway, stdout, temp_dir};
+use crate::common::{TestGateway, stdout, switchyard, temp_dir};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/onnx")).join(name)
@@ -419,13 +419,8 @@ async fn bad_input_is_a_400_in_mlflows_shape_and_the_model_keeps_serving() {
 #[test]
 fn the_cli_logs_onnx_files_and_refuses_models_it_cannot_run() {
     let work = temp_dir("onnx-cli");
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(args)
-            .env("SWITCHYARD_STORE", work.join("store"))
-            .output()
-            .unwrap()
-    };
+    let store = work.join("store");
+    let run = |args: &[&str]| switchyard(&store, args);
     let logged = run(&[
         "log",
         "onnx",
@@ -601,13 +596,8 @@ fn a_model_file_with_external_data_is_logged_with_its_data() {
     // The tensors of a model saved with external data live in files next to it: logged
     // without them, the version could not be loaded, restored or served.
     let work = temp_dir("onnx-external");
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(args)
-            .env("SWITCHYARD_STORE", work.join("store"))
-            .output()
-            .unwrap()
-    };
+    let store = work.join("store");
+    let run = |args: &[&str]| switchyard(&store, args);
     let source = fixture("external_data");
     let model = source.join("mlp_clf.onnx");
     let logged = run(&["log", "onnx", model.to_str().unwrap(), "--name", "mlp"]);

@@ -1127,12 +1127,13 @@ fn resolve_secret(reference: &str, env: &dyn Fn(&str) -> Option<String>) -> Resu
     env_value(var, env).map(Secret::new)
 }
 
-/// The value of environment variable `var`, which must be set and not empty or blank (a key of
-/// spaces would match nothing a client can send: a blank admin key locked the admin API).
+/// The value of environment variable `var`, without the whitespace around it (`echo key |
+/// kubectl create secret` leaves a newline that no client's header can match: an admin key
+/// with one locked the admin API without a word); it must be set and not blank.
 fn env_value(var: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     match env(var) {
-        Some(value) if !value.trim().is_empty() => Ok(value),
-        Some(_) => Err(format!("environment variable {var} is empty")),
+        Some(value) if !value.trim().is_empty() => Ok(value.trim().to_owned()),
+        Some(_) => Err(format!("environment variable {var} is empty or blank")),
         None => Err(format!("environment variable {var} is not set")),
     }
 }
@@ -1491,11 +1492,16 @@ mod tests {
     }
 
     #[test]
-    fn a_blank_secret_is_an_empty_one() {
+    fn a_blank_secret_is_an_empty_one_and_whitespace_around_one_is_not_part_of_it() {
         let env = |name: &str| match name {
             "BLANK" => Some("  ".to_owned()),
+            "ECHOED" => Some(" sk-admin-key\n".to_owned()),
             other => env(other),
         };
+        let text = format!("{VALID}\n[auth]\nadmin_key = \"${{ECHOED}}\"\n");
+        let config = Config::parse("test.toml", &text, &env).unwrap();
+        let admin = config.auth.admin_key.unwrap();
+        assert_eq!(admin.expose(), "sk-admin-key");
         let text = format!("{VALID}\n[auth]\nadmin_key = \"${{BLANK}}\"\n");
         let error = Config::parse("test.toml", &text, &env).unwrap_err();
         let found: Vec<(String, String)> = error
@@ -1507,7 +1513,7 @@ mod tests {
             found,
             [(
                 "auth.admin_key".to_owned(),
-                "environment variable BLANK is empty".to_owned()
+                "environment variable BLANK is empty or blank".to_owned()
             )]
         );
     }

@@ -335,8 +335,8 @@ fn completion_text(body: &CompletionBody) -> String {
 
 /// Predictions expected to take less than this run on the async worker that received them.
 const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(50);
-/// Predictions expected to take up to this long run on a blocking thread without waiting for
-/// one of the per-core slots that large batches queue for.
+/// Predictions expected to take up to this long run on blocking threads of their own (one per
+/// core), not behind the large batches queued for the others.
 const UNQUEUED_BUDGET: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Serves an MLflow scoring request on an ONNX model endpoint: `{"predictions": {...}}`. The
@@ -423,7 +423,7 @@ async fn predict(
 ) -> Result<Vec<u8>, ApiError> {
     if matches!(request, ScoringRequest::Large { .. }) {
         let request_id = record.request_id.clone();
-        return on_blocking_thread(state, record, move || {
+        return on_blocking_thread(state, record, false, move || {
             let batch = request.batch(&model)?;
             model
                 .predict(batch)
@@ -436,7 +436,9 @@ async fn predict(
     // Inference is CPU work. A prediction this model has shown to take under INLINE_BUDGET runs
     // right here: handing it to a blocking thread costs more than the work (a thread wake-up).
     // Anything else — the first call, large batches, slow models — runs on a blocking thread, one
-    // per core at most, so a large batch never stalls chat traffic.
+    // per core at most, so a large batch never stalls chat traffic; one expected under
+    // UNQUEUED_BUDGET has slots of its own (one per core too), so it does not wait behind large
+    // batches (8 batches of 3 s each held a 1-row prediction of another model for 11 s).
     let expected = model.expected_time(batch.rows());
     let result = if expected.is_some_and(|time| time <= INLINE_BUDGET) {
         // A panic in the model (tract's code included) is this request's 500, as on a blocking
@@ -449,20 +451,9 @@ async fn predict(
                 ))
             },
         )?
-    } else if expected.is_some_and(|time| time <= UNQUEUED_BUDGET) {
-        // A small prediction does not wait behind large batches for a slot (8 batches of 3 s
-        // each held a 1-row prediction of another model for 11 s): its parsed body is small,
-        // and it shares the cores with them for a few milliseconds.
-        tokio::task::spawn_blocking(move || model.predict(batch))
-            .await
-            .map_err(|e| {
-                ApiError::internal(format!(
-                    "inference task failed: {e} (request id {})",
-                    record.request_id
-                ))
-            })?
     } else {
-        on_blocking_thread(state, record, move || model.predict(batch)).await?
+        let small = expected.is_some_and(|time| time <= UNQUEUED_BUDGET);
+        on_blocking_thread(state, record, small, move || model.predict(batch)).await?
     };
     result
         .map(|predictions| predictions_json(&predictions))
@@ -470,14 +461,15 @@ async fn predict(
 }
 
 /// Runs `work` on a blocking thread, one per core at most (so that big batches also bound the
-/// memory their parsing takes).
+/// memory their parsing takes); `small` work has slots of its own.
 async fn on_blocking_thread<T: Send + 'static>(
     state: &AppState,
     record: &RequestRecord,
+    small: bool,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
     let slot = state
-        .inference_slots()
+        .inference_slots(small)
         .clone()
         .acquire_owned()
         .await

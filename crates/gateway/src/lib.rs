@@ -136,8 +136,13 @@ impl AppState {
         self.0.current.load_full()
     }
 
-    pub(crate) fn inference_slots(&self) -> &Arc<tokio::sync::Semaphore> {
-        &self.0.lasting.inference_slots
+    /// Blocking threads for predictions: `small` ones (expected under a few milliseconds) have
+    /// slots of their own, so they never wait behind large batches.
+    pub(crate) fn inference_slots(&self, small: bool) -> &Arc<tokio::sync::Semaphore> {
+        match small {
+            true => &self.0.lasting.small_inference_slots,
+            false => &self.0.lasting.inference_slots,
+        }
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {

@@ -108,6 +108,9 @@ pub(crate) struct Lasting {
     /// Model inference runs on blocking threads, at most one per core at a time: more would only
     /// add threads (and their memory) competing for the same cores. Excess requests wait.
     pub inference_slots: Arc<Semaphore>,
+    /// The same for predictions expected to be small, so that they do not wait behind large
+    /// batches (and still cannot start a thread each).
+    pub small_inference_slots: Arc<Semaphore>,
 }
 
 impl Lasting {
@@ -119,6 +122,7 @@ impl Lasting {
             metrics,
             provider_slots: Mutex::new(HashMap::new()),
             inference_slots: Arc::new(Semaphore::new(cores)),
+            small_inference_slots: Arc::new(Semaphore::new(cores)),
         }
     }
 

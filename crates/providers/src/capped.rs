@@ -144,7 +144,11 @@ impl Capped {
                 ),
             )
         };
-        let waiting = QueueWait(std::time::Instant::now());
+        let waiting = QueueWait {
+            started: std::time::Instant::now(),
+            provider: &self.name,
+            observer: self.observer.as_deref(),
+        };
         let slot = match tokio::time::timeout(
             self.queue_timeout,
             self.slots.semaphore.clone().acquire_owned(),
@@ -159,23 +163,30 @@ impl Capped {
             }),
             Ok(Err(_)) | Err(_) => Err(overloaded()),
         };
-        let waited = waiting.0.elapsed();
         drop(waiting);
         if let Some(observer) = &self.observer {
-            observer.provider_queue_wait(&self.name, waited);
             observer.provider_in_flight(&self.name, self.in_flight());
         }
         slot
     }
 }
 
-/// A wait for a slot: the request's queue time when it ends, also when the request drops it
-/// (its client left, an attempt deadline passed).
-struct QueueWait(std::time::Instant);
+/// A wait for a slot: the request's queue time, and the provider's queue-wait metric, when it
+/// ends — also when the request drops it (its client left, an attempt deadline passed), which
+/// is when the provider is overloaded.
+struct QueueWait<'a> {
+    started: std::time::Instant,
+    provider: &'a str,
+    observer: Option<&'a dyn Observer>,
+}
 
-impl Drop for QueueWait {
+impl Drop for QueueWait<'_> {
     fn drop(&mut self) {
-        RequestStats::record_queue_wait(self.0.elapsed());
+        let waited = self.started.elapsed();
+        RequestStats::record_queue_wait(waited);
+        if let Some(observer) = self.observer {
+            observer.provider_queue_wait(self.provider, waited);
+        }
     }
 }
 

@@ -174,7 +174,15 @@ fn sse_chunks<T: Chunk>(
             Some(Ok(event)) => parse(String::from(&*event.data)).map_err(|data| {
                 match serde_json::from_str::<serde_json::Value>(&data) {
                     Ok(value) if value.get("error").is_some() => {
-                        let (kind, message) = stream_error(&value["error"], &data);
+                        // TGI: `{"error": "<message>", "error_type": "validation"}`.
+                        let error = match &value["error"] {
+                            serde_json::Value::String(message) => serde_json::json!({
+                                "message": message,
+                                "type": value.get("error_type"),
+                            }),
+                            error => error.clone(),
+                        };
+                        let (kind, message) = stream_error(&error, &data);
                         let error = upstream.stream_fault(kind, message);
                         // As for an error status: nothing of an auth failure's body.
                         if matches!(
@@ -402,11 +410,23 @@ mod tests {
                 "Overloaded",
                 None,
             ),
-            // TGI sends the message as the error itself.
+            // TGI sends the message as the error itself, its type beside it.
             (
                 r#"{"error":"Input validation error: inputs too long","error_type":"validation"}"#,
-                LlmErrorKind::StreamInterrupted,
+                status(400),
                 "Input validation error: inputs too long",
+                None,
+            ),
+            (
+                r#"{"error":"Model is overloaded","error_type":"overloaded"}"#,
+                status(503),
+                "Model is overloaded",
+                None,
+            ),
+            (
+                r#"{"error":"odd"}"#,
+                LlmErrorKind::StreamInterrupted,
+                "odd",
                 None,
             ),
             // An auth failure's message may quote the key: not repeated.

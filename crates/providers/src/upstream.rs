@@ -253,8 +253,8 @@ impl Upstream {
         } else if status == 407 {
             // Only a proxy says this: a plain-HTTP upstream behind `HTTP_PROXY`. (An HTTPS one's
             // tunnel refused says the same through the proxy client.)
-            let detail = "proxy authorization required: the egress proxy refused the \
-                          credentials in HTTP_PROXY/ALL_PROXY";
+            let detail = "proxy authorization required: the egress proxy wants credentials \
+                          (in the HTTP_PROXY/ALL_PROXY URL) or refused the ones given";
             (detail.to_owned(), None)
         } else {
             match read_body(response.into_body(), MAX_ERROR_BODY).await {
@@ -380,6 +380,9 @@ fn error_type_status(error_type: &str) -> Option<u16> {
         "permission_error" => 403,
         "not_found_error" | "model_not_found" => 404,
         "request_too_large" => 413,
+        // Hugging Face TGI's `error_type`s.
+        "validation" => 400,
+        "overloaded" => 503,
         "rate_limit_error"
         | "rate_limit_exceeded"
         | "insufficient_quota"

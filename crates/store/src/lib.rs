@@ -946,7 +946,7 @@ fn check_no_symlink(dir: &Path, file: &Path) -> Result<(), StoreError> {
         let metadata = std::fs::symlink_metadata(&path).map_err(|e| StoreError::io(&path, e))?;
         if metadata.file_type().is_symlink() {
             return Err(StoreError::Other(format!(
-                "{} is a symbolic link: copy the model's external data file next to it",
+                "{} is a symbolic link (not followed, even within the folder): copy the model's external data file next to it",
                 path.display()
             )));
         }

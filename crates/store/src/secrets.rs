@@ -79,8 +79,7 @@ pub fn find_secrets_in_text(file: &str, text: &str) -> Vec<(String, String)> {
         if is_private_key(line) {
             found.push((at.clone(), PRIVATE_KEY.to_owned()));
         }
-        let words = line.split(|c: char| c.is_whitespace() || "\"'=,;()[]{}".contains(c));
-        for word in words.filter(|w| !w.is_empty()) {
+        for word in words(line) {
             if let Some(why) = looks_like_secret(word) {
                 found.push((at.clone(), why));
             }
@@ -92,14 +91,15 @@ pub fn find_secrets_in_text(file: &str, text: &str) -> Vec<(String, String)> {
 const PRIVATE_KEY: &str = "holds a private key";
 
 /// Why `text` (a config value, or one word of a text file) is a secret whatever its key, if it
-/// is one: a known key shape, a JSON web token, a URL with a password, a PEM private key.
+/// is one: a known key shape, or a word of it that is a JSON web token or a URL with a
+/// password, or a PEM private key.
 fn looks_like_secret(text: &str) -> Option<String> {
     if let Some(what) = looks_like_key(text) {
         return Some(format!("looks like {what}"));
     }
-    let why = if is_jwt(text.trim()) {
+    let why = if words(text).any(is_jwt) {
         "looks like a JSON web token"
-    } else if url_has_password(text.trim()) {
+    } else if words(text).any(url_has_password) {
         "is a URL with a password"
     } else if is_private_key(text) {
         PRIVATE_KEY
@@ -107,6 +107,12 @@ fn looks_like_secret(text: &str) -> Option<String> {
         return None;
     };
     Some(why.to_owned())
+}
+
+/// The words of a line or value: what is between spaces, quotes and punctuation around values.
+fn words(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| c.is_whitespace() || "\"'=,;()[]{}".contains(c))
+        .filter(|word| !word.is_empty())
 }
 
 /// `eyJ…` (a JSON header, base64url) `.` payload `.` signature.
@@ -126,15 +132,24 @@ fn is_private_key(text: &str) -> bool {
     text.contains("-----BEGIN") && text.contains("PRIVATE KEY-----")
 }
 
-/// `scheme://user:password@host…`
+/// `scheme://user:password@host…`, but not a placeholder (`USER:PASSWORD`, `<password>`,
+/// `${PASSWORD}`, `{{ password }}`) that a prompt documenting a format would show.
 fn url_has_password(word: &str) -> bool {
     let Some((_, rest)) = word.split_once("://") else {
         return false;
     };
-    let authority = rest.split('/').next().unwrap_or_default();
-    authority
-        .rsplit_once('@')
-        .is_some_and(|(credentials, _)| credentials.contains(':'))
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let Some((credentials, _)) = authority.rsplit_once('@') else {
+        return false;
+    };
+    let Some((_, password)) = credentials.split_once(':') else {
+        return false;
+    };
+    let placeholder = password.is_empty()
+        || password.contains(['<', '{', '$', '*'])
+        || password.eq_ignore_ascii_case("password")
+        || password.eq_ignore_ascii_case("pass");
+    !placeholder
 }
 
 /// Keys named like credentials that name the markers of an LLM's vocabulary instead
@@ -235,10 +250,13 @@ mod tests {
             "db": "postgres://admin:hunter2@db.internal:5432/app",
             "ci": "glpat-abcdefghij0123456789",
             "pem": "-----BEGIN RSA PRIVATE KEY-----\nMIIEow...",
-            // Not secrets: a version string, a URL without a password, prose about keys.
+            // Not secrets: a version string, a URL without a password, prose about keys and
+            // URLs, a format a prompt documents.
             "version": "eyJ.1.2",
             "docs": "https://user@example.com/docs",
             "note": "never paste a private key here",
+            "prose": "Docs: https://example.com. Hours: 9-5. Email: ops@example.com",
+            "format": "Connect with postgres://USER:PASSWORD@host/db or postgres://u:<password>@h",
         });
         let found = find_secrets("config", &config);
         let why: Vec<(&str, &str)> = found
