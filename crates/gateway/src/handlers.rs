@@ -337,7 +337,7 @@ fn completion_text(body: &CompletionBody) -> String {
 const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(50);
 /// Predictions expected to take up to this long run on blocking threads of their own (one per
 /// core), not behind the large batches queued for the others.
-const UNQUEUED_BUDGET: std::time::Duration = std::time::Duration::from_millis(5);
+const SMALL_BUDGET: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Serves an MLflow scoring request on an ONNX model endpoint: `{"predictions": {...}}`. The
 /// caller ([`invocations`]) has checked that the key may call it and recorded the endpoint.
@@ -437,7 +437,7 @@ async fn predict(
     // right here: handing it to a blocking thread costs more than the work (a thread wake-up).
     // Anything else — the first call, large batches, slow models — runs on a blocking thread, one
     // per core at most, so a large batch never stalls chat traffic; one expected under
-    // UNQUEUED_BUDGET has slots of its own (one per core too), so it does not wait behind large
+    // SMALL_BUDGET has slots of its own (one per core too), so it does not wait behind large
     // batches (8 batches of 3 s each held a 1-row prediction of another model for 11 s).
     let expected = model.expected_time(batch.rows());
     let result = if expected.is_some_and(|time| time <= INLINE_BUDGET) {
@@ -452,7 +452,7 @@ async fn predict(
             },
         )?
     } else {
-        let small = expected.is_some_and(|time| time <= UNQUEUED_BUDGET);
+        let small = expected.is_some_and(|time| time <= SMALL_BUDGET);
         on_blocking_thread(state, record, small, move || model.predict(batch)).await?
     };
     result
