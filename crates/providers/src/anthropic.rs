@@ -967,7 +967,7 @@ impl StreamState {
                 reason.map(|reason| self.chunk(None, Some(reason)))
             }
             "message_stop" => self.stop(),
-            "error" => return Err(stream_error(&event["error"], data)),
+            "error" => return Err(stream_error(&event, data)),
             // ping, content_block_stop, non-text deltas (thinking), and event types added later.
             _ => None,
         })
@@ -1915,7 +1915,7 @@ mod tests {
         );
         assert!(!error.is_retryable(), "{:?}", error.kind);
         for (error_type, status) in [("timeout_error", 504), ("billing_error", 402)] {
-            let (kind, _) = stream_error(&json!({ "type": error_type }), "");
+            let (kind, _) = stream_error(&json!({ "error": { "type": error_type } }), "");
             let expected = LlmErrorKind::Status {
                 status,
                 retry_after: None,

@@ -174,15 +174,7 @@ fn sse_chunks<T: Chunk>(
             Some(Ok(event)) => parse(String::from(&*event.data)).map_err(|data| {
                 match serde_json::from_str::<serde_json::Value>(&data) {
                     Ok(value) if value.get("error").is_some() => {
-                        // TGI: `{"error": "<message>", "error_type": "validation"}`.
-                        let error = match &value["error"] {
-                            serde_json::Value::String(message) => serde_json::json!({
-                                "message": message,
-                                "type": value.get("error_type"),
-                            }),
-                            error => error.clone(),
-                        };
-                        let (kind, message) = stream_error(&error, &data);
+                        let (kind, message) = stream_error(&value, &data);
                         let error = upstream.stream_fault(kind, message);
                         // As for an error status: nothing of an auth failure's body.
                         if matches!(

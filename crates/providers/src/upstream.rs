@@ -332,15 +332,19 @@ impl Upstream {
     }
 }
 
-/// What an error object (`{"message", "type", "code"}`) sent inside a 200 stream says: the error
-/// the same failure would have been before the stream, by the status the API answers it with —
-/// a numeric `code` (vLLM and other OpenAI-compatible servers send the status there), else its
+/// What a stream event carrying an `error` says (`{"error": {"message", "type", "code"}}`, or
+/// TGI's `{"error": "<message>", "error_type": …}`; `data` is the event's text): the error the
+/// same failure would have been before the stream, by the status the API answers it with — a
+/// numeric `code` (vLLM and other OpenAI-compatible servers send the status there), else its
 /// `code` or `type` by name — so a route retries, falls back from or passes it on as it would
-/// that status; an unknown error is a stream that broke off. Its `message` is quoted (or the
-/// error itself when it is a string, as Hugging Face's TGI sends it; else the whole `event`),
-/// but not an auth failure's (see [`CREDENTIALS_REJECTED`]).
-pub(crate) fn stream_error(error: &serde_json::Value, event: &str) -> (LlmErrorKind, String) {
-    let field = |name| error.get(name);
+/// that status; an unknown error is a stream that broke off. Its message is quoted (the whole
+/// event when there is none), but not an auth failure's (see [`CREDENTIALS_REJECTED`]).
+pub(crate) fn stream_error(event: &serde_json::Value, data: &str) -> (LlmErrorKind, String) {
+    let error = &event["error"];
+    let field = |name| match error {
+        serde_json::Value::String(_) if name == "type" => event.get("error_type"),
+        _ => error.get(name),
+    };
     let numeric = field("code").and_then(|code| match code {
         serde_json::Value::Number(number) => number.as_u64(),
         serde_json::Value::String(text) => text.parse().ok(),
@@ -362,7 +366,7 @@ pub(crate) fn stream_error(error: &serde_json::Value, event: &str) -> (LlmErrorK
     });
     let message = match status {
         Some(401 | 403) => CREDENTIALS_REJECTED,
-        _ => field("message").unwrap_or(error).as_str().unwrap_or(event),
+        _ => field("message").unwrap_or(error).as_str().unwrap_or(data),
     };
     (
         kind,
