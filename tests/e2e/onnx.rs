@@ -355,6 +355,15 @@ async fn bad_input_is_a_400_in_mlflows_shape_and_the_model_keeps_serving() {
         error["message"],
         "the CSV body cannot be read: row 2 has 5 fields, the header names 4"
     );
+    // Errors name the CSV body, not the `dataframe_split` request it is read as.
+    let narrow = post_as("text/csv", "a,b,c\n1,2,3\n").await.unwrap();
+    assert_eq!(narrow.status(), 400);
+    let error: Value = narrow.json().await.unwrap();
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("the CSV body has 3 columns"),
+        "{message}"
+    );
     // A short row is padded with missing values, as pandas pads it with NaN (and onnxruntime
     // answers NaN probabilities for it: null in JSON).
     let short = post_as("text/csv", "a,b,c,d\n5,6\n").await.unwrap();

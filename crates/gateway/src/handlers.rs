@@ -123,7 +123,10 @@ pub async fn invocations(
         let request = if body.len() > LARGE_BODY {
             ScoringRequest::Large { body, csv }
         } else {
-            ScoringRequest::Read(scoring_value(&body, csv, &model)?)
+            ScoringRequest::Read {
+                value: scoring_value(&body, csv, &model)?,
+                csv,
+            }
         };
         return Ok(serve_model(&state, caller, &name, model, request, &headers, &record).await?);
     }
@@ -374,7 +377,7 @@ async fn serve_model(
 
 /// A scoring request: read, or a large body (JSON or CSV) to read on a blocking thread.
 enum ScoringRequest {
-    Read(Value),
+    Read { value: Value, csv: bool },
     Large { body: bytes::Bytes, csv: bool },
 }
 
@@ -399,13 +402,19 @@ fn scoring_value(body: &[u8], csv: bool, model: &OnnxModel) -> Result<Value, Api
 impl ScoringRequest {
     /// The request's rows, one tensor per model input.
     fn batch(self, model: &OnnxModel) -> Result<Batch, ApiError> {
-        let value = match self {
-            Self::Read(value) => value,
-            Self::Large { body, csv } => scoring_value(&body, csv, model)?,
+        let (value, csv) = match self {
+            Self::Read { value, csv } => (value, csv),
+            Self::Large { body, csv } => (scoring_value(&body, csv, model)?, csv),
         };
         // MLflow's codes: a body that is no scoring request is BAD_REQUEST, values that do not
         // fit the model's inputs INVALID_PARAMETER_VALUE (an error with a `param`).
         model.parse_input(&value).map_err(|e| match e {
+            // A CSV body is read as the `dataframe_split` request pandas makes of it; its errors
+            // name what the client sent.
+            ServingError::Schema { format, message } if csv => ApiError::bad_request(
+                message.replacen(format, "the CSV body", 1),
+                Some("csv".to_owned()),
+            ),
             ServingError::Schema { format, message } => {
                 ApiError::bad_request(message, Some(format.to_owned()))
             }
