@@ -295,11 +295,12 @@ fn predict(args: PredictArgs, store: Option<PathBuf>) -> anyhow::Result<()> {
     // One request needs few of the config's secrets (a model none, a chain only its providers'
     // keys; API keys and the Redis store are not used): a `${VAR}` that is not set stands in as
     // a value that passes the config's checks (a Redis URL must start with redis://; two keys
-    // must differ) and opens nothing, and is named below if a provider may need it.
+    // must differ) and opens nothing, and is named below if it is a provider's key.
+    const PLACEHOLDER: &str = "redis://unset-for-predict/";
     let env = |name: &str| {
         std::env::var(name)
             .ok()
-            .or_else(|| Some(format!("redis://unset-for-predict/{name}")))
+            .or_else(|| Some(format!("{PLACEHOLDER}{name}")))
     };
     let config = config_path
         .as_deref()
@@ -392,7 +393,6 @@ fn predict(args: PredictArgs, store: Option<PathBuf>) -> anyhow::Result<()> {
         (None, None) => unreachable!("a target that is neither an endpoint nor a URI is a file"),
     };
     // Only a provider's key matters to one request (keys, limits and the Redis store do not).
-    const PLACEHOLDER: &str = "redis://unset-for-predict/";
     for (name, provider) in &config.providers {
         let (switchyard_gateway::ProviderKind::OpenAi { api_key, .. }
         | switchyard_gateway::ProviderKind::Anthropic { api_key, .. }) = &provider.kind
