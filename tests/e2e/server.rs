@@ -250,3 +250,60 @@ async fn a_reload_says_that_server_settings_wait_for_a_restart() {
         .await;
     assert_eq!(big.status(), 413);
 }
+
+/// Sends `GET /health` on `stream` and reads its answer (the connection stays open).
+async fn health_on(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nhost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+        .await
+        .expect("no answer within 10 s")
+        .unwrap();
+    String::from_utf8_lossy(&buffer[..read]).into_owned()
+}
+
+#[tokio::test]
+async fn at_max_connections_a_new_client_waits_until_a_connection_closes() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let gateway = TestGateway::start(&format!(
+        "[server]\nmax_connections = 2\n{}",
+        config_over(&[&upstream.base_url], "")
+    ))
+    .await;
+    let mut first = TcpStream::connect(gateway.address).await.unwrap();
+    assert!(health_on(&mut first).await.starts_with("HTTP/1.1 200 OK"));
+    let mut second = TcpStream::connect(gateway.address).await.unwrap();
+    assert!(health_on(&mut second).await.starts_with("HTTP/1.1 200 OK"));
+
+    // The kernel takes a third connection into the listen queue, but the gateway does not
+    // accept it while two are open.
+    let mut third = TcpStream::connect(gateway.address).await.unwrap();
+    third
+        .write_all(b"GET /health HTTP/1.1\r\nhost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = [0u8; 4096];
+    let waited = tokio::time::timeout(Duration::from_millis(300), third.read(&mut buffer)).await;
+    assert!(waited.is_err(), "a third connection was served: {waited:?}");
+
+    // One closes, and the waiting client is served.
+    drop(first);
+    let read = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buffer))
+        .await
+        .expect("the waiting connection was not served after one closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buffer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+
+    // The metrics request's connection could only be accepted once `second` had closed: open
+    // are `third` and that one.
+    drop(second);
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains("\nswitchyard_connections_open 2\n"),
+        "{metrics}"
+    );
+}

@@ -132,6 +132,9 @@ pub struct ServerConfig {
     /// How long a shutdown waits for requests in flight; then their connections are closed
     /// (each still logged and its tokens settled) and the process exits.
     pub shutdown_timeout: Duration,
+    /// How many client connections may be open at once; further clients wait to be accepted.
+    /// `None`: half of the open-files limit the gateway finds when it starts serving.
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -306,6 +309,8 @@ struct RawServer {
     client_timeout_ms: u64,
     #[serde(default = "default_shutdown_timeout_ms")]
     shutdown_timeout_ms: u64,
+    #[serde(default)]
+    max_connections: Option<usize>,
 }
 
 impl Default for RawServer {
@@ -316,6 +321,7 @@ impl Default for RawServer {
             header_timeout_ms: default_header_timeout_ms(),
             client_timeout_ms: default_client_timeout_ms(),
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
+            max_connections: None,
         }
     }
 }
@@ -720,6 +726,9 @@ fn compile_server(raw: RawServer, problems: &mut Problems) -> Option<ServerConfi
     if raw.max_body_bytes == 0 {
         problems.add("server.max_body_bytes", "must be greater than 0");
     }
+    if raw.max_connections == Some(0) {
+        problems.add("server.max_connections", "must be greater than 0");
+    }
     for (key, value) in [
         ("server.header_timeout_ms", raw.header_timeout_ms),
         ("server.client_timeout_ms", raw.client_timeout_ms),
@@ -734,6 +743,7 @@ fn compile_server(raw: RawServer, problems: &mut Problems) -> Option<ServerConfi
         header_timeout: Duration::from_millis(raw.header_timeout_ms),
         client_timeout: Duration::from_millis(raw.client_timeout_ms),
         shutdown_timeout: Duration::from_millis(raw.shutdown_timeout_ms),
+        max_connections: raw.max_connections,
     })
 }
 
@@ -1635,6 +1645,7 @@ mod tests {
             [server]
             header_timeout_ms = 0
             client_timeout_ms = 0
+            max_connections = 0
             [providers."bad name"]
             kind = "mock"
             [providers.m]
@@ -1654,6 +1665,7 @@ mod tests {
         assert_eq!(
             paths,
             vec![
+                "server.max_connections",
                 "server.header_timeout_ms",
                 "server.client_timeout_ms",
                 "providers.bad name",

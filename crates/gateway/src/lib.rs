@@ -11,6 +11,7 @@
 mod admin;
 mod auth;
 mod config;
+mod connections;
 mod error;
 mod extract;
 mod handlers;
@@ -38,6 +39,7 @@ pub use config::{
     EndpointConfig, EndpointKind, LimitRule, LimitScope, OnError, ProviderConfig, ProviderKind,
     RateConfig, RouteConfig, ServerConfig,
 };
+use connections::{CappedListener, ConnectionSlots, Counted, Slot};
 pub use error::{ApiError, MlflowError};
 use limits::Backend;
 use metrics::Metrics;
@@ -432,6 +434,14 @@ impl Gateway {
         self.state.0.server.listen
     }
 
+    /// The slots of `[server] max_connections`, for the one listener that serves this gateway.
+    fn connection_slots(&self) -> ConnectionSlots {
+        ConnectionSlots::new(
+            self.state.0.server.max_connections,
+            self.state.metrics().connections_open(),
+        )
+    }
+
     /// Where this gateway's config comes from, if it was started from a file.
     pub fn config_path(&self) -> Option<&Path> {
         self.state.0.source.as_ref().map(|s| s.path.as_path())
@@ -449,12 +459,16 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
     let address = listener.local_addr()?;
-    info!(%address, endpoints = gateway.state.snapshot().endpoints.len(), "switchyard listening");
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            warn!(%error, "cannot set TCP_NODELAY");
-        }
-    });
+    let slots = gateway.connection_slots();
+    info!(%address, endpoints = gateway.state.snapshot().endpoints.len(), max_connections = slots.max(), "switchyard listening");
+    let listener = CappedListener {
+        inner: listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                warn!(%error, "cannot set TCP_NODELAY");
+            }
+        }),
+        slots,
+    };
     let reloader = tokio::spawn(reload_on_sighup(gateway.clone()));
     tokio::spawn(probe_limits_store(gateway.clone()));
     serve_connections(listener, &gateway, shutdown).await;
@@ -508,11 +522,15 @@ pub fn serve_on_threads(
             connections,
             address,
         };
-        info!(%address, threads, endpoints = gateway.state.snapshot().endpoints.len(), "switchyard listening");
+        let slots = gateway.connection_slots();
+        info!(%address, threads, endpoints = gateway.state.snapshot().endpoints.len(), max_connections = slots.max(), "switchyard listening");
         event_loop_runtime()?.block_on(async {
             let reloader = tokio::spawn(reload_on_sighup(gateway.clone()));
             tokio::spawn(probe_limits_store(gateway.clone()));
-            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let listener = CappedListener {
+                inner: tokio::net::TcpListener::from_std(listener)?,
+                slots,
+            };
             let acceptor = tokio::spawn(hand_out(listener, hand_to, StopOnExit(stop.clone())));
             let signal = {
                 let stop = stop.clone();
@@ -555,8 +573,8 @@ fn event_loop_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Where the acceptor sends one event-loop thread's connections.
-type HandTo = tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>;
+/// Where the acceptor sends one event-loop thread's connections (each with its slot).
+type HandTo = tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr, Slot)>;
 
 /// Starts event-loop thread `index`: it serves the connections sent to it until `stop` is set.
 fn spawn_event_loop(
@@ -604,7 +622,7 @@ impl Drop for StopOnExit {
 /// Accepts connections until the gateway stops and hands them to the event-loop threads in
 /// turn; then closes the listening socket.
 async fn hand_out(
-    mut listener: tokio::net::TcpListener,
+    mut listener: CappedListener<tokio::net::TcpListener>,
     threads: Vec<HandTo>,
     stop_on_exit: StopOnExit,
 ) {
@@ -612,7 +630,7 @@ async fn hand_out(
     tokio::pin!(stopped);
     for thread in threads.iter().cycle() {
         // axum's accept logs and retries failed accepts (and waits a second on EMFILE).
-        let (stream, peer) = tokio::select! {
+        let (Counted { io: stream, slot }, peer) = tokio::select! {
             () = &mut stopped => return,
             accepted = axum::serve::Listener::accept(&mut listener) => accepted,
         };
@@ -627,7 +645,7 @@ async fn hand_out(
                 continue;
             }
         };
-        if thread.send((stream, peer)).is_err() {
+        if thread.send((stream, peer, slot)).is_err() {
             // That thread has stopped, so the gateway is stopping (see `StopOnExit`).
             warn!(%peer, "connection closed unanswered: the gateway is stopping");
         }
@@ -637,22 +655,22 @@ async fn hand_out(
 /// The connections [`hand_out`] gives one event-loop thread, as a listener for
 /// `serve_connections`.
 struct HandedOut {
-    connections: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    connections: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr, Slot)>,
     address: SocketAddr,
 }
 
 impl axum::serve::Listener for HandedOut {
-    type Io = tokio::net::TcpStream;
+    type Io = Counted<tokio::net::TcpStream>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
-            let Some((stream, peer)) = self.connections.recv().await else {
+            let Some((stream, peer, slot)) = self.connections.recv().await else {
                 // The acceptor has stopped, so the gateway is shutting down: nothing more comes.
                 return std::future::pending().await;
             };
             match tokio::net::TcpStream::from_std(stream) {
-                Ok(stream) => return (stream, peer),
+                Ok(io) => return (Counted { io, slot }, peer),
                 Err(error) => warn!(%error, "cannot take a connection over"),
             }
         }
@@ -683,7 +701,7 @@ async fn serve_connections<L>(
     gateway: &Gateway,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) where
-    L: axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr>,
+    L: axum::serve::Listener<Io = Counted<tokio::net::TcpStream>, Addr = SocketAddr>,
 {
     let timer = tokio::spawn(keep_a_timer_pending());
     let server = &gateway.state.0.server;

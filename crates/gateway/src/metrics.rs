@@ -177,6 +177,7 @@ pub struct Metrics {
     endpoint_info: Family<EndpointInfoLabels, Gauge>,
     step_duration: Family<StepLabels, Histogram, fn() -> Histogram>,
     step_errors: Family<StepLabels, Counter>,
+    connections_open: Gauge,
 }
 
 impl Metrics {
@@ -202,6 +203,7 @@ impl Metrics {
             endpoint_info: Family::default(),
             step_duration: Family::new_with_constructor(latency),
             step_errors: Family::default(),
+            connections_open: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -279,10 +281,20 @@ impl Metrics {
             "Chain step failures by chain and step",
             metrics.step_errors.clone(),
         );
+        registry.register(
+            "switchyard_connections_open",
+            "Client connections open (at most [server] max_connections)",
+            metrics.connections_open.clone(),
+        );
         Self {
             registry,
             ..metrics
         }
+    }
+
+    /// The gauge of open client connections, for the connection slots to keep.
+    pub fn connections_open(&self) -> Gauge {
+        self.connections_open.clone()
     }
 
     /// The Prometheus text exposition.
