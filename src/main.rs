@@ -392,23 +392,22 @@ fn predict(args: PredictArgs, store: Option<PathBuf>) -> anyhow::Result<()> {
         }
         (None, None) => unreachable!("a target that is neither an endpoint nor a URI is a file"),
     };
-    // Only a provider's key matters to one request (keys, limits and the Redis store do not).
-    for (name, provider) in &config.providers {
-        let (switchyard_gateway::ProviderKind::OpenAi { api_key, .. }
-        | switchyard_gateway::ProviderKind::Anthropic { api_key, .. }) = &provider.kind
-        else {
-            continue;
-        };
-        if let Some(variable) = api_key
-            .as_ref()
-            .and_then(|key| key.expose().strip_prefix(PLACEHOLDER))
-        {
-            eprintln!(
-                "warning: {variable} is not set: provider '{name}', whose key it is, will refuse \
-                 the call"
-            );
-        }
-    }
+    // Only a provider's key matters to one request (keys, limits and the Redis store do not);
+    // which providers the endpoint calls is known only once it runs, so an unset key is named
+    // when the call fails.
+    let unset_keys: Vec<String> = config
+        .providers
+        .iter()
+        .filter_map(|(name, provider)| {
+            let (switchyard_gateway::ProviderKind::OpenAi { api_key, .. }
+            | switchyard_gateway::ProviderKind::Anthropic { api_key, .. }) = &provider.kind
+            else {
+                return None;
+            };
+            let variable = api_key.as_ref()?.expose().strip_prefix(PLACEHOLDER)?;
+            Some(format!("{variable} (provider '{name}')"))
+        })
+        .collect();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -420,6 +419,13 @@ fn predict(args: PredictArgs, store: Option<PathBuf>) -> anyhow::Result<()> {
     ))?;
     let answer = String::from_utf8_lossy(&answer);
     if !status.is_success() {
+        if !unset_keys.is_empty() {
+            eprintln!(
+                "note: these providers' api_key variables are not set, and a provider refuses \
+                 calls without its key: {}",
+                unset_keys.join(", ")
+            );
+        }
         anyhow::bail!("endpoint {name} answered {status}: {answer}");
     }
     println!("{}", answer.trim_end());
