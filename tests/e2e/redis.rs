@@ -2,7 +2,6 @@
 //! and coming back.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -197,16 +196,15 @@ async fn a_redis_restarted_while_idle_costs_no_request() {
 }
 
 /// A "Redis" that accepts connections and never answers (hung, or its packets dropped): its
-/// URL, and how many connections it accepted.
-async fn silent_redis() -> (String, Arc<AtomicUsize>) {
+/// URL, and how many connections it has accepted.
+async fn silent_redis() -> (String, tokio::sync::watch::Receiver<usize>) {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("redis://{}", silent.local_addr().unwrap());
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
+    let (counter, accepted) = tokio::sync::watch::channel(0);
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((socket, _)) = silent.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
+            counter.send_modify(|n| *n += 1);
             held.push(socket);
         }
     });
@@ -232,13 +230,46 @@ async fn a_redis_that_stops_answering_holds_one_request_not_every_one() {
         // went on at once, one of them trying Redis again every 100 ms (and waiting its 300 ms).
         // (Waiting on Redis each, the 20 would have opened 20 connections in 6 s.)
         let tries_allowed = 2 + elapsed.as_millis() / 400;
-        let tries = accepted.load(Ordering::SeqCst) as u128;
+        let tries = *accepted.borrow() as u128;
         assert!(
             (1..=tries_allowed).contains(&tries),
             "on_error = {on_error}: {tries} connections in {elapsed:?}"
         );
     }
     assert_eq!(upstream.requests().len(), 20, "only the allowed ones");
+}
+
+#[tokio::test]
+async fn while_one_request_tries_a_hung_redis_again_the_others_do_not_wait() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let (url, mut accepted) = silent_redis().await;
+    let rule = "scope = [\"global\"]\nrequests_per_minute = 600";
+    // timeout_ms = 2000: a request that asks Redis waits 2 s.
+    let gateway = Arc::new(
+        TestGateway::start(&limited_config(&upstream.base_url, &url, "allow", rule)).await,
+    );
+    // The first request finds Redis hung: it waits out timeout_ms (as does the PING the
+    // gateway sends at start-up, on a connection of its own).
+    assert_eq!(status(&gateway).await, 200);
+    let tried = *accepted.borrow();
+    // Past RETRY_EVERY (100 ms) one request tries Redis again, and waits 2 s in turn...
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let retry = tokio::spawn({
+        let gateway = gateway.clone();
+        async move { status(&gateway).await }
+    });
+    accepted.wait_for(|n| *n == tried + 1).await.unwrap();
+    // ...and a request past RETRY_EVERY again, while that retry runs, does not try as well: it
+    // goes on at once (on_error = "allow"), before the retry has its answer.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(status(&gateway).await, 200);
+    assert!(!retry.is_finished());
+    assert_eq!(
+        *accepted.borrow(),
+        tried + 1,
+        "a second retry while the first ran"
+    );
+    assert_eq!(retry.await.unwrap(), 200);
 }
 
 async fn limited_gateway(

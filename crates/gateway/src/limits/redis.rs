@@ -165,18 +165,26 @@ pub struct RedisStore {
     /// dropped.
     idle: ThreadLocal<Mutex<Vec<Connection>>>,
     /// Set when Redis could not be reached (no connection, or no answer within `timeout_ms`):
-    /// decisions then go to `on_error` at once, and one request tries Redis again every
+    /// decisions then go to `on_error` at once, and one request at a time tries Redis again,
     /// [`RETRY_EVERY`] after the last try failed, so a Redis that is down or hangs neither gets
     /// hammered nor holds every request for `timeout_ms`. (An error Redis answers with costs no
     /// wait: not counted.)
     unreachable: AtomicBool,
-    /// When it was found unreachable, or when the last try after that began.
-    unreachable_at: Mutex<Option<Instant>>,
+    /// Since when it was unreachable, or since when a decision has been trying it again.
+    unreachable_at: Mutex<Option<Unreachable>>,
     script: redis::Script,
     timeout: Duration,
     degraded: AtomicBool,
     /// When the last [`RedisStore::probe`] began.
     last_probe: Mutex<Option<Instant>>,
+}
+
+/// Redis out of reach, as decisions see it.
+#[derive(Clone, Copy)]
+struct Unreachable {
+    /// When the last try failed, or (`retrying`) when the try now running began.
+    since: Instant,
+    retrying: bool,
 }
 
 /// `/ready` probes Redis at most this often.
@@ -254,27 +262,37 @@ impl RedisStore {
         }
     }
 
-    fn unreachable_at(&self) -> MutexGuard<'_, Option<Instant>> {
+    fn unreachable_at(&self) -> MutexGuard<'_, Option<Unreachable>> {
         self.unreachable_at
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether this decision skips Redis: it was unreachable less than [`RETRY_EVERY`] ago.
-    /// Past that, this decision is the retry, and the others keep skipping while it runs.
+    /// Whether this decision skips Redis: it was unreachable less than [`RETRY_EVERY`] ago, or
+    /// another decision is trying it again. Otherwise this decision is the retry, and the others
+    /// skip while it runs: it ends within `timeout_ms` (one whose request was dropped midway
+    /// never reports, so after that long it counts as over).
     fn skips_redis(&self) -> bool {
         // The atomic first: a healthy limiter takes no lock here.
         if !self.unreachable.load(Ordering::Relaxed) {
             return false;
         }
         let mut at = self.unreachable_at();
-        match *at {
-            Some(since) if since.elapsed() < RETRY_EVERY => true,
-            _ => {
-                *at = Some(Instant::now());
-                false
-            }
+        let skips = at.is_some_and(|u| {
+            let wait = if u.retrying {
+                self.timeout
+            } else {
+                Duration::ZERO
+            };
+            u.since.elapsed() < wait + RETRY_EVERY
+        });
+        if !skips {
+            *at = Some(Unreachable {
+                since: Instant::now(),
+                retrying: true,
+            });
         }
+        skips
     }
 
     /// Whether an exchange that began at `started` and succeeded says Redis is back: one that
@@ -284,7 +302,7 @@ impl RedisStore {
             return true;
         }
         let mut at = self.unreachable_at();
-        if at.is_some_and(|since| started < since) {
+        if at.is_some_and(|u| started < u.since) {
             return false;
         }
         *at = None;
@@ -408,7 +426,10 @@ impl RedisStore {
 
     /// Redis could not be reached: decisions skip it for [`RETRY_EVERY`].
     fn mark_unreachable(&self, why: &str) {
-        *self.unreachable_at() = Some(Instant::now());
+        *self.unreachable_at() = Some(Unreachable {
+            since: Instant::now(),
+            retrying: false,
+        });
         self.unreachable.store(true, Ordering::Relaxed);
         self.drop_idle();
         self.record(false, why);
