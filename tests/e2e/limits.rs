@@ -599,6 +599,13 @@ async fn a_provider_at_its_concurrency_cap_fails_excess_calls_after_the_queue_ti
         metrics.contains("switchyard_provider_queue_wait_seconds_count{provider=\"fake\"} 2\n"),
         "{metrics}"
     );
+    // One did not wait, one waited out the 100 ms: buckets tell the two apart.
+    for (le, count) in [("0.064", 1), ("0.128", 2)] {
+        let bucket = format!(
+            "switchyard_provider_queue_wait_seconds_bucket{{le=\"{le}\",provider=\"fake\"}} {count}\n"
+        );
+        assert!(metrics.contains(&bucket), "{bucket}{metrics}");
+    }
 }
 
 #[tokio::test]

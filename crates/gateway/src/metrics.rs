@@ -199,7 +199,7 @@ impl Metrics {
             ratelimit: Family::default(),
             limiter_errors: Counter::default(),
             in_flight: Family::default(),
-            queue_wait: Family::new_with_constructor(overhead_constructor),
+            queue_wait: Family::new_with_constructor(latency),
             endpoint_info: Family::default(),
             step_duration: Family::new_with_constructor(latency),
             step_errors: Family::default(),
