@@ -32,12 +32,18 @@ impl Telemetry {
     }
 }
 
+/// How long the exit waits for the last spans to reach the collector (after the requests, the
+/// log lines and the token settlements, so only spans are lost if it is slow).
+const SPAN_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Drop for Telemetry {
     fn drop(&mut self) {
         if let Some(provider) = self.provider.take()
-            && let Err(error) = provider.shutdown()
+            && let Err(error) = provider.shutdown_with_timeout(SPAN_FLUSH)
         {
-            eprintln!("could not flush OTLP spans: {error}");
+            // The log writer is still open (it closes after this): the line is in the log's
+            // format.
+            tracing::warn!(%error, "could not flush OTLP spans");
         }
     }
 }
@@ -77,6 +83,15 @@ pub fn init(json: bool) -> anyhow::Result<Telemetry> {
         .with(logs)
         .with(spans)
         .try_init()?;
+    if provider.is_some() {
+        // Where spans go; an export that fails is logged by the exporter (its `internal-logs`).
+        tracing::info!(
+            endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default(),
+            protocol = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
+                .unwrap_or_else(|_| "http/protobuf".to_owned()),
+            "exporting traces over OTLP"
+        );
+    }
     Ok(Telemetry {
         provider,
         _log_writer: log_writer,
@@ -321,13 +336,14 @@ fn otlp_provider() -> anyhow::Result<SdkTracerProvider> {
         .with_http()
         .with_protocol(protocol)
         .build()?;
-    // `OTEL_SERVICE_NAME` (or `service.name` in `OTEL_RESOURCE_ATTRIBUTES`) names the service
-    // when set: the builder reads both.
+    // `OTEL_SERVICE_NAME`, else `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, names the
+    // service (the builder reads both, but lets the second win), else `switchyard`.
     let mut resource = opentelemetry_sdk::Resource::builder();
-    let named = std::env::var_os("OTEL_SERVICE_NAME").is_some_and(|name| !name.is_empty())
-        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|a| a.contains("service.name="));
-    if !named {
-        resource = resource.with_service_name("switchyard");
+    match std::env::var("OTEL_SERVICE_NAME") {
+        Ok(name) if !name.trim().is_empty() => resource = resource.with_service_name(name),
+        _ if std::env::var("OTEL_RESOURCE_ATTRIBUTES")
+            .is_ok_and(|a| a.contains("service.name=")) => {}
+        _ => resource = resource.with_service_name("switchyard"),
     }
     let resource = resource.build();
     Ok(SdkTracerProvider::builder()

@@ -661,6 +661,12 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
         Box::new(Reply::Echo),
     )])
     .await;
+    let hangs = FakeUpstream::start(vec![Reply::Delay(
+        Duration::from_secs(10),
+        Box::new(Reply::Echo),
+    )])
+    .await;
+    let breaks = FakeUpstream::start(vec![Reply::StreamThenDrop(vec!["a", "b"])]).await;
     let dir = crate::common::temp_dir("otlp");
     let config = dir.join("gateway.toml");
     std::fs::write(
@@ -677,20 +683,33 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
              [providers.slow]\nkind = \"openai\"\nbase_url = \"{}\"\n\
              [routes.slow]\ntargets = [{{ provider = \"slow\", model = \"gpt-slow\" }}]\n\
              attempt_timeout_ms = 100\nretries = 0\n\
-             [[endpoints]]\nname = \"slow\"\nroute = \"slow\"\n",
+             [[endpoints]]\nname = \"slow\"\nroute = \"slow\"\n\
+             [providers.hangs]\nkind = \"openai\"\nbase_url = \"{}\"\n\
+             [routes.hangs]\ntargets = [{{ provider = \"hangs\", model = \"m\" }}]\n\
+             [[endpoints]]\nname = \"hangs\"\nroute = \"hangs\"\n\
+             [providers.breaks]\nkind = \"openai\"\nbase_url = \"{}\"\n\
+             [routes.breaks]\ntargets = [{{ provider = \"breaks\", model = \"m\" }}]\n\
+             [[endpoints]]\nname = \"breaks\"\nroute = \"breaks\"\n",
             switchyard_chains::chain_dir("summarize_then_answer").display(),
             crate::common::closed_port_url().await,
             upstream.base_url,
             slow.base_url,
+            hangs.base_url,
+            breaks.base_url,
         ),
     )
     .unwrap();
-    let mut gateway = GatewayProcess::start(
+    let gateway = GatewayProcess::start(
         &config,
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            // OTEL_SERVICE_NAME wins over a service.name among the resource attributes.
             ("OTEL_SERVICE_NAME", "support-gateway"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "service.name=from-attributes,deployment.environment=test",
+            ),
         ],
     );
     let conversation = serde_json::json!({"model": "summarize", "messages": [
@@ -724,6 +743,11 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
     proxied["model"] = "proxied".into();
     let answered = reqwest::Client::new()
         .post(gateway.url("/v1/chat/completions"))
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .header("tracestate", "vendor=caller-private")
         .json(&proxied)
         .send()
         .await
@@ -742,6 +766,8 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
         ("00", proxied_trace.as_str(), "01")
     );
     let call_span = sent[2].to_owned();
+    // The ids only: not the caller's tracestate.
+    assert_eq!(upstream.requests()[0].tracestate, None);
     // A call the route's deadline cut off.
     let mut slow_request = chat_body("x");
     slow_request["model"] = "slow".into();
@@ -756,6 +782,42 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
         .to_str()
         .unwrap()
         .to_owned();
+
+    // A stream that breaks off after its 200: its request span lasts until then and says so.
+    let mut breaking = chat_body("x");
+    breaking["model"] = "breaks".into();
+    breaking["stream"] = true.into();
+    let broke = reqwest::Client::new()
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&breaking)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(broke.status(), 200);
+    let broke_trace = broke.headers()["x-trace-id"].to_str().unwrap().to_owned();
+    assert!(broke.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    // A client that leaves before its answer: the request span still gets its attributes.
+    let mut hanging = chat_body("x");
+    hanging["model"] = "hangs".into();
+    let left = reqwest::Client::new()
+        .post(gateway.url("/v1/chat/completions"))
+        .timeout(Duration::from_millis(300))
+        .json(&hanging)
+        .send()
+        .await;
+    assert!(left.unwrap_err().is_timeout());
+    // Read off this runtime: the collector and the upstreams run on it.
+    let (mut gateway, lines) = tokio::task::spawn_blocking(move || {
+        let lines = gateway.request_lines(6);
+        (gateway, lines)
+    })
+    .await
+    .unwrap();
+    let left_line = lines
+        .iter()
+        .find(|line| line["endpoint"] == "hangs")
+        .unwrap_or_else(|| panic!("{lines:#?}"));
+    assert_eq!(left_line["status"], 499);
 
     // Spans are flushed when the process exits; the collector runs on this test's runtime, so
     // wait for the exit off it.
@@ -796,6 +858,29 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
         .find(|s| s["traceId"] == failed_trace.as_str() && s["name"] == "request")
         .unwrap_or_else(|| panic!("{all_spans:#?}"));
     assert_eq!(failed["status"]["code"], 2, "{failed}");
+    // A stream that broke off: an error, with the outcome of its log line.
+    let broke = all_spans
+        .iter()
+        .find(|s| s["traceId"] == broke_trace.as_str() && s["name"] == "request")
+        .unwrap_or_else(|| panic!("{all_spans:#?}"));
+    assert_eq!(broke["status"]["code"], 2, "{broke}");
+    assert_eq!(
+        attribute(broke, "outcome").unwrap()["stringValue"],
+        "upstream_error"
+    );
+    // A client that left: its endpoint and status 499, not an error of the gateway's.
+    let left = all_spans
+        .iter()
+        .find(|s| {
+            s["name"] == "request"
+                && attribute(s, "endpoint").is_some_and(|e| e["stringValue"] == "hangs")
+        })
+        .unwrap_or_else(|| panic!("{all_spans:#?}"));
+    assert_eq!(
+        attribute(left, "outcome").unwrap()["stringValue"],
+        "client_closed"
+    );
+    assert_ne!(left["status"]["code"], 2, "{left}");
     // Its upstream call (a refused connection) too, with the reason.
     let failed_call = all_spans
         .iter()

@@ -66,6 +66,7 @@ pub struct Recorded {
     pub authorization: Option<String>,
     pub host: Option<String>,
     pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
     pub version: axum::http::Version,
 }
 
@@ -195,6 +196,7 @@ async fn fake_completions(
         authorization: header("authorization"),
         host: header("host"),
         traceparent: header("traceparent"),
+        tracestate: header("tracestate"),
         version,
     });
     state.received.notify_waiters();

@@ -32,6 +32,9 @@ pub struct RequestRecord {
     pub path: String,
     pub stats: Arc<RequestStats>,
     details: Mutex<Details>,
+    /// The request's span when traces are exported: kept here so that it lasts as long as the
+    /// request does (a stream's until its end) and gets its outcome.
+    span: Option<tracing::Span>,
 }
 
 /// What the handler learns while serving.
@@ -66,12 +69,36 @@ impl RequestRecord {
             .clone()
     }
 
-    /// Writes the request's metrics and its log line, with the time until now.
+    /// Writes the request's metrics and its log line, with the time until now, and gives its
+    /// span (if traced) its outcome.
     pub fn finish(&self, state: &AppState, status: u16, outcome: &str) {
         let details = self.details();
         let elapsed = self.start.elapsed();
+        self.trace(&details, status, Some(outcome));
         self.count(state, &details, status, elapsed);
         self.log(&details, status, outcome, elapsed);
+    }
+
+    /// Records the request's attributes on its span, if it is traced: an error status for a
+    /// 5xx, or for a stream that broke off, timed out or was cut off by the shutdown after its
+    /// 200 (not for a client that left).
+    fn trace(&self, details: &Details, status: u16, outcome: Option<&str>) {
+        let Some(span) = &self.span else {
+            return;
+        };
+        span.record("http.request.method", self.method.as_str());
+        span.record("url.path", self.path.as_str());
+        // An integer attribute (tracing-opentelemetry exports unsigned values as strings).
+        span.record("http.response.status_code", i64::from(status));
+        if let Some(endpoint) = &details.endpoint {
+            span.record("endpoint", endpoint.as_str());
+        }
+        if let Some(outcome) = outcome {
+            span.record("outcome", outcome);
+        }
+        if status >= 500 || matches!(outcome, Some("upstream_error" | "timeout" | "shutdown")) {
+            span.record("otel.status_code", "error");
+        }
     }
 
     /// The request's metrics.
@@ -138,20 +165,6 @@ pub async fn log_request(
             (id, header)
         }
     };
-    let record = Arc::new(RequestRecord {
-        start,
-        request_id,
-        method: request.method().to_string(),
-        path: request.uri().path().to_owned(),
-        stats: Arc::new(RequestStats::default()),
-        details: Mutex::new(Details::default()),
-    });
-    request.extensions_mut().insert(record.clone());
-    // A client that hangs up drops this future mid-way: the guard still logs and counts it.
-    let mut unfinished = Unfinished {
-        record: Some(record.clone()),
-        state: state.clone(),
-    };
     // The request's span: chain steps and upstream calls are its children in a trace, and log
     // lines written inside it start with `request{request_id="…"}`. The fields only a trace
     // reads are declared only when traces are exported: the log layer visits every field a
@@ -160,18 +173,19 @@ pub async fn log_request(
     let span = if traced {
         info_span!(
             "request",
-            request_id = record.request_id.as_str(),
+            request_id = request_id.as_str(),
             "http.request.method" = tracing::field::Empty,
             "url.path" = tracing::field::Empty,
             endpoint = tracing::field::Empty,
             "http.response.status_code" = tracing::field::Empty,
+            outcome = tracing::field::Empty,
             // Read by the OpenTelemetry layer when the span is made (log lines leave `otel.*`
             // fields out).
             "otel.kind" = "server",
             "otel.status_code" = tracing::field::Empty,
         )
     } else {
-        info_span!("request", request_id = record.request_id.as_str())
+        info_span!("request", request_id = request_id.as_str())
     };
     // A caller's W3C `traceparent` makes the request part of its trace.
     if traced && request.headers().contains_key(TRACEPARENT) {
@@ -179,6 +193,21 @@ pub async fn log_request(
         // An unreadable traceparent yields no parent, and the request starts its own trace.
         let _ = span.set_parent(parent);
     }
+    let record = Arc::new(RequestRecord {
+        start,
+        request_id,
+        method: request.method().to_string(),
+        path: request.uri().path().to_owned(),
+        stats: Arc::new(RequestStats::default()),
+        details: Mutex::new(Details::default()),
+        span: traced.then(|| span.clone()),
+    });
+    request.extensions_mut().insert(record.clone());
+    // A client that hangs up drops this future mid-way: the guard still logs and counts it.
+    let mut unfinished = Unfinished {
+        record: Some(record.clone()),
+        state: state.clone(),
+    };
     let mut response = RequestStats::scope(record.stats.clone(), next.run(request))
         .instrument(span.clone())
         .await;
@@ -186,27 +215,22 @@ pub async fn log_request(
         .headers_mut()
         .entry(REQUEST_ID)
         .or_insert(request_id_header);
-    // A trace gets the request's attributes and outcome, and the response says which trace to
-    // look for.
+    let details = record.details();
+    let status = response.status().as_u16();
+    let outcome = match status {
+        200..=299 => "ok",
+        429 => "rate_limited",
+        _ => "error",
+    };
+    // A trace gets the request's attributes (a stream's outcome when it ends), and the response
+    // says which trace to look for.
     let trace_id = if traced {
         span.context().span().span_context().trace_id()
     } else {
         TraceId::INVALID
     };
     if trace_id != TraceId::INVALID {
-        if response.status().is_server_error() {
-            span.record("otel.status_code", "error");
-        }
-        span.record("http.request.method", record.method.as_str());
-        span.record("url.path", record.path.as_str());
-        // An integer attribute (tracing-opentelemetry exports unsigned values as strings).
-        span.record(
-            "http.response.status_code",
-            i64::from(response.status().as_u16()),
-        );
-        if let Some(endpoint) = record.details().endpoint {
-            span.record("endpoint", endpoint);
-        }
+        record.trace(&details, status, (!details.streamed).then_some(outcome));
         if let Ok(value) = HeaderValue::from_str(&trace_id.to_string()) {
             response.headers_mut().insert("x-trace-id", value);
         }
@@ -214,26 +238,17 @@ pub async fn log_request(
     // What the gateway added: time to the response, minus the time spent waiting on upstreams
     // (for a stream, that is until its first chunk).
     let elapsed = record.start.elapsed();
-    let details = record.details();
     if let Some(endpoint) = &details.endpoint {
         let overhead = elapsed.saturating_sub(record.stats.upstream());
         state.metrics().overhead(endpoint, details.kind, overhead);
     }
     unfinished.record = None;
     if !details.streamed {
-        let status = response.status();
-        record.count(&state, &details, status.as_u16(), elapsed);
+        record.count(&state, &details, status, elapsed);
         // Formatting the log line is the larger part of this work: it is done once the response
         // is on its way (the metrics are counted before, so a client that reads /metrics next
         // finds its request there).
-        state.after_response(move || {
-            let outcome = match status.as_u16() {
-                200..=299 => "ok",
-                429 => "rate_limited",
-                _ => "error",
-            };
-            record.log(&details, status.as_u16(), outcome, elapsed);
-        });
+        state.after_response(move || record.log(&details, status, outcome, elapsed));
     }
     response
 }
@@ -249,6 +264,11 @@ struct HeadersMut<'a>(&'a mut axum::http::HeaderMap);
 
 impl Injector for HeadersMut<'_> {
     fn set(&mut self, key: &str, value: String) {
+        // Upstreams (public APIs too) get the ids only: `tracestate` would carry the caller's
+        // vendor data to them (and an empty one is not to be sent).
+        if key != TRACEPARENT.as_str() {
+            return;
+        }
         if let (Ok(name), Ok(value)) = (HeaderName::try_from(key), HeaderValue::try_from(value)) {
             self.0.insert(name, value);
         }
