@@ -223,6 +223,12 @@ async fn metrics_count_exactly_what_happened() {
         value(r#"switchyard_tokens_total{direction="completion",endpoint="chat"}"#),
         2.0
     );
+    // A chain's tokens are those of all its calls: the summary's (one prompt message) and the
+    // answer's (system and last message), though its answer reports the last call's only.
+    assert_eq!(
+        value(r#"switchyard_tokens_total{direction="prompt",endpoint="summarize"}"#),
+        30.0
+    );
     let overhead_count: f64 = samples
         .iter()
         .filter(|(k, _)| k.starts_with("switchyard_gateway_overhead_seconds{"))

@@ -13,7 +13,7 @@ use crate::chain::{ChainError, ChainErrorKind, ChainOutput};
 use crate::llm::{ChunkStream, Llm};
 use crate::observe::{Observer, RequestStats};
 use crate::prompts::Prompts;
-use crate::wire::{ChatRequest, ChatResponse};
+use crate::wire::{ChatRequest, ChatResponse, Usage};
 
 /// Who is asking: request metadata a chain may read (e.g. to personalise a prompt).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -42,7 +42,33 @@ pub struct ChainResources {
 pub struct ChainContext {
     resources: Arc<ChainResources>,
     meta: RequestMeta,
-    tokens_used: Arc<AtomicU64>,
+    tokens_used: Arc<TokensUsed>,
+}
+
+/// The usage reported for a context's LLM calls, summed.
+#[derive(Default)]
+struct TokensUsed {
+    prompt: AtomicU64,
+    completion: AtomicU64,
+    total: AtomicU64,
+}
+
+impl TokensUsed {
+    /// Adds what `usage` reports beyond `before` (a stream's usage reported so far, counted
+    /// already; zero for a complete answer).
+    fn add(&self, usage: &Usage, before: &Usage) {
+        for (count, now, then) in [
+            (&self.prompt, usage.prompt_tokens, before.prompt_tokens),
+            (
+                &self.completion,
+                usage.completion_tokens,
+                before.completion_tokens,
+            ),
+            (&self.total, usage.total_tokens, before.total_tokens),
+        ] {
+            count.fetch_add(now.saturating_sub(then), Ordering::Relaxed);
+        }
+    }
 }
 
 impl ChainContext {
@@ -63,7 +89,20 @@ impl ChainContext {
     /// gateway settles token limits with it when a chain fails after some of its calls, or
     /// reports less usage than its calls had.
     pub fn tokens_used(&self) -> u64 {
-        self.tokens_used.load(Ordering::Relaxed)
+        self.tokens_used.total.load(Ordering::Relaxed)
+    }
+
+    /// The same count by direction: the usage of all this context's LLM calls together (a
+    /// chain's own answer may report only its last call's), for the request's log line and
+    /// token metrics.
+    pub fn usage(&self) -> Usage {
+        let used = &self.tokens_used;
+        let mut usage = Usage::new(
+            used.prompt.load(Ordering::Relaxed),
+            used.completion.load(Ordering::Relaxed),
+        );
+        usage.total_tokens = used.total.load(Ordering::Relaxed);
+        usage
     }
 
     /// A handle to the logical LLM `name` (mapped to a gateway route by `chain.toml`'s `[llms]`).
@@ -145,9 +184,7 @@ impl LlmHandle<'_> {
                 .ok()
                 .and_then(|r| r.usage.clone())
                 .unwrap_or_default();
-            self.ctx
-                .tokens_used
-                .fetch_add(usage.total_tokens, Ordering::Relaxed);
+            self.ctx.tokens_used.add(&usage, &Usage::default());
             let span = tracing::Span::current();
             // As integers: tracing-opentelemetry exports unsigned values as strings.
             let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -213,14 +250,16 @@ impl LlmHandle<'_> {
         let tokens_used = self.ctx.tokens_used.clone();
         // Some servers report the usage so far on every chunk (vLLM's `continuous_usage_stats`):
         // only what a report adds to the last one is counted.
-        let mut counted = 0;
+        let mut counted = Usage::default();
         // Stream errors are LLM errors of this step; the message says which step broke off.
         Ok(Box::pin(stream.map(move |item| match item {
             Ok(chunk) => {
                 if let Some(usage) = &chunk.usage {
-                    let total = usage.total_tokens;
-                    tokens_used.fetch_add(total.saturating_sub(counted), Ordering::Relaxed);
-                    counted = counted.max(total);
+                    tokens_used.add(usage, &counted);
+                    counted.prompt_tokens = counted.prompt_tokens.max(usage.prompt_tokens);
+                    counted.completion_tokens =
+                        counted.completion_tokens.max(usage.completion_tokens);
+                    counted.total_tokens = counted.total_tokens.max(usage.total_tokens);
                 }
                 Ok(chunk)
             }
@@ -318,6 +357,16 @@ mod tests {
         stream.next().await.unwrap().unwrap();
         assert_eq!(ctx.tokens_used(), 37);
         assert_eq!(ctx.clone().tokens_used(), 37, "clones share the count");
+        let usage = ctx.usage();
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens
+            ),
+            (30, 7, 37),
+            "by direction too"
+        );
 
         // Usage so far on every chunk (6, then 7 in all): counted once.
         let mut stream = ctx.llm("c").unwrap().chat_stream(request()).await.unwrap();

@@ -311,10 +311,7 @@ async fn serve_chat(
         response.headers_mut().extend(admission.take_headers());
         admission.settle(spent(body.usage.as_ref().map(|u| u.total_tokens)));
         record.update(|d| {
-            if let Some(usage) = &body.usage {
-                d.prompt_tokens = Some(usage.prompt_tokens);
-                d.completion_tokens = Some(usage.completion_tokens);
-            }
+            d.count_tokens(body.usage.as_ref(), chain_tokens.as_ref());
             d.payload = logged_messages.zip(text);
         });
         Ok(response)
@@ -612,10 +609,7 @@ impl StreamLog {
         }
         let payload = self.payload.take();
         self.record.update(|d| {
-            if let Some(usage) = &self.usage {
-                d.prompt_tokens = Some(usage.prompt_tokens);
-                d.completion_tokens = Some(usage.completion_tokens);
-            }
+            d.count_tokens(self.usage.as_ref(), self.chain.as_ref());
             d.payload = payload;
         });
         self.record.finish(&self.state, 200, outcome);

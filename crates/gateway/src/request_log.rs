@@ -17,7 +17,7 @@ use axum::response::Response;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TraceId};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use switchyard_core::RequestStats;
+use switchyard_core::{ChainContext, RequestStats, Usage};
 use tracing::{Instrument, info, info_span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -55,6 +55,29 @@ pub struct Details {
     pub streamed: bool,
     /// The request's messages (JSON) and the completion, for endpoints with `log_payloads`.
     pub payload: Option<(String, String)>,
+}
+
+impl Details {
+    /// The request's tokens: what its answer reported, and for a chain at least what its LLM
+    /// calls reported together, in each direction (a chain's answer may report its last call
+    /// only). Nothing if neither reported any.
+    pub fn count_tokens(&mut self, reported: Option<&Usage>, chain: Option<&ChainContext>) {
+        let used = chain
+            .map(ChainContext::usage)
+            .filter(|u| u.total_tokens > 0);
+        let (prompt, completion) = match (reported, &used) {
+            (None, None) => return,
+            (Some(usage), None) | (None, Some(usage)) => {
+                (usage.prompt_tokens, usage.completion_tokens)
+            }
+            (Some(reported), Some(used)) => (
+                reported.prompt_tokens.max(used.prompt_tokens),
+                reported.completion_tokens.max(used.completion_tokens),
+            ),
+        };
+        self.prompt_tokens = Some(prompt);
+        self.completion_tokens = Some(completion);
+    }
 }
 
 impl RequestRecord {
