@@ -117,17 +117,34 @@ enum LogCommand {
 enum ModelsCommand {
     /// List models with their versions and aliases.
     List,
-    /// Show a version's MLmodel and check its files.
-    Show { uri: String },
+    /// Show a version's MLmodel, check its files, and for a chain say whether its code is the
+    /// code compiled into this binary.
+    Show {
+        /// The version: `models:/name/3`, `models:/name@alias` or `models:/name/latest`.
+        uri: String,
+    },
     /// Point an alias of a model at a version.
     Alias {
+        /// The model's name in the store.
         model: String,
+        /// The alias, e.g. production.
         alias: String,
+        /// The version number it is to point at.
         version: u64,
+        /// Move the alias even if the version is a chain whose code is not the code compiled
+        /// into this binary (which would refuse to serve it), e.g. when the serving binary is
+        /// built elsewhere.
+        #[arg(long)]
+        allow_code_mismatch: bool,
     },
     /// Write a logged version back out (checked intact first): a chain's folder, to rebuild
     /// from the logged code, or an ONNX model's MLflow model directory.
-    Restore { uri: String, dir: PathBuf },
+    Restore {
+        /// The version: `models:/name/3`, `models:/name@alias` or `models:/name/latest`.
+        uri: String,
+        /// A folder that does not exist yet.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -203,6 +220,7 @@ fn main() -> anyhow::Result<()> {
         }) => {
             let store = store();
             let logged = store.log_chain(&dir, &name, &switchyard_chains::registry())?;
+
             if let Some(alias) = &alias
                 && logged.code_differs
                 && !allow_code_mismatch
@@ -223,6 +241,27 @@ fn main() -> anyhow::Result<()> {
         Command::Predict(args) => predict(args, cli.store.clone())?,
     }
     Ok(())
+}
+
+/// For a logged chain whose code is not the code compiled into this binary, how it differs
+/// (a gateway built like this binary refuses to serve it).
+fn code_differs(version: &switchyard_store::ModelVersion) -> Option<String> {
+    let Ok(Some(flavor)) = version.mlmodel.chain_flavor() else {
+        return None;
+    };
+    let registry = switchyard_chains::registry();
+    match registry.get(&flavor.chain) {
+        None => Some(format!(
+            "runs the chain '{}', which is not compiled into this binary",
+            flavor.chain
+        )),
+        Some(entry) if entry.code_sha256 != flavor.code_sha256 => Some(format!(
+            "has code that differs from the '{}' chain compiled into this binary (code_sha256 {} \
+             vs {})",
+            flavor.chain, flavor.code_sha256, entry.code_sha256
+        )),
+        Some(_) => None,
+    }
 }
 
 /// The exit status of `log chain --alias` when the version was logged but the alias kept.
@@ -252,6 +291,12 @@ fn report(
 ) -> anyhow::Result<()> {
     for warning in &logged.warnings {
         eprintln!("warning: {warning}");
+    }
+    if logged.code_differs && logged.created {
+        eprintln!(
+            "warning: models:/{name}/latest is this version now: an endpoint that serves it \
+             refuses to start or reload on a gateway built like this binary"
+        );
     }
     if !logged.created {
         eprintln!(
@@ -477,14 +522,30 @@ fn models(store: &Store, command: ModelsCommand) -> anyhow::Result<()> {
                     anyhow::bail!("{} is not intact: {error}", version.uri());
                 }
             }
+            if let Some(differs) = code_differs(&version) {
+                println!("# code: {differs}");
+            } else if version.mlmodel.onnx_data().is_none() {
+                println!("# code: the code compiled into this binary (code_sha256 matches)");
+            }
         }
         ModelsCommand::Alias {
             model,
             alias,
             version,
+            allow_code_mismatch,
         } => {
+            let uri = format!("models:/{model}/{version}");
+            if !allow_code_mismatch
+                && let Some(differs) = code_differs(&store.resolve(&uri.parse::<ModelUri>()?)?)
+            {
+                anyhow::bail!(
+                    "models:/{model}@{alias} was not moved: {uri} {differs}, so a gateway built \
+                     like this binary would refuse it. Build the gateway from its code first, or \
+                     pass --allow-code-mismatch"
+                );
+            }
             store.set_alias(&model, &alias, version)?;
-            println!("models:/{model}@{alias} -> models:/{model}/{version}");
+            println!("models:/{model}@{alias} -> {uri}");
         }
         ModelsCommand::Restore { uri, dir } => {
             let version = store.restore(&uri.parse::<ModelUri>()?, &dir)?;

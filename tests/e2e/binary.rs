@@ -337,7 +337,10 @@ fn the_cli_logs_lists_aliases_shows_and_restores() {
         "{shown}"
     );
     assert!(
-        shown.ends_with("# files: intact (content_sha256 matches)\n"),
+        shown.ends_with(
+            "# files: intact (content_sha256 matches)\n\
+             # code: the code compiled into this binary (code_sha256 matches)\n"
+        ),
         "{shown}"
     );
 
@@ -387,16 +390,43 @@ fn the_cli_logs_lists_aliases_shows_and_restores() {
             && stderr.contains("--allow-code-mismatch"),
         "{stderr}"
     );
+    // It is the latest version now, which the warning says.
+    assert!(
+        stderr.contains("models:/router/latest is this version now"),
+        "{stderr}"
+    );
     assert_eq!(
         stdout(&switchyard(&store, &["models", "list"])),
         "router\tversions: 1,2\taliases: production=1,staging=1\n"
     );
+    // `models alias` refuses it as well, and `models show` says why.
+    let alias = |extra: &[&str]| {
+        let mut args = vec!["models", "alias", "router", "canary", "2"];
+        args.extend(extra);
+        switchyard(&store, &args)
+    };
+    let refused = alias(&[]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains(
+            "models:/router@canary was not moved: models:/router/2 has code that differs from \
+             the 'router' chain compiled into this binary"
+        ) && stderr.contains("--allow-code-mismatch"),
+        "{stderr}"
+    );
+    let shown = stdout(&switchyard(&store, &["models", "show", "models:/router/2"]));
+    assert!(
+        shown.contains("# code: has code that differs from the 'router' chain"),
+        "{shown}"
+    );
+    assert!(alias(&["--allow-code-mismatch"]).status.success());
     let forced = log_edited(&["--allow-code-mismatch"]);
     assert!(forced.status.success());
     assert!(String::from_utf8_lossy(&forced.stderr).contains("content unchanged"));
     assert_eq!(
         stdout(&switchyard(&store, &["models", "list"])),
-        "router\tversions: 1,2\taliases: production=2,staging=1\n"
+        "router\tversions: 1,2\taliases: canary=2,production=2,staging=1\n"
     );
 
     // A version whose files changed after logging fails `show` (its manifest is still shown).
