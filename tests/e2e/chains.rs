@@ -440,7 +440,9 @@ async fn broken_chain_folders_fail_at_start_up_with_every_reason() {
         "{error}"
     );
     assert!(
-        error.contains("endpoint 'b'") && error.contains("unknown field `tonne`"),
+        error.contains("endpoint 'b'")
+            && error
+                .contains("config (the endpoint's config override): tonne: unknown field `tonne`"),
         "{error}"
     );
     assert!(

@@ -301,7 +301,15 @@ async fn endpoint_overrides_of_a_logged_config_are_type_checked() {
         Ok(_) => panic!("an unknown override key must not load"),
         Err(error) => error.to_string(),
     };
-    assert!(error.contains("unknown field `temprature`"), "{error}");
+    // Named by its URI and version (its folder in the store is not to be edited), and the
+    // override blamed, not chain.toml.
+    assert!(
+        error.contains(
+            "models:/bot/latest (models:/bot/1): config (the endpoint's config override): temprature: \
+             unknown field `temprature`"
+        ),
+        "{error}"
+    );
 
     let missing = gateway_config(
         &work.join("store"),

@@ -115,7 +115,16 @@ impl ChainFolder {
         }
         let chain = entry
             .build(config.clone())
-            .map_err(|e| problems.push(format!("config: {e}")))
+            .map_err(|e| {
+                // Whose value it is: the endpoint's override, if chain.toml's own builds.
+                let whose = if config_override.is_some() && entry.build(self.config.clone()).is_ok()
+                {
+                    "the endpoint's config override"
+                } else {
+                    "chain.toml [config]"
+                };
+                problems.push(format!("config ({whose}): {e}"));
+            })
             .ok();
         for template in entry.templates {
             if !self.prompts.contains(template) {

@@ -368,12 +368,23 @@ fn load_chain(
         // The caller resolves logged versions first.
         (ChainSource::Logged(uri), None) => return Err(vec![format!("{uri} was not resolved")]),
     };
-    let at = |problem: String| format!("{}: {problem}", folder.dir.display());
+    // Where the chain comes from, as its problems name it: the folder, or the logged version
+    // (not its folder inside the store, which is not to be edited).
+    let origin = match (&endpoint.source, version) {
+        (ChainSource::Logged(uri), Some(version)) if uri.to_string() != version.uri() => {
+            format!("{uri} ({})", version.uri())
+        }
+        (ChainSource::Logged(uri), _) => uri.to_string(),
+        (ChainSource::Dir(_), _) => folder.dir.display().to_string(),
+    };
+    let at = |problem: String| format!("{origin}: {problem}");
     let loaded = folder
         .instantiate(registry, endpoint.config.as_ref(), &endpoint.llms)
         .map_err(|problems| problems.into_iter().map(at).collect::<Vec<_>>())?;
     check_code(
         &endpoint.source,
+        version,
+        &origin,
         &loaded,
         endpoint.allow_code_mismatch || allow_any_mismatch,
     )?;
@@ -443,6 +454,8 @@ fn load_logged(
 /// is development, so a difference there is a warning.
 fn check_code(
     source: &ChainSource,
+    version: Option<&ModelVersion>,
+    origin: &str,
     loaded: &LoadedChain,
     allow_mismatch: bool,
 ) -> Result<(), Vec<String>> {
@@ -450,21 +463,22 @@ fn check_code(
         return Ok(());
     }
     let chain = loaded.entry.name;
-    match source {
-        ChainSource::Logged(uri) if !allow_mismatch => Err(vec![format!(
-            "{uri} was logged with code_sha256 {logged}, but the '{chain}' chain compiled into this binary has \
+    match (source, version) {
+        (ChainSource::Logged(uri), Some(version)) if !allow_mismatch => Err(vec![format!(
+            "{uri} is {resolved}, logged with code_sha256 {logged}, but the '{chain}' chain compiled into this binary has \
              code_sha256 {compiled}. Serve the logged code by rebuilding from it \
-             (`switchyard models restore {uri} <a new folder>`, copy its `.rs` files over \
-             chains/{chain}/, rebuild), log the code this binary was built from \
-             (`switchyard log chain chains/{chain} --name {name}`), or set `allow_code_mismatch = true` \
+             (`switchyard models restore {resolved} <a new folder>`, copy its `.rs` files over \
+             chains/{chain}/, rebuild), serve a version logged from the code this binary was built \
+             from (`switchyard models show` says whether a version's code is), or set `allow_code_mismatch = true` \
              on the endpoint or pass `--allow-code-mismatch` to `switchyard serve` or `predict` (development only)",
+            resolved = version.uri(),
             logged = loaded.folder_code_sha256,
             compiled = loaded.entry.code_sha256,
-            name = uri.name,
         )]),
         _ => {
             warn!(
                 chain,
+                source = origin,
                 folder_code_sha256 = %loaded.folder_code_sha256,
                 compiled_code_sha256 = loaded.entry.code_sha256,
                 "serving a chain whose code differs from the code compiled into this binary"

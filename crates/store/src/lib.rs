@@ -186,7 +186,7 @@ impl Store {
                 ));
             }
             Ok(_) => {}
-            Err(found) => problems.extend(found.into_iter().map(|p| format!("chain.toml: {p}"))),
+            Err(found) => problems.extend(found),
         }
         let llms = serde_json::to_value(&folder.llms).unwrap_or_default();
         for (path, why) in find_secrets("[config]", &folder.config)
