@@ -19,16 +19,35 @@ use switchyard_core::{ChainDefinition, ChainEntry, Registry};
 
 include!(concat!(env!("OUT_DIR"), "/code_hashes.rs"));
 
+/// The registry entry of chain `$chain` in module (folder) `$folder`: fails to compile unless
+/// the chain's `NAME` is its folder's name (the folder whose code hash the gateway checks
+/// logged versions against; a chain named after another chain's folder would be checked
+/// against that folder's code).
+macro_rules! entry {
+    ($folder:ident :: $chain:ident) => {{
+        const {
+            assert!(
+                same(
+                    stringify!($folder).as_bytes(),
+                    <$folder::$chain as ChainDefinition>::NAME.as_bytes()
+                ),
+                "a registered chain's NAME must be the name of its folder (module) in chains/"
+            );
+        }
+        entry_of::<$folder::$chain>()
+    }};
+}
+
 /// Every compiled chain.
 pub fn registry() -> Registry {
     Registry::new(vec![
-        entry::<support_bot::SupportBot>(),
-        entry::<summarize_then_answer::SummarizeThenAnswer>(),
-        entry::<router::Router>(),
+        entry!(support_bot::SupportBot),
+        entry!(summarize_then_answer::SummarizeThenAnswer),
+        entry!(router::Router),
     ])
 }
 
-fn entry<C: ChainDefinition>() -> ChainEntry {
+fn entry_of<C: ChainDefinition>() -> ChainEntry {
     const {
         assert!(
             folder_of(C::NAME).is_some(),
