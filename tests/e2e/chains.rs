@@ -411,6 +411,24 @@ async fn broken_chain_folders_fail_at_start_up_with_every_reason() {
         .unwrap();
     }
     std::fs::write(broken.join("prompts/system.tera"), "Hello {{ product").unwrap();
+    // A copy whose chain.toml maps an LLM the chain does not have (and whose prompts folder
+    // holds a hidden file, which is no template).
+    let extra_llm = temp_dir("extra-llm");
+    std::fs::create_dir_all(extra_llm.join("prompts")).unwrap();
+    for file in ["mod.rs", "prompts/system.tera"] {
+        std::fs::copy(
+            repo_path(&format!("chains/support_bot/{file}")),
+            extra_llm.join(file),
+        )
+        .unwrap();
+    }
+    let manifest = std::fs::read_to_string(repo_path("chains/support_bot/chain.toml")).unwrap();
+    std::fs::write(
+        extra_llm.join("chain.toml"),
+        manifest.replace("[llms]\n", "[llms]\nsummariser = \"chat\"\n"),
+    )
+    .unwrap();
+    std::fs::write(extra_llm.join("prompts/.draft.tera"), "{{ unclosed").unwrap();
 
     let upstream = FakeUpstream::start(vec![]).await;
     let config = chains_config(
@@ -419,10 +437,12 @@ async fn broken_chain_folders_fail_at_start_up_with_every_reason() {
             "[[endpoints]]\nname = \"a\"\nchain_dir = \"{}\"\n\
              [[endpoints]]\nname = \"b\"\nchain_dir = \"{}\"\nconfig = {{ tonne = \"x\" }}\n\
              [[endpoints]]\nname = \"c\"\nchain_dir = \"/nonexistent/chain\"\n\
-             [[endpoints]]\nname = \"d\"\nchain_dir = \"{}\"\nllms = {{ defualt = \"chat\" }}\n",
+             [[endpoints]]\nname = \"d\"\nchain_dir = \"{}\"\nllms = {{ defualt = \"chat\" }}\n\
+             [[endpoints]]\nname = \"e\"\nchain_dir = \"{}\"\n",
             broken.display(),
             repo_path("chains/support_bot"),
-            repo_path("chains/support_bot")
+            repo_path("chains/support_bot"),
+            extra_llm.display(),
         ),
     );
     let env = |_: &str| None;
@@ -432,7 +452,7 @@ async fn broken_chain_folders_fail_at_start_up_with_every_reason() {
         Err(error) => error.to_string(),
     };
     assert!(
-        error.starts_with("4 endpoint(s) could not be loaded"),
+        error.starts_with("5 endpoint(s) could not be loaded"),
         "{error}"
     );
     assert!(
@@ -453,6 +473,14 @@ async fn broken_chain_folders_fail_at_start_up_with_every_reason() {
     assert!(
         error.contains("endpoint 'd'")
             && error.contains("llms: the chain has no LLM 'defualt' (its LLMs: default)"),
+        "{error}"
+    );
+    assert!(
+        error.contains(&format!(
+            "endpoint 'e': {}: chain.toml [llms]: the chain has no LLM 'summariser' (its LLMs: \
+             default)",
+            extra_llm.display()
+        )) && !error.contains(".draft"),
         "{error}"
     );
 }

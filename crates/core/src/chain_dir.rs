@@ -131,13 +131,15 @@ impl ChainFolder {
                 problems.push(format!("missing template prompts/{template}.tera"));
             }
         }
-        // A misspelt override would leave the LLM it meant on its chain.toml route, silently.
-        for name in llm_override.keys() {
-            if !entry.llms.contains(&name.as_str()) {
-                problems.push(format!(
-                    "llms: the chain has no LLM '{name}' (its LLMs: {})",
-                    entry.llms.join(", ")
-                ));
+        // A misspelt name would leave the LLM it meant on another route, silently.
+        for (whose, names) in [("llms", llm_override), ("chain.toml [llms]", &self.llms)] {
+            for name in names.keys() {
+                if !entry.llms.contains(&name.as_str()) {
+                    problems.push(format!(
+                        "{whose}: the chain has no LLM '{name}' (its LLMs: {})",
+                        entry.llms.join(", ")
+                    ));
+                }
             }
         }
         let mut llms = self.llms.clone();

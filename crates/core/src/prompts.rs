@@ -65,7 +65,11 @@ impl Prompts {
             let path = entry
                 .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
                 .path();
-            if path.extension().is_some_and(|e| e == "tera") {
+            // Hidden files (an editor's, say) are not templates.
+            let hidden = path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            if path.extension().is_some_and(|e| e == "tera") && !hidden {
                 let name = path
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
