@@ -272,6 +272,40 @@ async fn while_one_request_tries_a_hung_redis_again_the_others_do_not_wait() {
     assert_eq!(retry.await.unwrap(), 200);
 }
 
+#[tokio::test]
+async fn a_reload_onto_a_redis_that_does_not_answer_says_so() {
+    let redis = RedisServer::start();
+    let upstream = FakeUpstream::start(vec![]).await;
+    let rule = "scope = [\"global\"]\nrequests_per_minute = 600";
+    let path = temp_dir("redis-reload").join("gateway.toml");
+    let with_store = |url: &str| limited_config(&upstream.base_url, url, "allow", rule);
+    std::fs::write(&path, with_store(&redis.url())).unwrap();
+    let gateway = TestGateway::start_from_file(&path).await;
+
+    // Onto a Redis where nothing listens: reloaded (on_error applies), and the answer says so.
+    let nowhere = crate::common::closed_port_url()
+        .await
+        .replace("http://", "redis://")
+        .replace("/v1", "");
+    std::fs::write(&path, with_store(&nowhere)).unwrap();
+    let reload = gateway.reload().await;
+    assert_eq!(reload.status(), 200);
+    let answer: Value = reload.json().await.unwrap();
+    assert_eq!(
+        answer["warnings"],
+        json!([
+            "limits_store: the new store does not answer (the log says why): decisions apply its \
+             on_error until it does"
+        ])
+    );
+    assert_eq!(status(&gateway).await, 200, "on_error = allow");
+
+    // Back onto one that answers: no warning.
+    std::fs::write(&path, with_store(&redis.url())).unwrap();
+    let answer: Value = gateway.reload().await.json().await.unwrap();
+    assert_eq!(answer["warnings"], json!([]), "{answer}");
+}
+
 async fn limited_gateway(
     upstream: &FakeUpstream,
     redis: &str,

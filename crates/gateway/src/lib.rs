@@ -355,19 +355,25 @@ impl Gateway {
         // What the log said while loading that the caller of a reload should see too.
         let code_warnings = snapshot.code_warnings();
         shared.current.store(Arc::new(snapshot));
-        // A new limits store is asked at once whether it answers, as at start-up.
-        if !Arc::ptr_eq(
+        info!(endpoints, "config reloaded");
+        let mut warnings = code_warnings;
+        // A new limits store is asked at once whether it answers (within its timeout_ms), as at
+        // start-up, and the caller hears if it does not.
+        let new_store = !Arc::ptr_eq(
             &current_backend,
             &shared
                 .limiter
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .1,
-        ) {
-            tokio::spawn(probe_limits_store(self.clone()));
+        );
+        if new_store && self.state.snapshot().limits.probe_degraded().await {
+            warnings.push(
+                "limits_store: the new store does not answer (the log says why): decisions \
+                 apply its on_error until it does"
+                    .to_owned(),
+            );
         }
-        info!(endpoints, "config reloaded");
-        let mut warnings = code_warnings;
         if server_changed {
             let warning = "[server] changed in the config file: it applies at the next restart, not on reload";
             warn!("{warning}");
