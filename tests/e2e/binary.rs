@@ -1097,17 +1097,23 @@ async fn a_client_that_leaves_is_logged_with_the_upstream_time_it_waited() {
 }
 
 #[tokio::test]
-async fn a_refused_request_is_logged_with_the_key_it_came_with() {
+async fn a_request_is_logged_with_the_key_it_came_with_refused_or_not() {
     let dir = crate::common::temp_dir("key-log");
     let config = dir.join("gateway.toml");
     std::fs::write(
         &config,
-        "[auth]\nkeys = [{ id = \"team-a\", key_env = \"TEAM_A_KEY\" }]\n\
+        "[auth]\nadmin_key = \"${ADMIN_KEY}\"\nkeys = [{ id = \"team-a\", key_env = \"TEAM_A_KEY\" }]\n\
          [providers.mock]\nkind = \"mock\"\n[routes.r]\ntargets = [{ provider = \"mock\", model = \"m\" }]\n\
          [[endpoints]]\nname = \"chat\"\nroute = \"r\"\n",
     )
     .unwrap();
-    let gateway = GatewayProcess::start(&config, &[("TEAM_A_KEY", "sk-team-a-secret")]);
+    let gateway = GatewayProcess::start(
+        &config,
+        &[
+            ("TEAM_A_KEY", "sk-team-a-secret"),
+            ("ADMIN_KEY", "admin-secret-for-test"),
+        ],
+    );
     let client = reqwest::Client::new();
     let post = |body: &'static str| {
         client
@@ -1120,11 +1126,32 @@ async fn a_refused_request_is_logged_with_the_key_it_came_with() {
     assert_eq!(post("{\"model\": ").await.unwrap().status(), 400);
     let unknown = r#"{"model": "nope", "messages": [{"role": "user", "content": "x"}]}"#;
     assert_eq!(post(unknown).await.unwrap().status(), 404);
-    let lines = gateway.request_lines(2);
+    // Listing models (OpenAI's and MLflow's) is the key's too.
+    for path in ["/v1/models", "/v1/models/chat", "/api/2.0/endpoints/"] {
+        let listed = client
+            .get(gateway.url(path))
+            .bearer_auth("sk-team-a-secret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(listed.status(), 200, "{path}");
+    }
+    let lines = gateway.request_lines(5);
     for line in &lines {
         assert_eq!(line["key_id"], "team-a", "{line}");
         assert!(!line.to_string().contains("sk-team-a-secret"));
     }
+    // The admin API's requests, as the admin key's (an id no client key can have).
+    let admin = client
+        .get(gateway.url("/admin/endpoints"))
+        .bearer_auth("admin-secret-for-test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 200);
+    let line = &gateway.request_lines(1)[0];
+    assert_eq!(line["key_id"], "(admin)", "{line}");
+    assert!(!line.to_string().contains("admin-secret-for-test"));
 }
 
 #[tokio::test]

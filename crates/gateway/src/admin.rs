@@ -1,25 +1,33 @@
 //! The admin API: what is loaded, and reloading. Guarded by `[auth] admin_key`; without one it is
 //! open only on a gateway without client keys.
 
-use axum::Json;
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
+use axum::{Extension, Json};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+use crate::request_log::RequestRecord;
 use crate::{AppState, Snapshot};
+
+/// The key id the log line of a request made with the admin key shows (key ids cannot hold
+/// parentheses, so no client key has it).
+const ADMIN_KEY_ID: &str = "(admin)";
 
 /// `GET /metrics`: OpenMetrics text (what prometheus-client writes and Prometheus scrapes); needs
 /// the admin key when `[auth] protect_metrics`.
 pub async fn metrics(
     State(state): State<AppState>,
+    Extension(record): Extension<Arc<RequestRecord>>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
     let snapshot = state.snapshot();
     if snapshot.protect_metrics {
-        authorize(&snapshot, &headers)?;
+        authorize(&snapshot, &headers, &record)?;
     }
     Ok((
         [(
@@ -33,10 +41,11 @@ pub async fn metrics(
 /// `GET /admin/endpoints`: each endpoint's kind, URI, resolved version and hashes.
 pub async fn endpoints(
     State(state): State<AppState>,
+    Extension(record): Extension<Arc<RequestRecord>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let snapshot = state.snapshot();
-    authorize(&snapshot, &headers)?;
+    authorize(&snapshot, &headers, &record)?;
     Ok(Json(
         json!({"loaded_at": snapshot.loaded_at, "endpoints": snapshot.endpoint_infos}),
     ))
@@ -46,9 +55,10 @@ pub async fn endpoints(
 /// running state and answers 400 with every reason.
 pub async fn reload(
     State(state): State<AppState>,
+    Extension(record): Extension<Arc<RequestRecord>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state.snapshot(), &headers)?;
+    authorize(&state.snapshot(), &headers, &record)?;
     match state.gateway().reload().await {
         Ok(reloaded) => Ok(Json(json!({
             "status": "reloaded",
@@ -68,7 +78,11 @@ pub async fn reload(
 /// Checks `Authorization: Bearer <admin key>` in constant time. Without an admin key the admin
 /// API is open only on a gateway that is open anyway (no `[auth]` keys); a gateway with client
 /// keys but no admin key keeps it closed.
-fn authorize(snapshot: &Snapshot, headers: &HeaderMap) -> Result<(), ApiError> {
+fn authorize(
+    snapshot: &Snapshot,
+    headers: &HeaderMap,
+    record: &RequestRecord,
+) -> Result<(), ApiError> {
     let Some(expected) = &snapshot.admin_key else {
         if snapshot.keys.is_empty() {
             return Ok(());
@@ -84,6 +98,7 @@ fn authorize(snapshot: &Snapshot, headers: &HeaderMap) -> Result<(), ApiError> {
         crate::auth::sha256(expected.expose().as_bytes()),
     );
     if bool::from(given.ct_eq(&expected)) {
+        record.update(|d| d.key_id = Some(ADMIN_KEY_ID.to_owned()));
         Ok(())
     } else {
         Err(ApiError::unauthorized(

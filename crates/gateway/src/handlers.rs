@@ -796,8 +796,10 @@ async fn yield_once() {
 fn visible_endpoints<'s>(
     snapshot: &'s Snapshot,
     headers: &HeaderMap,
+    record: &RequestRecord,
 ) -> Result<impl Iterator<Item = (&'s str, &'s Endpoint)>, ApiError> {
     let key = auth::authenticate(&snapshot.keys, headers)?.cloned();
+    record.update(|d| d.key_id = key.as_ref().map(|k| k.id.clone()));
     Ok(snapshot.endpoint_order.iter().filter_map(move |name| {
         auth::check_endpoint(key.as_deref(), name).ok()?;
         Some((name.as_str(), snapshot.endpoints.get(name)?))
@@ -808,9 +810,11 @@ fn visible_endpoints<'s>(
 fn visible_endpoint<'s>(
     snapshot: &'s Snapshot,
     headers: &HeaderMap,
+    record: &RequestRecord,
     name: &str,
 ) -> Result<&'s Endpoint, ApiError> {
     let key = auth::authenticate(&snapshot.keys, headers)?;
+    record.update(|d| d.key_id = key.map(|k| k.id.clone()));
     match snapshot.endpoints.get(name) {
         Some(endpoint) if auth::check_endpoint(key.map(|k| &**k), name).is_ok() => Ok(endpoint),
         _ => Err(ApiError::unknown_model(name)),
@@ -820,10 +824,11 @@ fn visible_endpoint<'s>(
 /// `GET /v1/models`: the endpoints the caller may use, in OpenAI's list format.
 pub async fn list_models(
     State(state): State<AppState>,
+    Extension(record): Extension<Arc<RequestRecord>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let snapshot = state.snapshot();
-    let data: Vec<_> = visible_endpoints(&snapshot, &headers)?
+    let data: Vec<_> = visible_endpoints(&snapshot, &headers, &record)?
         .map(|(name, _)| model_object(name, snapshot.loaded_at))
         .collect();
     Ok(Json(json!({"object": "list", "data": data})))
@@ -833,10 +838,11 @@ pub async fn list_models(
 pub async fn retrieve_model(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    Extension(record): Extension<Arc<RequestRecord>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let snapshot = state.snapshot();
-    visible_endpoint(&snapshot, &headers, &name)?;
+    visible_endpoint(&snapshot, &headers, &record, &name)?;
     Ok(Json(model_object(&name, snapshot.loaded_at)))
 }
 
@@ -844,10 +850,11 @@ pub async fn retrieve_model(
 /// caller's key may call, in one page.
 pub async fn mlflow_endpoints(
     State(state): State<AppState>,
+    Extension(record): Extension<Arc<RequestRecord>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, MlflowError> {
     let snapshot = state.snapshot();
-    let endpoints: Vec<Value> = visible_endpoints(&snapshot, &headers)?
+    let endpoints: Vec<Value> = visible_endpoints(&snapshot, &headers, &record)?
         .map(|(name, endpoint)| mlflow_endpoint(name, endpoint))
         .collect();
     Ok(Json(json!({"endpoints": endpoints})))
@@ -857,10 +864,11 @@ pub async fn mlflow_endpoints(
 pub async fn mlflow_get_endpoint(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    Extension(record): Extension<Arc<RequestRecord>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, MlflowError> {
     let snapshot = state.snapshot();
-    let endpoint = visible_endpoint(&snapshot, &headers, &name)?;
+    let endpoint = visible_endpoint(&snapshot, &headers, &record, &name)?;
     Ok(Json(mlflow_endpoint(&name, endpoint)))
 }
 
