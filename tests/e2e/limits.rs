@@ -554,9 +554,16 @@ async fn a_provider_at_its_concurrency_cap_fails_excess_calls_after_the_queue_ti
         [routes.main]
         targets = [{{ provider = "fake", model = "m" }}]
         retries = 0
+        [routes.short]
+        targets = [{{ provider = "fake", model = "m" }}]
+        retries = 0
+        timeout_ms = 50
         [[endpoints]]
         name = "chat"
         route = "main"
+        [[endpoints]]
+        name = "short"
+        route = "short"
         "#,
         upstream.base_url
     ))
@@ -586,21 +593,40 @@ async fn a_provider_at_its_concurrency_cap_fails_excess_calls_after_the_queue_ti
             .unwrap()
             .contains("concurrency cap of 1")
     );
+    // A deadline that passes while the call waits for a slot says so.
+    let mut short = chat_body("short");
+    short["model"] = "short".into();
+    let timed_out = gateway.post("/v1/chat/completions", &short).await;
+    assert_eq!(timed_out.status(), 504);
+    let body: Value = timed_out.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("route 'short' timed out after 50 ms (provider 'fake'), ")
+            && message.ends_with(" ms of it queued for a max_concurrency slot"),
+        "{message}"
+    );
     assert_eq!(slow.await.unwrap().unwrap().status(), 200);
     assert_eq!(upstream.requests().len(), 1);
 
-    // The cap shows in the metrics: nothing in flight now, two calls went through the queue.
+    // The cap shows in the metrics: nothing in flight now, three calls went through the queue.
     let metrics = gateway.metrics().await;
     assert!(
         metrics.contains("switchyard_provider_in_flight{provider=\"fake\"} 0\n"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("switchyard_provider_queue_wait_seconds_count{provider=\"fake\"} 2\n"),
+        metrics.contains("switchyard_provider_queue_wait_seconds_count{provider=\"fake\"} 3\n"),
         "{metrics}"
     );
-    // One did not wait, one waited out the 100 ms: buckets tell the two apart.
-    for (le, count) in [("0.064", 1), ("0.128", 2)] {
+    // The call that never got a slot is no upstream failure.
+    assert!(
+        metrics.contains(
+            "switchyard_upstream_attempts_total{route=\"main\",provider=\"fake\",outcome=\"overloaded\"} 1\n"
+        ),
+        "{metrics}"
+    );
+    // One did not wait, one waited 50 ms, one waited out the 100 ms: buckets tell them apart.
+    for (le, count) in [("0.032", 1), ("0.064", 2), ("0.128", 3)] {
         let bucket = format!(
             "switchyard_provider_queue_wait_seconds_bucket{{le=\"{le}\",provider=\"fake\"}} {count}\n"
         );

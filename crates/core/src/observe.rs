@@ -25,6 +25,8 @@ pub enum AttemptOutcome {
     /// Dropped while it ran: its request went away (the client left, the shutdown's deadline
     /// passed). The upstream may have worked on it all the same.
     Cancelled,
+    /// Never sent: the provider's `max_concurrency` slots stayed taken for its queue timeout.
+    Overloaded,
 }
 
 impl AttemptOutcome {
@@ -36,6 +38,7 @@ impl AttemptOutcome {
             AttemptOutcome::Timeout => "timeout",
             AttemptOutcome::Error => "error",
             AttemptOutcome::Cancelled => "cancelled",
+            AttemptOutcome::Overloaded => "overloaded",
         }
     }
 }
@@ -107,6 +110,11 @@ impl RequestStats {
     /// Whether a call failed after the upstream may have generated tokens.
     pub fn maybe_generated(&self) -> bool {
         self.maybe_generated.load(Ordering::Relaxed)
+    }
+
+    /// The current request's time queued for provider slots so far (zero outside a request).
+    pub fn current_queue() -> Duration {
+        CURRENT.try_with(|stats| stats.queue()).unwrap_or_default()
     }
 
     fn with(update: impl FnOnce(&RequestStats)) {

@@ -113,7 +113,7 @@ struct EndpointSeries {
 #[derive(Default)]
 struct RouteSeries {
     /// By [`AttemptOutcome`]: ok, retry, fallback, timeout, error, cancelled.
-    attempts: [OnceLock<Counter>; 6],
+    attempts: [OnceLock<Counter>; 7],
     duration: OnceLock<Histogram>,
     first_token: OnceLock<Histogram>,
 }
@@ -228,7 +228,7 @@ impl Metrics {
         );
         registry.register(
             "switchyard_upstream_attempts",
-            "Upstream attempts by route, provider and outcome (ok, retry, fallback, timeout, error, cancelled)",
+            "Upstream attempts by route, provider and outcome (ok, retry, fallback, timeout, error, cancelled, overloaded)",
             metrics.upstream_attempts.clone(),
         );
         registry.register(
@@ -456,6 +456,7 @@ impl Observer for Metrics {
             AttemptOutcome::Timeout => 3,
             AttemptOutcome::Error => 4,
             AttemptOutcome::Cancelled => 5,
+            AttemptOutcome::Overloaded => 6,
         };
         series.attempts[index]
             .get_or_init(|| {

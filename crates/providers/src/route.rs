@@ -155,10 +155,11 @@ impl Route {
                     Err(_elapsed) => {
                         self.observe(target, AttemptOutcome::Timeout, last_attempt);
                         return Err(LlmError::timeout(format!(
-                            "route '{}' timed out after {} ms (provider '{}')",
+                            "route '{}' timed out after {} ms (provider '{}'){}",
                             self.name,
                             self.settings.timeout.as_millis(),
-                            target.provider_name
+                            target.provider_name,
+                            queued_note()
                         )));
                     }
                 };
@@ -194,11 +195,18 @@ impl Route {
             }
             let falls_back = last_error.as_ref().is_some_and(is_worth_falling_back)
                 && index + 1 < self.targets.len();
+            // A call that never got a slot of a capped provider was not an upstream's failure;
+            // a deadline that ends the call is a timeout whichever deadline it was.
+            let outcome = match last_error.as_ref().map(|e| &e.kind) {
+                Some(LlmErrorKind::Overloaded) => AttemptOutcome::Overloaded,
+                _ if falls_back => AttemptOutcome::Fallback,
+                Some(LlmErrorKind::Timeout) => AttemptOutcome::Timeout,
+                _ => AttemptOutcome::Error,
+            };
+            self.observe(target, outcome, last_attempt);
             if falls_back {
-                self.observe(target, AttemptOutcome::Fallback, last_attempt);
                 RequestStats::record_fallback();
             } else {
-                self.observe(target, AttemptOutcome::Error, last_attempt);
                 break;
             }
         }
@@ -261,8 +269,9 @@ impl Route {
                     .await;
                     first.unwrap_or_else(|_| {
                         Err(LlmError::timeout(format!(
-                            "no first token within {} ms",
-                            first_token_timeout.as_millis()
+                            "no first token within {} ms{}",
+                            first_token_timeout.as_millis(),
+                            queued_note()
                         )))
                     })
                 }
@@ -385,6 +394,19 @@ fn with_deadline<T: Send + 'static>(
             }
         }
     })
+}
+
+/// What a deadline's message adds when the request spent part of it queued for a slot of a
+/// provider's `max_concurrency` (the upstream was not even called for that long).
+fn queued_note() -> String {
+    let queued = RequestStats::current_queue();
+    if queued.is_zero() {
+        return String::new();
+    }
+    format!(
+        ", {} ms of it queued for a max_concurrency slot",
+        queued.as_millis()
+    )
 }
 
 #[cfg(test)]
