@@ -183,4 +183,31 @@ mod tests {
         .unwrap();
         assert!(error.contains("unknown field `temprature`"), "{error}");
     }
+
+    #[tokio::test]
+    async fn the_test_kit_says_what_is_missing() {
+        // A folder of another chain.
+        let error = TestChain::load::<SupportBot>(&crate::chain_dir("router"))
+            .err()
+            .unwrap();
+        assert!(
+            error.ends_with(
+                "its chain.toml names the chain 'router', not 'support_bot' (the type loaded)"
+            ),
+            "{error}"
+        );
+        // An LLM not bound to a test double.
+        let chain = TestChain::load::<SupportBot>(&crate::chain_dir("support_bot")).unwrap();
+        let error = chain
+            .chat(ChatRequest::new("support", vec![Message::user("hi")]))
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains(
+                "TestChain: the chain's LLM 'default' is not bound to a test double: add \
+                 .with_llm(\"default\", ScriptedLlm::new([...]))"
+            ),
+            "{error}"
+        );
+    }
 }

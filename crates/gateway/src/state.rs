@@ -464,8 +464,8 @@ fn check_code(
     }
     let chain = loaded.entry.name;
     match (source, version) {
-        (ChainSource::Logged(uri), Some(version)) if !allow_mismatch => Err(vec![format!(
-            "{uri} is {resolved}, logged with code_sha256 {logged}, but the '{chain}' chain compiled into this binary has \
+        (ChainSource::Logged(_), Some(version)) if !allow_mismatch => Err(vec![format!(
+            "{origin} was logged with code_sha256 {logged}, but the '{chain}' chain compiled into this binary has \
              code_sha256 {compiled}. Serve the logged code by rebuilding from it \
              (`switchyard models restore {resolved} <a new folder>`, copy its `.rs` files over \
              chains/{chain}/, rebuild), serve a version logged from the code this binary was built \

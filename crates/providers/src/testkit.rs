@@ -86,6 +86,8 @@ impl Llm for ScriptedLlm {
 pub struct TestChain {
     chain: Arc<dyn Chain>,
     folder: ChainFolder,
+    /// The chain's logical LLMs (`ChainDefinition::LLMS`): each needs a [`TestChain::with_llm`].
+    needs: &'static [&'static str],
     llms: HashMap<String, Arc<dyn Llm>>,
     meta: RequestMeta,
 }
@@ -102,6 +104,14 @@ impl TestChain {
         config_override: Option<&serde_json::Value>,
     ) -> Result<Self, String> {
         let folder = ChainFolder::load(dir)?;
+        if folder.chain != C::NAME {
+            return Err(format!(
+                "{}: its chain.toml names the chain '{}', not '{}' (the type loaded)",
+                dir.display(),
+                folder.chain,
+                C::NAME
+            ));
+        }
         // The code check is the gateway's business; tests run whatever code they compiled.
         let registry = Registry::new(vec![ChainEntry::of::<C>("")]);
         let loaded = folder
@@ -110,6 +120,7 @@ impl TestChain {
         Ok(Self {
             chain: loaded.chain,
             folder,
+            needs: C::LLMS,
             llms: HashMap::new(),
             meta: RequestMeta {
                 endpoint: "test".to_owned(),
@@ -142,7 +153,17 @@ impl TestChain {
         ChainContext::new(Arc::new(resources), self.meta.clone())
     }
 
+    /// Runs the chain once; every LLM it has must be bound first.
     pub async fn invoke(&self, request: ChatRequest) -> Result<ChainOutput, ChainError> {
+        if let Some(unbound) = self.needs.iter().find(|n| !self.llms.contains_key(**n)) {
+            return Err(ChainError::internal(
+                *unbound,
+                format!(
+                    "TestChain: the chain's LLM '{unbound}' is not bound to a test double: add \
+                     .with_llm(\"{unbound}\", ScriptedLlm::new([...]))"
+                ),
+            ));
+        }
         self.chain.invoke(&self.context(), request).await
     }
 
