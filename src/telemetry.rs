@@ -75,9 +75,16 @@ pub fn init(json: bool) -> anyhow::Result<Telemetry> {
         Ok(endpoint) if !endpoint.is_empty() => Some(otlp_provider()?),
         _ => None,
     };
-    let spans = provider
-        .as_ref()
-        .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("switchyard")));
+    let spans = provider.as_ref().map(|provider| {
+        // Spans carry what the gateway sets, not tracing's bookkeeping (source file and
+        // line, thread, target, busy and idle nanoseconds).
+        tracing_opentelemetry::layer()
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
+            .with_tracer(provider.tracer("switchyard"))
+    });
     tracing_subscriber::registry()
         .with(filter)
         .with(logs)

@@ -759,6 +759,20 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
         .unwrap()
         .to_owned();
     assert_eq!(trace_id, caller_trace);
+    // The same chain streamed: its answering step streams.
+    let mut streamed = conversation.clone();
+    streamed["stream"] = true.into();
+    let streamed = reqwest::Client::new()
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    let streamed_trace = streamed.headers()["x-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(streamed.text().await.unwrap().ends_with("data: [DONE]\n\n"));
     let mut broken = chat_body("x");
     broken["model"] = "broken".into();
     let failed = reqwest::Client::new()
@@ -838,7 +852,7 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
     assert!(left.unwrap_err().is_timeout());
     // Read off this runtime: the collector and the upstreams run on it.
     let (mut gateway, lines) = tokio::task::spawn_blocking(move || {
-        let lines = gateway.request_lines(6);
+        let lines = gateway.request_lines(7);
         (gateway, lines)
     })
     .await
@@ -1006,6 +1020,16 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
             .unwrap_or_else(|_| panic!("{name} is not an integer: {value}"))
     };
     assert_eq!(integer(request, "http.response.status_code"), 200);
+    // No tracing bookkeeping among the attributes.
+    for key in [
+        "code.file.path",
+        "thread.id",
+        "target",
+        "busy_ns",
+        "idle_ns",
+    ] {
+        assert!(attribute(request, key).is_none(), "{key}: {request}");
+    }
     assert_eq!(integer(call, "http.response.status_code"), 200);
     assert_eq!(
         integer(call, "server.port"),
@@ -1049,6 +1073,18 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
     assert_eq!(
         spans.iter().filter(|s| s["name"] == "chain.render").count(),
         2
+    ); // A streamed step's span lasts until its stream's end, and so has its usage too.
+    let answerer = all_spans
+        .iter()
+        .find(|s| {
+            s["traceId"] == streamed_trace.as_str()
+                && s["name"] == "chain.llm"
+                && attribute(s, "step").is_some_and(|v| v["stringValue"] == "answerer")
+        })
+        .unwrap_or_else(|| panic!("{all_spans:#?}"));
+    assert!(
+        integer(answerer, "gen_ai.usage.output_tokens") > 0,
+        "{answerer}"
     );
 }
 

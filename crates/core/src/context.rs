@@ -165,6 +165,8 @@ impl LlmHandle<'_> {
             "gen_ai.operation.name" = "chat",
             "gen_ai.usage.input_tokens" = tracing::field::Empty,
             "gen_ai.usage.output_tokens" = tracing::field::Empty,
+            "error.type" = tracing::field::Empty,
+            "otel.status_code" = tracing::field::Empty,
         )
     }
 
@@ -186,10 +188,10 @@ impl LlmHandle<'_> {
                 .unwrap_or_default();
             self.ctx.tokens_used.add(&usage, &Usage::default());
             let span = tracing::Span::current();
-            // As integers: tracing-opentelemetry exports unsigned values as strings.
-            let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-            span.record("gen_ai.usage.input_tokens", count(usage.prompt_tokens));
-            span.record("gen_ai.usage.output_tokens", count(usage.completion_tokens));
+            record_usage(&span, &usage);
+            if let Err(error) = &result {
+                record_failure(&span, error);
+            }
             debug!(
                 latency_ms = start.elapsed().as_secs_f64() * 1000.0,
                 prompt_tokens = usage.prompt_tokens,
@@ -238,7 +240,10 @@ impl LlmHandle<'_> {
         let stream = self.llm.chat_stream(request).instrument(span.clone()).await;
         // A streamed step is timed to its first chunk: the rest is paced by the client.
         self.ctx.step_done(&self.name, start, stream.is_ok());
-        let stream = stream.map_err(|e| self.error(e))?;
+        let stream = stream.map_err(|e| {
+            record_failure(&span, &e);
+            self.error(e)
+        })?;
         span.in_scope(|| {
             debug!(
                 time_to_first_chunk_ms = start.elapsed().as_secs_f64() * 1000.0,
@@ -251,7 +256,8 @@ impl LlmHandle<'_> {
         // Some servers report the usage so far on every chunk (vLLM's `continuous_usage_stats`):
         // only what a report adds to the last one is counted.
         let mut counted = Usage::default();
-        // Stream errors are LLM errors of this step; the message says which step broke off.
+        // Stream errors are LLM errors of this step; the message says which step broke off. The
+        // step's span lasts as long as its stream, and gets its usage or its failure.
         Ok(Box::pin(stream.map(move |item| match item {
             Ok(chunk) => {
                 if let Some(usage) = &chunk.usage {
@@ -260,17 +266,33 @@ impl LlmHandle<'_> {
                     counted.completion_tokens =
                         counted.completion_tokens.max(usage.completion_tokens);
                     counted.total_tokens = counted.total_tokens.max(usage.total_tokens);
+                    record_usage(&span, &counted);
                 }
                 Ok(chunk)
             }
             Err(mut e) => {
                 // A step's stream that broke off: what it generated is not reported.
                 RequestStats::record_failure(&e);
+                record_failure(&span, &e);
                 e.message = format!("chain step '{step}': {}", e.message);
                 Err(e)
             }
         })))
     }
+}
+
+/// A step's tokens on its span (as integers: tracing-opentelemetry exports unsigned values as
+/// strings).
+fn record_usage(span: &tracing::Span, usage: &Usage) {
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    span.record("gen_ai.usage.input_tokens", count(usage.prompt_tokens));
+    span.record("gen_ai.usage.output_tokens", count(usage.completion_tokens));
+}
+
+/// A failed step on its span: an error status and the error's type.
+fn record_failure(span: &tracing::Span, error: &crate::LlmError) {
+    span.record("error.type", &*error.kind.error_type());
+    span.record("otel.status_code", "error");
 }
 
 #[cfg(test)]
