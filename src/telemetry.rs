@@ -90,6 +90,7 @@ pub fn init(json: bool) -> anyhow::Result<Telemetry> {
         .with(logs)
         .with(spans)
         .try_init()?;
+    log_panics();
     if provider.is_some() {
         // Where spans go; an export that fails is logged by the exporter (its `internal-logs`).
         tracing::info!(
@@ -103,6 +104,44 @@ pub fn init(json: bool) -> anyhow::Result<Telemetry> {
         provider,
         _log_writer: log_writer,
     })
+}
+
+/// Makes a panic a log line (in the log's format, JSON included; with a `backtrace` field when
+/// `RUST_BACKTRACE` asks for one) instead of the default hook's text. A panic while logging one
+/// goes to the default hook.
+fn log_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        thread_local! {
+            static LOGGING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        if LOGGING.replace(true) {
+            default(info);
+            return;
+        }
+        let location = info.location().map(ToString::to_string).unwrap_or_default();
+        let thread = std::thread::current();
+        let backtrace = std::backtrace::Backtrace::capture();
+        let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+            .then(|| backtrace.to_string());
+        tracing::error!(
+            panic = panic_message(info.payload()),
+            location,
+            thread = thread.name().unwrap_or("unnamed"),
+            backtrace,
+            "panicked"
+        );
+        LOGGING.set(false);
+    }));
+}
+
+/// What a panic said: its message, if it was a string.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
 }
 
 /// Writes a line's time as tracing-subscriber's default timer does (RFC 3339, UTC, in
@@ -366,6 +405,16 @@ mod tests {
     use tracing_subscriber::fmt::MakeWriter;
 
     use super::*;
+
+    #[test]
+    fn a_panic_s_message_is_its_string_payload() {
+        let message = std::panic::catch_unwind(|| panic!("boom {}", 7)).unwrap_err();
+        assert_eq!(panic_message(&*message), "boom 7");
+        let message = std::panic::catch_unwind(|| panic!("static")).unwrap_err();
+        assert_eq!(panic_message(&*message), "static");
+        let message = std::panic::catch_unwind(|| std::panic::panic_any(7_u8)).unwrap_err();
+        assert_eq!(panic_message(&*message), "(not a string)");
+    }
 
     #[derive(Clone, Default)]
     struct Buffer(Arc<Mutex<Vec<u8>>>);
