@@ -6,8 +6,8 @@
 //! chain folder (or logged version) it is asked to serve.
 //!
 //! To add a chain: create the folder (named as the chain's `NAME`), implement `Chain` +
-//! `ChainDefinition` in its `mod.rs`, declare the module below and add it to [`registry`]. See
-//! `chains/README.md`.
+//! `ChainDefinition` in its `mod.rs`, declare the module below and add it to [`registry`] with
+//! `entry!(folder::Type)`. See `chains/README.md`.
 
 pub mod router;
 pub mod summarize_then_answer;
@@ -51,7 +51,7 @@ fn entry_of<C: ChainDefinition>() -> ChainEntry {
     const {
         assert!(
             folder_of(C::NAME).is_some(),
-            "a registered chain's NAME must be the name of its folder in chains/ (the folder \
+            "a registered chain's module must be a folder of chains/ with a mod.rs (the folder \
              whose code hash the gateway checks logged versions against)"
         );
     }

@@ -15,6 +15,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// The name of the thread that writes the log lines.
+pub const THREAD: &str = "log-writer";
+
 /// How long lines gather after the first one before they are written.
 const GATHER: Duration = Duration::from_millis(20);
 /// Above this many pending bytes, the thread writes at once and new lines are dropped.
@@ -64,15 +67,13 @@ pub fn batched(
 ) -> std::io::Result<(BatchWriter, Guard)> {
     let shared = Arc::new(Shared::default());
     let (stop, stopped) = mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name("log-writer".to_owned())
-        .spawn({
-            let shared = shared.clone();
-            move || {
-                run(&shared, sink, report_dropped);
-                let _ = stop.send(());
-            }
-        })?;
+    let thread = std::thread::Builder::new().name(THREAD.to_owned()).spawn({
+        let shared = shared.clone();
+        move || {
+            run(&shared, sink, report_dropped);
+            let _ = stop.send(());
+        }
+    })?;
     Ok((
         BatchWriter {
             shared: shared.clone(),

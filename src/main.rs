@@ -220,7 +220,6 @@ fn main() -> anyhow::Result<()> {
         }) => {
             let store = store();
             let logged = store.log_chain(&dir, &name, &switchyard_chains::registry())?;
-
             if let Some(alias) = &alias
                 && logged.code_differs
                 && !allow_code_mismatch
@@ -246,8 +245,10 @@ fn main() -> anyhow::Result<()> {
 /// For a logged chain whose code is not the code compiled into this binary, how it differs
 /// (a gateway built like this binary refuses to serve it).
 fn code_differs(version: &switchyard_store::ModelVersion) -> Option<String> {
-    let Ok(Some(flavor)) = version.mlmodel.chain_flavor() else {
-        return None;
+    let flavor = match version.mlmodel.chain_flavor() {
+        Ok(Some(flavor)) => flavor,
+        Ok(None) => return None,
+        Err(why) => return Some(format!("has a chain flavor that cannot be read ({why})")),
     };
     let registry = switchyard_chains::registry();
     match registry.get(&flavor.chain) {

@@ -115,7 +115,10 @@ fn log_panics() {
         thread_local! {
             static LOGGING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
         }
-        if LOGGING.replace(true) {
+        // A panic while logging one, or on the thread that writes the log lines, goes to the
+        // default hook: a log line would not get out.
+        if LOGGING.replace(true) || std::thread::current().name() == Some(crate::log_writer::THREAD)
+        {
             default(info);
             return;
         }
@@ -385,10 +388,14 @@ fn otlp_provider() -> anyhow::Result<SdkTracerProvider> {
     // `OTEL_SERVICE_NAME`, else `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, names the
     // service (the builder reads both, but lets the second win), else `switchyard`.
     let mut resource = opentelemetry_sdk::Resource::builder();
+    let among_attributes = std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|attributes| {
+        attributes
+            .split(',')
+            .any(|pair| pair.split('=').next().map(str::trim) == Some("service.name"))
+    });
     match std::env::var("OTEL_SERVICE_NAME") {
         Ok(name) if !name.trim().is_empty() => resource = resource.with_service_name(name),
-        _ if std::env::var("OTEL_RESOURCE_ATTRIBUTES")
-            .is_ok_and(|a| a.contains("service.name=")) => {}
+        _ if among_attributes => {}
         _ => resource = resource.with_service_name("switchyard"),
     }
     let resource = resource.build();

@@ -1073,7 +1073,8 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
     assert_eq!(
         spans.iter().filter(|s| s["name"] == "chain.render").count(),
         2
-    ); // A streamed step's span lasts until its stream's end, and so has its usage too.
+    );
+    // A streamed step's span lasts until its stream's end, and so has its usage too.
     let answerer = all_spans
         .iter()
         .find(|s| {

@@ -117,11 +117,12 @@ impl ChainFolder {
             .build(config.clone())
             .map_err(|e| {
                 // Whose value it is: the endpoint's override, if chain.toml's own builds.
-                let whose = if config_override.is_some() && entry.build(self.config.clone()).is_ok()
-                {
-                    "the endpoint's config override"
-                } else {
-                    "chain.toml [config]"
+                let whose = match config_override {
+                    None => "chain.toml [config]",
+                    Some(_) if entry.build(self.config.clone()).is_ok() => {
+                        "the endpoint's config override"
+                    }
+                    Some(_) => "chain.toml [config] with the endpoint's config override",
                 };
                 problems.push(format!("config ({whose}): {e}"));
             })
@@ -131,17 +132,8 @@ impl ChainFolder {
                 problems.push(format!("missing template prompts/{template}.tera"));
             }
         }
-        // A misspelt name would leave the LLM it meant on another route, silently.
-        for (whose, names) in [("llms", llm_override), ("chain.toml [llms]", &self.llms)] {
-            for name in names.keys() {
-                if !entry.llms.contains(&name.as_str()) {
-                    problems.push(format!(
-                        "{whose}: the chain has no LLM '{name}' (its LLMs: {})",
-                        entry.llms.join(", ")
-                    ));
-                }
-            }
-        }
+        // A misspelt override would leave the LLM it meant on its chain.toml route, silently.
+        problems.extend(unknown_llms(entry, "llms", llm_override));
         let mut llms = self.llms.clone();
         llms.extend(llm_override.iter().map(|(k, v)| (k.clone(), v.clone())));
         for llm in entry.llms {
@@ -162,6 +154,32 @@ impl ChainFolder {
             _ => Err(problems),
         }
     }
+}
+
+impl ChainFolder {
+    /// `chain.toml`'s `[llms]` entries for LLMs the chain does not have (a typo leaves the LLM
+    /// it meant unmapped or on another route), as problems; none if the chain is not compiled
+    /// in (`instantiate` says so). Not part of `instantiate`: `log chain` and a chain folder an
+    /// endpoint serves refuse them, but a version logged before that check only gets a warning.
+    pub fn unknown_llms(&self, registry: &Registry) -> Vec<String> {
+        registry.get(&self.chain).map_or_else(Vec::new, |entry| {
+            unknown_llms(entry, "chain.toml [llms]", &self.llms)
+        })
+    }
+}
+
+/// The names in `names` that are not LLMs of `entry`, as problems of `whose`.
+fn unknown_llms(entry: &ChainEntry, whose: &str, names: &BTreeMap<String, String>) -> Vec<String> {
+    names
+        .keys()
+        .filter(|name| !entry.llms.contains(&name.as_str()))
+        .map(|name| {
+            format!(
+                "{whose}: the chain has no LLM '{name}' (its LLMs: {})",
+                entry.llms.join(", ")
+            )
+        })
+        .collect()
 }
 
 /// Merges `overrides` into `base`: objects merge key by key (recursively), anything else

@@ -112,7 +112,7 @@ struct EndpointSeries {
 /// Handles to the series of one route and provider (see [`EndpointSeries`]).
 #[derive(Default)]
 struct RouteSeries {
-    /// By [`AttemptOutcome`]: ok, retry, fallback, timeout, error, cancelled.
+    /// By [`AttemptOutcome`]: ok, retry, fallback, timeout, error, cancelled, overloaded.
     attempts: [OnceLock<Counter>; 7],
     duration: OnceLock<Histogram>,
     first_token: OnceLock<Histogram>,

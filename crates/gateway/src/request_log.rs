@@ -58,25 +58,21 @@ pub struct Details {
 }
 
 impl Details {
-    /// The request's tokens: what its answer reported, and for a chain at least what its LLM
-    /// calls reported together, in each direction (a chain's answer may report its last call
-    /// only). Nothing if neither reported any.
+    /// The request's tokens: what its answer reported or, for a chain whose LLM calls reported
+    /// more in all (its answer may report its last call only), what they did — the larger total
+    /// is what token limits settle too. Nothing if neither reported any.
     pub fn count_tokens(&mut self, reported: Option<&Usage>, chain: Option<&ChainContext>) {
         let used = chain
             .map(ChainContext::usage)
-            .filter(|u| u.total_tokens > 0);
-        let (prompt, completion) = match (reported, &used) {
+            .filter(|u| u.total_tokens > 0 || u.prompt_tokens > 0 || u.completion_tokens > 0);
+        let usage = match (reported, &used) {
             (None, None) => return,
-            (Some(usage), None) | (None, Some(usage)) => {
-                (usage.prompt_tokens, usage.completion_tokens)
-            }
-            (Some(reported), Some(used)) => (
-                reported.prompt_tokens.max(used.prompt_tokens),
-                reported.completion_tokens.max(used.completion_tokens),
-            ),
+            (Some(usage), None) | (None, Some(usage)) => usage,
+            (Some(reported), Some(used)) if used.total_tokens > reported.total_tokens => used,
+            (Some(reported), Some(_)) => reported,
         };
-        self.prompt_tokens = Some(prompt);
-        self.completion_tokens = Some(completion);
+        self.prompt_tokens = Some(usage.prompt_tokens);
+        self.completion_tokens = Some(usage.completion_tokens);
     }
 }
 

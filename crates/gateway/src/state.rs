@@ -378,9 +378,19 @@ fn load_chain(
         (ChainSource::Dir(_), _) => folder.dir.display().to_string(),
     };
     let at = |problem: String| format!("{origin}: {problem}");
-    let loaded = folder
-        .instantiate(registry, endpoint.config.as_ref(), &endpoint.llms)
-        .map_err(|problems| problems.into_iter().map(at).collect::<Vec<_>>())?;
+    // `log chain` refuses these now; a version logged before is served, with a warning.
+    let mut unknown_llms = Vec::new();
+    for unknown in folder.unknown_llms(registry) {
+        match &endpoint.source {
+            ChainSource::Dir(_) => unknown_llms.push(unknown),
+            ChainSource::Logged(_) => warn!(source = %origin, "{unknown}"),
+        }
+    }
+    let loaded = match folder.instantiate(registry, endpoint.config.as_ref(), &endpoint.llms) {
+        Ok(loaded) if unknown_llms.is_empty() => loaded,
+        Ok(_) => return Err(unknown_llms.into_iter().map(at).collect()),
+        Err(found) => return Err(found.into_iter().chain(unknown_llms).map(at).collect()),
+    };
     check_code(
         &endpoint.source,
         version,
@@ -463,15 +473,15 @@ fn check_code(
         return Ok(());
     }
     let chain = loaded.entry.name;
-    match (source, version) {
-        (ChainSource::Logged(_), Some(version)) if !allow_mismatch => Err(vec![format!(
+    match source {
+        ChainSource::Logged(uri) if !allow_mismatch => Err(vec![format!(
             "{origin} was logged with code_sha256 {logged}, but the '{chain}' chain compiled into this binary has \
              code_sha256 {compiled}. Serve the logged code by rebuilding from it \
              (`switchyard models restore {resolved} <a new folder>`, copy its `.rs` files over \
              chains/{chain}/, rebuild), serve a version logged from the code this binary was built \
              from (`switchyard models show` says whether a version's code is), or set `allow_code_mismatch = true` \
              on the endpoint or pass `--allow-code-mismatch` to `switchyard serve` or `predict` (development only)",
-            resolved = version.uri(),
+            resolved = version.map_or_else(|| uri.to_string(), ModelVersion::uri),
             logged = loaded.folder_code_sha256,
             compiled = loaded.entry.code_sha256,
         )]),

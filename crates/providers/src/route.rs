@@ -110,12 +110,15 @@ impl Route {
         Fut: Future<Output = Result<T, LlmError>>,
     {
         let mut last_error = None;
+        // A deadline's message says how much of it the call spent queued for provider slots.
+        let queued_before = RequestStats::current_queue();
         for (index, target) in self.targets.iter().enumerate() {
             request.model.clone_from(&target.model);
             let mut last_attempt = Duration::ZERO;
             for attempt_number in 0..=self.settings.retries {
                 let timing = UpstreamTime(Instant::now());
                 let started = timing.0;
+                let queued_at_start = RequestStats::current_queue();
                 let mut running = RunningAttempt {
                     route: self,
                     target,
@@ -148,9 +151,10 @@ impl Route {
                     Ok(Err(error)) => error,
                     // Retried or fallen back from like a failure (and observed as such).
                     Err(_elapsed) if attempt_deadline < deadline => LlmError::timeout(format!(
-                        "provider '{}' gave no answer within attempt_timeout_ms ({} ms)",
+                        "provider '{}' gave no answer within attempt_timeout_ms ({} ms){}",
                         target.provider_name,
-                        self.settings.attempt_timeout.as_millis()
+                        self.settings.attempt_timeout.as_millis(),
+                        queued_note(queued_at_start)
                     )),
                     Err(_elapsed) => {
                         self.observe(target, AttemptOutcome::Timeout, last_attempt);
@@ -159,7 +163,7 @@ impl Route {
                             self.name,
                             self.settings.timeout.as_millis(),
                             target.provider_name,
-                            queued_note()
+                            queued_note(queued_before)
                         )));
                     }
                 };
@@ -252,6 +256,7 @@ impl Route {
         let route: Arc<str> = self.name.as_str().into();
         let stream = self
             .call(request, deadline, true, |provider, request| {
+                let queued_before = RequestStats::current_queue();
                 let opening = open(provider, request);
                 async move {
                     let first_token_deadline = deadline.min(Instant::now() + first_token_timeout);
@@ -271,7 +276,7 @@ impl Route {
                         Err(LlmError::timeout(format!(
                             "no first token within {} ms{}",
                             first_token_timeout.as_millis(),
-                            queued_note()
+                            queued_note(queued_before)
                         )))
                     })
                 }
@@ -396,10 +401,11 @@ fn with_deadline<T: Send + 'static>(
     })
 }
 
-/// What a deadline's message adds when the request spent part of it queued for a slot of a
-/// provider's `max_concurrency` (the upstream was not even called for that long).
-fn queued_note() -> String {
-    let queued = RequestStats::current_queue();
+/// What a deadline's message adds when the call spent part of it queued for a slot of a
+/// provider's `max_concurrency` (the upstream was not even called for that long): the request's
+/// queue time since `before`, when the call began.
+fn queued_note(before: Duration) -> String {
+    let queued = RequestStats::current_queue().saturating_sub(before);
     if queued.is_zero() {
         return String::new();
     }

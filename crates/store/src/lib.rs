@@ -188,6 +188,7 @@ impl Store {
             Ok(_) => {}
             Err(found) => problems.extend(found),
         }
+        problems.extend(folder.unknown_llms(registry));
         let llms = serde_json::to_value(&folder.llms).unwrap_or_default();
         for (path, why) in find_secrets("[config]", &folder.config)
             .into_iter()

@@ -367,6 +367,22 @@ fn refuses_secrets_unknown_chains_broken_templates_and_bad_config_before_writing
     assert!(error.contains("template 'classify'"), "{error}");
     assert!(error.contains("prompts"), "names the folder: {error}");
 
+    let extra_llm = copy_chain("support_bot", &work.path().join("extra-llm"));
+    let manifest = std::fs::read_to_string(extra_llm.join("chain.toml")).unwrap();
+    std::fs::write(
+        extra_llm.join("chain.toml"),
+        manifest.replace("[llms]\n", "[llms]\nsummariser = \"chat\"\n"),
+    )
+    .unwrap();
+    let error = store
+        .log_chain(&extra_llm, "bot", &registry())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("chain.toml [llms]: the chain has no LLM 'summariser' (its LLMs: default)"),
+        "{error}"
+    );
+
     let bad_toml = copy_chain("router", &work.path().join("bad-toml"));
     std::fs::write(bad_toml.join("chain.toml"), "chain = \"router\"\n[config\n").unwrap();
     let error = store

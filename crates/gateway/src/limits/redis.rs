@@ -415,8 +415,10 @@ impl RedisStore {
                     self.record(true, "");
                 }
             }
-            Err(why) if unreachable => self.mark_unreachable(why),
+            Err(why) if unreachable => self.mark_unreachable(why, started),
             Err(why) => {
+                // Redis answered (with an error): it is within reach, whatever this retry was.
+                self.answered_since(started);
                 self.drop_idle();
                 self.record(false, why);
             }
@@ -424,12 +426,18 @@ impl RedisStore {
         result
     }
 
-    /// Redis could not be reached: decisions skip it for [`RETRY_EVERY`].
-    fn mark_unreachable(&self, why: &str) {
-        *self.unreachable_at() = Some(Unreachable {
-            since: Instant::now(),
-            retrying: false,
-        });
+    /// Redis could not be reached by an exchange that began at `started`: decisions skip it for
+    /// [`RETRY_EVERY`] (unless a retry that began since is running: its outcome is newer).
+    fn mark_unreachable(&self, why: &str, started: Instant) {
+        {
+            let mut at = self.unreachable_at();
+            if !at.is_some_and(|u| u.retrying && u.since > started) {
+                *at = Some(Unreachable {
+                    since: Instant::now(),
+                    retrying: false,
+                });
+            }
+        }
         self.unreachable.store(true, Ordering::Relaxed);
         self.drop_idle();
         self.record(false, why);
@@ -477,10 +485,11 @@ impl RedisStore {
                     self.record(true, "");
                 }
             }
-            Ok(Err(why)) => self.mark_unreachable(&why),
-            Err(_) => {
-                self.mark_unreachable(&format!("no answer within {} ms", self.timeout.as_millis()))
-            }
+            Ok(Err(why)) => self.mark_unreachable(&why, started),
+            Err(_) => self.mark_unreachable(
+                &format!("no answer within {} ms", self.timeout.as_millis()),
+                started,
+            ),
         }
     }
 
