@@ -697,6 +697,9 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
     )])
     .await;
     let breaks = FakeUpstream::start(vec![Reply::StreamThenDrop(vec!["a", "b"])]).await;
+    let hold = Arc::new(Notify::new());
+    let waits =
+        FakeUpstream::start(vec![Reply::StreamThenWait(vec!["first "], hold.clone())]).await;
     let dir = crate::common::temp_dir("otlp");
     let config = dir.join("gateway.toml");
     std::fs::write(
@@ -719,13 +722,17 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
              [[endpoints]]\nname = \"hangs\"\nroute = \"hangs\"\n\
              [providers.breaks]\nkind = \"openai\"\nbase_url = \"{}\"\n\
              [routes.breaks]\ntargets = [{{ provider = \"breaks\", model = \"m\" }}]\n\
-             [[endpoints]]\nname = \"breaks\"\nroute = \"breaks\"\n",
+             [[endpoints]]\nname = \"breaks\"\nroute = \"breaks\"\n\
+             [providers.waits]\nkind = \"openai\"\nbase_url = \"{}\"\n\
+             [routes.waits]\ntargets = [{{ provider = \"waits\", model = \"m\" }}]\n\
+             [[endpoints]]\nname = \"waits\"\nroute = \"waits\"\n",
             switchyard_chains::chain_dir("summarize_then_answer").display(),
             crate::common::closed_port_url().await,
             upstream.base_url,
             slow.base_url,
             hangs.base_url,
             breaks.base_url,
+            waits.base_url,
         ),
     )
     .unwrap();
@@ -840,6 +847,29 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
     assert_eq!(broke.status(), 200);
     let broke_trace = broke.headers()["x-trace-id"].to_str().unwrap().to_owned();
     assert!(broke.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    // A stream that takes its time: its request span lasts until its end.
+    let mut waiting = chat_body("x");
+    waiting["model"] = "waits".into();
+    waiting["stream"] = true.into();
+    let waited = reqwest::Client::new()
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&waiting)
+        .send()
+        .await
+        .unwrap();
+    let waited_trace = waited.headers()["x-trace-id"].to_str().unwrap().to_owned();
+    let mut chunks = waited.bytes_stream();
+    let mut streamed = String::new();
+    while !streamed.contains("first ") {
+        streamed.push_str(std::str::from_utf8(&chunks.next().await.unwrap().unwrap()).unwrap());
+    }
+    // The stream's length, not a synchronisation: the span must cover it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hold.notify_one();
+    while let Some(piece) = chunks.next().await {
+        streamed.push_str(std::str::from_utf8(&piece.unwrap()).unwrap());
+    }
+    assert!(streamed.ends_with("data: [DONE]\n\n"), "{streamed}");
     // A client that leaves before its answer: the request span still gets its attributes.
     let mut hanging = chat_body("x");
     hanging["model"] = "hangs".into();
@@ -852,7 +882,7 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
     assert!(left.unwrap_err().is_timeout());
     // Read off this runtime: the collector and the upstreams run on it.
     let (mut gateway, lines) = tokio::task::spawn_blocking(move || {
-        let lines = gateway.request_lines(7);
+        let lines = gateway.request_lines(8);
         (gateway, lines)
     })
     .await
@@ -912,6 +942,13 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
         attribute(broke, "outcome").unwrap()["stringValue"],
         "upstream_error"
     );
+    let waited = all_spans
+        .iter()
+        .find(|s| s["traceId"] == waited_trace.as_str() && s["name"] == "request")
+        .unwrap_or_else(|| panic!("{all_spans:#?}"));
+    let nanos = |key: &str| -> u64 { waited[key].as_str().unwrap().parse().unwrap() };
+    let lasted = nanos("endTimeUnixNano") - nanos("startTimeUnixNano");
+    assert!(lasted >= 300_000_000, "the span ended after {lasted} ns");
     // A client that left: its endpoint and status 499, not an error of the gateway's.
     let left = all_spans
         .iter()

@@ -258,24 +258,28 @@ impl LlmHandle<'_> {
         let mut counted = Usage::default();
         // Stream errors are LLM errors of this step; the message says which step broke off. The
         // step's span lasts as long as its stream, and gets its usage or its failure.
-        Ok(Box::pin(stream.map(move |item| match item {
-            Ok(chunk) => {
-                if let Some(usage) = &chunk.usage {
-                    tokens_used.add(usage, &counted);
-                    counted.prompt_tokens = counted.prompt_tokens.max(usage.prompt_tokens);
-                    counted.completion_tokens =
-                        counted.completion_tokens.max(usage.completion_tokens);
-                    counted.total_tokens = counted.total_tokens.max(usage.total_tokens);
-                    record_usage(&span, &counted);
+        Ok(Box::pin(stream.map(move |item| {
+            // The exported span ends when it was last exited: at this stream's last item.
+            let _in_step = span.enter();
+            match item {
+                Ok(chunk) => {
+                    if let Some(usage) = &chunk.usage {
+                        tokens_used.add(usage, &counted);
+                        counted.prompt_tokens = counted.prompt_tokens.max(usage.prompt_tokens);
+                        counted.completion_tokens =
+                            counted.completion_tokens.max(usage.completion_tokens);
+                        counted.total_tokens = counted.total_tokens.max(usage.total_tokens);
+                        record_usage(&span, &counted);
+                    }
+                    Ok(chunk)
                 }
-                Ok(chunk)
-            }
-            Err(mut e) => {
-                // A step's stream that broke off: what it generated is not reported.
-                RequestStats::record_failure(&e);
-                record_failure(&span, &e);
-                e.message = format!("chain step '{step}': {}", e.message);
-                Err(e)
+                Err(mut e) => {
+                    // A step's stream that broke off: what it generated is not reported.
+                    RequestStats::record_failure(&e);
+                    record_failure(&span, &e);
+                    e.message = format!("chain step '{step}': {}", e.message);
+                    Err(e)
+                }
             }
         })))
     }

@@ -118,6 +118,9 @@ impl RequestRecord {
         if status >= 500 || matches!(outcome, Some("upstream_error" | "timeout" | "shutdown")) {
             span.record("otel.status_code", "error");
         }
+        // The exported span ends when it was last exited (tracing-opentelemetry), not when it
+        // closes: a stream's ends now.
+        span.in_scope(|| {});
     }
 
     /// The request's metrics.
