@@ -266,7 +266,7 @@ async fn health_on(stream: &mut TcpStream) -> String {
 }
 
 #[tokio::test]
-async fn at_max_connections_a_new_client_waits_until_a_connection_closes() {
+async fn at_max_connections_a_new_client_waits_and_busy_connections_make_room() {
     let upstream = FakeUpstream::start(vec![]).await;
     let gateway = TestGateway::start(&format!(
         "[server]\nmax_connections = 2\n{}",
@@ -278,8 +278,7 @@ async fn at_max_connections_a_new_client_waits_until_a_connection_closes() {
     let mut second = TcpStream::connect(gateway.address).await.unwrap();
     assert!(health_on(&mut second).await.starts_with("HTTP/1.1 200 OK"));
 
-    // The kernel takes a third connection into the listen queue, but the gateway does not
-    // accept it while two are open.
+    // A third client is not served while two connections are open...
     let mut third = TcpStream::connect(gateway.address).await.unwrap();
     third
         .write_all(b"GET /health HTTP/1.1\r\nhost: gateway\r\n\r\n")
@@ -289,18 +288,27 @@ async fn at_max_connections_a_new_client_waits_until_a_connection_closes() {
     let waited = tokio::time::timeout(Duration::from_millis(300), third.read(&mut buffer)).await;
     assert!(waited.is_err(), "a third connection was served: {waited:?}");
 
-    // One closes, and the waiting client is served.
-    drop(first);
+    // ...and meanwhile a busy connection's answer closes it, which makes room for the third.
+    let answer = health_on(&mut second).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200 OK") && answer.contains("\r\nconnection: close\r\n"),
+        "{answer}"
+    );
+    assert!(read_until_closed(&mut second).await.is_empty());
     let read = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buffer))
         .await
-        .expect("the waiting connection was not served after one closed")
+        .expect("the waiting client was not served after a connection closed")
         .unwrap();
     let answer = String::from_utf8_lossy(&buffer[..read]);
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
 
-    // The metrics request's connection could only be accepted once `second` had closed: open
+    // With nobody waiting, connections are kept alive again.
+    let answer = health_on(&mut first).await;
+    assert!(!answer.contains("connection: close"), "{answer}");
+
+    // The metrics request's connection could only be accepted once `first` had closed: open
     // are `third` and that one.
-    drop(second);
+    drop(first);
     let metrics = gateway.metrics().await;
     assert!(
         metrics.contains("\nswitchyard_connections_open 2\n"),

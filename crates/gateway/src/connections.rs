@@ -2,12 +2,15 @@
 //!
 //! Every connection is a file: without a cap, enough clients exhaust the open-files limit, and
 //! then the gateway can open no upstream connection either (every request fails) while new
-//! clients are refused at random. At the cap the gateway stops accepting, as HAProxy's
-//! `maxconn` does: new clients wait in the kernel's accept queue until a connection closes
-//! (idle keep-alive connections close after `header_timeout_ms`).
+//! clients are refused at random. At the cap a newly accepted client waits for a slot (those
+//! behind it in the kernel's accept queue), and while one waits every response says
+//! `Connection: close`, so keep-alive connections close after their current request and make
+//! room: without that, busy keep-alive clients would keep their slots for ever (Envoy's
+//! overload manager turns keep-alive off the same way).
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -28,7 +31,9 @@ struct Inner {
     slots: Arc<Semaphore>,
     max: usize,
     open: Gauge,
-    /// When the last warning was written, and how many connections have waited since.
+    /// Set while an accepted client waits for a slot: responses then close their connections.
+    full: AtomicBool,
+    /// When the last warning was written, and how many clients have waited since.
     warned: Mutex<(Option<Instant>, u64)>,
 }
 
@@ -43,6 +48,7 @@ impl ConnectionSlots {
             slots: Arc::new(Semaphore::new(max)),
             max,
             open,
+            full: AtomicBool::new(false),
             warned: Mutex::new((None, 0)),
         }))
     }
@@ -52,26 +58,33 @@ impl ConnectionSlots {
         self.0.max
     }
 
-    /// A slot for the next connection; waits while all are taken.
-    async fn acquire(&self) -> OwnedSemaphorePermit {
-        if let Ok(permit) = self.0.slots.clone().try_acquire_owned() {
-            return permit;
-        }
-        self.waiting();
-        match self.0.slots.clone().acquire_owned().await {
+    /// A slot for a client just accepted; while all are taken it waits, and the connections
+    /// open close after their current request.
+    async fn acquire(&self) -> Slot {
+        let permit = match self.0.slots.clone().try_acquire_owned() {
             Ok(permit) => permit,
-            // Only a closed semaphore fails, and this one is never closed.
-            Err(_) => std::future::pending().await,
-        }
-    }
-
-    /// `permit` taken by a connection now open.
-    fn open(&self, permit: OwnedSemaphorePermit) -> Slot {
+            Err(_) => {
+                self.0.full.store(true, Ordering::Relaxed);
+                self.waiting();
+                let permit = self.0.slots.clone().acquire_owned().await;
+                self.0.full.store(false, Ordering::Relaxed);
+                match permit {
+                    Ok(permit) => permit,
+                    // Only a closed semaphore fails, and this one is never closed.
+                    Err(_) => return std::future::pending().await,
+                }
+            }
+        };
         self.0.open.inc();
         Slot {
             _permit: permit,
-            open: self.0.open.clone(),
+            slots: self.clone(),
         }
+    }
+
+    /// Whether a client waits for a slot: a response should then close its connection.
+    pub(crate) fn clients_waiting(&self) -> bool {
+        self.0.full.load(Ordering::Relaxed)
     }
 
     fn waiting(&self) {
@@ -81,7 +94,8 @@ impl ConnectionSlots {
             warn!(
                 max_connections = self.0.max,
                 waited = warned.1,
-                "connection limit reached: new connections wait until one closes"
+                "connection limit reached: new clients wait, and connections close after their \
+                 current request, until there is room"
             );
             *warned = (Some(Instant::now()), 0);
         }
@@ -99,12 +113,19 @@ fn default_max() -> usize {
 /// One open connection's slot, given back when the connection is dropped.
 pub(crate) struct Slot {
     _permit: OwnedSemaphorePermit,
-    open: Gauge,
+    slots: ConnectionSlots,
+}
+
+impl Slot {
+    /// The slots this one is of.
+    pub(crate) fn slots(&self) -> ConnectionSlots {
+        self.slots.clone()
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.open.dec();
+        self.slots.0.open.dec();
     }
 }
 
@@ -165,9 +186,8 @@ impl<L: axum::serve::Listener> axum::serve::Listener for CappedListener<L> {
     type Addr = L::Addr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let permit = self.slots.acquire().await;
         let (io, address) = self.inner.accept().await;
-        let slot = self.slots.open(permit);
+        let slot = self.slots.acquire().await;
         (Counted { io, slot }, address)
     }
 

@@ -687,6 +687,9 @@ impl axum::serve::Listener for HandedOut {
     }
 }
 
+/// `Connection: close`: hyper closes the connection once the response is written.
+const CONNECTION_CLOSE: http::HeaderValue = http::HeaderValue::from_static("close");
+
 tokio::task_local! {
     /// The shutdown's cut-off as one serving thread's connections see it: a child of the
     /// gateway's token, so that the streams of two threads do not share its lock.
@@ -729,6 +732,7 @@ async fn serve_connections<L>(
             accepted = listener.accept() => accepted,
         };
         while tasks.try_join_next().is_some() {}
+        let slots = stream.slot.slots();
         let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
         stream.set_write_timeout(Some(server.client_timeout));
         // Whether a request has arrived whole on this connection (its head, at least).
@@ -737,7 +741,20 @@ async fn serve_connections<L>(
             let (service, started) = (service.clone(), started.clone());
             hyper::service::service_fn(move |request| {
                 started.store(true, Ordering::Relaxed);
-                hyper::service::Service::call(&service, request)
+                // While a client waits for a connection slot, this one closes after this
+                // request (see `connections`).
+                let close = slots.clients_waiting();
+                let response = hyper::service::Service::call(&service, request);
+                futures::FutureExt::map(response, move |result| {
+                    result.map(|mut response| {
+                        if close {
+                            response
+                                .headers_mut()
+                                .insert(http::header::CONNECTION, CONNECTION_CLOSE);
+                        }
+                        response
+                    })
+                })
             })
         };
         let connection =
