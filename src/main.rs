@@ -242,6 +242,36 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The providers endpoint `name` of `config` can call: its route's targets, or those of the
+/// routes its chain's LLMs are bound to (`chain.toml`'s `[llms]`, the logged version's for a
+/// `models:/` endpoint, with the endpoint's `llms` over them). `None` when that cannot be read.
+fn providers_of(
+    config: &switchyard_gateway::Config,
+    name: &str,
+    version: Option<&switchyard_store::ModelVersion>,
+) -> Option<std::collections::BTreeSet<String>> {
+    use switchyard_gateway::{ChainSource, EndpointKind};
+    let endpoint = config.endpoints.iter().find(|e| e.name == name)?;
+    let routes: Vec<String> = match &endpoint.kind {
+        EndpointKind::Route(route) => vec![route.clone()],
+        EndpointKind::Chain(chain) => {
+            let mut llms = match &chain.source {
+                ChainSource::Dir(dir) => switchyard_core::ChainFolder::load(dir).ok()?.llms,
+                ChainSource::Logged(_) => version?.mlmodel.chain_flavor().ok()??.llms,
+            };
+            llms.extend(chain.llms.clone());
+            llms.into_values().collect()
+        }
+    };
+    Some(
+        routes
+            .iter()
+            .filter_map(|route| config.routes.get(route))
+            .flat_map(|route| route.targets.iter().map(|t| t.provider.clone()))
+            .collect(),
+    )
+}
+
 /// For a logged chain whose code is not the code compiled into this binary, how it differs
 /// (a gateway built like this binary refuses to serve it).
 fn code_differs(version: &switchyard_store::ModelVersion) -> Option<String> {
@@ -439,11 +469,12 @@ fn predict(args: PredictArgs, store: Option<PathBuf>) -> anyhow::Result<()> {
         (None, None) => unreachable!("a target that is neither an endpoint nor a URI is a file"),
     };
     // Only a provider's key matters to one request (keys, limits and the Redis store do not);
-    // which providers the endpoint calls is known only once it runs, so an unset key is named
-    // when the call fails.
+    // one the endpoint can call that is not set is named if the call fails.
+    let called = providers_of(&config, &name, version.as_ref());
     let unset_keys: Vec<String> = config
         .providers
         .iter()
+        .filter(|(name, _)| called.as_ref().is_none_or(|called| called.contains(*name)))
         .filter_map(|(name, provider)| {
             let (switchyard_gateway::ProviderKind::OpenAi { api_key, .. }
             | switchyard_gateway::ProviderKind::Anthropic { api_key, .. }) = &provider.kind

@@ -535,6 +535,10 @@ fn predict_runs_a_chain_or_a_route_once_without_a_server() {
         kind = "openai"
         base_url = "http://127.0.0.1:1/v1"
         api_key = "${SWITCHYARD_TEST_UNSET_OPENAI_KEY}"
+        [providers.other]
+        kind = "openai"
+        base_url = "http://127.0.0.1:1/v1"
+        api_key = "${SWITCHYARD_TEST_UNSET_OTHER_KEY}"
         [providers.offline]
         kind = "mock"
         reply = "from the production config"
@@ -580,7 +584,7 @@ fn predict_runs_a_chain_or_a_route_once_without_a_server() {
         );
     }
 
-    // A call that fails names the provider keys that are not set.
+    // A call that fails names the provider keys that are not set, of the providers it calls.
     let gpt = switchyard(
         &store,
         &["predict", "gpt", "--config", production, "--input", late],
@@ -594,6 +598,7 @@ fn predict_runs_a_chain_or_a_route_once_without_a_server() {
         ) && stderr.contains("endpoint gpt answered 502"),
         "{stderr}"
     );
+    assert!(!stderr.contains("OTHER_KEY"), "{stderr}");
 
     // A chain's LLMs are routes of a config: without one it says so.
     let no_config = switchyard(&store, &["predict", "models:/bot/1", "--input", late]);
