@@ -93,10 +93,20 @@ pub fn init(json: bool) -> anyhow::Result<Telemetry> {
     log_panics();
     if provider.is_some() {
         // Where spans go; an export that fails is logged by the exporter (its `internal-logs`).
+        let (_, protocol) = otlp_protocol();
+        if let Ok(asked) = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
+            && asked != protocol
+        {
+            tracing::warn!(
+                asked,
+                protocol,
+                "OTEL_EXPORTER_OTLP_PROTOCOL is neither http/protobuf nor http/json (gRPC is not \
+                 built in): spans go out as http/protobuf"
+            );
+        }
         tracing::info!(
             endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default(),
-            protocol = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
-                .unwrap_or_else(|_| "http/protobuf".to_owned()),
+            protocol,
             "exporting traces over OTLP"
         );
     }
@@ -375,11 +385,17 @@ impl fmt::Write for EscapeControl<'_, '_> {
     }
 }
 
+/// The OTLP protocol `OTEL_EXPORTER_OTLP_PROTOCOL` asks for, by name: `http/json`, else
+/// `http/protobuf` (the default; gRPC is not built in).
+fn otlp_protocol() -> (Protocol, &'static str) {
+    match std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref() {
+        Ok("http/json") => (Protocol::HttpJson, "http/json"),
+        _ => (Protocol::HttpBinary, "http/protobuf"),
+    }
+}
+
 fn otlp_provider() -> anyhow::Result<SdkTracerProvider> {
-    let protocol = match std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref() {
-        Ok("http/json") => Protocol::HttpJson,
-        _ => Protocol::HttpBinary,
-    };
+    let (protocol, _) = otlp_protocol();
     // The endpoint comes from OTEL_EXPORTER_OTLP_ENDPOINT (`/v1/traces` is appended).
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()

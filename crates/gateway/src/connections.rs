@@ -41,8 +41,19 @@ impl ConnectionSlots {
     /// `max` connections, or, with `None`, half of the open-files limit (the other half is for
     /// upstream and Redis connections, the store and the logs). `open` counts them.
     pub(crate) fn new(max: Option<usize>, open: Gauge) -> Self {
+        let half_the_files = default_max();
+        if let Some(max) = max
+            && max > half_the_files
+        {
+            warn!(
+                max_connections = max,
+                open_files_limit = half_the_files.saturating_mul(2),
+                "max_connections is above half the open-files limit: at that many clients, \
+                 upstream connections may find no file"
+            );
+        }
         let max = max
-            .unwrap_or_else(default_max)
+            .unwrap_or(half_the_files)
             .clamp(1, Semaphore::MAX_PERMITS);
         Self(Arc::new(Inner {
             slots: Arc::new(Semaphore::new(max)),
