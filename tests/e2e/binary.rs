@@ -931,30 +931,36 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
         .flat_map(|rs| rs["scopeSpans"].as_array().cloned().unwrap_or_default())
         .flat_map(|ss| ss["spans"].as_array().cloned().unwrap_or_default())
         .collect();
+    // The span named `name` of trace `trace`.
+    let span = |trace: &str, name: &str| -> &Value {
+        all_spans
+            .iter()
+            .find(|s| s["traceId"] == trace && s["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} span in trace {trace}: {all_spans:#?}"))
+    };
     // A request that failed upstream: its span's status is an error (STATUS_CODE_ERROR).
-    let failed = all_spans
-        .iter()
-        .find(|s| s["traceId"] == failed_trace.as_str() && s["name"] == "request")
-        .unwrap_or_else(|| panic!("{all_spans:#?}"));
+    let failed = span(&failed_trace, "request");
     assert_eq!(failed["status"]["code"], 2, "{failed}");
+    // Its upstream call (a refused connection) too, with the reason.
+    let failed_call = span(&failed_trace, "chat m");
+    assert_eq!(failed_call["status"]["code"], 2, "{failed_call}");
+    assert_eq!(
+        attribute(failed_call, "error.type").unwrap()["stringValue"],
+        "connect"
+    );
     // A stream that broke off: an error, with the outcome of its log line.
-    let broke = all_spans
-        .iter()
-        .find(|s| s["traceId"] == broke_trace.as_str() && s["name"] == "request")
-        .unwrap_or_else(|| panic!("{all_spans:#?}"));
+    let broke = span(&broke_trace, "request");
     assert_eq!(broke["status"]["code"], 2, "{broke}");
     assert_eq!(
         attribute(broke, "outcome").unwrap()["stringValue"],
         "upstream_error"
     );
-    let waited = all_spans
-        .iter()
-        .find(|s| s["traceId"] == waited_trace.as_str() && s["name"] == "request")
-        .unwrap_or_else(|| panic!("{all_spans:#?}"));
+    // A stream held for 300 ms: its span lasts as long.
+    let waited = span(&waited_trace, "request");
     let nanos = |key: &str| -> u64 { waited[key].as_str().unwrap().parse().unwrap() };
     let lasted = nanos("endTimeUnixNano") - nanos("startTimeUnixNano");
     assert!(lasted >= 300_000_000, "the span ended after {lasted} ns");
-    // A client that left: its endpoint and status 499, not an error of the gateway's.
+    // A client that left: its endpoint and outcome, not an error of the gateway's.
     let left = all_spans
         .iter()
         .find(|s| {
@@ -967,20 +973,8 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
         "client_closed"
     );
     assert_ne!(left["status"]["code"], 2, "{left}");
-    // Its upstream call (a refused connection) too, with the reason.
-    let failed_call = all_spans
-        .iter()
-        .find(|s| s["traceId"] == failed_trace.as_str() && s["name"] == "chat m")
-        .unwrap_or_else(|| panic!("{all_spans:#?}"));
-    assert_eq!(failed_call["status"]["code"], 2, "{failed_call}");
-    assert_eq!(
-        attribute(failed_call, "error.type").unwrap()["stringValue"],
-        "connect"
-    );
-    let cut_off = all_spans
-        .iter()
-        .find(|s| s["traceId"] == timed_out_trace.as_str() && s["name"] == "chat gpt-slow")
-        .unwrap_or_else(|| panic!("{all_spans:#?}"));
+    // An upstream call the route's deadline cut off.
+    let cut_off = span(&timed_out_trace, "chat gpt-slow");
     assert_eq!(cut_off["status"]["code"], 2, "{cut_off}");
     assert_eq!(
         attribute(cut_off, "error.type").unwrap()["stringValue"],
