@@ -785,14 +785,17 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
         .unwrap()
         .to_owned();
     assert!(streamed.text().await.unwrap().ends_with("data: [DONE]\n\n"));
-    let mut broken = chat_body("x");
-    broken["model"] = "broken".into();
-    let failed = reqwest::Client::new()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&broken)
-        .send()
-        .await
-        .unwrap();
+    // One chat request to endpoint `model`, streamed or not.
+    let send = |model: &str, stream: bool| {
+        let mut body = chat_body("x");
+        body["model"] = model.into();
+        body["stream"] = stream.into();
+        let request = reqwest::Client::new()
+            .post(gateway.url("/v1/chat/completions"))
+            .json(&body);
+        async move { request.send().await.unwrap() }
+    };
+    let failed = send("broken", false).await;
     assert_eq!(failed.status(), 502);
     let failed_trace = failed.headers()["x-trace-id"].to_str().unwrap().to_owned();
     let mut proxied = chat_body("x");
@@ -825,14 +828,7 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
     // The ids only: not the caller's tracestate.
     assert_eq!(upstream.requests()[0].tracestate, None);
     // A call the route's deadline cut off.
-    let mut slow_request = chat_body("x");
-    slow_request["model"] = "slow".into();
-    let timed_out = reqwest::Client::new()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&slow_request)
-        .send()
-        .await
-        .unwrap();
+    let timed_out = send("slow", false).await;
     assert_eq!(timed_out.status(), 504);
     let timed_out_trace = timed_out.headers()["x-trace-id"]
         .to_str()
@@ -840,28 +836,12 @@ async fn traces_join_the_callers_and_carry_chain_steps_and_upstream_calls_as_chi
         .to_owned();
 
     // A stream that breaks off after its 200: its request span lasts until then and says so.
-    let mut breaking = chat_body("x");
-    breaking["model"] = "breaks".into();
-    breaking["stream"] = true.into();
-    let broke = reqwest::Client::new()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&breaking)
-        .send()
-        .await
-        .unwrap();
+    let broke = send("breaks", true).await;
     assert_eq!(broke.status(), 200);
     let broke_trace = broke.headers()["x-trace-id"].to_str().unwrap().to_owned();
     assert!(broke.text().await.unwrap().ends_with("data: [DONE]\n\n"));
     // A stream that takes its time: its request span lasts until its end.
-    let mut waiting = chat_body("x");
-    waiting["model"] = "waits".into();
-    waiting["stream"] = true.into();
-    let waited = reqwest::Client::new()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&waiting)
-        .send()
-        .await
-        .unwrap();
+    let waited = send("waits", true).await;
     let waited_trace = waited.headers()["x-trace-id"].to_str().unwrap().to_owned();
     let mut chunks = waited.bytes_stream();
     let mut streamed = String::new();
