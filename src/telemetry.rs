@@ -95,6 +95,7 @@ pub fn init(json: bool) -> anyhow::Result<Telemetry> {
         // Where spans go; an export that fails is logged by the exporter (its `internal-logs`).
         let (_, protocol) = otlp_protocol();
         if let Ok(asked) = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
+            && !asked.is_empty()
             && asked != protocol
         {
             tracing::warn!(

@@ -258,9 +258,11 @@ impl LlmHandle<'_> {
         let mut counted = Usage::default();
         // Stream errors are LLM errors of this step; the message says which step broke off. The
         // step's span lasts as long as its stream, and gets its usage or its failure.
+        // The exported span ends when it was last exited: entered once more when the stream is
+        // dropped (at its end, or when its client left), it ends then.
+        let span = EndOnDrop(span);
         Ok(Box::pin(stream.map(move |item| {
-            // The exported span ends when it was last exited: at this stream's last item.
-            let _in_step = span.enter();
+            let span = &span.0;
             match item {
                 Ok(chunk) => {
                     if let Some(usage) = &chunk.usage {
@@ -269,19 +271,29 @@ impl LlmHandle<'_> {
                         counted.completion_tokens =
                             counted.completion_tokens.max(usage.completion_tokens);
                         counted.total_tokens = counted.total_tokens.max(usage.total_tokens);
-                        record_usage(&span, &counted);
+                        record_usage(span, &counted);
                     }
                     Ok(chunk)
                 }
                 Err(mut e) => {
                     // A step's stream that broke off: what it generated is not reported.
                     RequestStats::record_failure(&e);
-                    record_failure(&span, &e);
+                    record_failure(span, &e);
                     e.message = format!("chain step '{step}': {}", e.message);
                     Err(e)
                 }
             }
         })))
+    }
+}
+
+/// A span that, when this is dropped, is entered and exited once more: tracing-opentelemetry
+/// ends an exported span at its last exit, not when it closes.
+struct EndOnDrop(tracing::Span);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.in_scope(|| {});
     }
 }
 

@@ -10,7 +10,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -31,8 +31,9 @@ struct Inner {
     slots: Arc<Semaphore>,
     max: usize,
     open: Gauge,
-    /// Set while an accepted client waits for a slot: responses then close their connections.
-    full: AtomicBool,
+    /// Accepted clients waiting for a slot: while there are any, responses close their
+    /// connections.
+    waiting: AtomicUsize,
     /// When the last warning was written, and how many clients have waited since.
     warned: Mutex<(Option<Instant>, u64)>,
 }
@@ -41,13 +42,14 @@ impl ConnectionSlots {
     /// `max` connections, or, with `None`, half of the open-files limit (the other half is for
     /// upstream and Redis connections, the store and the logs). `open` counts them.
     pub(crate) fn new(max: Option<usize>, open: Gauge) -> Self {
-        let half_the_files = default_max();
+        let files = open_files_limit();
+        let half_the_files = files / 2;
         if let Some(max) = max
             && max > half_the_files
         {
             warn!(
                 max_connections = max,
-                open_files_limit = half_the_files.saturating_mul(2),
+                open_files_limit = files,
                 "max_connections is above half the open-files limit: at that many clients, \
                  upstream connections may find no file"
             );
@@ -59,7 +61,7 @@ impl ConnectionSlots {
             slots: Arc::new(Semaphore::new(max)),
             max,
             open,
-            full: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
             warned: Mutex::new((None, 0)),
         }))
     }
@@ -75,10 +77,9 @@ impl ConnectionSlots {
         let permit = match self.0.slots.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                self.0.full.store(true, Ordering::Relaxed);
-                self.waiting();
+                let _waiting = Waiting::new(&self.0.waiting);
+                self.warn_of_waiting();
                 let permit = self.0.slots.clone().acquire_owned().await;
-                self.0.full.store(false, Ordering::Relaxed);
                 match permit {
                     Ok(permit) => permit,
                     // Only a closed semaphore fails, and this one is never closed.
@@ -95,10 +96,10 @@ impl ConnectionSlots {
 
     /// Whether a client waits for a slot: a response should then close its connection.
     pub(crate) fn clients_waiting(&self) -> bool {
-        self.0.full.load(Ordering::Relaxed)
+        self.0.waiting.load(Ordering::Relaxed) > 0
     }
 
-    fn waiting(&self) {
+    fn warn_of_waiting(&self) {
         let mut warned = self.0.warned.lock().unwrap_or_else(PoisonError::into_inner);
         warned.1 += 1;
         if warned.0.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
@@ -113,12 +114,30 @@ impl ConnectionSlots {
     }
 }
 
-fn default_max() -> usize {
+/// One accepted client waiting for a slot, for as long as this lives (a wait that is dropped
+/// midway ends too).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The soft limit on open files (8192 where it cannot be read).
+fn open_files_limit() -> usize {
     #[cfg(unix)]
     if let Ok((soft, _hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
-        return usize::try_from(soft / 2).unwrap_or(usize::MAX);
+        return usize::try_from(soft).unwrap_or(usize::MAX);
     }
-    4096
+    8192
 }
 
 /// One open connection's slot, given back when the connection is dropped.
@@ -186,7 +205,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     }
 }
 
-/// A listener that takes a slot before it accepts: at the cap, it stops accepting.
+/// A listener whose connections each take a slot once accepted: at the cap, the client just
+/// accepted waits for one (and the next ones in the kernel's accept queue).
 pub(crate) struct CappedListener<L> {
     pub(crate) inner: L,
     pub(crate) slots: ConnectionSlots,

@@ -741,13 +741,13 @@ async fn serve_connections<L>(
             let (service, started) = (service.clone(), started.clone());
             hyper::service::service_fn(move |request| {
                 started.store(true, Ordering::Relaxed);
-                // While a client waits for a connection slot, this one closes after this
-                // request (see `connections`).
-                let close = slots.clients_waiting();
                 let response = hyper::service::Service::call(&service, request);
+                let slots = slots.clone();
                 futures::FutureExt::map(response, move |result| {
                     result.map(|mut response| {
-                        if close {
+                        // While a client waits for a connection slot, this connection closes
+                        // after this response (see `connections`).
+                        if slots.clients_waiting() {
                             response
                                 .headers_mut()
                                 .insert(http::header::CONNECTION, CONNECTION_CLOSE);
