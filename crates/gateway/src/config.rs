@@ -512,8 +512,10 @@ struct RawStore {
 struct RawAuth {
     #[serde(default)]
     admin_key: Option<String>,
+    /// Each checked on its own (see `compile_auth`), so that one bad entry hides no other
+    /// problem.
     #[serde(default)]
-    keys: Vec<RawApiKey>,
+    keys: Vec<toml::Value>,
     #[serde(default)]
     protect_metrics: bool,
 }
@@ -874,6 +876,9 @@ fn compile_auth(
     let mut keys = Vec::new();
     for (i, key) in raw.keys.into_iter().enumerate() {
         let path = format!("auth.keys[{i}]");
+        let Some(key) = problems.take::<RawApiKey>(&path, key) else {
+            continue;
+        };
         if let Err(message) = check_name(&key.id) {
             problems.add(format!("{path}.id"), message);
         }
@@ -1499,6 +1504,27 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_bad_key_entry_hides_no_problem_of_the_others() {
+        let found = problems(&format!(
+            "{VALID}\n[auth]\n\
+             [[auth.keys]]\nid = \"team-a\"\nkey = \"sk-literal-123\"\n\
+             [[auth.keys]]\nid = \"team-b\"\nkey_sha256 = \"not-hex\"\n\
+             [[auth.keys]]\nid = \"team-b\"\nkey_env = \"TEST_KEY\"\n"
+        ));
+        let paths: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "auth.keys[0].key",
+                "auth.keys[1].key_sha256",
+                "auth.keys[2].id"
+            ],
+            "{found:#?}"
+        );
+        assert!(!found.iter().any(|(_, m)| m.contains("sk-literal-123")));
     }
 
     #[test]
