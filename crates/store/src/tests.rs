@@ -16,6 +16,18 @@ fn copy_chain(name: &str, into: &Path) -> PathBuf {
     dest
 }
 
+/// Replaces `from` with `to` in the `chain.toml` of `folder`.
+fn edit_manifest(folder: &Path, from: &str, to: &str) {
+    let manifest = folder.join("chain.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(
+        text.contains(from),
+        "{from:?} is not in {}",
+        manifest.display()
+    );
+    std::fs::write(&manifest, text.replace(from, to)).unwrap();
+}
+
 fn uri(text: &str) -> ModelUri {
     text.parse().unwrap()
 }
@@ -253,12 +265,7 @@ fn concurrent_logs_get_distinct_versions_with_intact_contents() {
     let folders: Vec<PathBuf> = (0..10)
         .map(|i| {
             let folder = copy_chain("support_bot", &work.path().join(format!("copy-{i}")));
-            let manifest = std::fs::read_to_string(folder.join("chain.toml")).unwrap();
-            std::fs::write(
-                folder.join("chain.toml"),
-                manifest.replace("friendly and concise", &format!("variant {i}")),
-            )
-            .unwrap();
+            edit_manifest(&folder, "friendly and concise", &format!("variant {i}"));
             folder
         })
         .collect();
@@ -293,21 +300,21 @@ fn concurrent_logs_get_distinct_versions_with_intact_contents() {
 fn refuses_secrets_unknown_chains_broken_templates_and_bad_config_before_writing() {
     let work = tempfile::tempdir().unwrap();
     let store = Store::new(work.path().join("store"));
+    // Why logging `folder` as `name` is refused.
+    let refusal = |folder: &std::path::Path, name: &str| {
+        store
+            .log_chain(folder, name, &registry())
+            .unwrap_err()
+            .to_string()
+    };
 
     let leaky = copy_chain("support_bot", &work.path().join("leaky"));
-    let manifest = std::fs::read_to_string(leaky.join("chain.toml")).unwrap();
-    std::fs::write(
-        leaky.join("chain.toml"),
-        manifest.replace(
-            "[config]",
-            "[config]\nopenai_api_key = \"sk-proj-0123456789abcdefghij\"",
-        ),
-    )
-    .unwrap();
-    let error = store
-        .log_chain(&leaky, "bot", &registry())
-        .unwrap_err()
-        .to_string();
+    edit_manifest(
+        &leaky,
+        "[config]",
+        "[config]\nopenai_api_key = \"sk-proj-0123456789abcdefghij\"",
+    );
+    let error = refusal(&leaky, "bot");
     assert!(
         error.contains("[config].openai_api_key looks like an OpenAI"),
         "{error}"
@@ -328,10 +335,7 @@ fn refuses_secrets_unknown_chains_broken_templates_and_bad_config_before_writing
         format!("{system}\nUse the key sk-proj-0123456789abcdefghij for lookups.\n"),
     )
     .unwrap();
-    let error = store
-        .log_chain(&prompted, "bot", &registry())
-        .unwrap_err()
-        .to_string();
+    let error = refusal(&prompted, "bot");
     assert!(
         error.contains("prompts/system.tera:") && error.contains("looks like an OpenAI"),
         "{error}"
@@ -339,16 +343,8 @@ fn refuses_secrets_unknown_chains_broken_templates_and_bad_config_before_writing
     assert!(!error.contains("0123456789abcdefghij"), "{error}");
 
     let unknown = copy_chain("router", &work.path().join("unknown"));
-    let manifest = std::fs::read_to_string(unknown.join("chain.toml")).unwrap();
-    std::fs::write(
-        unknown.join("chain.toml"),
-        manifest.replace("chain = \"router\"", "chain = \"ruoter\""),
-    )
-    .unwrap();
-    let error = store
-        .log_chain(&unknown, "r", &registry())
-        .unwrap_err()
-        .to_string();
+    edit_manifest(&unknown, "chain = \"router\"", "chain = \"ruoter\"");
+    let error = refusal(&unknown, "r");
     assert!(
         error.contains("chain 'ruoter' is not compiled into this binary"),
         "{error}"
@@ -360,24 +356,13 @@ fn refuses_secrets_unknown_chains_broken_templates_and_bad_config_before_writing
         "{% for t in topics %}",
     )
     .unwrap();
-    let error = store
-        .log_chain(&broken, "r", &registry())
-        .unwrap_err()
-        .to_string();
+    let error = refusal(&broken, "r");
     assert!(error.contains("template 'classify'"), "{error}");
     assert!(error.contains("prompts"), "names the folder: {error}");
 
     let extra_llm = copy_chain("support_bot", &work.path().join("extra-llm"));
-    let manifest = std::fs::read_to_string(extra_llm.join("chain.toml")).unwrap();
-    std::fs::write(
-        extra_llm.join("chain.toml"),
-        manifest.replace("[llms]\n", "[llms]\nsummariser = \"chat\"\n"),
-    )
-    .unwrap();
-    let error = store
-        .log_chain(&extra_llm, "bot", &registry())
-        .unwrap_err()
-        .to_string();
+    edit_manifest(&extra_llm, "[llms]\n", "[llms]\nsummariser = \"chat\"\n");
+    let error = refusal(&extra_llm, "bot");
     assert!(
         error.contains("chain.toml [llms]: the chain has no LLM 'summariser' (its LLMs: default)"),
         "{error}"
@@ -385,10 +370,7 @@ fn refuses_secrets_unknown_chains_broken_templates_and_bad_config_before_writing
 
     let bad_toml = copy_chain("router", &work.path().join("bad-toml"));
     std::fs::write(bad_toml.join("chain.toml"), "chain = \"router\"\n[config\n").unwrap();
-    let error = store
-        .log_chain(&bad_toml, "r", &registry())
-        .unwrap_err()
-        .to_string();
+    let error = refusal(&bad_toml, "r");
     assert!(
         error.contains("chain.toml") && error.contains("line 2"),
         "{error}"
