@@ -400,29 +400,26 @@ async fn a_panicking_chain_is_a_500_with_the_request_id_and_the_gateway_keeps_se
 
 #[tokio::test]
 async fn broken_chain_folders_fail_at_start_up_with_every_reason() {
-    // A copy of support_bot with a template syntax error.
-    let broken = temp_dir("broken-template");
-    std::fs::create_dir_all(broken.join("prompts")).unwrap();
-    for file in ["mod.rs", "chain.toml"] {
-        std::fs::copy(
-            repo_path(&format!("chains/support_bot/{file}")),
-            broken.join(file),
-        )
-        .unwrap();
-    }
+    // A copy of support_bot's folder, to break.
+    let copy = |name: &str| {
+        let folder = temp_dir(name);
+        std::fs::create_dir_all(folder.join("prompts")).unwrap();
+        for file in ["mod.rs", "chain.toml", "prompts/system.tera"] {
+            std::fs::copy(
+                repo_path(&format!("chains/support_bot/{file}")),
+                folder.join(file),
+            )
+            .unwrap();
+        }
+        folder
+    };
+    // One with a template syntax error.
+    let broken = copy("broken-template");
     std::fs::write(broken.join("prompts/system.tera"), "Hello {{ product").unwrap();
-    // A copy whose chain.toml maps an LLM the chain does not have (and whose prompts folder
-    // holds a hidden file, which is no template).
-    let extra_llm = temp_dir("extra-llm");
-    std::fs::create_dir_all(extra_llm.join("prompts")).unwrap();
-    for file in ["mod.rs", "prompts/system.tera"] {
-        std::fs::copy(
-            repo_path(&format!("chains/support_bot/{file}")),
-            extra_llm.join(file),
-        )
-        .unwrap();
-    }
-    let manifest = std::fs::read_to_string(repo_path("chains/support_bot/chain.toml")).unwrap();
+    // One whose chain.toml maps an LLM the chain does not have (and whose prompts folder holds
+    // a hidden file, which is no template).
+    let extra_llm = copy("extra-llm");
+    let manifest = std::fs::read_to_string(extra_llm.join("chain.toml")).unwrap();
     std::fs::write(
         extra_llm.join("chain.toml"),
         manifest.replace("[llms]\n", "[llms]\nsummariser = \"chat\"\n"),
