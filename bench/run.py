@@ -915,7 +915,7 @@ def one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
-def onnx_gateway(bins: Path, env: dict[str, str], store: Path, models: list[OnnxModel],
+def onnx_gateway(switchyard_bin: str, env: dict[str, str], store: Path, models: list[OnnxModel],
                  name: str) -> tuple[Proc | None, int, str]:
     """A gateway serving `models` from `store` (one endpoint per model, named like it); returns
     it and its port when ready, else None and the end of its log."""
@@ -925,7 +925,7 @@ def onnx_gateway(bins: Path, env: dict[str, str], store: Path, models: list[Onnx
                       f'[store]\npath = "{store}"\n'
                       + "".join(f'\n[[endpoints]]\nname = "{m.name}"\nmodel = "{m.uri}"\n'
                                 for m in models))
-    proc = Proc(name, [str(bins / "switchyard"), "serve", "--config", str(config)], clean_env(env),
+    proc = Proc(name, [switchyard_bin, "serve", "--config", str(config)], clean_env(env),
                 cwd=ROOT)
     if wait_ready(proc, f"http://127.0.0.1:{port}/ready", 20):
         return proc, port, ""
@@ -952,7 +952,7 @@ def compare_predictions(a, b, path: str = "predictions") -> str | None:
     return None if a == b and type(a) is type(b) else f"{path}: {a!r} vs {b!r}"
 
 
-def setup_onnx(args, bins: Path, gateway_env: dict[str, str], procs: list[Proc],
+def setup_onnx(args, switchyard_bin: str, gateway_env: dict[str, str], procs: list[Proc],
                notes: list[str]) -> tuple[list[OnnxModel], Proc | None, dict[int, str]]:
     """Logs every model into a scratch store and serves them all from one gateway; saves each as
     an MLflow model directory and starts one `mlflow models serve` per model; checks that both
@@ -963,7 +963,7 @@ def setup_onnx(args, bins: Path, gateway_env: dict[str, str], procs: list[Proc],
     store = WORK / "onnx-store"
     shutil.rmtree(store, ignore_errors=True)
     for m in models:
-        out = subprocess.run([str(bins / "switchyard"), "--store", str(store), "log", "onnx",
+        out = subprocess.run([switchyard_bin, "--store", str(store), "log", "onnx",
                               str(m.path), "--name", m.name], capture_output=True, text=True,
                              env=clean_env(), cwd=ROOT, timeout=120, check=False)
         if out.returncode == 0 and out.stdout.strip():
@@ -979,11 +979,13 @@ def setup_onnx(args, bins: Path, gateway_env: dict[str, str], procs: list[Proc],
     gateway, port = None, 0
     loadable = [m for m in models if m.uri]
     while loadable:
-        gateway, port, tail = onnx_gateway(bins, gateway_env, store, loadable, "switchyard-onnx")
+        gateway, port, tail = onnx_gateway(switchyard_bin, gateway_env, store, loadable,
+                                           "switchyard-onnx")
         if gateway:
             break
         for m in loadable:
-            probe, _, why = onnx_gateway(bins, gateway_env, store, [m], f"switchyard-onnx-{m.name}")
+            probe, _, why = onnx_gateway(switchyard_bin, gateway_env, store, [m],
+                                         f"switchyard-onnx-{m.name}")
             if probe:
                 probe.stop()
             else:
@@ -1254,6 +1256,10 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bin-dir", type=Path, required=True,
                         help="directory holding the release `switchyard`, `mock-upstream`, `sse-load`")
+    parser.add_argument("--switchyard", type=Path, default=None,
+                        help="the gateway binary (default: switchyard in --bin-dir)")
+    parser.add_argument("--build-note", default="release build",
+                        help="what the report says of the gateway's build")
     parser.add_argument("--oha", default=shutil.which("oha") or "oha")
     parser.add_argument("--seconds", type=float, default=4, help="length of one measured round")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per scenario")
@@ -1290,7 +1296,8 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
                         help="also run a second switchyard with this environment as its own row, "
                              "e.g. 'warn+jemalloc:RUST_LOG=warn,LD_PRELOAD=/usr/lib/x86_64-linux-gnu/"
-                             "libjemalloc.so.2' (repeatable; for A/B experiments in the same run)")
+                             "libjemalloc.so.2', or 'pgo:BIN=/path/to/switchyard' for another build "
+                             "(repeatable; for A/B experiments in the same run)")
     parser.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for switchyard, e.g. RUST_LOG=warn or "
                              "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (repeatable)")
@@ -1307,6 +1314,7 @@ def main() -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     bins = args.bin_dir.resolve()  # children run in bench/work
+    switchyard_bin = str((args.switchyard or bins / "switchyard").resolve())
     started = time.monotonic()
     procs: list[Proc] = []
     notes: list[str] = []
@@ -1323,7 +1331,7 @@ def main() -> int:
         gateway_env = {"RUST_LOG": os.environ.get("RUST_LOG", "info")}
         gateway_env.update(kv.split("=", 1) for kv in args.gateway_env)
         # From the repository root: the chain endpoints' `chain_dir` paths are relative to it.
-        gateway = Proc("switchyard", [str(bins / "switchyard"), "serve", "--config", str(config)],
+        gateway = Proc("switchyard", [switchyard_bin, "serve", "--config", str(config)],
                        clean_env(gateway_env), cwd=ROOT)
         procs.append(gateway)
         if not wait_ready(gateway, f"http://127.0.0.1:{gw_port}/ready", 20):
@@ -1357,10 +1365,11 @@ def main() -> int:
             port = free_port()
             env = dict(gateway_env)
             env.update(kv.split("=", 1) for kv in assignments.split(",") if kv)
+            binary = env.pop("BIN", switchyard_bin)  # another build of the gateway
             vconfig = WORK / f"switchyard-{len(variants)}.toml"
             vconfig.write_text(switchyard_config(mock_base, f"127.0.0.1:{port}"))
             proc = Proc(f"switchyard-{len(variants)}",
-                        [str(bins / "switchyard"), "serve", "--config", str(vconfig)], clean_env(env),
+                        [binary, "serve", "--config", str(vconfig)], clean_env(env),
                         cwd=ROOT)
             procs.append(proc)
             if not wait_ready(proc, f"http://127.0.0.1:{port}/ready", 20):
@@ -1408,7 +1417,7 @@ def main() -> int:
                 lconfig.write_text(switchyard_config(mock_base, f"127.0.0.1:{port}", body))
                 env = dict(gateway_env, BENCH_CLIENT_KEY=CLIENT_KEY)
                 proc = Proc(f"switchyard-limits-{store}",
-                            [str(bins / "switchyard"), "serve", "--config", str(lconfig)],
+                            [switchyard_bin, "serve", "--config", str(lconfig)],
                             clean_env(env), cwd=ROOT)
                 procs.append(proc)
                 if not wait_ready(proc, f"http://127.0.0.1:{port}/ready", 20):
@@ -1425,7 +1434,7 @@ def main() -> int:
 
         # ONNX models: their own gateway, and one `mlflow models serve` per model.
         onnx_models, onnx_gateway_proc, onnx_body = (
-            ([], None, {}) if "onnx" in skip else setup_onnx(args, bins, gateway_env, procs, notes))
+            ([], None, {}) if "onnx" in skip else setup_onnx(args, switchyard_bin, gateway_env, procs, notes))
 
         time.sleep(1)
         for t in [*gateways, *limited]:
@@ -1760,7 +1769,7 @@ def main() -> int:
             f"## Switchyard benchmark — {now:%Y-%m-%d %H:%M}",
             "",
             f"Machine: {machine_info()[0]}.",
-            f"Switchyard: release build, RUST_LOG={gateway_env['RUST_LOG']} (info = one log line "
+            f"Switchyard: {args.build_note}, RUST_LOG={gateway_env['RUST_LOG']} (info = one log line "
             f"per request, written to a file)"
             + (f", extra environment {' '.join(args.gateway_env)}" if args.gateway_env else "")
             + ". "

@@ -3,6 +3,8 @@
 #   bench/run.sh                 # full run, ~16 min on 2 cores (first run also installs the peers)
 #   bench/run.sh --seconds 3     # shorter rounds; see `python3 bench/run.py --help` for all options
 #   bench/run.sh --scenarios onnx  # only ONNX invocations vs `mlflow models serve` (~5 min)
+#   PGO=1 bench/run.sh           # the profile-guided build (bench/pgo.sh, ~20 min more) as
+#                                # `switchyard`, the plain release build beside it as a variant
 # Builds the release binaries, installs oha if missing, then runs bench/run.py, which prints a
 # markdown report and writes it to bench/results/<date>.md. All traffic stays on 127.0.0.1.
 set -euo pipefail
@@ -15,4 +17,12 @@ if ! command -v oha >/dev/null 2>&1; then
   echo "[bench] oha not found; installing it with cargo (one time) ..." >&2
   nice -n 10 cargo install oha --locked --quiet
 fi
-exec python3 bench/run.py --bin-dir "$target_dir/release" --oha "$(command -v oha)" "$@"
+gateway=()
+if [ "${PGO:-0}" = 1 ]; then
+  bench/pgo.sh
+  host=$(rustc -vV | sed -n 's/^host: //p')
+  gateway=(--switchyard "$target_dir/pgo/$host/release/switchyard"
+    --build-note "profile-guided release build (bench/pgo.sh)"
+    --variant "no PGO:BIN=$target_dir/release/switchyard")
+fi
+exec python3 bench/run.py --bin-dir "$target_dir/release" --oha "$(command -v oha)" "${gateway[@]}" "$@"
