@@ -612,11 +612,14 @@ fn compile(
         raw.path
             .unwrap_or_else(|| PathBuf::from(switchyard_store::DEFAULT_STORE))
     });
+    // Keys and limit rules name endpoints: checked against the names the file declares, so
+    // that neither a broken [auth] nor a broken endpoint hides or adds a problem.
+    let declared_endpoints = endpoint_names(&table);
     let auth = match table.remove("auth") {
         Some(value) => problems.take::<RawAuth>("auth", value),
         None => Some(RawAuth::default()),
     }
-    .and_then(|raw| compile_auth(raw, env, problems));
+    .and_then(|raw| compile_auth(raw, &declared_endpoints, env, problems));
     let limits_store = match table.remove("limits_store") {
         Some(value) => problems
             .take::<RawLimitsStore>("limits_store", value)
@@ -654,19 +657,7 @@ fn compile(
     }
 
     let endpoints = compile_endpoints(&mut table, &routes, problems);
-    let limits = compile_limits(&mut table, &endpoints, problems);
-    if let Some(auth) = &auth {
-        for (i, key) in auth.keys.iter().enumerate() {
-            for endpoint in key.endpoints.iter().flatten() {
-                if !endpoints.iter().any(|e| &e.name == endpoint) {
-                    problems.add(
-                        format!("auth.keys[{i}].endpoints"),
-                        format!("unknown endpoint '{endpoint}'"),
-                    );
-                }
-            }
-        }
-    }
+    let limits = compile_limits(&mut table, &declared_endpoints, problems);
     Some(Config {
         server: server?,
         limits,
@@ -678,6 +669,33 @@ fn compile(
         endpoints,
         allow_code_mismatch: false,
     })
+}
+
+/// The names of the `[[endpoints]]` entries that have one, valid or not.
+fn endpoint_names(table: &toml::Table) -> HashSet<String> {
+    let items = table.get("endpoints").and_then(toml::Value::as_array);
+    items
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item.get("name")?.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A problem for each of `names` that is not an endpoint's.
+fn check_endpoint_names(
+    path: &str,
+    names: Option<&[String]>,
+    declared: &HashSet<String>,
+    problems: &mut Problems,
+) {
+    for name in names.into_iter().flatten() {
+        if !declared.contains(name) {
+            problems.add(
+                format!("{path}.endpoints"),
+                format!("unknown endpoint '{name}'"),
+            );
+        }
+    }
 }
 
 fn table_keys<'a>(table: &'a toml::Table, section: &str) -> HashSet<&'a str> {
@@ -859,6 +877,7 @@ fn compile_provider(
 
 fn compile_auth(
     raw: RawAuth,
+    declared_endpoints: &HashSet<String>,
     env: &dyn Fn(&str) -> Option<String>,
     problems: &mut Problems,
 ) -> Option<AuthConfig> {
@@ -882,6 +901,12 @@ fn compile_auth(
         if let Err(message) = check_name(&key.id) {
             problems.add(format!("{path}.id"), message);
         }
+        check_endpoint_names(
+            &path,
+            key.endpoints.as_deref(),
+            declared_endpoints,
+            problems,
+        );
         if !ids.insert(key.id.clone()) {
             problems.add(
                 format!("{path}.id"),
@@ -1031,7 +1056,7 @@ fn compile_limits_store(
 
 fn compile_limits(
     table: &mut toml::Table,
-    endpoints: &[EndpointConfig],
+    declared_endpoints: &HashSet<String>,
     problems: &mut Problems,
 ) -> Vec<LimitRule> {
     let Some(value) = table.remove("limits") else {
@@ -1054,14 +1079,12 @@ fn compile_limits(
                 "name at least one of global, endpoint, api_key, user",
             );
         }
-        for endpoint in raw.endpoints.iter().flatten() {
-            if !endpoints.iter().any(|e| &e.name == endpoint) {
-                problems.add(
-                    format!("{path}.endpoints"),
-                    format!("unknown endpoint '{endpoint}'"),
-                );
-            }
-        }
+        check_endpoint_names(
+            &path,
+            raw.endpoints.as_deref(),
+            declared_endpoints,
+            problems,
+        );
         let both_request_rates =
             raw.requests_per_second.is_some() && raw.requests_per_minute.is_some();
         let requests = match (raw.requests_per_second, raw.requests_per_minute) {
@@ -1502,6 +1525,37 @@ mod tests {
                     "auth.admin_key".to_owned(),
                     "is the key of 'team-a': the admin key must be a key of its own".to_owned()
                 ),
+            ]
+        );
+    }
+
+    #[test]
+    fn keys_and_limit_rules_are_checked_against_the_declared_endpoints() {
+        // A bad key does not hide another key's unknown endpoint, and an endpoint that is
+        // declared but broken is not also "unknown" to the keys and rules that name it.
+        let found = problems(&format!(
+            "{VALID}\n[[endpoints]]\nname = \"broken\"\nroute = \"nowhere\"\n\
+             [[limits]]\nscope = [\"api_key\"]\nendpoints = [\"broken\", \"nope\"]\n\
+             requests_per_minute = 5\n\
+             [auth]\n\
+             [[auth.keys]]\nid = \"team-a\"\nkey_sha256 = \"not-hex\"\n\
+             [[auth.keys]]\nid = \"team-b\"\nkey_env = \"TEST_KEY\"\n\
+             endpoints = [\"chat\", \"broken\", \"chta\"]\n"
+        ));
+        let found: Vec<(&str, &str)> = found
+            .iter()
+            .map(|(path, message)| (path.as_str(), message.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "auth.keys[0].key_sha256",
+                    "must be 64 hex characters (the SHA-256 of the key)"
+                ),
+                ("auth.keys[1].endpoints", "unknown endpoint 'chta'"),
+                ("endpoints[1].route", "unknown route 'nowhere'"),
+                ("limits[0].endpoints", "unknown endpoint 'nope'"),
             ]
         );
     }
