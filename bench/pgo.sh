@@ -8,7 +8,7 @@
 #    stores, ONNX invocations), all on 127.0.0.1 against the mock upstream,
 # 3. merges the profile with llvm-profdata and builds again with it (-Cprofile-use).
 # Same code, same behaviour: only where the compiler inlines and lays out code changes (see
-# BENCHMARKS.md, "Profile-guided optimisation"). The profile is made anew on every run; nothing
+# BENCHMARKS.md, "Stop 25: a profile-guided build"). The profile is made anew on every run; nothing
 # of it is committed. Needs llvm-profdata: `rustup component add llvm-tools` (matches rustc's
 # LLVM) or Debian's `apt-get install llvm-19` (reads this rustc's profiles; a too old one says
 # it cannot read them). Set LLVM_PROFDATA to choose one.
