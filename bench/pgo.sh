@@ -4,8 +4,9 @@
 #                       # (under $CARGO_TARGET_DIR if set)
 # 1. builds the gateway instrumented (-Cprofile-generate) in target/pgo-gen,
 # 2. runs it through the benchmark harness's scenarios for a short while (pass-through and
-#    streamed routes, the example chains, API keys with rate limits on the memory and Redis
-#    stores, ONNX invocations), all on 127.0.0.1 against the mock upstream,
+#    streamed routes, the example chains, API keys with rate limits on the memory store and, if
+#    redis-server is installed, the Redis store, ONNX invocations), all on 127.0.0.1 against the
+#    mock upstream,
 # 3. merges the profile with llvm-profdata and builds again with it (-Cprofile-use).
 # Same code, same behaviour: only where the compiler inlines and lays out code changes (see
 # BENCHMARKS.md, "Stop 25: a profile-guided build"). The profile is made anew on every run; nothing
@@ -16,15 +17,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
 host=$(rustc -vV | sed -n 's/^host: //p')
-base="${CARGO_TARGET_DIR:-$root/target}"
+# Absolute: rustc runs in each dependency's own folder, and -Cprofile-use names a file here.
+base=$(realpath -m "${CARGO_TARGET_DIR:-$root/target}")
 gen_dir="$base/pgo-gen"
 use_dir="$base/pgo"
 profiles="$gen_dir/profiles"
 say() { echo "[pgo] $*" >&2; }
 
 # --target keeps RUSTFLAGS off build scripts and proc macros: only the gateway is instrumented.
+# RUSTFLAGS of your own apply to both builds.
 build() { # build <target dir> <rustflags>
-  CARGO_TARGET_DIR="$1" RUSTFLAGS="$2" nice -n 10 cargo build --release --locked --quiet \
+  CARGO_TARGET_DIR="$1" RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }$2" nice -n 10 cargo build --release --locked --quiet \
     --target "$host" -p switchyard
 }
 say "1/3 instrumented build in $gen_dir ..."
@@ -46,17 +49,22 @@ LLVM_PROFILE_FILE="$profiles/switchyard-%p-%m.profraw" python3 bench/run.py \
 shopt -s nullglob
 raw=("$profiles"/*.profraw)
 [ ${#raw[@]} -gt 0 ] || { say "the training run wrote no profile"; exit 1; }
-# The newest llvm-profdata first: an older LLVM's cannot read this rustc's profiles.
+# rustc's own llvm-profdata (rustup's llvm-tools) first, then the newest installed: an older
+# LLVM's cannot read this rustc's profiles.
 if [ -n "${LLVM_PROFDATA:-}" ]; then
   tools=("$LLVM_PROFDATA")
 else
   tools=("$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata")
-  tools+=($(ls -d /usr/lib/llvm-*/bin/llvm-profdata 2>/dev/null | sort -V -r))
-  tools+=("$(command -v llvm-profdata || echo llvm-profdata)")
+  installed=(/usr/lib/llvm-*/bin/llvm-profdata) # nullglob: none is none
+  if [ ${#installed[@]} -gt 0 ]; then
+    mapfile -t installed < <(printf '%s\n' "${installed[@]}" | sort -V -r)
+    tools+=("${installed[@]}")
+  fi
+  tools+=("$(command -v llvm-profdata || true)")
 fi
 merged=""
 for tool in "${tools[@]}"; do
-  [ -x "$tool" ] || continue
+  [ -f "$tool" ] && [ -x "$tool" ] || continue
   if "$tool" merge --failure-mode=all -o "$profiles/merged.profdata" "${raw[@]}" 2>"$profiles/merge.err"; then
     merged="$tool" && break
   fi

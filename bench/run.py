@@ -1365,7 +1365,7 @@ def main() -> int:
             port = free_port()
             env = dict(gateway_env)
             env.update(kv.split("=", 1) for kv in assignments.split(",") if kv)
-            binary = env.pop("BIN", switchyard_bin)  # another build of the gateway
+            binary = str(Path(env.pop("BIN", switchyard_bin)).resolve())  # another build
             vconfig = WORK / f"switchyard-{len(variants)}.toml"
             vconfig.write_text(switchyard_config(mock_base, f"127.0.0.1:{port}"))
             proc = Proc(f"switchyard-{len(variants)}",
