@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A profile-guided (PGO) release build of the gateway: the binary to deploy.
-#   bench/pgo.sh        # ~20 min on 2 cores; writes target/pgo/<host>/release/switchyard
+#   bench/pgo.sh        # ~25 min on 2 cores (clean checkout); writes target/pgo/<host>/release/switchyard
 #                       # (under $CARGO_TARGET_DIR if set)
 # 1. builds the gateway instrumented (-Cprofile-generate) in target/pgo-gen,
 # 2. runs it through the benchmark harness's scenarios for a short while (pass-through and
