@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A profile-guided (PGO) release build of the gateway: the binary to deploy.
 #   bench/pgo.sh        # ~25 min on 2 cores (clean checkout); writes target/pgo/<host>/release/switchyard
-#                       # (under $CARGO_TARGET_DIR if set)
+#                       # (under $CARGO_TARGET_DIR if set), and prints that path
 # 1. builds the gateway instrumented (-Cprofile-generate) in target/pgo-gen,
 # 2. runs it through the benchmark harness's scenarios for a short while (pass-through and
 #    streamed routes, the example chains, API keys with rate limits on the memory store and, if
@@ -27,8 +27,8 @@ say() { echo "[pgo] $*" >&2; }
 # --target keeps RUSTFLAGS off build scripts and proc macros: only the gateway is instrumented.
 # RUSTFLAGS of your own apply to both builds.
 build() { # build <target dir> <rustflags>
-  CARGO_TARGET_DIR="$1" RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }$2" nice -n 10 cargo build --release --locked --quiet \
-    --target "$host" -p switchyard
+  CARGO_TARGET_DIR="$1" RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }$2" \
+    nice -n 10 cargo build --release --locked --quiet --target "$host" -p switchyard
 }
 say "1/3 instrumented build in $gen_dir ..."
 rm -rf "$profiles"
@@ -65,7 +65,8 @@ fi
 merged=""
 for tool in "${tools[@]}"; do
   [ -f "$tool" ] && [ -x "$tool" ] || continue
-  if "$tool" merge --failure-mode=all -o "$profiles/merged.profdata" "${raw[@]}" 2>"$profiles/merge.err"; then
+  if "$tool" merge --failure-mode=all -o "$profiles/merged.profdata" "${raw[@]}" \
+    >&2 2>"$profiles/merge.err"; then
     merged="$tool" && break
   fi
   say "$tool: $(tail -1 "$profiles/merge.err")"
@@ -84,4 +85,5 @@ say "merged ${#raw[@]} profiles with $merged"
 
 say "3/3 optimised build in $use_dir ..."
 build "$use_dir" "-Cprofile-use=$profile"
-say "done: $use_dir/$host/release/switchyard"
+say "done"
+echo "$use_dir/$host/release/switchyard" # the only line on standard output

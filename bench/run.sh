@@ -19,9 +19,8 @@ if ! command -v oha >/dev/null 2>&1; then
 fi
 gateway=()
 if [ "${PGO:-0}" = 1 ]; then
-  bench/pgo.sh
-  host=$(rustc -vV | sed -n 's/^host: //p')
-  gateway=(--switchyard "$target_dir/pgo/$host/release/switchyard"
+  pgo_build=$(bench/pgo.sh) # its path
+  gateway=(--switchyard "$pgo_build"
     --build-note "profile-guided release build (bench/pgo.sh)"
     --variant "no PGO:BIN=$target_dir/release/switchyard")
 fi
