@@ -356,44 +356,66 @@ fn default_shutdown_timeout_ms() -> u64 {
     25_000
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+/// A `[providers.<name>]` table, read by its `kind` (`Problems::take_kind`).
+#[derive(Debug)]
 enum RawProvider {
-    #[serde(rename = "openai")]
-    OpenAi {
-        #[serde(default = "default_openai_base_url")]
-        base_url: String,
-        #[serde(default)]
-        api_key: Option<String>,
-        #[serde(default = "default_stream_usage")]
-        stream_usage: bool,
-        #[serde(default)]
-        max_concurrency: Option<usize>,
-        #[serde(default)]
-        queue_timeout_ms: Option<u64>,
-    },
-    Anthropic {
-        #[serde(default = "default_anthropic_base_url")]
-        base_url: String,
-        #[serde(default)]
-        api_key: Option<String>,
-        #[serde(default)]
-        max_concurrency: Option<usize>,
-        #[serde(default)]
-        queue_timeout_ms: Option<u64>,
-    },
-    Mock {
-        #[serde(default)]
-        reply: Option<String>,
-        #[serde(default)]
-        chunks: Option<usize>,
-        #[serde(default)]
-        latency_ms: u64,
-        #[serde(default)]
-        max_concurrency: Option<usize>,
-        #[serde(default)]
-        queue_timeout_ms: Option<u64>,
-    },
+    OpenAi(RawOpenAi),
+    Anthropic(RawAnthropic),
+    Mock(RawMock),
+}
+
+impl RawProvider {
+    fn take(problems: &mut Problems, path: &str, value: toml::Value) -> Option<Self> {
+        let (kind, rest) = problems.take_kind(path, value, &["openai", "anthropic", "mock"])?;
+        match kind.as_str() {
+            "openai" => problems.take(path, rest).map(Self::OpenAi),
+            "anthropic" => problems.take(path, rest).map(Self::Anthropic),
+            _ => problems.take(path, rest).map(Self::Mock),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOpenAi {
+    #[serde(default = "default_openai_base_url")]
+    base_url: String,
+    #[serde(default)]
+    api_key: Option<String>,
+    #[serde(default = "default_stream_usage")]
+    stream_usage: bool,
+    #[serde(default)]
+    max_concurrency: Option<usize>,
+    #[serde(default)]
+    queue_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnthropic {
+    #[serde(default = "default_anthropic_base_url")]
+    base_url: String,
+    #[serde(default)]
+    api_key: Option<String>,
+    #[serde(default)]
+    max_concurrency: Option<usize>,
+    #[serde(default)]
+    queue_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMock {
+    #[serde(default)]
+    reply: Option<String>,
+    #[serde(default)]
+    chunks: Option<usize>,
+    #[serde(default)]
+    latency_ms: u64,
+    #[serde(default)]
+    max_concurrency: Option<usize>,
+    #[serde(default)]
+    queue_timeout_ms: Option<u64>,
 }
 
 fn default_openai_base_url() -> String {
@@ -480,20 +502,52 @@ impl Problems {
                 };
                 // toml appends "\nin `<key>`" lines that repeat the path we already give.
                 let message = e.into_inner().to_string();
-                let message = message.lines().next().unwrap_or_default();
-                // Inside a `kind`-tagged table serde loses the path: the unknown key is only in
-                // the message.
-                let unknown = message
-                    .strip_prefix("unknown field `")
-                    .and_then(|rest| rest.split_once('`'))
-                    .map(|(key, _)| key);
-                let full = match unknown {
-                    Some(key) if full != key && !full.ends_with(&format!(".{key}")) => {
-                        format!("{full}.{key}")
-                    }
-                    _ => full,
-                };
-                self.add(full, message);
+                self.add(full, message.lines().next().unwrap_or_default());
+                None
+            }
+        }
+    }
+
+    /// A table whose `kind` says which of `kinds` it is: the kind, and the rest of the table
+    /// for that kind's own struct. (serde's internally tagged enums would do it in one step,
+    /// but they buffer the table first and lose the path of any problem inside it.)
+    fn take_kind(
+        &mut self,
+        path: &str,
+        value: toml::Value,
+        kinds: &[&str],
+    ) -> Option<(String, toml::Value)> {
+        let toml::Value::Table(mut table) = value else {
+            self.add(
+                path,
+                format!("expected a table, found {}", value.type_str()),
+            );
+            return None;
+        };
+        let expected = || {
+            let kinds: Vec<String> = kinds.iter().map(|k| format!("`{k}`")).collect();
+            format!("expected one of {}", kinds.join(", "))
+        };
+        match table.remove("kind") {
+            Some(toml::Value::String(kind)) if kinds.contains(&kind.as_str()) => {
+                Some((kind, toml::Value::Table(table)))
+            }
+            Some(toml::Value::String(kind)) => {
+                self.add(
+                    format!("{path}.kind"),
+                    format!("unknown kind `{kind}`, {}", expected()),
+                );
+                None
+            }
+            Some(other) => {
+                self.add(
+                    format!("{path}.kind"),
+                    format!("expected a string, found {}", other.type_str()),
+                );
+                None
+            }
+            None => {
+                self.add(path, format!("missing field `kind`, {}", expected()));
                 None
             }
         }
@@ -556,19 +610,41 @@ struct RawLimit {
 /// A token rule's estimate of the completion when the request sets no `max_tokens`.
 const DEFAULT_MAX_TOKENS_ESTIMATE: u64 = 1024;
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+/// `[limits_store]`, read by its `kind` (`Problems::take_kind`).
+#[derive(Debug)]
 enum RawLimitsStore {
     Memory,
-    Redis {
-        url: String,
-        password: Option<String>,
-        /// Fail closed unless told otherwise: the provider's quota is what limits protect.
-        #[serde(default)]
-        on_error: OnError,
-        #[serde(default = "default_redis_timeout_ms")]
-        timeout_ms: u64,
-    },
+    Redis(RawRedisStore),
+}
+
+impl RawLimitsStore {
+    fn take(problems: &mut Problems, value: toml::Value) -> Option<Self> {
+        const PATH: &str = "limits_store";
+        let (kind, rest) = problems.take_kind(PATH, value, &["memory", "redis"])?;
+        match kind.as_str() {
+            "memory" => problems
+                .take::<RawMemoryStore>(PATH, rest)
+                .map(|RawMemoryStore {}| Self::Memory),
+            _ => problems.take(PATH, rest).map(Self::Redis),
+        }
+    }
+}
+
+/// No settings: any key is unknown.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMemoryStore {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedisStore {
+    url: String,
+    password: Option<String>,
+    /// Fail closed unless told otherwise: the provider's quota is what limits protect.
+    #[serde(default)]
+    on_error: OnError,
+    #[serde(default = "default_redis_timeout_ms")]
+    timeout_ms: u64,
 }
 
 fn default_redis_timeout_ms() -> u64 {
@@ -621,14 +697,13 @@ fn compile(
     }
     .and_then(|raw| compile_auth(raw, &declared_endpoints, env, problems));
     let limits_store = match table.remove("limits_store") {
-        Some(value) => problems
-            .take::<RawLimitsStore>("limits_store", value)
+        Some(value) => RawLimitsStore::take(problems, value)
             .and_then(|raw| compile_limits_store(raw, env, problems)),
         None => Some(LimitsStoreConfig::Memory),
     };
 
     let providers: BTreeMap<String, ProviderConfig> =
-        named_items(&mut table, "providers", problems)
+        named_items(&mut table, "providers", problems, RawProvider::take)
             .into_iter()
             .filter_map(|(name, raw)| {
                 Some((name.clone(), compile_provider(&name, raw, env, problems)?))
@@ -636,7 +711,7 @@ fn compile(
             .collect();
 
     let routes: BTreeMap<String, RouteConfig> =
-        named_items::<RawRoute>(&mut table, "routes", problems)
+        named_items(&mut table, "routes", problems, Problems::take::<RawRoute>)
             .into_iter()
             .filter_map(|(name, raw)| Some((name.clone(), compile_route(&name, raw, problems)?)))
             .collect();
@@ -707,10 +782,11 @@ fn table_keys<'a>(table: &'a toml::Table, section: &str) -> HashSet<&'a str> {
 }
 
 /// Deserializes each entry of a `[section.<name>]` table on its own.
-fn named_items<T: DeserializeOwned>(
+fn named_items<T>(
     table: &mut toml::Table,
     section: &str,
     problems: &mut Problems,
+    take: fn(&mut Problems, &str, toml::Value) -> Option<T>,
 ) -> Vec<(String, T)> {
     let Some(value) = table.get(section).cloned() else {
         return Vec::new();
@@ -726,7 +802,7 @@ fn named_items<T: DeserializeOwned>(
             if let Err(message) = check_name(&name) {
                 problems.add(&path, message);
             }
-            let item = problems.take::<T>(&path, value)?;
+            let item = take(problems, &path, value)?;
             Some((name, item))
         })
         .collect()
@@ -800,13 +876,13 @@ fn compile_provider(
 ) -> Option<ProviderConfig> {
     let before = problems.0.len();
     let (kind, max_concurrency, queue_timeout_ms) = match raw {
-        RawProvider::OpenAi {
+        RawProvider::OpenAi(RawOpenAi {
             base_url,
             api_key,
             stream_usage,
             max_concurrency,
             queue_timeout_ms,
-        } => {
+        }) => {
             let api_key = check_http_provider(name, &base_url, api_key, env, problems);
             (
                 ProviderKind::OpenAi {
@@ -818,12 +894,12 @@ fn compile_provider(
                 queue_timeout_ms,
             )
         }
-        RawProvider::Anthropic {
+        RawProvider::Anthropic(RawAnthropic {
             base_url,
             api_key,
             max_concurrency,
             queue_timeout_ms,
-        } => {
+        }) => {
             let api_key = check_http_provider(name, &base_url, api_key, env, problems);
             (
                 ProviderKind::Anthropic { base_url, api_key },
@@ -831,13 +907,13 @@ fn compile_provider(
                 queue_timeout_ms,
             )
         }
-        RawProvider::Mock {
+        RawProvider::Mock(RawMock {
             reply,
             chunks,
             latency_ms,
             max_concurrency,
             queue_timeout_ms,
-        } => {
+        }) => {
             let chunks = chunks.unwrap_or(MockConfig::default().chunks);
             if chunks == 0 {
                 problems.add(format!("providers.{name}.chunks"), "must be at least 1");
@@ -989,12 +1065,12 @@ fn compile_limits_store(
 ) -> Option<LimitsStoreConfig> {
     match raw {
         RawLimitsStore::Memory => Some(LimitsStoreConfig::Memory),
-        RawLimitsStore::Redis {
+        RawLimitsStore::Redis(RawRedisStore {
             url,
             password,
             on_error,
             timeout_ms,
-        } => {
+        }) => {
             // Reported with the URL's problems, if it has any.
             let password = match password.map(|p| resolve_secret(&p, env)).transpose() {
                 Ok(password) => Some(password),
@@ -1440,6 +1516,77 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_problem_inside_a_kind_tagged_table_names_its_key() {
+        let found = problems(
+            r#"
+            [limits_store]
+            kind = "redis"
+            url = "redis://127.0.0.1:6379"
+            on_error = "maybe"
+            [providers.a]
+            kind = "mock"
+            chunks = "many"
+            [providers.b]
+            kind = "openai"
+            stream_usage = "yes"
+            [providers.c]
+            kind = "gemini"
+            [providers.d]
+            base_url = "http://127.0.0.1:1"
+            [providers.e]
+            kind = 1
+            [providers.f]
+            kind = "anthropic"
+            base_url = "http://127.0.0.1:1"
+            max_concurrency = -1
+            [routes.main]
+            targets = [{ provider = "a", model = "m" }]
+            [[endpoints]]
+            name = "chat"
+            route = "main"
+        "#,
+        );
+        let found: Vec<(&str, &str)> = found
+            .iter()
+            .map(|(path, message)| (path.as_str(), message.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "limits_store.on_error",
+                    "unknown variant `maybe`, expected `deny` or `allow`"
+                ),
+                (
+                    "providers.a.chunks",
+                    "invalid type: string \"many\", expected usize"
+                ),
+                (
+                    "providers.b.stream_usage",
+                    "invalid type: string \"yes\", expected a boolean"
+                ),
+                (
+                    "providers.c.kind",
+                    "unknown kind `gemini`, expected one of `openai`, `anthropic`, `mock`"
+                ),
+                (
+                    "providers.d",
+                    "missing field `kind`, expected one of `openai`, `anthropic`, `mock`"
+                ),
+                ("providers.e.kind", "expected a string, found integer"),
+                (
+                    "providers.f.max_concurrency",
+                    "invalid value: integer `-1`, expected usize"
+                ),
+            ]
+        );
+        // A memory store has no settings.
+        let found = problems("[limits_store]\nkind = \"memory\"\nurl = \"redis://x\"\n");
+        assert_eq!(found[0].0, "limits_store.url");
+        assert!(found[0].1.starts_with("unknown field `url`"), "{found:?}");
     }
 
     #[test]
