@@ -1,11 +1,13 @@
 //! The gateway's connections: `[server]` timeouts on slow or stalled clients, and answers to
 //! methods a path does not serve.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use crate::common::{FakeUpstream, Reply, TestGateway, chat_body, config_over, temp_dir};
 
@@ -265,20 +267,52 @@ async fn health_on(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&buffer[..read]).into_owned()
 }
 
-#[tokio::test]
-async fn at_max_connections_a_new_client_waits_and_busy_connections_make_room() {
-    let upstream = FakeUpstream::start(vec![]).await;
-    let gateway = TestGateway::start(&format!(
+/// A gateway over `upstream` that keeps at most 2 client connections open.
+async fn gateway_with_two_connections(upstream: &FakeUpstream) -> TestGateway {
+    TestGateway::start(&format!(
         "[server]\nmax_connections = 2\n{}",
         config_over(&[&upstream.base_url], "")
     ))
-    .await;
-    let mut first = TcpStream::connect(gateway.address).await.unwrap();
-    assert!(health_on(&mut first).await.starts_with("HTTP/1.1 200 OK"));
-    let mut second = TcpStream::connect(gateway.address).await.unwrap();
-    assert!(health_on(&mut second).await.starts_with("HTTP/1.1 200 OK"));
+    .await
+}
 
-    // A third client is not served while two connections are open...
+/// Sends `GET /health` on `stream`; `None` if the gateway has closed the connection.
+async fn health_if_open(stream: &mut TcpStream) -> Option<String> {
+    let request = b"GET /health HTTP/1.1\r\nhost: gateway\r\n\r\n";
+    stream.write_all(request).await.ok()?;
+    let mut buffer = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+        .await
+        .expect("no answer within 10 s");
+    match read {
+        Ok(0) | Err(_) => None,
+        Ok(n) => Some(String::from_utf8_lossy(&buffer[..n]).into_owned()),
+    }
+}
+
+/// Starts a streamed chat request on a new connection and reads the head of its answer: the
+/// stream then waits for `release` (the fake upstream's script).
+async fn busy_with_a_stream(gateway: &TestGateway) -> TcpStream {
+    let mut stream = TcpStream::connect(gateway.address).await.unwrap();
+    let body =
+        r#"{"model": "chat", "stream": true, "messages": [{"role": "user", "content": "x"}]}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buffer = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+        .await
+        .expect("no stream within 10 s")
+        .unwrap();
+    assert!(buffer[..read].starts_with(b"HTTP/1.1 200 OK\r\n"));
+    stream
+}
+
+/// Sends `GET /health` on a new connection, which must wait: both slots are taken.
+async fn waiting_client(gateway: &TestGateway) -> TcpStream {
     let mut third = TcpStream::connect(gateway.address).await.unwrap();
     third
         .write_all(b"GET /health HTTP/1.1\r\nhost: gateway\r\n\r\n")
@@ -287,37 +321,105 @@ async fn at_max_connections_a_new_client_waits_and_busy_connections_make_room() 
     let mut buffer = [0u8; 4096];
     let waited = tokio::time::timeout(Duration::from_millis(300), third.read(&mut buffer)).await;
     assert!(waited.is_err(), "a third connection was served: {waited:?}");
+    third
+}
 
-    // ...and meanwhile a busy connection's answer closes it, which makes room for the third
-    // (once the gateway has accepted it: until then answers keep their connections alive).
-    let closing = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let answer = health_on(&mut second).await;
-            assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
-            if answer.contains("\r\nconnection: close\r\n") {
-                return;
-            }
-        }
-    });
-    closing.await.expect("no answer said connection: close");
-    assert!(read_until_closed(&mut second).await.is_empty());
+#[tokio::test]
+async fn at_max_connections_an_idle_connection_closes_to_make_room() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let gateway = gateway_with_two_connections(&upstream).await;
+    let mut first = TcpStream::connect(gateway.address).await.unwrap();
+    assert!(health_on(&mut first).await.starts_with("HTTP/1.1 200 OK"));
+    let mut second = TcpStream::connect(gateway.address).await.unwrap();
+    assert!(health_on(&mut second).await.starts_with("HTTP/1.1 200 OK"));
+
+    // A third client is served at once: one of the two idle connections closes for it (not
+    // after `header_timeout_ms`, 2 minutes here).
+    let mut third = TcpStream::connect(gateway.address).await.unwrap();
+    let answer = health_if_open(&mut third).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    let answers = [
+        health_if_open(&mut first).await,
+        health_if_open(&mut second).await,
+    ];
+    let open: Vec<&String> = answers.iter().flatten().collect();
+    assert_eq!(open.len(), 1, "exactly one connection closes: {answers:?}");
+    // With nobody waiting, the other is kept alive.
+    assert!(open[0].starts_with("HTTP/1.1 200 OK"), "{}", open[0]);
+    assert!(!open[0].contains("connection: close"), "{}", open[0]);
+
+    // The metrics request's connection makes room the same way: open are it and one other.
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains("\nswitchyard_connections_open 2\n"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn at_max_connections_a_busy_connection_closes_after_its_response() {
+    let (release_first, release_second) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let upstream = FakeUpstream::start(vec![
+        Reply::StreamThenWait(vec!["one"], release_first.clone()),
+        Reply::StreamThenWait(vec!["two"], release_second.clone()),
+    ])
+    .await;
+    let gateway = gateway_with_two_connections(&upstream).await;
+    let mut first = busy_with_a_stream(&gateway).await;
+    let _second = busy_with_a_stream(&gateway).await;
+    let mut third = waiting_client(&gateway).await;
+
+    // The first stream ends whole, and then its connection closes and the third client is
+    // served.
+    release_first.notify_one();
+    let received = String::from_utf8(read_until_closed(&mut first).await).unwrap();
+    assert!(received.contains("data: [DONE]"), "{received}");
+    let mut buffer = [0u8; 4096];
     let read = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buffer))
         .await
         .expect("the waiting client was not served after a connection closed")
         .unwrap();
     let answer = String::from_utf8_lossy(&buffer[..read]);
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    release_second.notify_one();
+}
 
-    // With nobody waiting, connections are kept alive again.
-    let answer = health_on(&mut first).await;
+#[tokio::test]
+async fn at_max_connections_a_response_closes_its_connection_while_a_client_waits() {
+    let release = Arc::new(Notify::new());
+    let upstream =
+        FakeUpstream::start(vec![Reply::StreamThenWait(vec!["one"], release.clone())]).await;
+    let gateway = gateway_with_two_connections(&upstream).await;
+    let mut first = busy_with_a_stream(&gateway).await;
+    // Connected, no request yet: not idle, so not closed for the third client.
+    let mut second = TcpStream::connect(gateway.address).await.unwrap();
+    let mut third = waiting_client(&gateway).await;
+
+    // A request that arrives while a client waits is answered with `Connection: close`.
+    let answer = health_on(&mut second).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+    assert!(read_until_closed(&mut second).await.is_empty());
+    let mut buffer = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buffer))
+        .await
+        .expect("the waiting client was not served after a connection closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buffer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     assert!(!answer.contains("connection: close"), "{answer}");
 
-    // The metrics request's connection could only be accepted once `first` had closed: open
-    // are `third` and that one.
-    drop(first);
-    let metrics = gateway.metrics().await;
-    assert!(
-        metrics.contains("\nswitchyard_connections_open 2\n"),
-        "{metrics}"
-    );
+    // With nobody waiting, the stream's connection stays open after it.
+    release.notify_one();
+    let mut received = String::new();
+    while !received.contains("data: [DONE]") {
+        let read = tokio::time::timeout(Duration::from_secs(10), first.read(&mut buffer))
+            .await
+            .expect("the stream did not end")
+            .unwrap();
+        assert!(read > 0, "closed before the end of the stream: {received}");
+        received.push_str(&String::from_utf8_lossy(&buffer[..read]));
+    }
+    let answer = health_on(&mut first).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
 }

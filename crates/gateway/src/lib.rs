@@ -24,7 +24,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use arc_swap::ArcSwap;
 use axum::Router;
@@ -39,7 +39,7 @@ pub use config::{
     EndpointConfig, EndpointKind, LimitRule, LimitScope, OnError, ProviderConfig, ProviderKind,
     RateConfig, RouteConfig, ServerConfig,
 };
-use connections::{CappedListener, ConnectionSlots, Counted, Slot};
+use connections::{CappedListener, Close, ConnectionSlots, Counted, Slot, UntilSent};
 pub use error::{ApiError, MlflowError};
 use limits::Backend;
 use metrics::Metrics;
@@ -473,11 +473,11 @@ pub async fn serve(
                 warn!(%error, "cannot set TCP_NODELAY");
             }
         }),
-        slots,
+        slots: slots.clone(),
     };
     let reloader = tokio::spawn(reload_on_sighup(gateway.clone()));
     tokio::spawn(probe_limits_store(gateway.clone()));
-    serve_connections(listener, &gateway, shutdown).await;
+    serve_connections(listener, slots, &gateway, shutdown).await;
     reloader.abort();
     info!("switchyard stopped");
     Ok(())
@@ -506,11 +506,12 @@ pub fn serve_on_threads(
     listener.set_nonblocking(true)?;
     let address = listener.local_addr()?;
     let stop = Arc::new(tokio::sync::watch::channel(false).0);
+    let slots = gateway.connection_slots();
     let mut hand_to = Vec::new();
     let mut workers = Vec::new();
     let mut started = Ok(());
     for i in 1..threads.get() {
-        match spawn_event_loop(i, &gateway, address, &stop) {
+        match spawn_event_loop(i, &gateway, &slots, address, &stop) {
             Ok((sender, worker)) => {
                 hand_to.push(sender);
                 workers.push(worker);
@@ -528,14 +529,13 @@ pub fn serve_on_threads(
             connections,
             address,
         };
-        let slots = gateway.connection_slots();
         info!(%address, threads, endpoints = gateway.state.snapshot().endpoints.len(), max_connections = slots.max(), "switchyard listening");
         event_loop_runtime()?.block_on(async {
             let reloader = tokio::spawn(reload_on_sighup(gateway.clone()));
             tokio::spawn(probe_limits_store(gateway.clone()));
             let listener = CappedListener {
                 inner: tokio::net::TcpListener::from_std(listener)?,
-                slots,
+                slots: slots.clone(),
             };
             let acceptor = tokio::spawn(hand_out(listener, hand_to, StopOnExit(stop.clone())));
             let signal = {
@@ -546,7 +546,7 @@ pub fn serve_on_threads(
                 }
             };
             let stopped = stopped(&stop);
-            serve_connections(own, &gateway, async move {
+            serve_connections(own, slots, &gateway, async move {
                 tokio::select! {
                     () = signal => {},
                     () = stopped => {},
@@ -586,6 +586,7 @@ type HandTo = tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAdd
 fn spawn_event_loop(
     index: usize,
     gateway: &Gateway,
+    slots: &ConnectionSlots,
     address: SocketAddr,
     stop: &Arc<tokio::sync::watch::Sender<bool>>,
 ) -> std::io::Result<(HandTo, std::thread::JoinHandle<std::io::Result<()>>)> {
@@ -594,13 +595,13 @@ fn spawn_event_loop(
         connections,
         address,
     };
-    let (gateway, runtime) = (gateway.clone(), event_loop_runtime()?);
+    let (gateway, slots, runtime) = (gateway.clone(), slots.clone(), event_loop_runtime()?);
     let (stopped, stop_on_exit) = (stopped(stop), StopOnExit(stop.clone()));
     let worker = std::thread::Builder::new()
         .name(format!("switchyard-{index}"))
         .spawn(move || {
             let _stop_on_exit = stop_on_exit;
-            runtime.block_on(serve_connections(listener, &gateway, stopped));
+            runtime.block_on(serve_connections(listener, slots, &gateway, stopped));
             Ok(())
         })?;
     Ok((sender, worker))
@@ -707,6 +708,7 @@ const FINAL_FRAMES: std::time::Duration = std::time::Duration::from_millis(250);
 /// provider slot).
 async fn serve_connections<L>(
     mut listener: L,
+    slots: ConnectionSlots,
     gateway: &Gateway,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) where
@@ -718,12 +720,9 @@ async fn serve_connections<L>(
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(server.header_timeout);
     let service = hyper_util::service::TowerToHyperService::new(gateway.router());
-    let connections = hyper_util::server::graceful::GracefulShutdown::new();
-    // A token of this thread's own (cancelled with the gateway's): its connections' tasks look
-    // at it, which takes its lock, on every wake-up until their first request.
-    let closing = gateway.state.0.shutting_down.child_token();
     let cut_off = gateway.state.0.cut_off.child_token();
-    // The connections' tasks, to close those still busy when the shutdown's time is up.
+    // The connections' tasks: waited for at shutdown, and closed if still busy when its time
+    // is up.
     let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -732,51 +731,56 @@ async fn serve_connections<L>(
             accepted = listener.accept() => accepted,
         };
         while tasks.try_join_next().is_some() {}
-        let slots = stream.slot.slots();
+        let mut watch = slots.watch();
         let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
         stream.set_write_timeout(Some(server.client_timeout));
-        // Whether a request has arrived whole on this connection (its head, at least).
-        let started = Arc::new(AtomicBool::new(false));
         let service = {
-            let (service, started) = (service.clone(), started.clone());
+            let (service, state) = (service.clone(), watch.state.clone());
             hyper::service::service_fn(move |request| {
-                started.store(true, Ordering::Relaxed);
+                state.request_started();
                 let response = hyper::service::Service::call(&service, request);
-                let slots = slots.clone();
+                let state = state.clone();
                 futures::FutureExt::map(response, move |result| {
                     result.map(|mut response| {
                         // While a client waits for a connection slot, this connection closes
                         // after this response (see `connections`).
-                        if slots.clients_waiting() {
+                        if state.clients_waiting() {
                             response
                                 .headers_mut()
                                 .insert(http::header::CONNECTION, CONNECTION_CLOSE);
                         }
-                        response
+                        response.map(|body| UntilSent { body, state })
                     })
                 })
             })
         };
         let connection =
             http.serve_connection(hyper_util::rt::TokioIo::new(Box::pin(stream)), service);
-        let connection = connections.watch(connection);
-        let closing = closing.clone();
         tasks.spawn(THREAD_CUT_OFF.scope(cut_off.clone(), async move {
-            // At shutdown hyper closes a connection between two requests, but waits on one that
-            // has not finished its first request head (up to `header_timeout_ms`): such a
-            // connection has nothing to lose, so it is dropped. The shutdown is looked at only
-            // until the first request has come (a wake-up of the connection costs one atomic
-            // load after that, not the token's locks).
+            // Closed when `connections` says: an idle one to make room for a waiting client,
+            // all at shutdown. hyper's graceful shutdown waits on a connection that has not
+            // finished its first request head (up to `header_timeout_ms`): such a connection
+            // has nothing to lose, so at shutdown it is dropped.
             let mut connection = std::pin::pin!(connection);
-            let mut shutdown = std::pin::pin!(closing.cancelled());
+            let mut closing = false;
             let closed = std::future::poll_fn(|cx| {
-                if let std::task::Poll::Ready(result) = connection.as_mut().poll(cx) {
-                    return std::task::Poll::Ready(Some(result));
+                loop {
+                    if let std::task::Poll::Ready(result) = connection.as_mut().poll(cx) {
+                        return std::task::Poll::Ready(Some(result));
+                    }
+                    if closing {
+                        return std::task::Poll::Pending;
+                    }
+                    match watch.poll_close(cx) {
+                        None => return std::task::Poll::Pending,
+                        Some(Close::Drop) => return std::task::Poll::Ready(None),
+                        // Polled again: an idle connection closes at once.
+                        Some(Close::Gracefully) => {
+                            closing = true;
+                            connection.as_mut().graceful_shutdown();
+                        }
+                    }
                 }
-                if !started.load(Ordering::Relaxed) && shutdown.as_mut().poll(cx).is_ready() {
-                    return std::task::Poll::Ready(None);
-                }
-                std::task::Poll::Pending
             });
             match closed.await {
                 // A connection's errors are the client's (it went away, timed out, sent
@@ -792,11 +796,10 @@ async fn serve_connections<L>(
     // waiting for their body are refused.
     drop(listener);
     gateway.state.0.shutting_down.cancel();
+    slots.close_all();
     let deadline = server.shutdown_timeout;
-    if tokio::time::timeout(deadline, connections.shutdown())
-        .await
-        .is_err()
-    {
+    let all_closed = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(deadline, all_closed).await.is_err() {
         // Streams end with an error frame and `[DONE]`, and get a moment to write them; then
         // dropping a connection's task drops its request. Each request is still logged and
         // settles its tokens (below) before the process exits.
