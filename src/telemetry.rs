@@ -1,6 +1,7 @@
 //! Logging and tracing set-up for the process: log lines (text or JSON) on stderr, and, when
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, every span (requests, chain steps) exported over OTLP/HTTP
-//! (`OTEL_EXPORTER_OTLP_PROTOCOL=http/json` for JSON, protobuf otherwise).
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`) is set, every span (requests, chain
+//! steps) exported over OTLP/HTTP (`OTEL_EXPORTER_OTLP_PROTOCOL=http/json` for JSON, protobuf
+//! otherwise; `…_TRACES_PROTOCOL` first).
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
@@ -71,10 +72,8 @@ pub fn init(json: bool) -> anyhow::Result<Telemetry> {
     } else {
         logs.boxed()
     };
-    let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
-        Ok(endpoint) if !endpoint.is_empty() => Some(otlp_provider()?),
-        _ => None,
-    };
+    let otlp = OtlpTarget::from_env();
+    let provider = otlp.as_ref().map(otlp_provider).transpose()?;
     let spans = provider.as_ref().map(|provider| {
         // Spans carry what the gateway sets, not tracing's bookkeeping (source file and
         // line, thread, target, busy and idle nanoseconds).
@@ -91,23 +90,20 @@ pub fn init(json: bool) -> anyhow::Result<Telemetry> {
         .with(spans)
         .try_init()?;
     log_panics();
-    if provider.is_some() {
+    if let Some(otlp) = &otlp {
         // Where spans go; an export that fails is logged by the exporter (its `internal-logs`).
-        let (_, protocol) = otlp_protocol();
-        if let Ok(asked) = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
-            && !asked.is_empty()
-            && asked != protocol
-        {
+        if let Some((variable, asked)) = &otlp.unknown_protocol {
             tracing::warn!(
+                variable,
                 asked,
-                protocol,
-                "OTEL_EXPORTER_OTLP_PROTOCOL is neither http/protobuf nor http/json (gRPC is not \
+                protocol = otlp.protocol_name,
+                "the OTLP protocol asked for is neither http/protobuf nor http/json (gRPC is not \
                  built in): spans go out as http/protobuf"
             );
         }
         tracing::info!(
-            endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default(),
-            protocol,
+            endpoint = otlp.endpoint,
+            protocol = otlp.protocol_name,
             "exporting traces over OTLP"
         );
     }
@@ -386,21 +382,54 @@ impl fmt::Write for EscapeControl<'_, '_> {
     }
 }
 
-/// The OTLP protocol `OTEL_EXPORTER_OTLP_PROTOCOL` asks for, by name: `http/json`, else
-/// `http/protobuf` (the default; gRPC is not built in).
-fn otlp_protocol() -> (Protocol, &'static str) {
-    match std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref() {
-        Ok("http/json") => (Protocol::HttpJson, "http/json"),
-        _ => (Protocol::HttpBinary, "http/protobuf"),
+/// Where spans go, from the environment as OpenTelemetry's SDKs read it: the traces-only
+/// variables first (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, used as is), then the general ones
+/// (`OTEL_EXPORTER_OTLP_ENDPOINT`, with `/v1/traces` appended). No endpoint, no export.
+struct OtlpTarget {
+    endpoint: String,
+    protocol: Protocol,
+    protocol_name: &'static str,
+    /// A protocol asked for that is not built in: the variable and its value.
+    unknown_protocol: Option<(&'static str, String)>,
+}
+
+impl OtlpTarget {
+    fn from_env() -> Option<Self> {
+        Self::from(|name| std::env::var(name).ok().filter(|value| !value.is_empty()))
+    }
+
+    fn from(var: impl Fn(&str) -> Option<String>) -> Option<Self> {
+        let endpoint = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| {
+            var("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .map(|base| format!("{}/v1/traces", base.trim_end_matches('/')))
+        })?;
+        let asked = [
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ]
+        .into_iter()
+        .find_map(|variable| Some((variable, var(variable)?)));
+        let (protocol, protocol_name, unknown_protocol) = match asked {
+            Some((_, asked)) if asked == "http/json" => (Protocol::HttpJson, "http/json", None),
+            Some((_, asked)) if asked == "http/protobuf" => {
+                (Protocol::HttpBinary, "http/protobuf", None)
+            }
+            other => (Protocol::HttpBinary, "http/protobuf", other),
+        };
+        Some(Self {
+            endpoint,
+            protocol,
+            protocol_name,
+            unknown_protocol,
+        })
     }
 }
 
-fn otlp_provider() -> anyhow::Result<SdkTracerProvider> {
-    let (protocol, _) = otlp_protocol();
-    // The endpoint comes from OTEL_EXPORTER_OTLP_ENDPOINT (`/v1/traces` is appended).
+fn otlp_provider(target: &OtlpTarget) -> anyhow::Result<SdkTracerProvider> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
-        .with_protocol(protocol)
+        .with_endpoint(&target.endpoint)
+        .with_protocol(target.protocol)
         .build()?;
     // `OTEL_SERVICE_NAME`, else `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, names the
     // service (the builder reads both, but lets the second win), else `switchyard`.
@@ -438,6 +467,53 @@ mod tests {
         assert_eq!(panic_message(&*message), "static");
         let message = std::panic::catch_unwind(|| std::panic::panic_any(7_u8)).unwrap_err();
         assert_eq!(panic_message(&*message), "(not a string)");
+    }
+
+    #[test]
+    fn the_traces_only_otlp_variables_come_first() {
+        let target = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            OtlpTarget::from(|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+                .map(|t| (t.endpoint, t.protocol_name, t.unknown_protocol))
+        };
+        assert!(target(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]).is_none());
+        assert_eq!(
+            target(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")]),
+            Some((
+                "http://collector:4318/v1/traces".to_owned(),
+                "http/protobuf",
+                None
+            ))
+        );
+        assert_eq!(
+            target(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+                (
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                    "http://traces:9000/in"
+                ),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+            ]),
+            Some(("http://traces:9000/in".to_owned(), "http/json", None))
+        );
+        assert_eq!(
+            target(&[
+                (
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                    "http://traces:9000/in"
+                ),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
+            ]),
+            Some((
+                "http://traces:9000/in".to_owned(),
+                "http/protobuf",
+                Some(("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc".to_owned()))
+            ))
+        );
     }
 
     #[derive(Clone, Default)]
