@@ -366,12 +366,19 @@ enum RawProvider {
 
 impl RawProvider {
     fn take(problems: &mut Problems, path: &str, value: toml::Value) -> Option<Self> {
-        let (kind, rest) = problems.take_kind(path, value, &["openai", "anthropic", "mock"])?;
-        match kind.as_str() {
-            "openai" => problems.take(path, rest).map(Self::OpenAi),
-            "anthropic" => problems.take(path, rest).map(Self::Anthropic),
-            _ => problems.take(path, rest).map(Self::Mock),
-        }
+        problems.take_kind(
+            path,
+            value,
+            &[
+                ("openai", |p, path, rest| {
+                    p.take(path, rest).map(Self::OpenAi)
+                }),
+                ("anthropic", |p, path, rest| {
+                    p.take(path, rest).map(Self::Anthropic)
+                }),
+                ("mock", |p, path, rest| p.take(path, rest).map(Self::Mock)),
+            ],
+        )
     }
 }
 
@@ -479,6 +486,9 @@ struct RawEndpoint {
 #[derive(Default)]
 struct Problems(Vec<ConfigProblem>);
 
+/// Reads one part of the tree (at a path) into a `T`, recording its problems.
+type TakeFn<T> = fn(&mut Problems, &str, toml::Value) -> Option<T>;
+
 impl Problems {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(ConfigProblem {
@@ -487,36 +497,58 @@ impl Problems {
         });
     }
 
-    /// Deserializes one part of the tree, recording a problem (with the path inside the part)
-    /// instead of failing.
-    fn take<T: DeserializeOwned>(&mut self, path: &str, value: toml::Value) -> Option<T> {
-        match serde_path_to_error::deserialize::<_, T>(value) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let inner = e.path().to_string();
-                let full = match (path, inner.as_str()) {
-                    (p, ".") => p.to_owned(),
-                    ("", i) => i.to_owned(),
-                    (p, i) if i.starts_with('[') => format!("{p}{i}"),
-                    (p, i) => format!("{p}.{i}"),
-                };
-                // toml appends "\nin `<key>`" lines that repeat the path we already give.
-                let message = e.into_inner().to_string();
-                self.add(full, message.lines().next().unwrap_or_default());
-                None
+    /// Deserializes one part of the tree, recording its problems (each with its path inside
+    /// the part) instead of failing. serde stops at a table's first problem: the key at fault is
+    /// taken out and the rest read again, so that every key's problem is reported at once.
+    fn take<T: DeserializeOwned>(&mut self, path: &str, mut value: toml::Value) -> Option<T> {
+        let mut taken_out = Vec::new();
+        loop {
+            let error = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+                Ok(v) => return taken_out.is_empty().then_some(v),
+                Err(error) => error,
+            };
+            let inner = error.path().to_string();
+            let full = match (path, inner.as_str()) {
+                (p, ".") => p.to_owned(),
+                ("", i) => i.to_owned(),
+                (p, i) if i.starts_with('[') => format!("{p}{i}"),
+                (p, i) => format!("{p}.{i}"),
+            };
+            let key = match error.path().iter().next() {
+                Some(serde_path_to_error::Segment::Map { key }) => Some(key.clone()),
+                _ => None,
+            };
+            // toml appends "\nin `<key>`" lines that repeat the path we already give.
+            let message = error.into_inner().to_string();
+            let message = message.lines().next().unwrap_or_default();
+            // A required key taken out for its problem is missing now: already reported.
+            let missing = message
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split_once('`'))
+                .map(|(key, _)| key);
+            if missing.is_some_and(|key| taken_out.iter().any(|k| k == key)) {
+                return None;
+            }
+            self.add(full, message);
+            let toml::Value::Table(table) = &mut value else {
+                return None;
+            };
+            match key {
+                Some(key) if table.remove(&key).is_some() => taken_out.push(key),
+                _ => return None,
             }
         }
     }
 
-    /// A table whose `kind` says which of `kinds` it is: the kind, and the rest of the table
-    /// for that kind's own struct. (serde's internally tagged enums would do it in one step,
-    /// but they buffer the table first and lose the path of any problem inside it.)
-    fn take_kind(
+    /// A table whose `kind` names one of `kinds`: the rest of the table read by that kind's
+    /// function, as that kind's own struct. (serde's internally tagged enums would do it in one
+    /// step, but they buffer the table first and lose the path of any problem inside it.)
+    fn take_kind<T>(
         &mut self,
         path: &str,
         value: toml::Value,
-        kinds: &[&str],
-    ) -> Option<(String, toml::Value)> {
+        kinds: &[(&str, TakeFn<T>)],
+    ) -> Option<T> {
         let toml::Value::Table(mut table) = value else {
             self.add(
                 path,
@@ -525,14 +557,14 @@ impl Problems {
             return None;
         };
         let expected = || {
-            let kinds: Vec<String> = kinds.iter().map(|k| format!("`{k}`")).collect();
+            let kinds: Vec<String> = kinds.iter().map(|(k, _)| format!("`{k}`")).collect();
             format!("expected one of {}", kinds.join(", "))
         };
         match table.remove("kind") {
-            Some(toml::Value::String(kind)) if kinds.contains(&kind.as_str()) => {
-                Some((kind, toml::Value::Table(table)))
-            }
             Some(toml::Value::String(kind)) => {
+                if let Some((_, take)) = kinds.iter().find(|(k, _)| *k == kind) {
+                    return take(self, path, toml::Value::Table(table));
+                }
                 self.add(
                     format!("{path}.kind"),
                     format!("unknown kind `{kind}`, {}", expected()),
@@ -619,14 +651,17 @@ enum RawLimitsStore {
 
 impl RawLimitsStore {
     fn take(problems: &mut Problems, value: toml::Value) -> Option<Self> {
-        const PATH: &str = "limits_store";
-        let (kind, rest) = problems.take_kind(PATH, value, &["memory", "redis"])?;
-        match kind.as_str() {
-            "memory" => problems
-                .take::<RawMemoryStore>(PATH, rest)
-                .map(|RawMemoryStore {}| Self::Memory),
-            _ => problems.take(PATH, rest).map(Self::Redis),
-        }
+        problems.take_kind(
+            "limits_store",
+            value,
+            &[
+                ("memory", |p, path, rest| {
+                    p.take::<RawMemoryStore>(path, rest)
+                        .map(|RawMemoryStore {}| Self::Memory)
+                }),
+                ("redis", |p, path, rest| p.take(path, rest).map(Self::Redis)),
+            ],
+        )
     }
 }
 
@@ -786,7 +821,7 @@ fn named_items<T>(
     table: &mut toml::Table,
     section: &str,
     problems: &mut Problems,
-    take: fn(&mut Problems, &str, toml::Value) -> Option<T>,
+    take: TakeFn<T>,
 ) -> Vec<(String, T)> {
     let Some(value) = table.get(section).cloned() else {
         return Vec::new();
@@ -1516,6 +1551,51 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn every_problem_of_one_table_is_reported() {
+        let mut found = problems(
+            r#"
+            [server]
+            listen = 5
+            max_body_bytes = "big"
+            bogus = 1
+            [providers.b]
+            kind = "openai"
+            base_url = 7
+            queue_timeout_ms = 1.5
+            stream_usage = "yes"
+            [routes.main]
+            targets = [{ provider = "b", model = "m" }]
+            retries = -2
+            timeout_ms = "soon"
+            [[endpoints]]
+            name = "chat"
+            route = "main"
+        "#,
+        );
+        found.sort();
+        let paths: Vec<&str> = found.iter().map(|(path, _)| path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "providers.b.base_url",
+                "providers.b.queue_timeout_ms",
+                "providers.b.stream_usage",
+                "routes.main.retries",
+                "routes.main.timeout_ms",
+                "server.bogus",
+                "server.listen",
+                "server.max_body_bytes",
+            ],
+            "{found:#?}"
+        );
+        assert_eq!(
+            found[5].1,
+            "unknown field `bogus`, expected one of `listen`, `max_body_bytes`, `header_timeout_ms`, `client_timeout_ms`, `shutdown_timeout_ms`, `max_connections`"
+        );
+        assert_eq!(found[6].1, "invalid type: integer `5`, expected a string");
     }
 
     #[test]
