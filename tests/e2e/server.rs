@@ -357,6 +357,42 @@ async fn at_max_connections_an_idle_connection_closes_to_make_room() {
 }
 
 #[tokio::test]
+async fn at_max_connections_a_connection_whose_next_request_has_started_is_not_idle() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let gateway = TestGateway::start(&format!(
+        "[server]\nmax_connections = 1\n{}",
+        config_over(&[&upstream.base_url], "")
+    ))
+    .await;
+    let mut first = TcpStream::connect(gateway.address).await.unwrap();
+    assert!(health_on(&mut first).await.starts_with("HTTP/1.1 200 OK"));
+    // Half of the next request head: this connection is no longer idle...
+    first
+        .write_all(b"GET /health HTTP/1.1\r\nhost: gat")
+        .await
+        .unwrap();
+    let mut second = TcpStream::connect(gateway.address).await.unwrap();
+    second
+        .write_all(b"GET /health HTTP/1.1\r\nhost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = [0u8; 4096];
+    let waited = tokio::time::timeout(Duration::from_millis(300), second.read(&mut buffer)).await;
+    assert!(waited.is_err(), "the second client was served: {waited:?}");
+    // ...and once it is whole, its answer closes the connection for the waiting client.
+    first.write_all(b"eway\r\n\r\n").await.unwrap();
+    let received = String::from_utf8(read_until_closed(&mut first).await).unwrap();
+    assert!(received.starts_with("HTTP/1.1 200 OK"), "{received}");
+    assert!(received.contains("\r\nconnection: close\r\n"), "{received}");
+    let read = tokio::time::timeout(Duration::from_secs(10), second.read(&mut buffer))
+        .await
+        .expect("the waiting client was not served after a connection closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buffer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+}
+
+#[tokio::test]
 async fn at_max_connections_a_busy_connection_closes_after_its_response() {
     let (release_first, release_second) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let upstream = FakeUpstream::start(vec![

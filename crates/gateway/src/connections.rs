@@ -3,32 +3,32 @@
 //! Every connection is a file: without a cap, enough clients exhaust the open-files limit, and
 //! then the gateway can open no upstream connection either (every request fails) while new
 //! clients are refused at random. At the cap a newly accepted client waits for a slot (those
-//! behind it in the kernel's accept queue), and connections make room for it: an idle keep-alive
-//! connection closes at once (one per waiting client; nginx reuses idle connections the same
-//! way), and while a client waits every response says `Connection: close`, so busy keep-alive
-//! connections close after their current request (Envoy's overload manager turns keep-alive off
-//! the same way). Without that, idle clients would keep their slots until `header_timeout_ms`,
-//! and busy ones for ever.
+//! behind it in the kernel's accept queue, since one task accepts), and one connection makes
+//! room for it: an idle keep-alive connection closes at once (nginx reuses idle connections the
+//! same way), or, when none is idle, the next response that is not a stream says
+//! `Connection: close`, or the next connection to finish its response closes. Without that,
+//! idle clients would keep their slots until `header_timeout_ms`, and busy ones for ever.
+//! A connection whose next request has started to arrive is not idle.
 //!
-//! The same signal closes every connection at shutdown ([`ConnectionSlots::close_all`]).
+//! Closing every connection at shutdown ([`ConnectionSlots::close_all`]) goes through the same
+//! register of open connections, which holds each one's task waker.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::futures::OwnedNotified;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 
 /// How often, at most, a warning says the cap holds new connections back.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
-/// The slots for open connections, shared by every thread that accepts.
+/// The slots for open connections, shared by every thread that serves them.
 #[derive(Clone)]
 pub(crate) struct ConnectionSlots(Arc<Inner>);
 
@@ -36,18 +36,14 @@ struct Inner {
     slots: Arc<Semaphore>,
     max: usize,
     open: Gauge,
-    /// Accepted clients waiting for a slot: while there are any, responses close their
-    /// connections.
-    waiting: AtomicUsize,
-    /// Idle connections wanted closed: one per waiting client, taken back when that client
-    /// gets a slot some other way.
-    idle_to_close: AtomicUsize,
+    /// Whether the client waiting for a slot (one task accepts, so at most one waits) still
+    /// needs a connection to close for it: taken by the first connection that can.
+    room_wanted: AtomicBool,
     /// Set when serving stops: every connection closes.
     closing: AtomicBool,
-    /// Wakes every connection's task to look at `idle_to_close` and `closing`; `wakes` counts
-    /// the times, so that a task registers again only after one.
-    wake: Arc<Notify>,
-    wakes: AtomicU64,
+    /// The open connections (once their task has run): how to find an idle one, and how to
+    /// wake them all at shutdown.
+    connections: Mutex<slab::Slab<(Arc<ConnectionState>, Waker)>>,
     /// When the last warning was written, and how many clients have waited since.
     warned: Mutex<(Option<Instant>, u64)>,
 }
@@ -75,11 +71,9 @@ impl ConnectionSlots {
             slots: Arc::new(Semaphore::new(max)),
             max,
             open,
-            waiting: AtomicUsize::new(0),
-            idle_to_close: AtomicUsize::new(0),
+            room_wanted: AtomicBool::new(false),
             closing: AtomicBool::new(false),
-            wake: Arc::new(Notify::new()),
-            wakes: AtomicU64::new(0),
+            connections: Mutex::new(slab::Slab::new()),
             warned: Mutex::new((None, 0)),
         }))
     }
@@ -89,14 +83,13 @@ impl ConnectionSlots {
         self.0.max
     }
 
-    /// A slot for a client just accepted; while all are taken it waits, an idle connection
-    /// closes, and busy ones close after their current request.
+    /// A slot for a client just accepted; while all are taken it waits, and one connection
+    /// closes to make room (see the module's documentation).
     async fn acquire(&self) -> Slot {
         let permit = match self.0.slots.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                let _waiting = Waiting::new(&self.0);
-                self.wake_connections();
+                let _wanted = RoomWanted::new(self);
                 self.warn_of_waiting();
                 let permit = self.0.slots.clone().acquire_owned().await;
                 match permit {
@@ -110,35 +103,43 @@ impl ConnectionSlots {
         Slot {
             _permit: permit,
             slots: self.clone(),
+            state: Arc::new(ConnectionState {
+                phase: AtomicU8::new(NEW),
+                close: AtomicBool::new(false),
+            }),
         }
     }
 
-    /// Whether a client waits for a slot: a response should then close its connection.
-    pub(crate) fn clients_waiting(&self) -> bool {
-        self.0.waiting.load(Ordering::Relaxed) > 0
+    /// Takes the call for room of the client waiting for a slot, if there is one: the caller
+    /// closes its connection.
+    pub(crate) fn take_room_wanted(&self) -> bool {
+        // A load first: without a waiting client, no write to a shared cache line.
+        self.0.room_wanted.load(Ordering::SeqCst)
+            && self.0.room_wanted.swap(false, Ordering::SeqCst)
     }
 
     /// Closes every connection: idle ones now, busy ones after their response, and those
-    /// that have not sent a whole request yet at once (they have nothing to lose).
+    /// whose request has not arrived whole yet at once (they have nothing to lose).
     pub(crate) fn close_all(&self) {
         self.0.closing.store(true, Ordering::SeqCst);
-        self.wake_connections();
+        for (_, (_, waker)) in self.connections().iter() {
+            waker.wake_by_ref();
+        }
     }
 
-    fn wake_connections(&self) {
-        self.0.wakes.fetch_add(1, Ordering::SeqCst);
-        self.0.wake.notify_waiters();
+    fn connections(&self) -> MutexGuard<'_, slab::Slab<(Arc<ConnectionState>, Waker)>> {
+        self.0
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// What a new connection's task consults on each wake-up.
-    pub(crate) fn watch(&self) -> ConnectionWatch {
+    /// What the task of a connection just accepted consults on each wake-up.
+    pub(crate) fn watch(&self, state: Arc<ConnectionState>) -> ConnectionWatch {
         ConnectionWatch {
-            state: Arc::new(ConnectionState {
-                slots: self.clone(),
-                phase: AtomicU8::new(NEW),
-            }),
-            seen: 0,
-            woken: None,
+            slots: self.clone(),
+            state,
+            key: None,
         }
     }
 
@@ -149,51 +150,79 @@ impl ConnectionSlots {
             warn!(
                 max_connections = self.0.max,
                 waited = warned.1,
-                "connection limit reached: new clients wait, and connections close after their \
-                 current request, until there is room"
+                "connection limit reached: new clients wait, and a connection closes for each, \
+                 until there is room"
             );
             *warned = (Some(Instant::now()), 0);
         }
     }
 }
 
-/// One accepted client waiting for a slot, and its call for an idle connection to close, for
-/// as long as this lives (a wait that is dropped midway ends too).
-struct Waiting<'a>(&'a Inner);
+/// The call for room of a client waiting for a slot, for as long as this lives (a wait that is
+/// dropped midway ends too). It is answered by an idle connection if there is one, else by the
+/// first connection that can close (see [`ConnectionSlots::take_room_wanted`]).
+struct RoomWanted<'a>(&'a ConnectionSlots);
 
-impl<'a> Waiting<'a> {
-    fn new(inner: &'a Inner) -> Self {
-        inner.waiting.fetch_add(1, Ordering::Relaxed);
-        inner.idle_to_close.fetch_add(1, Ordering::SeqCst);
-        Self(inner)
+impl<'a> RoomWanted<'a> {
+    fn new(slots: &'a ConnectionSlots) -> Self {
+        // Set before looking for an idle connection, and a connection sets itself idle before
+        // it looks at this: one of the two sees the other.
+        slots.0.room_wanted.store(true, Ordering::SeqCst);
+        let connections = slots.connections();
+        let idle = connections
+            .iter()
+            .map(|(_, connection)| connection)
+            .find(|(state, _)| state.phase.load(Ordering::SeqCst) == IDLE);
+        if let Some((state, waker)) = idle
+            && slots.take_room_wanted()
+        {
+            state.close.store(true, Ordering::SeqCst);
+            waker.wake_by_ref();
+        }
+        Self(slots)
     }
 }
 
-impl Drop for Waiting<'_> {
+impl Drop for RoomWanted<'_> {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
-        // Its call, unless an idle connection has answered it (then the count may be 0).
-        let _ = take_one(&self.0.idle_to_close);
+        // The client got its slot: no connection needs to close for it any more.
+        self.0.0.room_wanted.store(false, Ordering::SeqCst);
     }
 }
 
-/// Takes one from `count` unless it is 0; whether it did.
-fn take_one(count: &AtomicUsize) -> bool {
-    count.load(Ordering::SeqCst) > 0
-        && count
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
+/// The soft limit on open files (8192 where it cannot be read).
+fn open_files_limit() -> usize {
+    #[cfg(unix)]
+    if let Ok((soft, _hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        return usize::try_from(soft).unwrap_or(usize::MAX);
+    }
+    8192
 }
 
-/// Where a connection is: no whole request yet, a request being answered, or between requests.
+/// One open connection's slot, given back when the connection is dropped, and its state.
+pub(crate) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    slots: ConnectionSlots,
+    pub(crate) state: Arc<ConnectionState>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.0.open.dec();
+    }
+}
+
+/// Where a connection is: a request on its way (none yet, or the next one's first bytes), a
+/// request being answered, or between requests.
 const NEW: u8 = 0;
 const BUSY: u8 = 1;
 const IDLE: u8 = 2;
 
-/// One connection's phase, shared by its task, its requests and their response bodies.
+/// One connection's phase, shared by its socket, its task, its requests and their responses.
 pub(crate) struct ConnectionState {
-    slots: ConnectionSlots,
     phase: AtomicU8,
+    /// Chosen to close for a waiting client.
+    close: AtomicBool,
 }
 
 impl ConnectionState {
@@ -202,15 +231,17 @@ impl ConnectionState {
         self.phase.store(BUSY, Ordering::Relaxed);
     }
 
-    /// Whether a client waits for a slot: the response should close its connection.
-    pub(crate) fn clients_waiting(&self) -> bool {
-        self.slots.clients_waiting()
+    /// Bytes came in: on an idle connection, the next request has started.
+    fn bytes_arrived(&self) {
+        if self.phase.load(Ordering::Relaxed) == IDLE {
+            self.phase.store(NEW, Ordering::SeqCst);
+        }
     }
 }
 
 /// How a connection's task should close it.
 pub(crate) enum Close {
-    /// Now, unanswered: it has not sent a whole request.
+    /// Now, unanswered: its request has not arrived whole.
     Drop,
     /// hyper's graceful shutdown: now if idle, else after the current response.
     Gracefully,
@@ -218,52 +249,44 @@ pub(crate) enum Close {
 
 /// What a connection's task consults on each wake-up (see [`ConnectionSlots::watch`]).
 pub(crate) struct ConnectionWatch {
+    slots: ConnectionSlots,
     pub(crate) state: Arc<ConnectionState>,
-    /// `wakes` when `woken` was made.
-    seen: u64,
-    /// Registered to wake this task at the next wake-up (made at the first call).
-    woken: Option<Pin<Box<OwnedNotified>>>,
+    /// Its entry among the open connections, once it has one.
+    key: Option<usize>,
 }
 
 impl ConnectionWatch {
-    /// Whether the connection should close. Costs three atomic loads unless the connections
-    /// were woken since the last call: `woken` stays registered between wake-ups (polling a
-    /// `Notified` takes a lock).
+    /// Whether the connection should close. Three atomic loads, and at the first call an entry
+    /// among the open connections with this task's waker (a task's waker wakes that task
+    /// wherever it runs, so one is enough).
     pub(crate) fn poll_close(&mut self, cx: &mut Context<'_>) -> Option<Close> {
-        let inner = &self.state.slots.0;
-        loop {
-            let wakes = inner.wakes.load(Ordering::SeqCst);
-            if self.woken.is_some() && wakes == self.seen {
-                break;
-            }
-            // Registered before the checks below, so no wake-up after them is missed.
-            self.seen = wakes;
-            let woken = inner.wake.clone().notified_owned();
-            let woken = match &mut self.woken {
-                Some(old) => {
-                    old.set(woken);
-                    old
-                }
-                None => self.woken.insert(Box::pin(woken)),
-            };
-            if woken.as_mut().poll(cx).is_pending() {
-                break;
-            }
-            // Woken since `wakes` was read: register again.
+        if self.key.is_none() {
+            let entry = (self.state.clone(), cx.waker().clone());
+            self.key = Some(self.slots.connections().insert(entry));
         }
-        let phase = self.state.phase.load(Ordering::Relaxed);
-        if inner.closing.load(Ordering::SeqCst) {
+        let phase = self.state.phase.load(Ordering::SeqCst);
+        if self.slots.0.closing.load(Ordering::SeqCst) {
             return Some(match phase {
                 NEW => Close::Drop,
                 _ => Close::Gracefully,
             });
         }
-        (phase == IDLE && take_one(&inner.idle_to_close)).then_some(Close::Gracefully)
+        let chosen = self.state.close.load(Ordering::Relaxed)
+            || (phase == IDLE && self.slots.take_room_wanted());
+        chosen.then_some(Close::Gracefully)
     }
 }
 
-/// A response body that marks its connection idle once hyper is done with it (written, or
-/// given up).
+impl Drop for ConnectionWatch {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            self.slots.connections().remove(key);
+        }
+    }
+}
+
+/// A response body that marks its connection idle once hyper is done with it (its last bytes
+/// handed to the socket's buffer, or given up).
 pub(crate) struct UntilSent<B> {
     pub(crate) body: B,
     pub(crate) state: Arc<ConnectionState>,
@@ -291,28 +314,9 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for UntilSent<B> {
 
 impl<B> Drop for UntilSent<B> {
     fn drop(&mut self) {
-        self.state.phase.store(IDLE, Ordering::Relaxed);
-    }
-}
-
-/// The soft limit on open files (8192 where it cannot be read).
-fn open_files_limit() -> usize {
-    #[cfg(unix)]
-    if let Ok((soft, _hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
-        return usize::try_from(soft).unwrap_or(usize::MAX);
-    }
-    8192
-}
-
-/// One open connection's slot, given back when the connection is dropped.
-pub(crate) struct Slot {
-    _permit: OwnedSemaphorePermit,
-    slots: ConnectionSlots,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.slots.0.open.dec();
+        // Before the task looks for a waiting client (`poll_close`), which the waiting client's
+        // search for an idle connection must not miss.
+        self.state.phase.store(IDLE, Ordering::SeqCst);
     }
 }
 
@@ -328,7 +332,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.slot.state.bytes_arrived();
+        }
+        read
     }
 }
 

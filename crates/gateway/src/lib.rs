@@ -731,20 +731,25 @@ async fn serve_connections<L>(
             accepted = listener.accept() => accepted,
         };
         while tasks.try_join_next().is_some() {}
-        let mut watch = slots.watch();
+        let mut watch = slots.watch(stream.slot.state.clone());
         let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
         stream.set_write_timeout(Some(server.client_timeout));
         let service = {
-            let (service, state) = (service.clone(), watch.state.clone());
+            let (service, slots, state) = (service.clone(), slots.clone(), watch.state.clone());
             hyper::service::service_fn(move |request| {
                 state.request_started();
                 let response = hyper::service::Service::call(&service, request);
-                let state = state.clone();
+                let (slots, state) = (slots.clone(), state.clone());
                 futures::FutureExt::map(response, move |result| {
                     result.map(|mut response| {
-                        // While a client waits for a connection slot, this connection closes
-                        // after this response (see `connections`).
-                        if state.clients_waiting() {
+                        // A client waits for a connection slot and no connection was idle: this
+                        // one closes after this response, and says so. Not after a stream,
+                        // which may last minutes.
+                        let stream = response
+                            .headers()
+                            .get(http::header::CONTENT_TYPE)
+                            .is_some_and(|t| t.as_bytes().starts_with(b"text/event-stream"));
+                        if !stream && slots.take_room_wanted() {
                             response
                                 .headers_mut()
                                 .insert(http::header::CONNECTION, CONNECTION_CLOSE);
