@@ -291,9 +291,15 @@ async fn health_if_open(stream: &mut TcpStream) -> Option<String> {
 }
 
 /// Starts a streamed chat request on a new connection and reads the head of its answer: the
-/// stream then waits for `release` (the fake upstream's script).
+/// stream then waits for its release (the fake upstream's script).
 async fn busy_with_a_stream(gateway: &TestGateway) -> TcpStream {
     let mut stream = TcpStream::connect(gateway.address).await.unwrap();
+    start_a_stream(&mut stream).await;
+    stream
+}
+
+/// Sends a streamed chat request on `stream`; returns what has come of the answer (its head).
+async fn start_a_stream(stream: &mut TcpStream) -> String {
     let body =
         r#"{"model": "chat", "stream": true, "messages": [{"role": "user", "content": "x"}]}"#;
     let request = format!(
@@ -307,8 +313,9 @@ async fn busy_with_a_stream(gateway: &TestGateway) -> TcpStream {
         .await
         .expect("no stream within 10 s")
         .unwrap();
-    assert!(buffer[..read].starts_with(b"HTTP/1.1 200 OK\r\n"));
-    stream
+    let head = String::from_utf8_lossy(&buffer[..read]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    head
 }
 
 /// Sends `GET /health` on a new connection, which must wait: both slots are taken.
@@ -366,7 +373,9 @@ async fn at_max_connections_a_connection_whose_next_request_has_started_is_not_i
     .await;
     let mut first = TcpStream::connect(gateway.address).await.unwrap();
     assert!(health_on(&mut first).await.starts_with("HTTP/1.1 200 OK"));
-    // Half of the next request head: this connection is no longer idle...
+    // Half of the next request head: this connection is no longer idle... (The gateway reads
+    // it before it accepts the second client: on the test's single-threaded runtime, tasks run
+    // in the order their sockets became ready.)
     first
         .write_all(b"GET /health HTTP/1.1\r\nhost: gat")
         .await
@@ -402,8 +411,13 @@ async fn at_max_connections_a_busy_connection_closes_after_its_response() {
     .await;
     let gateway = gateway_with_two_connections(&upstream).await;
     let mut first = busy_with_a_stream(&gateway).await;
-    let _second = busy_with_a_stream(&gateway).await;
+    // Connected, no request yet: not idle.
+    let mut second = TcpStream::connect(gateway.address).await.unwrap();
     let mut third = waiting_client(&gateway).await;
+
+    // A stream that starts while a client waits does not take its call (it may last minutes).
+    let head = start_a_stream(&mut second).await;
+    assert!(!head.contains("connection: close"), "{head}");
 
     // The first stream ends whole, and then its connection closes and the third client is
     // served.
@@ -417,7 +431,20 @@ async fn at_max_connections_a_busy_connection_closes_after_its_response() {
         .unwrap();
     let answer = String::from_utf8_lossy(&buffer[..read]);
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+
+    // The second stream's connection stays open after it: nobody waits.
     release_second.notify_one();
+    let mut received = String::new();
+    while !received.contains("data: [DONE]") {
+        let read = tokio::time::timeout(Duration::from_secs(10), second.read(&mut buffer))
+            .await
+            .expect("the stream did not end")
+            .unwrap();
+        assert!(read > 0, "closed before the end of the stream: {received}");
+        received.push_str(&String::from_utf8_lossy(&buffer[..read]));
+    }
+    let answer = health_on(&mut second).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
 }
 
 #[tokio::test]

@@ -521,11 +521,14 @@ impl Problems {
             // toml appends "\nin `<key>`" lines that repeat the path we already give.
             let message = error.into_inner().to_string();
             let message = message.lines().next().unwrap_or_default();
-            // A required key taken out for its problem is missing now: already reported.
+            // A required key taken out for its problem is missing now: already reported. (serde
+            // reports a missing key once every key present has been read, and names the first
+            // missing one only: a second required key that is missing goes unreported then.)
             let missing = message
                 .strip_prefix("missing field `")
                 .and_then(|rest| rest.split_once('`'))
-                .map(|(key, _)| key);
+                .map(|(key, _)| key)
+                .filter(|_| inner == ".");
             if missing.is_some_and(|key| taken_out.iter().any(|k| k == key)) {
                 return None;
             }

@@ -15,7 +15,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -36,9 +36,11 @@ struct Inner {
     slots: Arc<Semaphore>,
     max: usize,
     open: Gauge,
-    /// Whether the client waiting for a slot (one task accepts, so at most one waits) still
-    /// needs a connection to close for it: taken by the first connection that can.
-    room_wanted: AtomicBool,
+    /// Whether a client waits for a slot (one task accepts, so at most one does).
+    waiting: AtomicBool,
+    /// Whether it still needs a connection to close for it: taken by the first that can.
+    /// Shared by every connection's state, so that a request need not touch `Inner`'s count.
+    room_wanted: Arc<AtomicBool>,
     /// Set when serving stops: every connection closes.
     closing: AtomicBool,
     /// The open connections (once their task has run): how to find an idle one, and how to
@@ -71,7 +73,8 @@ impl ConnectionSlots {
             slots: Arc::new(Semaphore::new(max)),
             max,
             open,
-            room_wanted: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
+            room_wanted: Arc::new(AtomicBool::new(false)),
             closing: AtomicBool::new(false),
             connections: Mutex::new(slab::Slab::new()),
             warned: Mutex::new((None, 0)),
@@ -89,13 +92,19 @@ impl ConnectionSlots {
         let permit = match self.0.slots.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                let _wanted = RoomWanted::new(self);
-                self.warn_of_waiting();
-                let permit = self.0.slots.clone().acquire_owned().await;
-                match permit {
+                let _waiting = Waiting::new(self);
+                // A slot given back meanwhile needs no connection to close.
+                match self.0.slots.clone().try_acquire_owned() {
                     Ok(permit) => permit,
-                    // Only a closed semaphore fails, and this one is never closed.
-                    Err(_) => return std::future::pending().await,
+                    Err(_) => {
+                        self.make_room();
+                        self.warn_of_waiting();
+                        match self.0.slots.clone().acquire_owned().await {
+                            Ok(permit) => permit,
+                            // Only a closed semaphore fails, and this one is never closed.
+                            Err(_) => return std::future::pending().await,
+                        }
+                    }
                 }
             }
         };
@@ -105,25 +114,58 @@ impl ConnectionSlots {
             slots: self.clone(),
             state: Arc::new(ConnectionState {
                 phase: AtomicU8::new(NEW),
-                close: AtomicBool::new(false),
+                close: AtomicU8::new(STAYS),
+                room_wanted: self.0.room_wanted.clone(),
+                key: AtomicUsize::new(NOT_REGISTERED),
             }),
         }
     }
 
-    /// Takes the call for room of the client waiting for a slot, if there is one: the caller
-    /// closes its connection.
-    pub(crate) fn take_room_wanted(&self) -> bool {
-        // A load first: without a waiting client, no write to a shared cache line.
-        self.0.room_wanted.load(Ordering::SeqCst)
-            && self.0.room_wanted.swap(false, Ordering::SeqCst)
+    /// Asks for a connection to close for the waiting client: an idle one now if there is one
+    /// (told, and woken), else the first that can (see [`ConnectionState::take_room_wanted`]).
+    fn make_room(&self) {
+        let room_wanted = &self.0.room_wanted;
+        // Set before looking for an idle connection, and a connection sets itself idle before
+        // it looks at this: one of the two sees the other.
+        room_wanted.store(true, Ordering::SeqCst);
+        if !self.0.waiting.load(Ordering::SeqCst) {
+            // The client got its slot meanwhile (`Waiting::drop` clears the call after it
+            // clears `waiting`).
+            room_wanted.store(false, Ordering::SeqCst);
+            return;
+        }
+        let connections = self.connections();
+        let idle = connections
+            .iter()
+            .map(|(_, entry)| entry)
+            .find(|(state, _)| {
+                state.phase.load(Ordering::SeqCst) == IDLE
+                    && state.close.load(Ordering::SeqCst) == STAYS
+            });
+        if let Some((state, waker)) = idle
+            && room_wanted.load(Ordering::SeqCst)
+            && room_wanted.swap(false, Ordering::SeqCst)
+        {
+            state.close.store(TOLD, Ordering::SeqCst);
+            waker.wake_by_ref();
+        }
     }
 
     /// Closes every connection: idle ones now, busy ones after their response, and those
     /// whose request has not arrived whole yet at once (they have nothing to lose).
     pub(crate) fn close_all(&self) {
-        self.0.closing.store(true, Ordering::SeqCst);
-        for (_, (_, waker)) in self.connections().iter() {
-            waker.wake_by_ref();
+        if self.0.closing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Woken outside the lock: a thread's wake-up of another thread's task writes to that
+        // thread's eventfd.
+        let wakers: Vec<Waker> = self
+            .connections()
+            .iter()
+            .map(|(_, (_, waker))| waker.clone())
+            .collect();
+        for waker in wakers {
+            waker.wake();
         }
     }
 
@@ -139,7 +181,6 @@ impl ConnectionSlots {
         ConnectionWatch {
             slots: self.clone(),
             state,
-            key: None,
         }
     }
 
@@ -158,35 +199,22 @@ impl ConnectionSlots {
     }
 }
 
-/// The call for room of a client waiting for a slot, for as long as this lives (a wait that is
-/// dropped midway ends too). It is answered by an idle connection if there is one, else by the
-/// first connection that can close (see [`ConnectionSlots::take_room_wanted`]).
-struct RoomWanted<'a>(&'a ConnectionSlots);
+/// A client waiting for a slot, for as long as this lives (a wait that is dropped midway ends
+/// too); its call for room ends with it.
+struct Waiting<'a>(&'a ConnectionSlots);
 
-impl<'a> RoomWanted<'a> {
+impl<'a> Waiting<'a> {
     fn new(slots: &'a ConnectionSlots) -> Self {
-        // Set before looking for an idle connection, and a connection sets itself idle before
-        // it looks at this: one of the two sees the other.
-        slots.0.room_wanted.store(true, Ordering::SeqCst);
-        let connections = slots.connections();
-        let idle = connections
-            .iter()
-            .map(|(_, connection)| connection)
-            .find(|(state, _)| state.phase.load(Ordering::SeqCst) == IDLE);
-        if let Some((state, waker)) = idle
-            && slots.take_room_wanted()
-        {
-            state.close.store(true, Ordering::SeqCst);
-            waker.wake_by_ref();
-        }
+        slots.0.waiting.store(true, Ordering::SeqCst);
         Self(slots)
     }
 }
 
-impl Drop for RoomWanted<'_> {
+impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        // The client got its slot: no connection needs to close for it any more.
-        self.0.0.room_wanted.store(false, Ordering::SeqCst);
+        let inner = &self.0.0;
+        inner.waiting.store(false, Ordering::SeqCst);
+        inner.room_wanted.store(false, Ordering::SeqCst);
     }
 }
 
@@ -208,6 +236,12 @@ pub(crate) struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        // Out of the register before the slot is given back (the permit, a field, is dropped
+        // after this): a client that gets the slot must not find this connection idle.
+        let key = self.state.key.load(Ordering::SeqCst);
+        if key != NOT_REGISTERED {
+            self.slots.connections().remove(key);
+        }
         self.slots.0.open.dec();
     }
 }
@@ -218,17 +252,40 @@ const NEW: u8 = 0;
 const BUSY: u8 = 1;
 const IDLE: u8 = 2;
 
+/// Whether a connection closes for a waiting client: not, told to (while idle), or it will.
+const STAYS: u8 = 0;
+const TOLD: u8 = 1;
+const LEAVING: u8 = 2;
+
+/// `key` of a connection whose task has not run yet.
+const NOT_REGISTERED: usize = usize::MAX;
+
 /// One connection's phase, shared by its socket, its task, its requests and their responses.
 pub(crate) struct ConnectionState {
     phase: AtomicU8,
-    /// Chosen to close for a waiting client.
-    close: AtomicBool,
+    close: AtomicU8,
+    /// `Inner::room_wanted`.
+    room_wanted: Arc<AtomicBool>,
+    /// Its entry in the register of open connections.
+    key: AtomicUsize,
 }
 
 impl ConnectionState {
     /// A request has arrived whole (its head, at least).
     pub(crate) fn request_started(&self) {
         self.phase.store(BUSY, Ordering::Relaxed);
+    }
+
+    /// Takes the waiting client's call for room, if there is one: this connection then closes
+    /// after its current response (and must say so).
+    pub(crate) fn take_room_wanted(&self) -> bool {
+        // A load first: without a waiting client, no write to a shared cache line.
+        let taken = self.room_wanted.load(Ordering::SeqCst)
+            && self.room_wanted.swap(false, Ordering::SeqCst);
+        if taken {
+            self.close.store(LEAVING, Ordering::SeqCst);
+        }
+        taken
     }
 
     /// Bytes came in: on an idle connection, the next request has started.
@@ -251,37 +308,41 @@ pub(crate) enum Close {
 pub(crate) struct ConnectionWatch {
     slots: ConnectionSlots,
     pub(crate) state: Arc<ConnectionState>,
-    /// Its entry among the open connections, once it has one.
-    key: Option<usize>,
 }
 
 impl ConnectionWatch {
-    /// Whether the connection should close. Three atomic loads, and at the first call an entry
-    /// among the open connections with this task's waker (a task's waker wakes that task
-    /// wherever it runs, so one is enough).
+    /// Whether the connection should close: three atomic loads, and at the first call an entry
+    /// in the register of open connections (left in `Slot::drop`) with this task's waker. That
+    /// one waker is enough because the task's future is polled by tokio's task itself (in a
+    /// `JoinSet`, under a task-local scope, neither of which substitutes a waker of its own),
+    /// and a tokio task's waker wakes it for as long as it lives, wherever it runs.
     pub(crate) fn poll_close(&mut self, cx: &mut Context<'_>) -> Option<Close> {
-        if self.key.is_none() {
-            let entry = (self.state.clone(), cx.waker().clone());
-            self.key = Some(self.slots.connections().insert(entry));
+        let state = &self.state;
+        if state.key.load(Ordering::Relaxed) == NOT_REGISTERED {
+            let entry = (state.clone(), cx.waker().clone());
+            let key = self.slots.connections().insert(entry);
+            state.key.store(key, Ordering::SeqCst);
         }
-        let phase = self.state.phase.load(Ordering::SeqCst);
+        let phase = state.phase.load(Ordering::SeqCst);
         if self.slots.0.closing.load(Ordering::SeqCst) {
             return Some(match phase {
                 NEW => Close::Drop,
                 _ => Close::Gracefully,
             });
         }
-        let chosen = self.state.close.load(Ordering::Relaxed)
-            || (phase == IDLE && self.slots.take_room_wanted());
-        chosen.then_some(Close::Gracefully)
-    }
-}
-
-impl Drop for ConnectionWatch {
-    fn drop(&mut self) {
-        if let Some(key) = self.key {
-            self.slots.connections().remove(key);
+        match state.close.load(Ordering::SeqCst) {
+            TOLD if phase == IDLE => {}
+            // Its next request has started since it was told: it stays, and the call goes on.
+            TOLD => {
+                state.close.store(STAYS, Ordering::SeqCst);
+                self.slots.make_room();
+                return None;
+            }
+            STAYS if phase == IDLE && state.take_room_wanted() => {}
+            _ => return None,
         }
+        state.close.store(LEAVING, Ordering::SeqCst);
+        Some(Close::Gracefully)
     }
 }
 

@@ -735,11 +735,11 @@ async fn serve_connections<L>(
         let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
         stream.set_write_timeout(Some(server.client_timeout));
         let service = {
-            let (service, slots, state) = (service.clone(), slots.clone(), watch.state.clone());
+            let (service, state) = (service.clone(), watch.state.clone());
             hyper::service::service_fn(move |request| {
                 state.request_started();
                 let response = hyper::service::Service::call(&service, request);
-                let (slots, state) = (slots.clone(), state.clone());
+                let state = state.clone();
                 futures::FutureExt::map(response, move |result| {
                     result.map(|mut response| {
                         // A client waits for a connection slot and no connection was idle: this
@@ -749,7 +749,7 @@ async fn serve_connections<L>(
                             .headers()
                             .get(http::header::CONTENT_TYPE)
                             .is_some_and(|t| t.as_bytes().starts_with(b"text/event-stream"));
-                        if !stream && slots.take_room_wanted() {
+                        if !stream && state.take_room_wanted() {
                             response
                                 .headers_mut()
                                 .insert(http::header::CONNECTION, CONNECTION_CLOSE);
