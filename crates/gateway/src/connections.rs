@@ -3,19 +3,21 @@
 //! Every connection is a file: without a cap, enough clients exhaust the open-files limit, and
 //! then the gateway can open no upstream connection either (every request fails) while new
 //! clients are refused at random. At the cap a newly accepted client waits for a slot (those
-//! behind it in the kernel's accept queue, since one task accepts), and one connection makes
-//! room for it: an idle keep-alive connection closes at once (nginx reuses idle connections the
-//! same way), or, when none is idle, the next response that is not a stream says
-//! `Connection: close`, or the next connection to finish its response closes. Without that,
-//! idle clients would keep their slots until `header_timeout_ms`, and busy ones for ever.
-//! A connection whose next request has started to arrive is not idle.
+//! behind it in the kernel's accept queue, since one task accepts), and one connection closes
+//! for it: the keep-alive connection idle the longest, if one has been idle for half a second
+//! (nginx reuses idle connections the same way; one that has just answered is likely to carry
+//! its client's next request any moment, which closing it would fail), else the next response
+//! that is not a stream, which says `Connection: close`, else the next stream's connection
+//! once the stream has ended; while the client waits, the idle ones are looked at again every
+//! half second. Without that, idle clients would keep their slots until `header_timeout_ms`,
+//! and busy ones for ever. A connection whose request is arriving is not idle.
 //!
 //! Closing every connection at shutdown ([`ConnectionSlots::close_all`]) goes through the same
 //! register of open connections, which holds each one's task waker.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -45,7 +47,7 @@ struct Inner {
     closing: AtomicBool,
     /// The open connections (once their task has run): how to find an idle one, and how to
     /// wake them all at shutdown.
-    connections: Mutex<slab::Slab<(Arc<ConnectionState>, Waker)>>,
+    connections: Mutex<Register>,
     /// When the last warning was written, and how many clients have waited since.
     warned: Mutex<(Option<Instant>, u64)>,
 }
@@ -76,7 +78,7 @@ impl ConnectionSlots {
             waiting: AtomicBool::new(false),
             room_wanted: Arc::new(AtomicBool::new(false)),
             closing: AtomicBool::new(false),
-            connections: Mutex::new(slab::Slab::new()),
+            connections: Mutex::new(Register::default()),
             warned: Mutex::new((None, 0)),
         }))
     }
@@ -97,12 +99,20 @@ impl ConnectionSlots {
                 match self.0.slots.clone().try_acquire_owned() {
                     Ok(permit) => permit,
                     Err(_) => {
-                        self.make_room();
                         self.warn_of_waiting();
-                        match self.0.slots.clone().acquire_owned().await {
-                            Ok(permit) => permit,
-                            // Only a closed semaphore fails, and this one is never closed.
-                            Err(_) => return std::future::pending().await,
+                        let acquire = self.0.slots.clone().acquire_owned();
+                        let mut acquire = std::pin::pin!(acquire);
+                        loop {
+                            // Again while it waits: connections idle too recently at first may
+                            // have been idle long enough since.
+                            self.make_room();
+                            let wait = Duration::from_millis(IDLE_ENOUGH_MS);
+                            match tokio::time::timeout(wait, acquire.as_mut()).await {
+                                Ok(Ok(permit)) => break permit,
+                                // Only a closed semaphore fails, and this one is never closed.
+                                Ok(Err(_)) => return std::future::pending().await,
+                                Err(_) => {}
+                            }
                         }
                     }
                 }
@@ -115,6 +125,8 @@ impl ConnectionSlots {
             state: Arc::new(ConnectionState {
                 phase: AtomicU8::new(NEW),
                 close: AtomicU8::new(STAYS),
+                idle_since: AtomicU64::new(0),
+                after_stream: AtomicBool::new(false),
                 room_wanted: self.0.room_wanted.clone(),
                 key: AtomicUsize::new(NOT_REGISTERED),
             }),
@@ -134,15 +146,21 @@ impl ConnectionSlots {
             room_wanted.store(false, Ordering::SeqCst);
             return;
         }
-        let connections = self.connections();
-        let idle = connections
+        // The connection idle the longest, if it has been for `IDLE_ENOUGH`: one that has just
+        // answered is likely to get its client's next request any moment, and closing it then
+        // fails that request (a busy one says `Connection: close` instead).
+        let now = millis_now();
+        let register = self.connections();
+        let idle = register
             .iter()
-            .map(|(_, entry)| entry)
-            .find(|(state, _)| {
+            .filter(|(_, (state, _))| {
                 state.phase.load(Ordering::SeqCst) == IDLE
                     && state.close.load(Ordering::SeqCst) == STAYS
-            });
-        if let Some((state, waker)) = idle
+            })
+            .map(|(_, entry)| (entry.0.idle_since.load(Ordering::Relaxed), entry))
+            .filter(|(since, _)| now.saturating_sub(*since) >= IDLE_ENOUGH_MS)
+            .min_by_key(|(since, _)| *since);
+        if let Some((_, (state, waker))) = idle
             && room_wanted.load(Ordering::SeqCst)
             && room_wanted.swap(false, Ordering::SeqCst)
         {
@@ -169,7 +187,7 @@ impl ConnectionSlots {
         }
     }
 
-    fn connections(&self) -> MutexGuard<'_, slab::Slab<(Arc<ConnectionState>, Waker)>> {
+    fn connections(&self) -> MutexGuard<'_, Register> {
         self.0
             .connections
             .lock()
@@ -197,6 +215,19 @@ impl ConnectionSlots {
             *warned = (Some(Instant::now()), 0);
         }
     }
+}
+
+/// The open connections, each with its task's waker.
+type Register = slab::Slab<(Arc<ConnectionState>, Waker)>;
+
+/// How long a connection must have been idle to be closed for a waiting client.
+const IDLE_ENOUGH_MS: u64 = 500;
+
+/// Milliseconds on a monotonic clock, from the first call.
+fn millis_now() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A client waiting for a slot, for as long as this lives (a wait that is dropped midway ends
@@ -264,6 +295,10 @@ const NOT_REGISTERED: usize = usize::MAX;
 pub(crate) struct ConnectionState {
     phase: AtomicU8,
     close: AtomicU8,
+    /// When it last became idle (`millis_now`).
+    idle_since: AtomicU64,
+    /// Whether its last response was a stream (whose head could not say `Connection: close`).
+    after_stream: AtomicBool,
     /// `Inner::room_wanted`.
     room_wanted: Arc<AtomicBool>,
     /// Its entry in the register of open connections.
@@ -276,9 +311,17 @@ impl ConnectionState {
         self.phase.store(BUSY, Ordering::Relaxed);
     }
 
+    /// A response's head is about to go out: whether it must say `Connection: close`, having
+    /// taken the waiting client's call for room. Not a stream's, which may last minutes: a
+    /// stream's connection takes the call once the stream has ended.
+    pub(crate) fn response_head(&self, stream: bool) -> bool {
+        self.after_stream.store(stream, Ordering::Relaxed);
+        !stream && self.take_room_wanted()
+    }
+
     /// Takes the waiting client's call for room, if there is one: this connection then closes
-    /// after its current response (and must say so).
-    pub(crate) fn take_room_wanted(&self) -> bool {
+    /// after its current response.
+    fn take_room_wanted(&self) -> bool {
         // A load first: without a waiting client, no write to a shared cache line.
         let taken = self.room_wanted.load(Ordering::SeqCst)
             && self.room_wanted.swap(false, Ordering::SeqCst);
@@ -338,7 +381,10 @@ impl ConnectionWatch {
                 self.slots.make_room();
                 return None;
             }
-            STAYS if phase == IDLE && state.take_room_wanted() => {}
+            STAYS
+                if phase == IDLE
+                    && state.after_stream.load(Ordering::Relaxed)
+                    && state.take_room_wanted() => {}
             _ => return None,
         }
         state.close.store(LEAVING, Ordering::SeqCst);
@@ -377,6 +423,7 @@ impl<B> Drop for UntilSent<B> {
     fn drop(&mut self) {
         // Before the task looks for a waiting client (`poll_close`), which the waiting client's
         // search for an idle connection must not miss.
+        self.state.idle_since.store(millis_now(), Ordering::Relaxed);
         self.state.phase.store(IDLE, Ordering::SeqCst);
     }
 }

@@ -742,14 +742,13 @@ async fn serve_connections<L>(
                 let state = state.clone();
                 futures::FutureExt::map(response, move |result| {
                     result.map(|mut response| {
-                        // A client waits for a connection slot and no connection was idle: this
-                        // one closes after this response, and says so. Not after a stream,
-                        // which may last minutes.
+                        // A client waits for a connection slot: this connection may close after
+                        // this response for it, and then says so (`response_head`).
                         let stream = response
                             .headers()
                             .get(http::header::CONTENT_TYPE)
                             .is_some_and(|t| t.as_bytes().starts_with(b"text/event-stream"));
-                        if !stream && state.take_room_wanted() {
+                        if state.response_head(stream) {
                             response
                                 .headers_mut()
                                 .insert(http::header::CONNECTION, CONNECTION_CLOSE);
