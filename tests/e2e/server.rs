@@ -331,6 +331,33 @@ async fn waiting_client(gateway: &TestGateway) -> TcpStream {
     third
 }
 
+/// Reads the answer of a client that waited for a connection slot; fails unless it is a 200
+/// within 10 s.
+async fn served_at_last(waiting: &mut TcpStream) -> String {
+    let mut buffer = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), waiting.read(&mut buffer))
+        .await
+        .expect("the waiting client was not served after a connection closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buffer[..read]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    answer
+}
+
+/// Reads a stream's frames up to its `[DONE]`, the connection staying open.
+async fn read_to_the_end_of_the_stream(stream: &mut TcpStream) {
+    let mut buffer = [0u8; 4096];
+    let mut received = String::new();
+    while !received.contains("data: [DONE]") {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+            .await
+            .expect("the stream did not end")
+            .unwrap();
+        assert!(read > 0, "closed before the end of the stream: {received}");
+        received.push_str(&String::from_utf8_lossy(&buffer[..read]));
+    }
+}
+
 #[tokio::test]
 async fn at_max_connections_an_idle_connection_closes_to_make_room() {
     let upstream = FakeUpstream::start(vec![]).await;
@@ -393,16 +420,11 @@ async fn at_max_connections_a_connection_whose_next_request_has_started_is_not_i
     let received = String::from_utf8(read_until_closed(&mut first).await).unwrap();
     assert!(received.starts_with("HTTP/1.1 200 OK"), "{received}");
     assert!(received.contains("\r\nconnection: close\r\n"), "{received}");
-    let read = tokio::time::timeout(Duration::from_secs(10), second.read(&mut buffer))
-        .await
-        .expect("the waiting client was not served after a connection closed")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&buffer[..read]);
-    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    served_at_last(&mut second).await;
 }
 
 #[tokio::test]
-async fn at_max_connections_a_busy_connection_closes_after_its_response() {
+async fn at_max_connections_a_stream_that_starts_while_a_client_waits_closes_after_it() {
     let (release_first, release_second) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let upstream = FakeUpstream::start(vec![
         Reply::StreamThenWait(vec!["one"], release_first.clone()),
@@ -415,35 +437,20 @@ async fn at_max_connections_a_busy_connection_closes_after_its_response() {
     let mut second = TcpStream::connect(gateway.address).await.unwrap();
     let mut third = waiting_client(&gateway).await;
 
-    // A stream that starts while a client waits does not take its call (it may last minutes).
+    // A stream that starts while a client waits says it will close: its client will not send
+    // another request on it.
     let head = start_a_stream(&mut second).await;
-    assert!(!head.contains("connection: close"), "{head}");
-
-    // The first stream ends whole, and then its connection closes and the third client is
-    // served.
-    release_first.notify_one();
-    let received = String::from_utf8(read_until_closed(&mut first).await).unwrap();
-    assert!(received.contains("data: [DONE]"), "{received}");
-    let mut buffer = [0u8; 4096];
-    let read = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buffer))
-        .await
-        .expect("the waiting client was not served after a connection closed")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&buffer[..read]);
-    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
-
-    // The second stream's connection stays open after it: nobody waits.
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    // It ends whole, then closes, and the third client is served.
     release_second.notify_one();
-    let mut received = String::new();
-    while !received.contains("data: [DONE]") {
-        let read = tokio::time::timeout(Duration::from_secs(10), second.read(&mut buffer))
-            .await
-            .expect("the stream did not end")
-            .unwrap();
-        assert!(read > 0, "closed before the end of the stream: {received}");
-        received.push_str(&String::from_utf8_lossy(&buffer[..read]));
-    }
-    let answer = health_on(&mut second).await;
+    let received = String::from_utf8(read_until_closed(&mut second).await).unwrap();
+    assert!(received.contains("data: [DONE]"), "{received}");
+    served_at_last(&mut third).await;
+
+    // The first stream's connection stays open after it: nobody waits.
+    release_first.notify_one();
+    read_to_the_end_of_the_stream(&mut first).await;
+    let answer = health_on(&mut first).await;
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
 }
 
@@ -463,26 +470,12 @@ async fn at_max_connections_a_response_closes_its_connection_while_a_client_wait
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
     assert!(read_until_closed(&mut second).await.is_empty());
-    let mut buffer = [0u8; 4096];
-    let read = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buffer))
-        .await
-        .expect("the waiting client was not served after a connection closed")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&buffer[..read]);
-    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    let answer = served_at_last(&mut third).await;
     assert!(!answer.contains("connection: close"), "{answer}");
 
     // With nobody waiting, the stream's connection stays open after it.
     release.notify_one();
-    let mut received = String::new();
-    while !received.contains("data: [DONE]") {
-        let read = tokio::time::timeout(Duration::from_secs(10), first.read(&mut buffer))
-            .await
-            .expect("the stream did not end")
-            .unwrap();
-        assert!(read > 0, "closed before the end of the stream: {received}");
-        received.push_str(&String::from_utf8_lossy(&buffer[..read]));
-    }
+    read_to_the_end_of_the_stream(&mut first).await;
     let answer = health_on(&mut first).await;
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
 }

@@ -3,14 +3,16 @@
 //! Every connection is a file: without a cap, enough clients exhaust the open-files limit, and
 //! then the gateway can open no upstream connection either (every request fails) while new
 //! clients are refused at random. At the cap a newly accepted client waits for a slot (those
-//! behind it in the kernel's accept queue, since one task accepts), and one connection closes
-//! for it: the keep-alive connection idle the longest, if one has been idle for half a second
-//! (nginx reuses idle connections the same way; one that has just answered is likely to carry
-//! its client's next request any moment, which closing it would fail), else the next response
-//! that is not a stream, which says `Connection: close`, else the next stream's connection
-//! once the stream has ended; while the client waits, the idle ones are looked at again every
-//! half second. Without that, idle clients would keep their slots until `header_timeout_ms`,
-//! and busy ones for ever. A connection whose request is arriving is not idle.
+//! behind it in the kernel's accept queue, since one task accepts), and calls for a connection
+//! to close: the keep-alive connection idle the longest, if one has been idle for half a
+//! second, closes now (nginx reuses idle connections the same way; one that has just answered
+//! is likely to carry its client's next request any moment, which closing it would fail);
+//! else the first response head to go out (a stream's too) takes the call, says
+//! `Connection: close`, and its connection closes after that response. While the client still
+//! waits, the call is made again every half second. Without that, idle clients would keep
+//! their slots until `header_timeout_ms`, and busy ones for ever. A connection whose request
+//! is arriving is not idle, nor is one that has sent nothing yet (it keeps its slot until
+//! `header_timeout_ms`).
 //!
 //! Closing every connection at shutdown ([`ConnectionSlots::close_all`]) goes through the same
 //! register of open connections, which holds each one's task waker.
@@ -38,11 +40,10 @@ struct Inner {
     slots: Arc<Semaphore>,
     max: usize,
     open: Gauge,
-    /// Whether a client waits for a slot (one task accepts, so at most one does).
-    waiting: AtomicBool,
-    /// Whether it still needs a connection to close for it: taken by the first that can.
-    /// Shared by every connection's state, so that a request need not touch `Inner`'s count.
-    room_wanted: Arc<AtomicBool>,
+    /// The call for room of the client waiting for a slot (one task accepts, so at most one
+    /// waits): `NO_CLIENT`, `ANSWERED` or `OPEN`. Shared by every connection's state, so that a
+    /// request need not touch `Inner`'s count.
+    call: Arc<AtomicU8>,
     /// Set when serving stops: every connection closes.
     closing: AtomicBool,
     /// The open connections (once their task has run): how to find an idle one, and how to
@@ -75,8 +76,7 @@ impl ConnectionSlots {
             slots: Arc::new(Semaphore::new(max)),
             max,
             open,
-            waiting: AtomicBool::new(false),
-            room_wanted: Arc::new(AtomicBool::new(false)),
+            call: Arc::new(AtomicU8::new(NO_CLIENT)),
             closing: AtomicBool::new(false),
             connections: Mutex::new(Register::default()),
             warned: Mutex::new((None, 0)),
@@ -126,46 +126,46 @@ impl ConnectionSlots {
                 phase: AtomicU8::new(NEW),
                 close: AtomicU8::new(STAYS),
                 idle_since: AtomicU64::new(0),
-                after_stream: AtomicBool::new(false),
-                room_wanted: self.0.room_wanted.clone(),
+                call: self.0.call.clone(),
                 key: AtomicUsize::new(NOT_REGISTERED),
             }),
         }
     }
 
-    /// Asks for a connection to close for the waiting client: an idle one now if there is one
-    /// (told, and woken), else the first that can (see [`ConnectionState::take_room_wanted`]).
+    /// Calls for a connection to close for the waiting client (again, if one already has: it
+    /// may be slow to finish): the keep-alive connection idle the longest, if one has been idle
+    /// for `IDLE_ENOUGH_MS`, is told to, and woken; else the first response head to go out
+    /// takes the call ([`ConnectionState::response_head`]).
     fn make_room(&self) {
-        let room_wanted = &self.0.room_wanted;
-        // Set before looking for an idle connection, and a connection sets itself idle before
-        // it looks at this: one of the two sees the other.
-        room_wanted.store(true, Ordering::SeqCst);
-        if !self.0.waiting.load(Ordering::SeqCst) {
-            // The client got its slot meanwhile (`Waiting::drop` clears the call after it
-            // clears `waiting`).
-            room_wanted.store(false, Ordering::SeqCst);
+        let call = &self.0.call;
+        // Only for a client that waits; no unconditional store, so that a call cannot be lost.
+        if call
+            .compare_exchange(ANSWERED, OPEN, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err_and(|now| now == NO_CLIENT)
+        {
             return;
         }
-        // The connection idle the longest, if it has been for `IDLE_ENOUGH`: one that has just
-        // answered is likely to get its client's next request any moment, and closing it then
-        // fails that request (a busy one says `Connection: close` instead).
+        // A connection that has just answered is likely to get its client's next request any
+        // moment, and closing it would fail that request: a busy one says `Connection: close`.
         let now = millis_now();
-        let register = self.connections();
-        let idle = register
+        let chosen = self
+            .connections()
             .iter()
-            .filter(|(_, (state, _))| {
+            .map(|(_, entry)| entry)
+            .filter(|(state, _)| {
                 state.phase.load(Ordering::SeqCst) == IDLE
                     && state.close.load(Ordering::SeqCst) == STAYS
             })
-            .map(|(_, entry)| (entry.0.idle_since.load(Ordering::Relaxed), entry))
+            .map(|entry| (entry.0.idle_since.load(Ordering::Relaxed), entry))
             .filter(|(since, _)| now.saturating_sub(*since) >= IDLE_ENOUGH_MS)
-            .min_by_key(|(since, _)| *since);
-        if let Some((_, (state, waker))) = idle
-            && room_wanted.load(Ordering::SeqCst)
-            && room_wanted.swap(false, Ordering::SeqCst)
+            .min_by_key(|(since, _)| *since)
+            .map(|(_, (state, waker))| (state.clone(), waker.clone()));
+        // Woken outside the register's lock.
+        if let Some((state, waker)) = chosen
+            && take_call(call)
         {
             state.close.store(TOLD, Ordering::SeqCst);
-            waker.wake_by_ref();
+            waker.wake();
         }
     }
 
@@ -230,22 +230,35 @@ fn millis_now() -> u64 {
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// `Inner::call`: no client waits; one waits, and its call is answered (or not made yet); one
+/// waits, and the first connection that can closes for it.
+const NO_CLIENT: u8 = 0;
+const ANSWERED: u8 = 1;
+const OPEN: u8 = 2;
+
+/// Takes an open call for room; whether there was one.
+fn take_call(call: &AtomicU8) -> bool {
+    // A load first: without a waiting client, no write to a shared cache line.
+    call.load(Ordering::SeqCst) == OPEN
+        && call
+            .compare_exchange(OPEN, ANSWERED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+}
+
 /// A client waiting for a slot, for as long as this lives (a wait that is dropped midway ends
-/// too); its call for room ends with it.
+/// too); its call for room ends with it. Only the accepting task makes one.
 struct Waiting<'a>(&'a ConnectionSlots);
 
 impl<'a> Waiting<'a> {
     fn new(slots: &'a ConnectionSlots) -> Self {
-        slots.0.waiting.store(true, Ordering::SeqCst);
+        slots.0.call.store(ANSWERED, Ordering::SeqCst);
         Self(slots)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        let inner = &self.0.0;
-        inner.waiting.store(false, Ordering::SeqCst);
-        inner.room_wanted.store(false, Ordering::SeqCst);
+        self.0.0.call.store(NO_CLIENT, Ordering::SeqCst);
     }
 }
 
@@ -297,10 +310,8 @@ pub(crate) struct ConnectionState {
     close: AtomicU8,
     /// When it last became idle (`millis_now`).
     idle_since: AtomicU64,
-    /// Whether its last response was a stream (whose head could not say `Connection: close`).
-    after_stream: AtomicBool,
-    /// `Inner::room_wanted`.
-    room_wanted: Arc<AtomicBool>,
+    /// `Inner::call`.
+    call: Arc<AtomicU8>,
     /// Its entry in the register of open connections.
     key: AtomicUsize,
 }
@@ -311,24 +322,22 @@ impl ConnectionState {
         self.phase.store(BUSY, Ordering::Relaxed);
     }
 
-    /// A response's head is about to go out: whether it must say `Connection: close`, having
-    /// taken the waiting client's call for room. Not a stream's, which may last minutes: a
-    /// stream's connection takes the call once the stream has ended.
-    pub(crate) fn response_head(&self, stream: bool) -> bool {
-        self.after_stream.store(stream, Ordering::Relaxed);
-        !stream && self.take_room_wanted()
-    }
-
-    /// Takes the waiting client's call for room, if there is one: this connection then closes
-    /// after its current response.
-    fn take_room_wanted(&self) -> bool {
-        // A load first: without a waiting client, no write to a shared cache line.
-        let taken = self.room_wanted.load(Ordering::SeqCst)
-            && self.room_wanted.swap(false, Ordering::SeqCst);
-        if taken {
+    /// A response's head is about to go out: whether it must say `Connection: close`, this
+    /// connection closing after it for the waiting client: it was told to while idle and has
+    /// answered a request since, or it takes the call now. A stream's too (one that lasts
+    /// minutes holds the client up until the call is made again, half a second later): a
+    /// client told in the head does not send its next request on a connection about to close.
+    pub(crate) fn response_head(&self) -> bool {
+        let told = self.close.load(Ordering::SeqCst) == TOLD
+            && self
+                .close
+                .compare_exchange(TOLD, LEAVING, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok();
+        if told || take_call(&self.call) {
             self.close.store(LEAVING, Ordering::SeqCst);
+            return true;
         }
-        taken
+        false
     }
 
     /// Bytes came in: on an idle connection, the next request has started.
@@ -354,7 +363,7 @@ pub(crate) struct ConnectionWatch {
 }
 
 impl ConnectionWatch {
-    /// Whether the connection should close: three atomic loads, and at the first call an entry
+    /// Whether the connection should close: four atomic loads, and at the first call an entry
     /// in the register of open connections (left in `Slot::drop`) with this task's waker. That
     /// one waker is enough because the task's future is polled by tokio's task itself (in a
     /// `JoinSet`, under a task-local scope, neither of which substitutes a waker of its own),
@@ -373,22 +382,27 @@ impl ConnectionWatch {
                 _ => Close::Gracefully,
             });
         }
-        match state.close.load(Ordering::SeqCst) {
-            TOLD if phase == IDLE => {}
-            // Its next request has started since it was told: it stays, and the call goes on.
-            TOLD => {
-                state.close.store(STAYS, Ordering::SeqCst);
-                self.slots.make_room();
-                return None;
-            }
-            STAYS
-                if phase == IDLE
-                    && state.after_stream.load(Ordering::Relaxed)
-                    && state.take_room_wanted() => {}
-            _ => return None,
+        if state.close.load(Ordering::SeqCst) != TOLD {
+            return None;
         }
-        state.close.store(LEAVING, Ordering::SeqCst);
-        Some(Close::Gracefully)
+        if phase == IDLE
+            && state
+                .close
+                .compare_exchange(TOLD, LEAVING, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            return Some(Close::Gracefully);
+        }
+        // Its next request has started since it was told (its head would have taken the
+        // telling over): it stays, and the call is made again.
+        if state
+            .close
+            .compare_exchange(TOLD, STAYS, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            self.slots.make_room();
+        }
+        None
     }
 }
 
@@ -421,8 +435,6 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for UntilSent<B> {
 
 impl<B> Drop for UntilSent<B> {
     fn drop(&mut self) {
-        // Before the task looks for a waiting client (`poll_close`), which the waiting client's
-        // search for an idle connection must not miss.
         self.state.idle_since.store(millis_now(), Ordering::Relaxed);
         self.state.phase.store(IDLE, Ordering::SeqCst);
     }

@@ -744,11 +744,7 @@ async fn serve_connections<L>(
                     result.map(|mut response| {
                         // A client waits for a connection slot: this connection may close after
                         // this response for it, and then says so (`response_head`).
-                        let stream = response
-                            .headers()
-                            .get(http::header::CONTENT_TYPE)
-                            .is_some_and(|t| t.as_bytes().starts_with(b"text/event-stream"));
-                        if state.response_head(stream) {
+                        if state.response_head() {
                             response
                                 .headers_mut()
                                 .insert(http::header::CONNECTION, CONNECTION_CLOSE);
