@@ -358,6 +358,22 @@ async fn read_to_the_end_of_the_stream(stream: &mut TcpStream) {
     }
 }
 
+/// With two slots: a connection busy with a stream, one connected that has sent nothing (not
+/// idle, so not closed for another), and a third client waiting for a slot.
+async fn busy_silent_and_waiting(gateway: &TestGateway) -> (TcpStream, TcpStream, TcpStream) {
+    let first = busy_with_a_stream(gateway).await;
+    let second = TcpStream::connect(gateway.address).await.unwrap();
+    let third = waiting_client(gateway).await;
+    (first, second, third)
+}
+
+/// Reads a released stream to its end, then checks that its connection still serves a request.
+async fn stays_open_after_its_stream(stream: &mut TcpStream) {
+    read_to_the_end_of_the_stream(stream).await;
+    let answer = health_on(stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+}
+
 #[tokio::test]
 async fn at_max_connections_an_idle_connection_closes_to_make_room() {
     let upstream = FakeUpstream::start(vec![]).await;
@@ -432,10 +448,7 @@ async fn at_max_connections_a_stream_that_starts_while_a_client_waits_closes_aft
     ])
     .await;
     let gateway = gateway_with_two_connections(&upstream).await;
-    let mut first = busy_with_a_stream(&gateway).await;
-    // Connected, no request yet: not idle.
-    let mut second = TcpStream::connect(gateway.address).await.unwrap();
-    let mut third = waiting_client(&gateway).await;
+    let (mut first, mut second, mut third) = busy_silent_and_waiting(&gateway).await;
 
     // A stream that starts while a client waits says it will close: its client will not send
     // another request on it.
@@ -449,9 +462,7 @@ async fn at_max_connections_a_stream_that_starts_while_a_client_waits_closes_aft
 
     // The first stream's connection stays open after it: nobody waits.
     release_first.notify_one();
-    read_to_the_end_of_the_stream(&mut first).await;
-    let answer = health_on(&mut first).await;
-    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    stays_open_after_its_stream(&mut first).await;
 }
 
 #[tokio::test]
@@ -460,10 +471,7 @@ async fn at_max_connections_a_response_closes_its_connection_while_a_client_wait
     let upstream =
         FakeUpstream::start(vec![Reply::StreamThenWait(vec!["one"], release.clone())]).await;
     let gateway = gateway_with_two_connections(&upstream).await;
-    let mut first = busy_with_a_stream(&gateway).await;
-    // Connected, no request yet: not idle, so not closed for the third client.
-    let mut second = TcpStream::connect(gateway.address).await.unwrap();
-    let mut third = waiting_client(&gateway).await;
+    let (mut first, mut second, mut third) = busy_silent_and_waiting(&gateway).await;
 
     // A request that arrives while a client waits is answered with `Connection: close`.
     let answer = health_on(&mut second).await;
@@ -475,7 +483,5 @@ async fn at_max_connections_a_response_closes_its_connection_while_a_client_wait
 
     // With nobody waiting, the stream's connection stays open after it.
     release.notify_one();
-    read_to_the_end_of_the_stream(&mut first).await;
-    let answer = health_on(&mut first).await;
-    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    stays_open_after_its_stream(&mut first).await;
 }
