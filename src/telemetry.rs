@@ -395,10 +395,11 @@ struct OtlpTarget {
 
 impl OtlpTarget {
     fn from_env() -> Option<Self> {
-        Self::from(|name| std::env::var(name).ok().filter(|value| !value.is_empty()))
+        Self::from_vars(|name| std::env::var(name).ok().filter(|value| !value.is_empty()))
     }
 
-    fn from(var: impl Fn(&str) -> Option<String>) -> Option<Self> {
+    /// From the variables `var` gives (the environment, or a test's).
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Option<Self> {
         let endpoint = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| {
             var("OTEL_EXPORTER_OTLP_ENDPOINT")
                 .map(|base| format!("{}/v1/traces", base.trim_end_matches('/')))
@@ -476,8 +477,10 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-            OtlpTarget::from(|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
-                .map(|t| (t.endpoint, t.protocol_name, t.unknown_protocol))
+            OtlpTarget::from_vars(|name| {
+                vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+            })
+            .map(|t| (t.endpoint, t.protocol_name, t.unknown_protocol))
         };
         assert!(target(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]).is_none());
         assert_eq!(
