@@ -1,5 +1,6 @@
-//! The HTTP client providers send upstream requests with: hyper-util's pooled client, one per
-//! thread, and reqwest for upstreams the environment sends through a proxy.
+//! The HTTP client providers send upstream requests with: for a plain-HTTP upstream its own pool
+//! of HTTP/1 connections (`http1.rs`), for HTTPS hyper-util's pooled client, one per thread, and
+//! reqwest for upstreams the environment sends through a proxy.
 //!
 //! **Why not reqwest for everything.** reqwest wraps hyper-util's client in a redirect layer and
 //! a retry layer and turns every URL into a URI and back (`url` and `idna` parse it twice per
@@ -39,8 +40,10 @@ use rustls_platform_verifier::ConfigVerifierExt;
 use switchyard_core::{LlmError, LlmErrorKind};
 use thread_local::ThreadLocal;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+use crate::http1::Http1Pool;
+
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A response body from either client.
 pub type UpstreamBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -48,8 +51,11 @@ pub type UpstreamBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + 
 type Direct = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// How requests to one upstream URL are sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Path {
+    /// A plain-HTTP upstream: on the upstream's own pool of HTTP/1 connections (`http1.rs`).
+    Plain(Arc<Http1Pool>),
+    /// HTTPS: on this thread's hyper-util client.
     Direct,
     /// Through the proxy the environment names for it (reqwest).
     Proxy,
@@ -108,13 +114,18 @@ impl HttpClient {
         self.trace_headers.get().copied()
     }
 
-    /// How requests to `url` go: through a proxy if the environment names one for it.
+    /// How requests to `url` go: through a proxy if the environment names one for it, else on
+    /// a pool of its own for a plain-HTTP URL (each call of this makes a new one).
     pub fn path_to(&self, url: &http::Uri) -> Path {
         if self.proxies.intercept(url).is_some() {
-            Path::Proxy
-        } else {
-            Path::Direct
+            return Path::Proxy;
         }
+        if url.scheme() == Some(&http::uri::Scheme::HTTP)
+            && let Some(pool) = Http1Pool::new(url)
+        {
+            return Path::Plain(Arc::new(pool));
+        }
+        Path::Direct
     }
 
     /// Sends `request` on this thread's client and returns the response once its head has
@@ -122,11 +133,13 @@ impl HttpClient {
     /// followed. Errors name the failure, never the headers (which carry the provider key).
     pub async fn send(
         &self,
-        path: Path,
+        path: &Path,
         request: http::Request<Bytes>,
     ) -> Result<http::Response<UpstreamBody>, LlmError> {
-        if path == Path::Proxy {
-            return self.send_proxied(request).await;
+        match path {
+            Path::Plain(pool) => return pool.send(request).await,
+            Path::Proxy => return self.send_proxied(request).await,
+            Path::Direct => {}
         }
         let response = self
             .direct()
@@ -207,7 +220,10 @@ impl HttpClient {
     }
 }
 
-fn transport_error(kind: LlmErrorKind, error: &(dyn std::error::Error + 'static)) -> LlmError {
+pub(crate) fn transport_error(
+    kind: LlmErrorKind,
+    error: &(dyn std::error::Error + 'static),
+) -> LlmError {
     LlmError::new(kind, switchyard_core::error_chain(error))
 }
 

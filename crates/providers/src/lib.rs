@@ -9,6 +9,7 @@
 mod anthropic;
 mod capped;
 mod http;
+mod http1;
 mod mock;
 mod openai;
 mod route;

@@ -79,12 +79,13 @@ pub(crate) struct Upstream {
     client: Arc<HttpClient>,
     /// Parsed once: parsing it per request showed up in profiles.
     pub url: http::Uri,
-    /// Direct, or through the proxy the environment names for `url`.
+    /// On this upstream's own HTTP/1 pool (plain HTTP), hyper-util's client (HTTPS), or through
+    /// the proxy the environment names for `url`.
     path: Path,
     /// Sent with every call: the provider's own (credentials, API version) and the `Host` of a
-    /// plain-HTTP upstream sent directly, built once: hyper-util's client formats it for every
-    /// request that has none. (HTTPS may negotiate HTTP/2, which names the host in `:authority`
-    /// instead; the client adds `Host` for HTTP/1 there.)
+    /// plain-HTTP upstream sent directly, built once (hyper's HTTP/1 connection sends the
+    /// request's headers as they are). (HTTPS may negotiate HTTP/2, which names the host in
+    /// `:authority` instead; hyper-util's client adds `Host` for HTTP/1 there.)
     headers: Vec<(HeaderName, HeaderValue)>,
     /// The credentials those headers carry, to be cut out of whatever the upstream says: a
     /// server may quote the request's `Authorization` in an error message, which the gateway
@@ -108,7 +109,7 @@ impl Upstream {
         let url = reqwest::Url::parse(&url).map_err(|e| invalid(&e))?;
         let url: http::Uri = url.as_str().parse().map_err(|e| invalid(&e))?;
         let path = client.path_to(&url);
-        if path == Path::Direct && url.scheme() == Some(&http::uri::Scheme::HTTP) {
+        if matches!(path, Path::Plain(_)) {
             headers.extend(host_header(&url).map(|host| (HOST, host)));
         }
         let secrets = headers
@@ -238,7 +239,7 @@ impl Upstream {
         more_headers(request.headers_mut());
         let response = self
             .client
-            .send(self.path, request)
+            .send(&self.path, request)
             .await
             .map_err(|e| self.named(e))?;
         if response.status().is_success() {
@@ -425,8 +426,8 @@ pub(crate) fn sse_events(
     })
 }
 
-/// `host[:port]` of `url`, the port only when it is not the scheme's default (as hyper-util's
-/// client writes it).
+/// `host[:port]` of `url`, the port only when it is not the scheme's default (as clients write
+/// it).
 fn host_header(url: &http::Uri) -> Option<HeaderValue> {
     let host = url.host()?;
     let value = match url.port_u16() {
