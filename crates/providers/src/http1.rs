@@ -7,13 +7,18 @@
 //! instructions, the authority hashed byte by byte), and, once the response head is in, spawns
 //! a task that waits for the connection to be ready for another request before putting it back.
 //! Here the pool belongs to the upstream (nothing to look up), and a connection goes back when
-//! its response body is dropped, from the request's own task.
+//! its response body is dropped, from the request's own task (a task waits only for a connection
+//! hyper is not done with yet: a stream's).
 //!
-//! **What it keeps of hyper-util's.** A request that a reused connection could not send (the
-//! upstream closed it while it was idle) goes out again on another, then on a new one;
-//! connections idle for [`IDLE_TIMEOUT`] are not reused; connecting times out after
-//! [`CONNECT_TIMEOUT`]. A connection is reused only when hyper has kept it open: one whose body
-//! was dropped midway (a client that left a stream, a deadline) is closed by hyper.
+//! **What it keeps of hyper-util's.** Connecting is hyper-util's `HttpConnector` (DNS, an
+//! IPv6/IPv4 fallback after 300 ms, [`CONNECT_TIMEOUT`], `TCP_NODELAY`). A request that a reused
+//! connection could not send (the upstream closed it while it was idle) goes out again on
+//! another, then on a new one; connections idle for [`IDLE_TIMEOUT`] are not reused. Only a
+//! connection hyper says is ready for another request is reused: one whose body was dropped
+//! midway (a client that left a stream, a deadline) is closed by hyper, and one still busy
+//! with its last exchange when its body is dropped — a stream's reader stops at `[DONE]`, before
+//! the chunked encoding's last bytes; an upstream that answered before reading all of a large
+//! request — goes back only once hyper has finished it, within [`READY_WITHIN`].
 //!
 //! **Per thread**, like the clients in `http.rs`: each connection is driven by a task on the
 //! runtime of the thread that opened it, and requests on that thread take it again, so a call
@@ -26,15 +31,16 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::connect::HttpConnector;
 use switchyard_core::{LlmError, LlmErrorKind};
 use thread_local::ThreadLocal;
+use tower_service::Service as _;
 
 use crate::http::{
     CONNECT_TIMEOUT, POOL_IDLE_TIMEOUT as IDLE_TIMEOUT, UpstreamBody, transport_error,
@@ -43,11 +49,15 @@ use crate::http::{
 /// Idle connections kept per thread; more are opened under load and closed when they come back.
 const MAX_IDLE: usize = 256;
 
+/// How long a connection whose body is gone may take to finish its exchange (read the rest of
+/// the answer, write the rest of the request) before it is closed instead of reused.
+const READY_WITHIN: Duration = Duration::from_secs(1);
+
 /// The connections to one plain-HTTP upstream.
 pub struct Http1Pool {
-    /// Where to connect: the URL's host (without an IPv6 address's brackets) and port.
-    host: String,
-    port: u16,
+    /// The upstream's URL, which the connector connects to.
+    url: http::Uri,
+    connector: HttpConnector,
     /// The request target sent on the request line (`/v1/chat/completions`): origin form, as a
     /// server expects it from a client that is not a proxy.
     target: http::Uri,
@@ -63,8 +73,7 @@ struct Idle {
 impl std::fmt::Debug for Http1Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Http1Pool")
-            .field("host", &self.host)
-            .field("port", &self.port)
+            .field("url", &self.url)
             .finish_non_exhaustive()
     }
 }
@@ -72,19 +81,18 @@ impl std::fmt::Debug for Http1Pool {
 impl Http1Pool {
     /// A pool for calls to `url`, an `http://` URL with a host.
     pub fn new(url: &http::Uri) -> Option<Self> {
-        let host = url.host()?;
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
+        url.host()?;
         let target = url
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .parse()
             .ok()?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         Some(Self {
-            host: host.to_owned(),
-            port: url.port_u16().unwrap_or(80),
+            url: url.clone(),
+            connector,
             target,
             idle: ThreadLocal::new(),
         })
@@ -103,7 +111,7 @@ impl Http1Pool {
                 Some(sender) => (sender, true),
                 None => (self.connect().await?, false),
             };
-            // Its task may need a turn to finish the last answer (ready), or to close it.
+            // A new connection's task may need a turn first.
             if let Err(error) = sender.ready().await {
                 if reused {
                     continue;
@@ -122,33 +130,52 @@ impl Http1Pool {
                         .boxed_unsync()
                     }));
                 }
-                Err(mut error) => match error.take_message() {
-                    // Not sent: the connection had closed (the upstream ends idle ones).
-                    Some(unsent) if reused => request = unsent,
-                    _ => {
-                        return Err(transport_error(
-                            LlmErrorKind::StreamInterrupted,
-                            &error.into_error(),
-                        ));
-                    }
-                },
+                Err(mut error) => {
+                    let kind = match error.take_message() {
+                        // Not sent: the connection had closed (the upstream ends idle ones).
+                        Some(unsent) if reused => {
+                            request = unsent;
+                            continue;
+                        }
+                        // Not sent either, on a new connection: the upstream saw nothing.
+                        Some(_) => LlmErrorKind::Connect,
+                        None => LlmErrorKind::StreamInterrupted,
+                    };
+                    return Err(transport_error(kind, &error.into_error()));
+                }
             }
         }
     }
 
-    /// This thread's most recently used idle connection that is still open and fresh.
+    /// This thread's most recently used idle connection that is still ready and fresh.
     fn take_idle(&self) -> Option<SendRequest<Full<Bytes>>> {
         let mut idle = self.idle.get_or_default().borrow_mut();
         while let Some(Idle { sender, since }) = idle.pop_back() {
-            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+            if sender.is_ready() && since.elapsed() < IDLE_TIMEOUT {
                 return Some(sender);
             }
         }
         None
     }
 
-    /// Puts a connection back whose last response body is gone, for this thread's next call.
-    fn put_back(&self, sender: SendRequest<Full<Bytes>>) {
+    /// Puts a connection back whose last response body is gone, for this thread's next call:
+    /// at once if hyper is ready to send another request on it, else once it is (a task on this
+    /// thread's runtime waits for it, [`READY_WITHIN`] at most).
+    fn put_back(self: Arc<Self>, mut sender: SendRequest<Full<Bytes>>) {
+        if sender.is_ready() {
+            self.keep(sender);
+        } else if !sender.is_closed()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                if let Ok(Ok(())) = tokio::time::timeout(READY_WITHIN, sender.ready()).await {
+                    self.keep(sender);
+                }
+            });
+        }
+    }
+
+    fn keep(&self, sender: SendRequest<Full<Bytes>>) {
         let mut idle = self.idle.get_or_default().borrow_mut();
         let now = Instant::now();
         // The oldest are at the front: drop those that expired, and one if the pool is full.
@@ -166,29 +193,21 @@ impl Http1Pool {
 
     /// A new connection, its task spawned on this thread's runtime.
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, LlmError> {
-        let connect = async {
-            let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
-            // Requests are written whole: never wait for a delayed ACK.
-            stream.set_nodelay(true)?;
-            Ok::<_, std::io::Error>(stream)
-        };
-        let cannot = |why: String| {
-            LlmError::new(
-                LlmErrorKind::Connect,
-                format!("cannot connect to {}:{}: {why}", self.host, self.port),
-            )
-        };
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return Err(cannot(error.to_string())),
-            Err(_) => {
-                return Err(cannot(format!(
-                    "no connection within {} s",
-                    CONNECT_TIMEOUT.as_secs()
-                )));
-            }
-        };
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let stream = self
+            .connector
+            .clone()
+            .call(self.url.clone())
+            .await
+            .map_err(|error| {
+                let host = self.url.host().unwrap_or_default();
+                let port = self.url.port_u16().unwrap_or(80);
+                let why = switchyard_core::error_chain(&error);
+                LlmError::new(
+                    LlmErrorKind::Connect,
+                    format!("cannot connect to {host}:{port}: {why}"),
+                )
+            })?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(stream)
             .await
             .map_err(|error| transport_error(LlmErrorKind::Connect, &error))?;
         // Ends when the connection closes; its errors reach the request it was serving.
@@ -197,7 +216,7 @@ impl Http1Pool {
     }
 }
 
-/// A response body that puts its connection back in the pool when it is dropped, unless reading
+/// A response body that hands its connection back to the pool when it is dropped, unless reading
 /// it failed.
 struct ReturnsConnection {
     body: Incoming,
@@ -233,7 +252,7 @@ impl Drop for ReturnsConnection {
     /// Whether the connection can serve another request is hyper's to say, and it may be even
     /// when the body was not read to its end: a stream's reader stops at `[DONE]`, and the
     /// chunked encoding's last bytes, which came with it, are read by the connection's task. A
-    /// connection left midway is closed by that task, and dropped when it next comes up.
+    /// connection left midway is closed by that task.
     fn drop(&mut self) {
         if let Some((sender, pool)) = self.connection.take() {
             pool.put_back(sender);
@@ -250,9 +269,19 @@ mod tests {
 
     use super::*;
 
-    /// What the test upstream answers the n-th request of the whole server (from 0), and
-    /// whether it keeps the connection open after.
-    type Answer = fn(usize) -> (&'static [u8], bool);
+    /// What the test upstream answers the n-th request of the whole server (from 0), and what
+    /// it does then.
+    type Answer = fn(usize) -> (&'static [u8], Then);
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Then {
+        KeepOpen,
+        Close,
+        /// Answers as soon as the request's head is in, then holds the connection open without
+        /// reading (as a server that refuses a large request early may).
+        StopReading,
+    }
+    use Then::*;
 
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
@@ -303,13 +332,18 @@ mod tests {
                                     head.push(line);
                                 }
                             }
-                            let mut body = vec![0; length];
-                            stream.read_exact(&mut body).await.unwrap();
                             seen.lock().unwrap()[index].push(head.join(" | "));
                             let n = served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            let (answer, keep_open) = answer(n);
-                            if stream.get_mut().write_all(answer).await.is_err() || !keep_open {
+                            let (answer, then) = answer(n);
+                            if then != StopReading {
+                                let mut body = vec![0; length];
+                                stream.read_exact(&mut body).await.unwrap();
+                            }
+                            if stream.get_mut().write_all(answer).await.is_err() || then == Close {
                                 return;
+                            }
+                            if then == StopReading {
+                                std::future::pending::<()>().await;
                             }
                         }
                     });
@@ -336,11 +370,27 @@ mod tests {
     }
 
     fn request(pool: &Http1Pool) -> http::Request<Bytes> {
-        let host = format!("{}:{}", pool.host, pool.port);
+        let host = pool.url.authority().unwrap().as_str();
         http::Request::post("http://ignored.example/other")
             .header(http::header::HOST, host)
             .body(Bytes::from_static(b"{}"))
             .unwrap()
+    }
+
+    fn idle(pool: &Http1Pool) -> std::cell::Ref<'_, VecDeque<Idle>> {
+        pool.idle.get_or_default().borrow()
+    }
+
+    /// Lets the runtime run other tasks (connections', the pool's) until `done` holds: no wait
+    /// on time.
+    async fn until(done: impl Fn() -> bool) {
+        for _ in 0..10_000 {
+            if done() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("did not happen within 10 000 turns of the runtime");
     }
 
     async fn call(pool: &Arc<Http1Pool>) -> Result<Bytes, LlmError> {
@@ -351,20 +401,20 @@ mod tests {
 
     #[tokio::test]
     async fn calls_one_after_another_share_one_connection_and_send_the_origin_form() {
-        let upstream = Upstream::start(|_| (OK, true)).await;
+        let upstream = Upstream::start(|_| (OK, KeepOpen)).await;
         let pool = upstream.pool();
         for _ in 0..3 {
             assert_eq!(call(&pool).await.unwrap(), "ok");
         }
         assert_eq!(upstream.requests_per_connection(), [3]);
-        let host = format!("host: {}:{}", pool.host, pool.port);
+        let host = format!("host: {}", pool.url.authority().unwrap());
         let seen = upstream.connections.lock().unwrap()[0][0].clone();
         assert_eq!(seen, format!("POST /v1/chat/completions HTTP/1.1 | {host}"));
     }
 
     #[tokio::test]
     async fn calls_at_the_same_time_get_connections_of_their_own_then_reuse_them() {
-        let upstream = Upstream::start(|_| (OK, true)).await;
+        let upstream = Upstream::start(|_| (OK, KeepOpen)).await;
         let pool = upstream.pool();
         // Both heads in before either body is read: the first connection is not back yet.
         let first = pool.send(request(&pool)).await.unwrap();
@@ -392,22 +442,18 @@ mod tests {
         let upstream = Upstream::start(|n| match n {
             0 => (
                 b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                false,
+                Close,
             ),
-            1 => (OK, false),
-            _ => (OK, true),
+            1 => (OK, Close),
+            _ => (OK, KeepOpen),
         })
         .await;
         let pool = upstream.pool();
         assert_eq!(call(&pool).await.unwrap(), "ok");
         assert_eq!(call(&pool).await.unwrap(), "ok");
-        // The second connection's end (the server stopped after its answer) has reached its
-        // task once `ready` fails (no wait on time); it goes back to the pool as it was.
-        let idle = pool.idle.get_or_default().borrow_mut().pop_back().unwrap();
-        let mut sender = idle.sender;
-        assert!(sender.ready().await.is_err());
-        let idle = Idle { sender, ..idle };
-        pool.idle.get_or_default().borrow_mut().push_back(idle);
+        // Once the second connection's end (the server stopped after its answer) has reached its
+        // task: the connection was not kept, or is kept but no longer ready.
+        until(|| idle(&pool).iter().all(|i| !i.sender.is_ready())).await;
         assert_eq!(call(&pool).await.unwrap(), "ok");
         assert_eq!(upstream.requests_per_connection(), [1, 1, 1]);
     }
@@ -417,8 +463,11 @@ mod tests {
         // The body says 10 bytes and sends 5: the caller reads one frame and gives up.
         let upstream = Upstream::start(|n| match n {
             // Kept open: hyper closes it, the body being unfinished.
-            0 => (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello", true),
-            _ => (OK, true),
+            0 => (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello",
+                KeepOpen,
+            ),
+            _ => (OK, KeepOpen),
         })
         .await;
         let pool = upstream.pool();
@@ -438,9 +487,9 @@ mod tests {
             0 => (
                 b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
                   e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n",
-                true,
+                KeepOpen,
             ),
-            _ => (OK, true),
+            _ => (OK, KeepOpen),
         })
         .await;
         let pool = upstream.pool();
@@ -448,8 +497,36 @@ mod tests {
         let frame = body.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "data: [DONE]\n\n");
         drop(body);
+        // Not ready yet when dropped: it comes back once its task has read the last bytes.
+        until(|| idle(&pool).len() == 1).await;
         assert_eq!(call(&pool).await.unwrap(), "ok");
         assert_eq!(upstream.requests_per_connection(), [2]);
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_sending_its_request_is_not_reused() {
+        // The upstream answers a 32 MB request before reading it, then stops reading: hyper is
+        // still writing when the answer has been read. The next call must not wait for that
+        // connection: it goes out on a new one.
+        let upstream = Upstream::start(|n| match n {
+            0 => (
+                b"HTTP/1.1 413 Too Large\r\ncontent-length: 2\r\n\r\nno",
+                StopReading,
+            ),
+            _ => (OK, KeepOpen),
+        })
+        .await;
+        let pool = upstream.pool();
+        let mut large = request(&pool);
+        *large.body_mut() = Bytes::from(vec![b' '; 32 << 20]);
+        let response = pool.send(large).await.unwrap();
+        assert_eq!(response.status(), 413);
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "no"
+        );
+        assert_eq!(call(&pool).await.unwrap(), "ok");
+        assert_eq!(upstream.requests_per_connection(), [1, 1]);
     }
 
     #[tokio::test]
@@ -472,12 +549,9 @@ mod tests {
     }
 
     #[test]
-    fn connects_to_the_host_without_brackets_and_the_scheme_s_port() {
+    fn the_request_target_is_the_url_s_path_and_query() {
         let pool = |url: &str| Http1Pool::new(&url.parse().unwrap()).unwrap();
-        let v6 = pool("http://[::1]:8080/v1/chat/completions?x=1");
-        assert_eq!((v6.host.as_str(), v6.port), ("::1", 8080));
-        assert_eq!(v6.target, "/v1/chat/completions?x=1");
-        let named = pool("http://llm.internal/v1");
-        assert_eq!((named.host.as_str(), named.port), ("llm.internal", 80));
+        assert_eq!(pool("http://[::1]:8080/v1/chat?x=1").target, "/v1/chat?x=1");
+        assert_eq!(pool("http://llm.internal").target, "/");
     }
 }

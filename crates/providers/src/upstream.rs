@@ -83,8 +83,8 @@ pub(crate) struct Upstream {
     /// the proxy the environment names for `url`.
     path: Path,
     /// Sent with every call: the provider's own (credentials, API version) and the `Host` of a
-    /// plain-HTTP upstream sent directly, built once (hyper's HTTP/1 connection sends the
-    /// request's headers as they are). (HTTPS may negotiate HTTP/2, which names the host in
+    /// plain-HTTP upstream sent directly, built once (hyper's HTTP/1 connection, which the
+    /// upstream's own pool sends on, adds no `Host`). (HTTPS may negotiate HTTP/2, which names the host in
     /// `:authority` instead; hyper-util's client adds `Host` for HTTP/1 there.)
     headers: Vec<(HeaderName, HeaderValue)>,
     /// The credentials those headers carry, to be cut out of whatever the upstream says: a
