@@ -1,8 +1,10 @@
 //! The built-in mock provider: deterministic, offline, honest about tokens.
 //!
-//! It answers with a fixed reply or echoes the last user message, streams the reply in a chosen
-//! number of chunks, and can wait before answering. Token counts come from [`count_tokens`]
-//! over the real prompt and reply text, so usage figures add up the way a real provider's do.
+//! It answers with a fixed reply or echoes the last user message, as many choices as the request's
+//! `n` asks for (each the same reply), streams the reply in a chosen number of chunks, and can
+//! wait before answering. Token counts come from [`count_tokens`] over the real prompt and reply
+//! text, so usage figures add up the way a real provider's do (completion tokens counted over
+//! every choice).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -11,7 +13,7 @@ use async_trait::async_trait;
 use futures::stream;
 use serde::Deserialize;
 use switchyard_core::{
-    ChatChunk, ChatRequest, ChatResponse, ChunkStream, Delta, Llm, LlmError, Usage,
+    ChatChunk, ChatRequest, ChatResponse, Choice, ChunkStream, Delta, Llm, LlmError, Usage,
 };
 
 use switchyard_core::unix_now;
@@ -88,7 +90,7 @@ impl MockProvider {
             .iter()
             .map(|m| count_tokens(&m.text()))
             .sum();
-        Usage::new(prompt, count_tokens(reply))
+        Usage::new(prompt, count_tokens(reply) * u64::from(choices(request)))
     }
 
     fn next_id(&self) -> String {
@@ -111,10 +113,16 @@ impl Llm for MockProvider {
         self.wait().await;
         let (reply, finish) = self.reply_for(&request);
         let usage = Self::usage_for(&request, &reply);
+        let n = choices(&request);
         let mut response =
             ChatResponse::assistant(self.next_id(), request.model, unix_now(), reply, usage);
         if let Some(choice) = response.choices.first_mut() {
             choice.finish_reason = Some(finish.to_owned());
+            let first = choice.clone();
+            response.choices.extend((1..n).map(|index| Choice {
+                index,
+                ..first.clone()
+            }));
         }
         Ok(response)
     }
@@ -124,21 +132,33 @@ impl Llm for MockProvider {
         let (reply, finish) = self.reply_for(&request);
         let usage = Self::usage_for(&request, &reply);
         let (id, model, created) = (self.next_id(), request.model.clone(), unix_now());
-        let chunk =
-            |delta, finish| ChatChunk::delta(id.clone(), model.clone(), created, delta, finish);
-
-        let mut chunks = vec![chunk(Delta::role("assistant"), None)];
-        chunks.extend(
-            split_into_chunks(&reply, self.config.chunks)
-                .into_iter()
-                .map(|piece| chunk(Delta::content(piece), None)),
-        );
-        chunks.push(chunk(Delta::default(), Some(finish)));
+        let pieces = split_into_chunks(&reply, self.config.chunks);
+        // One choice after the other, each chunk naming its choice's index.
+        let mut chunks = Vec::new();
+        for index in 0..choices(&request) {
+            let chunk = |delta, finish| {
+                let mut chunk = ChatChunk::delta(id.clone(), model.clone(), created, delta, finish);
+                chunk.choices[0].index = index;
+                chunk
+            };
+            chunks.push(chunk(Delta::role("assistant"), None));
+            chunks.extend(
+                pieces
+                    .iter()
+                    .map(|piece| chunk(Delta::content(piece.clone()), None)),
+            );
+            chunks.push(chunk(Delta::default(), Some(finish)));
+        }
         if request.wants_stream_usage() {
             chunks.push(ChatChunk::usage(id.clone(), model.clone(), created, usage));
         }
         Ok(Box::pin(stream::iter(chunks.into_iter().map(Ok))))
     }
+}
+
+/// How many choices the mock answers with: the request's `n`, at most 128 (OpenAI's limit).
+fn choices(request: &ChatRequest) -> u32 {
+    u32::try_from(request.choices_asked().min(128)).unwrap_or(1)
 }
 
 /// The mock's tokenizer: a token is a run of letters/digits or one other non-space character.
@@ -263,6 +283,42 @@ mod tests {
         assert_eq!(chunks[4].choices[0].finish_reason.as_deref(), Some("stop"));
         assert!(chunks[5].choices.is_empty());
         assert_eq!(chunks[5].usage, Some(Usage::new(9, 6)));
+    }
+
+    #[tokio::test]
+    async fn answers_as_many_choices_as_n_asks_for() {
+        let mock = MockProvider::new(MockConfig {
+            reply: Some("Yes, twice".to_owned()),
+            chunks: 2,
+            ..MockConfig::default()
+        });
+        let mut request = ChatRequest::new("m", vec![Message::user("Again?")]);
+        request.extra.insert("n".to_owned(), serde_json::json!(2));
+        let full = mock.chat(request.clone()).await.unwrap();
+        let choices: Vec<(u32, String)> = full
+            .choices
+            .iter()
+            .map(|c| (c.index, c.message.text()))
+            .collect();
+        assert_eq!(
+            choices,
+            [(0, "Yes, twice".into()), (1, "Yes, twice".into())]
+        );
+        // Completion tokens over both choices: 3 each.
+        assert_eq!(full.usage, Some(Usage::new(2, 6)));
+
+        request.stream = Some(true);
+        let chunks = stream_of(&mock, request).await;
+        // Per choice: role chunk, 2 content chunks, finish chunk.
+        let indexes: Vec<u32> = chunks.iter().map(|c| c.choices[0].index).collect();
+        assert_eq!(indexes, [0, 0, 0, 0, 1, 1, 1, 1]);
+        let finished = chunks.iter().fold(0, |set, c| set | c.finished_choices());
+        assert_eq!(finished, 0b11);
+        let second: String = chunks[4..]
+            .iter()
+            .map(|c| c.choices[0].delta.content.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(second, "Yes, twice");
     }
 
     #[tokio::test]
