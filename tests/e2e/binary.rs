@@ -43,10 +43,11 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
     let address = gateway.address.clone();
     let mut log = gateway.startup_log.clone();
 
-    // A client that never finishes its request head, and one that never finishes its body:
-    // neither may hold the shutdown up (header_timeout_ms and client_timeout_ms are 120 s and
-    // 60 s here).
+    // A client that sends nothing, one that never finishes its request head, and one that never
+    // finishes its body: none may hold the shutdown up (header_timeout_ms and client_timeout_ms
+    // are 120 s and 60 s here).
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let silent = tokio::net::TcpStream::connect(&address).await.unwrap();
     let mut partial_head = tokio::net::TcpStream::connect(&address).await.unwrap();
     partial_head
         .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
@@ -75,9 +76,11 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
     let refused = String::from_utf8_lossy(&refused);
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     assert!(refused.contains("\"code\":\"shutting_down\""), "{refused}");
-    let mut nothing = Vec::new();
-    partial_head.read_to_end(&mut nothing).await.unwrap();
-    assert!(nothing.is_empty());
+    for mut unanswered in [partial_head, silent] {
+        let mut nothing = Vec::new();
+        unanswered.read_to_end(&mut nothing).await.unwrap();
+        assert!(nothing.is_empty());
+    }
     // New connections are refused while the in-flight request is still being served.
     wait_until_refused(&address).await;
     assert!(

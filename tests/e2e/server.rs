@@ -298,8 +298,9 @@ async fn busy_with_a_stream(gateway: &TestGateway) -> TcpStream {
     stream
 }
 
-/// Sends a streamed chat request on `stream`; returns what has come of the answer (its head).
-async fn start_a_stream(stream: &mut TcpStream) -> String {
+/// Sends a streamed chat request on `stream`, but for its first `sent` bytes (sent already);
+/// returns what has come of the answer (its head).
+async fn start_a_stream_sent_from(stream: &mut TcpStream, sent: usize) -> String {
     let body =
         r#"{"model": "chat", "stream": true, "messages": [{"role": "user", "content": "x"}]}"#;
     let request = format!(
@@ -307,7 +308,7 @@ async fn start_a_stream(stream: &mut TcpStream) -> String {
          content-length: {}\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(&request.as_bytes()[sent..]).await.unwrap();
     let mut buffer = [0u8; 4096];
     let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
         .await
@@ -316,6 +317,11 @@ async fn start_a_stream(stream: &mut TcpStream) -> String {
     let head = String::from_utf8_lossy(&buffer[..read]).into_owned();
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     head
+}
+
+/// Sends a streamed chat request on `stream`; returns what has come of the answer (its head).
+async fn start_a_stream(stream: &mut TcpStream) -> String {
+    start_a_stream_sent_from(stream, 0).await
 }
 
 /// Sends `GET /health` on a new connection, which must wait: both slots are taken.
@@ -358,12 +364,22 @@ async fn read_to_the_end_of_the_stream(stream: &mut TcpStream) {
     }
 }
 
-/// With two slots: a connection busy with a stream, one connected that has sent nothing (not
-/// idle, so not closed for another), and a third client waiting for a slot.
-async fn busy_silent_and_waiting(gateway: &TestGateway) -> (TcpStream, TcpStream, TcpStream) {
+/// With two slots: a connection busy with a stream, one whose request has begun to arrive
+/// (its first byte, `first_byte`: not idle, so not closed for another), and a third client
+/// waiting for a slot.
+async fn busy_arriving_and_waiting(
+    gateway: &TestGateway,
+    first_byte: u8,
+) -> (TcpStream, TcpStream, TcpStream) {
     let first = busy_with_a_stream(gateway).await;
-    let second = TcpStream::connect(gateway.address).await.unwrap();
-    let third = waiting_client(gateway).await;
+    let mut second = TcpStream::connect(gateway.address).await.unwrap();
+    second.write_all(&[first_byte]).await.unwrap();
+    let mut third = waiting_client(gateway).await;
+    // Still waiting after the second call for room, half a second after the first: the
+    // connection whose request has begun to arrive is not closed for it.
+    let mut buffer = [0u8; 4096];
+    let waited = tokio::time::timeout(Duration::from_millis(400), third.read(&mut buffer)).await;
+    assert!(waited.is_err(), "a third connection was served: {waited:?}");
     (first, second, third)
 }
 
@@ -404,6 +420,26 @@ async fn at_max_connections_an_idle_connection_closes_to_make_room() {
         metrics.contains("\nswitchyard_connections_open 2\n"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn at_max_connections_a_connection_that_has_sent_nothing_closes_to_make_room() {
+    let upstream = FakeUpstream::start(vec![]).await;
+    let gateway = TestGateway::start(&format!(
+        "[server]\nmax_connections = 1\n{}",
+        config_over(&[&upstream.base_url], "")
+    ))
+    .await;
+    let mut silent = TcpStream::connect(gateway.address).await.unwrap();
+    // The second client is served once the first has sent nothing for half a second (not
+    // after `header_timeout_ms`, 2 minutes here), and the first is closed without an answer.
+    let mut second = TcpStream::connect(gateway.address).await.unwrap();
+    second
+        .write_all(b"GET /health HTTP/1.1\r\nhost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    served_at_last(&mut second).await;
+    assert!(read_until_closed(&mut silent).await.is_empty());
 }
 
 #[tokio::test]
@@ -448,11 +484,11 @@ async fn at_max_connections_a_stream_that_starts_while_a_client_waits_closes_aft
     ])
     .await;
     let gateway = gateway_with_two_connections(&upstream).await;
-    let (mut first, mut second, mut third) = busy_silent_and_waiting(&gateway).await;
+    let (mut first, mut second, mut third) = busy_arriving_and_waiting(&gateway, b'P').await;
 
     // A stream that starts while a client waits says it will close: its client will not send
     // another request on it.
-    let head = start_a_stream(&mut second).await;
+    let head = start_a_stream_sent_from(&mut second, 1).await;
     assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
     // It ends whole, then closes, and the third client is served.
     release_second.notify_one();
@@ -471,13 +507,16 @@ async fn at_max_connections_a_response_closes_its_connection_while_a_client_wait
     let upstream =
         FakeUpstream::start(vec![Reply::StreamThenWait(vec!["one"], release.clone())]).await;
     let gateway = gateway_with_two_connections(&upstream).await;
-    let (mut first, mut second, mut third) = busy_silent_and_waiting(&gateway).await;
+    let (mut first, mut second, mut third) = busy_arriving_and_waiting(&gateway, b'G').await;
 
     // A request that arrives while a client waits is answered with `Connection: close`.
-    let answer = health_on(&mut second).await;
+    second
+        .write_all(b"ET /health HTTP/1.1\r\nhost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = String::from_utf8(read_until_closed(&mut second).await).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
-    assert!(read_until_closed(&mut second).await.is_empty());
     let answer = served_at_last(&mut third).await;
     assert!(!answer.contains("connection: close"), "{answer}");
 

@@ -4,15 +4,15 @@
 //! then the gateway can open no upstream connection either (every request fails) while new
 //! clients are refused at random. At the cap a newly accepted client waits for a slot (those
 //! behind it in the kernel's accept queue, since one task accepts), and calls for a connection
-//! to close: the keep-alive connection idle the longest, if one has been idle for half a
-//! second, closes now (nginx reuses idle connections the same way; one that has just answered
-//! is likely to carry its client's next request any moment, which closing it would fail);
-//! else the first response head to go out (a stream's too) takes the call, says
-//! `Connection: close`, and its connection closes after that response. While the client still
-//! waits, the call is made again every half second. Without that, idle clients would keep
-//! their slots until `header_timeout_ms`, and busy ones for ever. A connection whose request
-//! is arriving is not idle, nor is one that has sent nothing yet (it keeps its slot until
-//! `header_timeout_ms`).
+//! to close: the connection idle the longest — a keep-alive one between requests, or one that
+//! has sent nothing since it was accepted — if one has been idle for half a second, closes now
+//! (nginx reuses idle connections the same way; one that has just answered is likely to carry
+//! its client's next request any moment, which closing it would fail); else the first response
+//! head to go out (a stream's too) takes the call, says `Connection: close`, and its connection
+//! closes after that response. While the client still waits, the call is made again every half
+//! second. Without that, idle and silent clients would keep their slots until
+//! `header_timeout_ms`, and busy ones for ever. A connection whose request is arriving (bytes
+//! have come in) is not idle.
 //!
 //! Closing every connection at shutdown ([`ConnectionSlots::close_all`]) goes through the same
 //! register of open connections, which holds each one's task waker.
@@ -123,9 +123,10 @@ impl ConnectionSlots {
             _permit: permit,
             slots: self.clone(),
             state: Arc::new(ConnectionState {
-                phase: AtomicU8::new(NEW),
+                // Idle until its first bytes arrive, as between two requests.
+                phase: AtomicU8::new(IDLE),
                 close: AtomicU8::new(STAYS),
-                idle_since: AtomicU64::new(0),
+                idle_since: AtomicU64::new(millis_now()),
                 call: self.0.call.clone(),
                 key: AtomicUsize::new(NOT_REGISTERED),
             }),
@@ -133,9 +134,10 @@ impl ConnectionSlots {
     }
 
     /// Calls for a connection to close for the waiting client (again, if one already has: it
-    /// may be slow to finish): the keep-alive connection idle the longest, if one has been idle
-    /// for `IDLE_ENOUGH_MS`, is told to, and woken; else the first response head to go out
-    /// takes the call ([`ConnectionState::response_head`]).
+    /// may be slow to finish): the connection idle the longest (between requests, or silent
+    /// since it was accepted), if one has been idle for `IDLE_ENOUGH_MS`, is told to, and
+    /// woken; else the first response head to go out takes the call
+    /// ([`ConnectionState::response_head`]).
     fn make_room(&self) {
         let call = &self.0.call;
         // Only for a client that waits; no unconditional store, so that a call cannot be lost.
@@ -290,8 +292,8 @@ impl Drop for Slot {
     }
 }
 
-/// Where a connection is: a request on its way (none yet, or the next one's first bytes), a
-/// request being answered, or between requests.
+/// Where a connection is: a request on its way (its first bytes have come in), a request being
+/// answered, or none (between requests, or nothing sent yet).
 const NEW: u8 = 0;
 const BUSY: u8 = 1;
 const IDLE: u8 = 2;
@@ -340,7 +342,7 @@ impl ConnectionState {
         false
     }
 
-    /// Bytes came in: on an idle connection, the next request has started.
+    /// Bytes came in: on an idle connection, a request has started.
     fn bytes_arrived(&self) {
         if self.phase.load(Ordering::Relaxed) == IDLE {
             self.phase.store(NEW, Ordering::SeqCst);

@@ -787,7 +787,7 @@ async fn serve_connections<L>(
                 // garbage); its requests have their own log lines.
                 Some(Err(error)) => debug!(%error, "connection closed"),
                 Some(Ok(())) => {}
-                None => debug!("connection without a request closed at shutdown"),
+                None => debug!("connection with a request head half-way closed at shutdown"),
             }
         }));
     }
