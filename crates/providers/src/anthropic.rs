@@ -36,7 +36,7 @@ use switchyard_core::{
 };
 
 use crate::http::{HttpClient, UpstreamBody};
-use crate::upstream::{MAX_ANSWER, Upstream, sse_events, stream_error};
+use crate::upstream::{MAX_ANSWER, Upstream, finish_in_background, sse_events, stream_error};
 
 /// The Messages API version this module speaks.
 const API_VERSION: &str = "2023-06-01";
@@ -989,7 +989,8 @@ fn chat_chunks(
     include_usage: bool,
     json_tool: Option<String>,
 ) -> impl futures::Stream<Item = Result<ChatChunk, LlmError>> + Send + 'static {
-    let mut events = Box::pin(sse_events(response, MAX_ANSWER));
+    // Taken out at `message_stop`, to be read to its end in the background.
+    let mut events = Some(Box::pin(sse_events(response, MAX_ANSWER)));
     let mut state = StreamState {
         id: String::new(),
         model: String::new(),
@@ -1010,10 +1011,10 @@ fn chat_chunks(
             if let Some(chunk) = state.pending.take() {
                 return std::task::Poll::Ready(Some(Ok(chunk)));
             }
-            if state.done || failed {
+            let Some(stream) = events.as_mut().filter(|_| !state.done && !failed) else {
                 return std::task::Poll::Ready(None);
-            }
-            let item = match futures::ready!(events.poll_next_unpin(cx)) {
+            };
+            let item = match futures::ready!(stream.poll_next_unpin(cx)) {
                 // Closed after its finish reason but before `message_stop`: the answer is whole.
                 None if state.finished => match state.stop() {
                     Some(usage) => Ok(usage),
@@ -1021,11 +1022,19 @@ fn chat_chunks(
                 },
                 None => Err(upstream.interrupted("closed the stream before message_stop")),
                 Some(Err(e)) => Err(upstream.interrupted(format_args!("stream broke off: {e}"))),
-                Some(Ok(event)) => match state.on_event(&event.data) {
-                    Ok(Some(chunk)) => Ok(chunk),
-                    Ok(None) => continue,
-                    Err((kind, message)) => Err(upstream.stream_fault(kind, message)),
-                },
+                Some(Ok(event)) => {
+                    let item = state.on_event(&event.data);
+                    if state.done {
+                        if let Some(rest) = events.take() {
+                            finish_in_background(rest);
+                        }
+                    }
+                    match item {
+                        Ok(Some(chunk)) => Ok(chunk),
+                        Ok(None) => continue,
+                        Err((kind, message)) => Err(upstream.stream_fault(kind, message)),
+                    }
+                }
             };
             failed = item.is_err();
             return std::task::Poll::Ready(Some(item));

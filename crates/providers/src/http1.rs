@@ -15,10 +15,11 @@
 //! connection could not send (the upstream closed it while it was idle) goes out again on
 //! another, then on a new one; connections idle for [`IDLE_TIMEOUT`] are not reused. Only a
 //! connection hyper says is ready for another request is reused: one whose body was dropped
-//! midway (a client that left a stream, a deadline) is closed by hyper, and one still busy
-//! with its last exchange when its body is dropped — a stream's reader stops at `[DONE]`, before
-//! the chunked encoding's last bytes; an upstream that answered before reading all of a large
-//! request — goes back only once hyper has finished it, within [`READY_WITHIN`].
+//! before its end is closed by hyper unless the rest had already arrived (a client that left a
+//! stream, a deadline; a stream's last bytes after `[DONE]` are read in the background for that
+//! reason: `upstream::finish_in_background`), and one still busy with its last exchange when
+//! its body is dropped (an upstream that answered before reading all of a large request) goes
+//! back only once hyper has finished it, within [`READY_WITHIN`].
 //!
 //! **Per thread**, like the clients in `http.rs`: each connection is driven by a task on the
 //! runtime of the thread that opened it, and requests on that thread take it again, so a call
@@ -147,6 +148,12 @@ impl Http1Pool {
         }
     }
 
+    /// How many idle connections this thread has.
+    #[cfg(test)]
+    pub(crate) fn idle_here(&self) -> usize {
+        self.idle.get_or_default().borrow().len()
+    }
+
     /// This thread's most recently used idle connection that is still ready and fresh.
     fn take_idle(&self) -> Option<SendRequest<Full<Bytes>>> {
         let mut idle = self.idle.get_or_default().borrow_mut();
@@ -261,7 +268,7 @@ impl Drop for ReturnsConnection {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
 
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -381,16 +388,17 @@ mod tests {
         pool.idle.get_or_default().borrow()
     }
 
-    /// Lets the runtime run other tasks (connections', the pool's) until `done` holds: no wait
-    /// on time.
-    async fn until(done: impl Fn() -> bool) {
-        for _ in 0..10_000 {
-            if done() {
-                return;
+    /// Lets the runtime run other tasks (connections', the pool's) until `done` holds, checking
+    /// after each turn; fails after 10 s.
+    pub(crate) async fn until(done: impl Fn() -> bool) {
+        let turns = async {
+            while !done() {
+                tokio::task::yield_now().await;
             }
-            tokio::task::yield_now().await;
-        }
-        panic!("did not happen within 10 000 turns of the runtime");
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), turns)
+            .await
+            .expect("did not happen within 10 s");
     }
 
     async fn call(pool: &Arc<Http1Pool>) -> Result<Bytes, LlmError> {

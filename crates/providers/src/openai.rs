@@ -11,7 +11,9 @@ use switchyard_core::{
 };
 
 use crate::http::{HttpClient, UpstreamBody};
-use crate::upstream::{MAX_ANSWER, Upstream, sse_events, stream_error, upstream_error_message};
+use crate::upstream::{
+    MAX_ANSWER, Upstream, finish_in_background, sse_events, stream_error, upstream_error_message,
+};
 
 /// One OpenAI-compatible upstream. Cheap to clone: the HTTP clients are shared.
 #[derive(Debug, Clone)]
@@ -145,7 +147,8 @@ fn sse_chunks<T: Chunk>(
         .headers()
         .get(http::header::CONTENT_TYPE)
         .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
-    let mut events = Box::pin(sse_events(response, max_event));
+    // Taken out at `[DONE]`, to be read to its end in the background.
+    let mut events = Some(Box::pin(sse_events(response, max_event)));
     let mut seen_events = false;
     let mut done = false;
     // Once every choice has finished, a stream that closes without `[DONE]` has given its
@@ -153,10 +156,10 @@ fn sse_chunks<T: Chunk>(
     let mut finished = 0u128;
     let choices = choices.min(128);
     futures::stream::poll_fn(move |cx| {
-        if done {
+        let Some(stream) = events.as_mut().filter(|_| !done) else {
             return std::task::Poll::Ready(None);
-        }
-        let item = match futures::ready!(events.poll_next_unpin(cx)) {
+        };
+        let item = match futures::ready!(stream.poll_next_unpin(cx)) {
             None if u64::from(finished.count_ones()) >= choices => {
                 done = true;
                 return std::task::Poll::Ready(None);
@@ -169,6 +172,9 @@ fn sse_chunks<T: Chunk>(
             Some(Err(e)) => Err(upstream.interrupted(format_args!("stream broke off: {e}"))),
             Some(Ok(event)) if event.data.trim() == "[DONE]" => {
                 done = true;
+                if let Some(rest) = events.take() {
+                    finish_in_background(rest);
+                }
                 return std::task::Poll::Ready(None);
             }
             Some(Ok(event)) => parse(String::from(&*event.data)).map_err(|data| {
@@ -254,6 +260,76 @@ mod tests {
 
     fn upstream() -> Arc<Upstream> {
         crate::upstream::tests::test_upstream("p")
+    }
+
+    #[tokio::test]
+    async fn a_stream_s_connection_is_reused_when_its_last_bytes_come_after_done() {
+        // The upstream sends `[DONE]`, then the chunked encoding's end only when told (servers
+        // often send it in a packet of its own): the stream ends at `[DONE]`, the rest of its
+        // body is read in the background, and the next stream goes out on the same connection.
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let end = Arc::new(tokio::sync::Notify::new());
+        let (counted, told) = (accepted.clone(), end.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                let told = told.clone();
+                tokio::spawn(async move {
+                    let mut stream = BufReader::new(stream);
+                    loop {
+                        let mut length = 0;
+                        loop {
+                            let mut line = String::new();
+                            if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            match line.trim_end().to_ascii_lowercase() {
+                                line if line.is_empty() => break,
+                                line => {
+                                    if let Some(n) = line.strip_prefix("content-length: ") {
+                                        length = n.parse().unwrap();
+                                    }
+                                }
+                            }
+                        }
+                        stream.read_exact(&mut vec![0; length]).await.unwrap();
+                        let chunk = |data: &str| {
+                            let event = format!("data: {data}\n\n");
+                            format!("{:x}\r\n{event}\r\n", event.len())
+                        };
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                             transfer-encoding: chunked\r\n\r\n{}{}",
+                            chunk(
+                                r#"{"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":"stop"}]}"#
+                            ),
+                            chunk("[DONE]")
+                        );
+                        stream.get_mut().write_all(answer.as_bytes()).await.unwrap();
+                        told.notified().await;
+                        stream.get_mut().write_all(b"0\r\n\r\n").await.unwrap();
+                    }
+                });
+            }
+        });
+        let client = Arc::new(HttpClient::new().unwrap());
+        let provider = OpenAiProvider::new("p", client, &url, None).unwrap();
+        for _ in 0..2 {
+            let mut request = ChatRequest::new("m", vec![switchyard_core::Message::user("hi")]);
+            request.stream = Some(true);
+            let stream = provider.chat_stream_body(request).await.unwrap();
+            let chunks: Vec<_> = stream.collect().await;
+            assert_eq!(chunks.len(), 1);
+            assert_eq!(chunks[0].as_ref().unwrap().text(), "x");
+            end.notify_one();
+            crate::http1::tests::until(|| provider.upstream.idle_connections() == 1).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -144,6 +144,15 @@ impl Upstream {
         })
     }
 
+    /// How many idle connections to it this thread keeps (a plain-HTTP upstream's).
+    #[cfg(test)]
+    pub(crate) fn idle_connections(&self) -> usize {
+        match &self.path {
+            Path::Plain(pool) => pool.idle_here(),
+            _ => 0,
+        }
+    }
+
     /// The value of a header every call sends.
     #[cfg(test)]
     pub fn header(&self, name: HeaderName) -> Option<&HeaderValue> {
@@ -398,6 +407,28 @@ fn error_type_status(error_type: &str) -> Option<u16> {
         "overloaded_error" => 529,
         _ => return None,
     })
+}
+
+/// How long, and for how many more events, [`finish_in_background`] reads a stream's body after
+/// its last event.
+const FINISH_WITHIN: Duration = Duration::from_secs(1);
+const FINISH_EVENTS: usize = 16;
+
+/// Reads what is left of a stream's body after its last event (`[DONE]`, `message_stop`), in
+/// the background, so that its connection can carry another request. An upstream often sends
+/// the body's last bytes (the chunked encoding's end) in a packet of their own, and a body
+/// dropped before they arrive has its connection closed (hyper finishes only what it has
+/// already received). At most [`FINISH_WITHIN`] and [`FINISH_EVENTS`] events more: an
+/// upstream that keeps sending has its connection closed. Only for a stream that has ended: one
+/// whose client left midway is dropped at once, so that the upstream stops generating.
+pub(crate) fn finish_in_background(rest: impl Stream + Send + 'static) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let rest = rest.take(FINISH_EVENTS).for_each(|_| async {});
+        let _ = tokio::time::timeout(FINISH_WITHIN, rest).await;
+    });
 }
 
 /// The SSE events of `response`. A transport failure, or more than `max_event` bytes received
