@@ -1024,10 +1024,10 @@ fn chat_chunks(
                 Some(Err(e)) => Err(upstream.interrupted(format_args!("stream broke off: {e}"))),
                 Some(Ok(event)) => {
                     let item = state.on_event(&event.data);
-                    if state.done {
-                        if let Some(rest) = events.take() {
-                            finish_in_background(rest);
-                        }
+                    if state.done
+                        && let Some(rest) = events.take()
+                    {
+                        finish_in_background(rest);
                     }
                     match item {
                         Ok(Some(chunk)) => Ok(chunk),
