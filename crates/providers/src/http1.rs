@@ -8,7 +8,7 @@
 //! a task that waits for the connection to be ready for another request before putting it back.
 //! Here the pool belongs to the upstream (nothing to look up), and a connection goes back when
 //! its response body is dropped, from the request's own task (a task waits only for a connection
-//! hyper is not done with yet: a stream's).
+//! hyper is not done with yet).
 //!
 //! **What it keeps of hyper-util's.** Connecting is hyper-util's `HttpConnector` (DNS, an
 //! IPv6/IPv4 fallback after 300 ms, [`CONNECT_TIMEOUT`], `TCP_NODELAY`). A request that a reused
@@ -256,10 +256,9 @@ impl Body for ReturnsConnection {
 }
 
 impl Drop for ReturnsConnection {
-    /// Whether the connection can serve another request is hyper's to say, and it may be even
-    /// when the body was not read to its end: a stream's reader stops at `[DONE]`, and the
-    /// chunked encoding's last bytes, which came with it, are read by the connection's task. A
-    /// connection left midway is closed by that task.
+    /// Whether the connection can serve another request is hyper's to say: it may be even when
+    /// the body was not read to its end (the connection's task reads the rest if it has already
+    /// arrived); one left midway is closed by that task.
     fn drop(&mut self) {
         if let Some((sender, pool)) = self.connection.take() {
             pool.put_back(sender);
