@@ -400,6 +400,13 @@ pub(crate) mod tests {
             .expect("did not happen within 10 s");
     }
 
+    /// Sends a request and reads the first frame of its answer's body; the rest is dropped.
+    async fn first_frame_only(pool: &Arc<Http1Pool>) -> Bytes {
+        let mut body = pool.send(request(pool)).await.unwrap().into_body();
+        let frame = body.frame().await.unwrap().unwrap();
+        frame.into_data().unwrap()
+    }
+
     async fn call(pool: &Arc<Http1Pool>) -> Result<Bytes, LlmError> {
         let response = pool.send(request(pool)).await?;
         let body = response.into_body().collect().await.unwrap();
@@ -478,10 +485,7 @@ pub(crate) mod tests {
         })
         .await;
         let pool = upstream.pool();
-        let mut body = pool.send(request(&pool)).await.unwrap().into_body();
-        let frame = body.frame().await.unwrap().unwrap();
-        assert_eq!(frame.into_data().unwrap(), "hello");
-        drop(body);
+        assert_eq!(first_frame_only(&pool).await, "hello");
         assert_eq!(call(&pool).await.unwrap(), "ok");
         assert_eq!(upstream.requests_per_connection(), [1, 1]);
     }
@@ -500,10 +504,7 @@ pub(crate) mod tests {
         })
         .await;
         let pool = upstream.pool();
-        let mut body = pool.send(request(&pool)).await.unwrap().into_body();
-        let frame = body.frame().await.unwrap().unwrap();
-        assert_eq!(frame.into_data().unwrap(), "data: [DONE]\n\n");
-        drop(body);
+        assert_eq!(first_frame_only(&pool).await, "data: [DONE]\n\n");
         // Not ready yet when dropped: it comes back once its task has read the last bytes.
         until(|| idle(&pool).len() == 1).await;
         assert_eq!(call(&pool).await.unwrap(), "ok");
