@@ -267,10 +267,10 @@ async fn health_on(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&buffer[..read]).into_owned()
 }
 
-/// A gateway over `upstream` that keeps at most 2 client connections open.
-async fn gateway_with_two_connections(upstream: &FakeUpstream) -> TestGateway {
+/// A gateway over `upstream` that keeps at most `max` client connections open.
+async fn gateway_with_connections(upstream: &FakeUpstream, max: usize) -> TestGateway {
     TestGateway::start(&format!(
-        "[server]\nmax_connections = 2\n{}",
+        "[server]\nmax_connections = {max}\n{}",
         config_over(&[&upstream.base_url], "")
     ))
     .await
@@ -393,7 +393,7 @@ async fn stays_open_after_its_stream(stream: &mut TcpStream) {
 #[tokio::test]
 async fn at_max_connections_an_idle_connection_closes_to_make_room() {
     let upstream = FakeUpstream::start(vec![]).await;
-    let gateway = gateway_with_two_connections(&upstream).await;
+    let gateway = gateway_with_connections(&upstream, 2).await;
     let mut first = TcpStream::connect(gateway.address).await.unwrap();
     assert!(health_on(&mut first).await.starts_with("HTTP/1.1 200 OK"));
     let mut second = TcpStream::connect(gateway.address).await.unwrap();
@@ -425,11 +425,7 @@ async fn at_max_connections_an_idle_connection_closes_to_make_room() {
 #[tokio::test]
 async fn at_max_connections_a_connection_that_has_sent_nothing_closes_to_make_room() {
     let upstream = FakeUpstream::start(vec![]).await;
-    let gateway = TestGateway::start(&format!(
-        "[server]\nmax_connections = 1\n{}",
-        config_over(&[&upstream.base_url], "")
-    ))
-    .await;
+    let gateway = gateway_with_connections(&upstream, 1).await;
     let mut silent = TcpStream::connect(gateway.address).await.unwrap();
     // The second client is served once the first has sent nothing for half a second (not
     // after `header_timeout_ms`, 2 minutes here), and the first is closed without an answer.
@@ -445,11 +441,7 @@ async fn at_max_connections_a_connection_that_has_sent_nothing_closes_to_make_ro
 #[tokio::test]
 async fn at_max_connections_a_connection_whose_next_request_has_started_is_not_idle() {
     let upstream = FakeUpstream::start(vec![]).await;
-    let gateway = TestGateway::start(&format!(
-        "[server]\nmax_connections = 1\n{}",
-        config_over(&[&upstream.base_url], "")
-    ))
-    .await;
+    let gateway = gateway_with_connections(&upstream, 1).await;
     let mut first = TcpStream::connect(gateway.address).await.unwrap();
     assert!(health_on(&mut first).await.starts_with("HTTP/1.1 200 OK"));
     // Half of the next request head: this connection is no longer idle... (The gateway reads
@@ -483,7 +475,7 @@ async fn at_max_connections_a_stream_that_starts_while_a_client_waits_closes_aft
         Reply::StreamThenWait(vec!["two"], release_second.clone()),
     ])
     .await;
-    let gateway = gateway_with_two_connections(&upstream).await;
+    let gateway = gateway_with_connections(&upstream, 2).await;
     let (mut first, mut second, mut third) = busy_arriving_and_waiting(&gateway, b'P').await;
 
     // A stream that starts while a client waits says it will close: its client will not send
@@ -506,7 +498,7 @@ async fn at_max_connections_a_response_closes_its_connection_while_a_client_wait
     let release = Arc::new(Notify::new());
     let upstream =
         FakeUpstream::start(vec![Reply::StreamThenWait(vec!["one"], release.clone())]).await;
-    let gateway = gateway_with_two_connections(&upstream).await;
+    let gateway = gateway_with_connections(&upstream, 2).await;
     let (mut first, mut second, mut third) = busy_arriving_and_waiting(&gateway, b'G').await;
 
     // A request that arrives while a client waits is answered with `Connection: close`.
