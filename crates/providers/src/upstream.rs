@@ -84,8 +84,8 @@ pub(crate) struct Upstream {
     path: Path,
     /// Sent with every call: the provider's own (credentials, API version) and the `Host` of a
     /// plain-HTTP upstream sent directly, built once (hyper's HTTP/1 connection, which the
-    /// upstream's own pool sends on, adds no `Host`). (HTTPS may negotiate HTTP/2, which names the host in
-    /// `:authority` instead; hyper-util's client adds `Host` for HTTP/1 there.)
+    /// upstream's own pool sends on, adds no `Host`). (HTTPS may negotiate HTTP/2, which names
+    /// the host in `:authority` instead; hyper-util's client adds `Host` for HTTP/1 there.)
     headers: Vec<(HeaderName, HeaderValue)>,
     /// The credentials those headers carry, to be cut out of whatever the upstream says: a
     /// server may quote the request's `Authorization` in an error message, which the gateway
