@@ -112,13 +112,6 @@ impl Http1Pool {
                 Some(sender) => (sender, true),
                 None => (self.connect().await?, false),
             };
-            // A new connection's task may need a turn first.
-            if let Err(error) = sender.ready().await {
-                if reused {
-                    continue;
-                }
-                return Err(transport_error(LlmErrorKind::Connect, &error));
-            }
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let pool = Arc::clone(self);
@@ -198,7 +191,7 @@ impl Http1Pool {
         idle.push_back(Idle { sender, since: now });
     }
 
-    /// A new connection, its task spawned on this thread's runtime.
+    /// A new connection, its task spawned on this thread's runtime, ready for a request.
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, LlmError> {
         let stream = self
             .connector
@@ -214,11 +207,16 @@ impl Http1Pool {
                     format!("cannot connect to {host}:{port}: {why}"),
                 )
             })?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(stream)
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(stream)
             .await
             .map_err(|error| transport_error(LlmErrorKind::Connect, &error))?;
         // Ends when the connection closes; its errors reach the request it was serving.
         tokio::spawn(connection);
+        // Its task needs a turn before the connection takes a request.
+        sender
+            .ready()
+            .await
+            .map_err(|error| transport_error(LlmErrorKind::Connect, &error))?;
         Ok(sender)
     }
 }
