@@ -23,7 +23,7 @@ pub use llm::{ChunkBodyStream, ChunkStream, Llm, LlmError, LlmErrorKind};
 pub use observe::{AttemptOutcome, Observer, RequestStats};
 pub use prompts::Prompts;
 pub use secret::Secret;
-pub use util::{error_chain, unix_now};
+pub use util::{error_chain, json_from_bytes, unix_now};
 pub use wire::{
     ChatChunk, ChatRequest, ChatResponse, Choice, ChunkBody, ChunkChoice, CompletionBody, Content,
     Delta, Message, StreamOptions, Usage,

@@ -274,7 +274,7 @@ impl CompletionBody {
             #[allow(dead_code)]
             role: serde::de::IgnoredAny,
         }
-        let completion: Completion = serde_json::from_slice(&json)?;
+        let completion: Completion = crate::json_from_bytes(&json)?;
         Ok(Self {
             json,
             usage: completion.usage.map(Counts::into_usage),

@@ -49,7 +49,7 @@ fn body_rejection(rejection: &BytesRejection, state: &AppState) -> ApiError {
 /// Deserializes a body, reporting the path of the first field that does not fit.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // Tracking the path costs on every field; only a body that fails is parsed again with it.
-    serde_json::from_slice(bytes).or_else(|_| parse_json_tracking_path(bytes))
+    switchyard_core::json_from_bytes(bytes).or_else(|_| parse_json_tracking_path(bytes))
 }
 
 fn parse_json_tracking_path<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {

@@ -110,7 +110,7 @@ impl Llm for AnthropicProvider {
     async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
         let response = self.send(&request, false).await?;
         let body = self.upstream.read_answer(response).await?;
-        let message: MessageResponse = serde_json::from_slice(&body)
+        let message: MessageResponse = switchyard_core::json_from_bytes(&body)
             .map_err(|e| self.upstream.invalid("a body that is not a message", &e))?;
         Ok(message.into_chat_response(json_tool_name(&request).as_deref()))
     }

@@ -93,7 +93,7 @@ impl OpenAiProvider {
 impl Llm for OpenAiProvider {
     async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
         let body = self.completion(&request).await?;
-        serde_json::from_slice(&body).map_err(|e| self.not_a_completion(&e))
+        switchyard_core::json_from_bytes(&body).map_err(|e| self.not_a_completion(&e))
     }
 
     async fn chat_body(&self, request: ChatRequest) -> Result<CompletionBody, LlmError> {
