@@ -718,11 +718,7 @@ async fn serve_connections<L>(
     let server = &gateway.state.0.server;
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(server.header_timeout)
-        // A response's head and body (or a stream's gathered events) copied into one buffer and
-        // sent with one `write`, instead of hyper's default `writev` of the pieces: −1 % of
-        // the instructions per request, +2.5–4 % max throughput (BENCHMARKS.md, stop 28).
-        .writev(false);
+        .header_read_timeout(server.header_timeout);
     let service = hyper_util::service::TowerToHyperService::new(gateway.router());
     let cut_off = gateway.state.0.cut_off.child_token();
     // The connections' tasks: waited for at shutdown, and closed if still busy when its time

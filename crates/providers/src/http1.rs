@@ -207,11 +207,7 @@ impl Http1Pool {
                     format!("cannot connect to {host}:{port}: {why}"),
                 )
             })?;
-        // A request's head and body go out copied into one buffer, in one `write`: for the small
-        // bodies of chat calls that costs less than hyper's default `writev` of both pieces.
-        let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
-            .writev(false)
-            .handshake(stream)
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(stream)
             .await
             .map_err(|error| transport_error(LlmErrorKind::Connect, &error))?;
         // Ends when the connection closes; its errors reach the request it was serving.
