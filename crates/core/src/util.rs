@@ -24,8 +24,9 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Deserializes JSON from bytes, checking them as UTF-8 in one pass first: serde_json's
-/// `from_slice` checks every string it reads on its own (~100 instructions each, a tenth of the
-/// JSON work on a proxied request), `from_str` none. Bytes that are not UTF-8 go to
+/// `from_slice` checks every string it reads on its own (~100 instructions each), `from_str`
+/// none. For bodies whose strings are all read (a client's request, an answer decoded whole);
+/// where most of a body is skipped, `from_slice` checks less. Bytes that are not UTF-8 go to
 /// `from_slice`, for its error and the place it names.
 pub fn json_from_bytes<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
     match std::str::from_utf8(bytes) {

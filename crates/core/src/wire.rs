@@ -274,7 +274,10 @@ impl CompletionBody {
             #[allow(dead_code)]
             role: serde::de::IgnoredAny,
         }
-        let completion: Completion = crate::json_from_bytes(&json)?;
+        // `from_slice`, not `json_from_bytes`: the strings skipped here (the content above all)
+        // are not checked as UTF-8 by serde_json, so checking the whole body first would cost
+        // more than it saves on answers of a few KB.
+        let completion: Completion = serde_json::from_slice(&json)?;
         Ok(Self {
             json,
             usage: completion.usage.map(Counts::into_usage),
