@@ -768,6 +768,21 @@ def redis_paced_round_trip(port: int, sha: str | None, rate: float, seconds: flo
     return figures
 
 
+def redis_threads_round_trip(redis_rtt: Path, port: int, sha: str, rate: float, seconds: float,
+                             threads: int) -> float:
+    """p50 of the same paced EVALSHA made from `threads` event loops (`redis-rtt --threads`:
+    one tokio current-thread runtime and connection each, `rate` / `threads` calls a second
+    each), the shape of the gateway's own calls: one event loop per core. Unlike a single
+    connection, whose caller the kernel tends to run on Redis's core, these callers sit on
+    every core, and a round trip from another core than Redis's costs several times more on a VM
+    (`bench/redis-placement.sh`). NaN if it fails."""
+    out = subprocess.run([str(redis_rtt), "--port", str(port), "--sha", sha, "--rate", str(int(rate)),
+                          "--count", str(int(rate * seconds)), "--threads", str(threads)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    found = re.search(r"whole exchange p50 ([\d.]+) ms", out.stdout)
+    return float(found.group(1)) if out.returncode == 0 and found else math.nan
+
+
 # ---------------------------------------------------------------------------------------------
 # ONNX invocations: Switchyard's `POST /endpoints/{name}/invocations` against `mlflow models
 # serve` on the same model
@@ -1576,6 +1591,10 @@ def main() -> int:
             if redis_port:
                 redis_command(redis_port, "CONFIG", "RESETSTAT")
             res = run_fixed(targets, rate, False)
+            # Read now: the probes below put more plain-load requests into the plain gateway's log.
+            own = {t.name: statistics.median(gateway_own_times(t.proc.log_path, log_starts[t.name],
+                                                               "/v1/chat/completions") or [math.nan])
+                   for t in targets[1:]}
             if redis_port:
                 checks["redis_script_exec_ms"] = redis_script_exec_us(redis_port) / 1000
                 # The script's round trip while a request is in flight every 1/rate s (the plain
@@ -1589,9 +1608,16 @@ def main() -> int:
                                                     args.seconds - 1)
                 load.join()
                 checks["redis_script_loaded_p50"] = under_load.get("EVALSHA p50", math.nan)
-            own = {t.name: statistics.median(gateway_own_times(t.proc.log_path, log_starts[t.name],
-                                                               "/v1/chat/completions") or [math.nan])
-                   for t in targets[1:]}
+                # The same from one event loop per core, as the gateway calls.
+                load = threading.Thread(target=loader.fixed_rate,
+                                        args=(switchyard, rate, args.seconds))
+                load.start()
+                time.sleep(0.5)
+                checks["redis_threads"] = len(os.sched_getaffinity(0))
+                checks["redis_script_threads_p50"] = redis_threads_round_trip(
+                    bins / "redis-rtt", redis_port, limiter_script_sha() or "", rate,
+                    args.seconds - 1, checks["redis_threads"])
+                load.join()
             d, s = res[direct.name].pct(), res[switchyard.name].pct()
             comparisons = [("pass-through added (no key, no limits)", minus(s, d))]
             for t in limited:
@@ -1684,8 +1710,12 @@ def main() -> int:
                                ("PING_MBULK", f"{checks['redis_rtt_p50']:.3f}"),
                                ("EVALSHA", f"{checks['redis_script_p50']:.3f}"))], "",
                          "The same paced EVALSHA while the plain pass-through runs at "
-                         f"{args.limit_rate:.0f} req/s (the conditions of the gateway's own calls): "
-                         f"p50 {checks.get('redis_script_loaded_p50', math.nan):.3f} ms. Redis's own "
+                         f"{args.limit_rate:.0f} req/s: p50 "
+                         f"{checks.get('redis_script_loaded_p50', math.nan):.3f} ms from one "
+                         "connection, and "
+                         f"{checks.get('redis_script_threads_p50', math.nan):.3f} ms from "
+                         f"{checks.get('redis_threads', 1)} event loops (`redis-rtt --threads`, one "
+                         "per core, as the gateway calls: the goal's reference). Redis's own "
                          "execution of the script during the limits rounds (`INFO commandstats`, "
                          "mean, no I/O): "
                          f"{checks.get('redis_script_exec_ms', math.nan):.3f} ms.", ""]
@@ -1745,11 +1775,15 @@ def main() -> int:
             measured, own = limit_figures("redis")
             rtt = checks.get("redis_rtt_p50", math.nan)
             script_rtt = checks.get("redis_script_p50", math.nan)
+            # Judged against a round trip made the way the gateway makes its own: the script,
+            # from one event loop per core, under the plain load at the same rate.
+            reference = checks.get("redis_script_threads_p50", math.nan)
             new_goals.append((f"key + limit, Redis store: extra p50 over pass-through at {args.limit_rate:.0f} req/s",
-                              f"≤ 1 round trip of its script at that rate (EVALSHA p50 {script_rtt:.3f} ms; "
-                              f"PING {rtt:.3f} ms; EVALSHA under the plain load "
-                              f"{checks.get('redis_script_loaded_p50', math.nan):.3f} ms)",
-                              measured, own <= script_rtt))
+                              f"≤ 1 round trip of its script at that rate from one event loop per core, "
+                              f"under the plain load ({reference:.3f} ms; from one connection "
+                              f"{checks.get('redis_script_loaded_p50', math.nan):.3f} ms; idle machine: "
+                              f"EVALSHA {script_rtt:.3f} ms, PING {rtt:.3f} ms)",
+                              measured, own <= reference))
         if new_goals:
             goal_lines += ["", "| new scenario | goal | measured | |", "|---|---|---|---|"]
             goal_lines += [f"| {a} | {b} | {c} | {verdict(ok)} |" for a, b, c, ok in new_goals]

@@ -5,9 +5,12 @@
 //! Sends `PING`, or `EVALSHA` of an already loaded script with the arguments of one
 //! rate-limit decision (the gateway's limiter script takes `1 KEY take INTERVAL CAPACITY COST`),
 //! once per tick, and prints the p50 and p90 of the send alone and of the whole exchange.
+//! `--threads N` makes the calls from N threads, each with its own runtime and connection and a
+//! share of the rate, as the gateway's event loops (one per core) make theirs.
 //!
 //!   redis-rtt --port 6379                         # PING, hot loop
 //!   redis-rtt --port 6379 --sha <SHA> --touch-mb 8  # the limiter's script, 8 MB touched per call
+//!   redis-rtt --port 6379 --sha <SHA> --threads 2   # from two event loops, half the rate each
 
 use std::time::{Duration, Instant};
 
@@ -27,8 +30,8 @@ struct Args {
     /// SHA1 of a loaded script to call with one "take" decision; PING without it.
     #[arg(long)]
     sha: Option<String>,
-    /// Round trips per second.
-    #[arg(long, default_value_t = 500)]
+    /// Round trips per second (from all threads together).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     rate: u32,
     /// Round trips in all.
     #[arg(long, default_value_t = 3000)]
@@ -36,14 +39,63 @@ struct Args {
     /// Megabytes written (one byte per cache line) before each round trip; 0: none.
     #[arg(long, default_value_t = 0)]
     touch_mb: usize,
+    /// Threads making the calls, each on its own runtime and connection at rate / threads,
+    /// their calls spaced evenly between each other's.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: u32,
 }
+
+/// The send alone and the whole exchange of each round trip.
+type Samples = (Vec<Duration>, Vec<Duration>);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(args))
+    let threads = args.threads;
+    // Thread i calls at ticks i, i + threads, i + 2 × threads … of the whole rate, so the
+    // threads together keep the rate and never call at the same instant.
+    let tick = Duration::from_secs(1) / args.rate;
+    let start = tokio::time::Instant::now() + Duration::from_millis(10);
+    let workers: Vec<_> = (0..threads)
+        .map(|i| {
+            let (port, sha, touch_mb) = (args.port, args.sha.clone(), args.touch_mb);
+            let first = start + tick * i;
+            // The first threads take what does not divide evenly.
+            let count = args.count / threads as usize
+                + usize::from((i as usize) < args.count % threads as usize);
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(run(port, sha, first, tick * threads, count, touch_mb))
+            })
+        })
+        .collect();
+    let (mut sends, mut exchanges) = (Vec::new(), Vec::new());
+    for worker in workers {
+        let (s, e) = worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("a thread panicked"))??;
+        sends.extend(s);
+        exchanges.extend(e);
+    }
+    if exchanges.is_empty() {
+        bail!("--count 0: nothing measured");
+    }
+    let quantiles = |samples: &mut Vec<Duration>| {
+        samples.sort();
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+        format!("p50 {:.3} ms, p90 {:.3} ms", at(0.5), at(0.9))
+    };
+    println!(
+        "{} round trips at {}/s from {threads} thread(s), {} MB touched before each: send {}; \
+         whole exchange {}",
+        exchanges.len(),
+        args.rate,
+        args.touch_mb,
+        quantiles(&mut sends),
+        quantiles(&mut exchanges),
+    );
+    Ok(())
 }
 
 fn command(parts: &[&str]) -> Vec<u8> {
@@ -54,12 +106,20 @@ fn command(parts: &[&str]) -> Vec<u8> {
     packed
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let mut redis = tokio::net::TcpStream::connect(("127.0.0.1", args.port))
+/// `count` round trips on one connection, the first at `first`, then one every `tick`.
+async fn run(
+    port: u16,
+    sha: Option<String>,
+    first: tokio::time::Instant,
+    tick: Duration,
+    count: usize,
+    touch_mb: usize,
+) -> anyhow::Result<Samples> {
+    let mut redis = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .context("connecting to Redis")?;
     redis.set_nodelay(true)?;
-    let packed = match &args.sha {
+    let packed = match &sha {
         Some(sha) => command(&[
             "EVALSHA",
             sha,
@@ -72,14 +132,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ]),
         None => command(&["PING"]),
     };
-    let mut touched = vec![0u8; args.touch_mb << 20];
+    let mut touched = vec![0u8; touch_mb << 20];
     let mut reply = vec![0u8; 512];
     let (mut sends, mut exchanges) = (Vec::new(), Vec::new());
-    let mut next = tokio::time::Instant::now();
-    let tick = Duration::from_secs(1) / args.rate.max(1);
-    for _ in 0..args.count {
-        next += tick;
+    let mut next = first;
+    for _ in 0..count {
         tokio::time::sleep_until(next).await;
+        next += tick;
         for byte in touched.iter_mut().step_by(64) {
             *byte = byte.wrapping_add(1);
         }
@@ -95,21 +154,5 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ => {}
         }
     }
-    if exchanges.is_empty() {
-        bail!("--count 0: nothing measured");
-    }
-    let quantiles = |samples: &mut Vec<Duration>| {
-        samples.sort();
-        let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
-        format!("p50 {:.3} ms, p90 {:.3} ms", at(0.5), at(0.9))
-    };
-    println!(
-        "{} round trips at {}/s, {} MB touched before each: send {}; whole exchange {}",
-        exchanges.len(),
-        args.rate,
-        args.touch_mb,
-        quantiles(&mut sends),
-        quantiles(&mut exchanges),
-    );
-    Ok(())
+    Ok((sends, exchanges))
 }
