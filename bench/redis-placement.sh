@@ -2,8 +2,8 @@
 # What one Redis round trip costs depending on where Redis runs relative to its caller, and what
 # the Redis limits store adds inside the gateway in each case (issue 6's target: no more than one
 # round trip). Three parts, on one redis-server of its own (port 19499, persisting nothing):
-#  1. paced EVALSHA of the limiter's script (`redis-rtt`) with Redis pinned to CPU 0 and the
-#     caller pinned to CPU 0 (same core) or CPU 1 (another core), on an idle machine;
+#  1. paced EVALSHA of the limiter's script (`redis-rtt`) from a caller pinned to CPU 0, with
+#     Redis pinned to CPU 0 (same core) or CPU 1 (another core), on an idle machine;
 #  2. a one-thread gateway pinned to CPU 0 with a per-key rule on that Redis, Redis on CPU 0 or
 #     CPU 1: its own time (request log: latency_ms − upstream_ms, p50) minus that of a plain
 #     gateway pinned the same way, at RATE req/s;
@@ -14,7 +14,8 @@
 # The mock and oha are not pinned: in part 2 they share the cores with Redis and the gateway.
 #   bench/redis-placement.sh            # RATE=1000 SECONDS_PER_ROUND=5
 # Needs redis-server, taskset (util-linux) and oha, and 2+ cores; uses the release binaries
-# bench/run.sh builds. Prints a table and writes it to bench/results/<date>-<time>-placement.md.
+# bench/run.sh builds; CPUs 0 and 1 must be usable. Prints a table; a run that completes also
+# writes it, with the commit and settings, to bench/results/<date>-<time>-placement.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -22,6 +23,9 @@ bins="${CARGO_TARGET_DIR:-$PWD/target}/release"
 rate="${RATE:-1000}" seconds="${SECONDS_PER_ROUND:-5}"
 cores=$(nproc)
 [ "$cores" -ge 2 ] || { echo "needs 2 or more cores (has $cores)" >&2; exit 1; }
+for tool in redis-server oha taskset; do
+  command -v "$tool" >/dev/null || { echo "needs $tool on PATH" >&2; exit 1; }
+done
 work="$PWD/bench/work/placement"
 mkdir -p "$work"
 redis_port=19499 mock_port=19490 plain_port=19491 limited_port=19492
@@ -46,10 +50,16 @@ kind = "redis"
 url = "redis://127.0.0.1:$redis_port"
 TOML
 export BENCH_CLIENT_KEY=sk-bench-placement
-load() { # PORT SECONDS (run in the background by some callers: their pids join `pids`)
+load() { # PORT SECONDS
   oha --no-tui -q "$rate" --latency-correction -z "$2s" -m POST -H 'content-type: application/json' \
     -H "authorization: Bearer $BENCH_CLIENT_KEY" -d "$CHAT_BODY" \
     "http://127.0.0.1:$1/v1/chat/completions" >/dev/null
+}
+load_in_background() { # PORT SECONDS: oha itself in the background, its pid last in `pids`
+  oha --no-tui -q "$rate" --latency-correction -z "$2s" -m POST -H 'content-type: application/json' \
+    -H "authorization: Bearer $BENCH_CLIENT_KEY" -d "$CHAT_BODY" \
+    "http://127.0.0.1:$1/v1/chat/completions" >/dev/null &
+  pids+=("$!")
 }
 own_p50() { # LOG FROM_BYTE: median of latency_ms − upstream_ms of the chat lines after FROM_BYTE
   tail -c "+$(($2 + 1))" "$1" | python3 -c '
@@ -65,7 +75,7 @@ gateways() { # PIN (a CPU list for taskset, or "all"), THREADS (empty: one per c
   local cpus=$1 threads=$2
   [ "$cpus" = all ] && cpus="0-$((cores - 1))"
   for name in plain limited; do
-    env ${threads:+TOKIO_WORKER_THREADS=$threads} taskset -c "$cpus" "$bins/switchyard" serve \
+    env -u TOKIO_WORKER_THREADS ${threads:+TOKIO_WORKER_THREADS=$threads} taskset -c "$cpus" "$bins/switchyard" serve \
       --config "$work/$name.toml" >>"$work/$name.log" 2>&1 &
     pids+=("$!")
     eval "${name}_pid=$!"
@@ -81,8 +91,13 @@ stop_gateways() {
 : >"$work/plain.log"
 : >"$work/limited.log"
 
-# The table goes to the terminal and to a results file.
-exec > >(tee "bench/results/$(date +%Y-%m-%d-%H%M)-placement.md")
+# The table goes to the terminal and to a file, copied into bench/results/ at the end.
+table="$work/table.md"
+results="bench/results/$(date +%Y-%m-%d-%H%M)-placement.md"
+echo "\`bench/redis-placement.sh\` on $(git describe --always --dirty), $(date -u '+%Y-%m-%d %H:%M UTC'), RATE=$rate, SECONDS_PER_ROUND=$seconds, $cores cores" >"$table"
+echo >>"$table"
+exec 3>&1 > >(tee -a "$table")
+tee_pid=$!
 echo "| part | placement | figure | p50 ms |"
 echo "|---|---|---|---:|"
 gateways 0 1
@@ -111,8 +126,7 @@ stop_gateways
 taskset -apc "0-$((cores - 1))" "$redis_pid" >/dev/null
 gateways all ""
 for threads in 1 "$cores"; do
-  load "$plain_port" $((seconds + 1)) &
-  pids+=("$!")
+  load_in_background "$plain_port" $((seconds + 1))
   sleep 0.5
   p50=$(probe "${rtt[@]}" --rate "$rate" --count $((rate * seconds / 2)) --threads "$threads")
   wait "${pids[-1]}"
@@ -124,3 +138,7 @@ load "$limited_port" "$seconds"
 plain=$(own_p50 "$work/plain.log" "$from_plain")
 limited=$(own_p50 "$work/limited.log" "$from_limited")
 echo "| 3 | nothing pinned, gateway with one thread per core | Redis store's extra inside the gateway (own p50 $limited vs $plain) | $(minus "$limited" "$plain") |"
+exec >&3 3>&-
+wait "$tee_pid"
+cp "$table" "$results"
+echo "written to $results"

@@ -776,11 +776,19 @@ def redis_threads_round_trip(redis_rtt: Path, port: int, sha: str, rate: float, 
     connection, whose caller the kernel tends to run on Redis's core, these callers sit on
     every core, and a round trip from another core than Redis's costs several times more on a VM
     (`bench/redis-placement.sh`). NaN if it fails."""
-    out = subprocess.run([str(redis_rtt), "--port", str(port), "--sha", sha, "--rate", str(int(rate)),
-                          "--count", str(int(rate * seconds)), "--threads", str(threads)],
-                         capture_output=True, text=True, timeout=120, check=False)
+    try:
+        out = subprocess.run([str(redis_rtt), "--port", str(port), "--sha", sha, "--rate",
+                              str(int(rate)), "--count", str(int(rate * seconds)), "--threads",
+                              str(threads)], capture_output=True, text=True, timeout=120,
+                             check=False)
+    except (OSError, subprocess.SubprocessError) as error:
+        log(f"redis-rtt failed: {error}")
+        return math.nan
     found = re.search(r"whole exchange p50 ([\d.]+) ms", out.stdout)
-    return float(found.group(1)) if out.returncode == 0 and found else math.nan
+    if out.returncode != 0 or not found:
+        log(f"redis-rtt failed: {out.stderr.strip()[-300:]}")
+        return math.nan
+    return float(found.group(1))
 
 
 # ---------------------------------------------------------------------------------------------

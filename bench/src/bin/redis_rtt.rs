@@ -12,6 +12,7 @@
 //!   redis-rtt --port 6379 --sha <SHA> --touch-mb 8  # the limiter's script, 8 MB touched per call
 //!   redis-rtt --port 6379 --sha <SHA> --threads 2   # from two event loops, half the rate each
 
+use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -40,9 +41,17 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     touch_mb: usize,
     /// Threads making the calls, each on its own runtime and connection at rate / threads,
-    /// their calls spaced evenly between each other's.
+    /// their calls spaced evenly between each other's (with more than one thread, at most 1000
+    /// calls a second in all: tokio's timers round to whole milliseconds, so faster calls from
+    /// several threads would bunch).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     threads: u32,
+}
+
+/// Where the threads meet once connected, and the instant their ticks count from.
+struct Start {
+    connected: Barrier,
+    at: OnceLock<tokio::time::Instant>,
 }
 
 /// The send alone and the whole exchange of each round trip.
@@ -51,14 +60,21 @@ type Samples = (Vec<Duration>, Vec<Duration>);
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let threads = args.threads;
-    // Thread i calls at ticks i, i + threads, i + 2 × threads … of the whole rate, so the
-    // threads together keep the rate and never call at the same instant.
+    if threads > 1 && args.rate > 1000 {
+        bail!("--threads above 1 takes --rate up to 1000 (tokio's timers round to 1 ms)");
+    }
+    // Thread i calls at ticks i, i + threads, i + 2 × threads … of the whole rate, counted
+    // from when every thread has connected, so the threads together keep the rate and do not
+    // call at the same instant.
     let tick = Duration::from_secs(1) / args.rate;
-    let start = tokio::time::Instant::now() + Duration::from_millis(10);
+    let start = Arc::new(Start {
+        connected: Barrier::new(threads as usize),
+        at: OnceLock::new(),
+    });
     let workers: Vec<_> = (0..threads)
         .map(|i| {
-            let (port, sha, touch_mb) = (args.port, args.sha.clone(), args.touch_mb);
-            let first = start + tick * i;
+            let (port, sha, touch_mb, start) =
+                (args.port, args.sha.clone(), args.touch_mb, start.clone());
             // The first threads take what does not divide evenly.
             let count = args.count / threads as usize
                 + usize::from((i as usize) < args.count % threads as usize);
@@ -66,7 +82,15 @@ fn main() -> anyhow::Result<()> {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?
-                    .block_on(run(port, sha, first, tick * threads, count, touch_mb))
+                    .block_on(async {
+                        let redis = connect(port).await;
+                        start.connected.wait();
+                        let first = *start
+                            .at
+                            .get_or_init(|| tokio::time::Instant::now() + Duration::from_millis(1))
+                            + tick * i;
+                        run(redis?, sha, first, tick * threads, count, touch_mb).await
+                    })
             })
         })
         .collect();
@@ -106,19 +130,23 @@ fn command(parts: &[&str]) -> Vec<u8> {
     packed
 }
 
-/// `count` round trips on one connection, the first at `first`, then one every `tick`.
+async fn connect(port: u16) -> anyhow::Result<tokio::net::TcpStream> {
+    let redis = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .context("connecting to Redis")?;
+    redis.set_nodelay(true)?;
+    Ok(redis)
+}
+
+/// `count` round trips on `redis`, the first at `first`, then one every `tick`.
 async fn run(
-    port: u16,
+    mut redis: tokio::net::TcpStream,
     sha: Option<String>,
     first: tokio::time::Instant,
     tick: Duration,
     count: usize,
     touch_mb: usize,
 ) -> anyhow::Result<Samples> {
-    let mut redis = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .context("connecting to Redis")?;
-    redis.set_nodelay(true)?;
     let packed = match &sha {
         Some(sha) => command(&[
             "EVALSHA",
