@@ -84,6 +84,15 @@ gateways() { # PIN (a CPU list for taskset, or "all"), THREADS (empty: one per c
   wait_ready "$limited_port"
   load "$limited_port" 1 # the first decision loads the script
 }
+extra_row() { # PART PLACEMENT: both gateways under the load in turn, the table row of the extra
+  local from_plain from_limited plain limited
+  from_plain=$(stat -c %s "$work/plain.log") from_limited=$(stat -c %s "$work/limited.log")
+  load "$plain_port" "$seconds"
+  load "$limited_port" "$seconds"
+  plain=$(own_p50 "$work/plain.log" "$from_plain")
+  limited=$(own_p50 "$work/limited.log" "$from_limited")
+  echo "| $1 | $2 | Redis store's extra inside the gateway (own p50 $limited vs $plain) | $(minus "$limited" "$plain") |"
+}
 stop_gateways() {
   kill "$plain_pid" "$limited_pid"
   wait "$plain_pid" "$limited_pid" 2>/dev/null || true
@@ -114,12 +123,7 @@ for redis_cpu in 0 1; do
   where=$([ "$redis_cpu" = 0 ] && echo "same core" || echo "other core")
   p50=$(probe taskset -c 0 "${rtt[@]}" --rate "$rate" --count $((rate * 3)))
   echo "| 1 | Redis on CPU $redis_cpu, caller on CPU 0 ($where) | paced EVALSHA, idle machine | $p50 |"
-  from_plain=$(stat -c %s "$work/plain.log") from_limited=$(stat -c %s "$work/limited.log")
-  load "$plain_port" "$seconds"
-  load "$limited_port" "$seconds"
-  plain=$(own_p50 "$work/plain.log" "$from_plain")
-  limited=$(own_p50 "$work/limited.log" "$from_limited")
-  echo "| 2 | Redis on CPU $redis_cpu, one-thread gateway on CPU 0 ($where) | Redis store's extra inside the gateway (own p50 $limited vs $plain) | $(minus "$limited" "$plain") |"
+  extra_row 2 "Redis on CPU $redis_cpu, one-thread gateway on CPU 0 ($where)"
 done
 stop_gateways
 
@@ -132,12 +136,7 @@ for threads in 1 "$cores"; do
   wait "${pids[-1]}"
   echo "| 3 | nothing pinned, plain gateway under load | paced EVALSHA from $threads thread(s), $rate/s in all | $p50 |"
 done
-from_plain=$(stat -c %s "$work/plain.log") from_limited=$(stat -c %s "$work/limited.log")
-load "$plain_port" "$seconds"
-load "$limited_port" "$seconds"
-plain=$(own_p50 "$work/plain.log" "$from_plain")
-limited=$(own_p50 "$work/limited.log" "$from_limited")
-echo "| 3 | nothing pinned, gateway with one thread per core | Redis store's extra inside the gateway (own p50 $limited vs $plain) | $(minus "$limited" "$plain") |"
+extra_row 3 "nothing pinned, gateway with one thread per core"
 exec >&3 3>&-
 wait "$tee_pid"
 cp "$table" "$results"
