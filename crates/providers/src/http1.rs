@@ -289,6 +289,28 @@ pub(crate) mod tests {
 
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
+    /// Reads a request's head from a test upstream's connection: its lines, without their line
+    /// ends, and its `content-length` (0 without one). None once the client has closed.
+    pub(crate) async fn read_head(
+        stream: &mut BufReader<tokio::net::TcpStream>,
+    ) -> Option<(Vec<String>, usize)> {
+        let (mut head, mut length) = (Vec::new(), 0);
+        loop {
+            let mut line = String::new();
+            if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return None;
+            }
+            let line = line.trim_end().to_owned();
+            if line.is_empty() {
+                return Some((head, length));
+            }
+            if let Some(n) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
+                length = n.parse().unwrap();
+            }
+            head.push(line);
+        }
+    }
+
     /// An upstream on 127.0.0.1 that reads requests (head and `content-length` body), answers
     /// each with `answer`, and records each connection's requests (request line and `Host`).
     struct Upstream {
@@ -317,26 +339,15 @@ pub(crate) mod tests {
                     let (seen, served) = (Arc::clone(&seen), Arc::clone(&served));
                     tokio::spawn(async move {
                         let mut stream = BufReader::new(stream);
-                        loop {
-                            let mut head = Vec::new();
-                            let mut length = 0;
-                            loop {
-                                let mut line = String::new();
-                                if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
-                                    return;
-                                }
-                                let line = line.trim_end().to_owned();
-                                if line.is_empty() {
-                                    break;
-                                }
-                                if let Some(n) = line.strip_prefix("content-length: ") {
-                                    length = n.parse().unwrap();
-                                }
-                                if head.is_empty() || line.starts_with("host: ") {
-                                    head.push(line);
-                                }
-                            }
-                            seen.lock().unwrap()[index].push(head.join(" | "));
+                        while let Some((head, length)) = read_head(&mut stream).await {
+                            // The request line and `Host`.
+                            let kept: Vec<_> = head
+                                .into_iter()
+                                .enumerate()
+                                .filter(|(i, line)| *i == 0 || line.starts_with("host: "))
+                                .map(|(_, line)| line)
+                                .collect();
+                            seen.lock().unwrap()[index].push(kept.join(" | "));
                             let n = served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             let (answer, then) = answer(n);
                             if then != StopReading {

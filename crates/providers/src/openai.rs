@@ -268,7 +268,7 @@ mod tests {
         // often send it in a packet of its own): the stream ends at `[DONE]`, the rest of its
         // body is read in the background, and the next stream goes out on the same connection.
         use std::sync::atomic::{AtomicUsize, Ordering};
-        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -281,22 +281,8 @@ mod tests {
                 let told = told.clone();
                 tokio::spawn(async move {
                     let mut stream = BufReader::new(stream);
-                    loop {
-                        let mut length = 0;
-                        loop {
-                            let mut line = String::new();
-                            if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
-                                return;
-                            }
-                            match line.trim_end().to_ascii_lowercase() {
-                                line if line.is_empty() => break,
-                                line => {
-                                    if let Some(n) = line.strip_prefix("content-length: ") {
-                                        length = n.parse().unwrap();
-                                    }
-                                }
-                            }
-                        }
+                    while let Some((_, length)) = crate::http1::tests::read_head(&mut stream).await
+                    {
                         stream.read_exact(&mut vec![0; length]).await.unwrap();
                         let chunk = |data: &str| {
                             let event = format!("data: {data}\n\n");
